@@ -1,0 +1,24 @@
+"""The one exception zrpc raises for a failed call.
+
+    Exception
+    └── Error            (.code: StatusCode, .message: str, .details: dict)
+
+A handler raises ``Error(StatusCode.X, "msg")`` to give its caller that code; a client call that
+fails raises ``Error`` with the code the broker, the worker or the client itself decided.
+"""
+from __future__ import annotations
+
+from ._status import StatusCode
+
+
+class Error(Exception):
+    """A call failed with a status code, a message and optional string details."""
+
+    def __init__(self, code: StatusCode, message: str = "", details: dict[str, str] | None = None):
+        self.code = StatusCode(code)
+        self.message = message
+        self.details = dict(details or {})
+        super().__init__(f"{self.code.name}: {message}" if message else self.code.name)
+
+    def __reduce__(self):  # keep code and message when pickled (concurrent.futures, multiprocessing)
+        return (type(self), (self.code, self.message, self.details))

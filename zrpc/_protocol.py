@@ -1,0 +1,175 @@
+"""The zrpc wire protocol: frame layout, commands and header codecs. No I/O here.
+
+Every rule cited as (spec §N) is written out in PROTOCOL.md beside this file.
+Frames are ``bytes`` (or any bytes-like object); payload frames are never decoded here.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from . import wire_pb2
+from ._status import StatusCode
+
+# (spec §1) The first frame of every message: protocol name and version.
+TAG = b"ZRPC1"
+
+# (spec §2) The second frame: one command byte.
+READY = b"\x01"
+REQUEST = b"\x02"
+REPLY = b"\x03"
+HEARTBEAT = b"\x04"
+DISCONNECT = b"\x05"
+CANCEL = b"\x06"
+
+COMMAND_NAMES = {
+    READY: "READY",
+    REQUEST: "REQUEST",
+    REPLY: "REPLY",
+    HEARTBEAT: "HEARTBEAT",
+    DISCONNECT: "DISCONNECT",
+    CANCEL: "CANCEL",
+}
+
+# (spec §3) Which commands each side may send.
+CLIENT_COMMANDS = frozenset({REQUEST, CANCEL})
+WORKER_COMMANDS = frozenset({READY, REPLY, HEARTBEAT, DISCONNECT})
+
+RequestHeader = wire_pb2.RequestHeader
+ReplyHeader = wire_pb2.ReplyHeader
+Ready = wire_pb2.Ready
+Cancel = wire_pb2.Cancel
+Disconnect = wire_pb2.Disconnect
+
+
+class ProtocolError(Exception):
+    """A message that breaks the spec. ``reason`` is a short, stable label (for metrics)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def split(frames: Sequence[bytes], allowed: frozenset[bytes]) -> tuple[bytes, Sequence[bytes]]:
+    """Check the tag and command (spec §1-3); return ``(command, body_frames)``."""
+    if len(frames) < 2:
+        raise ProtocolError("too_few_frames", f"message has {len(frames)} frame(s); at least 2 needed")
+    if frames[0] != TAG:
+        raise ProtocolError("bad_tag", f"first frame must be the protocol tag {TAG!r}")
+    command = bytes(frames[1])
+    if command not in allowed:
+        name = COMMAND_NAMES.get(command)
+        if name is None:
+            raise ProtocolError("bad_command", f"unknown command byte {command!r}")
+        raise ProtocolError("bad_command", f"command {name} is not allowed from this peer")
+    return command, frames[2:]
+
+
+def pairs(body: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    """Split a REQUEST/REPLY body into (header, payload) pairs (spec §4: one or more pairs)."""
+    n = len(body)
+    if n == 0 or n % 2:
+        raise ProtocolError("bad_frame_count", f"expected (header, payload) pairs, got {n} frame(s)")
+    return [(body[i], body[i + 1]) for i in range(0, n, 2)]
+
+
+def _decode(message_type, raw: bytes, what: str):
+    message = message_type()
+    try:
+        message.ParseFromString(raw)
+    except Exception as exc:  # protobuf raises DecodeError, or others on some inputs
+        raise ProtocolError("bad_header", f"undecodable {what}: {exc}") from None
+    return message
+
+
+def decode_request_header(raw: bytes) -> wire_pb2.RequestHeader:
+    """Decode and validate a request header (spec §5)."""
+    header = _decode(RequestHeader, raw, "request header")
+    if not header.service or not header.method:
+        raise ProtocolError("bad_header", "request header needs both service and method")
+    return header
+
+
+def decode_reply_header(raw: bytes) -> wire_pb2.ReplyHeader:
+    """Decode a reply header (spec §6)."""
+    return _decode(ReplyHeader, raw, "reply header")
+
+
+def decode_ready(body: Sequence[bytes]) -> wire_pb2.Ready:
+    """Decode and validate a worker's READY body (spec §7)."""
+    if len(body) != 1:
+        raise ProtocolError("bad_frame_count", f"READY carries exactly 1 frame, got {len(body)}")
+    ready = _decode(Ready, body[0], "READY")
+    if not ready.services:
+        raise ProtocolError("bad_ready", "READY names no service")
+    if ready.capacity == 0:
+        raise ProtocolError("bad_ready", "READY announces capacity 0")
+    if ready.heartbeat_ms == 0:
+        raise ProtocolError("bad_ready", "READY announces heartbeat interval 0")
+    return ready
+
+
+def decode_cancel(body: Sequence[bytes]) -> wire_pb2.Cancel:
+    """Decode a CANCEL body (spec §8)."""
+    if len(body) != 1:
+        raise ProtocolError("bad_frame_count", f"CANCEL carries exactly 1 frame, got {len(body)}")
+    return _decode(Cancel, body[0], "CANCEL")
+
+
+def request_message(pairs_: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """Frames of a REQUEST carrying encoded (header, payload) pairs."""
+    frames = [TAG, REQUEST]
+    for header, payload in pairs_:
+        frames.append(header)
+        frames.append(payload)
+    return frames
+
+
+def reply_message(pairs_: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """Frames of a REPLY carrying encoded (header, payload) pairs."""
+    frames = [TAG, REPLY]
+    for header, payload in pairs_:
+        frames.append(header)
+        frames.append(payload)
+    return frames
+
+
+def encode_reply_header(
+    request_id: int, code: int = StatusCode.OK, message: str = "", details: dict[str, str] | None = None
+) -> bytes:
+    """Encode a reply header; the OK case is the hot path and stays minimal."""
+    header = ReplyHeader(request_id=request_id, code=int(code), message=message)
+    if details:
+        header.details.update(details)
+    return header.SerializeToString()
+
+
+def error_reply(request_id: int, code: StatusCode, message: str, details: dict[str, str] | None = None) -> list[bytes]:
+    """A complete REPLY message carrying one error (empty payload)."""
+    return [TAG, REPLY, encode_reply_header(request_id, code, message, details), b""]
+
+
+def ready_message(ready: wire_pb2.Ready) -> list[bytes]:
+    return [TAG, READY, ready.SerializeToString()]
+
+
+def heartbeat_message() -> list[bytes]:
+    return [TAG, HEARTBEAT]
+
+
+def disconnect_message(reason: str = "") -> list[bytes]:
+    return [TAG, DISCONNECT, Disconnect(reason=reason).SerializeToString()]
+
+
+def cancel_message(request_ids: Iterable[int]) -> list[bytes]:
+    return [TAG, CANCEL, Cancel(request_ids=list(request_ids)).SerializeToString()]
+
+
+def decode_disconnect(body: Sequence[bytes]) -> str:
+    """The reason a DISCONNECT gives (empty when it gives none or it cannot be read)."""
+    if not body:
+        return ""
+    try:
+        return _decode(Disconnect, body[0], "DISCONNECT").reason
+    except ProtocolError:
+        return ""
