@@ -1,0 +1,81 @@
+"""The built-in ``zrpc.Broker`` service (spec §13), answered by the broker itself."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import broker_service_pb2 as pb
+from .._descriptors import file_descriptor_set
+from .._status import StatusCode
+
+if TYPE_CHECKING:
+    from ._engine import BrokerEngine
+
+SERVICE = "zrpc.Broker"
+_OWN_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["Broker"]
+_OWN_FDS = file_descriptor_set([_OWN_DESCRIPTOR])
+
+
+def handle(engine: "BrokerEngine", method: str, payload: bytes, now: float) -> tuple[StatusCode, str, bytes]:
+    """Run one built-in method; returns (code, message, reply payload)."""
+    entry = _METHODS.get(method)
+    if entry is None:
+        return (StatusCode.UNIMPLEMENTED,
+                f"service {SERVICE!r} has no method {method!r}; it has: {', '.join(sorted(_METHODS))}", b"")
+    request_type, function = entry
+    request = request_type()
+    try:
+        request.ParseFromString(payload)
+    except Exception:
+        return StatusCode.INVALID_ARGUMENT, f"payload is not a valid {request_type.DESCRIPTOR.full_name}", b""
+    return function(engine, request, now)
+
+
+def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now: float):
+    reply = pb.ListServicesReply()
+    own = reply.services.add(name=SERVICE, methods=sorted(_METHODS), live_workers=1)
+    own.capacity = 1
+    for name in sorted(engine.services):
+        service = engine.services[name]
+        if not service.offered:
+            continue
+        info = reply.services.add(
+            name=name, methods=sorted(service.methods), live_workers=len(service.workers),
+            queue_depth=len(service.queue), in_flight=service.dispatched,
+            capacity=sum(w.capacity for w in service.workers.values()),
+        )
+        for worker in service.workers.values():
+            info.workers.add(name=worker.name, capacity=worker.capacity, in_flight=len(worker.in_flight),
+                             last_seen_ms=int((now - worker.last_seen) * 1000))
+    return StatusCode.OK, "", reply.SerializeToString()
+
+
+def _describe_service(engine: "BrokerEngine", request: pb.DescribeServiceRequest, now: float):
+    if request.service == SERVICE:
+        fds = _OWN_FDS
+    else:
+        service = engine.services.get(request.service)
+        if service is None or not service.offered:
+            return StatusCode.NOT_FOUND, f"no worker has offered service {request.service!r}", b""
+        fds = service.file_descriptor_set
+    reply = pb.DescribeServiceReply(service=request.service, file_descriptor_set=fds)
+    return StatusCode.OK, "", reply.SerializeToString()
+
+
+def _health(engine: "BrokerEngine", request: pb.HealthRequest, now: float):
+    status = pb.HealthReply
+    if not request.service or request.service == SERVICE:
+        return StatusCode.OK, "", status(status=status.SERVING).SerializeToString()
+    service = engine.services.get(request.service)
+    if service is None or not service.offered:
+        return StatusCode.OK, "", status(status=status.SERVICE_UNKNOWN).SerializeToString()
+    live = sum(1 for w in service.workers.values() if not w.draining)
+    reply = status(status=status.SERVING if live else status.NOT_SERVING,
+                   live_workers=live, queue_depth=len(service.queue))
+    return StatusCode.OK, "", reply.SerializeToString()
+
+
+_METHODS = {
+    "ListServices": (pb.ListServicesRequest, _list_services),
+    "DescribeService": (pb.DescribeServiceRequest, _describe_service),
+    "Health": (pb.HealthRequest, _health),
+}

@@ -1,0 +1,77 @@
+"""Broker settings: one dataclass, read from flags, environment or a TOML file."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tomllib
+from typing import Any
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+
+
+@dataclasses.dataclass(slots=True)
+class BrokerConfig:
+    """Everything a broker can be told. Times are seconds; sizes are bytes or counts."""
+
+    frontend: str = DEFAULT_FRONTEND
+    backend: str = DEFAULT_BACKEND
+    # A worker is expired after liveness x its announced heartbeat interval of silence.
+    heartbeat_liveness: int = 3
+    # Calls may wait this long for a worker of a known service that has none alive.
+    unavailable_wait: float = 5.0
+    # After start, calls to a service nobody has offered wait this long before NOT_FOUND
+    # (workers re-register after a broker restart within a couple of heartbeats).
+    unknown_service_grace: float = 3.0
+    # Bounds on every table and queue (spec §12).
+    queue_size: int = 10_000
+    max_in_flight: int = 100_000
+    max_outstanding_per_client: int = 10_000
+    max_workers: int = 10_000
+    max_services: int = 1_000
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_frames: int = 2_049
+    # How often the loop checks deadlines and heartbeats when no message arrives.
+    tick_interval: float = 0.05
+    log_level: str = "INFO"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def replace(self, **changes: Any) -> "BrokerConfig":
+        """A copy with ``changes`` applied; ``None`` values are ignored (flags not given)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+        if self.heartbeat_liveness < 1:
+            raise ValueError("heartbeat_liveness must be at least 1")
+        for name in ("queue_size", "max_in_flight", "max_outstanding_per_client", "max_workers",
+                     "max_services", "max_message_bytes", "max_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("unavailable_wait", "unknown_service_grace"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.tick_interval <= 0:
+            raise ValueError("tick_interval must be positive")
+
+
+def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
+    """Read the ``[broker]`` table of a TOML file into BrokerConfig keyword arguments.
+
+    Keys may use dashes or underscores. An unknown key is an error that names it, so a typo
+    in a deployment file is caught at start-up rather than silently ignored.
+    """
+    with open(path, "rb") as f:
+        document = tomllib.load(f)
+    table = document.get("broker", document)
+    known = set(BrokerConfig.field_names())
+    settings: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        settings[name] = value
+    return settings

@@ -1,0 +1,493 @@
+"""The broker's brain: registry, queues, dispatch, heartbeats and deadlines, with no I/O.
+
+The socket loop feeds it decoded-on-demand frames and the current monotonic time; it answers by
+filling two outboxes, ``frontend_out`` and ``backend_out``, lists of ``(routing_id, frames)``.
+Each rule cites the section of PROTOCOL.md that states it. Tests drive it directly, with a fake
+clock and no sockets.
+"""
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+from typing import Sequence
+
+from .. import _protocol as p
+from .._descriptors import method_names
+from .._status import StatusCode
+from . import _builtin
+from ._config import BrokerConfig
+from ._state import Call, CallState, ServiceState, WorkerState
+
+log = logging.getLogger("zrpc.broker")
+
+RESERVED_PREFIX = "zrpc."
+# A worker that drains answers new work with this detail so the broker re-queues the call
+# instead of failing it (it never ran).
+RETRY_DETAIL = "zrpc-retry"
+
+
+class BrokerEngine:
+    """Registry, queues and dispatch policy of one broker, as a plain object."""
+
+    def __init__(self, config: BrokerConfig, now: float):
+        config.validate()
+        self.config = config
+        self.started_at = now
+        self.services: dict[str, ServiceState] = {}
+        self.workers: dict[bytes, WorkerState] = {}
+        # client routing id -> {client request id -> call}: for CANCEL and per-client bounds.
+        self.clients: dict[bytes, dict[int, Call]] = {}
+        self.calls_held = 0  # queued + dispatched, bounded by max_in_flight
+        self._dispatch_ids = itertools.count(1)
+        self._dispatch_seq = itertools.count(1)
+        # (deadline, tiebreak, call): every held call's deadline; stale entries are skipped.
+        self._deadlines: list[tuple[float, int, Call]] = []
+        self._heap_seq = itertools.count()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.frontend_out: list[tuple[bytes, list[bytes]]] = []
+        self.backend_out: list[tuple[bytes, list[bytes]]] = []
+        # Replies and requests gathered during one round, coalesced per peer on flush (§4).
+        self._replies: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._requests: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        # Optional observer of answered calls (metrics): fn(service, method, code, call, now);
+        # call is None for a call refused on arrival.
+        self.on_call_done = None
+        self.bad_input_log = _RateLimitedWarnings(log)
+
+    # ------------------------------------------------------------------ frontend (clients)
+
+    def on_frontend(self, client: bytes, frames: Sequence[bytes], now: float) -> None:
+        """Handle one message from a client."""
+        if self._too_big(frames):
+            return self._reject_client(client, 0, "too_large" if len(frames) <= self.config.max_frames
+                                       else "too_many_frames", self._size_message(frames))
+        try:
+            command, body = p.split(frames, p.CLIENT_COMMANDS)
+            if command == p.REQUEST:
+                for raw_header, payload in p.pairs(body):
+                    self._on_request(client, raw_header, payload, now)
+            else:
+                self._on_client_cancel(client, p.decode_cancel(body), now)
+        except p.ProtocolError as exc:
+            self._reject_client(client, 0, exc.reason, exc.message)
+
+    def _on_request(self, client: bytes, raw_header: bytes, payload: bytes, now: float) -> None:
+        try:
+            header = p.decode_request_header(raw_header)
+        except p.ProtocolError as exc:
+            return self._reject_client(client, 0, exc.reason, exc.message)
+        request_id = header.request_id
+        if request_id == 0:
+            return self._reject_client(client, 0, "bad_header", "request_id must not be 0")
+        if header.deadline_ms == 0:  # §5: clients always send a deadline
+            return self._reject_client(client, request_id, "bad_header", "deadline_ms must be at least 1")
+        outstanding = self.clients.get(client)
+        if outstanding is not None and request_id in outstanding:
+            return self._reject_client(client, request_id, "duplicate_request_id",
+                                       f"request id {request_id} is already in flight")
+        self.counters["requests"] += 1
+        if header.service == _builtin.SERVICE:
+            code, message, reply = _builtin.handle(self, header.method, payload, now)
+            self._reply(client, request_id, code, message, reply)
+            return
+        if outstanding is not None and len(outstanding) >= self.config.max_outstanding_per_client:
+            return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
+                                  f"client has {len(outstanding)} calls outstanding "
+                                  f"(limit {self.config.max_outstanding_per_client})", now)
+        if self.calls_held >= self.config.max_in_flight:
+            return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
+                                  f"broker holds {self.calls_held} calls (limit {self.config.max_in_flight})", now)
+        service = self.services.get(header.service)
+        if service is None:
+            if now - self.started_at >= self.config.unknown_service_grace:
+                return self._fail_new(client, request_id, header, StatusCode.NOT_FOUND,
+                                      _not_found_message(header.service), now)
+            if len(self.services) >= self.config.max_services:
+                return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
+                                      f"broker knows {len(self.services)} services (limit {self.config.max_services})", now)
+            # §10: just after start, wait: workers re-register after a broker restart.
+            service = self.services[header.service] = ServiceState(header.service, no_worker_since=now)
+        elif service.offered and service.methods and header.method not in service.methods:
+            return self._fail_new(client, request_id, header, StatusCode.UNIMPLEMENTED,
+                                  f"service {header.service!r} has no method {header.method!r}; "
+                                  f"it has: {', '.join(sorted(service.methods))}", now)
+        if len(service.queue) >= self.config.queue_size and not self._has_free_worker(service):
+            self.counters["queue_full"] += 1
+            return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
+                                  f"queue of service {header.service!r} is full ({self.config.queue_size} calls)", now)
+        call = Call(client, request_id, header, payload, now + header.deadline_ms / 1000.0, now)
+        if outstanding is None:
+            outstanding = self.clients[client] = {}
+        outstanding[request_id] = call
+        self.calls_held += 1
+        heapq.heappush(self._deadlines, (call.deadline, next(self._heap_seq), call))
+        service.queue.append(call)
+        self._dispatch(service, now)
+
+    def _on_client_cancel(self, client: bytes, cancel, now: float) -> None:
+        """§8: drop queued calls silently; cancel dispatched ones at their worker."""
+        outstanding = self.clients.get(client)
+        if not outstanding:
+            return
+        for request_id in cancel.request_ids:
+            call = outstanding.get(request_id)
+            if call is None:
+                continue
+            self.counters["cancelled"] += 1
+            if call.state is CallState.QUEUED:
+                self.services[call.service].queue.remove(call)
+            self._finish(call, StatusCode.CANCELLED, now)
+            if call.worker is not None:
+                self._abandon_at_worker(call)
+
+    # ------------------------------------------------------------------ backend (workers)
+
+    def on_backend(self, identity: bytes, frames: Sequence[bytes], now: float) -> None:
+        """Handle one message from a worker."""
+        worker = self.workers.get(identity)
+        if self._too_big(frames):
+            self._bad_worker_input(identity, worker, "too_large", self._size_message(frames))
+            return
+        try:
+            command, body = p.split(frames, p.WORKER_COMMANDS)
+        except p.ProtocolError as exc:
+            return self._bad_worker_input(identity, worker, exc.reason, exc.message)
+        if command == p.READY:
+            return self._on_ready(identity, worker, body, now)
+        if worker is None:
+            if command != p.DISCONNECT:  # §11: unknown worker -> DISCONNECT, it re-registers
+                self.counters["unknown_worker"] += 1
+                self.backend_out.append((identity, p.disconnect_message("unknown worker: send READY")))
+            return
+        worker.last_seen = now
+        worker.expires_at = now + self.config.heartbeat_liveness * worker.heartbeat
+        if command == p.REPLY:
+            try:
+                replies = p.pairs(body)
+            except p.ProtocolError as exc:
+                return self._bad_worker_input(identity, worker, exc.reason, exc.message)
+            for raw_header, payload in replies:
+                self._on_worker_reply(worker, raw_header, payload, now)
+            for name in worker.services:
+                self._dispatch(self.services[name], now)
+        elif command == p.DISCONNECT:
+            log.info("worker %s disconnected: %s", worker.name, p.decode_disconnect(body) or "no reason given")
+            self._remove_worker(worker, now, "disconnected")
+        # HEARTBEAT: being heard from is all it says.
+
+    def _on_ready(self, identity: bytes, worker: WorkerState | None, body, now: float) -> None:
+        if worker is not None:  # §7: the first registration stands
+            return self._bad_worker_input(identity, worker, "duplicate_ready", "READY sent twice on one connection")
+        try:
+            ready = p.decode_ready(body)
+        except p.ProtocolError as exc:
+            return self._bad_worker_input(identity, None, exc.reason, exc.message)
+        reserved = [s for s in ready.services if s.startswith(RESERVED_PREFIX)]
+        if reserved:
+            return self._bad_worker_input(identity, None, "reserved_service",
+                                          f"service names starting {RESERVED_PREFIX!r} are reserved: {', '.join(reserved)}")
+        if len(self.workers) >= self.config.max_workers:
+            return self._bad_worker_input(identity, None, "too_many_workers",
+                                          f"broker has {len(self.workers)} workers (limit {self.config.max_workers})")
+        new_names = [s for s in ready.services if s not in self.services]
+        if len(self.services) + len(new_names) > self.config.max_services:
+            return self._bad_worker_input(identity, None, "too_many_services",
+                                          f"broker knows {len(self.services)} services (limit {self.config.max_services})")
+        heartbeat = ready.heartbeat_ms / 1000.0
+        worker = WorkerState(
+            identity=identity, name=ready.name or identity.hex(), services=tuple(dict.fromkeys(ready.services)),
+            capacity=ready.capacity, heartbeat=heartbeat,
+            expires_at=now + self.config.heartbeat_liveness * heartbeat,
+            next_heartbeat_at=now + heartbeat, joined_at=now, last_seen=now,
+        )
+        self.workers[identity] = worker
+        for name in worker.services:
+            service = self.services.get(name)
+            if service is None:
+                service = self.services[name] = ServiceState(name)
+            if not service.offered or not service.methods:
+                service.offered = True
+                service.file_descriptor_set = ready.file_descriptor_set
+                service.methods = frozenset(method_names(ready.file_descriptor_set, name))
+            service.workers[identity] = worker
+            service.no_worker_since = None
+        self.counters["workers_joined"] += 1
+        log.info("worker %s joined: services=%s capacity=%d heartbeat=%.3fs",
+                 worker.name, ",".join(worker.services), worker.capacity, heartbeat)
+        for name in worker.services:
+            self._dispatch(self.services[name], now)
+
+    def _on_worker_reply(self, worker: WorkerState, raw_header: bytes, payload: bytes, now: float) -> None:
+        try:
+            header = p.decode_reply_header(raw_header)
+        except p.ProtocolError as exc:
+            return self._bad_worker_input(worker.identity, worker, exc.reason, exc.message)
+        dispatch_id = header.request_id
+        if dispatch_id not in worker.in_flight:
+            return self._bad_worker_input(worker.identity, worker, "unknown_dispatch",
+                                          f"reply for dispatch id {dispatch_id} this worker was not given")
+        call = worker.in_flight.pop(dispatch_id)
+        if call is None:  # answered already (deadline, cancel): the late reply is dropped
+            self.counters["late_replies"] += 1
+            return
+        service = self.services[call.service]
+        service.dispatched -= 1
+        call.worker = None
+        if header.code == StatusCode.UNAVAILABLE and header.details.get(RETRY_DETAIL) == "draining":
+            worker.draining = True  # it never ran the call: give it to another worker
+            call.attempt -= 1
+            call.state = CallState.QUEUED
+            service.queue.appendleft(call)
+            return
+        header.request_id = call.client_request_id
+        self._finish(call, header.code, now)
+        self._send_reply(call.client, header.SerializeToString(), payload)
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> None:
+        """Expire deadlines and workers, send heartbeats, settle waits (§10-§12)."""
+        self._expire_deadlines(now)
+        for worker in list(self.workers.values()):
+            if now >= worker.expires_at:
+                log.warning("worker %s expired: silent for %.3fs", worker.name, now - worker.last_seen)
+                self.counters["workers_expired"] += 1
+                self._remove_worker(worker, now, "expired")
+            elif now >= worker.next_heartbeat_at:
+                self.backend_out.append((worker.identity, p.heartbeat_message()))
+                worker.next_heartbeat_at = now + worker.heartbeat
+        for service in list(self.services.values()):
+            self._settle_waiting(service, now)
+
+    def next_timer(self, now: float) -> float:
+        """Seconds until the earliest deadline held; the loop polls no longer than this."""
+        while self._deadlines and self._deadlines[0][2].state is CallState.DONE:
+            heapq.heappop(self._deadlines)
+        return max(0.0, self._deadlines[0][0] - now) if self._deadlines else float("inf")
+
+    def _expire_deadlines(self, now: float) -> None:
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, call = heapq.heappop(heap)
+            if call.state is CallState.DONE:
+                continue
+            self.counters["deadline_exceeded"] += 1
+            if call.state is CallState.QUEUED:  # §12: never dispatched once its deadline passed
+                self.services[call.service].queue.remove(call)
+                where = "while queued"
+            else:
+                where = "at the worker"
+                self._abandon_at_worker(call)
+            self._fail(call, StatusCode.DEADLINE_EXCEEDED,
+                       f"deadline of {call.header.deadline_ms} ms exceeded {where}", now)
+
+    def _settle_waiting(self, service: ServiceState, now: float) -> None:
+        """NOT_FOUND after the start-up grace; UNAVAILABLE after unavailable_wait (§10)."""
+        if service.workers:
+            return
+        if not service.offered:
+            if now - self.started_at < self.config.unknown_service_grace:
+                return
+            while service.queue:
+                call = service.queue.popleft()
+                self._fail(call, StatusCode.NOT_FOUND, _not_found_message(service.name), now)
+            del self.services[service.name]
+            return
+        since = service.no_worker_since if service.no_worker_since is not None else now
+        wait = self.config.unavailable_wait
+        while service.queue and max(since, service.queue[0].enqueued_at) + wait <= now:
+            call = service.queue.popleft()
+            self._fail(call, StatusCode.UNAVAILABLE,
+                       f"no live worker for service {service.name!r} (waited {wait:g}s); "
+                       f"start one with: zrpc worker run MODULE:CLASS", now)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _has_free_worker(self, service: ServiceState) -> bool:
+        return any(w.free > 0 for w in service.workers.values())
+
+    def _dispatch(self, service: ServiceState, now: float) -> None:
+        """§12: most free capacity first; ties to the least recently used worker."""
+        queue = service.queue
+        while queue:
+            best = None
+            for worker in service.workers.values():
+                free = worker.free
+                if free > 0 and (best is None or free > best.free or
+                                 (free == best.free and worker.last_dispatch_seq < best.last_dispatch_seq)):
+                    best = worker
+            if best is None:
+                return
+            call = queue.popleft()
+            self._send_to_worker(best, call, now)
+
+    def _send_to_worker(self, worker: WorkerState, call: Call, now: float) -> None:
+        dispatch_id = next(self._dispatch_ids)
+        call.dispatch_id = dispatch_id
+        call.worker = worker
+        call.state = CallState.DISPATCHED
+        call.attempt += 1
+        worker.in_flight[dispatch_id] = call
+        worker.last_dispatch_seq = next(self._dispatch_seq)
+        worker.next_heartbeat_at = now + worker.heartbeat
+        self.services[call.service].dispatched += 1
+        header = call.header
+        client_request_id, client_deadline_ms = header.request_id, header.deadline_ms
+        header.request_id = dispatch_id
+        header.deadline_ms = max(1, int((call.deadline - now) * 1000))
+        header.attempt = call.attempt
+        raw = header.SerializeToString()
+        header.request_id, header.deadline_ms = client_request_id, client_deadline_ms
+        pairs = self._requests.get(worker.identity)
+        if pairs is None:
+            pairs = self._requests[worker.identity] = []
+        pairs.append((raw, call.payload))
+
+    def _abandon_at_worker(self, call: Call) -> None:
+        """The call was answered without its worker: keep the slot, tell the worker (§8)."""
+        worker = call.worker
+        if worker is None or call.dispatch_id not in worker.in_flight:
+            return
+        worker.in_flight[call.dispatch_id] = None
+        self.services[call.service].dispatched -= 1
+        call.worker = None
+        self.backend_out.append((worker.identity, p.cancel_message([call.dispatch_id])))
+
+    def _remove_worker(self, worker: WorkerState, now: float, why: str) -> None:
+        """§11: re-queue what may run again, fail the rest at once."""
+        del self.workers[worker.identity]
+        self._requests.pop(worker.identity, None)
+        requeue: dict[str, list[Call]] = {}
+        for call in worker.in_flight.values():
+            if call is None:
+                continue
+            service = self.services[call.service]
+            service.dispatched -= 1
+            call.worker = None
+            if call.header.idempotent and call.attempt < 2 and call.deadline > now:
+                self.counters["redispatched"] += 1
+                call.state = CallState.QUEUED
+                requeue.setdefault(call.service, []).append(call)
+            else:
+                self._fail(call, StatusCode.UNAVAILABLE,
+                           f"worker {worker.name} {why} with the call in flight", now)
+        worker.in_flight.clear()
+        for name in worker.services:
+            service = self.services[name]
+            service.workers.pop(worker.identity, None)
+            if not service.workers:
+                service.no_worker_since = now
+            calls = requeue.get(name, [])
+            service.queue.extendleft(reversed(calls))  # oldest first, ahead of newer calls
+            self._dispatch(service, now)
+
+    # ------------------------------------------------------------------ answers
+
+    def _fail_new(self, client: bytes, request_id: int, header, code: StatusCode, message: str, now: float) -> None:
+        """Answer a call that was never held."""
+        self.counters[f"code_{code.name}"] += 1
+        if self.on_call_done is not None:
+            self.on_call_done(header.service, header.method, code, None, now)
+        self._reply(client, request_id, code, message, b"")
+
+    def _fail(self, call: Call, code: StatusCode, message: str, now: float) -> None:
+        self._finish(call, code, now)
+        self._reply(call.client, call.client_request_id, code, message, b"")
+
+    def _finish(self, call: Call, code: int, now: float) -> None:
+        """Forget a held call (exactly once); the caller sends its one answer."""
+        call.state = CallState.DONE
+        outstanding = self.clients.get(call.client)
+        if outstanding is not None:
+            outstanding.pop(call.client_request_id, None)
+            if not outstanding:
+                del self.clients[call.client]
+        self.calls_held -= 1
+        code = StatusCode.from_wire(code)
+        self.counters[f"code_{code.name}"] += 1
+        if self.on_call_done is not None:
+            self.on_call_done(call.header.service, call.header.method, code, call, now)
+
+    def _reply(self, client: bytes, request_id: int, code: StatusCode, message: str, payload: bytes) -> None:
+        self._send_reply(client, p.encode_reply_header(request_id, code, message), payload)
+
+    def _send_reply(self, client: bytes, raw_header: bytes, payload: bytes) -> None:
+        pairs = self._replies.get(client)
+        if pairs is None:
+            pairs = self._replies[client] = []
+        pairs.append((raw_header, payload))
+
+    def flush(self) -> None:
+        """Move the round's coalesced requests and replies into the outboxes (§4)."""
+        for identity, pairs in self._requests.items():
+            self.backend_out.append((identity, p.request_message(pairs)))
+        self._requests.clear()
+        for client, pairs in self._replies.items():
+            self.frontend_out.append((client, p.reply_message(pairs)))
+        self._replies.clear()
+
+    # ------------------------------------------------------------------ bad input
+
+    def _too_big(self, frames: Sequence[bytes]) -> bool:
+        if len(frames) > self.config.max_frames:
+            return True
+        return sum(len(f) for f in frames) > self.config.max_message_bytes
+
+    def _size_message(self, frames: Sequence[bytes]) -> str:
+        if len(frames) > self.config.max_frames:
+            return f"message has {len(frames)} frames (limit {self.config.max_frames})"
+        size = sum(len(f) for f in frames)
+        return f"message is {size} bytes (limit {self.config.max_message_bytes})"
+
+    def _reject_client(self, client: bytes, request_id: int, reason: str, message: str) -> None:
+        """§9: count, log (rate-limited) and answer a client's bad message."""
+        self.counters[f"malformed_{reason}"] += 1
+        self.bad_input_log.warn(reason, "bad message from client %s: %s", client.hex(), message)
+        code = StatusCode.RESOURCE_EXHAUSTED if reason in ("too_large", "too_many_frames") else StatusCode.INVALID_ARGUMENT
+        self._reply(client, request_id, code, message, b"")
+
+    def _bad_worker_input(self, identity: bytes, worker: WorkerState | None, reason: str, message: str) -> None:
+        """§9: count and log; an unregistered sender is told why with DISCONNECT."""
+        self.counters[f"malformed_{reason}"] += 1
+        name = worker.name if worker is not None else identity.hex()
+        self.bad_input_log.warn(reason, "bad message from worker %s: %s", name, message)
+        if worker is None:
+            self.backend_out.append((identity, p.disconnect_message(f"refused: {message}")))
+
+    # ------------------------------------------------------------------ views
+
+    def queue_depth(self) -> int:
+        return sum(len(s.queue) for s in self.services.values())
+
+
+def _not_found_message(service: str) -> str:
+    return (f"no worker offers service {service!r}; start one with: "
+            f"zrpc worker run MODULE:CLASS --broker <backend endpoint>")
+
+
+class _RateLimitedWarnings:
+    """At most ``burst`` warnings per reason per ``window`` seconds; the rest are counted."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 5, window: float = 10.0, clock=None):
+        import time
+
+        self._log = logger
+        self._burst = burst
+        self._window = window
+        self._clock = clock or time.monotonic
+        self._state: dict[str, list] = {}  # reason -> [window start, emitted, suppressed]
+
+    def warn(self, reason: str, fmt: str, *args) -> None:
+        now = self._clock()
+        state = self._state.get(reason)
+        if state is None or now - state[0] >= self._window:
+            if state is not None and state[2]:
+                self._log.warning("%d more %s messages suppressed in the last %.0fs", state[2], reason, self._window)
+            state = self._state[reason] = [now, 0, 0]
+        if state[1] < self._burst:
+            state[1] += 1
+            self._log.warning(fmt, *args)
+        else:
+            state[2] += 1

@@ -1,0 +1,73 @@
+"""The broker's records: calls, workers and services. Plain data; the engine owns the rules."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+
+from .. import wire_pb2
+
+
+class CallState(enum.Enum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    DONE = "done"  # answered, cancelled or failed: nothing more is sent to the client
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Call:
+    """One client request, from arrival until its single answer."""
+
+    client: bytes
+    client_request_id: int
+    header: wire_pb2.RequestHeader
+    payload: bytes
+    deadline: float
+    enqueued_at: float
+    state: CallState = CallState.QUEUED
+    dispatch_id: int = 0
+    worker: "WorkerState | None" = None
+    attempt: int = 0
+
+    @property
+    def service(self) -> str:
+        return self.header.service
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class WorkerState:
+    """A registered worker connection (one ROUTER routing id)."""
+
+    identity: bytes
+    name: str
+    services: tuple[str, ...]
+    capacity: int
+    heartbeat: float  # seconds, as the worker announced
+    expires_at: float
+    next_heartbeat_at: float
+    joined_at: float
+    last_seen: float
+    # dispatch id -> the call it carries, or None once the call was answered without this
+    # worker (deadline, cancel): the slot stays taken until the worker replies (spec §8).
+    in_flight: dict[int, "Call | None"] = dataclasses.field(default_factory=dict)
+    last_dispatch_seq: int = 0
+    draining: bool = False
+
+    @property
+    def free(self) -> int:
+        return 0 if self.draining else self.capacity - len(self.in_flight)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class ServiceState:
+    """A service name: the workers offering it now, and the calls waiting for one."""
+
+    name: str
+    offered: bool = False  # some worker offered it since the broker started
+    methods: frozenset[str] = frozenset()
+    file_descriptor_set: bytes = b""
+    workers: dict[bytes, WorkerState] = dataclasses.field(default_factory=dict)
+    queue: collections.deque = dataclasses.field(default_factory=collections.deque)
+    # When the service last lost its last live worker (None while it has one).
+    no_worker_since: float | None = None
+    dispatched: int = 0  # calls of this service held by workers now
