@@ -1,0 +1,461 @@
+"""The broker's rules, driven directly: no sockets, a fake clock (the engine takes ``now``)."""
+from __future__ import annotations
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from zrpc import _protocol as p
+from zrpc import broker_service_pb2 as bpb
+from zrpc._broker import BrokerConfig, BrokerEngine
+from zrpc._status import StatusCode
+
+SERVICE = "zrpc.Broker"
+# A descriptor set declaring service svc.S with one method M, as a worker would send it.
+SVC_FDS = descriptor_pb2.FileDescriptorSet(file=[descriptor_pb2.FileDescriptorProto(
+    name="svc.proto", package="svc",
+    message_type=[descriptor_pb2.DescriptorProto(name="Req")],
+    service=[descriptor_pb2.ServiceDescriptorProto(name="S", method=[
+        descriptor_pb2.MethodDescriptorProto(name="M", input_type=".svc.Req", output_type=".svc.Req")])],
+)]).SerializeToString()
+
+
+class Harness:
+    """An engine plus helpers that speak the wire format and read its outboxes."""
+
+    def __init__(self, **config):
+        config.setdefault("unknown_service_grace", 0.0)
+        config.setdefault("unavailable_wait", 5.0)
+        self.now = 1000.0
+        self.engine = BrokerEngine(BrokerConfig(**config), self.now)
+        self._ids = 0
+
+    # -- time
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.engine.tick(self.now)
+        self.engine.flush()
+
+    # -- workers
+    def ready(self, worker: bytes, services=("svc.S",), capacity=1, heartbeat_ms=1000, name=None) -> None:
+        msg = p.Ready(services=list(services), capacity=capacity, heartbeat_ms=heartbeat_ms,
+                      name=name or worker.decode())
+        self.backend(worker, p.ready_message(msg))
+
+    def backend(self, worker: bytes, frames) -> None:
+        self.engine.on_backend(worker, frames, self.now)
+        self.engine.flush()
+
+    def reply_from(self, worker: bytes, dispatch_id: int, payload=b"ok", code=0, details=None) -> None:
+        header = p.encode_reply_header(dispatch_id, code, "", details)
+        self.backend(worker, p.reply_message([(header, payload)]))
+
+    # -- clients
+    def call(self, client: bytes, service="svc.S", method="M", deadline_ms=10_000, idempotent=False,
+             payload=b"req", request_id=None) -> int:
+        if request_id is None:
+            self._ids += 1
+            request_id = self._ids
+        header = p.RequestHeader(request_id=request_id, service=service, method=method,
+                                 deadline_ms=deadline_ms, idempotent=idempotent).SerializeToString()
+        self.engine.on_frontend(client, p.request_message([(header, payload)]), self.now)
+        self.engine.flush()
+        return request_id
+
+    # -- outboxes
+    def take_requests(self) -> list[tuple[bytes, p.RequestHeader, bytes]]:
+        """Requests sent to workers since last asked: (worker, header, payload), in order."""
+        found, keep = [], []
+        for identity, frames in self.engine.backend_out:
+            if frames[1] == p.REQUEST:
+                for raw, payload in p.pairs(frames[2:]):
+                    found.append((identity, p.RequestHeader.FromString(raw), payload))
+            else:
+                keep.append((identity, frames))
+        self.engine.backend_out = keep
+        return found
+
+    def take_control(self, command: bytes) -> list[tuple[bytes, list[bytes]]]:
+        found = [(i, f) for i, f in self.engine.backend_out if f[1] == command]
+        self.engine.backend_out = [(i, f) for i, f in self.engine.backend_out if f[1] != command]
+        return found
+
+    def take_replies(self) -> list[tuple[bytes, p.ReplyHeader, bytes]]:
+        found = []
+        for identity, frames in self.engine.frontend_out:
+            assert frames[:2] == [p.TAG, p.REPLY]
+            for raw, payload in p.pairs(frames[2:]):
+                found.append((identity, p.ReplyHeader.FromString(raw), payload))
+        self.engine.frontend_out = []
+        return found
+
+    def assert_baseline(self) -> None:
+        engine = self.engine
+        assert engine.clients == {}
+        assert engine.calls_held == 0
+        assert engine.queue_depth() == 0
+        assert all(s.dispatched == 0 for s in engine.services.values())
+
+
+def test_request_goes_to_worker_and_reply_back_to_caller_under_its_own_id():
+    h = Harness()
+    h.ready(b"w1")
+    rid = h.call(b"c1", payload=b"hello", request_id=42)
+    [(worker, header, payload)] = h.take_requests()
+    assert (worker, header.service, header.method, payload) == (b"w1", "svc.S", "M", b"hello")
+    assert header.request_id != rid and header.attempt == 1
+    assert 9_000 < header.deadline_ms <= 10_000
+    h.reply_from(b"w1", header.request_id, payload=b"world")
+    [(client, reply, payload)] = h.take_replies()
+    assert (client, reply.request_id, reply.code, payload) == (b"c1", rid, StatusCode.OK, b"world")
+    h.assert_baseline()
+
+
+def test_dispatch_prefers_most_free_capacity_and_rotates_ties():
+    h = Harness()
+    h.ready(b"small", capacity=1)
+    h.ready(b"big", capacity=3)
+    for _ in range(4):
+        h.call(b"c")
+    targets = [w for w, _, _ in h.take_requests()]
+    # big has 3 free, then 2 (still more than small's 1), then a tie: small was used less recently
+    assert targets == [b"big", b"big", b"small", b"big"]
+
+
+def test_ties_rotate_across_equally_free_workers():
+    h = Harness()
+    for name in (b"a", b"b", b"c"):
+        h.ready(name, capacity=10)
+    order = []
+    for _ in range(6):
+        h.call(b"c")
+        [(worker, header, _)] = h.take_requests()
+        order.append(worker)
+        h.reply_from(worker, header.request_id)
+    assert order == [b"a", b"b", b"c", b"a", b"b", b"c"]
+
+
+def test_calls_queue_when_workers_are_full_and_dispatch_as_slots_free():
+    h = Harness()
+    h.ready(b"w", capacity=2)
+    ids = [h.call(b"c") for _ in range(5)]
+    sent = h.take_requests()
+    assert len(sent) == 2 and h.engine.queue_depth() == 3
+    h.reply_from(b"w", sent[0][1].request_id)
+    [nxt] = h.take_requests()
+    assert nxt[2] == b"req"
+    assert [r.request_id for _, r, _ in h.take_replies()] == [ids[0]]
+
+
+def test_full_queue_answers_resource_exhausted_at_once():
+    h = Harness(queue_size=2)
+    h.ready(b"w", capacity=1)
+    ids = [h.call(b"c") for _ in range(4)]  # 1 dispatched, 2 queued, 1 refused
+    [(_, reply, _)] = h.take_replies()
+    assert reply.request_id == ids[3] and reply.code == StatusCode.RESOURCE_EXHAUSTED
+    assert "queue" in reply.message and h.engine.counters["queue_full"] == 1
+
+
+def test_deadline_in_queue_answers_deadline_exceeded_and_is_never_dispatched():
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    first = h.call(b"c", deadline_ms=10_000)
+    short = h.call(b"c", deadline_ms=50)
+    [(_, header, _)] = h.take_requests()
+    h.advance(0.06)
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (short, StatusCode.DEADLINE_EXCEEDED)
+    assert "queued" in reply.message
+    h.reply_from(b"w", header.request_id)
+    assert h.take_requests() == []  # the expired call never reaches the worker
+    assert [r.request_id for _, r, _ in h.take_replies()] == [first]
+    h.assert_baseline()
+
+
+def test_deadline_at_worker_answers_caller_cancels_worker_and_keeps_the_slot():
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    rid = h.call(b"c", deadline_ms=100)
+    h.call(b"c", deadline_ms=10_000)
+    [(_, header, _)] = h.take_requests()
+    h.advance(0.2)
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (rid, StatusCode.DEADLINE_EXCEEDED)
+    [(worker, frames)] = h.take_control(p.CANCEL)
+    assert worker == b"w" and list(p.decode_cancel(frames[2:]).request_ids) == [header.request_id]
+    assert h.take_requests() == []  # the hung worker gets nothing more while full
+    h.reply_from(b"w", header.request_id, payload=b"late")
+    assert h.engine.counters["late_replies"] == 1
+    assert h.take_replies() == []  # the late reply is dropped
+    assert len(h.take_requests()) == 1  # the freed slot takes the queued call
+
+
+def test_dead_worker_requests_are_redispatched_once_if_idempotent_else_unavailable():
+    h = Harness()
+    h.ready(b"w1", capacity=2, heartbeat_ms=100)
+    idem = h.call(b"c", idempotent=True, payload=b"idem")
+    other = h.call(b"c", idempotent=False, payload=b"other")
+    assert len(h.take_requests()) == 2
+    h.ready(b"w2", capacity=2, heartbeat_ms=100_000)
+    h.advance(0.31)  # w1 silent for more than 3 x 100 ms
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (other, StatusCode.UNAVAILABLE)
+    assert "w1 expired" in reply.message
+    [(worker, header, payload)] = h.take_requests()
+    assert (worker, payload, header.attempt) == (b"w2", b"idem", 2)
+    h.reply_from(b"w2", header.request_id)
+    assert [(r.request_id, r.code) for _, r, _ in h.take_replies()] == [(idem, StatusCode.OK)]
+    assert h.engine.counters["redispatched"] == 1
+    h.assert_baseline()
+
+
+def test_idempotent_call_is_not_dispatched_a_third_time():
+    h = Harness()
+    h.ready(b"w1", capacity=1)
+    rid = h.call(b"c", idempotent=True)
+    h.take_requests()
+    h.backend(b"w1", p.disconnect_message("bye"))
+    h.ready(b"w2", capacity=1)
+    [(_, header, _)] = h.take_requests()
+    assert header.attempt == 2
+    h.backend(b"w2", p.disconnect_message("bye"))
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (rid, StatusCode.UNAVAILABLE)
+
+
+def test_idempotent_call_without_time_left_is_not_redispatched():
+    h = Harness()
+    h.ready(b"w1", capacity=1, heartbeat_ms=100)
+    h.ready(b"w2", capacity=1, heartbeat_ms=100_000)
+    rid = h.call(b"c", idempotent=True, deadline_ms=300)
+    h.take_requests()
+    h.now += 0.35  # expiry and deadline fall in the same tick: the deadline wins
+    h.engine.tick(h.now)
+    h.engine.flush()
+    [(_, reply, _)] = h.take_replies()
+    assert reply.request_id == rid and reply.code == StatusCode.DEADLINE_EXCEEDED
+    assert h.take_requests() == []
+
+
+def test_unknown_service_is_not_found_after_grace_and_waits_during_it():
+    h = Harness(unknown_service_grace=2.0)
+    early = h.call(b"c", service="later.S")
+    assert h.take_replies() == []
+    h.ready(b"w", services=("later.S",))
+    [(_, header, _)] = h.take_requests()  # the waiting call is served once a worker offers it
+    h.reply_from(b"w", header.request_id)
+    assert [r.code for _, r, _ in h.take_replies()] == [StatusCode.OK]
+    waiting = h.call(b"c", service="never.S")
+    h.advance(2.1)
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (waiting, StatusCode.NOT_FOUND)
+    assert "zrpc worker run" in reply.message
+    assert "never.S" not in h.engine.services  # the placeholder is gone: tables stay bounded
+    h.call(b"c", service="never.S")
+    assert [r.code for _, r, _ in h.take_replies()] == [StatusCode.NOT_FOUND]
+    assert early
+
+
+def test_known_service_without_workers_is_unavailable_after_the_wait():
+    h = Harness(unavailable_wait=1.0)
+    h.ready(b"w", heartbeat_ms=100)
+    h.advance(0.5)  # w expires
+    rid = h.call(b"c")
+    h.advance(0.5)
+    assert h.take_replies() == []
+    h.advance(0.6)
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (rid, StatusCode.UNAVAILABLE)
+    assert "no live worker" in reply.message
+
+
+def test_unknown_method_is_unimplemented_when_the_service_declares_its_methods():
+    h = Harness()
+    h.backend(b"w", p.ready_message(p.Ready(services=["svc.S"], capacity=1, heartbeat_ms=1000,
+                                            file_descriptor_set=SVC_FDS)))
+    rid = h.call(b"c", method="Nope")
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (rid, StatusCode.UNIMPLEMENTED)
+    assert "'M'" not in reply.message and "M" in reply.message
+    rid = h.call(b"c", service=SERVICE, method="Nope")
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (rid, StatusCode.UNIMPLEMENTED)
+    assert "ListServices" in reply.message
+
+
+def test_reply_for_a_dispatch_the_worker_was_not_given_is_dropped_and_counted():
+    h = Harness()
+    h.ready(b"w1")
+    h.ready(b"w2", capacity=1)
+    h.call(b"c")
+    [(worker, header, _)] = h.take_requests()
+    other = b"w2" if worker == b"w1" else b"w1"
+    h.reply_from(other, header.request_id, payload=b"forged")  # another worker's request
+    h.reply_from(worker, 987654)  # an id nobody was given
+    assert h.take_replies() == []
+    assert h.engine.counters["malformed_unknown_dispatch"] == 2
+    h.reply_from(worker, header.request_id, payload=b"real")
+    assert [pl for _, _, pl in h.take_replies()] == [b"real"]
+
+
+def test_reserved_service_names_and_second_ready_are_refused():
+    h = Harness()
+    h.ready(b"evil", services=("zrpc.Broker",))
+    [(_, frames)] = h.take_control(p.DISCONNECT)
+    assert "reserved" in p.decode_disconnect(frames[2:])
+    assert b"evil" not in h.engine.workers
+    h.ready(b"w", services=("svc.S",), capacity=1)
+    h.ready(b"w", services=("svc.S",), capacity=100)
+    assert h.engine.workers[b"w"].capacity == 1
+    assert h.engine.counters["malformed_duplicate_ready"] == 1
+    assert h.engine.counters["malformed_reserved_service"] == 1
+
+
+def test_message_from_unknown_worker_is_answered_disconnect_so_it_re_registers():
+    h = Harness()
+    h.backend(b"stranger", p.heartbeat_message())
+    [(identity, frames)] = h.take_control(p.DISCONNECT)
+    assert identity == b"stranger" and "READY" in p.decode_disconnect(frames[2:])
+
+
+def test_client_cancel_removes_queued_call_and_cancels_dispatched_one():
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    running = h.call(b"c")
+    queued = h.call(b"c")
+    [(_, header, _)] = h.take_requests()
+    h.engine.on_frontend(b"c", p.cancel_message([queued, running]), h.now)
+    h.engine.flush()
+    assert h.engine.queue_depth() == 0
+    [(_, frames)] = h.take_control(p.CANCEL)
+    assert list(p.decode_cancel(frames[2:]).request_ids) == [header.request_id]
+    assert h.take_replies() == []  # the client gave up: no answer is owed
+    h.reply_from(b"w", header.request_id)
+    assert h.take_replies() == []
+    h.assert_baseline()
+
+
+def test_per_client_outstanding_and_total_in_flight_are_bounded():
+    h = Harness(max_outstanding_per_client=2, max_in_flight=3)
+    h.ready(b"w", capacity=100)
+    h.call(b"a")
+    h.call(b"a")
+    refused = h.call(b"a")
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (refused, StatusCode.RESOURCE_EXHAUSTED)
+    h.call(b"b")
+    refused = h.call(b"c")
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (refused, StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_draining_worker_hands_back_new_work_and_gets_no_more():
+    h = Harness()
+    h.ready(b"old", capacity=5)
+    rid = h.call(b"c")
+    [(_, header, _)] = h.take_requests()
+    h.reply_from(b"old", header.request_id, code=StatusCode.UNAVAILABLE, details={"zrpc-retry": "draining"})
+    assert h.take_replies() == []
+    h.call(b"c")
+    assert h.take_requests() == []  # no dispatch to a draining worker
+    h.ready(b"new", capacity=5)
+    sent = h.take_requests()
+    assert [w for w, _, _ in sent] == [b"new", b"new"] and sent[0][1].attempt == 1
+    assert rid
+
+
+def test_idle_workers_get_heartbeats_at_their_interval():
+    h = Harness()
+    h.ready(b"w", heartbeat_ms=200)
+    h.advance(0.1)
+    assert h.take_control(p.HEARTBEAT) == []
+    h.advance(0.11)
+    assert len(h.take_control(p.HEARTBEAT)) == 1
+    h.backend(b"w", p.heartbeat_message())  # keeps it alive
+    h.advance(0.2)
+    h.backend(b"w", p.heartbeat_message())
+    h.advance(0.2)
+    h.backend(b"w", p.heartbeat_message())
+    h.advance(0.2)
+    assert b"w" in h.engine.workers
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([b"garbage"], "too_few_frames"),
+    ([b"MDPC01", b"\x02", b"", b""], "bad_tag"),
+    ([p.TAG, b"\x09"], "bad_command"),
+    ([p.TAG, p.READY, b""], "bad_command"),
+    ([p.TAG, p.REQUEST, b"\x08\x01"], "bad_frame_count"),
+    ([p.TAG, p.REQUEST, b"\xff\xff\xff", b""], "bad_header"),
+])
+def test_malformed_client_messages_get_invalid_argument_and_are_counted(frames, reason):
+    h = Harness()
+    h.engine.on_frontend(b"c", frames, h.now)
+    h.engine.flush()
+    [(client, reply, _)] = h.take_replies()
+    assert client == b"c" and reply.code == StatusCode.INVALID_ARGUMENT and reply.message
+    assert h.engine.counters[f"malformed_{reason}"] == 1
+
+
+def test_oversized_message_gets_resource_exhausted():
+    h = Harness(max_message_bytes=1000, max_frames=5)
+    h.call(b"c", payload=b"x" * 2000)
+    h.engine.on_frontend(b"c", [p.TAG, p.REQUEST] + [b""] * 8, h.now)
+    h.engine.flush()
+    replies = h.take_replies()
+    assert [r.code for _, r, _ in replies] == [StatusCode.RESOURCE_EXHAUSTED] * 2
+    assert "bytes" in replies[0][1].message and "frames" in replies[1][1].message
+
+
+def test_requests_to_one_worker_in_one_round_are_coalesced_into_one_message():
+    h = Harness()
+    h.ready(b"w", capacity=10)
+    headers = [p.RequestHeader(request_id=i, service="svc.S", method="M", deadline_ms=1000).SerializeToString()
+               for i in (1, 2, 3)]
+    h.engine.on_frontend(b"c", p.request_message([(hd, b"x") for hd in headers]), h.now)
+    h.engine.flush()
+    assert len(h.engine.backend_out) == 1
+    assert len(h.take_requests()) == 3
+
+
+def test_builtin_list_services_reports_workers_and_queue():
+    h = Harness()
+    h.ready(b"w", services=("svc.S",), capacity=1)
+    h.call(b"c")
+    h.call(b"c")
+    h.take_requests()
+    h.call(b"c", service=SERVICE, method="ListServices", payload=b"")
+    [(_, reply, payload)] = h.take_replies()
+    listing = {s.name: s for s in bpb.ListServicesReply.FromString(payload).services}
+    assert listing["svc.S"].live_workers == 1
+    assert listing["svc.S"].queue_depth == 1 and listing["svc.S"].in_flight == 1
+    assert SERVICE in listing
+
+
+def test_builtin_describe_and_health():
+    h = Harness()
+    h.backend(b"w", p.ready_message(p.Ready(services=["svc.S"], capacity=1, heartbeat_ms=1000,
+                                            file_descriptor_set=b"\x0a\x00")))
+    h.call(b"c", service=SERVICE, method="DescribeService",
+           payload=bpb.DescribeServiceRequest(service="svc.S").SerializeToString())
+    h.call(b"c", service=SERVICE, method="DescribeService",
+           payload=bpb.DescribeServiceRequest(service="none.S").SerializeToString())
+    h.call(b"c", service=SERVICE, method="Health",
+           payload=bpb.HealthRequest(service="svc.S").SerializeToString())
+    h.call(b"c", service=SERVICE, method="Health", payload=b"\xff")
+    described, missing, health, bad = h.take_replies()
+    assert bpb.DescribeServiceReply.FromString(described[2]).file_descriptor_set == b"\x0a\x00"
+    assert missing[1].code == StatusCode.NOT_FOUND
+    assert bpb.HealthReply.FromString(health[2]).status == bpb.HealthReply.SERVING
+    assert bad[1].code == StatusCode.INVALID_ARGUMENT
+
+
+def test_duplicate_request_id_in_flight_is_refused_without_touching_the_first():
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    h.call(b"c", request_id=7)
+    h.call(b"c", request_id=7)
+    [(_, reply, _)] = h.take_replies()
+    assert reply.code == StatusCode.INVALID_ARGUMENT
+    [(_, header, _)] = h.take_requests()
+    h.reply_from(b"w", header.request_id)
+    assert [(r.request_id, r.code) for _, r, _ in h.take_replies()] == [(7, StatusCode.OK)]
