@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's main command: installs zrpc in a virtualenv, then starts a broker and echo
+# workers on this machine and measures them with the load generator. Extra arguments go to
+# the load generator (e.g. `scripts/demo.sh --concurrency 64`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e .
+exec .venv/bin/python scripts/loadtest.py --spawn 2 --concurrency 32 --requests 20000 --payload-size 100 "$@"
