@@ -1,0 +1,37 @@
+"""The client's DEALER socket: endpoints and options, the same for both flavours."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import zmq
+
+# ZMTP heartbeats notice a dead TCP peer (a broker host that vanished without a FIN) so ZeroMQ
+# reconnects instead of queueing into a connection that will never deliver.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+
+
+def endpoint_list(endpoints: str | Sequence[str]) -> list[str]:
+    """One endpoint or several, as a non-empty list of strings."""
+    found = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    if not found or not all(isinstance(e, str) and e for e in found):
+        raise ValueError(f"endpoints must be a non-empty string or list of strings, got {endpoints!r}")
+    return found
+
+
+def open_dealer(context: zmq.Context, endpoints: Sequence[str]) -> zmq.Socket:
+    """A DEALER connected to every endpoint (ZeroMQ round-robins requests across them)."""
+    socket = context.socket(zmq.DEALER)
+    try:
+        # Closing must never wait for unsent requests: their callers have already been answered.
+        socket.setsockopt(zmq.LINGER, 0)
+        # IMMEDIATE stays off on purpose: requests made while the broker is still connecting
+        # queue in ZeroMQ and go out on connect; the client's own deadline bounds the wait.
+        socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        for endpoint in endpoints:
+            socket.connect(endpoint)
+    except BaseException:
+        socket.close(linger=0)
+        raise
+    return socket
