@@ -1,0 +1,302 @@
+"""The thread-safe blocking client: one I/O thread owns the DEALER socket.
+
+Callers in any thread put calls (and cancellations) on an outbox and wake the I/O thread through
+an inproc PAIR; the I/O thread alone touches the DEALER and the core. It coalesces every waiting
+call into one REQUEST per send (spec §4), settles futures as replies arrive, and polls no longer
+than the nearest deadline, so a call fails DEADLINE_EXCEEDED on time even with no broker at all.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import math
+import threading
+import uuid
+from collections import deque
+from typing import Any, Callable, Mapping, Sequence
+
+import zmq
+import zmq.asyncio
+from google.protobuf.descriptor import ServiceDescriptor
+
+from .._errors import Error
+from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
+from ._dealer import endpoint_list, open_dealer
+from ._stub import Stub, UnaryMethod
+
+# Messages received per loop turn before deadlines and sends get their turn.
+_RECV_BATCH = 256
+# How long close() waits for the I/O thread, which only blocks inside a user's done-callback.
+_CLOSE_JOIN_TIMEOUT = 10.0
+
+_CLOSE = object()  # outbox marker: the I/O thread should shut down
+
+
+class Client:
+    """A blocking zrpc client; many threads may call at once over one socket.
+
+    ``endpoints`` is one broker frontend or a list (requests are spread across them).
+    ``timeout`` is the deadline in seconds of calls made without one; it is never infinite.
+    ``context`` is a ``zmq.Context`` to share (not terminated on close); by default the client
+    owns one. ``metadata`` is sent with every call; a call's own metadata wins on a clash.
+    Done-callbacks of returned futures run on the client's I/O thread: keep them short.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        timeout: float = 30.0,
+        context: zmq.Context | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        self._core = ClientCore(timeout, metadata)
+        self.endpoints = endpoint_list(endpoints)
+        self._own_context = context is None
+        if context is None:
+            context = zmq.Context()
+        elif isinstance(context, zmq.asyncio.Context):
+            context = zmq.Context.shadow(context.underlying)  # this client needs blocking sockets
+        self._context = context
+        self._lock = threading.Lock()
+        self._outbox: deque[Any] = deque()
+        self._wake_sent = False
+        self._closed = False
+        sockets: list[zmq.Socket] = []
+        try:
+            self._dealer = open_dealer(context, self.endpoints)
+            sockets.append(self._dealer)
+            address = f"inproc://zrpc-client-wake-{uuid.uuid4().hex}"
+            self._wake_in = context.socket(zmq.PAIR)
+            sockets.append(self._wake_in)
+            self._wake_in.linger = 0
+            self._wake_in.bind(address)
+            self._wake_out = context.socket(zmq.PAIR)
+            sockets.append(self._wake_out)
+            self._wake_out.linger = 0
+            self._wake_out.connect(address)
+        except BaseException:
+            for socket in sockets:
+                socket.close(linger=0)
+            if self._own_context:
+                context.term()
+            raise
+        self._thread = threading.Thread(target=self._run, name="zrpc-client-io", daemon=True)
+        self._thread.start()
+
+    # -- public API --------------------------------------------------------------------------
+
+    def call(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """Call ``service``/``method`` with a serialized request; return the serialized reply.
+
+        Raises :class:`zrpc.Error` with the status code of a failed call.
+        """
+        return self._wait(self._submit(service, method, payload, timeout, idempotent, metadata, None))
+
+    def call_future(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> concurrent.futures.Future:
+        """Start a call; the future resolves to the serialized reply. ``cancel()`` cancels it."""
+        return self._submit(service, method, payload, timeout, idempotent, metadata, None)
+
+    def stub(self, service: ServiceDescriptor) -> Stub:
+        """A typed stub for a protobuf ``ServiceDescriptor``: ``stub.Method(request)``."""
+        return Stub(self, service, UnaryMethod)
+
+    def close(self) -> None:
+        """Fail calls in flight with CANCELLED, stop the I/O thread, release sockets. Idempotent."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._outbox.append(_CLOSE)
+                self._wake_locked()
+        if threading.current_thread() is self._thread:
+            return  # closing from a done-callback: the I/O thread finishes the job on return
+        self._thread.join(_CLOSE_JOIN_TIMEOUT)
+        if self._thread.is_alive():
+            logger.warning("zrpc client I/O thread still busy %.0fs after close(): a done-callback "
+                           "is blocking it", _CLOSE_JOIN_TIMEOUT)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- callers' side -----------------------------------------------------------------------
+
+    def _submit(self, service: str, method: str, payload: bytes, timeout: float | None,
+                idempotent: bool, metadata: Mapping[str, str] | None,
+                decode: Callable[[bytes], Any] | None) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise closed_error()
+            call = self._core.prepare(service, method, payload, timeout=timeout, idempotent=idempotent,
+                                      metadata=metadata, decode=decode)
+            call.waiter = future
+            self._outbox.append(call)
+            self._wake_locked()
+        future.add_done_callback(functools.partial(self._on_done, call.request_id))
+        return future
+
+    def _wait(self, future: concurrent.futures.Future) -> Any:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking call from a done-callback would deadlock the client; "
+                               "use call_future() or stub.Method.future() there")
+        try:
+            return future.result()  # the I/O thread settles it by the deadline
+        except Error:
+            raise
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt: tell the broker nobody waits any more
+            raise
+
+    def _on_done(self, request_id: int, future: concurrent.futures.Future) -> None:
+        if not future.cancelled():
+            return
+        with self._lock:
+            if not self._closed:
+                self._outbox.append(request_id)
+                self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        # One wake-up byte at a time is enough: the I/O thread takes the whole outbox at once.
+        if not self._wake_sent:
+            self._wake_sent = True
+            self._wake_out.send(b"", zmq.NOBLOCK)
+
+    # -- the I/O thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        dealer = self._dealer
+        poller = zmq.Poller()
+        poller.register(self._wake_in, zmq.POLLIN)
+        poller.register(dealer, zmq.POLLIN)
+        waiting_to_send = False
+        try:
+            while True:
+                events = dict(poller.poll(self._poll_timeout_ms()))
+                if self._wake_in in events and not self._take_outbox():
+                    break
+                if events.get(dealer, 0) & zmq.POLLIN:
+                    self._receive()
+                self._expire()
+                blocked = self._send_unsent()
+                if blocked != waiting_to_send:
+                    # Only ask for POLLOUT while a send is blocked, or poll would spin.
+                    waiting_to_send = blocked
+                    poller.register(dealer, zmq.POLLIN | (zmq.POLLOUT if blocked else 0))
+        except Exception:
+            logger.exception("zrpc client I/O thread failed; the client is closed")
+        finally:
+            self._shut_down()
+
+    def _poll_timeout_ms(self) -> int | None:
+        deadline = self._core.next_deadline()
+        if deadline is None:
+            return None  # nothing to time out: sleep until woken
+        # Round up: waking a hair early would only loop back to sleep for ~0 ms.
+        return max(0, math.ceil((deadline - self._core.clock()) * 1000))
+
+    def _take_outbox(self) -> bool:
+        """Move callers' calls and cancellations into the core; False when closing."""
+        while True:
+            try:
+                self._wake_in.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        with self._lock:
+            ops, self._outbox = self._outbox, deque()
+            self._wake_sent = False
+        cancelled = []
+        for op in ops:
+            if op is _CLOSE:
+                return False
+            if isinstance(op, Call):
+                self._core.add(op)
+            else:
+                call = self._core.cancel(op)
+                if call is not None and call.sent:
+                    cancelled.append(op)
+        self._send_cancel(cancelled)
+        return True
+
+    def _receive(self) -> None:
+        for _ in range(_RECV_BATCH):
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._settle(self._core.handle_message(frames))
+
+    def _expire(self) -> None:
+        outcomes = self._core.expire(self._core.clock())
+        if outcomes:
+            self._settle(outcomes)
+            # (spec §8) the broker drops a queued call the client gave up on.
+            self._send_cancel([o.call.request_id for o in outcomes if o.call.sent])
+
+    def _send_unsent(self) -> bool:
+        """Send waiting calls; True when the socket would block (the rest wait for POLLOUT)."""
+        core = self._core
+        while core.has_unsent():
+            batch = core.next_request(core.clock())
+            if batch is None:
+                return False
+            frames, calls = batch
+            try:
+                self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                core.unsend(calls)
+                return True
+        return False
+
+    def _send_cancel(self, request_ids: list[int]) -> None:
+        if not request_ids:
+            return
+        try:
+            self._dealer.send_multipart(cancel_message(request_ids), zmq.NOBLOCK)
+        except zmq.Again:
+            # Best effort: the broker still drops these calls when their deadline passes.
+            logger.debug("could not send CANCEL for %d call(s): send queue full", len(request_ids))
+
+    @staticmethod
+    def _settle(outcomes: list[Outcome]) -> None:
+        for call, value, error in outcomes:
+            future = call.waiter
+            try:
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(value)
+            except concurrent.futures.InvalidStateError:
+                pass  # its caller cancelled it meanwhile; the CANCEL is on its way
+
+    def _shut_down(self) -> None:
+        with self._lock:
+            self._closed = True
+            leftover = [op for op in self._outbox if isinstance(op, Call)]
+            self._outbox.clear()
+        error = closed_error(in_flight=True)
+        outcomes = self._core.fail_all(error) + [Outcome(call, None, error) for call in leftover]
+        self._settle(outcomes)
+        for socket in (self._dealer, self._wake_in, self._wake_out):
+            socket.close(linger=0)
+        if self._own_context:
+            self._context.term()
