@@ -1,0 +1,6 @@
+"""zrpc clients: blocking (:class:`Client`) and asyncio (:class:`AsyncClient`) over one core."""
+from ._async import AsyncClient
+from ._stub import Stub
+from ._sync import Client
+
+__all__ = ["AsyncClient", "Client", "Stub"]

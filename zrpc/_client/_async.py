@@ -1,0 +1,215 @@
+"""The asyncio client: the same core, waited on with asyncio futures, tasks and timers.
+
+Everything runs on the event loop of the first call: a reader task settles futures as replies
+arrive, a writer task coalesces the calls made since it last ran into one REQUEST (spec §4), and
+one timer, re-armed to the nearest deadline, fails calls DEADLINE_EXCEEDED on time.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Mapping, Sequence
+
+import zmq
+import zmq.asyncio
+from google.protobuf.descriptor import ServiceDescriptor
+
+from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
+from ._dealer import endpoint_list, open_dealer
+from ._stub import AsyncUnaryMethod, Stub
+
+
+class AsyncClient:
+    """An asyncio zrpc client; many tasks may call at once over one socket.
+
+    Arguments are those of :class:`zrpc.Client`; ``context`` may be a ``zmq.asyncio.Context``
+    or a plain ``zmq.Context`` (shadowed). The socket is opened in the running loop at the first
+    call, and the client then belongs to that loop. Close it with ``await client.close()`` or
+    ``async with``.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        timeout: float = 30.0,
+        context: zmq.Context | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        self._core = ClientCore(timeout, metadata)
+        self.endpoints = endpoint_list(endpoints)
+        self._context_arg = context
+        self._context: zmq.asyncio.Context | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.Task | None = None
+        self._writer: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._cancel_ids: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._closed = False
+
+    # -- public API --------------------------------------------------------------------------
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """Call ``service``/``method`` with a serialized request; return the serialized reply.
+
+        Raises :class:`zrpc.Error` with the status code of a failed call. Cancelling the
+        awaiting task cancels the call at the broker.
+        """
+        return await self._call(service, method, payload, timeout, idempotent, metadata, None)
+
+    def stub(self, service: ServiceDescriptor) -> Stub:
+        """A typed stub for a protobuf ``ServiceDescriptor``: ``await stub.Method(request)``."""
+        return Stub(self, service, AsyncUnaryMethod)
+
+    async def close(self) -> None:
+        """Fail calls in flight with CANCELLED, stop the tasks, release the socket. Idempotent."""
+        self._closed = True
+        self._settle(self._core.fail_all(closed_error(in_flight=True)))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        tasks = [task for task in (self._reader, self._writer) if task is not None]
+        self._reader = self._writer = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._context is not None:
+            if self._context_arg is None:
+                self._context.term()  # all its sockets are closed with linger 0: returns at once
+            self._context = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def _call(self, service: str, method: str, payload: bytes, timeout: float | None,
+                    idempotent: bool, metadata: Mapping[str, str] | None,
+                    decode: Callable[[bytes], Any] | None) -> Any:
+        if self._closed:
+            raise closed_error()
+        self._start()
+        call = self._core.prepare(service, method, payload, timeout=timeout, idempotent=idempotent,
+                                  metadata=metadata, decode=decode)
+        future = self._loop.create_future()
+        call.waiter = future
+        self._core.add(call)
+        self._wake.set()
+        self._arm_timer()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled():  # the caller gave up (not a reply that raced the cancel)
+                self._abandon(call)
+            raise
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None:
+            raise RuntimeError("an AsyncClient belongs to the event loop of its first call; "
+                               "create one client per event loop")
+        context = self._context_arg
+        if context is None:
+            context = zmq.asyncio.Context()
+        elif not isinstance(context, zmq.asyncio.Context):
+            context = zmq.asyncio.Context.shadow(context.underlying)
+        self._context = context
+        self._socket = open_dealer(context, self.endpoints)
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._reader = loop.create_task(self._read(), name="zrpc-client-reader")
+        self._writer = loop.create_task(self._write(), name="zrpc-client-writer")
+
+    def _abandon(self, call: Call) -> None:
+        if self._closed:
+            return
+        if self._core.cancel(call.request_id) is not None and call.sent:
+            # (spec §8) the broker drops the call, or cancels it at its worker.
+            self._cancel_ids.append(call.request_id)
+            self._wake.set()
+
+    # -- tasks and timer ---------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frames = await self._socket.recv_multipart()
+                self._settle(self._core.handle_message(frames))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._fail("reader")
+
+    async def _write(self) -> None:
+        core = self._core
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._cancel_ids:
+                    request_ids, self._cancel_ids = self._cancel_ids, []
+                    await self._socket.send_multipart(cancel_message(request_ids))
+                # Every call made since the last turn goes out in as few messages as fit.
+                while (batch := core.next_request(core.clock())) is not None:
+                    await self._socket.send_multipart(batch[0])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._fail("writer")
+
+    def _fail(self, task: str) -> None:
+        logger.exception("zrpc async client %s task failed; the client is closed", task)
+        self._closed = True
+        self._settle(self._core.fail_all(closed_error(in_flight=True)))
+
+    def _arm_timer(self) -> None:
+        deadline = self._core.next_deadline()
+        if deadline is None:
+            return  # a pending timer finds nothing to do and is not re-armed
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return  # it fires first and re-arms for what is left then
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_later(max(0.0, deadline - self._core.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        outcomes = self._core.expire(self._core.clock())
+        if outcomes:
+            self._settle(outcomes)
+            sent = [o.call.request_id for o in outcomes if o.call.sent]
+            if sent:
+                self._cancel_ids.extend(sent)  # (spec §8) the broker drops what we gave up on
+                self._wake.set()
+        self._arm_timer()
+
+    @staticmethod
+    def _settle(outcomes: list[Outcome]) -> None:
+        for call, value, error in outcomes:
+            future = call.waiter
+            if future.done():
+                continue  # cancelled by its task meanwhile
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
