@@ -1,0 +1,489 @@
+"""The clients (zrpc._client): the core with a fake clock, then both flavours on real sockets
+against a fake broker (a ROUTER in a thread that answers per the spec)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+import zmq
+
+from zrpc import _protocol, broker_service_pb2
+from zrpc._client import AsyncClient, Client
+from zrpc._client._core import MAX_PAIRS_PER_MESSAGE, ClientCore
+from zrpc._client._stub import UnaryMethod
+from zrpc._errors import Error
+from zrpc._status import StatusCode
+
+BROKER_SERVICE = broker_service_pb2.DESCRIPTOR.services_by_name["Broker"]
+WAIT = 5.0  # bound on every wait for a condition; tests normally finish in milliseconds
+
+
+# -- the core, no sockets ----------------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reply(request_id: int, code: StatusCode = StatusCode.OK, payload: bytes = b"", message: str = "") -> tuple:
+    return _protocol.encode_reply_header(request_id, code, message), payload
+
+
+def test_core_sends_remaining_deadline_measured_at_send():
+    clock = FakeClock()
+    core = ClientCore(clock=clock)
+    call = core.prepare("a.S", "M", b"x", timeout=2.0)
+    core.add(call)
+    clock.now += 0.5
+    frames, calls = core.next_request(clock())
+    header = _protocol.decode_request_header(frames[2])
+    assert calls == [call] and call.sent
+    assert header.deadline_ms == 1500
+    assert (header.request_id, header.service, header.method, frames[3]) == (call.request_id, "a.S", "M", b"x")
+
+
+def test_core_never_sends_a_deadline_below_one_millisecond():
+    clock = FakeClock()
+    core = ClientCore(clock=clock)
+    core.add(core.prepare("a.S", "M", b"", timeout=0.0105))
+    clock.now += 0.0104
+    frames, _ = core.next_request(clock())
+    assert _protocol.decode_request_header(frames[2]).deadline_ms == 1
+
+
+def test_core_generates_a_trace_id_unless_the_caller_brings_one():
+    core = ClientCore(metadata={"tenant": "t1"})
+    generated = core.prepare("a.S", "M", b"").header.metadata
+    assert len(generated["trace_id"]) == 32 and generated["tenant"] == "t1"
+    assert core.prepare("a.S", "M", b"").header.metadata["trace_id"] != generated["trace_id"]
+    given = core.prepare("a.S", "M", b"", metadata={"trace_id": "abc", "tenant": "t2"}).header.metadata
+    assert dict(given) == {"trace_id": "abc", "tenant": "t2"}
+
+
+def test_core_request_ids_are_unique_and_never_zero():
+    core = ClientCore()
+    ids = [core.prepare("a.S", "M", b"").request_id for _ in range(100)]
+    assert len(set(ids)) == 100 and 0 not in ids
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), "soon"])
+def test_core_refuses_a_timeout_that_is_not_finite_and_positive(timeout):
+    with pytest.raises(Error) as raised:
+        ClientCore().prepare("a.S", "M", b"", timeout=timeout)
+    assert raised.value.code == StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ValueError):
+        ClientCore(default_timeout=timeout)
+
+
+def test_core_refuses_metadata_that_is_not_strings():
+    with pytest.raises(Error) as raised:
+        ClientCore().prepare("a.S", "M", b"", metadata={"k": 1})
+    assert raised.value.code == StatusCode.INVALID_ARGUMENT
+
+
+def test_core_coalesces_unsent_calls_and_skips_cancelled_ones():
+    core = ClientCore()
+    calls = [core.prepare("a.S", "M", str(i).encode()) for i in range(MAX_PAIRS_PER_MESSAGE + 3)]
+    for call in calls:
+        core.add(call)
+    assert core.cancel(calls[1].request_id) is calls[1]
+    frames, first = core.next_request(core.clock())
+    assert len(first) == MAX_PAIRS_PER_MESSAGE and calls[1] not in first
+    assert frames[3] == b"0" and frames[5] == b"2"  # in order, pairs of (header, payload)
+    _, rest = core.next_request(core.clock())
+    assert rest == calls[-2:]
+    assert core.next_request(core.clock()) is None
+
+
+def test_core_unsent_calls_go_first_after_a_blocked_send():
+    core = ClientCore()
+    a, b = core.prepare("a.S", "M", b"a"), core.prepare("a.S", "M", b"b")
+    core.add(a)
+    _, batch = core.next_request(core.clock())
+    core.add(b)
+    core.unsend(batch)
+    assert not a.sent
+    assert core.next_request(core.clock())[1] == [a, b]
+
+
+def test_core_settles_each_pair_of_a_reply_in_order_and_drops_the_rest(caplog):
+    core = ClientCore()
+    ok, failed = core.prepare("a.S", "M", b""), core.prepare("a.S", "M", b"")
+    core.add(ok)
+    core.add(failed)
+    message = _protocol.reply_message([
+        reply(ok.request_id, payload=b"done"),
+        reply(0, StatusCode.INVALID_ARGUMENT, message="bad header"),
+        reply(99999),  # unknown: a late reply
+        reply(failed.request_id, StatusCode.NOT_FOUND, message="no such service"),
+    ])
+    with caplog.at_level(logging.DEBUG, logger="zrpc.client"):
+        outcomes = core.handle_message(message)
+    assert [(o.call, o.value) for o in outcomes] == [(ok, b"done"), (failed, None)]
+    assert outcomes[1].error.code == StatusCode.NOT_FOUND and outcomes[1].error.message == "no such service"
+    assert core.in_flight == 0
+    levels = {r.getMessage(): r.levelno for r in caplog.records}
+    assert levels["broker rejected a message it could not attribute to a call: INVALID_ARGUMENT: bad header"] \
+        == logging.WARNING
+    assert levels["dropped a late reply for request 99999"] == logging.DEBUG
+
+
+def test_core_drops_a_message_that_breaks_the_spec(caplog):
+    core = ClientCore()
+    core.add(core.prepare("a.S", "M", b""))
+    assert core.handle_message([b"MDPC01", _protocol.REPLY, b"", b""]) == []
+    assert core.handle_message([_protocol.TAG, _protocol.REQUEST, b"", b""]) == []
+    assert core.handle_message([_protocol.TAG, _protocol.REPLY, b""]) == []
+    assert core.in_flight == 1 and len(caplog.records) == 3
+
+
+def test_core_expires_calls_in_deadline_order_and_ignores_answered_ones():
+    clock = FakeClock()
+    core = ClientCore(clock=clock)
+    slow, fast, answered = (core.prepare("a.S", "M", b"", timeout=t) for t in (3.0, 1.0, 2.0))
+    for call in (slow, fast, answered):
+        core.add(call)
+    core.handle_message(_protocol.reply_message([reply(answered.request_id)]))
+    assert core.next_deadline() == fast.deadline
+    assert core.expire(clock.now + 0.999) == []
+    clock.now += 10
+    outcomes = core.expire(clock())
+    assert [o.call for o in outcomes] == [fast, slow]
+    assert outcomes[0].error.code == StatusCode.DEADLINE_EXCEEDED
+    assert outcomes[0].error.message.startswith("deadline of 1.000s exceeded calling a.S/M")
+    assert core.next_deadline() is None
+
+
+def test_core_deadline_heap_stays_proportional_to_calls_in_flight():
+    core = ClientCore()
+    calls = [core.prepare("a.S", "M", b"") for _ in range(1000)]
+    for call in calls:
+        core.add(call)
+    core.handle_message(_protocol.reply_message([reply(c.request_id) for c in calls[:-10]]))
+    assert core.in_flight == 10 and len(core._deadlines) <= 64
+
+
+def test_core_expired_calls_are_never_sent():
+    clock = FakeClock()
+    core = ClientCore(clock=clock)
+    call = core.prepare("a.S", "M", b"", timeout=1.0)
+    core.add(call)
+    clock.now += 1.0
+    assert core.next_request(clock()) is None
+    assert [o.call for o in core.expire(clock())] == [call] and not call.sent
+
+
+# -- a fake broker -------------------------------------------------------------------------------
+
+class FakeBroker:
+    """A frontend ROUTER in a thread. By method name: Echo answers OK with the payload,
+    Fail<CODE> answers that code, Hang never answers, Garbage answers OK with bytes that are no
+    protobuf message; zrpc.Broker/Health answers a HealthReply. Records headers and CANCELs."""
+
+    def __init__(self, endpoint: str | None = None):
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.linger = 0
+        if endpoint is None:
+            port = self.router.bind_to_random_port("tcp://127.0.0.1")
+            endpoint = f"tcp://127.0.0.1:{port}"
+        else:
+            self.router.bind(endpoint)
+        self.endpoint = endpoint
+        self.requests: list = []  # RequestHeader, in arrival order
+        self.request_messages = 0
+        self.cancels: list[int] = []
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-broker")
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(20):  # the interval at which stop() is noticed
+                continue
+            peer, *frames = self.router.recv_multipart()
+            command, body = _protocol.split(frames, _protocol.CLIENT_COMMANDS)
+            answers = []
+            with self._changed:
+                if command == _protocol.CANCEL:
+                    self.cancels.extend(_protocol.decode_cancel(body).request_ids)
+                else:
+                    self.request_messages += 1
+                    for raw_header, payload in _protocol.pairs(body):
+                        header = _protocol.decode_request_header(raw_header)
+                        self.requests.append(header)
+                        answer = self._answer(header, payload)
+                        if answer is not None:
+                            answers.append(answer)
+                self._changed.notify_all()
+            if answers:  # all the pairs of one REQUEST answered in one REPLY (spec §4)
+                self.router.send_multipart([peer, *_protocol.reply_message(answers)])
+
+    @staticmethod
+    def _answer(header, payload: bytes) -> tuple[bytes, bytes] | None:
+        rid = header.request_id
+        if header.service == "zrpc.Broker" and header.method == "Health":
+            request = broker_service_pb2.HealthRequest.FromString(payload)
+            answer = broker_service_pb2.HealthReply(status=broker_service_pb2.HealthReply.SERVING,
+                                                    live_workers=len(request.service))
+            return _protocol.encode_reply_header(rid), answer.SerializeToString()
+        if header.method == "Echo":
+            return _protocol.encode_reply_header(rid), payload
+        if header.method == "Garbage":
+            return _protocol.encode_reply_header(rid), b"\x0a\xff"
+        if header.method.startswith("Fail"):
+            code = StatusCode[header.method[len("Fail"):]]
+            return _protocol.encode_reply_header(rid, code, "failed on purpose", {"why": "test"}), b""
+        return None  # Hang
+
+    def wait_for(self, predicate, timeout: float = WAIT) -> None:
+        with self._changed:
+            assert self._changed.wait_for(predicate, timeout), "the fake broker never saw it"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        assert not self._thread.is_alive()
+        self.router.close()
+        self.context.term()
+
+
+@pytest.fixture
+def broker():
+    fake = FakeBroker()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def client(broker):
+    with Client(broker.endpoint, timeout=WAIT) as c:
+        yield c
+
+
+# -- the blocking client --------------------------------------------------------------------------
+
+def test_call_returns_the_reply_payload(client, broker):
+    assert client.call("test.Svc", "Echo", b"hello", timeout=2.0) == b"hello"
+    header = broker.requests[0]
+    assert (header.service, header.method, header.idempotent) == ("test.Svc", "Echo", False)
+    assert 0 < header.deadline_ms <= 2000 and len(header.metadata["trace_id"]) == 32
+
+
+def test_call_sends_idempotent_flag_and_metadata(broker):
+    with Client(broker.endpoint, metadata={"tenant": "t1"}) as c:
+        c.call("test.Svc", "Echo", b"", idempotent=True, metadata={"trace_id": "t-42"})
+    header = broker.requests[0]
+    assert header.idempotent and dict(header.metadata) == {"tenant": "t1", "trace_id": "t-42"}
+    assert 29_000 < header.deadline_ms <= 30_000  # the client's default timeout
+
+
+def test_error_reply_raises_error_with_code_message_and_details(client):
+    with pytest.raises(Error) as raised:
+        client.call("test.Svc", "FailRESOURCE_EXHAUSTED", b"")
+    error = raised.value
+    assert (error.code, error.message, error.details) == (
+        StatusCode.RESOURCE_EXHAUSTED, "failed on purpose", {"why": "test"})
+
+
+def test_concurrent_calls_from_many_threads_get_their_own_replies(client):
+    mismatches: list = []
+
+    def caller(thread: int) -> None:
+        for i in range(100):
+            payload = f"{thread}:{i}".encode()
+            answer = client.call("test.Svc", "Echo", payload)
+            if answer != payload:
+                mismatches.append((payload, answer))
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT * 2)
+    assert not any(t.is_alive() for t in threads)
+    assert mismatches == []
+
+
+def test_many_futures_in_flight_on_one_socket(client, broker):
+    futures = [client.call_future("test.Svc", "Echo", str(i).encode()) for i in range(500)]
+    assert [f.result(WAIT) for f in futures] == [str(i).encode() for i in range(500)]
+
+
+def test_stub_call_decodes_the_reply_type_and_marks_idempotent_methods(client, broker):
+    stub = client.stub(BROKER_SERVICE)
+    reply = stub.Health(broker_service_pb2.HealthRequest(service="abc"), timeout=2.0)
+    assert isinstance(reply, broker_service_pb2.HealthReply)
+    assert (reply.status, reply.live_workers) == (broker_service_pb2.HealthReply.SERVING, 3)
+    assert broker.requests[0].idempotent  # Health is NO_SIDE_EFFECTS
+
+
+def test_stub_future_resolves_to_the_reply_type(client):
+    future = client.stub(BROKER_SERVICE).Health.future(broker_service_pb2.HealthRequest(service="ab"))
+    assert future.result(WAIT).live_workers == 2
+
+
+def test_stub_refuses_the_wrong_request_type_without_sending(client, broker):
+    stub = client.stub(BROKER_SERVICE)
+    for wrong in (broker_service_pb2.ListServicesRequest(), b"raw"):
+        with pytest.raises(Error) as raised:
+            stub.Health(wrong)
+        assert raised.value.code == StatusCode.INVALID_ARGUMENT
+        assert "zrpc.HealthRequest" in raised.value.message
+    assert broker.requests == []
+
+
+def test_stub_reports_a_reply_that_does_not_parse_as_internal(client):
+    method = BROKER_SERVICE.methods_by_name["Health"]
+    garbage = UnaryMethod(client, method)
+    garbage.name = "Garbage"  # the fake broker answers this method with bytes that do not parse
+    with pytest.raises(Error) as raised:
+        garbage(broker_service_pb2.HealthRequest())
+    assert raised.value.code == StatusCode.INTERNAL
+    assert raised.value.message.startswith("reply is not a valid zrpc.HealthReply")
+
+
+def test_deadline_is_exceeded_on_time_with_no_broker(ipc_dir):
+    with Client(f"ipc://{ipc_dir}/nobody") as c:
+        started = time.monotonic()
+        with pytest.raises(Error) as raised:
+            c.call("test.Svc", "Echo", b"", timeout=0.3)
+        elapsed = time.monotonic() - started
+        assert raised.value.code == StatusCode.DEADLINE_EXCEEDED
+        assert raised.value.message.startswith("deadline of 0.300s exceeded")
+        assert elapsed < 0.3 + 0.5
+        # A tiny budget fails fast, and the shorter of two deadlines fires first.
+        late = c.call_future("test.Svc", "Echo", b"", timeout=WAIT)
+        with pytest.raises(Error) as raised:
+            c.call("test.Svc", "Echo", b"", timeout=1e-6)
+        assert raised.value.code == StatusCode.DEADLINE_EXCEEDED and not late.done()
+
+
+def test_a_call_that_expires_after_it_was_sent_is_cancelled_at_the_broker(client, broker):
+    with pytest.raises(Error) as raised:
+        client.call("test.Svc", "Hang", b"", timeout=0.1)
+    assert raised.value.code == StatusCode.DEADLINE_EXCEEDED
+    request_id = broker.requests[0].request_id
+    broker.wait_for(lambda: request_id in broker.cancels)
+
+
+def test_requests_made_before_the_broker_binds_are_delivered(ipc_dir):
+    endpoint = f"ipc://{ipc_dir}/late"
+    with Client(endpoint) as c:
+        future = c.call_future("test.Svc", "Echo", b"early")
+        fake = FakeBroker(endpoint)
+        try:
+            assert future.result(WAIT) == b"early"
+        finally:
+            fake.stop()
+
+
+def test_cancelling_a_future_sends_cancel_with_its_request_id(client, broker):
+    future = client.call_future("test.Svc", "Hang", b"")
+    broker.wait_for(lambda: broker.requests)
+    request_id = broker.requests[0].request_id
+    assert future.cancel()
+    broker.wait_for(lambda: request_id in broker.cancels)
+    assert broker.cancels == [request_id]
+    assert client.call("test.Svc", "Echo", b"still works") == b"still works"
+
+
+def test_close_is_prompt_fails_calls_in_flight_and_is_idempotent(broker):
+    c = Client(broker.endpoint)
+    future = c.call_future("test.Svc", "Hang", b"", timeout=WAIT)
+    broker.wait_for(lambda: broker.requests)
+    started = time.monotonic()
+    c.close()
+    assert time.monotonic() - started < 1.0
+    assert future.exception(0).code == StatusCode.CANCELLED
+    c.close()
+    with pytest.raises(Error) as raised:
+        c.call("test.Svc", "Echo", b"")
+    assert raised.value.code == StatusCode.CANCELLED
+    assert not c._thread.is_alive()
+
+
+def test_client_refuses_bad_configuration():
+    with pytest.raises(ValueError):
+        Client([])
+    with pytest.raises(ValueError):
+        Client("tcp://127.0.0.1:1", timeout=None)
+
+
+# -- the asyncio client ---------------------------------------------------------------------------
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, WAIT * 2))
+
+
+def test_async_call_ok_error_and_stub(broker):
+    async def main():
+        async with AsyncClient(broker.endpoint) as ac:
+            results = await asyncio.gather(*(ac.call("test.Svc", "Echo", str(i).encode(), timeout=2.0)
+                                             for i in range(200)))
+            assert results == [str(i).encode() for i in range(200)]
+            with pytest.raises(Error) as raised:
+                await ac.call("test.Svc", "FailNOT_FOUND", b"")
+            assert (raised.value.code, raised.value.message) == (StatusCode.NOT_FOUND, "failed on purpose")
+            stub = ac.stub(BROKER_SERVICE)
+            reply = await stub.Health(broker_service_pb2.HealthRequest(service="abcd"), timeout=2.0)
+            assert isinstance(reply, broker_service_pb2.HealthReply) and reply.live_workers == 4
+            with pytest.raises(Error) as raised:
+                await stub.Health(broker_service_pb2.ListServicesRequest())
+            assert raised.value.code == StatusCode.INVALID_ARGUMENT
+
+    run(main())
+    assert broker.requests[-1].idempotent  # the stub's Health call
+
+
+def test_async_deadline_is_exceeded_on_time_with_no_broker(ipc_dir):
+    async def main():
+        async with AsyncClient(f"ipc://{ipc_dir}/nobody") as ac:
+            started = time.monotonic()
+            with pytest.raises(Error) as raised:
+                await ac.call("test.Svc", "Echo", b"", timeout=0.3)
+            assert raised.value.code == StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 0.3 + 0.5
+
+    run(main())
+
+
+def test_async_cancelling_the_task_sends_cancel(broker):
+    async def main():
+        async with AsyncClient(broker.endpoint) as ac:
+            task = asyncio.create_task(ac.call("test.Svc", "Hang", b""))
+            await asyncio.to_thread(broker.wait_for, lambda: broker.requests)
+            request_id = broker.requests[0].request_id
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.to_thread(broker.wait_for, lambda: request_id in broker.cancels)
+            assert await ac.call("test.Svc", "Echo", b"after") == b"after"
+
+    run(main())
+
+
+def test_async_close_fails_calls_in_flight_and_is_idempotent(broker):
+    async def main():
+        ac = AsyncClient(broker.endpoint)
+        task = asyncio.create_task(ac.call("test.Svc", "Hang", b""))
+        await asyncio.to_thread(broker.wait_for, lambda: broker.requests)
+        await ac.close()
+        with pytest.raises(Error) as raised:
+            await task
+        assert raised.value.code == StatusCode.CANCELLED
+        await ac.close()
+        with pytest.raises(Error) as raised:
+            await ac.call("test.Svc", "Echo", b"")
+        assert raised.value.code == StatusCode.CANCELLED
+
+    run(main())
