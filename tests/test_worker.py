@@ -1,0 +1,447 @@
+"""The worker runtime (zrpc._worker) on real sockets, against a fake broker: a ROUTER the test
+drives itself, message by message, per PROTOCOL.md. No broker, no sleeps."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+
+import pytest
+import zmq
+from google.protobuf import descriptor_pb2
+
+from workers.echo import echo_pb2
+from workers.greeter import Greeter
+from zrpc import _protocol as p
+from zrpc import broker_service_pb2
+from zrpc._descriptors import method_names
+from zrpc._errors import Error
+from zrpc._service import Service
+from zrpc._status import StatusCode
+from zrpc._worker import Worker
+
+ECHO = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
+WAIT = 5.0  # bound on every wait for a condition; tests normally finish in milliseconds
+
+
+class Control:
+    """gRPC-style test control: handlers call it; a test pauses them and waits on what they do."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._paused = False
+        self.active = 0
+        self.max_active = 0
+
+    def pause(self) -> None:
+        with self._condition:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._condition:
+            self._paused = False
+            self._condition.notify_all()
+
+    def __call__(self) -> None:
+        with self._condition:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self._condition.notify_all()
+            try:
+                if not self._condition.wait_for(lambda: not self._paused, WAIT * 2):
+                    raise RuntimeError("test control stayed paused")
+            finally:
+                self.active -= 1
+                self._condition.notify_all()
+
+    def wait(self, predicate, what: str) -> None:
+        with self._condition:
+            assert self._condition.wait_for(lambda: predicate(self), WAIT), f"timed out waiting for {what}"
+
+
+class Probe(Service):
+    """echo.Echo for tests: Say is sync, Sleep async, Fail raises; all report what they saw."""
+
+    descriptor = ECHO
+
+    def __init__(self) -> None:
+        self.control = Control()
+        self.contexts = []
+        self.started = 0  # async handlers that began, counted on the loop thread
+        self.saw_cancel = []  # context.cancelled as seen by an async handler being cancelled
+
+    def Say(self, request, context):
+        self.contexts.append(context)
+        self.control()
+        if request.payload == b"raise":
+            raise ValueError("boom")
+        if request.payload == b"wrong type":
+            return echo_pb2.SleepRequest(ms=1)
+        return echo_pb2.EchoReply(payload=request.payload)
+
+    async def Sleep(self, request, context):
+        self.contexts.append(context)
+        self.started += 1
+        try:
+            if request.payload == b"control":  # wait on the control from a helper thread
+                await asyncio.get_running_loop().run_in_executor(None, self.control)
+            else:
+                await asyncio.sleep(request.ms / 1000)
+        except asyncio.CancelledError:
+            self.saw_cancel.append(context.cancelled)
+            raise
+        return echo_pb2.EchoReply(payload=request.payload)
+
+    def Fail(self, request, context):
+        raise Error(StatusCode(request.code), request.message, {"why": "asked"})
+
+
+class FakeBroker:
+    """A backend ROUTER driven by the test: read what the worker sends, send it commands."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.router = context.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.bind(endpoint)
+        self.endpoint = endpoint
+
+    def recv(self, timeout: float = WAIT) -> tuple[bytes, bytes, list[bytes]]:
+        if not self.router.poll(timeout * 1000):
+            raise AssertionError(f"the worker sent nothing within {timeout}s")
+        identity, *frames = self.router.recv_multipart()
+        assert frames[0] == p.TAG
+        return identity, frames[1], frames[2:]
+
+    def expect(self, command: bytes, skip=(p.HEARTBEAT,), timeout: float = WAIT) -> tuple[bytes, list[bytes]]:
+        """The next message with ``command``, passing over those in ``skip``; fail on any other."""
+        while True:
+            identity, got, body = self.recv(timeout)
+            if got == command:
+                return identity, body
+            assert got in skip, f"expected {p.COMMAND_NAMES[command]}, got {p.COMMAND_NAMES.get(got, got)}"
+
+    def ready(self) -> tuple[bytes, p.Ready]:
+        identity, body = self.expect(p.READY)
+        return identity, p.decode_ready(body)
+
+    def send(self, identity: bytes, frames: list[bytes]) -> None:
+        self.router.send_multipart([identity, *frames])
+
+    def request(self, identity: bytes, *calls) -> None:
+        """One REQUEST carrying ``(request_id, method, payload[, header fields])`` pairs."""
+        pairs = []
+        for request_id, method, payload, *extra in calls:
+            fields = {"service": "echo.Echo", "deadline_ms": 10_000, **(extra[0] if extra else {})}
+            header = p.RequestHeader(request_id=request_id, method=method, **fields)
+            pairs.append((header.SerializeToString(), payload))
+        self.send(identity, p.request_message(pairs))
+
+    def replies(self, count: int) -> dict[int, tuple[p.ReplyHeader, bytes]]:
+        """The next ``count`` replies by request id, however the worker grouped them."""
+        answers = {}
+        while len(answers) < count:
+            _, body = self.expect(p.REPLY)
+            for raw_header, payload in p.pairs(body):
+                header = p.decode_reply_header(raw_header)
+                assert header.request_id not in answers, f"two replies for {header.request_id}"
+                answers[header.request_id] = (header, payload)
+        return answers
+
+
+def say(payload: bytes) -> bytes:
+    return echo_pb2.EchoRequest(payload=payload).SerializeToString()
+
+
+def sleep(ms: int = 0, payload: bytes = b"") -> bytes:
+    return echo_pb2.SleepRequest(ms=ms, payload=payload).SerializeToString()
+
+
+def wait_until(predicate, what: str) -> None:
+    """Poll a condition owned by another thread, with a bound."""
+    pause = threading.Event()
+    for _ in range(int(WAIT / 0.005)):
+        if predicate():
+            return
+        pause.wait(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(autouse=True)
+def no_threads_left_behind():
+    """Every thread a test's worker started (loop, handler pool, asyncio helpers) is joined."""
+    before = set(threading.enumerate())
+    yield
+    wait_until(lambda: not set(threading.enumerate()) - before,
+               f"threads to end: {set(threading.enumerate()) - before}")
+
+
+@pytest.fixture
+def broker(ipc_dir):
+    context = zmq.Context()
+    fake = FakeBroker(context, f"ipc://{ipc_dir}/backend")
+    yield fake
+    fake.router.close(0)
+    context.term()
+
+
+@pytest.fixture
+def make_worker(broker):
+    """Start workers against the fake broker (fast heartbeats, patient liveness); stop them all."""
+    started = []
+
+    def make(*services, **options) -> Worker:
+        options = {"heartbeat_interval": 0.05, "liveness": 200, "drain_grace": 0.0, **options}
+        worker = Worker(services=list(services), brokers=broker.endpoint, **options).start()
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        worker.stop(grace=0)
+
+
+# -- registration --------------------------------------------------------------------------------
+
+def test_ready_announces_services_capacity_heartbeat_name_and_descriptors(broker, make_worker):
+    make_worker(Probe(), Greeter(), concurrency=3, heartbeat_interval=0.25, name="t1")
+    _, ready = broker.ready()
+    assert list(ready.services) == ["echo.Echo", "helloworld.Greeter"]
+    assert ready.capacity == 3
+    assert ready.heartbeat_ms == 250
+    assert ready.name == f"{socket.gethostname()}:{os.getpid()}:t1"
+    files = descriptor_pb2.FileDescriptorSet.FromString(ready.file_descriptor_set).file
+    assert [f.name for f in files] == ["workers/echo/echo.proto", "workers/greeter/helloworld.proto"]
+    assert method_names(ready.file_descriptor_set, "echo.Echo") == ["Say", "Sleep", "Fail"]
+
+
+def test_missing_handlers_are_named_together_when_the_class_is_created():
+    with pytest.raises(TypeError) as raised:
+        class Incomplete(Service):
+            descriptor = ECHO
+
+            def Say(self, request, context):
+                return echo_pb2.EchoReply()
+    assert str(raised.value) == "Incomplete is missing handlers for: Sleep, Fail (service echo.Echo)"
+
+
+def test_missing_handlers_are_named_when_the_worker_starts(broker):
+    class Late(Service):
+        pass
+
+    late = Late()
+    late.descriptor = ECHO
+    with pytest.raises(TypeError, match=r"Late is missing handlers for: Say, Sleep, Fail \(service echo.Echo\)"):
+        Worker(services=[late], brokers=broker.endpoint)
+
+
+def test_reserved_service_names_are_refused():
+    with pytest.raises(ValueError, match="reserved"):
+        class Impostor(Service):
+            descriptor = broker_service_pb2.DESCRIPTOR.services_by_name["Broker"]
+
+
+# -- calls ---------------------------------------------------------------------------------------
+
+def test_each_pair_of_a_request_gets_its_own_reply(broker, make_worker):
+    make_worker(Probe())
+    identity, _ = broker.ready()
+    fail = echo_pb2.FailRequest(code=StatusCode.NOT_FOUND, message="no such thing").SerializeToString()
+    broker.request(
+        identity,
+        (1, "Say", say(b"hi")),
+        (2, "Fail", fail),
+        (3, "Say", say(b"raise")),
+        (4, "Say", b"\x0a\x05ab"),  # field 1 claims 5 bytes, has 2
+        (5, "Nope", b""),
+        (6, "Say", b"", {"service": "other.Service"}),
+        (7, "Say", say(b"wrong type")),
+        (8, "", b""),  # a header without a method
+    )
+    replies = broker.replies(8)
+    header, payload = replies[1]
+    assert header.code == StatusCode.OK and echo_pb2.EchoReply.FromString(payload).payload == b"hi"
+    assert (replies[2][0].code, replies[2][0].message, dict(replies[2][0].details)) == (
+        StatusCode.NOT_FOUND, "no such thing", {"why": "asked"})
+    assert (replies[3][0].code, replies[3][0].message) == (StatusCode.INTERNAL, "ValueError: boom")
+    assert (replies[4][0].code, replies[4][0].message) == (
+        StatusCode.INVALID_ARGUMENT, "payload is not a valid echo.EchoRequest")
+    assert replies[5][0].code == StatusCode.UNIMPLEMENTED and "echo.Echo/Nope" in replies[5][0].message
+    assert replies[6][0].code == StatusCode.UNIMPLEMENTED and "other.Service/Say" in replies[6][0].message
+    assert replies[7][0].code == StatusCode.INTERNAL
+    assert replies[7][0].message == "handler returned SleepRequest, expected echo.EchoReply"
+    assert replies[8][0].code == StatusCode.INVALID_ARGUMENT
+    assert all(replies[i][1] == b"" for i in range(2, 9))
+
+
+def test_context_describes_the_call(broker, make_worker):
+    probe = Probe()
+    make_worker(probe)
+    identity, _ = broker.ready()
+    broker.request(identity, (42, "Say", say(b""), {"metadata": {"trace_id": "t-1", "user": "ann"},
+                                                   "attempt": 2, "deadline_ms": 60_000}))
+    assert broker.replies(1)[42][0].code == StatusCode.OK
+    context = probe.contexts[0]
+    assert (context.request_id, context.service, context.method, context.trace_id, context.attempt) == (
+        42, "echo.Echo", "Say", "t-1", 2)
+    assert context.metadata == {"trace_id": "t-1", "user": "ann"}
+    assert 50 < context.time_remaining() <= 60 and not context.cancelled
+
+
+def test_capacity_bounds_the_calls_running_at_once(broker, make_worker):
+    probe = Probe()
+    make_worker(probe, concurrency=2)
+    identity, _ = broker.ready()
+    probe.control.pause()
+    broker.request(identity, *[(i, "Sleep", sleep(payload=b"control")) for i in range(1, 6)])
+    probe.control.wait(lambda c: c.active == 2, "two calls running")
+    broker.request(identity, (99, "Nope", b""))  # a round trip: the worker has seen all five by now
+    assert broker.replies(1)[99][0].code == StatusCode.UNIMPLEMENTED
+    assert probe.started == 2
+    probe.control.resume()
+    replies = broker.replies(5)
+    assert sorted(replies) == [1, 2, 3, 4, 5]
+    assert all(header.code == StatusCode.OK for header, _ in replies.values())
+    assert probe.started == 5 and probe.control.max_active == 2
+
+
+def test_heartbeats_continue_while_a_handler_is_busy(broker, make_worker):
+    probe = Probe()
+    make_worker(probe)
+    identity, _ = broker.ready()
+    probe.control.pause()
+    broker.request(identity, (1, "Say", say(b"slow")))
+    probe.control.wait(lambda c: c.active == 1, "the handler to start")
+    for _ in range(3):
+        broker.expect(p.HEARTBEAT, skip=())
+    assert probe.control.active == 1
+    probe.control.resume()
+    assert broker.replies(1)[1][0].code == StatusCode.OK
+
+
+# -- cancellation and deadlines ------------------------------------------------------------------
+
+def test_cancel_cancels_an_async_handler(broker, make_worker):
+    probe = Probe()
+    make_worker(probe)
+    identity, _ = broker.ready()
+    broker.request(identity, (7, "Sleep", sleep(ms=60_000)))
+    wait_until(lambda: probe.started == 1, "the handler to start")
+    broker.send(identity, p.cancel_message([7]))
+    header, _ = broker.replies(1)[7]
+    assert header.code == StatusCode.CANCELLED
+    assert probe.saw_cancel == [True] and probe.contexts[0].cancelled
+
+
+def test_cancel_marks_a_sync_handler_and_its_reply_is_still_sent(broker, make_worker):
+    probe = Probe()
+    make_worker(probe)
+    identity, _ = broker.ready()
+    probe.control.pause()
+    broker.request(identity, (7, "Say", say(b"x")))
+    probe.control.wait(lambda c: c.active == 1, "the handler to start")
+    broker.send(identity, p.cancel_message([7, 12345]))  # an unknown id is ignored
+    broker.request(identity, (8, "Nope", b""))  # a round trip: the CANCEL was handled before
+    assert broker.replies(1)[8][0].code == StatusCode.UNIMPLEMENTED
+    assert probe.contexts[0].cancelled
+    probe.control.resume()
+    assert broker.replies(1)[7][0].code == StatusCode.OK
+
+
+def test_a_waiting_call_cancelled_is_answered_without_running(broker, make_worker):
+    probe = Probe()
+    make_worker(probe, concurrency=1)
+    identity, _ = broker.ready()
+    probe.control.pause()
+    broker.request(identity, (1, "Say", say(b"a")), (2, "Say", say(b"b")))
+    probe.control.wait(lambda c: c.active == 1, "the first call to start")
+    broker.send(identity, p.cancel_message([2]))
+    assert broker.replies(1)[2][0].code == StatusCode.CANCELLED
+    probe.control.resume()
+    assert broker.replies(1)[1][0].code == StatusCode.OK
+    assert len(probe.contexts) == 1
+
+
+def test_an_async_handler_is_cancelled_at_its_deadline(broker, make_worker):
+    probe = Probe()
+    make_worker(probe)
+    identity, _ = broker.ready()
+    broker.request(identity, (3, "Sleep", sleep(ms=60_000), {"deadline_ms": 20}))
+    header, _ = broker.replies(1)[3]
+    assert header.code == StatusCode.DEADLINE_EXCEEDED
+    assert probe.saw_cancel == [True]
+
+
+# -- the broker's side of the conversation -------------------------------------------------------
+
+def test_disconnect_makes_the_worker_register_again_and_forget_its_calls(broker, make_worker):
+    probe = Probe()
+    worker = make_worker(probe)
+    identity, _ = broker.ready()
+    probe.control.pause()
+    broker.request(identity, (5, "Say", say(b"x")))
+    probe.control.wait(lambda c: c.active == 1, "the handler to start")
+    broker.send(identity, p.disconnect_message("unknown worker: send READY"))
+    again, ready = broker.ready()
+    assert again == identity and list(ready.services) == ["echo.Echo"]
+    assert probe.contexts[0].cancelled  # the broker forgot the call: its handler may stop
+    probe.control.resume()
+    wait_until(lambda: worker.running == 0, "the forgotten call to end")
+    broker.request(identity, (6, "Nope", b""))
+    assert list(broker.replies(1)) == [6]  # no reply for call 5: the broker would refuse it
+
+
+def test_a_silent_broker_is_left_for_a_new_connection_that_registers_again(broker, make_worker):
+    make_worker(Probe(), heartbeat_interval=0.02, liveness=3)
+    first, _ = broker.ready()
+    second, ready = broker.ready()  # we never answered: after 60 ms of silence it reconnects
+    assert second != first and ready.capacity == 16
+
+
+def test_garbage_from_the_broker_is_ignored(broker, make_worker):
+    make_worker(Probe())
+    identity, _ = broker.ready()
+    broker.send(identity, [b"MDPW01", b"\x02"])
+    broker.send(identity, [p.TAG, b"\x09"])
+    broker.send(identity, [p.TAG, p.REQUEST, b"odd"])
+    broker.send(identity, [p.TAG, p.CANCEL, b"\xff"])
+    broker.request(identity, (1, "Say", say(b"still here")))
+    assert broker.replies(1)[1][0].code == StatusCode.OK
+
+
+# -- stopping ------------------------------------------------------------------------------------
+
+def test_stop_drains_in_flight_calls_then_says_disconnect(broker, make_worker):
+    probe = Probe()
+    worker = make_worker(probe)
+    identity, _ = broker.ready()
+    probe.control.pause()
+    broker.request(identity, (1, "Say", say(b"in flight")))
+    probe.control.wait(lambda c: c.active == 1, "the handler to start")
+    stopper = threading.Thread(target=worker.stop, kwargs={"grace": WAIT})
+    stopper.start()
+    try:
+        wait_until(lambda: worker.draining, "the worker to drain")
+        broker.request(identity, (2, "Say", say(b"too late")))
+        header, _ = broker.replies(1)[2]  # handed back: the broker gives it to another worker
+        assert header.code == StatusCode.UNAVAILABLE and dict(header.details) == {"zrpc-retry": "draining"}
+        probe.control.resume()
+        header, payload = broker.replies(1)[1]
+        assert header.code == StatusCode.OK and echo_pb2.EchoReply.FromString(payload).payload == b"in flight"
+        _, body = broker.expect(p.DISCONNECT)
+        assert p.decode_disconnect(body) == "worker stopping"
+    finally:
+        probe.control.resume()
+        stopper.join(WAIT)
+    assert not stopper.is_alive()
+
+
+def test_stop_leaves_calls_past_the_grace_to_the_broker(broker, make_worker):
+    probe = Probe()
+    worker = make_worker(probe)
+    identity, _ = broker.ready()
+    broker.request(identity, (1, "Sleep", sleep(ms=60_000)))
+    wait_until(lambda: probe.started == 1, "the handler to start")
+    worker.stop(grace=0.01)
+    broker.expect(p.DISCONNECT)  # and no REPLY before it: the broker decides the call's fate
+    assert probe.saw_cancel == [True]

@@ -1,0 +1,136 @@
+"""Service definitions: a class per protobuf service, one method per rpc, and the call context.
+
+    class Greeter(zrpc.Service):
+        descriptor = helloworld_pb2.DESCRIPTOR.services_by_name["Greeter"]
+
+        def SayHello(self, request, context):          # runs in the worker's thread pool
+            return helloworld_pb2.HelloReply(message=f"Hello, {request.name}!")
+
+A handler defined with ``async def`` runs on the worker's asyncio loop instead, and is cancelled
+(``asyncio.CancelledError``) when its call is cancelled or its deadline passes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from typing import Any, Callable, ClassVar
+
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from ._descriptors import message_class
+
+# (spec §7) Service names the broker keeps for itself.
+RESERVED_PREFIX = "zrpc."
+
+
+class Service:
+    """Base class of a service: set ``descriptor`` and define one method per rpc, same name.
+
+    Missing handlers are reported when the class is created (and again when a Worker starts,
+    for a descriptor set later), as one ``TypeError`` naming all of them.
+    """
+
+    descriptor: ClassVar[ServiceDescriptor | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.descriptor is not None:
+            check_service(cls)
+
+
+class Context:
+    """What a handler knows about its call. Built by the worker; tests may build one directly.
+
+    ``deadline`` is a ``time.monotonic()`` value, or None when the call has none.
+    """
+
+    __slots__ = ("request_id", "service", "method", "trace_id", "metadata", "attempt", "deadline",
+                 "_cancelled", "_task", "_clock")
+
+    def __init__(self, *, request_id: int = 0, service: str = "", method: str = "", trace_id: str = "",
+                 metadata: dict[str, str] | None = None, attempt: int = 1, deadline: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.request_id = request_id
+        self.service = service
+        self.method = method
+        self.trace_id = trace_id
+        self.metadata = metadata if metadata is not None else {}
+        self.attempt = attempt
+        self.deadline = deadline
+        self._cancelled = False
+        self._task = None  # the asyncio task of an async handler, so a cancel can reach it
+        self._clock = clock
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the call was cancelled or its deadline has passed: stop working on it."""
+        return self._cancelled or (self.deadline is not None and self._clock() >= self.deadline)
+
+    def time_remaining(self) -> float | None:
+        """Seconds left until the deadline (0.0 once passed), or None when there is none."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - self._clock())
+
+    def cancel(self) -> None:
+        """Mark the call cancelled and cancel its async handler, if any (the worker calls this)."""
+        self._cancelled = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def __repr__(self) -> str:
+        return (f"Context(request_id={self.request_id}, {self.service}/{self.method}, "
+                f"attempt={self.attempt}, cancelled={self.cancelled})")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Method:
+    """One rpc of a service with its handler and message classes, as a worker serves it."""
+
+    service: str
+    name: str
+    descriptor: MethodDescriptor
+    handler: Callable[..., Any]
+    is_async: bool
+    input_class: type
+    output_descriptor: Any
+
+
+def check_service(service: Service | type[Service]) -> ServiceDescriptor:
+    """Validate a Service class or instance; return its descriptor.
+
+    Raises TypeError for a missing or wrong descriptor and for missing handlers (all named in one
+    message), ValueError for a service name reserved for the broker.
+    """
+    cls = service if isinstance(service, type) else type(service)
+    descriptor = service.descriptor
+    if not isinstance(descriptor, ServiceDescriptor):
+        raise TypeError(f"{cls.__name__}.descriptor must be a protobuf ServiceDescriptor, e.g. "
+                        f"helloworld_pb2.DESCRIPTOR.services_by_name['Greeter']; got {descriptor!r}")
+    if descriptor.full_name.startswith(RESERVED_PREFIX):
+        raise ValueError(f"{cls.__name__}: service names starting {RESERVED_PREFIX!r} are reserved for the "
+                         f"broker; rename the package of {descriptor.full_name}")
+    missing = [m.name for m in descriptor.methods if not callable(getattr(service, m.name, None))]
+    if missing:
+        raise TypeError(f"{cls.__name__} is missing handlers for: {', '.join(missing)} "
+                        f"(service {descriptor.full_name})")
+    return descriptor
+
+
+def methods_of(service: Service) -> dict[str, Method]:
+    """The rpcs of a service instance, by method name, ready to serve."""
+    descriptor = check_service(service)
+    table = {}
+    for method in descriptor.methods:
+        handler = getattr(service, method.name)
+        table[method.name] = Method(
+            service=descriptor.full_name,
+            name=method.name,
+            descriptor=method,
+            handler=handler,
+            is_async=inspect.iscoroutinefunction(handler),
+            input_class=message_class(method.input_type),
+            output_descriptor=method.output_type,
+        )
+    return table

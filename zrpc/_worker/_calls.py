@@ -1,0 +1,171 @@
+"""The worker's pure part: a call's life from REQUEST pair to REPLY pair, and its capacity.
+
+No sockets and no event loop here: the runtime feeds decoded headers in and sends what comes out.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Callable, Iterable
+
+from .. import _protocol as p
+from .._errors import Error
+from .._service import Context, Method, Service, methods_of
+from .._status import StatusCode
+
+log = logging.getLogger("zrpc.worker")
+
+# The marker that asks the broker to give a call this worker never ran to another worker.
+RETRY_DETAIL = "zrpc-retry"
+DRAINING = {RETRY_DETAIL: "draining"}
+
+
+class HandlerTable:
+    """Every (service, method) a worker serves, from its Service instances."""
+
+    def __init__(self, services: Iterable[Service | type[Service]]):
+        self.services: list[Service] = []
+        self.methods: dict[tuple[str, str], Method] = {}
+        names: list[str] = []
+        for service in services:
+            if isinstance(service, type):
+                service = service()  # `Worker(services=[Greeter])` works as `[Greeter()]` does
+            if not isinstance(service, Service):
+                raise TypeError(f"{service!r} is not a zrpc.Service instance")
+            methods = methods_of(service)  # raises, naming every missing handler
+            name = service.descriptor.full_name
+            if name in names:
+                raise ValueError(f"service {name} is given twice")
+            names.append(name)
+            self.services.append(service)
+            for method in methods.values():
+                self.methods[(name, method.name)] = method
+        if not self.services:
+            raise ValueError("a worker needs at least one service")
+        self.names = names
+
+    @property
+    def descriptors(self) -> list:
+        return [service.descriptor for service in self.services]
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Call:
+    """One request held by the worker, from its arrival until its reply is sent."""
+
+    request_id: int
+    method: Method
+    request: Any
+    context: Context
+    link: Any  # the broker connection it came from: its reply goes back there
+    epoch: int  # that connection's registration; a call from an older one gets no reply
+    started: bool = False
+    timer: Any = None  # the asyncio handle that cancels an async handler at its deadline
+
+
+def new_call(header, payload: bytes, method: Method, link: Any, epoch: int, now: float) -> Call:
+    """A Call for a decoded header; raises Error(INVALID_ARGUMENT) for a payload of another type."""
+    try:
+        request = method.input_class.FromString(payload)
+    except Exception:  # DecodeError, or others on some malformed inputs
+        raise Error(StatusCode.INVALID_ARGUMENT,
+                    f"payload is not a valid {method.descriptor.input_type.full_name}") from None
+    metadata = dict(header.metadata)
+    context = Context(
+        request_id=header.request_id, service=header.service, method=header.method,
+        trace_id=metadata.get("trace_id", ""), metadata=metadata, attempt=header.attempt or 1,
+        deadline=now + header.deadline_ms / 1000.0 if header.deadline_ms else None,
+    )
+    return Call(header.request_id, method, request, context, link, epoch)
+
+
+def error_pair(request_id: int, error: Error) -> tuple[bytes, bytes]:
+    """The (header, payload) pair answering a call with an error."""
+    return p.encode_reply_header(request_id, error.code, error.message, error.details), b""
+
+
+def result_pair(call: Call, result: Any) -> tuple[bytes, bytes]:
+    """The pair answering a call whose handler returned ``result`` (INTERNAL if it is not the reply type)."""
+    expected = call.method.output_descriptor.full_name
+    descriptor = getattr(result, "DESCRIPTOR", None)
+    if getattr(descriptor, "full_name", None) != expected or not hasattr(result, "SerializeToString"):
+        log.error("%s/%s returned %s instead of %s", call.context.service, call.context.method,
+                  type(result).__name__, expected)
+        return error_pair(call.request_id, Error(
+            StatusCode.INTERNAL, f"handler returned {type(result).__name__}, expected {expected}"))
+    try:
+        payload = result.SerializeToString()
+    except Exception as exc:  # e.g. a proto2 reply missing a required field
+        return exception_pair(call, exc)
+    return p.encode_reply_header(call.request_id), payload
+
+
+def exception_pair(call: Call, exc: BaseException) -> tuple[bytes, bytes]:
+    """The pair answering a call whose handler raised (spec §10: INTERNAL carries type and message only)."""
+    if isinstance(exc, Error):
+        return error_pair(call.request_id, exc)
+    log.error("%s/%s failed (request %d)", call.context.service, call.context.method, call.request_id,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    text = str(exc)
+    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return error_pair(call.request_id, Error(StatusCode.INTERNAL, message))
+
+
+def stopped_pair(call: Call, now: float) -> tuple[bytes, bytes]:
+    """The pair answering a call stopped before it finished: by its deadline or by a CANCEL."""
+    context = call.context
+    if not context._cancelled and context.deadline is not None and now >= context.deadline:
+        return error_pair(call.request_id, Error(StatusCode.DEADLINE_EXCEEDED, "deadline passed at the worker"))
+    return error_pair(call.request_id, Error(StatusCode.CANCELLED, "call cancelled"))
+
+
+def run_sync(call: Call) -> tuple[bytes, bytes]:
+    """Run a plain handler and build its reply pair (in a pool thread: serialising there too)."""
+    try:
+        result = call.method.handler(call.request, call.context)
+    except BaseException as exc:  # noqa: B036 - the worker must answer whatever happened
+        return exception_pair(call, exc)
+    return result_pair(call, result)
+
+
+class Admission:
+    """Capacity: at most ``capacity`` calls run at once; the others wait here in arrival order."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.running = 0
+        self.waiting: collections.deque[Call] = collections.deque()
+
+    def admit(self, call: Call) -> bool:
+        """True when ``call`` may start now; otherwise it waits its turn."""
+        if self.running < self.capacity:
+            self.running += 1
+            return True
+        self.waiting.append(call)
+        return False
+
+    def release(self) -> None:
+        """A running call finished."""
+        self.running -= 1
+
+    def take(self) -> Call | None:
+        """The next waiting call, now counted as running, when a slot is free."""
+        if self.waiting and self.running < self.capacity:
+            self.running += 1
+            return self.waiting.popleft()
+        return None
+
+    def withdraw(self, call: Call) -> bool:
+        """Remove a call that has not started (cancelled, orphaned); False if it is not waiting."""
+        try:
+            self.waiting.remove(call)
+        except ValueError:
+            return False
+        return True
+
+    def withdraw_all(self, keep: Callable[[Call], bool] = lambda call: False) -> list[Call]:
+        """Remove and return every waiting call for which ``keep`` is false."""
+        gone = [call for call in self.waiting if not keep(call)]
+        self.waiting = collections.deque(call for call in self.waiting if keep(call))
+        return gone

@@ -1,0 +1,118 @@
+"""One worker-to-broker connection: its DEALER, its registration and its timers (spec §7, §11)."""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from .. import _protocol as p
+
+log = logging.getLogger("zrpc.worker")
+
+# (spec §2, §3) What a broker may send a worker.
+FROM_BROKER = frozenset({p.REQUEST, p.HEARTBEAT, p.CANCEL, p.DISCONNECT})
+
+# Lingering on the last close lets DISCONNECT and the last replies leave; bounded so a vanished
+# broker cannot hold up the context's termination for longer than this.
+FINAL_LINGER_MS = 1000
+
+
+class BrokerLink:
+    """The DEALER to one broker endpoint, with when we last sent and last heard.
+
+    ``epoch`` counts registrations: a call belongs to the registration it arrived under, and
+    once the broker has forgotten that registration (DISCONNECT, or a new socket after silence)
+    the call's reply would be refused, so it is not sent.
+    """
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, ready: list[bytes],
+                 heartbeat_interval: float, liveness: int, clock: Callable[[], float]):
+        self.context = context
+        self.endpoint = endpoint
+        self.ready = ready
+        self.heartbeat_interval = heartbeat_interval
+        self.silence_limit = liveness * heartbeat_interval
+        self.clock = clock
+        self.socket: zmq.asyncio.Socket | None = None
+        self.epoch = 0
+        self.in_flight: dict = {}  # dispatch id -> Call, for the current epoch only
+        self.last_sent = self.last_heard = self.registered_at = clock()
+        self.ready_due: float | None = None  # a READY to send at this time (after a refusal)
+        self.dropped = 0  # messages not sent because the socket's queue was full
+
+    def open(self) -> None:
+        """A fresh DEALER connected to the broker, announcing READY at once (spec §7)."""
+        socket = self.context.socket(zmq.DEALER)
+        socket.linger = 0
+        socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        try:
+            socket.connect(self.endpoint)
+        except zmq.ZMQError:
+            socket.close(0)
+            raise
+        self.socket = socket
+        self.epoch += 1
+        self.last_heard = self.clock()
+        self.send_ready()
+
+    def close(self, linger_ms: int = 0) -> None:
+        if self.socket is not None:
+            self.socket.close(linger_ms)
+            self.socket = None
+
+    def send(self, frames: list) -> bool:
+        """Queue a message without ever waiting; False when it was dropped (queue full, closed)."""
+        if self.socket is None:
+            return False
+        future = self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        error = future.exception()  # the future is already done: NOBLOCK never waits
+        if error is not None:
+            self.dropped += 1
+            log.debug("message to %s dropped: %s", self.endpoint, error)
+            return False
+        self.last_sent = self.clock()
+        return True
+
+    def send_ready(self) -> None:
+        self.ready_due = None
+        self.registered_at = self.clock()
+        self.send(self.ready)
+
+    def heartbeat(self, now: float) -> None:
+        """Send HEARTBEAT; counted as sent even if dropped, so a full queue cannot spin the loop."""
+        self.send(p.heartbeat_message())
+        self.last_sent = now
+
+    def forget_registration(self) -> list:
+        """The broker no longer knows our calls: start a new epoch; return the orphaned calls."""
+        orphans = list(self.in_flight.values())
+        self.in_flight = {}
+        self.epoch += 1
+        return orphans
+
+    def schedule_ready(self, now: float) -> None:
+        """READY again after a DISCONNECT: at once, or one interval after a READY just refused."""
+        if now - self.registered_at >= self.heartbeat_interval:
+            self.send_ready()
+        else:
+            self.ready_due = self.registered_at + self.heartbeat_interval
+
+    # ------------------------------------------------------------------ timers
+
+    def silent(self, now: float) -> bool:
+        """The broker has said nothing for liveness x interval: it is gone (spec §11)."""
+        return now - self.last_heard >= self.silence_limit
+
+    def heartbeat_due(self, now: float) -> bool:
+        """We have sent nothing for an interval (spec §11)."""
+        return now - self.last_sent >= self.heartbeat_interval
+
+    def next_timer(self, now: float) -> float:
+        """Seconds until something is due: a heartbeat, the liveness limit or a delayed READY."""
+        due = min(self.last_sent + self.heartbeat_interval, self.last_heard + self.silence_limit)
+        if self.ready_due is not None:
+            due = min(due, self.ready_due)
+        return max(0.0, due - now)

@@ -1,0 +1,381 @@
+"""The worker: serves Service instances to one or more brokers from one asyncio loop.
+
+The loop owns the sockets; plain handlers run in a pool of ``concurrency`` threads, async
+handlers as tasks on the loop, so the loop is always free to heartbeat (spec §11).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import os
+import socket as socket_module
+import threading
+import time
+from typing import Callable, Iterable
+
+import zmq
+import zmq.asyncio
+
+from .. import _protocol as p
+from .._descriptors import file_descriptor_set
+from .._errors import Error
+from .._service import Service
+from .._status import StatusCode
+from ._calls import DRAINING, Admission, Call, HandlerTable, error_pair, exception_pair, new_call, \
+    result_pair, run_sync, stopped_pair
+from ._link import FINAL_LINGER_MS, FROM_BROKER, BrokerLink
+
+log = logging.getLogger("zrpc.worker")
+
+# Messages taken from a socket in one go before the loop looks at anything else.
+_BATCH = 256
+
+
+class Worker:
+    """Serves ``services`` to the broker(s) at ``brokers``.
+
+    ``run()`` blocks until ``stop()``; ``start()`` runs in a background thread; ``async serve()``
+    runs on the caller's loop. ``stop(grace)`` drains: calls in flight may finish within
+    ``grace`` seconds while new ones are handed back to the broker, then the worker says
+    DISCONNECT and closes.
+    """
+
+    def __init__(self, services: Iterable[Service], brokers: str | Iterable[str] = "tcp://127.0.0.1:5556", *,
+                 concurrency: int = 16, heartbeat_interval: float = 1.0, liveness: int = 3,
+                 name: str | None = None, drain_grace: float = 10.0, context: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.table = HandlerTable(services)
+        self.brokers = [brokers] if isinstance(brokers, str) else list(brokers)
+        if not self.brokers:
+            raise ValueError("a worker needs at least one broker endpoint")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be positive")
+        if liveness < 1:
+            raise ValueError("liveness must be at least 1")
+        self.concurrency = concurrency
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.drain_grace = drain_grace
+        self.name = f"{socket_module.gethostname()}:{os.getpid()}" + (f":{name}" if name else "")
+        self._context = context
+        self._clock = clock
+        self._ready = p.ready_message(p.Ready(
+            services=self.table.names,
+            file_descriptor_set=file_descriptor_set(self.table.descriptors),
+            capacity=concurrency,
+            heartbeat_ms=max(1, round(heartbeat_interval * 1000)),
+            name=self.name,
+        ))
+        self._admission = Admission(concurrency)
+        self._links: list[BrokerLink] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread_id: int | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._stop_grace: float | None = None
+        self._stop_requested = False
+        self._draining = False
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def draining(self) -> bool:
+        """True from the moment ``stop()`` is taken into account: new calls go back to the broker."""
+        return self._draining
+
+    @property
+    def running(self) -> int:
+        """How many handlers are running now (at most ``concurrency``)."""
+        return self._admission.running
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Serve until ``stop()`` (on a new event loop, in this thread)."""
+        asyncio.run(self.serve())
+
+    def start(self, timeout: float = 10.0) -> "Worker":
+        """Serve in a background thread; returns once connected (raises if start-up failed)."""
+        self._thread = threading.Thread(target=self._run_in_thread, name="zrpc-worker", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise RuntimeError(f"worker did not start within {timeout}s")
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def _run_in_thread(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # reported by start(), or logged when it comes later
+            if self._started.is_set():
+                log.exception("worker stopped by an error")
+            self._error = exc
+            self._started.set()
+
+    def stop(self, grace: float | None = None, timeout: float | None = None) -> None:
+        """Drain and stop; waits for that unless called from the worker's own thread (or a signal
+        handler interrupting it), where it only asks."""
+        self._stop_grace = self.drain_grace if grace is None else grace
+        self._stop_requested = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._stop_event.set)
+            except RuntimeError:  # the loop closed meanwhile: it is stopped already
+                pass
+        if self._loop_thread_id == threading.get_ident() or not self._started.is_set():
+            return
+        limit = (self._stop_grace + FINAL_LINGER_MS / 1000 + 5.0) if timeout is None else timeout
+        if not self._stopped.wait(limit):
+            raise RuntimeError(f"worker did not stop within {limit:.1f}s")
+        if self._thread is not None:
+            self._thread.join(limit)
+
+    def __enter__(self) -> "Worker":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def serve(self) -> None:
+        """Serve on the running loop until ``stop()``."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread_id = threading.get_ident()
+        self._stop_event = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._stopped.clear()
+        own_context = self._context is None
+        context = zmq.asyncio.Context() if own_context else zmq.asyncio.Context(self._context)
+        self._executor = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="zrpc-handler")
+        tasks: list[asyncio.Task] = []
+        try:
+            for endpoint in self.brokers:
+                link = BrokerLink(context, endpoint, self._ready, self.heartbeat_interval, self.liveness, self._clock)
+                link.open()
+                self._links.append(link)
+            log.info("worker %s ready: services=%s capacity=%d brokers=%s", self.name, ",".join(self.table.names),
+                     self.concurrency, ",".join(self.brokers))
+            tasks = [asyncio.create_task(self._serve_link(link)) for link in self._links]
+            self._started.set()
+            if self._stop_requested:
+                self._stop_event.set()
+            await self._stop_event.wait()
+            await self._drain(self._stop_grace if self._stop_grace is not None else self.drain_grace)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for link in self._links:
+                link.close(FINAL_LINGER_MS)
+            self._links = []
+            busy = self._admission.running > 0
+            self._executor.shutdown(wait=not busy, cancel_futures=True)
+            if own_context:
+                context.term()
+            self._loop_thread_id = None
+            self._stopped.set()
+            log.info("worker %s stopped", self.name)
+
+
+    async def _drain(self, grace: float) -> None:
+        """Stop taking work, let calls in flight finish within ``grace``, then DISCONNECT."""
+        self._draining = True
+        log.info("worker %s draining: %d call(s) running, grace %.3gs", self.name, self._admission.running, grace)
+        for call in self._admission.withdraw_all():  # never started: another worker can run them
+            call.link.in_flight.pop(call.request_id, None)
+            self._reply(call, error_pair(call.request_id, Error(StatusCode.UNAVAILABLE, "worker is draining", DRAINING)))
+        if self._admission.running:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("worker %s: %d call(s) still running after the %.3gs grace; leaving them to the broker",
+                            self.name, self._admission.running, grace)
+        for link in self._links:
+            # (spec §11) The broker re-dispatches or fails what is left; our late replies would be refused.
+            for call in link.forget_registration():
+                call.context.cancel()
+            link.send(p.disconnect_message("worker stopping"))
+
+    async def _serve_link(self, link: BrokerLink) -> None:
+        clock = self._clock
+        while True:
+            events = await link.socket.poll(link.next_timer(clock()) * 1000, zmq.POLLIN)
+            if events:
+                self._receive(link)
+            now = clock()
+            if link.silent(now):
+                log.warning("broker %s silent for %.1fs; reconnecting", link.endpoint, now - link.last_heard)
+                self._orphan(link)
+                link.close()
+                link.open()
+                continue
+            if link.ready_due is not None and now >= link.ready_due:
+                link.send_ready()
+            if link.heartbeat_due(now):
+                link.heartbeat(now)
+
+    def _receive(self, link: BrokerLink) -> None:
+        socket = link.socket
+        for _ in range(_BATCH):
+            try:
+                frames = socket.recv_multipart(flags=zmq.NOBLOCK).result()
+            except zmq.Again:
+                return
+            link.last_heard = self._clock()
+            try:
+                command, body = p.split(frames, FROM_BROKER)
+            except p.ProtocolError as exc:
+                log.warning("bad message from broker %s (%s): %s", link.endpoint, exc.reason, exc.message)
+                continue
+            if command == p.REQUEST:
+                self._on_request(link, body)
+            elif command == p.CANCEL:
+                self._on_cancel(link, body)
+            elif command == p.DISCONNECT:
+                self._on_disconnect(link, body)
+
+    # ------------------------------------------------------------------ commands
+
+    def _on_request(self, link: BrokerLink, body) -> None:
+        try:
+            pairs = p.pairs(body)
+        except p.ProtocolError as exc:
+            log.warning("bad REQUEST from broker %s: %s", link.endpoint, exc.message)
+            return
+        answers = []
+        now = self._clock()
+        for raw_header, payload in pairs:  # (spec §4) each pair as if it had arrived alone
+            try:
+                header = p.decode_request_header(raw_header)
+            except p.ProtocolError as exc:
+                request_id = _request_id_of(raw_header)
+                if request_id:
+                    answers.append(error_pair(request_id, Error(StatusCode.INVALID_ARGUMENT, exc.message)))
+                continue
+            if self._draining:
+                answers.append(error_pair(header.request_id, Error(StatusCode.UNAVAILABLE, "worker is draining", DRAINING)))
+                continue
+            method = self.table.methods.get((header.service, header.method))
+            if method is None:
+                answers.append(error_pair(header.request_id, Error(
+                    StatusCode.UNIMPLEMENTED, f"this worker does not serve {header.service}/{header.method}")))
+                continue
+            try:
+                call = new_call(header, payload, method, link, link.epoch, now)
+            except Error as error:
+                answers.append(error_pair(header.request_id, error))
+                continue
+            link.in_flight[call.request_id] = call
+            if self._admission.admit(call):
+                self._start(call)
+        if answers:
+            link.send(p.reply_message(answers))
+
+    def _on_cancel(self, link: BrokerLink, body) -> None:
+        try:
+            cancel = p.decode_cancel(body)
+        except p.ProtocolError as exc:
+            log.warning("bad CANCEL from broker %s: %s", link.endpoint, exc.message)
+            return
+        for request_id in cancel.request_ids:
+            call = link.in_flight.get(request_id)
+            if call is None:
+                continue
+            call.context.cancel()
+            if not call.started and self._admission.withdraw(call):
+                # (spec §8) answered anyway: the broker keeps the slot until we reply
+                del link.in_flight[request_id]
+                self._reply(call, stopped_pair(call, self._clock()))
+
+    def _on_disconnect(self, link: BrokerLink, body) -> None:
+        """(spec §7, §11) The broker does not know us (any more): our calls there are gone."""
+        reason = p.decode_disconnect(body) or "no reason given"
+        self._orphan(link)
+        if self._draining:
+            log.info("broker %s sent DISCONNECT (%s) while draining", link.endpoint, reason)
+            return
+        log.info("broker %s sent DISCONNECT (%s); registering again", link.endpoint, reason)
+        link.schedule_ready(self._clock())
+
+    def _orphan(self, link: BrokerLink) -> None:
+        """The broker forgot this link's calls: stop them and never answer them."""
+        orphans = link.forget_registration()
+        for call in orphans:
+            call.context.cancel()
+            if not call.started:
+                self._admission.withdraw(call)
+        if orphans:
+            log.warning("broker %s forgot %d call(s) in flight; they were cancelled", link.endpoint, len(orphans))
+
+    # ------------------------------------------------------------------ running handlers
+
+    def _start(self, call: Call) -> None:
+        call.started = True
+        method = call.method
+        if method.is_async:
+            task = self._loop.create_task(method.handler(call.request, call.context))
+            call.context._task = task
+            task.add_done_callback(functools.partial(self._async_done, call))
+            remaining = call.context.time_remaining()
+            if remaining is not None:
+                call.timer = self._loop.call_later(remaining, task.cancel)
+        else:
+            self._executor.submit(self._run_in_pool, call)
+
+    def _run_in_pool(self, call: Call) -> None:
+        answer = run_sync(call)
+        try:
+            self._loop.call_soon_threadsafe(self._finish, call, answer)
+        except RuntimeError:  # the loop is closed: the worker stopped without this call
+            pass
+
+    def _async_done(self, call: Call, task: asyncio.Task) -> None:
+        if task.cancelled():
+            answer = stopped_pair(call, self._clock())
+        elif task.exception() is not None:
+            answer = exception_pair(call, task.exception())
+        else:
+            answer = result_pair(call, task.result())
+        self._finish(call, answer)
+
+    def _finish(self, call: Call, answer: tuple[bytes, bytes]) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+        link = call.link
+        if link.in_flight.get(call.request_id) is call:
+            del link.in_flight[call.request_id]
+        self._reply(call, answer)
+        self._admission.release()
+        while (waiting := self._admission.take()) is not None:
+            if not waiting.context.cancelled:
+                self._start(waiting)
+                continue
+            self._admission.release()  # its deadline passed while it waited here
+            waiting.link.in_flight.pop(waiting.request_id, None)
+            self._reply(waiting, stopped_pair(waiting, self._clock()))
+        if self._admission.running == 0:
+            self._idle.set()
+
+    def _reply(self, call: Call, answer: tuple[bytes, bytes]) -> None:
+        if call.epoch == call.link.epoch:
+            call.link.send(p.reply_message([answer]))
+
+
+def _request_id_of(raw_header: bytes) -> int:
+    """The request id of a header that failed validation, or 0 when it cannot be read at all."""
+    try:
+        return p.RequestHeader.FromString(raw_header).request_id
+    except Exception:
+        return 0
