@@ -1,6 +1,24 @@
-"""zrpc: typed protobuf RPC through a ZeroMQ broker."""
-from ._errors import Error
-from ._status import StatusCode
+"""zrpc: typed protobuf RPC through a ZeroMQ broker.
 
-__all__ = ["Error", "StatusCode"]
+The public API is re-exported here; every implementation module is private (``zrpc._x``).
+``zrpc.testing`` holds helpers for testing services.
+"""
+from ._broker import Broker, BrokerConfig
+from ._client import AsyncClient, Client
+from ._errors import Error
+from ._service import Context, Service
+from ._status import StatusCode
+from ._worker import Worker
+
+__all__ = [
+    "AsyncClient",
+    "Broker",
+    "BrokerConfig",
+    "Client",
+    "Context",
+    "Error",
+    "Service",
+    "StatusCode",
+    "Worker",
+]
 __version__ = "0.1.0"

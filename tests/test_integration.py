@@ -1,0 +1,204 @@
+"""Broker, workers and clients together on real sockets (in-process threads)."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+
+import pytest
+
+import zrpc
+from zrpc import Broker, BrokerConfig, Client, StatusCode, Worker
+from workers.echo import Echo, echo_pb2
+from workers.greeter import Greeter, helloworld_pb2
+
+from .conftest import wait_for
+
+GREETER = helloworld_pb2.DESCRIPTOR.services_by_name["Greeter"]
+ECHO = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
+
+
+@pytest.fixture
+def broker(endpoints):
+    frontend, backend = endpoints
+    config = BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0, unavailable_wait=1.0)
+    with Broker(config) as running:
+        yield running
+
+
+@pytest.fixture
+def start_worker(broker):
+    started: list[Worker] = []
+
+    def start(*services, **options) -> Worker:
+        options.setdefault("heartbeat_interval", 0.2)
+        worker = Worker(list(services), broker.backend_endpoint, **options).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop(grace=1.0)
+
+
+def live_workers(broker: Broker, service: str) -> int:
+    state = broker.engine.services.get(service)
+    return len(state.workers) if state else 0
+
+
+def test_typed_sync_call_through_the_broker(broker, start_worker):
+    start_worker(Greeter())
+    wait_for(lambda: live_workers(broker, "helloworld.Greeter") == 1)
+    with Client(broker.frontend_endpoint, timeout=5.0) as client:
+        greeter = client.stub(GREETER)
+        assert greeter.SayHello(helloworld_pb2.HelloRequest(name="Ada"), timeout=2.0).message == "Hello, Ada!"
+        futures = [greeter.SayHello.future(helloworld_pb2.HelloRequest(name=str(i))) for i in range(50)]
+        assert [f.result(5).message for f in futures] == [f"Hello, {i}!" for i in range(50)]
+
+
+def test_typed_asyncio_call_through_the_broker(broker, start_worker):
+    start_worker(Greeter(), Echo())
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+
+    async def main():
+        async with zrpc.AsyncClient(broker.frontend_endpoint, timeout=5.0) as client:
+            greeter = client.stub(GREETER)
+            echo = client.stub(ECHO)
+            replies = await asyncio.gather(*[greeter.SayHello(helloworld_pb2.HelloRequest(name=str(i)))
+                                             for i in range(20)])
+            echoed = await echo.Say(echo_pb2.EchoRequest(payload=b"\x00\x01binary"))
+            return [r.message for r in replies], echoed.payload
+
+    messages, payload = asyncio.run(main())
+    assert messages == [f"Hello, {i}!" for i in range(20)]
+    assert payload == b"\x00\x01binary"
+
+
+def test_handler_errors_reach_the_caller_with_their_code(broker, start_worker):
+    start_worker(Echo())
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+    with Client(broker.frontend_endpoint, timeout=5.0) as client:
+        echo = client.stub(ECHO)
+        with pytest.raises(zrpc.Error) as caught:
+            echo.Fail(echo_pb2.FailRequest(code=StatusCode.PERMISSION_DENIED, message="not you"))
+        assert (caught.value.code, caught.value.message) == (StatusCode.PERMISSION_DENIED, "not you")
+        # A payload that is not the declared input type: refused by the worker, not INTERNAL.
+        with pytest.raises(zrpc.Error) as caught:
+            client.call("echo.Echo", "Sleep", b"\xff\xff\xff\xff", timeout=2.0)
+        assert caught.value.code == StatusCode.INVALID_ARGUMENT
+        with pytest.raises(zrpc.Error) as caught:
+            client.call("echo.Echo", "Nope", b"", timeout=2.0)
+        assert caught.value.code == StatusCode.UNIMPLEMENTED
+
+
+def test_unknown_service_is_not_found_and_dead_broker_gives_deadline_exceeded(broker, ipc_dir):
+    with Client(broker.frontend_endpoint, timeout=5.0) as client:
+        with pytest.raises(zrpc.Error) as caught:
+            client.call("nobody.Offers", "This", b"", timeout=2.0)
+        assert caught.value.code == StatusCode.NOT_FOUND
+        assert "zrpc worker run" in caught.value.message
+    with Client(f"ipc://{ipc_dir}/nobody-binds-this", timeout=5.0) as client:
+        started = time.monotonic()
+        with pytest.raises(zrpc.Error) as caught:
+            client.call("echo.Echo", "Say", b"", timeout=0.2)
+        assert caught.value.code == StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 1.0
+
+
+def test_deadline_is_honoured_when_the_handler_is_too_slow(broker, start_worker):
+    start_worker(Echo())
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+    with Client(broker.frontend_endpoint) as client:
+        echo = client.stub(ECHO)
+        started = time.monotonic()
+        with pytest.raises(zrpc.Error) as caught:
+            echo.Sleep(echo_pb2.SleepRequest(ms=5_000), timeout=0.3)
+        assert caught.value.code == StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 0.3 + 0.4
+        # The worker was told to cancel: its slot comes back and it serves again.
+        assert echo.Say(echo_pb2.EchoRequest(payload=b"after"), timeout=3.0).payload == b"after"
+    wait_for(lambda: broker.engine.calls_held == 0 and not broker.engine.clients)
+
+
+class CountingEcho(Echo):
+    """Echo that counts the calls it served (one instance per worker)."""
+
+    def __init__(self):
+        self.served = 0
+        self._lock = threading.Lock()
+
+    def Say(self, request, context):
+        with self._lock:
+            self.served += 1
+        return echo_pb2.EchoReply(payload=request.payload)
+
+
+def test_three_workers_share_the_load_fairly(broker, start_worker):
+    services = [CountingEcho() for _ in range(3)]
+    for service in services:
+        start_worker(service, concurrency=4)
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 3)
+    total = 3_000
+    with Client(broker.frontend_endpoint, timeout=30.0) as client:
+        echo = client.stub(ECHO)
+        window = collections.deque()
+        for i in range(total):
+            window.append(echo.Say.future(echo_pb2.EchoRequest(payload=b"%d" % i)))
+            if len(window) >= 24:
+                window.popleft().result(10)
+        for future in window:
+            future.result(10)
+    served = [s.served for s in services]
+    assert sum(served) == total
+    # Each worker gets a fair share: within 30% of an even split.
+    assert all(total / 3 * 0.7 <= n <= total / 3 * 1.3 for n in served), served
+
+
+def test_cancelled_future_is_cancelled_at_the_worker(broker, start_worker):
+    cancelled_seen = threading.Event()
+    release = threading.Event()
+
+    class Watchful(Echo):
+        def Sleep(self, request, context):
+            deadline = time.monotonic() + 10
+            while not context.cancelled and time.monotonic() < deadline:
+                release.wait(0.01)
+            if context.cancelled:
+                cancelled_seen.set()
+            return echo_pb2.EchoReply()
+
+    start_worker(Watchful(), concurrency=1)
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+    with Client(broker.frontend_endpoint, timeout=10.0) as client:
+        echo = client.stub(ECHO)
+        future = echo.Sleep.future(echo_pb2.SleepRequest(ms=10_000))
+        wait_for(lambda: broker.engine.services["echo.Echo"].dispatched == 1)
+        assert future.cancel()
+        assert cancelled_seen.wait(5), "the handler never saw the cancellation"
+        assert echo.Say(echo_pb2.EchoRequest(payload=b"next"), timeout=5).payload == b"next"
+
+
+def test_full_queue_gives_resource_exhausted_and_others_still_succeed(endpoints):
+    frontend, backend = endpoints
+    config = BrokerConfig(frontend=frontend, backend=backend, queue_size=5, unknown_service_grace=0.0)
+    release = threading.Event()
+
+    class Blocking(Echo):
+        def Sleep(self, request, context):
+            release.wait(10)
+            return echo_pb2.EchoReply()
+
+    with Broker(config) as broker, Worker([Blocking()], backend, concurrency=1, heartbeat_interval=0.2):
+        wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+        with Client(frontend, timeout=10.0) as client:
+            echo = client.stub(ECHO)
+            futures = [echo.Sleep.future(echo_pb2.SleepRequest()) for _ in range(10)]
+            # 1 running + 5 queued; the other 4 are refused at once.
+            refused = wait_for(lambda: [f for f in futures if f.done()] if sum(f.done() for f in futures) >= 4 else None)
+            codes = collections.Counter(f.exception().code for f in refused)
+            assert codes == {StatusCode.RESOURCE_EXHAUSTED: 4}
+            release.set()
+            concurrent.futures.wait(futures, timeout=10)
+            assert sum(1 for f in futures if f.exception() is None) == 6
