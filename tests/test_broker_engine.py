@@ -459,3 +459,21 @@ def test_duplicate_request_id_in_flight_is_refused_without_touching_the_first():
     [(_, header, _)] = h.take_requests()
     h.reply_from(b"w", header.request_id)
     assert [(r.request_id, r.code) for _, r, _ in h.take_replies()] == [(7, StatusCode.OK)]
+
+
+def test_drain_notice_stops_new_work_keeps_calls_in_flight_and_is_acknowledged():
+    h = Harness()
+    h.ready(b"old", capacity=5)
+    rid = h.call(b"c")
+    [(_, header, _)] = h.take_requests()
+    h.backend(b"old", p.disconnect_message("stopping", drain=True))
+    [(identity, frames)] = h.take_control(p.DISCONNECT)
+    assert identity == b"old" and p.decode_disconnect_message(frames[2:]).drain
+    h.call(b"c")
+    assert h.take_requests() == []  # nothing new for a draining worker
+    h.reply_from(b"old", header.request_id, payload=b"finished")
+    assert [(r.request_id, r.code) for _, r, _ in h.take_replies()] == [(rid, StatusCode.OK)]
+    h.backend(b"old", p.disconnect_message("bye"))
+    assert b"old" not in h.engine.workers
+    h.ready(b"new", capacity=5)
+    assert [w for w, _, _ in h.take_requests()] == [b"new"]

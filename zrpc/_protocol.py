@@ -157,8 +157,8 @@ def heartbeat_message() -> list[bytes]:
     return [TAG, HEARTBEAT]
 
 
-def disconnect_message(reason: str = "") -> list[bytes]:
-    return [TAG, DISCONNECT, Disconnect(reason=reason).SerializeToString()]
+def disconnect_message(reason: str = "", drain: bool = False) -> list[bytes]:
+    return [TAG, DISCONNECT, Disconnect(reason=reason, drain=drain).SerializeToString()]
 
 
 def cancel_message(request_ids: Iterable[int]) -> list[bytes]:
@@ -167,9 +167,14 @@ def cancel_message(request_ids: Iterable[int]) -> list[bytes]:
 
 def decode_disconnect(body: Sequence[bytes]) -> str:
     """The reason a DISCONNECT gives (empty when it gives none or it cannot be read)."""
+    return decode_disconnect_message(body).reason
+
+
+def decode_disconnect_message(body: Sequence[bytes]) -> wire_pb2.Disconnect:
+    """A DISCONNECT body; an absent or unreadable one reads as a plain DISCONNECT (spec §11)."""
     if not body:
-        return ""
+        return Disconnect()
     try:
-        return _decode(Disconnect, body[0], "DISCONNECT").reason
+        return _decode(Disconnect, body[0], "DISCONNECT")
     except ProtocolError:
-        return ""
+        return Disconnect()

@@ -173,7 +173,14 @@ class BrokerEngine:
             for name in worker.services:
                 self._dispatch(self.services[name], now)
         elif command == p.DISCONNECT:
-            log.info("worker %s disconnected: %s", worker.name, p.decode_disconnect(body) or "no reason given")
+            notice = p.decode_disconnect_message(body)
+            if notice.drain:  # §11: no more work for it; acknowledge so it knows none is coming
+                if not worker.draining:
+                    log.info("worker %s is draining (%d calls in flight)", worker.name, len(worker.in_flight))
+                worker.draining = True
+                self.backend_out.append((identity, p.disconnect_message("drain acknowledged", drain=True)))
+                return
+            log.info("worker %s disconnected: %s", worker.name, notice.reason or "no reason given")
             self._remove_worker(worker, now, "disconnected")
         # HEARTBEAT: being heard from is all it says.
 
