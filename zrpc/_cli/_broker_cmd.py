@@ -1,0 +1,127 @@
+"""``zrpc broker start``: run a broker in the foreground until SIGINT or SIGTERM."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import tomllib
+
+import click
+
+from .._broker._config import BrokerConfig, load_config_file
+from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_USAGE, LOG_LEVELS, CliError,
+                      check_endpoint, option, ready_line, setup_logging)
+
+log = logging.getLogger("zrpc.cli")
+
+
+@click.group()
+def broker() -> None:
+    """Run the broker that clients and workers connect to."""
+
+
+@broker.command()
+@option("--frontend", metavar="ENDPOINT", show_default=DEFAULT_FRONTEND,
+        help="Endpoint clients connect to (tcp port 0 picks a free port).")
+@option("--backend", metavar="ENDPOINT", show_default=DEFAULT_BACKEND,
+        help="Endpoint workers connect to.")
+@option("--config", "config_file", metavar="FILE", envvar="ZRPC_BROKER_START_CONFIG",
+        type=click.Path(exists=True, dir_okay=False),
+        help="TOML file with a [broker] table (see broker/zrpc-broker.toml); flags win over it.")
+@option("--queue-size", type=click.IntRange(min=1), metavar="N", show_default="10000",
+        help="Calls each service may queue before callers get RESOURCE_EXHAUSTED.")
+@option("--heartbeat-liveness", type=click.IntRange(min=1), metavar="N", show_default="3",
+        help="A worker silent for N of its heartbeat intervals is expired.")
+@option("--unavailable-wait", type=click.FloatRange(min=0), metavar="SECONDS", show_default="5.0",
+        help="How long calls wait for a worker of a known service that has none alive.")
+@option("--unknown-service-grace", type=click.FloatRange(min=0), metavar="SECONDS",
+        show_default="3.0",
+        help="After start, calls to a service never offered wait this long before NOT_FOUND.")
+@option("--max-in-flight", type=click.IntRange(min=1), metavar="N", show_default="100000",
+        help="Calls the broker holds at once (queued + dispatched), all services together.")
+@option("--max-message-bytes", type=click.IntRange(min=1), metavar="BYTES", show_default="67108864",
+        help="Largest message accepted from a client or worker.")
+@option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), show_default="INFO",
+        help="Log threshold; logs go to stderr.")
+def start(config_file: str | None, log_level: str | None, **flags) -> None:
+    """Start a broker and serve until SIGINT or SIGTERM (then exit 0).
+
+    Settings come from flags, then ZRPC_BROKER_START_* variables, then --config, then defaults.
+    Once both sockets are bound, prints one line to stdout:
+
+    \b
+      zrpc broker ready: frontend=<endpoint> backend=<endpoint>
+    """
+    config = _build_config(config_file, log_level=log_level.upper() if log_level else None, **flags)
+    setup_logging(config.log_level)
+
+    from .._broker import Broker  # imported late so `zrpc --help` stays quick
+
+    for endpoint in (config.frontend, config.backend):
+        _refuse_live_ipc(endpoint)
+    try:
+        broker_ = Broker(config)
+        frontend, backend = broker_.bind()
+    except Exception as exc:  # zmq.ZMQError: address in use, no such interface, bad path
+        where = "" if "addr=" in str(exc) else f" (frontend={config.frontend}, backend={config.backend})"
+        raise CliError(f"cannot bind broker: {exc}{where}") from None
+
+    def on_signal(signum, frame) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        broker_.stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}")
+    log.info("broker serving: frontend=%s backend=%s", frontend, backend)
+    try:
+        broker_.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    log.info("broker stopped")
+
+
+def _build_config(config_file: str | None, **flags) -> BrokerConfig:
+    """Defaults, overridden by the file, overridden by flags (None means the flag was not given)."""
+    config = BrokerConfig()
+    if config_file is not None:
+        try:
+            config = config.replace(**load_config_file(config_file))
+        except tomllib.TOMLDecodeError as exc:
+            raise CliError(f"{config_file}: not valid TOML: {exc}", exit_code=EXIT_USAGE) from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise CliError(str(exc), exit_code=EXIT_USAGE) from None
+    config = config.replace(**flags)
+    if str(config.log_level).upper() not in LOG_LEVELS:
+        raise CliError(f"bad log_level {config.log_level!r}; use one of {', '.join(LOG_LEVELS)}",
+                       exit_code=EXIT_USAGE)
+    config.frontend = check_endpoint(config.frontend, "frontend endpoint")
+    config.backend = check_endpoint(config.backend, "backend endpoint")
+    try:
+        config.validate()
+    except (ValueError, TypeError) as exc:  # TypeError: a file value of the wrong type
+        raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
+    return config
+
+
+def _refuse_live_ipc(endpoint: str) -> None:
+    """Refuse an ipc:// path another process is serving on.
+
+    libzmq unlinks an existing ipc socket file and binds anew, so a second broker would
+    silently steal the path from a running one; tcp reports "Address already in use" itself.
+    """
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    if path.startswith("@") or not os.path.exists(path):  # abstract namespace, or nothing there
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # a stale file from a process that died: binding over it is right
+    finally:
+        probe.close()
+    raise CliError(f"cannot bind {endpoint}: Address already in use (another process serves it)")

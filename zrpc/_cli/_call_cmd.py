@@ -1,0 +1,152 @@
+"""``zrpc call``, ``zrpc services`` and ``zrpc health``: the client side, from the shell."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from google.protobuf import json_format
+
+from .. import broker_service_pb2 as pb
+from .._descriptors import is_idempotent, message_class
+from .._errors import Error
+from ._common import (DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_NOT_SERVING, EXIT_USAGE, CliError,
+                      call_failed, option, split_endpoints)
+from . import _discovery
+
+# --broker of every client command reads ZRPC_BROKER, so one export serves them all.
+broker_option = option(
+    "--broker", "-b", "brokers", multiple=True, envvar="ZRPC_BROKER", default=[DEFAULT_FRONTEND],
+    show_default=True, metavar="ENDPOINT",
+    help="Broker frontend endpoint; repeat or separate with commas to spread over several.")
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("target", metavar="SERVICE/METHOD")
+@click.argument("request_json", metavar="[JSON]", default="{}")
+@broker_option
+@option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
+        metavar="SECONDS", help="Deadline of the call (and of fetching its description).")
+@option("--metadata", "-m", multiple=True, metavar="KEY=VALUE",
+        help="Request metadata, repeatable (e.g. -m trace_id=abc).")
+@option("--emit-defaults", is_flag=True, default=False,
+        help="Print fields that hold their default value too.")
+def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: float,
+         metadata: tuple[str, ...], emit_defaults: bool) -> None:
+    """Call SERVICE/METHOD with a JSON request; print the JSON reply.
+
+    JSON is the request message in protobuf's JSON mapping ('{}' when omitted; '-' reads
+    stdin). The broker describes the service (zrpc.Broker/DescribeService), so no .proto
+    file is needed. Idempotent methods (idempotency_level option) are sent as such.
+
+    \b
+      zrpc call helloworld.Greeter/SayHello '{"name": "Ada"}'
+      echo '{"name": "Ada"}' | zrpc call helloworld.Greeter/SayHello -
+
+    A failed call prints `error: CODE: message` on stderr and exits 10 + code.
+    """
+    endpoints = split_endpoints(brokers)
+    service_name, method_name = _discovery.split_target(target)
+    fields = _parse_json(sys.stdin.read() if request_json == "-" else request_json)
+    metadata_map = _parse_metadata(metadata)
+    with _discovery.connect(endpoints, timeout) as client:
+        pool, service = _discovery.describe(client, endpoints, service_name, timeout)
+        method = _discovery.find_method(service, method_name)
+        request = message_class(method.input_type)()
+        try:
+            json_format.ParseDict(fields, request, descriptor_pool=pool)
+        except json_format.ParseError as exc:
+            raise CliError(f"bad request for {method.input_type.full_name}: {exc}",
+                           exit_code=EXIT_USAGE) from None
+        try:
+            raw = client.call(service_name, method_name, request.SerializeToString(),
+                              timeout=timeout, idempotent=is_idempotent(method),
+                              metadata=metadata_map or None)
+        except Error as error:
+            raise call_failed(error) from None
+    reply = message_class(method.output_type)()
+    try:
+        reply.ParseFromString(raw)
+    except Exception as exc:  # DecodeError: the worker sent something else
+        raise CliError(f"reply is not a valid {method.output_type.full_name}: {exc}") from None
+    click.echo(json_format.MessageToJson(reply, indent=2, descriptor_pool=pool,
+                                         always_print_fields_with_no_presence=emit_defaults))
+
+
+@click.command()
+@broker_option
+@option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
+        metavar="SECONDS", help="How long to wait for the broker.")
+@option("--json", "as_json", is_flag=True, default=False,
+        help="Print the broker's ListServices reply as JSON instead of a table.")
+def services(brokers: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """List the services a broker knows: methods, live workers, load and queue depth."""
+    endpoints = split_endpoints(brokers)
+    with _discovery.connect(endpoints, timeout) as client:
+        listing = _discovery.list_services(client, endpoints, timeout)
+    if as_json:
+        click.echo(json_format.MessageToJson(listing, indent=2, preserving_proto_field_name=True,
+                                             always_print_fields_with_no_presence=True))
+        return
+    click.echo(format_services(listing), nl=False)
+
+
+def format_services(listing: pb.ListServicesReply) -> str:
+    """An aligned plain-text table, one service per row (methods comma-separated)."""
+    header = ("SERVICE", "METHODS", "WORKERS", "IN-FLIGHT/CAPACITY", "QUEUED")
+    rows = [header] + [
+        (s.name, ",".join(s.methods), str(s.live_workers), f"{s.in_flight}/{s.capacity}",
+         str(s.queue_depth))
+        for s in listing.services
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) if i < 2 else cell.rjust(width)
+                 for i, (cell, width) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip() + "\n")
+    return "".join(lines)
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("service", required=False, default="")
+@broker_option
+@option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
+        metavar="SECONDS", help="How long to wait for the broker.")
+def health(service: str, brokers: tuple[str, ...], timeout: float) -> None:
+    """Health of SERVICE, or of the broker itself when SERVICE is omitted.
+
+    Prints SERVING, NOT_SERVING or SERVICE_UNKNOWN; exits 0 only for SERVING (4 otherwise),
+    so it can back a container health check.
+    """
+    endpoints = split_endpoints(brokers)
+    with _discovery.connect(endpoints, timeout) as client:
+        reply = _discovery.health(client, endpoints, service, timeout)
+    status = pb.HealthReply.Status.Name(reply.status)
+    if service:
+        click.echo(f"{service}: {status} (live workers {reply.live_workers}, queued {reply.queue_depth})")
+    else:
+        click.echo(f"broker: {status}")
+    if reply.status != pb.HealthReply.SERVING:
+        sys.exit(EXIT_NOT_SERVING)
+
+
+def _parse_json(text: str) -> dict:
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"request is not valid JSON: {exc}", exit_code=EXIT_USAGE) from None
+    if not isinstance(fields, dict):
+        raise CliError(f"request must be a JSON object, got {type(fields).__name__}: {text.strip()[:60]}",
+                       exit_code=EXIT_USAGE)
+    return fields
+
+
+def _parse_metadata(pairs: tuple[str, ...]) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"bad metadata {pair!r}: expected KEY=VALUE", exit_code=EXIT_USAGE)
+        metadata[key] = value
+    return metadata

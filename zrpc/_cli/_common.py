@@ -1,0 +1,89 @@
+"""What every zrpc command shares: option style, endpoint checks, one-line errors, exit codes."""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import sys
+from typing import Iterable
+
+import click
+
+from .._errors import Error
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+
+# Exit statuses, the same for every command (also written in `zrpc --help`).
+EXIT_OK = 0
+EXIT_ERROR = 1  # a problem that is not a call's status: bad file, import failure, bind failure
+EXIT_USAGE = 2  # bad flag or argument, JSON that does not parse (click uses 2 for usage too)
+EXIT_NOT_SERVING = 4  # `zrpc health`: the service or broker does not serve
+EXIT_STATUS_BASE = 10  # a call failed with status code C: exit 10 + C (NOT_FOUND 15, UNAVAILABLE 24)
+
+EXIT_CODES_HELP = (
+    "Exit status: 0 success; 1 error (file, import, bind); 2 usage or bad JSON; "
+    "4 `health` not serving; 10+code when a call fails with a status code "
+    "(DEADLINE_EXCEEDED 14, NOT_FOUND 15, UNIMPLEMENTED 22, UNAVAILABLE 24)."
+)
+
+# Every option shows its default and the environment variable it also reads.
+option = functools.partial(click.option, show_envvar=True)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+# ZeroMQ transports a peer can connect or bind to; anything else fails deep inside libzmq.
+_ENDPOINT = re.compile(r"^(tcp|ipc|inproc|pgm|epgm|ws|wss|tipc|vmci|udp)://.+$")
+
+
+class CliError(click.ClickException):
+    """A user-facing failure: printed as one line ``error: ...`` on stderr, with an exit status."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:  # click's hook; lower-case "error:" like grpcurl and git
+        click.echo(f"error: {self.format_message()}", file=file, err=True)
+
+
+def call_failed(error: Error, prefix: str = "") -> CliError:
+    """The CliError for a call that failed with a status code: exit status 10 + code."""
+    message = f"{error.code.name}: {error.message}" if error.message else error.code.name
+    return CliError(prefix + message, exit_code=EXIT_STATUS_BASE + int(error.code))
+
+
+def check_endpoint(endpoint: str, what: str = "endpoint") -> str:
+    """Return ``endpoint`` stripped, or raise a one-line error naming what is wrong with it."""
+    endpoint = str(endpoint).strip()
+    if not _ENDPOINT.match(endpoint):
+        raise CliError(
+            f"bad {what} {endpoint!r}: expected a ZeroMQ endpoint such as "
+            f"tcp://127.0.0.1:5555 or ipc:///tmp/zrpc-frontend",
+            exit_code=EXIT_USAGE,
+        )
+    return endpoint
+
+
+def split_endpoints(values: Iterable[str], what: str = "broker endpoint") -> list[str]:
+    """Flatten repeated and comma- or space-separated endpoint options into a checked list."""
+    endpoints: list[str] = []
+    for value in values:
+        for part in re.split(r"[,\s]+", value):
+            if part:
+                endpoints.append(check_endpoint(part, what))
+    if not endpoints:
+        raise CliError(f"no {what} given", exit_code=EXIT_USAGE)
+    return endpoints
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr with time, level, logger name and message (stdout is for results)."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+
+
+def ready_line(text: str) -> None:
+    """Print the one line scripts and tests wait on, and make sure it leaves the process now."""
+    click.echo(text)
+    sys.stdout.flush()

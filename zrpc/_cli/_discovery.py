@@ -1,0 +1,98 @@
+"""The CLI's side of the broker's built-in ``zrpc.Broker`` service (spec §13).
+
+Everything here turns a broker that does not answer, or a service it does not know, into a
+one-line :class:`CliError`, so no command prints a traceback for a user mistake.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from .. import broker_service_pb2 as pb
+from .._descriptors import pool_from_file_descriptor_set
+from .._errors import Error
+from .._status import StatusCode
+from ._common import EXIT_STATUS_BASE, CliError, call_failed
+
+BROKER_SERVICE = "zrpc.Broker"
+
+
+@contextlib.contextmanager
+def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
+    """A sync zrpc Client on ``brokers``, closed on exit; connection errors become CliError."""
+    from .._client import Client  # imported late: `zrpc --help` must not need a socket
+
+    try:
+        client = Client(brokers if len(brokers) > 1 else brokers[0], timeout=timeout)
+    except Exception as exc:  # zmq.ZMQError for an endpoint libzmq refuses, ValueError from ours
+        raise CliError(f"cannot connect to {', '.join(brokers)}: {exc}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def no_answer(brokers: list[str], timeout: float) -> CliError:
+    return CliError(
+        f"no answer from broker at {', '.join(brokers)} within {timeout:g}s "
+        f"(is `zrpc broker start` running?)",
+        exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE),
+    )
+
+
+def builtin_call(client, brokers: list[str], method: str, request, reply_type, timeout: float):
+    """Call one ``zrpc.Broker`` method; the broker answers these itself, so silence means down."""
+    try:
+        raw = client.call(BROKER_SERVICE, method, request.SerializeToString(), timeout=timeout,
+                          idempotent=True)
+    except Error as error:
+        if error.code in (StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAVAILABLE):
+            raise no_answer(brokers, timeout) from None
+        raise call_failed(error) from None
+    return reply_type.FromString(raw)
+
+
+def list_services(client, brokers: list[str], timeout: float) -> pb.ListServicesReply:
+    return builtin_call(client, brokers, "ListServices", pb.ListServicesRequest(),
+                        pb.ListServicesReply, timeout)
+
+
+def health(client, brokers: list[str], service: str, timeout: float) -> pb.HealthReply:
+    return builtin_call(client, brokers, "Health", pb.HealthRequest(service=service),
+                        pb.HealthReply, timeout)
+
+
+def describe(client, brokers: list[str], service: str, timeout: float
+             ) -> tuple[descriptor_pool.DescriptorPool, ServiceDescriptor]:
+    """The pool holding ``service``'s files and the service's descriptor."""
+    reply = builtin_call(client, brokers, "DescribeService", pb.DescribeServiceRequest(service=service),
+                         pb.DescribeServiceReply, timeout)
+    try:
+        pool = pool_from_file_descriptor_set(reply.file_descriptor_set)
+        return pool, pool.FindServiceByName(service)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CliError(f"the broker's description of {service!r} is unusable: {exc}") from None
+
+
+def find_method(service: ServiceDescriptor, name: str) -> MethodDescriptor:
+    method = service.methods_by_name.get(name)
+    if method is None:
+        names = ", ".join(sorted(service.methods_by_name)) or "none"
+        raise CliError(f"UNIMPLEMENTED: service {service.full_name!r} has no method {name!r}; "
+                       f"it has: {names}", exit_code=EXIT_STATUS_BASE + int(StatusCode.UNIMPLEMENTED))
+    return method
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """``pkg.Service/Method`` (or grpcurl's ``pkg.Service.Method``) → (service, method)."""
+    if "/" in target:
+        service, _, method = target.rpartition("/")
+    else:
+        service, _, method = target.rpartition(".")
+    if not service or not method or "/" in service:
+        raise CliError(f"bad method {target!r}: expected SERVICE/METHOD, e.g. helloworld.Greeter/SayHello",
+                       exit_code=2)
+    return service, method

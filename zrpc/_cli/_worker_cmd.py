@@ -1,0 +1,142 @@
+"""``zrpc worker run MODULE:CLASS ...``: serve services until SIGINT or SIGTERM, then drain."""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from ._common import (DEFAULT_BACKEND, EXIT_USAGE, LOG_LEVELS, CliError, option, ready_line,
+                      setup_logging, split_endpoints)
+
+log = logging.getLogger("zrpc.cli")
+
+
+@click.group()
+def worker() -> None:
+    """Run workers that serve your services."""
+
+
+@worker.command()
+@click.argument("targets", nargs=-1, required=True, metavar="MODULE:CLASS...")
+@option("--broker", "-b", "brokers", multiple=True, metavar="ENDPOINT", default=[DEFAULT_BACKEND],
+        envvar="ZRPC_WORKER_RUN_BROKER",
+        show_default=True,
+        help="Broker backend endpoint; repeat or separate with commas to serve several brokers.")
+@option("--concurrency", "-c", type=click.IntRange(min=1), default=16, metavar="N", show_default=True,
+        help="Requests this worker holds at once (its capacity, shared by its services).")
+@option("--heartbeat-interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+        metavar="SECONDS", help="Heartbeat interval announced to the broker.")
+@option("--liveness", type=click.IntRange(min=1), default=3, metavar="N", show_default=True,
+        help="Reconnect after this many heartbeat intervals without hearing from a broker.")
+@option("--drain-grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+        metavar="SECONDS", help="On SIGTERM/SIGINT, how long calls in flight may take to finish.")
+@option("--name", default=None, help="Name shown by `zrpc services` and in broker logs [default: host:pid].")
+@option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
+        show_default=True, help="Log threshold; logs go to stderr.")
+def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
+        heartbeat_interval: float, liveness: int, drain_grace: float, name: str | None,
+        log_level: str) -> None:
+    """Serve MODULE:CLASS services (zrpc Service subclasses) from the current directory.
+
+    The working directory goes first on sys.path, so from a checkout
+    `zrpc worker run workers.echo:Echo` works. Each class is created with no arguments.
+    Once started, prints one line to stdout:
+
+    \b
+      zrpc worker ready: services=<names> brokers=<endpoints> concurrency=<n>
+
+    SIGTERM or SIGINT stops taking new calls, lets calls in flight finish for up to
+    --drain-grace seconds, then exits 0.
+    """
+    endpoints = split_endpoints(brokers)
+    setup_logging(log_level)
+    instances = [load_service(target) for target in targets]
+    names = [type(instance).descriptor.full_name for instance in instances]
+    if len(set(names)) != len(names):
+        raise CliError(f"a service is given twice: {', '.join(names)}", exit_code=EXIT_USAGE)
+
+    from .._worker import Worker
+
+    try:
+        worker_ = Worker(services=instances, brokers=endpoints, concurrency=concurrency,
+                         heartbeat_interval=heartbeat_interval, liveness=liveness, name=name,
+                         drain_grace=drain_grace)
+    except (TypeError, ValueError) as exc:  # a service the runtime refuses, a setting out of range
+        raise CliError(f"cannot start worker: {exc}") from None
+    _serve(worker_, drain_grace,
+           f"zrpc worker ready: services={','.join(names)} brokers={','.join(endpoints)} "
+           f"concurrency={concurrency}")
+
+
+def _serve(worker_, drain_grace: float, ready: str) -> None:
+    """Start the worker's thread; the main thread waits for a signal, then drains it.
+
+    Signal handlers only run in the main thread and must not block, so the handler only sets an
+    event; the draining ``stop(grace)`` happens here, outside the handler.
+    """
+    signalled: list[int] = []
+    stop_requested = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        signalled.append(signum)
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            worker_.start()
+        except Exception as exc:  # zmq.ZMQError for an endpoint libzmq refuses, start-up timeout
+            raise CliError(f"cannot start worker: {type(exc).__name__}: {exc}") from None
+        ready_line(ready)
+        # Worker has no public "wait until stopped"; its thread ending on its own is a failure.
+        thread = getattr(worker_, "_thread", None)
+        while not stop_requested.wait(0.5):
+            if thread is not None and not thread.is_alive():
+                raise CliError("worker stopped unexpectedly (see the log above)")
+        log.info("received %s; draining for up to %gs", signal.Signals(signalled[0]).name, drain_grace)
+        try:
+            worker_.stop(drain_grace)
+        except RuntimeError as exc:
+            raise CliError(str(exc)) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    log.info("worker stopped")
+
+
+def load_service(target: str):
+    """Import ``module:Class`` from the working directory and instantiate it with no arguments."""
+    from .._service import Service
+
+    module_name, sep, class_name = target.partition(":")
+    if not sep or not module_name or not class_name:
+        raise CliError(f"bad service {target!r}: expected MODULE:CLASS, e.g. workers.echo:Echo",
+                       exit_code=EXIT_USAGE)
+    cwd = os.getcwd()
+    if cwd not in sys.path[:1]:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name) and module_name[len(exc.name):][:1] in ("", "."):
+            raise CliError(f"cannot import {module_name!r}: no such module (looked in {cwd} and "
+                           f"the installed packages)") from None
+        raise CliError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # the module itself failed: SyntaxError, ImportError, anything it raises
+        raise CliError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise CliError(f"module {module_name!r} has no attribute {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Service)):
+        raise CliError(f"{target} is not a zrpc Service subclass")
+    if getattr(cls, "descriptor", None) is None:
+        raise CliError(f"{target} has no `descriptor` (the protobuf ServiceDescriptor it serves)")
+    try:
+        return cls()
+    except Exception as exc:
+        raise CliError(f"cannot create {target}(): {type(exc).__name__}: {exc}") from None

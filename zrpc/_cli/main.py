@@ -1,0 +1,45 @@
+"""The ``zrpc`` click group. Commands live in their own modules and are attached here."""
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from ._broker_cmd import broker
+from ._call_cmd import call, health, services
+from ._common import EXIT_CODES_HELP
+from ._worker_cmd import worker
+
+CONTEXT_SETTINGS = {
+    # Every option can also come from the environment: ZRPC_<COMMAND>_<OPTION>, e.g.
+    # ZRPC_BROKER_START_FRONTEND; --broker of call/services/health reads ZRPC_BROKER.
+    "auto_envvar_prefix": "ZRPC",
+    "help_option_names": ["-h", "--help"],
+    "max_content_width": 100,
+}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="zrpc", message="%(prog)s %(version)s")
+def main() -> None:
+    """zrpc: typed protobuf RPC through a ZeroMQ broker.
+
+    \b
+    Start a broker, run workers, call any method from the shell:
+      zrpc broker start
+      zrpc worker run workers.greeter:Greeter
+      zrpc call helloworld.Greeter/SayHello '{"name": "Ada"}'
+      zrpc services
+
+    Every option also reads an environment variable (shown in each command's --help).
+    """
+
+
+main.add_command(broker)
+main.add_command(worker)
+main.add_command(call)
+main.add_command(services)
+main.add_command(health)
+
+
+if __name__ == "__main__":
+    main(prog_name="zrpc")
