@@ -365,7 +365,8 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         progress = None
         if show_progress:
             length = requests if duration is None else int(duration * 10)
-            progress = stack.enter_context(click.progressbar(length=length, label="calls", file=sys.stderr))
+            progress = stack.enter_context(click.progressbar(length=length, label="calls" if duration is None else "time",
+                                                                 file=sys.stderr))
         result = asyncio.run(run_load(endpoints, service, method, payload, is_idempotent(method_descriptor),
                                       concurrency, requests, duration, timeout, progress))
     report = summary(result, concurrency=concurrency, payload_size=payload_size, target=target,

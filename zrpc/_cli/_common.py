@@ -41,7 +41,7 @@ class CliError(click.ClickException):
     """A user-facing failure: printed as one line ``error: ...`` on stderr, with an exit status."""
 
     def __init__(self, message: str, exit_code: int = EXIT_ERROR):
-        super().__init__(message)
+        super().__init__(" ".join(message.split()))  # one line, even for multi-line library errors
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:  # click's hook; lower-case "error:" like grpcurl and git

@@ -1,0 +1,310 @@
+"""The zrpc command line: usage errors in-process (CliRunner), the rest with real processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import zmq
+from click.testing import CliRunner
+
+import zrpc
+from zrpc import broker_service_pb2 as bpb
+from zrpc._broker._config import BrokerConfig, load_config_file
+from zrpc._cli import _broker_cmd
+from zrpc._cli._call_cmd import format_services
+from zrpc._cli.main import main
+
+from .conftest import REPO, wait_for, zrpc_cli
+
+CLI_TIMEOUT = 30.0  # bound on any one CLI subprocess
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns click's Result (stdout and stderr kept apart)."""
+    runner = CliRunner()
+
+    def invoke(*args: str, env: dict | None = None, input: str | None = None):
+        return runner.invoke(main, list(args), env=env, input=input, prog_name="zrpc")
+    return invoke
+
+
+def run_cli(*args: str, env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI as a process from the repository root, as a user would (bounded)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    full_env.pop("ZRPC_BROKER", None)
+    full_env.update(env or {})
+    return subprocess.run(zrpc_cli(*args), cwd=REPO, env=full_env, input=input, capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT)
+
+
+def one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------ help and usage (no sockets)
+
+def test_help_lists_every_command(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for command in ("broker", "worker", "call", "services", "health"):
+        assert command in result.output
+    assert "start" in cli("broker", "--help").output
+    assert "run" in cli("worker", "--help").output
+    assert "10+code" in result.output  # the exit statuses are documented
+
+
+def test_help_shows_the_environment_variable_of_each_option(cli):
+    assert "ZRPC_BROKER_START_FRONTEND" in cli("broker", "start", "--help").output
+    assert "ZRPC_BROKER_START_UNKNOWN_SERVICE_GRACE" in cli("broker", "start", "--help").output
+    assert "ZRPC_WORKER_RUN_CONCURRENCY" in cli("worker", "run", "--help").output
+    call_help = cli("call", "--help").output
+    assert "ZRPC_BROKER" in call_help and "ZRPC_CALL_TIMEOUT" in call_help
+
+
+def test_python_dash_m_zrpc_and_the_console_script_entry_point_are_the_same_group():
+    import zrpc.__main__  # noqa: F401  (importing must not run the CLI)
+    assert main.name == "main" and set(main.commands) >= {"broker", "worker", "call", "services"}
+
+
+def test_unknown_flag_is_a_usage_error(cli):
+    result = cli("call", "--no-such-flag", "a.B/C")
+    assert result.exit_code == 2
+    assert "No such option" in result.stderr
+
+
+@pytest.mark.parametrize("request_json, problem", [
+    ("{", "request is not valid JSON"),
+    ("[1, 2]", "request must be a JSON object"),
+])
+def test_bad_json_is_a_one_line_error_before_any_connection(cli, request_json, problem):
+    result = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", request_json)
+    assert result.exit_code == 2
+    assert problem in one_line_error(result.stderr)
+
+
+def test_json_from_stdin_is_read_with_dash(cli):
+    result = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", "-", input="not json")
+    assert result.exit_code == 2
+    assert "not valid JSON" in one_line_error(result.stderr)
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["call", "no-method-here"], "expected SERVICE/METHOD"),
+    (["call", "a.B/C", "-m", "novalue"], "expected KEY=VALUE"),
+    (["call", "--broker", "localhost:5555", "a.B/C"], "bad broker endpoint 'localhost:5555'"),
+    (["services", "--broker", "tcp:/x"], "bad broker endpoint"),
+    (["broker", "start", "--frontend", "5555"], "bad frontend endpoint"),
+    (["worker", "run", "workers.echo"], "expected MODULE:CLASS"),
+])
+def test_user_mistakes_are_one_line_usage_errors(cli, args, problem):
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert problem in one_line_error(result.stderr)
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    """Run from the repository root with a sys.path that is restored afterwards."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+@pytest.mark.parametrize("target, problem", [
+    ("no_such_module_zz:Echo", "cannot import 'no_such_module_zz': no such module"),
+    ("workers.no_such_service:Echo", "cannot import 'workers.no_such_service': no such module"),
+    ("workers.echo:NoSuchClass", "module 'workers.echo' has no attribute 'NoSuchClass'"),
+    ("json:JSONDecoder", "json:JSONDecoder is not a zrpc Service subclass"),
+])
+def test_worker_run_reports_a_bad_module_or_class_in_one_line(cli, in_repo, target, problem):
+    result = cli("worker", "run", target)
+    assert result.exit_code == 1
+    assert problem in one_line_error(result.stderr)
+
+
+def test_call_with_no_broker_answering_says_so_in_one_line(cli, ipc_dir):
+    result = cli("call", "--broker", f"ipc://{ipc_dir}/nobody", "--timeout", "0.2", "a.B/C")
+    assert result.exit_code == 10 + zrpc.StatusCode.UNAVAILABLE
+    line = one_line_error(result.stderr)
+    assert f"no answer from broker at ipc://{ipc_dir}/nobody within 0.2s" in line
+    assert "zrpc broker start" in line
+
+
+# ------------------------------------------------------------------ broker settings
+
+def test_shipped_config_file_lists_every_setting_with_its_default():
+    settings = load_config_file(REPO / "broker" / "zrpc-broker.toml")
+    assert set(settings) == set(BrokerConfig.field_names())
+    assert BrokerConfig(**settings) == BrokerConfig()
+
+
+def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path):
+    path = tmp_path / "broker.toml"
+    path.write_text('[broker]\nqueue-size = 7\nunavailable_wait = 1.5\nfrontend = "ipc:///tmp/x"\n')
+    config = _broker_cmd._build_config(str(path), queue_size=9, frontend=None, backend=None, log_level=None)
+    assert config.queue_size == 9  # flag
+    assert config.unavailable_wait == 1.5 and config.frontend == "ipc:///tmp/x"  # file
+    assert config.heartbeat_liveness == BrokerConfig().heartbeat_liveness  # default
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("[broker]\nqueue_sise = 3\n", "unknown setting 'queue_sise'"),
+    ("[broker]\nqueue_size = 0\n", "queue_size must be at least 1"),
+    ("[broker\n", "not valid TOML"),
+    ('[broker]\nlog_level = "LOUD"\n', "bad log_level 'LOUD'"),
+])
+def test_a_bad_config_file_stops_the_broker_with_one_line(cli, tmp_path, text, problem):
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    result = cli("broker", "start", "--config", str(path))
+    assert result.exit_code == 2
+    assert problem in one_line_error(result.stderr)
+
+
+def test_broker_bind_failure_is_one_line_and_non_zero(cli):
+    context = zmq.Context.instance()
+    taken = context.socket(zmq.ROUTER)
+    taken.linger = 0
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        result = cli("broker", "start", "--frontend", f"tcp://127.0.0.1:{port}", "--backend", "tcp://127.0.0.1:0")
+    finally:
+        taken.close()
+    assert result.exit_code == 1
+    assert "Address already in use" in one_line_error(result.stderr)
+
+
+def test_broker_refuses_an_ipc_path_a_live_broker_serves(cli_broker, cli):
+    _, frontend, _ = cli_broker
+    result = cli("broker", "start", "--frontend", frontend, "--backend", "tcp://127.0.0.1:0")
+    assert result.exit_code == 1
+    assert "Address already in use" in one_line_error(result.stderr)
+
+
+# ------------------------------------------------------------------ services table
+
+def test_services_table_columns_are_aligned():
+    listing = bpb.ListServicesReply()
+    listing.services.add(name="a.B", methods=["X"], live_workers=12, in_flight=3, capacity=160, queue_depth=0)
+    listing.services.add(name="helloworld.Greeter", methods=["SayHello", "Other"], live_workers=1,
+                         in_flight=0, capacity=16, queue_depth=250)
+    lines = format_services(listing).splitlines()
+    assert lines[0].split() == ["SERVICE", "METHODS", "WORKERS", "IN-FLIGHT/CAPACITY", "QUEUED"]
+    assert lines[1].split() == ["a.B", "X", "12", "3/160", "0"]
+    assert lines[2].split() == ["helloworld.Greeter", "SayHello,Other", "1", "0/16", "250"]
+    assert len({len(line) for line in lines}) == 1  # numbers right-aligned to one width
+
+
+# ------------------------------------------------------------------ end to end, real processes
+
+@pytest.fixture
+def greeter(cli_broker, spawn):
+    """A CLI broker and a `zrpc worker run workers.greeter:Greeter workers.echo:Echo`, registered."""
+    broker, frontend, backend = cli_broker
+    worker = spawn(*zrpc_cli("worker", "run", "workers.greeter:Greeter", "workers.echo:Echo",
+                             "--broker", backend, "--heartbeat-interval", "0.2", "--concurrency", "4"))
+    ready = worker.wait_line("zrpc worker ready:")
+    assert ready == (f"zrpc worker ready: services=helloworld.Greeter,echo.Echo brokers={backend} "
+                     f"concurrency=4")
+    with zrpc.Client(frontend, timeout=5.0) as client:
+        def registered():
+            raw = client.call("zrpc.Broker", "ListServices", b"", timeout=2.0)
+            names = {s.name for s in bpb.ListServicesReply.FromString(raw).services if s.live_workers}
+            return {"helloworld.Greeter", "echo.Echo"} <= names
+        wait_for(registered, 15.0, message="the worker to register")
+    return broker, worker, frontend
+
+
+def test_call_prints_the_json_reply(greeter):
+    _, _, frontend = greeter
+    result = run_cli("call", "--broker", frontend, "helloworld.Greeter/SayHello", '{"name":"Ada"}')
+    assert result.returncode == 0, result.stderr
+    assert '"message": "Hello, Ada!"' in result.stdout
+    assert json.loads(result.stdout) == {"message": "Hello, Ada!"}
+
+
+def test_call_reads_the_broker_from_ZRPC_BROKER_and_the_request_from_stdin(greeter):
+    _, _, frontend = greeter
+    result = run_cli("call", "helloworld.Greeter/SayHello", "-", env={"ZRPC_BROKER": frontend},
+                     input='{"name": "Grace"}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"message": "Hello, Grace!"}
+
+
+def test_call_unknown_service_is_not_found_with_its_exit_status(greeter):
+    _, _, frontend = greeter
+    result = run_cli("call", "--broker", frontend, "nobody.Offers/This", "{}")
+    assert result.returncode == 10 + zrpc.StatusCode.NOT_FOUND
+    assert one_line_error(result.stderr).startswith("error: NOT_FOUND: ")
+    assert result.stdout == ""
+
+
+def test_call_unknown_method_and_unknown_field_name_the_problem(greeter):
+    _, _, frontend = greeter
+    result = run_cli("call", "--broker", frontend, "helloworld.Greeter/SayGoodbye")
+    assert result.returncode == 10 + zrpc.StatusCode.UNIMPLEMENTED
+    assert "it has: SayHello" in one_line_error(result.stderr)
+    result = run_cli("call", "--broker", frontend, "helloworld.Greeter/SayHello", '{"nam": "Ada"}')
+    assert result.returncode == 2
+    line = one_line_error(result.stderr)
+    assert "helloworld.HelloRequest" in line and '"nam"' in line
+
+
+def test_call_handler_error_maps_to_ten_plus_its_code(greeter):
+    _, _, frontend = greeter
+    result = run_cli("call", "--broker", frontend, "echo.Echo/Fail", '{"code": 9, "message": "not yet"}')
+    assert result.returncode == 10 + zrpc.StatusCode.FAILED_PRECONDITION
+    assert one_line_error(result.stderr) == "error: FAILED_PRECONDITION: not yet"
+
+
+def test_services_lists_the_worker(greeter):
+    _, _, frontend = greeter
+    result = run_cli("services", "--broker", frontend)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert rows["helloworld.Greeter"][1:] == ["SayHello", "1", "0/4", "0"]
+    assert rows["echo.Echo"][1:3] == ["Fail,Say,Sleep", "1"]
+    listing = json.loads(run_cli("services", "--broker", frontend, "--json").stdout)
+    greeter_info = next(s for s in listing["services"] if s["name"] == "helloworld.Greeter")
+    assert greeter_info["live_workers"] == 1 and greeter_info["capacity"] == 4
+
+
+def test_health_exit_status_tells_serving_from_not(greeter):
+    _, _, frontend = greeter
+    serving = run_cli("health", "--broker", frontend, "helloworld.Greeter")
+    assert serving.returncode == 0 and "SERVING" in serving.stdout
+    unknown = run_cli("health", "--broker", frontend, "nobody.Offers")
+    assert unknown.returncode == 4 and "SERVICE_UNKNOWN" in unknown.stdout
+
+
+def test_sigterm_stops_worker_and_broker_with_exit_status_0(greeter):
+    broker, worker, _ = greeter
+    worker.signal(signal.SIGTERM)
+    assert worker.popen.wait(15) == 0
+    broker.signal(signal.SIGTERM)
+    assert broker.popen.wait(15) == 0
+    assert not any("Traceback" in line for line in broker.errors + worker.errors)
+
+
+def test_broker_start_reads_the_config_file_and_prints_resolved_endpoints(spawn, ipc_dir, tmp_path):
+    path = tmp_path / "broker.toml"
+    path.write_text(f'[broker]\nfrontend = "tcp://127.0.0.1:0"\nbackend = "ipc://{ipc_dir}/from-file"\n'
+                    f'log_level = "WARNING"\n')
+    broker = spawn(*zrpc_cli("broker", "start", "--config", str(path), "--backend", f"ipc://{ipc_dir}/flag"))
+    line = broker.wait_line("zrpc broker ready:")
+    fields = dict(part.split("=", 1) for part in line.split(": ", 1)[1].split())
+    assert fields["frontend"].startswith("tcp://127.0.0.1:") and not fields["frontend"].endswith(":0")
+    assert fields["backend"] == f"ipc://{ipc_dir}/flag"  # the flag wins over the file
+    assert broker.lines == [line]  # exactly one line on stdout
+    assert broker.stop() == 0
+    assert not any(" INFO " in line for line in broker.errors)  # log_level from the file

@@ -1,0 +1,98 @@
+"""scripts/loadtest.py: exact percentiles, generated requests, and whole runs as processes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from workers.echo import echo_pb2
+
+from .conftest import REPO, zrpc_cli
+
+SCRIPT = REPO / "scripts" / "loadtest.py"
+RUN_TIMEOUT = 90.0  # bound on one whole load-test process, spawning included
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("zrpc_loadtest", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+loadtest = _load_script()
+
+
+def run_loadtest(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the script finds the checkout by itself
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT)
+
+
+@pytest.mark.parametrize("q, expected", [(50, 50), (90, 90), (99, 99), (100, 100), (0.1, 1)])
+def test_percentiles_are_exact_nearest_rank(q, expected):
+    assert loadtest.percentile(list(range(1, 101)), q) == expected
+
+
+def test_percentile_of_nothing_is_none_and_of_one_value_is_that_value():
+    assert loadtest.percentile([], 50) is None
+    assert loadtest.percentile([7], 99) == 7
+
+
+def test_summary_counts_calls_ok_and_errors_by_code_name():
+    result = loadtest.Result(latencies_ns=[3000, 1000, 2000], elapsed_s=0.5)
+    result.errors["UNAVAILABLE"] = 1
+    report = loadtest.summary(result, concurrency=2, payload_size=10, target="echo.Echo/Say",
+                              brokers=["ipc:///x"], spawned_workers=0)
+    assert report["calls"] == 4 and report["ok"] == 3
+    assert report["errors"] == {"UNAVAILABLE": 1}
+    assert report["calls_per_s"] == 8.0
+    assert (report["p50_us"], report["max_us"], report["min_us"]) == (2.0, 3.0, 1.0)
+    assert "errors       UNAVAILABLE 1" in loadtest.format_summary(report)
+
+
+def test_generated_request_fills_the_first_bytes_field_with_payload_size_bytes():
+    say = echo_pb2.DESCRIPTOR.services_by_name["Echo"].methods_by_name["Say"]
+    raw = loadtest.build_request(say, 100, None)
+    assert echo_pb2.EchoRequest.FromString(raw).payload == b"x" * 100
+    raw = loadtest.build_request(say, 100, '{"payload": "aGk="}')
+    assert echo_pb2.EchoRequest.FromString(raw).payload == b"hi"
+
+
+def test_spawned_run_makes_every_call_and_reports_one_json_line():
+    result = run_loadtest("--spawn", "1", "--requests", "300", "--concurrency", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    assert report["ok"] == 300 and report["calls"] == 300 and report["errors"] == {}
+    assert report["concurrency"] == 8 and report["payload_size"] == 100
+    assert report["calls_per_s"] > 0
+    assert 0 < report["p50_us"] <= report["p90_us"] <= report["p99_us"] <= report["max_us"]
+    # Everything it started is gone: the temporary directory of its ipc endpoints too.
+    frontend = report["brokers"][0]
+    assert frontend.startswith("ipc://") and not os.path.exists(os.path.dirname(frontend[len("ipc://"):]))
+
+
+def test_run_against_a_running_broker_for_a_duration_prints_a_readable_summary(cli_broker, spawn):
+    _, frontend, backend = cli_broker
+    worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", backend, "--heartbeat-interval", "0.2"))
+    worker.wait_line("zrpc worker ready:")
+    result = run_loadtest("--broker", frontend, "--duration", "0.5", "--concurrency", "4", "--payload-size", "10")
+    assert result.returncode == 0, result.stderr
+    for label in ("calls", "throughput", "calls/s", "p50", "p90", "p99", "max", "errors       none"):
+        assert label in result.stdout
+    assert result.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def test_unknown_service_fails_in_one_line(cli_broker):
+    _, frontend, _ = cli_broker
+    result = run_loadtest("--broker", frontend, "--service", "nobody.Offers/This", "--requests", "5")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["error: NOT_FOUND: no worker has offered service 'nobody.Offers'"]
