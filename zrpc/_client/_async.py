@@ -2,7 +2,8 @@
 
 Everything runs on the event loop of the first call: a reader task settles futures as replies
 arrive, a writer task coalesces the calls made since it last ran into one REQUEST (spec §4), and
-one timer, re-armed to the nearest deadline, fails calls DEADLINE_EXCEEDED on time.
+one timer, re-armed to the nearest deadline or end of a retry backoff, fails calls
+DEADLINE_EXCEEDED on time and hands retries back to the writer.
 """
 from __future__ import annotations
 
@@ -13,18 +14,21 @@ import zmq
 import zmq.asyncio
 from google.protobuf.descriptor import ServiceDescriptor
 
+from ._breaker import CircuitBreaker
 from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
 from ._dealer import endpoint_list, open_dealer
+from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import AsyncUnaryMethod, Stub
 
 
 class AsyncClient:
     """An asyncio zrpc client; many tasks may call at once over one socket.
 
-    Arguments are those of :class:`zrpc.Client`; ``context`` may be a ``zmq.asyncio.Context``
-    or a plain ``zmq.Context`` (shadowed). The socket is opened in the running loop at the first
-    call, and the client then belongs to that loop. Close it with ``await client.close()`` or
-    ``async with``.
+    Arguments are those of :class:`zrpc.Client` (``retry`` on by default for idempotent calls,
+    ``circuit_breaker`` off, for the reasons given there); ``context`` may be a
+    ``zmq.asyncio.Context`` or a plain ``zmq.Context`` (shadowed). The socket is opened in the
+    running loop at the first call, and the client then belongs to that loop. Close it with
+    ``await client.close()`` or ``async with``.
     """
 
     def __init__(
@@ -33,8 +37,11 @@ class AsyncClient:
         timeout: float = 30.0,
         context: zmq.Context | None = None,
         metadata: Mapping[str, str] | None = None,
+        *,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        circuit_breaker: CircuitBreaker | None = None,
     ):
-        self._core = ClientCore(timeout, metadata)
+        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker)
         self.endpoints = endpoint_list(endpoints)
         self._context_arg = context
         self._context: zmq.asyncio.Context | None = None
@@ -110,7 +117,9 @@ class AsyncClient:
                                   metadata=metadata, decode=decode)
         future = self._loop.create_future()
         call.waiter = future
-        self._core.add(call)
+        refused = self._core.add(call)
+        if refused is not None:  # its service's circuit is open: fail fast, unsent
+            raise refused.error
         self._wake.set()
         self._arm_timer()
         try:
@@ -154,6 +163,7 @@ class AsyncClient:
             while True:
                 frames = await self._socket.recv_multipart()
                 self._settle(self._core.handle_message(frames))
+                self._arm_timer()  # a failed call may now wait out a retry backoff
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -182,25 +192,27 @@ class AsyncClient:
         self._settle(self._core.fail_all(closed_error(in_flight=True)))
 
     def _arm_timer(self) -> None:
-        deadline = self._core.next_deadline()
-        if deadline is None:
+        due = self._core.next_timer()  # a deadline, or the end of a retry's backoff
+        if due is None:
             return  # a pending timer finds nothing to do and is not re-armed
         if self._timer is not None:
-            if self._timer_at <= deadline:
+            if self._timer_at <= due:
                 return  # it fires first and re-arms for what is left then
             self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = self._loop.call_later(max(0.0, deadline - self._core.clock()), self._on_timer)
+        self._timer_at = due
+        self._timer = self._loop.call_later(max(0.0, due - self._core.clock()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        outcomes = self._core.expire(self._core.clock())
+        outcomes = self._core.advance(self._core.clock())
         if outcomes:
             self._settle(outcomes)
             sent = [o.call.request_id for o in outcomes if o.call.sent]
             if sent:
                 self._cancel_ids.extend(sent)  # (spec §8) the broker drops what we gave up on
                 self._wake.set()
+        if self._core.has_unsent():  # retries whose backoff is over
+            self._wake.set()
         self._arm_timer()
 
     @staticmethod

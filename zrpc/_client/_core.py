@@ -1,13 +1,16 @@
 """The client's protocol core, shared by the sync and asyncio clients. No I/O here.
 
 It holds the request-id counter, the table of calls in flight, the queue of calls not yet sent,
-and the deadline bookkeeping; it encodes REQUEST and CANCEL messages and turns REPLY messages into
-outcomes. A flavour (``_sync``, ``_async``) owns the socket and only decides how to wait: it feeds
-the core what it received and the current time, and settles the waiters the core hands back.
+the deadline bookkeeping, the retry policy and the per-service circuit breakers; it encodes
+REQUEST and CANCEL messages and turns REPLY messages into outcomes. A flavour (``_sync``,
+``_async``) owns the socket and only decides how to wait: it feeds the core what it received and
+the current time, wakes it at :meth:`ClientCore.next_timer` (a deadline or the end of a retry's
+backoff), and settles the waiters the core hands back.
 
 The core is not thread-safe: each flavour touches it from one thread (the sync client's I/O
 thread, the asyncio client's event loop). Only :meth:`ClientCore.prepare` may run elsewhere, under
-the flavour's lock, because it touches nothing but the id counter.
+the flavour's lock, because it touches nothing but the id counter (``itertools.count``, whose
+``next`` is atomic, so the I/O thread may draw ids for retries at the same time).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import heapq
 import itertools
 import logging
 import math
+import random
 import time
 import uuid
 from collections import deque
@@ -25,6 +29,8 @@ from .. import _protocol
 from .._errors import Error
 from .._protocol import ProtocolError
 from .._status import StatusCode
+from ._breaker import Circuit, CircuitBreaker
+from ._retry import DEFAULT_RETRY, RetryPolicy
 
 logger = logging.getLogger("zrpc.client")
 
@@ -40,6 +46,11 @@ _MAX_DEADLINE_MS = 2**32 - 1
 MAX_PAIRS_PER_MESSAGE = 256
 MAX_BYTES_PER_MESSAGE = 1 << 20
 
+# Metadata key carrying the attempt number of a retried call (absent on the first attempt), and
+# error details key carrying how many attempts a call that was retried made.
+ATTEMPT_METADATA = "zrpc-attempt"
+ATTEMPTS_DETAIL = "zrpc-attempts"
+
 # Stale heap entries (answered or cancelled calls) are pruned when they outnumber live ones by
 # this factor, so the heap stays proportional to the calls in flight.
 _HEAP_SLACK = 2
@@ -49,17 +60,18 @@ _HEAP_SLACK = 2
 class Call:
     """One call in flight. ``waiter`` is the flavour's future; the core never looks inside it."""
 
-    request_id: int
+    request_id: int  # of the current attempt: each attempt has its own (spec §5)
     header: Any  # wire_pb2.RequestHeader, complete but for deadline_ms (set at each send)
     payload: bytes
     timeout: float
     deadline: float  # on the core's clock
     decode: Callable[[bytes], Any] | None = None
     waiter: Any = None
-    # Which attempt this is. The client sends every call once today; a retry policy re-queues
-    # a failed call with attempt + 1 from ClientCore._finish, the one place outcomes are made.
+    # Which attempt this is: ClientCore._finish re-queues a retryable failure with attempt + 1.
     attempt: int = 1
     sent: bool = False
+    trial: bool = False  # this attempt is its circuit's half-open trial
+    last_error: Error | None = None  # of the previous attempt, while waiting out a backoff
 
     @property
     def service(self) -> str:
@@ -90,22 +102,41 @@ def check_timeout(timeout: float, what: str = "timeout") -> float:
 
 
 class ClientCore:
-    """Request ids, calls in flight, deadlines and the REQUEST/REPLY codec of one client."""
+    """Request ids, calls in flight, deadlines, retries, circuits and the codec of one client.
+
+    ``retry`` and ``circuit_breaker`` are described at :class:`zrpc.Client`; ``uniform`` draws
+    the retry jitter (a ``random.Random(seed).random`` makes the backoff schedule repeatable).
+    """
 
     def __init__(
         self,
         default_timeout: float = 30.0,
         metadata: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        circuit_breaker: CircuitBreaker | None = None,
+        uniform: Callable[[], float] = random.random,
     ):
         self.default_timeout = check_timeout(default_timeout, "default timeout")
         self.metadata = dict(metadata or {})
         self.clock = clock
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
+            raise TypeError(f"circuit_breaker must be a CircuitBreaker or None, "
+                            f"got {type(circuit_breaker).__name__}")
+        self.retry = retry
+        self.circuit_breaker = circuit_breaker
+        self._uniform = uniform
         # Ids start at 1: a reply under id 0 answers no call (spec §6).
         self._ids = itertools.count(1)
         self._pending: dict[int, Call] = {}
         self._unsent: deque[Call] = deque()
         self._deadlines: list[tuple[float, int]] = []  # heap; entries of settled calls linger
+        # Calls waiting out a retry backoff: (when it ends, request id of the next attempt).
+        # They are in _pending under that id meanwhile, so cancel, expire and fail_all see them.
+        self._backoffs: list[tuple[float, int]] = []  # heap; entries of settled calls linger
+        self._circuits: dict[str, Circuit] = {}
 
     # -- making calls ------------------------------------------------------------------------
 
@@ -144,11 +175,35 @@ class ClientCore:
         header.request_id = next(self._ids)
         return Call(header.request_id, header, bytes(payload), seconds, self.clock() + seconds, decode)
 
-    def add(self, call: Call) -> None:
-        """Put a prepared call in flight: it waits to be sent and its deadline is watched."""
+    def add(self, call: Call) -> Outcome | None:
+        """Put a prepared call in flight: it waits to be sent and its deadline is watched.
+
+        Returns the call's outcome at once, unsent, when its service's circuit is open.
+        """
+        refusal = self._admit(call, self.clock())
+        if refusal is not None:
+            return Outcome(call, None, refusal)
         self._pending[call.request_id] = call
         self._unsent.append(call)
         heapq.heappush(self._deadlines, (call.deadline, call.request_id))
+        return None
+
+    def circuit(self, service: str) -> Circuit | None:
+        """The circuit of ``service`` (None without a circuit breaker)."""
+        if self.circuit_breaker is None:
+            return None
+        circuit = self._circuits.get(service)
+        if circuit is None:
+            circuit = self._circuits[service] = Circuit(service, self.circuit_breaker)
+        return circuit
+
+    def _admit(self, call: Call, now: float) -> Error | None:
+        circuit = self.circuit(call.service)
+        if circuit is None:
+            return None
+        refusal = circuit.admit(now)
+        call.trial = refusal is None and circuit.trial_in_flight
+        return refusal
 
     @property
     def in_flight(self) -> int:
@@ -221,13 +276,15 @@ class ClientCore:
                 continue
             code = StatusCode.from_wire(header.code)
             if code != StatusCode.OK:
-                outcomes.append(self._finish(call, None, Error(code, header.message, dict(header.details))))
+                outcome = self._finish(call, None, Error(code, header.message, dict(header.details)))
             else:
-                outcomes.append(self._decoded(call, payload))
+                outcome = self._decoded(call, payload)
+            if outcome is not None:  # None: the call was re-queued for another attempt
+                outcomes.append(outcome)
         self._prune()
         return outcomes
 
-    def _decoded(self, call: Call, payload: bytes) -> Outcome:
+    def _decoded(self, call: Call, payload: bytes) -> Outcome | None:
         if call.decode is None:
             return self._finish(call, bytes(payload), None)
         try:
@@ -238,9 +295,75 @@ class ClientCore:
             return self._finish(call, None, Error(StatusCode.INTERNAL, f"could not decode the reply: {exc}"))
         return self._finish(call, value, None)
 
-    def _finish(self, call: Call, value: Any, error: Error | None) -> Outcome:
-        # The single place an outcome is made: where a retry policy would re-queue the call.
+    def _finish(self, call: Call, value: Any, error: Error | None, *,
+                retry: bool = True, record: bool = True) -> Outcome | None:
+        """The single place an outcome is made. The call's circuit learns how the attempt ended
+        (if ``record`` and it was sent: an unsent call says nothing of the service); a failure
+        the retry policy allows is re-queued and None returned (if ``retry``)."""
+        now = self.clock()
+        circuit = self.circuit(call.service)
+        if circuit is not None:
+            if record and call.sent:
+                circuit.record(StatusCode.OK if error is None else error.code, now, call.trial)
+            elif call.trial:
+                circuit.abandon_trial()
+        call.trial = False
+        if error is not None and retry and self._retry_later(call, error, now):
+            return None
+        if error is not None and call.attempt > 1:
+            error.details.setdefault(ATTEMPTS_DETAIL, str(call.attempt))
         return Outcome(call, value, error)
+
+    def _retry_later(self, call: Call, error: Error, now: float) -> bool:
+        """Re-queue ``call`` for its next attempt after a backoff, if the policy allows it."""
+        policy = self.retry
+        if policy is None or not call.header.idempotent or not policy.retries(error.code, call.attempt):
+            return False
+        delay = policy.backoff(call.attempt, self._uniform)
+        if now + delay >= call.deadline:
+            return False  # never past the deadline: fail now with this error
+        circuit = self.circuit(call.service)
+        if circuit is not None and circuit.refuses(now + delay):
+            return False  # the circuit would refuse it anyway: the real error tells more
+        # A new id per attempt: the broker refuses an id already in flight (spec §5), and a
+        # late reply to the old one (the broker answered it already) must not settle this one.
+        call.request_id = call.header.request_id = next(self._ids)
+        call.attempt += 1
+        call.header.metadata[ATTEMPT_METADATA] = str(call.attempt)
+        call.sent = False
+        call.last_error = error
+        self._pending[call.request_id] = call
+        heapq.heappush(self._deadlines, (call.deadline, call.request_id))
+        heapq.heappush(self._backoffs, (now + delay, call.request_id))
+        logger.debug("retrying %s/%s in %.3fs as request %d (attempt %d) after %s",
+                     call.service, call.method, delay, call.request_id, call.attempt, error.code.name)
+        return True
+
+    def next_timer(self) -> float | None:
+        """When :meth:`advance` next has work: the earliest deadline or end of a backoff."""
+        deadline = self.next_deadline()
+        heap = self._backoffs
+        while heap and self._pending.get(heap[0][1]) is None:
+            heapq.heappop(heap)  # its call was answered, cancelled or expired meanwhile
+        if heap and (deadline is None or heap[0][0] < deadline):
+            return heap[0][0]
+        return deadline
+
+    def advance(self, now: float) -> list[Outcome]:
+        """Do what is due by ``now``: expired calls fail, and calls whose backoff is over go
+        back to the send queue (or fail with their last error if their circuit refuses them)."""
+        outcomes = self.expire(now)
+        while self._backoffs and self._backoffs[0][0] <= now:
+            _, request_id = heapq.heappop(self._backoffs)
+            call = self._pending.get(request_id)
+            if call is None:
+                continue
+            if self._admit(call, now) is not None:
+                del self._pending[request_id]
+                outcomes.append(self._finish(call, None, call.last_error, retry=False, record=False))
+            else:
+                self._unsent.append(call)
+        return outcomes
 
     def next_deadline(self) -> float | None:
         """The earliest deadline among calls in flight, or None when there are none."""
@@ -254,7 +377,9 @@ class ClientCore:
         return None
 
     def expire(self, now: float) -> list[Outcome]:
-        """Fail every call whose deadline is at or before ``now`` with DEADLINE_EXCEEDED."""
+        """Fail every call whose deadline is at or before ``now`` with DEADLINE_EXCEEDED.
+
+        A flavour calls :meth:`advance`, which does this and ends the backoffs that are over."""
         outcomes = []
         while True:
             deadline = self.next_deadline()
@@ -262,7 +387,7 @@ class ClientCore:
                 break
             _, request_id = heapq.heappop(self._deadlines)
             call = self._pending.pop(request_id)
-            outcomes.append(self._finish(call, None, self.deadline_error(call)))
+            outcomes.append(self._finish(call, None, self.deadline_error(call), retry=False))
         self._prune()
         return outcomes
 
@@ -284,6 +409,9 @@ class ClientCore:
     def cancel(self, request_id: int) -> Call | None:
         """Forget a call the caller gave up on; returns it when it was still in flight."""
         call = self._pending.pop(request_id, None)
+        if call is not None and call.trial:
+            call.trial = False
+            self._circuits[call.service].abandon_trial()
         self._prune()
         return call
 
@@ -293,7 +421,9 @@ class ClientCore:
         self._pending.clear()
         self._unsent.clear()
         self._deadlines.clear()
-        return [self._finish(call, None, error) for call in calls]
+        self._backoffs.clear()
+        # The client is closing: no retry, and its own CANCELLED says nothing of the services.
+        return [self._finish(call, None, error, retry=False, record=False) for call in calls]
 
     def sent_in_flight(self) -> list[int]:
         """Ids of calls in flight that the broker has been sent (CANCEL them when closing)."""

@@ -3,7 +3,8 @@
 Callers in any thread put calls (and cancellations) on an outbox and wake the I/O thread through
 an inproc PAIR; the I/O thread alone touches the DEALER and the core. It coalesces every waiting
 call into one REQUEST per send (spec §4), settles futures as replies arrive, and polls no longer
-than the nearest deadline, so a call fails DEADLINE_EXCEEDED on time even with no broker at all.
+than the nearest deadline or end of a retry backoff, so a call fails DEADLINE_EXCEEDED on time
+even with no broker at all, and a backoff never blocks other calls.
 """
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import math
 import threading
 import uuid
 from collections import deque
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import zmq
 import zmq.asyncio
 from google.protobuf.descriptor import ServiceDescriptor
 
 from .._errors import Error
+from ._breaker import CircuitBreaker
 from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
 from ._dealer import endpoint_list, open_dealer
+from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import Stub, UnaryMethod
 
 # Messages received per loop turn before deadlines and sends get their turn.
@@ -32,6 +35,12 @@ _CLOSE_JOIN_TIMEOUT = 10.0
 _CLOSE = object()  # outbox marker: the I/O thread should shut down
 
 
+class _Cancel(NamedTuple):
+    """Outbox entry: the caller cancelled this call (its request id may change with retries)."""
+
+    call: Call
+
+
 class Client:
     """A blocking zrpc client; many threads may call at once over one socket.
 
@@ -40,6 +49,22 @@ class Client:
     ``context`` is a ``zmq.Context`` to share (not terminated on close); by default the client
     owns one. ``metadata`` is sent with every call; a call's own metadata wins on a clash.
     Done-callbacks of returned futures run on the client's I/O thread: keep them short.
+
+    ``retry`` (a :class:`RetryPolicy`, or None for no retries) re-sends calls marked idempotent
+    (stubs mark the methods declaring ``idempotency_level``) that failed with a retryable code,
+    within their deadline. It is on by default, as ``RetryPolicy()``: up to 3 attempts on
+    UNAVAILABLE only, the code a broker restart or a worker death gives, after which an
+    idempotent call is safe to send again by definition; 3 attempts bound the extra load, and
+    the deadline bounds the wait. Other calls are never retried: their first attempt may have
+    run. Attempt n > 1 carries metadata ``zrpc-attempt: n`` and a new request id; a call that
+    was retried fails with details ``zrpc-attempts``.
+
+    ``circuit_breaker`` (a :class:`CircuitBreaker`) makes calls to a service that keeps failing
+    fail at once, unsent, for a while. It is off by default: it fails calls that could have
+    succeeded (after a broker restart it keeps a service refused for ``reset_timeout`` after
+    workers are back), the broker already answers at once for a service with no worker, and its
+    threshold only makes sense for a known traffic pattern. Circuits are per service and per
+    client.
     """
 
     def __init__(
@@ -48,8 +73,11 @@ class Client:
         timeout: float = 30.0,
         context: zmq.Context | None = None,
         metadata: Mapping[str, str] | None = None,
+        *,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        circuit_breaker: CircuitBreaker | None = None,
     ):
-        self._core = ClientCore(timeout, metadata)
+        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker)
         self.endpoints = endpoint_list(endpoints)
         self._own_context = context is None
         if context is None:
@@ -152,7 +180,7 @@ class Client:
             call.waiter = future
             self._outbox.append(call)
             self._wake_locked()
-        future.add_done_callback(functools.partial(self._on_done, call.request_id))
+        future.add_done_callback(functools.partial(self._on_done, call))
         return future
 
     def _wait(self, future: concurrent.futures.Future) -> Any:
@@ -167,12 +195,12 @@ class Client:
             future.cancel()  # e.g. KeyboardInterrupt: tell the broker nobody waits any more
             raise
 
-    def _on_done(self, request_id: int, future: concurrent.futures.Future) -> None:
+    def _on_done(self, call: Call, future: concurrent.futures.Future) -> None:
         if not future.cancelled():
             return
         with self._lock:
             if not self._closed:
-                self._outbox.append(request_id)
+                self._outbox.append(_Cancel(call))
                 self._wake_locked()
 
     def _wake_locked(self) -> None:
@@ -196,7 +224,7 @@ class Client:
                     break
                 if events.get(dealer, 0) & zmq.POLLIN:
                     self._receive()
-                self._expire()
+                self._advance()
                 blocked = self._send_unsent()
                 if blocked != waiting_to_send:
                     # Only ask for POLLOUT while a send is blocked, or poll would spin.
@@ -208,11 +236,11 @@ class Client:
             self._shut_down()
 
     def _poll_timeout_ms(self) -> int | None:
-        deadline = self._core.next_deadline()
-        if deadline is None:
+        due = self._core.next_timer()  # a deadline, or the end of a retry's backoff
+        if due is None:
             return None  # nothing to time out: sleep until woken
         # Round up: waking a hair early would only loop back to sleep for ~0 ms.
-        return max(0, math.ceil((deadline - self._core.clock()) * 1000))
+        return max(0, math.ceil((due - self._core.clock()) * 1000))
 
     def _take_outbox(self) -> bool:
         """Move callers' calls and cancellations into the core; False when closing."""
@@ -225,15 +253,20 @@ class Client:
             ops, self._outbox = self._outbox, deque()
             self._wake_sent = False
         cancelled = []
+        refused = []
         for op in ops:
             if op is _CLOSE:
                 return False
             if isinstance(op, Call):
-                self._core.add(op)
+                outcome = self._core.add(op)
+                if outcome is not None:  # its service's circuit is open
+                    refused.append(outcome)
             else:
-                call = self._core.cancel(op)
+                # Read the id here, in the I/O thread: a retry may have changed it.
+                call = self._core.cancel(op.call.request_id)
                 if call is not None and call.sent:
-                    cancelled.append(op)
+                    cancelled.append(call.request_id)
+        self._settle(refused)
         self._send_cancel(cancelled)
         return True
 
@@ -245,8 +278,8 @@ class Client:
                 return
             self._settle(self._core.handle_message(frames))
 
-    def _expire(self) -> None:
-        outcomes = self._core.expire(self._core.clock())
+    def _advance(self) -> None:
+        outcomes = self._core.advance(self._core.clock())
         if outcomes:
             self._settle(outcomes)
             # (spec §8) the broker drops a queued call the client gave up on.
