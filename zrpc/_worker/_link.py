@@ -1,11 +1,11 @@
 """One worker-to-broker connection: its DEALER, its registration and its timers (spec §7, §11)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Callable
 
 import zmq
-import zmq.asyncio
 
 from .. import _protocol as p
 
@@ -13,6 +13,10 @@ log = logging.getLogger("zrpc.worker")
 
 # (spec §2, §3) What a broker may send a worker.
 FROM_BROKER = frozenset({p.REQUEST, p.HEARTBEAT, p.CANCEL, p.DISCONNECT})
+
+# Replies gathered in one loop turn leave as one REPLY (spec §4); a message carries at most this
+# many, well under the broker's frame limit.
+MAX_PAIRS_PER_REPLY = 256
 
 # Lingering on the last close lets DISCONNECT and the last replies leave; bounded so a vanished
 # broker cannot hold up the context's termination for longer than this.
@@ -22,25 +26,36 @@ FINAL_LINGER_MS = 1000
 class BrokerLink:
     """The DEALER to one broker endpoint, with when we last sent and last heard.
 
+    The socket is a plain (blocking-API) zmq socket used only with NOBLOCK from the loop thread;
+    the loop watches its ZMQ_FD and calls ``on_readable``, which must read until EAGAIN. That
+    FD is edge-triggered and a send may consume its signal, so after each send we look at
+    ZMQ_EVENTS and schedule a read ourselves when a message is waiting (as pyzmq's ZMQStream
+    does). This costs a fraction of zmq.asyncio's futures per message.
+
     ``epoch`` counts registrations: a call belongs to the registration it arrived under, and
     once the broker has forgotten that registration (DISCONNECT, or a new socket after silence)
     the call's reply would be refused, so it is not sent.
     """
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str, ready: list[bytes],
-                 heartbeat_interval: float, liveness: int, clock: Callable[[], float]):
+    def __init__(self, context: zmq.Context, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None],
+                 endpoint: str, ready: list[bytes], heartbeat_interval: float, liveness: int,
+                 clock: Callable[[], float]):
         self.context = context
+        self.loop = loop
+        self.on_readable = on_readable
         self.endpoint = endpoint
         self.ready = ready
         self.heartbeat_interval = heartbeat_interval
         self.silence_limit = liveness * heartbeat_interval
         self.clock = clock
-        self.socket: zmq.asyncio.Socket | None = None
+        self.socket: zmq.Socket | None = None
         self.epoch = 0
         self.in_flight: dict = {}  # dispatch id -> Call, for the current epoch only
         self.last_sent = self.last_heard = self.registered_at = clock()
         self.ready_due: float | None = None  # a READY to send at this time (after a refusal)
         self.dropped = 0  # messages not sent because the socket's queue was full
+        self._read_scheduled = False
+        self._replies: list[tuple[bytes, bytes]] = []  # to send at the end of this loop turn
 
     def open(self) -> None:
         """A fresh DEALER connected to the broker, announcing READY at once (spec §7)."""
@@ -54,27 +69,63 @@ class BrokerLink:
             socket.close(0)
             raise
         self.socket = socket
+        self.loop.add_reader(socket.FD, self.on_readable)
+        self.schedule_read()  # the FD is edge-triggered: look once anyway
         self.epoch += 1
         self.last_heard = self.clock()
         self.send_ready()
 
     def close(self, linger_ms: int = 0) -> None:
         if self.socket is not None:
+            self.loop.remove_reader(self.socket.FD)
             self.socket.close(linger_ms)
             self.socket = None
 
+    def schedule_read(self) -> None:
+        """Read on the next loop turn (once, however often this is asked before then)."""
+        if not self._read_scheduled:
+            self._read_scheduled = True
+            self.loop.call_soon(self._scheduled_read)
+
+    def _scheduled_read(self) -> None:
+        self._read_scheduled = False
+        if self.socket is not None:
+            self.on_readable()
+
+    def recv(self) -> list[bytes] | None:
+        """The next message, or None when none is waiting."""
+        try:
+            return self.socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+
     def send(self, frames: list) -> bool:
         """Queue a message without ever waiting; False when it was dropped (queue full, closed)."""
-        if self.socket is None:
+        socket = self.socket
+        if socket is None:
             return False
-        future = self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
-        error = future.exception()  # the future is already done: NOBLOCK never waits
-        if error is not None:
+        try:
+            socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as error:  # EAGAIN: the queue to a broker that is not reading is full
             self.dropped += 1
             log.debug("message to %s dropped: %s", self.endpoint, error)
             return False
+        finally:
+            if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self.schedule_read()
         self.last_sent = self.clock()
         return True
+
+    def reply(self, pair: tuple[bytes, bytes]) -> None:
+        """Queue a (header, payload) reply; all queued in one loop turn leave together."""
+        if not self._replies:
+            self.loop.call_soon(self.flush_replies)
+        self._replies.append(pair)
+
+    def flush_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        for start in range(0, len(replies), MAX_PAIRS_PER_REPLY):
+            self.send(p.reply_message(replies[start:start + MAX_PAIRS_PER_REPLY]))
 
     def send_ready(self) -> None:
         self.ready_due = None
@@ -90,6 +141,7 @@ class BrokerLink:
         """The broker no longer knows our calls: start a new epoch; return the orphaned calls."""
         orphans = list(self.in_flight.values())
         self.in_flight = {}
+        self._replies = []
         self.epoch += 1
         return orphans
 

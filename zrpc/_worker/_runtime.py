@@ -16,7 +16,6 @@ import time
 from typing import Callable, Iterable
 
 import zmq
-import zmq.asyncio
 
 from .. import _protocol as p
 from .._descriptors import file_descriptor_set
@@ -71,6 +70,9 @@ class Worker:
             name=self.name,
         ))
         self._admission = Admission(concurrency)
+        self._done: list = []  # (call, reply pair) finished by pool threads, for the loop
+        self._done_lock = threading.Lock()
+        self._done_wake_pending = False
         self._links: list[BrokerLink] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
@@ -156,17 +158,19 @@ class Worker:
         self._idle = asyncio.Event()
         self._stopped.clear()
         own_context = self._context is None
-        context = zmq.asyncio.Context() if own_context else zmq.asyncio.Context(self._context)
+        context = zmq.Context() if own_context else zmq.Context.shadow(self._context.underlying)
         self._executor = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="zrpc-handler")
         tasks: list[asyncio.Task] = []
         try:
             for endpoint in self.brokers:
-                link = BrokerLink(context, endpoint, self._ready, self.heartbeat_interval, self.liveness, self._clock)
-                link.open()
+                link = BrokerLink(context, self._loop, None, endpoint, self._ready, self.heartbeat_interval,
+                                  self.liveness, self._clock)
+                link.on_readable = functools.partial(self._receive, link)
                 self._links.append(link)
+                link.open()
             log.info("worker %s ready: services=%s capacity=%d brokers=%s", self.name, ",".join(self.table.names),
                      self.concurrency, ",".join(self.brokers))
-            tasks = [asyncio.create_task(self._serve_link(link)) for link in self._links]
+            tasks = [asyncio.create_task(self._keep_alive())]
             self._started.set()
             if self._stop_requested:
                 self._stop_event.set()
@@ -203,35 +207,37 @@ class Worker:
                 log.warning("worker %s: %d call(s) still running after the %.3gs grace; leaving them to the broker",
                             self.name, self._admission.running, grace)
         for link in self._links:
+            link.flush_replies()
             # (spec §11) The broker re-dispatches or fails what is left; our late replies would be refused.
             for call in link.forget_registration():
                 call.context.cancel()
             link.send(p.disconnect_message("worker stopping"))
 
-    async def _serve_link(self, link: BrokerLink) -> None:
+    async def _keep_alive(self) -> None:
+        """Heartbeat each broker, reconnect to a silent one, resend a delayed READY (spec §11)."""
         clock = self._clock
         while True:
-            events = await link.socket.poll(link.next_timer(clock()) * 1000, zmq.POLLIN)
-            if events:
-                self._receive(link)
             now = clock()
-            if link.silent(now):
-                log.warning("broker %s silent for %.1fs; reconnecting", link.endpoint, now - link.last_heard)
-                self._orphan(link)
-                link.close()
-                link.open()
-                continue
-            if link.ready_due is not None and now >= link.ready_due:
-                link.send_ready()
-            if link.heartbeat_due(now):
-                link.heartbeat(now)
+            for link in self._links:
+                if link.silent(now):
+                    log.warning("broker %s silent for %.3gs; reconnecting", link.endpoint, now - link.last_heard)
+                    self._orphan(link)
+                    link.close()
+                    link.open()
+                    continue
+                if link.ready_due is not None and now >= link.ready_due:
+                    link.send_ready()
+                if link.heartbeat_due(now):
+                    link.heartbeat(now)
+            await asyncio.sleep(min(link.next_timer(now) for link in self._links))
 
     def _receive(self, link: BrokerLink) -> None:
-        socket = link.socket
+        """Read what the broker sent until none is left (the FD only signals a change)."""
         for _ in range(_BATCH):
-            try:
-                frames = socket.recv_multipart(flags=zmq.NOBLOCK).result()
-            except zmq.Again:
+            if link.socket is None:
+                return
+            frames = link.recv()
+            if frames is None:
                 return
             link.last_heard = self._clock()
             try:
@@ -245,6 +251,7 @@ class Worker:
                 self._on_cancel(link, body)
             elif command == p.DISCONNECT:
                 self._on_disconnect(link, body)
+        link.schedule_read()  # a full batch: let other work run, then read on
 
     # ------------------------------------------------------------------ commands
 
@@ -280,8 +287,8 @@ class Worker:
             link.in_flight[call.request_id] = call
             if self._admission.admit(call):
                 self._start(call)
-        if answers:
-            link.send(p.reply_message(answers))
+        for answer in answers:
+            link.reply(answer)
 
     def _on_cancel(self, link: BrokerLink, body) -> None:
         try:
@@ -336,10 +343,22 @@ class Worker:
 
     def _run_in_pool(self, call: Call) -> None:
         answer = run_sync(call)
+        with self._done_lock:  # one wake-up of the loop per batch of finished calls
+            self._done.append((call, answer))
+            if self._done_wake_pending:
+                return
+            self._done_wake_pending = True
         try:
-            self._loop.call_soon_threadsafe(self._finish, call, answer)
-        except RuntimeError:  # the loop is closed: the worker stopped without this call
+            self._loop.call_soon_threadsafe(self._finish_done)
+        except RuntimeError:  # the loop is closed: the worker stopped without these calls
             pass
+
+    def _finish_done(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+            self._done_wake_pending = False
+        for call, answer in done:
+            self._finish(call, answer)
 
     def _async_done(self, call: Call, task: asyncio.Task) -> None:
         if task.cancelled():
@@ -370,7 +389,7 @@ class Worker:
 
     def _reply(self, call: Call, answer: tuple[bytes, bytes]) -> None:
         if call.epoch == call.link.epoch:
-            call.link.send(p.reply_message([answer]))
+            call.link.reply(answer)
 
 
 def _request_id_of(raw_header: bytes) -> int:
