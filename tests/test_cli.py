@@ -308,3 +308,29 @@ def test_broker_start_reads_the_config_file_and_prints_resolved_endpoints(spawn,
     assert broker.lines == [line]  # exactly one line on stdout
     assert broker.stop() == 0
     assert not any(" INFO " in line for line in broker.errors)  # log_level from the file
+
+
+def test_services_and_health_ask_every_broker_of_a_list(spawn, ipc_dir):
+    frontends, backends = [], []
+    for name in ("one", "two"):
+        frontend, backend = f"ipc://{ipc_dir}/{name}-frontend", f"ipc://{ipc_dir}/{name}-backend"
+        spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
+                        "--log-level", "WARNING")).wait_line("zrpc broker ready:")
+        frontends.append(frontend)
+        backends.append(backend)
+    worker = spawn(*zrpc_cli("worker", "run", "workers.greeter:Greeter", "--broker", ",".join(backends),
+                             "--heartbeat-interval", "0.2"))
+    worker.wait_line("zrpc worker ready:")
+
+    def both_list_the_greeter():
+        result = run_cli("services", "--json", "--broker", frontends[0], "--broker", frontends[1])
+        by_broker = json.loads(result.stdout)["brokers"]
+        return all(any(s["name"] == "helloworld.Greeter" and s["live_workers"] == 1 for s in listing["services"])
+                   for listing in by_broker.values())
+    wait_for(both_list_the_greeter, 15.0, interval=0.1, message="both brokers to list the greeter")
+    table = run_cli("services", "--broker", ",".join(frontends)).stdout
+    assert f"broker {frontends[0]}" in table and f"broker {frontends[1]}" in table
+    assert table.count("helloworld.Greeter") == 2
+    health = run_cli("health", "--broker", ",".join(frontends), "helloworld.Greeter")
+    assert health.returncode == 0
+    assert health.stdout.count("helloworld.Greeter: SERVING") == 2

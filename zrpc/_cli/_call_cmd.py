@@ -78,17 +78,28 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
 @option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="How long to wait for the broker.")
 @option("--json", "as_json", is_flag=True, default=False,
-        help="Print the broker's ListServices reply as JSON instead of a table.")
+        help="Print the ListServices reply as JSON; with several brokers, an object by endpoint.")
 def services(brokers: tuple[str, ...], timeout: float, as_json: bool) -> None:
-    """List the services a broker knows: methods, live workers, load and queue depth."""
+    """List the services a broker knows: methods, live workers, load and queue depth.
+
+    With several brokers, each is asked on its own and gets its own table.
+    """
     endpoints = split_endpoints(brokers)
-    with _discovery.connect(endpoints, timeout) as client:
-        listing = _discovery.list_services(client, endpoints, timeout)
+    listings = {}
+    for endpoint in endpoints:  # each broker has its own registry: ask each one
+        with _discovery.connect([endpoint], timeout) as client:
+            listings[endpoint] = _discovery.list_services(client, [endpoint], timeout)
     if as_json:
-        click.echo(json_format.MessageToJson(listing, indent=2, preserving_proto_field_name=True,
-                                             always_print_fields_with_no_presence=True))
+        documents = {endpoint: json_format.MessageToDict(
+            listing, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            for endpoint, listing in listings.items()}
+        document = documents[endpoints[0]] if len(endpoints) == 1 else {"brokers": documents}
+        click.echo(json.dumps(document, indent=2))
         return
-    click.echo(format_services(listing), nl=False)
+    for index, (endpoint, listing) in enumerate(listings.items()):
+        if len(endpoints) > 1:
+            click.echo(("\n" if index else "") + f"broker {endpoint}")
+        click.echo(format_services(listing), nl=False)
 
 
 def format_services(listing: pb.ListServicesReply) -> str:
@@ -117,17 +128,22 @@ def health(service: str, brokers: tuple[str, ...], timeout: float) -> None:
     """Health of SERVICE, or of the broker itself when SERVICE is omitted.
 
     Prints SERVING, NOT_SERVING or SERVICE_UNKNOWN; exits 0 only for SERVING (4 otherwise),
-    so it can back a container health check.
+    so it can back a container health check. With several brokers, every one must serve.
     """
     endpoints = split_endpoints(brokers)
-    with _discovery.connect(endpoints, timeout) as client:
-        reply = _discovery.health(client, endpoints, service, timeout)
-    status = pb.HealthReply.Status.Name(reply.status)
-    if service:
-        click.echo(f"{service}: {status} (live workers {reply.live_workers}, queued {reply.queue_depth})")
-    else:
-        click.echo(f"broker: {status}")
-    if reply.status != pb.HealthReply.SERVING:
+    serving = True
+    for endpoint in endpoints:  # each broker has its own registry: ask each one
+        with _discovery.connect([endpoint], timeout) as client:
+            reply = _discovery.health(client, [endpoint], service, timeout)
+        status = pb.HealthReply.Status.Name(reply.status)
+        where = f"{endpoint} " if len(endpoints) > 1 else ""
+        if service:
+            click.echo(f"{where}{service}: {status} (live workers {reply.live_workers}, "
+                       f"queued {reply.queue_depth})")
+        else:
+            click.echo(f"{where}broker: {status}")
+        serving = serving and reply.status == pb.HealthReply.SERVING
+    if not serving:
         sys.exit(EXIT_NOT_SERVING)
 
 
