@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
@@ -45,8 +46,18 @@ class Context:
     ``deadline`` is a ``time.monotonic()`` value, or None when the call has none.
     """
 
-    __slots__ = ("request_id", "service", "method", "trace_id", "metadata", "attempt", "deadline",
-                 "_cancelled", "_task", "_clock")
+    __slots__ = (
+        "_cancelled",
+        "_clock",
+        "_task",
+        "attempt",
+        "deadline",
+        "metadata",
+        "method",
+        "request_id",
+        "service",
+        "trace_id",
+    )
 
     def __init__(self, *, request_id: int = 0, service: str = "", method: str = "", trace_id: str = "",
                  metadata: dict[str, str] | None = None, attempt: int = 1, deadline: float | None = None,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .. import _protocol as p
 from .._errors import Error
@@ -68,7 +69,7 @@ def new_call(header, payload: bytes, method: Method, link: Any, epoch: int, now:
     """A Call for a decoded header; raises Error(INVALID_ARGUMENT) for a payload of another type."""
     try:
         request = method.input_class.FromString(payload)
-    except Exception:  # DecodeError, or others on some malformed inputs
+    except Exception:  # noqa: BLE001 - DecodeError, or others on some malformed inputs
         raise Error(StatusCode.INVALID_ARGUMENT,
                     f"payload is not a valid {method.descriptor.input_type.full_name}") from None
     metadata = dict(header.metadata)
@@ -96,7 +97,7 @@ def result_pair(call: Call, result: Any) -> tuple[bytes, bytes]:
             StatusCode.INTERNAL, f"handler returned {type(result).__name__}, expected {expected}"))
     try:
         payload = result.SerializeToString()
-    except Exception as exc:  # e.g. a proto2 reply missing a required field
+    except Exception as exc:  # noqa: BLE001 - e.g. a proto2 reply missing a required field
         return exception_pair(call, exc)
     return p.encode_reply_header(call.request_id), payload
 
@@ -124,7 +125,7 @@ def run_sync(call: Call) -> tuple[bytes, bytes]:
     """Run a plain handler and build its reply pair (in a pool thread: serialising there too)."""
     try:
         result = call.method.handler(call.request, call.context)
-    except BaseException as exc:  # noqa: B036 - the worker must answer whatever happened
+    except BaseException as exc:  # noqa: BLE001 - the worker must answer whatever happened
         return exception_pair(call, exc)
     return result_pair(call, result)
 

@@ -13,7 +13,8 @@ import os
 import socket as socket_module
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Self
 
 import zmq
 
@@ -22,8 +23,18 @@ from .._descriptors import file_descriptor_set
 from .._errors import Error
 from .._service import Service
 from .._status import StatusCode
-from ._calls import DRAINING, Admission, Call, HandlerTable, error_pair, exception_pair, new_call, \
-    result_pair, run_sync, stopped_pair
+from ._calls import (
+    DRAINING,
+    Admission,
+    Call,
+    HandlerTable,
+    error_pair,
+    exception_pair,
+    new_call,
+    result_pair,
+    run_sync,
+    stopped_pair,
+)
 from ._link import FINAL_LINGER_MS, FROM_BROKER, BrokerLink
 
 log = logging.getLogger("zrpc.worker")
@@ -103,7 +114,7 @@ class Worker:
         """Serve until ``stop()`` (on a new event loop, in this thread)."""
         asyncio.run(self.serve())
 
-    def start(self, timeout: float = 10.0) -> "Worker":
+    def start(self, timeout: float = 10.0) -> Self:
         """Serve in a background thread; returns once connected (raises if start-up failed)."""
         self._thread = threading.Thread(target=self._run_in_thread, name="zrpc-worker", daemon=True)
         self._thread.start()
@@ -142,7 +153,11 @@ class Worker:
         if self._thread is not None:
             self._thread.join(limit)
 
-    def __enter__(self) -> "Worker":
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the worker has stopped (by ``stop()`` or an error); False on timeout."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -191,7 +206,6 @@ class Worker:
             self._stopped.set()
             log.info("worker %s stopped", self.name)
 
-
     async def _drain(self, grace: float) -> None:
         """Stop taking work, let calls in flight finish within ``grace``, then DISCONNECT."""
         self._draining = True
@@ -203,7 +217,7 @@ class Worker:
             self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("worker %s: %d call(s) still running after the %.3gs grace; leaving them to the broker",
                             self.name, self._admission.running, grace)
         for link in self._links:
@@ -396,5 +410,5 @@ def _request_id_of(raw_header: bytes) -> int:
     """The request id of a header that failed validation, or 0 when it cannot be read at all."""
     try:
         return p.RequestHeader.FromString(raw_header).request_id
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means the same: no id to answer under
         return 0
