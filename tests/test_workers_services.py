@@ -223,3 +223,34 @@ def test_context_reports_time_remaining_and_cancellation_with_an_injected_clock(
     cancelled = Context()
     cancelled.cancel()
     assert cancelled.cancelled
+
+
+# -- end to end, through zrpc.testing.serve (in-process broker and worker) ----------------------
+
+def test_serve_runs_the_reference_services_behind_a_real_broker():
+    from zrpc.testing import serve
+
+    before = set(threading.enumerate())
+    with serve(Greeter(), Echo(), KeyValue) as client:
+        greeting = client.stub(Greeter.descriptor).SayHello(helloworld_pb2.HelloRequest(name="Ada"))
+        assert greeting.message == "Hello, Ada!"
+        echo = client.stub(Echo.descriptor)
+        assert echo.Say(echo_pb2.EchoRequest(payload=b"\x01\x02")).payload == b"\x01\x02"
+        with pytest.raises(Error) as raised:
+            echo.Fail(echo_pb2.FailRequest(code=StatusCode.ABORTED, message="on purpose"))
+        assert (raised.value.code, raised.value.message) == (StatusCode.ABORTED, "on purpose")
+        with pytest.raises(Error) as raised:
+            echo.Sleep(echo_pb2.SleepRequest(ms=60_000), timeout=0.05)
+        assert raised.value.code == StatusCode.DEADLINE_EXCEEDED
+        store = client.stub(KeyValue.descriptor)
+        version = store.Put(kv_pb2.PutRequest(key="k", value=b"v")).version
+        assert store.Get(kv_pb2.GetRequest(key="k")).entry.version == version
+        with pytest.raises(Error) as raised:
+            store.Get(kv_pb2.GetRequest(key="missing"))
+        assert raised.value.code == StatusCode.NOT_FOUND
+    pause = threading.Event()
+    for _ in range(500):  # bounded: the broker, worker and client threads end on exit
+        if not set(threading.enumerate()) - before:
+            break
+        pause.wait(0.01)
+    assert not set(threading.enumerate()) - before
