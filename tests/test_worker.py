@@ -19,7 +19,7 @@ from zrpc._descriptors import method_names
 from zrpc._errors import Error
 from zrpc._service import Service
 from zrpc._status import StatusCode
-from zrpc._worker import Worker
+from zrpc._worker import Worker, _runtime
 
 ECHO = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
 WAIT = 5.0  # bound on every wait for a condition; tests normally finish in milliseconds
@@ -434,6 +434,33 @@ def test_stop_drains_in_flight_calls_then_says_disconnect(broker, make_worker):
         probe.control.resume()
         stopper.join(WAIT)
     assert not stopper.is_alive()
+
+
+def test_calls_arriving_after_the_last_one_finished_are_handed_back_before_disconnect(broker, make_worker,
+                                                                                      monkeypatch):
+    # The broker dispatches again as soon as it reads the last replies; leaving at once would make
+    # it fail those calls as lost. Here the quiet period is long, so the grace ends the drain.
+    monkeypatch.setattr(_runtime, "_DRAIN_QUIET", 60.0)
+    probe = Probe()
+    worker = make_worker(probe, heartbeat_interval=60.0)
+    identity, _ = broker.ready()
+    probe.control.pause()
+    broker.request(identity, (1, "Say", say(b"last")))
+    probe.control.wait(lambda c: c.active == 1, "the handler to start")
+    stopper = threading.Thread(target=worker.stop, kwargs={"grace": 1.0})
+    stopper.start()
+    try:
+        wait_until(lambda: worker.draining, "the worker to drain")
+        probe.control.resume()
+        assert broker.replies(1)[1][0].code == StatusCode.OK
+        broker.request(identity, (2, "Say", say(b"dispatched on that reply")))
+        header, _ = broker.replies(1)[2]
+        assert dict(header.details) == {"zrpc-retry": "draining"}
+        broker.expect(p.DISCONNECT)
+    finally:
+        probe.control.resume()
+        stopper.join(WAIT)
+    assert not stopper.is_alive() and len(probe.contexts) == 1
 
 
 def test_stop_leaves_calls_past_the_grace_to_the_broker(broker, make_worker):

@@ -42,6 +42,12 @@ log = logging.getLogger("zrpc.worker")
 # Messages taken from a socket in one go before the loop looks at anything else.
 _BATCH = 256
 
+# After the last call of a drain, how long no REQUEST must arrive before DISCONNECT (at most one
+# heartbeat interval, within the grace). The broker dispatches to us again as soon as it reads
+# our last replies; those calls must reach us, and be handed back, before we leave, or the
+# broker would fail them as lost with the worker (spec §11).
+_DRAIN_QUIET = 0.1
+
 
 class Worker:
     """Serves ``services`` to the broker(s) at ``brokers``.
@@ -93,6 +99,7 @@ class Worker:
         self._stop_grace: float | None = None
         self._stop_requested = False
         self._draining = False
+        self._last_request_at = 0.0
         self._started = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -213,6 +220,7 @@ class Worker:
         for call in self._admission.withdraw_all():  # never started: another worker can run them
             call.link.in_flight.pop(call.request_id, None)
             self._reply(call, error_pair(call.request_id, Error(StatusCode.UNAVAILABLE, "worker is draining", DRAINING)))
+        give_up_at = self._clock() + grace
         if self._admission.running:
             self._idle.clear()
             try:
@@ -220,12 +228,26 @@ class Worker:
             except TimeoutError:
                 log.warning("worker %s: %d call(s) still running after the %.3gs grace; leaving them to the broker",
                             self.name, self._admission.running, grace)
+        await self._quiet_down(give_up_at)
         for link in self._links:
             link.flush_replies()
             # (spec §11) The broker re-dispatches or fails what is left; our late replies would be refused.
             for call in link.forget_registration():
                 call.context.cancel()
             link.send(p.disconnect_message("worker stopping"))
+
+    async def _quiet_down(self, give_up_at: float) -> None:
+        """Hand back calls still on their way to us until none has come for a while (bounded)."""
+        for link in self._links:
+            link.flush_replies()
+        quiet = min(_DRAIN_QUIET, self.heartbeat_interval)
+        self._last_request_at = self._clock()
+        while True:
+            now = self._clock()
+            until = min(self._last_request_at + quiet, give_up_at)
+            if now >= until:
+                return
+            await asyncio.sleep(until - now)
 
     async def _keep_alive(self) -> None:
         """Heartbeat each broker, reconnect to a silent one, resend a delayed READY (spec §11)."""
@@ -276,7 +298,7 @@ class Worker:
             log.warning("bad REQUEST from broker %s: %s", link.endpoint, exc.message)
             return
         answers = []
-        now = self._clock()
+        now = self._last_request_at = self._clock()
         for raw_header, payload in pairs:  # (spec §4) each pair as if it had arrived alone
             try:
                 header = p.decode_request_header(raw_header)
