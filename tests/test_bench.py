@@ -1,0 +1,32 @@
+"""scripts/bench.py still runs end to end: a short run of zrpc and the C proxy, read as JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_bench_measures_zrpc_and_the_c_proxy():
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--duration", "0.3", "--concurrency", "2",
+         "--systems", "a,b", "--json",
+         "--queued", "1000"],  # the extras run too, at a size that keeps this test quick
+        cwd=REPO, capture_output=True, text=True, timeout=90,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout)
+    rows = {row["system"]: row for row in report["rows"]}
+    assert set(rows) == {"a", "b"}
+    for row in rows.values():
+        assert row["concurrency"] == 2
+        assert row["calls_per_s"] > 0, row
+        assert row["errors"] == {}, row
+    assert rows["a"]["vs_b"]["calls_per_s"] > 0
+    assert report["machine"]["cpu_count"] >= 1
+    assert report["queued_rss"]["queue_depth_seen"] == 999  # one of the 1000 is at the stuck worker
+    assert all(row["calls_per_s"] > 0 for row in report["large_payload_rows"])
