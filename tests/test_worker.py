@@ -19,7 +19,7 @@ from zrpc._descriptors import method_names
 from zrpc._errors import Error
 from zrpc._service import Service
 from zrpc._status import StatusCode
-from zrpc._worker import Worker, _runtime
+from zrpc._worker import Worker
 
 ECHO = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
 WAIT = 5.0  # bound on every wait for a condition; tests normally finish in milliseconds
@@ -421,42 +421,46 @@ def test_stop_drains_in_flight_calls_then_says_disconnect(broker, make_worker):
     stopper = threading.Thread(target=worker.stop, kwargs={"grace": WAIT})
     stopper.start()
     try:
-        wait_until(lambda: worker.draining, "the worker to drain")
+        _, body = broker.expect(p.DISCONNECT)  # (spec §11) the drain notice comes first
+        assert p.decode_disconnect_message(body).drain
         broker.request(identity, (2, "Say", say(b"too late")))
         header, _ = broker.replies(1)[2]  # handed back: the broker gives it to another worker
         assert header.code == StatusCode.UNAVAILABLE and dict(header.details) == {"zrpc-retry": "draining"}
         probe.control.resume()
         header, payload = broker.replies(1)[1]
         assert header.code == StatusCode.OK and echo_pb2.EchoReply.FromString(payload).payload == b"in flight"
+        broker.send(identity, p.disconnect_message("drain acknowledged", drain=True))
         _, body = broker.expect(p.DISCONNECT)
-        assert p.decode_disconnect(body) == "worker stopping"
+        assert p.decode_disconnect_message(body).reason == "worker stopping"
+        assert not p.decode_disconnect_message(body).drain
     finally:
         probe.control.resume()
         stopper.join(WAIT)
     assert not stopper.is_alive()
 
 
-def test_calls_arriving_after_the_last_one_finished_are_handed_back_before_disconnect(broker, make_worker,
-                                                                                      monkeypatch):
-    # The broker dispatches again as soon as it reads the last replies; leaving at once would make
-    # it fail those calls as lost. Here the quiet period is long, so the grace ends the drain.
-    monkeypatch.setattr(_runtime, "_DRAIN_QUIET", 60.0)
+def test_worker_waits_for_the_drain_acknowledgement_so_calls_in_transit_are_handed_back(broker, make_worker):
+    # The broker may dispatch on our last reply before it reads the drain notice; that call is
+    # on its way. Only the broker's acknowledgement proves nothing more is coming.
     probe = Probe()
     worker = make_worker(probe, heartbeat_interval=60.0)
     identity, _ = broker.ready()
     probe.control.pause()
     broker.request(identity, (1, "Say", say(b"last")))
     probe.control.wait(lambda c: c.active == 1, "the handler to start")
-    stopper = threading.Thread(target=worker.stop, kwargs={"grace": 1.0})
+    stopper = threading.Thread(target=worker.stop, kwargs={"grace": WAIT})
     stopper.start()
     try:
-        wait_until(lambda: worker.draining, "the worker to drain")
+        _, body = broker.expect(p.DISCONNECT)
+        assert p.decode_disconnect_message(body).drain
         probe.control.resume()
         assert broker.replies(1)[1][0].code == StatusCode.OK
         broker.request(identity, (2, "Say", say(b"dispatched on that reply")))
+        broker.send(identity, p.disconnect_message("drain acknowledged", drain=True))
         header, _ = broker.replies(1)[2]
         assert dict(header.details) == {"zrpc-retry": "draining"}
-        broker.expect(p.DISCONNECT)
+        _, body = broker.expect(p.DISCONNECT)
+        assert not p.decode_disconnect_message(body).drain
     finally:
         probe.control.resume()
         stopper.join(WAIT)
@@ -470,5 +474,8 @@ def test_stop_leaves_calls_past_the_grace_to_the_broker(broker, make_worker):
     broker.request(identity, (1, "Sleep", sleep(ms=60_000)))
     wait_until(lambda: probe.started == 1, "the handler to start")
     worker.stop(grace=0.01)
-    broker.expect(p.DISCONNECT)  # and no REPLY before it: the broker decides the call's fate
+    _, notice = broker.expect(p.DISCONNECT)
+    assert p.decode_disconnect_message(notice).drain
+    _, body = broker.expect(p.DISCONNECT)  # and no REPLY before it: the broker decides the call's fate
+    assert not p.decode_disconnect_message(body).drain
     assert probe.saw_cancel == [True]

@@ -54,6 +54,7 @@ class BrokerLink:
         self.last_sent = self.last_heard = self.registered_at = clock()
         self.ready_due: float | None = None  # a READY to send at this time (after a refusal)
         self.dropped = 0  # messages not sent because the socket's queue was full
+        self.drain_acked = False  # the broker answered our DISCONNECT{drain} (spec §11)
         self._read_scheduled = False
         self._replies: list[tuple[bytes, bytes]] = []  # to send at the end of this loop turn
 

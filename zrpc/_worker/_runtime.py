@@ -42,13 +42,6 @@ log = logging.getLogger("zrpc.worker")
 # Messages taken from a socket in one go before the loop looks at anything else.
 _BATCH = 256
 
-# After the last call of a drain, how long no REQUEST must arrive before DISCONNECT (at most one
-# heartbeat interval, within the grace). The broker dispatches to us again as soon as it reads
-# our last replies; those calls must reach us, and be handed back, before we leave, or the
-# broker would fail them as lost with the worker (spec §11).
-_DRAIN_QUIET = 0.1
-
-
 class Worker:
     """Serves ``services`` to the broker(s) at ``brokers``.
 
@@ -99,7 +92,7 @@ class Worker:
         self._stop_grace: float | None = None
         self._stop_requested = False
         self._draining = False
-        self._last_request_at = 0.0
+        self._drain_acked: asyncio.Event | None = None  # set while draining (spec §11)
         self._started = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -214,9 +207,17 @@ class Worker:
             log.info("worker %s stopped", self.name)
 
     async def _drain(self, grace: float) -> None:
-        """Stop taking work, let calls in flight finish within ``grace``, then DISCONNECT."""
+        """(spec §11) Stop taking work, finish calls in flight within ``grace``, then DISCONNECT.
+
+        Each broker is first told DISCONNECT{drain}; its answer proves that every request it
+        will ever send us has arrived (one connection keeps order), so none is lost in transit.
+        """
         self._draining = True
+        self._drain_acked = asyncio.Event()
         log.info("worker %s draining: %d call(s) running, grace %.3gs", self.name, self._admission.running, grace)
+        for link in self._links:
+            link.drain_acked = False
+            link.send(p.disconnect_message("worker draining", drain=True))
         for call in self._admission.withdraw_all():  # never started: another worker can run them
             call.link.in_flight.pop(call.request_id, None)
             self._reply(call, error_pair(call.request_id, Error(StatusCode.UNAVAILABLE, "worker is draining", DRAINING)))
@@ -228,26 +229,23 @@ class Worker:
             except TimeoutError:
                 log.warning("worker %s: %d call(s) still running after the %.3gs grace; leaving them to the broker",
                             self.name, self._admission.running, grace)
-        await self._quiet_down(give_up_at)
+        while not all(link.drain_acked for link in self._links):
+            left = give_up_at - self._clock()
+            if left <= 0:
+                log.warning("worker %s: no drain acknowledgement from %s within the grace", self.name,
+                            ",".join(link.endpoint for link in self._links if not link.drain_acked))
+                break
+            self._drain_acked.clear()
+            try:
+                await asyncio.wait_for(self._drain_acked.wait(), left)
+            except TimeoutError:
+                pass
         for link in self._links:
             link.flush_replies()
-            # (spec §11) The broker re-dispatches or fails what is left; our late replies would be refused.
+            # The broker re-dispatches or fails what is left; our late replies would be refused.
             for call in link.forget_registration():
                 call.context.cancel()
             link.send(p.disconnect_message("worker stopping"))
-
-    async def _quiet_down(self, give_up_at: float) -> None:
-        """Hand back calls still on their way to us until none has come for a while (bounded)."""
-        for link in self._links:
-            link.flush_replies()
-        quiet = min(_DRAIN_QUIET, self.heartbeat_interval)
-        self._last_request_at = self._clock()
-        while True:
-            now = self._clock()
-            until = min(self._last_request_at + quiet, give_up_at)
-            if now >= until:
-                return
-            await asyncio.sleep(until - now)
 
     async def _keep_alive(self) -> None:
         """Heartbeat each broker, reconnect to a silent one, resend a delayed READY (spec §11)."""
@@ -298,7 +296,7 @@ class Worker:
             log.warning("bad REQUEST from broker %s: %s", link.endpoint, exc.message)
             return
         answers = []
-        now = self._last_request_at = self._clock()
+        now = self._clock()
         for raw_header, payload in pairs:  # (spec §4) each pair as if it had arrived alone
             try:
                 header = p.decode_request_header(raw_header)
@@ -343,8 +341,17 @@ class Worker:
                 self._reply(call, stopped_pair(call, self._clock()))
 
     def _on_disconnect(self, link: BrokerLink, body) -> None:
-        """(spec §7, §11) The broker does not know us (any more): our calls there are gone."""
-        reason = p.decode_disconnect(body) or "no reason given"
+        """(spec §7, §11) The broker does not know us (any more): our calls there are gone.
+
+        While draining, DISCONNECT{drain} is the broker's acknowledgement instead.
+        """
+        notice = p.decode_disconnect_message(body)
+        if notice.drain:
+            if self._draining:
+                link.drain_acked = True
+                self._drain_acked.set()
+            return
+        reason = notice.reason or "no reason given"
         self._orphan(link)
         if self._draining:
             log.info("broker %s sent DISCONNECT (%s) while draining", link.endpoint, reason)
