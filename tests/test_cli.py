@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tomllib
 
 import pytest
 import zmq

@@ -4,7 +4,7 @@ The public API is re-exported here; every implementation module is private (``zr
 ``zrpc.testing`` holds helpers for testing services.
 """
 from ._broker import Broker, BrokerConfig
-from ._client import AsyncClient, Client
+from ._client import AsyncClient, CircuitBreaker, Client, RetryPolicy
 from ._errors import Error
 from ._service import Context, Service
 from ._status import StatusCode
@@ -14,9 +14,11 @@ __all__ = [
     "AsyncClient",
     "Broker",
     "BrokerConfig",
+    "CircuitBreaker",
     "Client",
     "Context",
     "Error",
+    "RetryPolicy",
     "Service",
     "StatusCode",
     "Worker",
