@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from workers.echo import Echo, echo_pb2
 
@@ -21,4 +22,24 @@ class SlowEcho(Echo):
         for _ in range(steps):
             if context.cancelled or stop.wait(wait / steps):
                 break
+        return echo_pb2.EchoReply(payload=b"%d:" % os.getpid() + request.payload)
+
+
+class HangingEcho(Echo):
+    """echo.Echo whose Say never returns on its own (a hung handler), for as long as ``hang_s``.
+
+    It ignores cancellation but records it: when the broker's CANCEL reaches it (not merely its
+    deadline passing), it creates the file ``cancel_marker`` (call metadata), then hangs on.
+    """
+
+    def Say(self, request, context):
+        marker = context.metadata.get("cancel_marker")
+        give_up_at = time.monotonic() + float(context.metadata.get("hang_s", "60"))
+        never = threading.Event()
+        while time.monotonic() < give_up_at:  # bounded, so a forgotten process still ends
+            if marker and context._cancelled:  # CANCEL from the broker, not our own clock
+                with open(marker, "w"):
+                    pass
+                marker = None
+            never.wait(0.01)
         return echo_pb2.EchoReply(payload=b"%d:" % os.getpid() + request.payload)
