@@ -226,3 +226,272 @@ def test_second_connection_reusing_a_routing_id_does_not_take_over_the_first_one
     assert sum(map(len, second.replies.values())) == 0 or all(
         echo_pb2.EchoReply.FromString(r[1]).payload.endswith(b"second") for rs in second.replies.values() for r in rs)
     assert still_first.replies[5][0][0].code == StatusCode.OK
+
+
+# --------------------------------------------------------------------------- 3. overload
+
+
+def _open_loop_round(frontend: str, first_id: int, rate: float, seconds: float, sleep_ms: int,
+                     deadline_ms: int = 3_000) -> tuple[RawClient, dict[int, float]]:
+    """Offer ``rate`` calls/s for ``seconds`` whatever the answers (open loop); collect them all."""
+    raw = RawClient(frontend)
+    sent_at: dict[int, float] = {}
+    count = int(rate * seconds)
+    next_send = time.monotonic()
+    for i in range(first_id, first_id + count):
+        while (wait := next_send - time.monotonic()) > 0:
+            raw._read(wait)  # read replies while waiting for the next send time
+        sent_at[i] = time.monotonic()
+        say(raw, i, sleep_ms=sleep_ms, deadline_ms=deadline_ms)
+        next_send += 1 / rate
+    raw.collect(until_all_answered=deadline_ms / 1000 + 2, quiet=0.2)
+    raw.close()
+    return raw, sent_at
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def test_overload_keeps_queue_bounded_refuses_excess_fast_and_broker_memory_flat(spawn, endpoints):
+    frontend, backend = endpoints
+    queue_size = 8
+    broker = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
+                             "--unknown-service-grace", "0", "--queue-size", str(queue_size)))
+    broker.wait_line("zrpc broker ready")
+    for _ in range(2):
+        start_worker(spawn, backend, "--concurrency", "2")
+    wait_for(lambda: list_services(frontend).get("echo.Echo") and
+             list_services(frontend)["echo.Echo"].live_workers == 2, 15, message="2 workers")
+    service_ms, slots = 50, 4
+    rate = 4 * slots * 1000 / service_ms  # 4x what the workers can serve
+    depths: list[int] = []
+    sampling = threading.Event()
+
+    def sample() -> None:
+        with zrpc.Client(frontend, timeout=2.0) as client:
+            from zrpc import broker_service_pb2 as bpb
+            while not sampling.is_set():
+                raw = client.call("zrpc.Broker", "ListServices", b"")
+                for s in bpb.ListServicesReply.FromString(raw).services:
+                    if s.name == "echo.Echo":
+                        depths.append(s.queue_depth)
+                sampling.wait(0.01)  # a sampling period, not synchronisation
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rounds = []
+    rss = [_rss_kib(broker.pid)]
+    try:
+        for round_ in range(2):
+            rounds.append(_open_loop_round(frontend, 1 + round_ * 100_000, rate, 2.5, service_ms))
+            rss.append(_rss_kib(broker.pid))
+    finally:
+        sampling.set()
+        sampler.join(5)
+    for n, (raw, sent_at) in enumerate(rounds, 1):
+        latency = collections.defaultdict(list)
+        for i, replies in raw.replies.items():
+            latency[StatusCode(replies[0][0].code).name].append((replies[0][2] - sent_at[i]) * 1000)
+        result = figures(f"overload round {n}", raw, offered_per_s=rate, queue_size=queue_size,
+                         max_queue_depth_seen=max(depths),
+                         ok_p50_ms=round(_percentile(latency["OK"], 0.5), 1),
+                         ok_p99_ms=round(_percentile(latency["OK"], 0.99), 1),
+                         refused_p50_ms=round(_percentile(latency["RESOURCE_EXHAUSTED"], 0.5), 2),
+                         refused_p99_ms=round(_percentile(latency["RESOURCE_EXHAUSTED"], 0.99), 2),
+                         broker_rss_kib=rss[n])
+        assert result["lost"] == 0 and result["duplicated"] == 0
+        assert set(result["errors"]) == {"RESOURCE_EXHAUSTED"} and result["OK"] > 0
+        assert _percentile(latency["RESOURCE_EXHAUSTED"], 0.5) < _percentile(latency["OK"], 0.5)
+        assert _percentile(latency["RESOURCE_EXHAUSTED"], 0.99) < 500  # generous: "at once"
+    assert depths and max(depths) <= queue_size
+    print(f"broker RSS KiB: start {rss[0]}, after round 1 {rss[1]}, after round 2 {rss[2]}")
+    assert rss[2] - rss[1] < 20 * 1024, "broker memory grew across an identical second round"
+
+
+# --------------------------------------------------------------------------- 4. client churn
+
+
+def test_a_thousand_clients_that_call_and_vanish_leave_the_broker_tables_at_baseline(thread_broker, spawn):
+    broker = thread_broker()
+    frontend, backend = broker.frontend_endpoint, broker.backend_endpoint
+    start_worker(spawn, backend, "--concurrency", "32")
+    wait_workers(broker, 1)
+    engine = broker.engine
+    undeliverable_before = broker.undeliverable
+    steady = {"ok": 0, "errors": collections.Counter()}
+    churning = threading.Event()
+
+    def steady_client() -> None:
+        with zrpc.Client(frontend, timeout=5.0) as client:
+            echo = client.stub(echo_pb2.DESCRIPTOR.services_by_name["Echo"])
+            while not churning.is_set():
+                try:
+                    echo.Say(echo_pb2.EchoRequest(payload=b"steady"))
+                    steady["ok"] += 1
+                except zrpc.Error as error:
+                    steady["errors"][error.code.name] += 1
+
+    steady_thread = threading.Thread(target=steady_client, daemon=True)
+    steady_thread.start()
+    context = zmq.Context()
+    kinds = collections.Counter()
+    answered = 0
+    try:
+        header_for = lambda i, sleep_ms: p.RequestHeader(  # noqa: E731
+            request_id=1, service="echo.Echo", method="Say", deadline_ms=5_000, idempotent=True,
+            metadata={"sleep_ms": str(sleep_ms)}).SerializeToString()
+        body = echo_pb2.EchoRequest(payload=b"churn").SerializeToString()
+        for batch in range(10):
+            sockets, waiting = [], []
+            for i in range(batch * 100, batch * 100 + 100):
+                socket = context.socket(zmq.DEALER)
+                socket.linger = 0
+                socket.connect(frontend)
+                sockets.append(socket)
+                kind = ("vanish_mid_call", "wait_for_reply", "vanish_unsent")[i % 3]
+                kinds[kind] += 1
+                if kind == "vanish_mid_call":
+                    socket.send_multipart(p.request_message([(header_for(i, 200), body)]))
+                    socket.close(0)
+                elif kind == "wait_for_reply":
+                    socket.send_multipart(p.request_message([(header_for(i, 0), body)]))
+                    waiting.append(socket)
+                else:
+                    socket.close(0)
+            for socket in waiting:
+                assert socket.poll(10_000), "a client that waited got no reply"
+                frames = socket.recv_multipart()
+                assert p.ReplyHeader.FromString(frames[2]).code == StatusCode.OK
+                answered += 1
+                socket.close(0)
+        wait_for(lambda: engine.calls_held == 0 and not engine.clients and engine.queue_depth() == 0, 10,
+                 message="broker tables back to baseline")
+    finally:
+        churning.set()
+        steady_thread.join(10)
+        context.destroy(0)
+    dropped = broker.undeliverable - undeliverable_before
+    print(f"1,000 clients: {dict(kinds)}, answered {answered}, replies to vanished clients dropped {dropped}, "
+          f"steady client OK {steady['ok']}, errors {dict(steady['errors'])}, lost 0, duplicated 0, "
+          f"tables: clients {len(engine.clients)}, calls_held {engine.calls_held}, queued {engine.queue_depth()}, "
+          f"internal_errors {engine.counters['internal_errors']}")
+    assert answered == kinds["wait_for_reply"]
+    assert dropped >= 1, "replies to vanished clients should be counted as undeliverable"
+    assert steady["ok"] > 0 and not steady["errors"]
+    assert engine.counters["internal_errors"] == 0
+
+
+# --------------------------------------------------------------------------- 5. bad peers
+
+
+class _SmallSndHwmSocket(zmq.Socket):
+    """Caps SNDHWM so a test reaches a peer's high-water mark in hundreds of messages, not 100k."""
+
+    def set(self, option, value):
+        if option == zmq.SNDHWM:
+            value = min(value, 50)
+        super().set(option, value)
+
+
+class _SmallSndHwmContext(zmq.Context):
+    _socket_class = _SmallSndHwmSocket
+
+
+def test_a_client_that_never_reads_and_a_worker_that_floods_affect_only_themselves(endpoints, spawn):
+    frontend, backend = endpoints
+    context = _SmallSndHwmContext()
+    broker = zrpc.Broker(zrpc.BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0),
+                         context=context).start()
+    try:
+        assert broker.frontend.sndhwm == 50
+        start_worker(spawn, backend, "--concurrency", "8")
+        wait_workers(broker, 1)
+        engine = broker.engine
+        describe = p.RequestHeader  # built-in calls are answered by the broker itself: a cheap reply source
+        from zrpc import broker_service_pb2 as bpb
+        describe_body = bpb.DescribeServiceRequest(service="zrpc.Broker").SerializeToString()
+        stop = threading.Event()
+        flooded = {"requests": 0, "replies": 0}
+
+        def never_reads() -> None:
+            peer = Peer(frontend, rcvhwm=1)
+            try:
+                request_id = 0
+                while not stop.is_set() and request_id < 50_000:
+                    request_id += 1
+                    header = describe(request_id=request_id, service="zrpc.Broker", method="DescribeService",
+                                      deadline_ms=5_000).SerializeToString()
+                    try:
+                        peer.socket.send_multipart(p.request_message([(header, describe_body)]), zmq.NOBLOCK)
+                    except zmq.Again:
+                        stop.wait(0.001)
+                        continue
+                    flooded["requests"] += 1
+            finally:
+                peer.close()
+
+        def floods_replies() -> None:
+            peer = Peer(backend)
+            try:
+                peer.socket.send_multipart(p.ready_message(p.Ready(services=["flood.Flood"], capacity=1,
+                                                                   heartbeat_ms=1000, name="flooder")))
+                n = 0
+                while not stop.is_set() and n < 50_000:
+                    n += 1
+                    pairs = [(p.encode_reply_header(10_000_000 + n, 0, "", None), b"unsolicited")]
+                    try:
+                        peer.socket.send_multipart(p.reply_message(pairs), zmq.NOBLOCK)
+                    except zmq.Again:
+                        stop.wait(0.001)
+                        continue
+                    flooded["replies"] += 1
+            finally:
+                peer.close()
+
+        latencies_before, latencies_during = [], []
+        with zrpc.Client(frontend, timeout=5.0) as client:
+            echo = client.stub(echo_pb2.DESCRIPTOR.services_by_name["Echo"])
+
+            def timed_call(into: list) -> None:
+                started = time.monotonic()
+                echo.Say(echo_pb2.EchoRequest(payload=b"normal"))
+                into.append((time.monotonic() - started) * 1000)
+
+            for _ in range(50):
+                timed_call(latencies_before)
+            threads = [threading.Thread(target=f, daemon=True) for f in (never_reads, floods_replies)]
+            for thread in threads:
+                thread.start()
+            try:
+                wait_for(lambda: broker.undeliverable > 0 and engine.counters["malformed_unknown_dispatch"] > 1000, 30,
+                         message="the bad peers' effects counted")
+                while len(latencies_during) < 200:
+                    timed_call(latencies_during)
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join(10)
+        counters = dict(engine.counters)
+    finally:
+        broker.stop()
+        context.term()
+    print(f"bad peers: non-reading client sent {flooded['requests']} requests, flooder sent {flooded['replies']} "
+          f"unsolicited replies; normal client 250 calls OK, errors 0, lost 0, duplicated 0; latency ms "
+          f"before p50 {_percentile(latencies_before, 0.5):.2f} max {max(latencies_before):.2f}, "
+          f"during p50 {_percentile(latencies_during, 0.5):.2f} p99 {_percentile(latencies_during, 0.99):.2f}; "
+          f"undeliverable {counters.get('undeliverable', 0)}, "
+          f"malformed_unknown_dispatch {counters.get('malformed_unknown_dispatch', 0)}, "
+          f"internal_errors {counters.get('internal_errors', 0)}")
+    assert counters.get("undeliverable", 0) > 0 and counters.get("malformed_unknown_dispatch", 0) > 1000
+    assert counters.get("internal_errors", 0) == 0
+    assert _percentile(latencies_during, 0.99) < 1000  # generous; the figures above are the point

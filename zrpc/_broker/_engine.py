@@ -55,11 +55,16 @@ class BrokerEngine:
         # call is None for a call refused on arrival.
         self.on_call_done = None
         self.bad_input_log = _RateLimitedWarnings(log)
+        # CURVE mode: an AccessPolicy (zrpc._security) checked against each message's peer key;
+        # None when the broker runs without keys. Replace it with set_policy().
+        self.policy = None
 
     # ------------------------------------------------------------------ frontend (clients)
 
-    def on_frontend(self, client: bytes, frames: Sequence[bytes], now: float) -> None:
-        """Handle one message from a client."""
+    def on_frontend(self, client: bytes, frames: Sequence[bytes], now: float, peer_key: str | None = None) -> None:
+        """Handle one message from a client; ``peer_key`` is its CURVE key (z85) in secure mode."""
+        if self.policy is not None and not self.policy.client_allowed(peer_key):
+            return self._refuse_client(client, frames, peer_key)
         if self._too_big(frames):
             return self._reject_client(client, 0, "too_large" if len(frames) <= self.config.max_frames
                                        else "too_many_frames", self._size_message(frames))
@@ -67,13 +72,14 @@ class BrokerEngine:
             command, body = p.split(frames, p.CLIENT_COMMANDS)
             if command == p.REQUEST:
                 for raw_header, payload in p.pairs(body):
-                    self._on_request(client, raw_header, payload, now)
+                    self._on_request(client, raw_header, payload, now, peer_key)
             else:
                 self._on_client_cancel(client, p.decode_cancel(body), now)
         except p.ProtocolError as exc:
             self._reject_client(client, 0, exc.reason, exc.message)
 
-    def _on_request(self, client: bytes, raw_header: bytes, payload: bytes, now: float) -> None:
+    def _on_request(self, client: bytes, raw_header: bytes, payload: bytes, now: float,
+                    peer_key: str | None = None) -> None:
         try:
             header = p.decode_request_header(raw_header)
         except p.ProtocolError as exc:
@@ -88,6 +94,11 @@ class BrokerEngine:
             return self._reject_client(client, request_id, "duplicate_request_id",
                                        f"request id {request_id} is already in flight")
         self.counters["requests"] += 1
+        if self.policy is not None and not self.policy.may_call(peer_key, header.service):
+            self.counters["permission_denied"] += 1
+            return self._fail_new(client, request_id, header, StatusCode.PERMISSION_DENIED,
+                                  f"key {self.policy.name(peer_key)!r} may not call service "
+                                  f"{header.service!r} (broker access rules)", now)
         if header.service == _builtin.SERVICE:
             code, message, reply = _builtin.handle(self, header.method, payload, now)
             self._reply(client, request_id, code, message, reply)
@@ -144,9 +155,13 @@ class BrokerEngine:
 
     # ------------------------------------------------------------------ backend (workers)
 
-    def on_backend(self, identity: bytes, frames: Sequence[bytes], now: float) -> None:
-        """Handle one message from a worker."""
+    def on_backend(self, identity: bytes, frames: Sequence[bytes], now: float, peer_key: str | None = None) -> None:
+        """Handle one message from a worker; ``peer_key`` is its CURVE key (z85) in secure mode."""
         worker = self.workers.get(identity)
+        if self.policy is not None and not self.policy.worker_allowed(peer_key):
+            return self._refuse_worker(identity, worker, peer_key, now)
+        if worker is not None and worker.peer_key != peer_key:  # a connection cannot change keys
+            return self._bad_worker_input(identity, worker, "key_mismatch", "message under another key")
         if self._too_big(frames):
             self._bad_worker_input(identity, worker, "too_large", self._size_message(frames))
             return
@@ -155,7 +170,7 @@ class BrokerEngine:
         except p.ProtocolError as exc:
             return self._bad_worker_input(identity, worker, exc.reason, exc.message)
         if command == p.READY:
-            return self._on_ready(identity, worker, body, now)
+            return self._on_ready(identity, worker, body, now, peer_key)
         if worker is None:
             if command != p.DISCONNECT:  # §11: unknown worker -> DISCONNECT, it re-registers
                 self.counters["unknown_worker"] += 1
@@ -184,7 +199,8 @@ class BrokerEngine:
             self._remove_worker(worker, now, "disconnected")
         # HEARTBEAT: being heard from is all it says.
 
-    def _on_ready(self, identity: bytes, worker: WorkerState | None, body, now: float) -> None:
+    def _on_ready(self, identity: bytes, worker: WorkerState | None, body, now: float,
+                  peer_key: str | None = None) -> None:
         if worker is not None:  # §7: the first registration stands
             return self._bad_worker_input(identity, worker, "duplicate_ready", "READY sent twice on one connection")
         try:
@@ -195,6 +211,12 @@ class BrokerEngine:
         if reserved:
             return self._bad_worker_input(identity, None, "reserved_service",
                                           f"service names starting {RESERVED_PREFIX!r} are reserved: {', '.join(reserved)}")
+        if self.policy is not None:
+            forbidden = [name for name in ready.services if not self.policy.may_offer(peer_key, name)]
+            if forbidden:
+                return self._bad_worker_input(identity, None, "forbidden_service",
+                                              f"key {self.policy.name(peer_key)!r} may not offer "
+                                              f"{', '.join(forbidden)} (broker access rules)")
         if len(self.workers) >= self.config.max_workers:
             return self._bad_worker_input(identity, None, "too_many_workers",
                                           f"broker has {len(self.workers)} workers (limit {self.config.max_workers})")
@@ -207,7 +229,7 @@ class BrokerEngine:
             identity=identity, name=ready.name or identity.hex(), services=tuple(dict.fromkeys(ready.services)),
             capacity=ready.capacity, heartbeat=heartbeat,
             expires_at=now + self.config.heartbeat_liveness * heartbeat,
-            next_heartbeat_at=now + heartbeat, joined_at=now, last_seen=now,
+            next_heartbeat_at=now + heartbeat, joined_at=now, last_seen=now, peer_key=peer_key,
         )
         self.workers[identity] = worker
         for name in worker.services:
@@ -434,6 +456,53 @@ class BrokerEngine:
         for client, pairs in self._replies.items():
             self.frontend_out.append((client, p.reply_message(pairs)))
         self._replies.clear()
+
+    # ------------------------------------------------------------------ security
+
+    def set_policy(self, policy, now: float) -> None:
+        """Adopt a new access policy (a reload): registered workers it no longer admits, or no
+        longer lets offer their services, are removed and told DISCONNECT, as if expired (§11).
+        Clients are checked per message, so a revoked client's next call is refused."""
+        self.policy = policy
+        if policy is None:
+            return
+        for worker in list(self.workers.values()):
+            if not policy.worker_allowed(worker.peer_key):
+                self._refuse_worker(worker.identity, worker, worker.peer_key, now)
+            elif not all(policy.may_offer(worker.peer_key, name) for name in worker.services):
+                self.counters["workers_revoked"] += 1
+                log.warning("worker %s removed: its key may no longer offer %s", worker.name, ",".join(worker.services))
+                self.backend_out.append((worker.identity, p.disconnect_message(
+                    "refused: access rules no longer let this key offer its services")))
+                self._remove_worker(worker, now, "lost its permission")
+
+    def _refuse_client(self, client: bytes, frames: Sequence[bytes], peer_key: str | None) -> None:
+        """A message under a key the frontend no longer admits: UNAUTHENTICATED to each call."""
+        self.counters["refused_unauthenticated"] += 1
+        self.bad_input_log.warn("unauthenticated", "refused message from client %s: key %s is not allowed",
+                                client.hex(), peer_key)
+        message = f"key {peer_key} is not allowed by this broker (revoked?)"
+        request_ids = [0]
+        try:
+            command, body = p.split(frames, p.CLIENT_COMMANDS)
+            if command == p.REQUEST:
+                request_ids = [p.decode_request_header(h).request_id for h, _ in p.pairs(body)] or [0]
+            else:
+                return  # a CANCEL needs no answer
+        except p.ProtocolError:
+            pass
+        for request_id in request_ids:
+            self._reply(client, request_id, StatusCode.UNAUTHENTICATED, message, b"")
+
+    def _refuse_worker(self, identity: bytes, worker: WorkerState | None, peer_key: str | None, now: float) -> None:
+        """A message under a key the backend no longer admits: expire it and say DISCONNECT."""
+        self.counters["refused_unauthenticated"] += 1
+        self.bad_input_log.warn("unauthenticated", "refused message from worker %s: key %s is not allowed",
+                                worker.name if worker is not None else identity.hex(), peer_key)
+        self.backend_out.append((identity, p.disconnect_message(f"refused: key {peer_key} is not allowed")))
+        if worker is not None:
+            self.counters["workers_revoked"] += 1
+            self._remove_worker(worker, now, "was revoked")
 
     # ------------------------------------------------------------------ bad input
 

@@ -7,6 +7,8 @@ import time
 
 import zmq
 
+from .. import _security
+from ._auth import BrokerSecurity
 from ._config import BrokerConfig
 from ._engine import BrokerEngine
 
@@ -41,6 +43,12 @@ class Broker:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.undeliverable = 0  # replies to peers that are gone or not reading
+        # CURVE: keys and allow-lists from the config; None for plain TCP.
+        self.security: BrokerSecurity | None = None
+        if self.config.curve_secret:
+            self.security = BrokerSecurity(self.config.curve_secret, self.config.client_keys,
+                                           self.config.worker_keys, self.config.access_rules)
+
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -48,9 +56,15 @@ class Broker:
         """Bind both endpoints; returns them resolved (a tcp port 0 becomes the real port)."""
         if self.frontend is not None:
             return self.frontend_endpoint, self.backend_endpoint
+        if self.security is not None:
+            # Before binding: a peer that connects before the ZAP handler runs is let in and stays.
+            self.security.start(self._context)
+            self.engine.policy = self.security.policy
+            # Secure mode reads each message's User-Id (its peer's key): see _drain_secure.
+            self._drain = self._drain_secure
         try:
-            self.frontend = self._router(self.config.frontend)
-            self.backend = self._router(self.config.backend)
+            self.frontend = self._router(self.config.frontend, _security.FRONTEND_DOMAIN)
+            self.backend = self._router(self.config.backend, _security.BACKEND_DOMAIN)
         except zmq.ZMQError:
             self._close_sockets()
             raise
@@ -61,12 +75,24 @@ class Broker:
         self._wake_recv.bind(self._wake_endpoint)
         # Calls to unknown services wait out the grace from when we can first be reached.
         self.engine.started_at = self._clock()
-        log.info("broker bound: frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint)
+        log.info("broker bound: frontend=%s backend=%s%s", self.frontend_endpoint, self.backend_endpoint,
+                 " (CURVE)" if self.security is not None else "")
+        if self.security is None:
+            for endpoint in (self.frontend_endpoint, self.backend_endpoint):
+                if not _security.is_loopback_endpoint(endpoint):
+                    log.warning("%s is reachable from other hosts and CURVE is off: anyone who can "
+                                "connect can call or serve; see `zrpc keys generate` and --curve-secret",
+                                endpoint)
         return self.frontend_endpoint, self.backend_endpoint
 
-    def _router(self, endpoint: str) -> zmq.Socket:
+    def _router(self, endpoint: str, zap_domain: str = "") -> zmq.Socket:
         socket = self._context.socket(zmq.ROUTER)
         socket.linger = 0
+        if self.security is not None:
+            if not self.security.running:  # CURVE without ZAP would accept any key
+                socket.close(0)
+                raise RuntimeError("refusing to bind a CURVE socket: the ZAP authenticator is not running")
+            self.security.make_server(socket, zap_domain)
         # Replies to a vanished or stalled peer raise instead of vanishing silently (counted).
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         socket.sndhwm = 100_000
@@ -126,6 +152,8 @@ class Broker:
             if socket is not None:
                 socket.close(0)
         self.frontend = self.backend = self._wake_recv = None
+        if self.security is not None:
+            self.security.stop()
         if self._own_context:
             self._context.term()
 
@@ -165,6 +193,37 @@ class Broker:
             identity = frames[0]
             try:
                 handle(identity, frames[1:], now)
+            except Exception:  # a bug must not take the broker down for everyone
+                log.exception("internal error handling a message from %s", identity.hex())
+                self.engine.counters["internal_errors"] += 1
+
+    def reload_keys(self) -> None:
+        """Read the allow-lists and rules again (SIGHUP; safe from any thread or a signal handler).
+
+        New handshakes see the new lists at once. Live connections are checked per message: the
+        loop adopts the new policy before the next message it reads, so a revoked client's next
+        call gets UNAUTHENTICATED and a revoked worker is removed at its next message (it
+        heartbeats) and told DISCONNECT. Raises ValueError for a bad file; the old lists stay.
+        """
+        if self.security is None:
+            raise RuntimeError("this broker runs without CURVE: there are no keys to reload")
+        self.security.reload()  # the loop thread adopts it (see _drain_secure)
+
+    def _drain_secure(self, socket: zmq.Socket, handle, now: float) -> None:
+        """``_drain`` for CURVE: frames as zmq.Frame, to read the peer's key (ZAP User-Id)."""
+        policy = self.security.policy  # swapped whole by reload_keys(), maybe in another thread
+        if policy is not self.engine.policy:
+            self.engine.set_policy(policy, now)
+        recv = socket.recv_multipart
+        for _ in range(_BATCH):
+            try:
+                parts = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = parts[0].bytes
+            try:
+                peer_key = parts[1].get("User-Id") if len(parts) > 1 else None
+                handle(identity, [part.bytes for part in parts[1:]], now, peer_key=peer_key)
             except Exception:  # a bug must not take the broker down for everyone
                 log.exception("internal error handling a message from %s", identity.hex())
                 self.engine.counters["internal_errors"] += 1

@@ -52,6 +52,7 @@ class WorkerState:
     in_flight: dict[int, "Call | None"] = dataclasses.field(default_factory=dict)
     last_dispatch_seq: int = 0
     draining: bool = False
+    peer_key: str | None = None  # its CURVE public key (z85) when the broker runs CURVE
 
     @property
     def free(self) -> int:
