@@ -10,7 +10,6 @@ import collections
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,9 +17,9 @@ import pytest
 import zmq
 
 import zrpc
+from workers.echo import echo_pb2
 from zrpc import StatusCode
 from zrpc import _protocol as p
-from workers.echo import echo_pb2
 
 from .conftest import wait_for, zrpc_cli
 from .test_faults import HEARTBEAT, RawClient, list_services, start_worker
@@ -347,7 +346,7 @@ def test_a_thousand_clients_that_call_and_vanish_leave_the_broker_tables_at_base
     kinds = collections.Counter()
     answered = 0
     try:
-        header_for = lambda i, sleep_ms: p.RequestHeader(  # noqa: E731
+        header_for = lambda i, sleep_ms: p.RequestHeader(
             request_id=1, service="echo.Echo", method="Say", deadline_ms=5_000, idempotent=True,
             metadata={"sleep_ms": str(sleep_ms)}).SerializeToString()
         body = echo_pb2.EchoRequest(payload=b"churn").SerializeToString()
@@ -495,3 +494,99 @@ def test_a_client_that_never_reads_and_a_worker_that_floods_affect_only_themselv
     assert counters.get("undeliverable", 0) > 0 and counters.get("malformed_unknown_dispatch", 0) > 1000
     assert counters.get("internal_errors", 0) == 0
     assert _percentile(latencies_during, 0.99) < 1000  # generous; the figures above are the point
+
+
+# --------------------------------------------------------------------------- 7. partition
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
+
+
+@pytest.fixture
+def partitionable(ipc_dir):
+    """Two network namespaces of our own joined by a veth pair (TEST-NET-1 addresses inside them).
+
+    Yields (broker netns, worker netns, worker-side veth); skips where namespaces cannot be made.
+    """
+    tag = f"{os.getpid() % 100_000}"
+    broker_ns, worker_ns = f"zrpc-b{tag}", f"zrpc-w{tag}"
+    broker_if, worker_if = f"zb{tag}", f"zw{tag}"
+    try:
+        _ip("netns", "add", broker_ns)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"network namespaces unavailable (`ip netns add` failed: "
+                    f"{getattr(exc, 'stderr', None) or exc})".strip())
+    try:
+        _ip("netns", "add", worker_ns)
+        _ip("link", "add", broker_if, "type", "veth", "peer", "name", worker_if)
+        _ip("link", "set", broker_if, "netns", broker_ns)
+        _ip("link", "set", worker_if, "netns", worker_ns)
+        _ip("-n", broker_ns, "addr", "add", "192.0.2.1/30", "dev", broker_if)
+        _ip("-n", worker_ns, "addr", "add", "192.0.2.2/30", "dev", worker_if)
+        for ns, interface in ((broker_ns, broker_if), (worker_ns, worker_if), (broker_ns, "lo"), (worker_ns, "lo")):
+            _ip("-n", ns, "link", "set", interface, "up")
+        yield broker_ns, worker_ns, worker_if
+    finally:
+        for ns in (broker_ns, worker_ns):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=10)
+
+
+def test_partitioned_worker_expires_its_calls_move_and_it_re_registers_when_the_link_returns(
+        partitionable, spawn, ipc_dir):
+    broker_ns, worker_ns, worker_if = partitionable
+    frontend, backend = f"ipc://{ipc_dir}/frontend", "tcp://192.0.2.1:5556"
+    in_ns = lambda ns, *argv: ("ip", "netns", "exec", ns, *argv)
+    started = []
+    try:
+        broker = spawn(*in_ns(broker_ns, *zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
+                                                    "--unknown-service-grace", "0")))
+        started.append(broker)
+        broker.wait_line("zrpc broker ready")
+        worker_args = ("worker", "run", "tests._services:SlowEcho", "--broker", backend,
+                       "--heartbeat-interval", HEARTBEAT, "--concurrency", "8")
+        far = spawn(*in_ns(worker_ns, *zrpc_cli(*worker_args)))
+        near = spawn(*in_ns(broker_ns, *zrpc_cli(*worker_args)))
+        started += [far, near]
+        far.wait_line("zrpc worker ready")
+        near.wait_line("zrpc worker ready")
+        two_live = lambda: list_services(frontend).get("echo.Echo") is not None and \
+            list_services(frontend)["echo.Echo"].live_workers == 2
+        wait_for(two_live, 15, message="both workers registered across the veth")
+        raw = RawClient(frontend)
+        try:
+            for i in range(1, 9):
+                say(raw, i, sleep_ms=1500)
+            for i in range(9, 17):
+                raw.send(i, "echo.Echo", "Sleep", echo_pb2.SleepRequest(ms=1500).SerializeToString(), deadline_ms=10_000)
+            wait_for(lambda: in_flight_total(frontend) == 16, 10, message="16 calls running")
+            _ip("-n", worker_ns, "link", "set", worker_if, "down")  # the partition
+            cut_at = time.monotonic()
+            try:
+                wait_for(lambda: list_services(frontend)["echo.Echo"].live_workers == 1, 5,
+                         message="the partitioned worker expired")
+                expired_after = time.monotonic() - cut_at
+                raw.collect(until_all_answered=10, quiet=0)
+            finally:
+                _ip("-n", worker_ns, "link", "set", worker_if, "up")
+            healed_at = time.monotonic()
+            wait_for(two_live, 15, message="the worker re-registered after the partition")
+            rejoined_after = time.monotonic() - healed_at
+            raw.collect(until_all_answered=0, quiet=1.0)
+            for i in range(101, 117):
+                say(raw, i, sleep_ms=300)
+            raw.collect(until_all_answered=10, quiet=0.2)
+        finally:
+            raw.close()
+    finally:
+        for process in reversed(started):
+            process.stop()
+    result = figures("partition", raw, faults=1, expired_after_s=round(expired_after, 3),
+                     rejoined_after_s=round(rejoined_after, 3))
+    assert result["lost"] == 0 and result["duplicated"] == 0
+    assert [raw.replies[i][0][0].code for i in range(1, 9)] == [StatusCode.OK] * 8
+    assert {served_by(raw, i) for i in range(1, 9)} == {near.pid}
+    sleeps = collections.Counter(raw.replies[i][0][0].code for i in range(9, 17))
+    assert set(sleeps) <= {StatusCode.OK, StatusCode.UNAVAILABLE} and sleeps[StatusCode.UNAVAILABLE] >= 1
+    assert expired_after < LIVENESS * float(HEARTBEAT) + 1.0
+    assert {served_by(raw, i) for i in range(101, 117)} == {far.pid, near.pid}

@@ -33,6 +33,13 @@ class BrokerConfig:
     max_frames: int = 2_049
     # How often the loop checks deadlines and heartbeats when no message arrives.
     tick_interval: float = 0.05
+    # CURVE (zrpc keys generate): the broker's NAME.key_secret, and directories of the public
+    # keys (*.key) admitted on the frontend (clients) and on the backend (workers); optional
+    # TOML rules of which key may call or offer which service. Empty: plain TCP, no keys.
+    curve_secret: str = ""
+    client_keys: str = ""
+    worker_keys: str = ""
+    access_rules: str = ""
     log_level: str = "INFO"
 
     @classmethod
@@ -56,6 +63,11 @@ class BrokerConfig:
                 raise ValueError(f"{name} must not be negative")
         if self.tick_interval <= 0:
             raise ValueError("tick_interval must be positive")
+        if self.curve_secret and not (self.client_keys and self.worker_keys):
+            # Without allow-lists CURVE would encrypt but admit any key.
+            raise ValueError("curve_secret needs client_keys and worker_keys (directories of public keys)")
+        if not self.curve_secret and (self.client_keys or self.worker_keys or self.access_rules):
+            raise ValueError("client_keys, worker_keys and access_rules need curve_secret")
 
 
 def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:

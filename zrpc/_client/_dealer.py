@@ -5,6 +5,8 @@ from typing import Sequence
 
 import zmq
 
+from .. import _security
+
 # ZMTP heartbeats notice a dead TCP peer (a broker host that vanished without a FIN) so ZeroMQ
 # reconnects instead of queueing into a connection that will never deliver.
 HEARTBEAT_IVL_MS = 1000
@@ -19,10 +21,16 @@ def endpoint_list(endpoints: str | Sequence[str]) -> list[str]:
     return found
 
 
-def open_dealer(context: zmq.Context, endpoints: Sequence[str]) -> zmq.Socket:
-    """A DEALER connected to every endpoint (ZeroMQ round-robins requests across them)."""
+def open_dealer(context: zmq.Context, endpoints: Sequence[str],
+                curve: tuple[_security.KeyPair, bytes] | None = None) -> zmq.Socket:
+    """A DEALER connected to every endpoint (ZeroMQ round-robins requests across them).
+
+    ``curve`` is (our key pair, the broker's public key) for CURVE, or None for plain TCP.
+    """
     socket = context.socket(zmq.DEALER)
     try:
+        if curve is not None:
+            _security.apply_client_curve(socket, *curve)
         # Closing must never wait for unsent requests: their callers have already been answered.
         socket.setsockopt(zmq.LINGER, 0)
         # IMMEDIATE stays off on purpose: requests made while the broker is still connecting

@@ -21,9 +21,12 @@ import zmq.asyncio
 from google.protobuf.descriptor import ServiceDescriptor
 
 from .._errors import Error
+from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
 from ._dealer import endpoint_list, open_dealer
+from ._handshake import EVENTS as HANDSHAKE_EVENTS
+from ._handshake import HandshakeWatch, parse_event
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import Stub, UnaryMethod
 
@@ -65,6 +68,10 @@ class Client:
     workers are back), the broker already answers at once for a service with no worker, and its
     threshold only makes sense for a known traffic pattern. Circuits are per service and per
     client.
+
+    ``curve_secret`` (our ``NAME.key_secret`` file, a ``zrpc.KeyPair`` or a (public, secret)
+    tuple of z85 keys) and ``broker_key`` (the broker's ``.key`` file or z85 public key) turn on
+    CURVE. A broker that refuses the handshake fails pending calls with UNAUTHENTICATED at once.
     """
 
     def __init__(
@@ -76,9 +83,12 @@ class Client:
         *,
         retry: RetryPolicy | None = DEFAULT_RETRY,
         circuit_breaker: CircuitBreaker | None = None,
+        curve_secret: Any = None,
+        broker_key: Any = None,
     ):
         self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker)
         self.endpoints = endpoint_list(endpoints)
+        curve = client_security(curve_secret, broker_key)
         self._own_context = context is None
         if context is None:
             context = zmq.Context()
@@ -91,8 +101,14 @@ class Client:
         self._closed = False
         sockets: list[zmq.Socket] = []
         try:
-            self._dealer = open_dealer(context, self.endpoints)
+            self._dealer = open_dealer(context, self.endpoints, curve)
             sockets.append(self._dealer)
+            # CURVE: the monitor tells us when the broker refuses our handshake (issue 5).
+            self._monitor = self._watch = None
+            if curve is not None:
+                self._monitor = self._dealer.get_monitor_socket(HANDSHAKE_EVENTS)
+                sockets.append(self._monitor)
+                self._watch = HandshakeWatch(self.endpoints)
             address = f"inproc://zrpc-client-wake-{uuid.uuid4().hex}"
             self._wake_in = context.socket(zmq.PAIR)
             sockets.append(self._wake_in)
@@ -216,10 +232,14 @@ class Client:
         poller = zmq.Poller()
         poller.register(self._wake_in, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         waiting_to_send = False
         try:
             while True:
                 events = dict(poller.poll(self._poll_timeout_ms()))
+                if self._monitor is not None and self._monitor in events:
+                    self._on_handshake_events()
                 if self._wake_in in events and not self._take_outbox():
                     break
                 if events.get(dealer, 0) & zmq.POLLIN:
@@ -268,7 +288,33 @@ class Client:
                     cancelled.append(call.request_id)
         self._settle(refused)
         self._send_cancel(cancelled)
+        if self._watch is not None and self._watch.refused and self._core.in_flight:
+            self._retry_refused()
         return True
+
+    def _on_handshake_events(self) -> None:
+        """Fail pending calls UNAUTHENTICATED when every broker refused our handshake."""
+        while True:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event, value, endpoint = parse_event(frames)
+            error = self._watch.on_event(event, value, endpoint)
+            if endpoint in self._watch.refused:
+                logger.warning("zrpc client: handshake refused by broker at %s: %s",
+                               endpoint, self._watch.refused[endpoint])
+                try:  # drops requests queued for it: their calls are answered below
+                    self._dealer.disconnect(endpoint)
+                except zmq.ZMQError:
+                    pass
+            if error is not None:
+                self._settle(self._core.fail_all(error))
+
+    def _retry_refused(self) -> None:
+        """New calls after a refusal: try the handshake again (the key may be allowed now)."""
+        for endpoint in self._watch.to_retry():
+            self._dealer.connect(endpoint)
 
     def _receive(self) -> None:
         for _ in range(_RECV_BATCH):
@@ -329,6 +375,9 @@ class Client:
         error = closed_error(in_flight=True)
         outcomes = self._core.fail_all(error) + [Outcome(call, None, error) for call in leftover]
         self._settle(outcomes)
+        if self._monitor is not None:
+            self._dealer.disable_monitor()
+            self._monitor.close(linger=0)
         for socket in (self._dealer, self._wake_in, self._wake_out):
             socket.close(linger=0)
         if self._own_context:

@@ -1,0 +1,80 @@
+"""Watching a CURVE client's handshakes, so a refused key fails calls at once (issue 5).
+
+A client whose key the broker refuses, or that holds the wrong broker key, never gets a
+connection: ZeroMQ queues its requests and retries the handshake forever, and the caller would
+see only DEADLINE_EXCEEDED. The socket monitor reports each handshake's outcome; this object
+turns those events into a clear UNAUTHENTICATED error. Both client flavours feed it.
+"""
+from __future__ import annotations
+
+import zmq
+
+from .._errors import Error
+from .._status import StatusCode
+
+EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+          | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def _reason(event: int, value: int) -> str | None:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"our key is not allowed (ZAP status {value})"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return f"CURVE protocol error {value:#x} (is --broker-key the broker's public key?)"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return "handshake failed (is --broker-key the broker's public key, and is CURVE on at the broker?)"
+    return None
+
+
+class HandshakeWatch:
+    """Per endpoint: is the broker there accepting our handshake?
+
+    After a refusal the client disconnects the endpoint (dropping requests queued for it, so
+    calls already failed can never run later, and stopping ZeroMQ's retry loop) and connects it
+    again when new calls come (``to_retry``), so a key added to the broker's list is picked up.
+    """
+
+    def __init__(self, endpoints: list[str]):
+        self.refused: dict[str, str] = {}  # endpoint -> why, while disconnected after a refusal
+        self.retrying: dict[str, str] = {}  # endpoint -> why it was refused last, connected again
+        self.accepted: set[str] = set()
+        self._endpoints = list(endpoints)
+
+    def on_event(self, event: int, value: int, endpoint: str) -> Error | None:
+        """Record one monitor event; returns the error for pending calls when no endpoint is left."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.accepted.add(endpoint)
+            self.refused.pop(endpoint, None)
+            self.retrying.pop(endpoint, None)
+            return None
+        reason = _reason(event, value)
+        if reason is None:
+            return None
+        self.accepted.discard(endpoint)
+        self.retrying.pop(endpoint, None)
+        self.refused[endpoint] = reason
+        if self.accepted or len(self.refused) < len(self._endpoints):
+            return None  # another broker may still take the calls
+        return self.error(endpoint)
+
+    def error(self, endpoint: str | None = None) -> Error:
+        endpoint = endpoint or next(iter(self.refused), self._endpoints[0])
+        reason = self.refused.get(endpoint, "handshake failed")
+        return Error(StatusCode.UNAUTHENTICATED,
+                     f"handshake refused by broker at {endpoint}: {reason}",
+                     {"zrpc-endpoint": endpoint})
+
+    def to_retry(self) -> list[str]:
+        """Endpoints to connect again now that calls wait (once per refusal)."""
+        endpoints = list(self.refused)
+        self.retrying.update(self.refused)
+        self.refused.clear()
+        return endpoints
+
+
+def parse_event(frames: list[bytes]) -> tuple[int, int, str]:
+    """(event, value, endpoint) from a monitor message."""
+    from zmq.utils.monitor import parse_monitor_message
+
+    message = parse_monitor_message(frames)
+    return message["event"], message["value"], message["endpoint"].decode("utf-8", "replace")
