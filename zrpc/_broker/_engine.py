@@ -54,6 +54,8 @@ class BrokerEngine:
         # Optional observer of answered calls (metrics): fn(service, method, code, call, now);
         # call is None for a call refused on arrival.
         self.on_call_done = None
+        # Optional reader of per-service totals for ListServices (CallStats): .service_summary(name, now).
+        self.stats = None
         self.bad_input_log = _RateLimitedWarnings(log)
         # CURVE mode: an AccessPolicy (zrpc._security) checked against each message's peer key;
         # None when the broker runs without keys. Replace it with set_policy().
@@ -357,6 +359,7 @@ class BrokerEngine:
         call.dispatch_id = dispatch_id
         call.worker = worker
         call.state = CallState.DISPATCHED
+        call.dispatched_at = now
         call.attempt += 1
         worker.in_flight[dispatch_id] = call
         worker.last_dispatch_seq = next(self._dispatch_seq)
@@ -456,6 +459,13 @@ class BrokerEngine:
         for client, pairs in self._replies.items():
             self.frontend_out.append((client, p.reply_message(pairs)))
         self._replies.clear()
+        # Bytes out (metrics): the outboxes hold this round's messages; the loop empties them.
+        size = 0
+        for outbox in (self.backend_out, self.frontend_out):
+            for _, frames in outbox:
+                for frame in frames:
+                    size += len(frame)
+        self.counters["bytes_out"] += size
 
     # ------------------------------------------------------------------ security
 
@@ -509,7 +519,9 @@ class BrokerEngine:
     def _too_big(self, frames: Sequence[bytes]) -> bool:
         if len(frames) > self.config.max_frames:
             return True
-        return sum(len(f) for f in frames) > self.config.max_message_bytes
+        size = sum(len(f) for f in frames)
+        self.counters["bytes_in"] += size  # the metrics' bytes in: we sum the frames here anyway
+        return size > self.config.max_message_bytes
 
     def _size_message(self, frames: Sequence[bytes]) -> str:
         if len(frames) > self.config.max_frames:

@@ -11,6 +11,7 @@ from .. import _security
 from ._auth import BrokerSecurity
 from ._config import BrokerConfig
 from ._engine import BrokerEngine
+from ._stats import CallStats
 
 log = logging.getLogger("zrpc.broker")
 
@@ -34,6 +35,8 @@ class Broker:
         self._own_context = context is None
         self._context = context or zmq.Context()
         self.engine = BrokerEngine(self.config, clock())
+        # Per-call statistics for /metrics and `zrpc status`, observed through the engine's hook.
+        self.stats = CallStats(self.engine).install()
         self.frontend: zmq.Socket | None = None
         self.backend: zmq.Socket | None = None
         self.frontend_endpoint = ""

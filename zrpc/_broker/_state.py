@@ -24,6 +24,7 @@ class Call:
     payload: bytes
     deadline: float
     enqueued_at: float
+    dispatched_at: float = 0.0  # when it last went to a worker: queue wait vs service time
     state: CallState = CallState.QUEUED
     dispatch_id: int = 0
     worker: "WorkerState | None" = None

@@ -11,7 +11,8 @@ import click
 
 from .._broker._config import BrokerConfig, load_config_file
 from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_USAGE, LOG_LEVELS, CliError,
-                      check_endpoint, option, ready_line, setup_logging)
+                      check_endpoint, log_format_option, metrics_host_option, metrics_port_option,
+                      option, ready_line, setup_logging, start_metrics)
 
 log = logging.getLogger("zrpc.cli")
 
@@ -44,17 +45,21 @@ def broker() -> None:
         help="Largest message accepted from a client or worker.")
 @option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), show_default="INFO",
         help="Log threshold; logs go to stderr.")
-def start(config_file: str | None, log_level: str | None, **flags) -> None:
+@log_format_option
+@metrics_port_option
+@metrics_host_option
+def start(config_file: str | None, log_level: str | None, log_format: str, metrics_port: int | None,
+          metrics_host: str, **flags) -> None:
     """Start a broker and serve until SIGINT or SIGTERM (then exit 0).
 
     Settings come from flags, then ZRPC_BROKER_START_* variables, then --config, then defaults.
     Once both sockets are bound, prints one line to stdout:
 
     \b
-      zrpc broker ready: frontend=<endpoint> backend=<endpoint>
+      zrpc broker ready: frontend=<endpoint> backend=<endpoint> [metrics=<url>]
     """
     config = _build_config(config_file, log_level=log_level.upper() if log_level else None, **flags)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, log_format)
 
     from .._broker import Broker  # imported late so `zrpc --help` stays quick
 
@@ -71,14 +76,20 @@ def start(config_file: str | None, log_level: str | None, **flags) -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
         broker_.stop()
 
+    from .._broker._metrics import broker_registry
+
+    metrics = start_metrics(lambda: broker_registry(broker_), metrics_host, metrics_port)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}")
+    ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}"
+               + (f" metrics={metrics.url}" if metrics else ""))
     log.info("broker serving: frontend=%s backend=%s", frontend, backend)
     try:
         broker_.run()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if metrics is not None:
+            metrics.close()
     log.info("broker stopped")
 
 

@@ -78,9 +78,35 @@ def split_endpoints(values: Iterable[str], what: str = "broker endpoint") -> lis
     return endpoints
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr with time, level, logger name and message (stdout is for results)."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr (stdout is for results): text lines, or one JSON object per line."""
+    from .._logging import setup_logging as setup
+
+    setup(level, log_format, sys.stderr)
+
+
+# --log-format, --metrics-port and --metrics-host read the same on `broker start` and `worker run`.
+log_format_option = option(
+    "--log-format", type=click.Choice(("text", "json")), default="text", show_default=True,
+    help="Log lines as text, or as one JSON object each (ts, level, logger, msg, trace_id, ...).")
+metrics_port_option = option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port) [default: off].")
+metrics_host_option = option(
+    "--metrics-host", default="127.0.0.1", show_default=True, metavar="HOST",
+    help="Address the metrics endpoint listens on.")
+
+
+def start_metrics(registry_factory, host: str, port: int | None):
+    """The running metrics server, or None when --metrics-port was not given."""
+    if port is None:
+        return None
+    from .._metrics import serve_metrics
+
+    try:
+        return serve_metrics(registry_factory(), host, port)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {host}:{port}: {exc}") from None
 
 
 def ready_line(text: str) -> None:

@@ -10,8 +10,9 @@ import threading
 
 import click
 
-from ._common import (DEFAULT_BACKEND, EXIT_USAGE, LOG_LEVELS, CliError, option, ready_line,
-                      setup_logging, split_endpoints)
+from ._common import (DEFAULT_BACKEND, EXIT_USAGE, LOG_LEVELS, CliError, log_format_option,
+                      metrics_host_option, metrics_port_option, option, ready_line, setup_logging,
+                      split_endpoints, start_metrics)
 
 log = logging.getLogger("zrpc.cli")
 
@@ -38,9 +39,12 @@ def worker() -> None:
 @option("--name", default=None, help="Name shown by `zrpc services` and in broker logs [default: host:pid].")
 @option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
         show_default=True, help="Log threshold; logs go to stderr.")
+@log_format_option
+@metrics_port_option
+@metrics_host_option
 def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
         heartbeat_interval: float, liveness: int, drain_grace: float, name: str | None,
-        log_level: str) -> None:
+        log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
     """Serve MODULE:CLASS services (zrpc Service subclasses) from the current directory.
 
     The working directory goes first on sys.path, so from a checkout
@@ -48,13 +52,13 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
     Once started, prints one line to stdout:
 
     \b
-      zrpc worker ready: services=<names> brokers=<endpoints> concurrency=<n>
+      zrpc worker ready: services=<names> brokers=<endpoints> concurrency=<n> [metrics=<url>]
 
     SIGTERM or SIGINT stops taking new calls, lets calls in flight finish for up to
     --drain-grace seconds, then exits 0.
     """
     endpoints = split_endpoints(brokers)
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     instances = [load_service(target) for target in targets]
     names = [type(instance).descriptor.full_name for instance in instances]
     if len(set(names)) != len(names):
@@ -68,9 +72,16 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
                          drain_grace=drain_grace)
     except (TypeError, ValueError) as exc:  # a service the runtime refuses, a setting out of range
         raise CliError(f"cannot start worker: {exc}") from None
-    _serve(worker_, drain_grace,
-           f"zrpc worker ready: services={','.join(names)} brokers={','.join(endpoints)} "
-           f"concurrency={concurrency}")
+    from .._worker._metrics import worker_registry
+
+    metrics = start_metrics(lambda: worker_registry(worker_), metrics_host, metrics_port)
+    try:
+        _serve(worker_, drain_grace,
+               f"zrpc worker ready: services={','.join(names)} brokers={','.join(endpoints)} "
+               f"concurrency={concurrency}" + (f" metrics={metrics.url}" if metrics else ""))
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def _serve(worker_, drain_grace: float, ready: str) -> None:

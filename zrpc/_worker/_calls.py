@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import _protocol as p
 from .._errors import Error
+from .._logging import TRACE_ID
 from .._service import Context, Method, Service, methods_of
 from .._status import StatusCode
 
@@ -62,6 +63,7 @@ class Call:
     link: Any  # the broker connection it came from: its reply goes back there
     epoch: int  # that connection's registration; a call from an older one gets no reply
     started: bool = False
+    started_at: float = 0.0  # when its handler started (the handler latency metric)
     timer: Any = None  # the asyncio handle that cancels an async handler at its deadline
 
 
@@ -123,11 +125,15 @@ def stopped_pair(call: Call, now: float) -> tuple[bytes, bytes]:
 
 def run_sync(call: Call) -> tuple[bytes, bytes]:
     """Run a plain handler and build its reply pair (in a pool thread: serialising there too)."""
+    token = TRACE_ID.set(call.context.trace_id)  # the handler's log lines carry the trace id
     try:
-        result = call.method.handler(call.request, call.context)
-    except BaseException as exc:  # noqa: BLE001 - the worker must answer whatever happened
-        return exception_pair(call, exc)
-    return result_pair(call, result)
+        try:
+            result = call.method.handler(call.request, call.context)
+        except BaseException as exc:  # noqa: BLE001 - the worker must answer whatever happened
+            return exception_pair(call, exc)
+        return result_pair(call, result)
+    finally:
+        TRACE_ID.reset(token)
 
 
 class Admission:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import logging
 import os
@@ -21,6 +22,7 @@ import zmq
 from .. import _protocol as p
 from .._descriptors import file_descriptor_set
 from .._errors import Error
+from .._logging import TRACE_ID
 from .._service import Service
 from .._status import StatusCode
 from ._calls import (
@@ -36,6 +38,7 @@ from ._calls import (
     stopped_pair,
 )
 from ._link import FINAL_LINGER_MS, FROM_BROKER, BrokerLink
+from ._metrics import HandlerStats
 
 log = logging.getLogger("zrpc.worker")
 
@@ -80,6 +83,7 @@ class Worker:
             name=self.name,
         ))
         self._admission = Admission(concurrency)
+        self.stats = HandlerStats()  # read by /metrics (zrpc._worker._metrics.worker_registry)
         self._done: list = []  # (call, reply pair) finished by pool threads, for the loop
         self._done_lock = threading.Lock()
         self._done_wake_pending = False
@@ -373,9 +377,12 @@ class Worker:
 
     def _start(self, call: Call) -> None:
         call.started = True
+        call.started_at = self._clock()
         method = call.method
         if method.is_async:
-            task = self._loop.create_task(method.handler(call.request, call.context))
+            context = contextvars.copy_context()  # the task's log lines carry the trace id
+            context.run(TRACE_ID.set, call.context.trace_id)
+            task = self._loop.create_task(method.handler(call.request, call.context), context=context)
             call.context._task = task
             task.add_done_callback(functools.partial(self._async_done, call))
             remaining = call.context.time_remaining()
@@ -419,6 +426,7 @@ class Worker:
         if link.in_flight.get(call.request_id) is call:
             del link.in_flight[call.request_id]
         self._reply(call, answer)
+        self.stats.observe(call.context.service, call.context.method, answer[0], self._clock() - call.started_at)
         self._admission.release()
         while (waiting := self._admission.take()) is not None:
             if not waiting.context.cancelled:

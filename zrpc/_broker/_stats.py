@@ -1,0 +1,116 @@
+"""Per-call statistics of a broker, fed by the engine's ``on_call_done`` hook; no I/O.
+
+The engine stays free of metrics: it calls one hook when a call gets its answer. This observer
+keeps what the Prometheus collector and ``zrpc status`` read: requests by code, queue-wait and
+service-time histograms per (service, method), and per service the totals and a recent p99.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import TYPE_CHECKING
+
+from .._metrics import LATENCY_BUCKETS, UNKNOWN, Histogram, quantile
+from .._status import StatusCode
+
+if TYPE_CHECKING:
+    from ._engine import BrokerEngine
+    from ._state import Call
+
+
+class RecentLatency:
+    """Bucket counts over the last ``window`` seconds, in ``slots`` rotating slots (cheap p99)."""
+
+    __slots__ = ("_slot_seconds", "_ids", "_counts")
+
+    def __init__(self, window: float = 60.0, slots: int = 6):
+        self._slot_seconds = window / slots
+        self._ids = [-1] * slots
+        self._counts = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in range(slots)]
+
+    def observe(self, seconds: float, now: float) -> None:
+        slot_id = int(now // self._slot_seconds)
+        index = slot_id % len(self._ids)
+        counts = self._counts[index]
+        if self._ids[index] != slot_id:  # a slot from a past round of the ring: start it afresh
+            self._ids[index] = slot_id
+            counts[:] = [0] * len(counts)
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def quantile(self, q: float, now: float) -> float:
+        """The ``q`` quantile in seconds over the window (0.0 when nothing was observed)."""
+        current = int(now // self._slot_seconds)
+        merged = [0] * (len(LATENCY_BUCKETS) + 1)
+        for slot_id, counts in zip(self._ids, self._counts):
+            if current - len(self._ids) < slot_id <= current:
+                for i, count in enumerate(counts):
+                    merged[i] += count
+        return quantile(merged, q)
+
+
+@dataclasses.dataclass(slots=True)
+class MethodStats:
+    """One (service, method): answers by code name, and where its calls spent their time."""
+
+    codes: dict[str, int] = dataclasses.field(default_factory=dict)
+    queue_wait: Histogram = dataclasses.field(default_factory=Histogram)
+    service_time: Histogram = dataclasses.field(default_factory=Histogram)
+
+
+@dataclasses.dataclass(slots=True)
+class ServiceTotals:
+    """One service, for ``zrpc status``: answers, errors, and recent end-to-end latency."""
+
+    calls: int = 0
+    errors: int = 0
+    recent: RecentLatency = dataclasses.field(default_factory=RecentLatency)
+
+
+class CallStats:
+    """The observer installed as ``engine.on_call_done`` (and read as ``engine.stats``)."""
+
+    def __init__(self, engine: "BrokerEngine"):
+        self._engine = engine
+        self.methods: dict[tuple[str, str], MethodStats] = {}
+        self.services: dict[str, ServiceTotals] = {}
+
+    def install(self) -> "CallStats":
+        self._engine.on_call_done = self.on_call_done
+        self._engine.stats = self
+        return self
+
+    def _labels(self, service: str, method: str) -> tuple[str, str]:
+        """Only names a worker offered become label values (bounded series, spec §9)."""
+        known = self._engine.services.get(service)
+        if known is None or not known.offered:
+            return UNKNOWN, UNKNOWN
+        return service, (method if method in known.methods else UNKNOWN)
+
+    def on_call_done(self, service: str, method: str, code: StatusCode, call: "Call | None", now: float) -> None:
+        key = self._labels(service, method)
+        stats = self.methods.get(key)
+        if stats is None:
+            stats = self.methods[key] = MethodStats()
+        name = code.name
+        stats.codes[name] = stats.codes.get(name, 0) + 1
+        totals = self.services.get(key[0])
+        if totals is None:
+            totals = self.services[key[0]] = ServiceTotals()
+        totals.calls += 1
+        if code is not StatusCode.OK:
+            totals.errors += 1
+        if call is None:  # refused on arrival: it never waited anywhere
+            return
+        if call.attempt > 0:  # it reached a worker: split its time at the (last) dispatch
+            stats.queue_wait.observe(call.dispatched_at - call.enqueued_at)
+            stats.service_time.observe(now - call.dispatched_at)
+        else:
+            stats.queue_wait.observe(now - call.enqueued_at)
+        totals.recent.observe(now - call.enqueued_at, now)
+
+    def service_summary(self, service: str, now: float) -> tuple[int, int, float]:
+        """(calls answered, errors, p99 ms over the last minute) of one service."""
+        totals = self.services.get(service)
+        if totals is None:
+            return 0, 0, 0.0
+        return totals.calls, totals.errors, totals.recent.quantile(0.99, now) * 1000.0
