@@ -128,6 +128,8 @@ class BrokerEngine:
                                   f"it has: {', '.join(sorted(service.methods))}", now)
         if len(service.queue) >= self.config.queue_size and not self._has_free_worker(service):
             self.counters["queue_full"] += 1
+            self.bad_input_log.warn("queue_full", "queue of service %s is full (%d calls): refusing calls",
+                                    header.service, self.config.queue_size, service=header.service)
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                   f"queue of service {header.service!r} is full ({self.config.queue_size} calls)", now)
         call = Call(client, request_id, header, payload, now + header.deadline_ms / 1000.0, now)
@@ -197,7 +199,8 @@ class BrokerEngine:
                 worker.draining = True
                 self.backend_out.append((identity, p.disconnect_message("drain acknowledged", drain=True)))
                 return
-            log.info("worker %s disconnected: %s", worker.name, notice.reason or "no reason given")
+            log.info("worker %s disconnected: %s", worker.name, notice.reason or "no reason given",
+                     extra={"peer": worker.name, "reason": "disconnected"})
             self._remove_worker(worker, now, "disconnected")
         # HEARTBEAT: being heard from is all it says.
 
@@ -246,7 +249,8 @@ class BrokerEngine:
             service.no_worker_since = None
         self.counters["workers_joined"] += 1
         log.info("worker %s joined: services=%s capacity=%d heartbeat=%.3fs",
-                 worker.name, ",".join(worker.services), worker.capacity, heartbeat)
+                 worker.name, ",".join(worker.services), worker.capacity, heartbeat,
+                 extra={"peer": worker.name, "service": ",".join(worker.services)})
         for name in worker.services:
             self._dispatch(self.services[name], now)
 
@@ -283,7 +287,8 @@ class BrokerEngine:
         self._expire_deadlines(now)
         for worker in list(self.workers.values()):
             if now >= worker.expires_at:
-                log.warning("worker %s expired: silent for %.3fs", worker.name, now - worker.last_seen)
+                log.warning("worker %s expired: silent for %.3fs", worker.name, now - worker.last_seen,
+                            extra={"peer": worker.name, "reason": "expired"})
                 self.counters["workers_expired"] += 1
                 self._remove_worker(worker, now, "expired")
             elif now >= worker.next_heartbeat_at:
@@ -532,7 +537,7 @@ class BrokerEngine:
     def _reject_client(self, client: bytes, request_id: int, reason: str, message: str) -> None:
         """§9: count, log (rate-limited) and answer a client's bad message."""
         self.counters[f"malformed_{reason}"] += 1
-        self.bad_input_log.warn(reason, "bad message from client %s: %s", client.hex(), message)
+        self.bad_input_log.warn(reason, "bad message from client %s: %s", client.hex(), message, peer=client.hex())
         code = StatusCode.RESOURCE_EXHAUSTED if reason in ("too_large", "too_many_frames") else StatusCode.INVALID_ARGUMENT
         self._reply(client, request_id, code, message, b"")
 
@@ -540,7 +545,7 @@ class BrokerEngine:
         """§9: count and log; an unregistered sender is told why with DISCONNECT."""
         self.counters[f"malformed_{reason}"] += 1
         name = worker.name if worker is not None else identity.hex()
-        self.bad_input_log.warn(reason, "bad message from worker %s: %s", name, message)
+        self.bad_input_log.warn(reason, "bad message from worker %s: %s", name, message, peer=name)
         if worker is None:
             self.backend_out.append((identity, p.disconnect_message(f"refused: {message}")))
 
@@ -567,15 +572,17 @@ class _RateLimitedWarnings:
         self._clock = clock or time.monotonic
         self._state: dict[str, list] = {}  # reason -> [window start, emitted, suppressed]
 
-    def warn(self, reason: str, fmt: str, *args) -> None:
+    def warn(self, reason: str, fmt: str, *args, **fields) -> None:
+        """Log ``fmt % args`` with ``reason`` and ``fields`` (peer, service) as structured fields."""
         now = self._clock()
         state = self._state.get(reason)
         if state is None or now - state[0] >= self._window:
             if state is not None and state[2]:
-                self._log.warning("%d more %s messages suppressed in the last %.0fs", state[2], reason, self._window)
+                self._log.warning("%d more %s messages suppressed in the last %.0fs", state[2], reason, self._window,
+                                  extra={"reason": reason, "suppressed": state[2]})
             state = self._state[reason] = [now, 0, 0]
         if state[1] < self._burst:
             state[1] += 1
-            self._log.warning(fmt, *args)
+            self._log.warning(fmt, *args, extra={"reason": reason, **fields})
         else:
             state[2] += 1
