@@ -43,6 +43,8 @@ def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now:
             queue_depth=len(service.queue), in_flight=service.dispatched,
             capacity=sum(w.capacity for w in service.workers.values()),
         )
+        if engine.stats is not None:  # CallStats, installed by the Broker (zrpc status reads these)
+            info.calls_total, info.errors_total, info.p99_ms = engine.stats.service_summary(name, now)
         for worker in service.workers.values():
             info.workers.add(name=worker.name, capacity=worker.capacity, in_flight=len(worker.in_flight),
                              last_seen_ms=int((now - worker.last_seen) * 1000))

@@ -7,6 +7,7 @@ from .. import __version__
 from ._broker_cmd import broker
 from ._call_cmd import call, health, services
 from ._common import EXIT_CODES_HELP
+from ._status_cmd import status
 from ._worker_cmd import worker
 
 CONTEXT_SETTINGS = {
@@ -39,6 +40,7 @@ main.add_command(worker)
 main.add_command(call)
 main.add_command(services)
 main.add_command(health)
+main.add_command(status)
 
 
 if __name__ == "__main__":

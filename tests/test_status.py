@@ -1,0 +1,85 @@
+"""``zrpc status``: the broker's per-service counters and the table built from them."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+from click.testing import CliRunner
+
+from zrpc import Broker, BrokerConfig, Client, Error, StatusCode, Worker
+from zrpc import broker_service_pb2 as pb
+from zrpc._cli._status_cmd import format_status
+from zrpc._cli.main import main
+from workers.echo import Echo, echo_pb2
+
+from .conftest import wait_for, zrpc_cli
+
+ECHO = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
+
+
+@pytest.fixture
+def served(endpoints):
+    frontend, backend = endpoints
+    broker = Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0)).start()
+    worker = Worker([Echo()], backend, concurrency=2, heartbeat_interval=0.2, drain_grace=0.0).start()
+    wait_for(lambda: broker.engine.services.get("echo.Echo") and broker.engine.services["echo.Echo"].workers)
+    try:
+        yield broker
+    finally:
+        worker.stop(grace=0.5)
+        broker.stop()
+
+
+def test_list_services_carries_calls_errors_and_p99(served):
+    with Client(served.frontend_endpoint, timeout=5.0) as client:
+        stub = client.stub(ECHO)
+        for _ in range(10):
+            stub.Say(echo_pb2.EchoRequest(payload=b"x"))
+        with pytest.raises(Error):
+            stub.Fail(echo_pb2.FailRequest(code=StatusCode.INTERNAL))
+        reply = pb.ListServicesReply.FromString(client.call("zrpc.Broker", "ListServices", b""))
+    echo = next(service for service in reply.services if service.name == "echo.Echo")
+    assert (echo.calls_total, echo.errors_total) == (11, 1)
+    assert 0 < echo.p99_ms < 30_000
+
+
+def test_status_prints_one_table_when_not_watching(served):
+    with Client(served.frontend_endpoint, timeout=5.0) as client:
+        stub = client.stub(ECHO)
+        for _ in range(5):
+            stub.Say(echo_pb2.EchoRequest(payload=b"x"))
+    result = CliRunner().invoke(main, ["status", "--broker", served.frontend_endpoint, "--interval", "0.05"],
+                                prog_name="zrpc")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"broker {served.frontend_endpoint}: 1 service(s)")
+    assert lines[1].split() == ["SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99", "MS", "ERRORS"]
+    name, workers, busy, queue, in_flight, rate, p99, errors = lines[2].split()
+    assert (name, workers, busy, queue, in_flight, errors) == ("echo.Echo", "1", "0", "0", "0", "0")
+    assert float(rate) == 0.0 and float(p99) > 0  # no calls between the two snapshots
+    assert "\x1b" not in result.output  # plain when piped
+
+
+def test_calls_per_second_is_the_difference_of_two_snapshots():
+    def snapshot(calls: int) -> pb.ListServicesReply:
+        reply = pb.ListServicesReply()
+        service = reply.services.add(name="kv.KeyValue", live_workers=2, queue_depth=3, in_flight=4,
+                                     calls_total=calls, errors_total=2, p99_ms=12.5)
+        service.workers.add(name="a", capacity=2, in_flight=2)
+        service.workers.add(name="b", capacity=2, in_flight=1)
+        reply.services.add(name="zrpc.Broker")
+        return reply
+
+    text = format_status(snapshot(100), snapshot(150), 2.0, "tcp://b:5555")
+    row = text.splitlines()[2].split()
+    assert row == ["kv.KeyValue", "2", "1", "3", "4", "25.0", "12.5", "2"]
+    assert "zrpc.Broker" not in text
+    assert "no services" in format_status(pb.ListServicesReply(), pb.ListServicesReply(), 1.0, "x")
+
+
+def test_watch_refreshes_until_interrupted(spawn, served):
+    watcher = spawn(*zrpc_cli("status", "--broker", served.frontend_endpoint, "--watch", "--interval", "0.05"))
+    wait_for(lambda: sum(line.startswith("broker ") for line in watcher.lines) >= 2, message="two refreshes")
+    watcher.signal(signal.SIGINT)
+    assert watcher.popen.wait(10) == 0
+    assert not any("Traceback" in line for line in watcher.errors)

@@ -1,0 +1,77 @@
+"""``zrpc status``: a live view of one broker for operators, from its ListServices answers.
+
+Calls/s come from the difference of two snapshots ``--interval`` apart; the broker itself keeps
+the counters (calls and errors since it started) and a p99 over the last minute per service.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import click
+
+from .. import broker_service_pb2 as pb
+from ._call_cmd import broker_option
+from ._common import EXIT_CODES_HELP, option, split_endpoints
+from . import _discovery
+
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: refresh in place on a terminal
+_COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99 MS", "ERRORS")
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@broker_option
+@option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
+        metavar="SECONDS", help="Deadline of each question to the broker.")
+@option("--watch", "-w", is_flag=True, default=False,
+        help="Refresh every --interval until Ctrl-C (in place on a terminal).")
+@option("--interval", "-n", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+        metavar="SECONDS", help="Time between the two snapshots that give calls/s (and between refreshes).")
+def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: float) -> None:
+    """Services, workers, queue depth, calls/s, p99 and errors of a broker.
+
+    \b
+      zrpc status --broker tcp://127.0.0.1:5555
+      zrpc status --watch --interval 2
+    """
+    endpoints = split_endpoints(brokers)
+    pause = threading.Event()  # waits that Ctrl-C interrupts
+    with _discovery.connect(endpoints, timeout) as client:
+        before, taken = _discovery.list_services(client, endpoints, timeout), time.monotonic()
+        terminal = sys.stdout.isatty()
+        try:
+            while True:
+                pause.wait(interval)
+                after, now = _discovery.list_services(client, endpoints, timeout), time.monotonic()
+                text = format_status(before, after, now - taken, ", ".join(endpoints))
+                if not watch:
+                    click.echo(text)
+                    return
+                click.echo((_CLEAR if terminal else "") + text + ("" if terminal else "\n"))
+                before, taken = after, now
+        except KeyboardInterrupt:  # --watch ends with Ctrl-C, quietly
+            return
+
+
+def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, seconds: float, broker: str) -> str:
+    """The status table; calls/s from the calls answered between ``before`` and ``after``."""
+    previous = {service.name: service for service in before.services}
+    rows = []
+    for service in after.services:
+        if service.name == _discovery.BROKER_SERVICE:
+            continue
+        earlier = previous.get(service.name)
+        calls = service.calls_total - (earlier.calls_total if earlier is not None else 0)
+        busy = sum(1 for w in service.workers if w.capacity and w.in_flight >= w.capacity)
+        rows.append((service.name, str(service.live_workers), str(busy), str(service.queue_depth),
+                     str(service.in_flight), f"{max(calls, 0) / seconds:.1f}" if seconds > 0 else "-",
+                     f"{service.p99_ms:.1f}", str(service.errors_total)))
+    widths = [max(len(row[i]) for row in (_COLUMNS, *rows)) for i in range(len(_COLUMNS))]
+
+    def line(cells) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
+
+    header = f"broker {broker}: {len(rows)} service(s), {time.strftime('%H:%M:%S')}"
+    body = [line(_COLUMNS), *(line(row) for row in rows)] if rows else ["no services: start one with zrpc worker run MODULE:CLASS"]
+    return "\n".join([header, *body])
