@@ -14,9 +14,12 @@ import zmq
 import zmq.asyncio
 from google.protobuf.descriptor import ServiceDescriptor
 
+from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
 from ._dealer import endpoint_list, open_dealer
+from ._handshake import EVENTS as HANDSHAKE_EVENTS
+from ._handshake import HandshakeWatch, parse_event
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import AsyncUnaryMethod, Stub
 
@@ -26,7 +29,8 @@ class AsyncClient:
 
     Arguments are those of :class:`zrpc.Client` (``retry`` on by default for idempotent calls,
     ``circuit_breaker`` off, for the reasons given there); ``context`` may be a
-    ``zmq.asyncio.Context`` or a plain ``zmq.Context`` (shadowed). The socket is opened in the
+    ``zmq.asyncio.Context`` or a plain ``zmq.Context`` (shadowed); ``curve_secret`` and
+    ``broker_key`` turn on CURVE as for the sync client. The socket is opened in the
     running loop at the first call, and the client then belongs to that loop. Close it with
     ``await client.close()`` or ``async with``.
     """
@@ -40,9 +44,15 @@ class AsyncClient:
         *,
         retry: RetryPolicy | None = DEFAULT_RETRY,
         circuit_breaker: CircuitBreaker | None = None,
+        curve_secret: Any = None,
+        broker_key: Any = None,
     ):
         self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker)
         self.endpoints = endpoint_list(endpoints)
+        self._curve = client_security(curve_secret, broker_key)
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._watch: HandshakeWatch | None = None
+        self._watcher: asyncio.Task | None = None
         self._context_arg = context
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
@@ -85,12 +95,16 @@ class AsyncClient:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        tasks = [task for task in (self._reader, self._writer) if task is not None]
-        self._reader = self._writer = None
+        tasks = [task for task in (self._reader, self._writer, self._watcher) if task is not None]
+        self._reader = self._writer = self._watcher = None
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -120,6 +134,9 @@ class AsyncClient:
         refused = self._core.add(call)
         if refused is not None:  # its service's circuit is open: fail fast, unsent
             raise refused.error
+        if self._watch is not None and self._watch.refused:
+            for endpoint in self._watch.to_retry():  # the key may be allowed by now
+                self._socket.connect(endpoint)
         self._wake.set()
         self._arm_timer()
         try:
@@ -142,7 +159,11 @@ class AsyncClient:
         elif not isinstance(context, zmq.asyncio.Context):
             context = zmq.asyncio.Context.shadow(context.underlying)
         self._context = context
-        self._socket = open_dealer(context, self.endpoints)
+        self._socket = open_dealer(context, self.endpoints, self._curve)
+        if self._curve is not None:
+            self._monitor = self._socket.get_monitor_socket(HANDSHAKE_EVENTS)
+            self._watch = HandshakeWatch(self.endpoints)
+            self._watcher = loop.create_task(self._watch_handshakes(), name="zrpc-client-handshakes")
         self._loop = loop
         self._wake = asyncio.Event()
         self._reader = loop.create_task(self._read(), name="zrpc-client-reader")
@@ -168,6 +189,26 @@ class AsyncClient:
             raise
         except Exception:
             self._fail("reader")
+
+    async def _watch_handshakes(self) -> None:
+        """Fail pending calls UNAUTHENTICATED when every broker refused our handshake."""
+        try:
+            while True:
+                event, value, endpoint = parse_event(await self._monitor.recv_multipart())
+                error = self._watch.on_event(event, value, endpoint)
+                if endpoint in self._watch.refused:
+                    logger.warning("zrpc client: handshake refused by broker at %s: %s",
+                                   endpoint, self._watch.refused[endpoint])
+                    try:  # drops requests queued for it: their calls are answered below
+                        self._socket.disconnect(endpoint)
+                    except zmq.ZMQError:
+                        pass
+                if error is not None:
+                    self._settle(self._core.fail_all(error))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("zrpc async client: handshake monitor failed")
 
     async def _write(self) -> None:
         core = self._core

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import zmq
 
 from .. import _protocol as p
+from .. import _security
 
 log = logging.getLogger("zrpc.worker")
 
@@ -39,8 +40,9 @@ class BrokerLink:
 
     def __init__(self, context: zmq.Context, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None],
                  endpoint: str, ready: list[bytes], heartbeat_interval: float, liveness: int,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], curve: tuple | None = None):
         self.context = context
+        self.curve = curve  # (our KeyPair, the broker's public key) for CURVE
         self.loop = loop
         self.on_readable = on_readable
         self.endpoint = endpoint
@@ -64,6 +66,8 @@ class BrokerLink:
         socket.linger = 0
         socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        if self.curve is not None:
+            _security.apply_client_curve(socket, *self.curve)
         try:
             socket.connect(self.endpoint)
         except zmq.ZMQError:

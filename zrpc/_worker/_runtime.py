@@ -22,6 +22,7 @@ import zmq
 from .. import _protocol as p
 from .._descriptors import file_descriptor_set
 from .._errors import Error
+from .._security import client_security
 from .._logging import TRACE_ID
 from .._service import Service
 from .._status import StatusCode
@@ -52,12 +53,15 @@ class Worker:
     runs on the caller's loop. ``stop(grace)`` drains: calls in flight may finish within
     ``grace`` seconds while new ones are handed back to the broker, then the worker says
     DISCONNECT and closes.
+
+    ``curve_secret`` and ``broker_key`` turn on CURVE, as for :class:`zrpc.Client`; the broker
+    must list our public key among its worker keys, or it never sees our READY.
     """
 
     def __init__(self, services: Iterable[Service], brokers: str | Iterable[str] = "tcp://127.0.0.1:5556", *,
                  concurrency: int = 16, heartbeat_interval: float = 1.0, liveness: int = 3,
                  name: str | None = None, drain_grace: float = 10.0, context: zmq.Context | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, curve_secret=None, broker_key=None):
         self.table = HandlerTable(services)
         self.brokers = [brokers] if isinstance(brokers, str) else list(brokers)
         if not self.brokers:
@@ -75,6 +79,8 @@ class Worker:
         self.name = f"{socket_module.gethostname()}:{os.getpid()}" + (f":{name}" if name else "")
         self._context = context
         self._clock = clock
+        # CURVE: (our key pair, the broker's public key), or None (see zrpc.Client for the forms).
+        self._curve = client_security(curve_secret, broker_key)
         self._ready = p.ready_message(p.Ready(
             services=self.table.names,
             file_descriptor_set=file_descriptor_set(self.table.descriptors),
@@ -183,7 +189,7 @@ class Worker:
         try:
             for endpoint in self.brokers:
                 link = BrokerLink(context, self._loop, None, endpoint, self._ready, self.heartbeat_interval,
-                                  self.liveness, self._clock)
+                                  self.liveness, self._clock, curve=self._curve)
                 link.on_readable = functools.partial(self._receive, link)
                 self._links.append(link)
                 link.open()

@@ -1,0 +1,429 @@
+"""CURVE + ZAP end to end (issue 5): real broker, worker and client threads on loopback tcp."""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import select
+import shutil
+import socket
+import stat
+import threading
+import time
+
+import pytest
+import zmq
+import zmq.auth.thread
+
+from tests.conftest import wait_for
+from workers.echo import Echo, echo_pb2
+from zrpc import AsyncClient, Client, Error, StatusCode
+from zrpc import _security as security
+from zrpc._broker import Broker
+from zrpc._broker import _auth
+from zrpc._broker._config import BrokerConfig
+from zrpc._worker import Worker
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+
+SERVICE = "echo.Echo"
+MARKER = b"ZRPC-PLAINTEXT-MARKER-7f3a9c"
+
+
+class Keys:
+    """A broker key, client keys (alice, bob) and a worker key, with the allow-list dirs."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self.secrets = root / "secrets"
+        self.clients = root / "clients"
+        self.workers = root / "workers"
+        self.clients.mkdir()
+        self.workers.mkdir()
+        self.broker_secret = security.generate_keys("broker", self.secrets)[1]
+        self.broker_public = self.secrets / "broker.key"
+        for name, allow_dir in (("alice", self.clients), ("bob", self.clients), ("w1", self.workers)):
+            public, _ = security.generate_keys(name, self.secrets)
+            shutil.copy(public, allow_dir / public.name)
+
+    def secret(self, name: str) -> pathlib.Path:
+        return self.secrets / f"{name}.key_secret"
+
+    def config(self, **changes) -> BrokerConfig:
+        settings = dict(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0",
+                        curve_secret=str(self.broker_secret), client_keys=str(self.clients),
+                        worker_keys=str(self.workers), unknown_service_grace=0.0, unavailable_wait=0.5)
+        settings.update(changes)
+        return BrokerConfig(**settings)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return Keys(tmp_path)
+
+
+@pytest.fixture
+def running():
+    """Start brokers, workers and clients; all are stopped when the test ends."""
+    started: list = []
+
+    def keep(thing):
+        started.append(thing)
+        return thing
+
+    yield keep
+    for thing in reversed(started):
+        if isinstance(thing, Worker):
+            thing.stop(grace=0)
+        elif isinstance(thing, Broker):
+            thing.stop()
+        else:
+            thing.close()
+
+
+def start_broker(running, config: BrokerConfig) -> Broker:
+    return running(Broker(config).start())
+
+
+def start_worker(running, keys: Keys, broker: Broker, key: str = "w1") -> Worker:
+    return running(Worker([Echo()], brokers=broker.backend_endpoint, concurrency=4,
+                          heartbeat_interval=0.1, curve_secret=keys.secret(key),
+                          broker_key=keys.broker_public).start())
+
+
+def client(running, keys: Keys, broker: Broker | str, key: str = "alice", **kwargs) -> Client:
+    endpoint = broker if isinstance(broker, str) else broker.frontend_endpoint
+    return running(Client(endpoint, timeout=5.0, curve_secret=keys.secret(key),
+                          broker_key=keys.broker_public, **kwargs))
+
+
+def say(client_: Client, payload: bytes = b"hi", timeout: float = 5.0) -> bytes:
+    raw = client_.call(SERVICE, "Say", echo_pb2.EchoRequest(payload=payload).SerializeToString(),
+                       timeout=timeout)
+    return echo_pb2.EchoReply.FromString(raw).payload
+
+
+def served(broker: Broker) -> bool:
+    service = broker.engine.services.get(SERVICE)
+    return bool(service and service.workers)
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def test_generated_secret_key_is_0600_and_loads(tmp_path):
+    public, secret = security.generate_keys("node", tmp_path / "k")
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(public).st_mode) == 0o644
+    pair = security.load_keypair(secret)
+    assert security.load_public_key(public) == pair.public
+    assert security.load_public_key(pair.public.decode()) == pair.public
+    with pytest.raises(ValueError, match="no secret key"):
+        security.load_keypair(public)
+
+
+@pytest.mark.parametrize("endpoint, loopback", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://127.9.0.1:1", True), ("tcp://[::1]:5555", True),
+    ("tcp://localhost:5555", True), ("ipc:///tmp/x", True), ("inproc://x", True),
+    ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://10.0.0.5:5555", False),
+    ("tcp://eth0:5555", False), ("tcp://[::]:5555", False), ("tcp://example.org:1", False),
+])
+def test_loopback_classifier_decides_the_plain_tcp_warning(endpoint, loopback):
+    assert security.is_loopback_endpoint(endpoint) is loopback
+
+
+def test_plain_broker_on_loopback_does_not_warn(running, caplog):
+    broker = start_broker(running, BrokerConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0"))
+    assert broker.security is None
+    assert not [r for r in caplog.records if "CURVE is off" in r.getMessage()]
+
+
+def test_curve_config_needs_both_allow_lists(keys):
+    with pytest.raises(ValueError, match="client_keys and worker_keys"):
+        keys.config(worker_keys="").validate()
+    with pytest.raises(ValueError, match="need curve_secret"):
+        BrokerConfig(client_keys=str(keys.clients)).validate()
+
+
+# ---------------------------------------------------------------------------- the authenticator
+
+
+def test_broker_refuses_curve_when_the_authenticator_is_not_running(keys, monkeypatch):
+    monkeypatch.setattr(_auth.BrokerSecurity, "running", property(lambda self: False))
+    broker = Broker(keys.config())
+    with pytest.raises(RuntimeError, match="CURVE without ZAP accepts any key"):
+        broker.bind()
+    assert broker.frontend is None and broker.backend is None
+
+
+def test_authenticator_is_configured_for_the_exact_domains_of_the_sockets(keys, running):
+    broker = start_broker(running, keys.config())
+    assert broker.frontend.zap_domain == security.FRONTEND_DOMAIN.encode()
+    assert broker.backend.zap_domain == security.BACKEND_DOMAIN.encode()
+    assert set(broker.security.domains) == {security.FRONTEND_DOMAIN, security.BACKEND_DOMAIN}
+
+
+def test_configure_curve_wildcard_domain_does_not_cover_a_named_zap_domain(keys):
+    """The pitfall behind configuring exact domains: '*' leaves a named domain unconfigured."""
+    context = zmq.Context()
+    authenticator = zmq.auth.thread.ThreadAuthenticator(context)
+    authenticator.start()
+    try:
+        authenticator.configure_curve(domain="*", location=str(keys.clients))
+        server_pair = security.load_keypair(keys.broker_secret)
+        router = context.socket(zmq.ROUTER)
+        router.linger = 0
+        router.zap_domain = security.FRONTEND_DOMAIN.encode()
+        router.curve_secretkey, router.curve_publickey = server_pair.secret, server_pair.public
+        router.curve_server = True
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer = context.socket(zmq.DEALER)
+        dealer.linger = 0
+        security.apply_client_curve(dealer, security.load_keypair(keys.secret("alice")), server_pair.public)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        assert monitor.poll(5000), "no handshake outcome within 5s"
+        from zmq.utils.monitor import recv_monitor_message
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        dealer.disable_monitor()
+        for sock in (monitor, dealer, router):
+            sock.close(0)
+    finally:
+        authenticator.stop()
+        context.term()
+
+
+# ---------------------------------------------------------------------------- calls
+
+
+def test_encrypted_calls_succeed(keys, running):
+    broker = start_broker(running, keys.config())
+    start_worker(running, keys, broker)
+    wait_for(lambda: served(broker), 10, message="worker registered")
+    alice = client(running, keys, broker)
+    assert [say(alice, b"%d" % i) for i in range(20)] == [b"%d" % i for i in range(20)]
+    worker_state = next(iter(broker.engine.workers.values()))
+    assert worker_state.peer_key == security.load_public_key(keys.secrets / "w1.key").decode()
+
+
+def test_async_client_calls_over_curve_and_is_refused_with_an_unknown_key(keys, running):
+    broker = start_broker(running, keys.config())
+    start_worker(running, keys, broker)
+    wait_for(lambda: served(broker), 10, message="worker registered")
+    stranger = security.KeyPair(*zmq.curve_keypair())
+
+    async def scenario():
+        async with AsyncClient(broker.frontend_endpoint, timeout=5.0, curve_secret=keys.secret("alice"),
+                               broker_key=keys.broker_public) as good:
+            raw = await good.call(SERVICE, "Say", echo_pb2.EchoRequest(payload=b"a").SerializeToString())
+            assert echo_pb2.EchoReply.FromString(raw).payload == b"a"
+        async with AsyncClient(broker.frontend_endpoint, timeout=5.0, curve_secret=stranger,
+                               broker_key=keys.broker_public) as bad:
+            started = time.monotonic()
+            with pytest.raises(Error) as info:
+                await bad.call(SERVICE, "Say", b"")
+            return info.value, time.monotonic() - started
+
+    error, elapsed = asyncio.run(scenario())
+    assert error.code == StatusCode.UNAUTHENTICATED
+    assert elapsed < 2.0
+
+
+def test_unknown_client_key_gets_unauthenticated_fast_and_is_counted(keys, running):
+    broker = start_broker(running, keys.config())
+    stranger = security.KeyPair(*zmq.curve_keypair())
+    bad = running(Client(broker.frontend_endpoint, timeout=10.0, curve_secret=stranger,
+                         broker_key=keys.broker_public))
+    for _ in range(2):  # a second call after the refusal is refused too, not left to time out
+        started = time.monotonic()
+        with pytest.raises(Error) as info:
+            say(bad, timeout=10.0)
+        assert info.value.code == StatusCode.UNAUTHENTICATED
+        assert "handshake refused by broker at " + broker.frontend_endpoint in info.value.message
+        assert time.monotonic() - started < 2.0
+    assert broker.security.refusals[security.FRONTEND_DOMAIN] >= 1
+
+
+def test_wrong_broker_key_gets_unauthenticated_fast(keys, running):
+    broker = start_broker(running, keys.config())
+    wrong = zmq.curve_keypair()[0]
+    bad = running(Client(broker.frontend_endpoint, timeout=10.0, curve_secret=keys.secret("alice"),
+                         broker_key=wrong))
+    started = time.monotonic()
+    with pytest.raises(Error) as info:
+        say(bad, timeout=10.0)
+    assert info.value.code == StatusCode.UNAUTHENTICATED
+    assert time.monotonic() - started < 2.0
+
+
+def test_client_key_cannot_register_as_a_worker(keys, running):
+    broker = start_broker(running, keys.config())
+    start_worker(running, keys, broker, key="alice")
+    wait_for(lambda: broker.security.refusals[security.BACKEND_DOMAIN] >= 1, 10,
+             message="the backend refusing a client key")
+    alice = client(running, keys, broker)
+    from zrpc import broker_service_pb2 as pb
+    listing = pb.ListServicesReply.FromString(alice.call("zrpc.Broker", "ListServices", b""))
+    assert SERVICE not in [s.name for s in listing.services]
+    assert not broker.engine.workers
+
+
+def test_worker_key_cannot_call_through_the_frontend(keys, running):
+    broker = start_broker(running, keys.config())
+    as_worker = client(running, keys, broker, key="w1")
+    with pytest.raises(Error) as info:
+        say(as_worker)
+    assert info.value.code == StatusCode.UNAUTHENTICATED
+
+
+def test_access_rules_deny_services_with_permission_denied_and_refuse_registrations(keys, running):
+    rules = keys.root / "rules.toml"
+    rules.write_text('[clients]\nalice = ["echo.*"]\n"*" = []\n\n[workers]\nw1 = ["echo.Echo"]\n')
+    broker = start_broker(running, keys.config(access_rules=str(rules)))
+    start_worker(running, keys, broker)
+    wait_for(lambda: served(broker), 10, message="worker registered")
+    assert say(client(running, keys, broker)) == b"hi"
+    bob = client(running, keys, broker, key="bob")
+    with pytest.raises(Error) as info:
+        say(bob)
+    assert info.value.code == StatusCode.PERMISSION_DENIED
+    assert "bob" in info.value.message
+    bob.call("zrpc.Broker", "ListServices", b"")  # the built-in service stays callable
+
+    # A worker key that may not offer echo.Echo is refused at READY, and counted.
+    rules.write_text('[workers]\nw1 = ["other.*"]\n')
+    broker.reload_keys()
+    wait_for(lambda: not broker.engine.workers, 10, message="worker dropped after its rule changed")
+    wait_for(lambda: broker.engine.counters["malformed_forbidden_service"] >= 1, 10,
+             message="re-registration refused")
+
+
+def test_revoked_client_with_a_live_connection_is_refused_after_reload(keys, running):
+    broker = start_broker(running, keys.config())
+    start_worker(running, keys, broker)
+    wait_for(lambda: served(broker), 10, message="worker registered")
+    alice = client(running, keys, broker)
+    assert say(alice) == b"hi"  # the connection is up and authenticated
+    (keys.clients / "alice.key").unlink()
+    broker.reload_keys()
+    with pytest.raises(Error) as info:
+        say(alice)
+    assert info.value.code == StatusCode.UNAUTHENTICATED
+    assert "not allowed" in info.value.message
+    assert say(client(running, keys, broker, key="bob")) == b"hi"  # others are unaffected
+
+
+def test_revoked_worker_with_a_live_connection_is_dropped_after_reload(keys, running):
+    broker = start_broker(running, keys.config())
+    start_worker(running, keys, broker)
+    wait_for(lambda: served(broker), 10, message="worker registered")
+    (keys.workers / "w1.key").unlink()
+    broker.reload_keys()
+    wait_for(lambda: not broker.engine.workers, 10, message="revoked worker removed")
+    assert broker.engine.counters["workers_revoked"] == 1
+    with pytest.raises(Error) as info:
+        say(client(running, keys, broker), timeout=3.0)
+    assert info.value.code == StatusCode.UNAVAILABLE
+
+
+def test_flood_of_unauthenticated_handshakes_does_not_hurt_authorised_calls(keys, running):
+    broker = start_broker(running, keys.config())
+    start_worker(running, keys, broker)
+    wait_for(lambda: served(broker), 10, message="worker registered")
+    alice = client(running, keys, broker)
+    context = zmq.Context()
+    intruders = []
+    try:
+        server_key = security.load_public_key(keys.broker_public)
+        for _ in range(200):
+            intruder = context.socket(zmq.DEALER)
+            intruder.linger = 0
+            security.apply_client_curve(intruder, security.KeyPair(*zmq.curve_keypair()), server_key)
+            intruder.connect(broker.frontend_endpoint)
+            intruder.send_multipart([b"ZRPC1", b"\x02", b"junk", b"junk"], zmq.NOBLOCK)
+            intruders.append(intruder)
+        futures = [alice.call_future(SERVICE, "Say", echo_pb2.EchoRequest(payload=b"%d" % i).SerializeToString(),
+                                     timeout=10.0) for i in range(200)]
+        replies = [echo_pb2.EchoReply.FromString(f.result(15)).payload for f in futures]
+        assert replies == [b"%d" % i for i in range(200)]
+        wait_for(lambda: broker.security.refusals[security.FRONTEND_DOMAIN] >= 200, 15,
+                 message="200 refused handshakes")
+        assert broker.engine.counters["requests"] >= 200
+    finally:
+        for intruder in intruders:
+            intruder.close(0)
+        context.term()
+
+
+# ---------------------------------------------------------------------------- the wire
+
+
+class Relay:
+    """A loopback TCP relay that records every byte it forwards in both directions."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.captured = bytearray()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pairs: dict[socket.socket, socket.socket] = {}
+        try:
+            while not self._stop.is_set():
+                readable, _, _ = select.select([self.listener, *pairs], [], [], 0.05)
+                for sock in readable:
+                    if sock is self.listener:
+                        inbound, _ = self.listener.accept()
+                        outbound = socket.create_connection(("127.0.0.1", self.target_port))
+                        pairs[inbound], pairs[outbound] = outbound, inbound
+                        continue
+                    try:
+                        chunk = sock.recv(65536)
+                    except OSError:
+                        chunk = b""
+                    peer = pairs.get(sock)
+                    if not chunk or peer is None:
+                        for s in (sock, peer):
+                            if s is not None:
+                                pairs.pop(s, None)
+                                s.close()
+                        continue
+                    with self._lock:
+                        self.captured += chunk
+                    peer.sendall(chunk)
+        finally:
+            for s in pairs:
+                s.close()
+            self.listener.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def bytes(self) -> bytes:
+        with self._lock:
+            return bytes(self.captured)
+
+
+@pytest.mark.parametrize("curve", [True, False], ids=["curve", "plain-control"])
+def test_payload_never_crosses_the_wire_in_plaintext_under_curve(keys, running, curve):
+    config = keys.config() if curve else BrokerConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0",
+                                                     unknown_service_grace=0.0)
+    broker = start_broker(running, config)
+    if curve:
+        start_worker(running, keys, broker)
+    else:
+        running(Worker([Echo()], brokers=broker.backend_endpoint, heartbeat_interval=0.1).start())
+    wait_for(lambda: served(broker), 10, message="worker registered")
+    relay = running(Relay(int(broker.frontend_endpoint.rsplit(":", 1)[1])))
+    endpoint = f"tcp://127.0.0.1:{relay.port}"
+    caller = client(running, keys, endpoint) if curve else running(Client(endpoint, timeout=5.0))
+    assert say(caller, MARKER) == MARKER
+    captured = relay.bytes()
+    assert len(captured) > 2 * len(MARKER)  # the relay did carry the call
+    assert (MARKER in captured) is (not curve)
