@@ -15,7 +15,7 @@ import pytest
 import zmq
 import zmq.auth.thread
 
-from tests.conftest import wait_for
+from tests.conftest import Process, wait_for
 from workers.echo import Echo, echo_pb2
 from zrpc import AsyncClient, Client, Error, StatusCode
 from zrpc import _security as security
@@ -427,3 +427,50 @@ def test_payload_never_crosses_the_wire_in_plaintext_under_curve(keys, running, 
     captured = relay.bytes()
     assert len(captured) > 2 * len(MARKER)  # the relay did carry the call
     assert (MARKER in captured) is (not curve)
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_cli_keys_generate_writes_a_0600_secret(tmp_path):
+    from click.testing import CliRunner
+
+    from zrpc._cli.main import main
+
+    result = CliRunner().invoke(main, ["keys", "generate", "node", "--dir", str(tmp_path / "k")])
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(os.stat(tmp_path / "k" / "node.key_secret").st_mode) == 0o600
+    assert security.load_keypair(tmp_path / "k" / "node.key_secret").public == \
+        security.load_public_key(tmp_path / "k" / "node.key")
+    bad = CliRunner().invoke(main, ["keys", "generate", "../x", "--dir", str(tmp_path)])
+    assert bad.exit_code == 2
+
+
+def test_cli_broker_worker_and_call_over_curve(keys, spawn, endpoints):
+    from tests.conftest import zrpc_cli
+
+    frontend, backend = endpoints
+    broker = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
+                             "--unknown-service-grace", "0", "--curve-secret", str(keys.broker_secret),
+                             "--client-keys", str(keys.clients), "--worker-keys", str(keys.workers)))
+    broker.wait_line("zrpc broker ready")
+    worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", backend,
+                             "--curve-secret", str(keys.secret("w1")), "--broker-key", str(keys.broker_public)))
+    worker.wait_line("zrpc worker ready")
+
+    def call(key: str) -> Process:
+        return spawn(*zrpc_cli("call", "echo.Echo/Say", '{"payload": "aGk="}', "--broker", frontend,
+                               "--timeout", "10", "--curve-secret", str(keys.secret(key)),
+                               "--broker-key", str(keys.broker_public)))
+
+    def finished(process: Process) -> int:
+        wait_for(lambda: process.popen.poll() is not None, 20, message=f"{process.args} to exit")
+        return process.stop()
+
+    # The worker registers within a heartbeat or two; a call before that waits in the queue.
+    good = call("alice")
+    assert finished(good) == 0, good.errors
+    assert any("aGk=" in line for line in good.lines)
+    refused = call("w1")  # a worker key on the frontend
+    assert finished(refused) == 10 + StatusCode.UNAUTHENTICATED
+    assert any("UNAUTHENTICATED" in line and "handshake refused" in line for line in refused.errors)

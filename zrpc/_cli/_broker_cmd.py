@@ -43,6 +43,15 @@ def broker() -> None:
         help="Calls the broker holds at once (queued + dispatched), all services together.")
 @option("--max-message-bytes", type=click.IntRange(min=1), metavar="BYTES", show_default="67108864",
         help="Largest message accepted from a client or worker.")
+@option("--curve-secret", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+        help="The broker's NAME.key_secret (zrpc keys generate): turns on CURVE; needs the two "
+             "key directories.")
+@option("--client-keys", metavar="DIR", type=click.Path(exists=True, file_okay=False),
+        help="Directory of client public keys (*.key) admitted on the frontend.")
+@option("--worker-keys", metavar="DIR", type=click.Path(exists=True, file_okay=False),
+        help="Directory of worker public keys (*.key) admitted on the backend.")
+@option("--access-rules", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+        help="TOML rules: which keys may call ([clients]) or offer ([workers]) which services.")
 @option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), show_default="INFO",
         help="Log threshold; logs go to stderr.")
 @log_format_option
@@ -80,6 +89,14 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
 
     metrics = start_metrics(lambda: broker_registry(broker_), metrics_host, metrics_port)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if broker_.security is not None:
+        def on_hangup(signum, frame) -> None:
+            try:
+                broker_.reload_keys()  # live connections of removed keys are refused from now on
+            except (OSError, ValueError) as exc:
+                log.error("reload on SIGHUP failed, keeping the previous keys: %s", exc)
+
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}"
                + (f" metrics={metrics.url}" if metrics else ""))
     log.info("broker serving: frontend=%s backend=%s", frontend, backend)

@@ -10,6 +10,7 @@ from google.protobuf import json_format
 from .. import broker_service_pb2 as pb
 from .._descriptors import is_idempotent, message_class
 from .._errors import Error
+from ._common import curve_options
 from ._common import (DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_NOT_SERVING, EXIT_USAGE, CliError,
                       call_failed, option, split_endpoints)
 from . import _discovery
@@ -25,6 +26,7 @@ broker_option = option(
 @click.argument("target", metavar="SERVICE/METHOD")
 @click.argument("request_json", metavar="[JSON]", default="{}")
 @broker_option
+@curve_options
 @option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="Deadline of the call (and of fetching its description).")
 @option("--metadata", "-m", multiple=True, metavar="KEY=VALUE",
@@ -75,6 +77,7 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
 
 @click.command()
 @broker_option
+@curve_options
 @option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="How long to wait for the broker.")
 @option("--json", "as_json", is_flag=True, default=False,
@@ -122,6 +125,7 @@ def format_services(listing: pb.ListServicesReply) -> str:
 @click.command(epilog=EXIT_CODES_HELP)
 @click.argument("service", required=False, default="")
 @broker_option
+@curve_options
 @option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="How long to wait for the broker.")
 def health(service: str, brokers: tuple[str, ...], timeout: float) -> None:

@@ -78,6 +78,34 @@ def split_endpoints(values: Iterable[str], what: str = "broker endpoint") -> lis
     return endpoints
 
 
+def curve_options(command):
+    """``--curve-secret`` and ``--broker-key`` for a command that connects to brokers.
+
+    Kept in the click context (``curve_settings()`` reads them) so commands pass them on
+    without a parameter each.
+    """
+    def remember(ctx: click.Context, param: click.Parameter, value):
+        ctx.meta[f"zrpc.{param.name}"] = value
+        return value
+
+    command = option("--broker-key", metavar="FILE|KEY", expose_value=False, callback=remember,
+                     help="The broker's public key (its NAME.key file, or the 40-character z85 "
+                          "key); turns on CURVE with --curve-secret.")(command)
+    return option("--curve-secret", metavar="FILE", expose_value=False, callback=remember,
+                  type=click.Path(exists=True, dir_okay=False),
+                  help="Our NAME.key_secret (from `zrpc keys generate`); turns on CURVE.")(command)
+
+
+def curve_settings() -> dict:
+    """``curve_secret`` and ``broker_key`` given to the running command (None when not given)."""
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    settings = {"curve_secret": meta.get("zrpc.curve_secret"), "broker_key": meta.get("zrpc.broker_key")}
+    if (settings["curve_secret"] is None) != (settings["broker_key"] is None):
+        raise CliError("CURVE needs both --curve-secret and --broker-key", exit_code=EXIT_USAGE)
+    return settings
+
+
 def setup_logging(level: str, log_format: str = "text") -> None:
     """Log to stderr (stdout is for results): text lines, or one JSON object per line."""
     from .._logging import setup_logging as setup

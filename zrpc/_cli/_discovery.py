@@ -15,7 +15,7 @@ from .. import broker_service_pb2 as pb
 from .._descriptors import pool_from_file_descriptor_set
 from .._errors import Error
 from .._status import StatusCode
-from ._common import EXIT_STATUS_BASE, CliError, call_failed
+from ._common import EXIT_STATUS_BASE, CliError, call_failed, curve_settings
 
 BROKER_SERVICE = "zrpc.Broker"
 
@@ -26,7 +26,9 @@ def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
     from .._client import Client  # imported late: `zrpc --help` must not need a socket
 
     try:
-        client = Client(brokers if len(brokers) > 1 else brokers[0], timeout=timeout)
+        client = Client(brokers if len(brokers) > 1 else brokers[0], timeout=timeout, **curve_settings())
+    except CliError:
+        raise
     except Exception as exc:  # zmq.ZMQError for an endpoint libzmq refuses, ValueError from ours
         raise CliError(f"cannot connect to {', '.join(brokers)}: {exc}") from None
     try:

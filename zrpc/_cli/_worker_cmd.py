@@ -10,6 +10,7 @@ import threading
 
 import click
 
+from ._common import curve_options, curve_settings
 from ._common import (DEFAULT_BACKEND, EXIT_USAGE, LOG_LEVELS, CliError, log_format_option,
                       metrics_host_option, metrics_port_option, option, ready_line, setup_logging,
                       split_endpoints, start_metrics)
@@ -37,6 +38,7 @@ def worker() -> None:
 @option("--drain-grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
         metavar="SECONDS", help="On SIGTERM/SIGINT, how long calls in flight may take to finish.")
 @option("--name", default=None, help="Name shown by `zrpc services` and in broker logs [default: host:pid].")
+@curve_options
 @option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
         show_default=True, help="Log threshold; logs go to stderr.")
 @log_format_option
@@ -69,7 +71,7 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
     try:
         worker_ = Worker(services=instances, brokers=endpoints, concurrency=concurrency,
                          heartbeat_interval=heartbeat_interval, liveness=liveness, name=name,
-                         drain_grace=drain_grace)
+                         drain_grace=drain_grace, **curve_settings())
     except (TypeError, ValueError) as exc:  # a service the runtime refuses, a setting out of range
         raise CliError(f"cannot start worker: {exc}") from None
     from .._worker._metrics import worker_registry

@@ -7,6 +7,7 @@ from .. import __version__
 from ._broker_cmd import broker
 from ._call_cmd import call, health, services
 from ._common import EXIT_CODES_HELP
+from ._keys_cmd import keys
 from ._status_cmd import status
 from ._worker_cmd import worker
 
@@ -40,6 +41,7 @@ main.add_command(worker)
 main.add_command(call)
 main.add_command(services)
 main.add_command(health)
+main.add_command(keys)
 main.add_command(status)
 
 
