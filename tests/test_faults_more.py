@@ -413,7 +413,7 @@ def test_a_client_that_never_reads_and_a_worker_that_floods_affect_only_themselv
                          context=context).start()
     try:
         assert broker.frontend.sndhwm == 50
-        start_worker(spawn, backend, "--concurrency", "8")
+        worker = start_worker(spawn, backend, "--concurrency", "8")
         wait_workers(broker, 1)
         engine = broker.engine
         describe = p.RequestHeader  # built-in calls are answered by the broker itself: a cheap reply source
@@ -481,6 +481,7 @@ def test_a_client_that_never_reads_and_a_worker_that_floods_affect_only_themselv
                 for thread in threads:
                     thread.join(10)
         counters = dict(engine.counters)
+        worker.stop()  # while its broker still answers its drain (else it waits out the grace)
     finally:
         broker.stop()
         context.term()
