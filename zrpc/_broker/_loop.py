@@ -61,7 +61,6 @@ class Broker:
             self.security = BrokerSecurity(self.config.curve_secret, self.config.client_keys,
                                            self.config.worker_keys, self.config.access_rules)
 
-
     # ------------------------------------------------------------------ lifecycle
 
     def bind(self) -> tuple[str, str]:
