@@ -69,7 +69,7 @@ class Client:
     threshold only makes sense for a known traffic pattern. Circuits are per service and per
     client.
 
-    ``curve_secret`` (our ``NAME.key_secret`` file, a ``zrpc.KeyPair`` or a (public, secret)
+    ``curve_secret`` (our ``NAME.key_secret`` file, or a (public, secret)
     tuple of z85 keys) and ``broker_key`` (the broker's ``.key`` file or z85 public key) turn on
     CURVE. A broker that refuses the handshake fails pending calls with UNAUTHENTICATED at once.
     """
