@@ -403,6 +403,7 @@ def test_oversized_message_gets_resource_exhausted():
     h.engine.flush()
     replies = h.take_replies()
     assert [r.code for _, r, _ in replies] == [StatusCode.RESOURCE_EXHAUSTED] * 2
+    assert replies[0][1].request_id == 1  # the caller of the oversized request is answered by id
     assert "bytes" in replies[0][1].message and "frames" in replies[1][1].message
 
 

@@ -202,3 +202,18 @@ def test_full_queue_gives_resource_exhausted_and_others_still_succeed(endpoints)
             release.set()
             concurrent.futures.wait(futures, timeout=10)
             assert sum(1 for f in futures if f.exception() is None) == 6
+
+
+def test_oversized_message_is_refused_explicitly_and_the_sender_keeps_working(endpoints):
+    frontend, backend = endpoints
+    config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
+    with Broker(config) as broker, Worker([Echo()], backend, heartbeat_interval=0.2):
+        wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+        with Client(frontend, timeout=5.0) as client:
+            echo = client.stub(ECHO)
+            with pytest.raises(zrpc.Error) as caught:
+                echo.Say(echo_pb2.EchoRequest(payload=b"x" * 50_000))
+            assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+            assert "limit 10000" in caught.value.message
+            assert echo.Say(echo_pb2.EchoRequest(payload=b"small")).payload == b"small"
+        assert broker.engine.counters["malformed_too_large"] == 1

@@ -68,8 +68,14 @@ class BrokerEngine:
         if self.policy is not None and not self.policy.client_allowed(peer_key):
             return self._refuse_client(client, frames, peer_key)
         if self._too_big(frames):
-            return self._reject_client(client, 0, "too_large" if len(frames) <= self.config.max_frames
-                                       else "too_many_frames", self._size_message(frames))
+            # §9: refuse the whole message, but answer each call in it so no caller waits.
+            reason = "too_large" if len(frames) <= self.config.max_frames else "too_many_frames"
+            message = self._size_message(frames)
+            ids = _request_ids_in(frames) or [0]
+            self._reject_client(client, ids[0], reason, message)
+            for request_id in ids[1:]:
+                self._reply(client, request_id, StatusCode.RESOURCE_EXHAUSTED, message, b"")
+            return
         try:
             command, body = p.split(frames, p.CLIENT_COMMANDS)
             if command == p.REQUEST:
@@ -553,6 +559,28 @@ class BrokerEngine:
 
     def queue_depth(self) -> int:
         return sum(len(s.queue) for s in self.services.values())
+
+
+# Header frames longer than this are not read when a message is refused whole: a real header is
+# tens of bytes, and reading a huge one is the cost the refusal is there to avoid.
+_MAX_HEADER_PEEK = 4096
+
+
+def _request_ids_in(frames: Sequence[bytes]) -> list[int]:
+    """The request ids of a REQUEST refused whole, so each caller is told why (§9)."""
+    if len(frames) < 4 or frames[0] != p.TAG or frames[1] != p.REQUEST:
+        return []
+    ids = []
+    for raw in frames[2::2]:
+        if len(raw) > _MAX_HEADER_PEEK:
+            continue
+        try:
+            request_id = p.RequestHeader.FromString(raw).request_id
+        except Exception:  # protobuf's DecodeError, or worse on hostile bytes
+            continue
+        if request_id:
+            ids.append(request_id)
+    return ids
 
 
 def _not_found_message(service: str) -> str:
