@@ -15,6 +15,17 @@ log = logging.getLogger("zrpc.worker")
 # (spec §2, §3) What a broker may send a worker.
 FROM_BROKER = frozenset({p.REQUEST, p.HEARTBEAT, p.CANCEL, p.DISCONNECT})
 
+# Frames move one at a time through the backend's send/recv with plain int flags, as in the
+# broker's loop: send_multipart/recv_multipart pay an Enum operation or a getsockopt(RCVMORE) per
+# frame and a Python wrapper per call; a copy=False frame knows whether more follow (Frame.more).
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_send_frame = zmq.backend.Socket.send
+_recv_frame = zmq.backend.Socket.recv
+_get_option = zmq.backend.Socket.get
+
 # Replies gathered in one loop turn leave as one REPLY (spec §4); a message carries at most this
 # many, well under the broker's frame limit.
 MAX_PAIRS_PER_REPLY = 256
@@ -99,10 +110,16 @@ class BrokerLink:
 
     def recv(self) -> list[bytes] | None:
         """The next message, or None when none is waiting."""
+        socket = self.socket
         try:
-            return self.socket.recv_multipart(zmq.NOBLOCK)
+            frame = _recv_frame(socket, _NOBLOCK, False)
         except zmq.Again:
             return None
+        frames = [frame.bytes]
+        while frame.more:  # the rest of a message is there already: it arrives whole
+            frame = _recv_frame(socket, _NOBLOCK, False)
+            frames.append(frame.bytes)
+        return frames
 
     def send(self, frames: list) -> bool:
         """Queue a message without ever waiting; False when it was dropped (queue full, closed)."""
@@ -110,13 +127,16 @@ class BrokerLink:
         if socket is None:
             return False
         try:
-            socket.send_multipart(frames, zmq.NOBLOCK)
+            # A DEALER refuses a message at its first frame (queue full), never midway.
+            for frame in frames[:-1]:
+                _send_frame(socket, frame, _MORE_NOBLOCK)
+            _send_frame(socket, frames[-1], _NOBLOCK)
         except zmq.ZMQError as error:  # EAGAIN: the queue to a broker that is not reading is full
             self.dropped += 1
             log.debug("message to %s dropped: %s", self.endpoint, error)
             return False
         finally:
-            if socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if _get_option(socket, _EVENTS) & _POLLIN:
                 self.schedule_read()
         self.last_sent = self.clock()
         return True
