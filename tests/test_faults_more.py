@@ -205,7 +205,7 @@ def test_second_connection_reusing_a_routing_id_does_not_take_over_the_first_one
     second = Peer(frontend, routing_id=b"same-id")
     try:
         say(first, 1, sleep_ms=300, payload=b"first")
-        wait_for(lambda: broker.engine.calls_held == 1, 5, message="the first call held")
+        wait_for(lambda: broker.engine.calls_held == 1, 15, message="the first call held")
         # The impostor reuses the id and even the request id; it also asks for more.
         say(second, 1, sleep_ms=0, payload=b"second")
         say(second, 2, sleep_ms=0, payload=b"second")
