@@ -202,10 +202,13 @@ def test_second_connection_reusing_a_routing_id_does_not_take_over_the_first_one
     worker = start_worker(spawn, backend, "--concurrency", "8")
     wait_workers(broker, 1)
     first = Peer(frontend, routing_id=b"same-id")
-    second = Peer(frontend, routing_id=b"same-id")
+    second = None
     try:
         say(first, 1, sleep_ms=300, payload=b"first")
         wait_for(lambda: broker.engine.calls_held == 1, 15, message="the first call held")
+        # Connect the impostor only now: two connections racing to handshake first would make
+        # either one "the first" (the broker keeps whichever arrived first).
+        second = Peer(frontend, routing_id=b"same-id")
         # The impostor reuses the id and even the request id; it also asks for more.
         say(second, 1, sleep_ms=0, payload=b"second")
         say(second, 2, sleep_ms=0, payload=b"second")
@@ -217,7 +220,8 @@ def test_second_connection_reusing_a_routing_id_does_not_take_over_the_first_one
         still_first.close()
     finally:
         first.close()
-        second.close()
+        if second is not None:
+            second.close()
     result = figures("routing id reuse", first, faults=1, impostor_replies=sum(map(len, second.replies.values())))
     assert result["lost"] == 0 and result["duplicated"] == 0
     header, payload, _ = first.replies[1][0]
