@@ -217,3 +217,14 @@ def test_oversized_message_is_refused_explicitly_and_the_sender_keeps_working(en
             assert "limit 10000" in caught.value.message
             assert echo.Say(echo_pb2.EchoRequest(payload=b"small")).payload == b"small"
         assert broker.engine.counters["malformed_too_large"] == 1
+
+
+def test_large_payloads_pass_through_the_broker_intact(broker, start_worker):
+    # Frames of 64 KiB and more cross the broker as views of the zmq message, not copies.
+    start_worker(Echo())
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    with Client(broker.frontend_endpoint, timeout=10.0) as client:
+        echo = client.stub(ECHO)
+        futures = [echo.Say.future(echo_pb2.EchoRequest(payload=payload[i:] + payload[:i])) for i in range(4)]
+        assert [f.result(10).payload for f in futures] == [payload[i:] + payload[:i] for i in range(4)]

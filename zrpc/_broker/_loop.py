@@ -27,6 +27,10 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
+# Frames at least this long pass through without being copied: received as a view of the zmq
+# message and sent from it (payloads are never decoded, spec §4). Smaller ones are copied into
+# bytes, which is cheaper than a view for them (pyzmq copies small frames anyway).
+_ZERO_COPY_BYTES = 65_536
 
 
 class Broker:
@@ -205,7 +209,7 @@ class Broker:
             frames = []
             while frame.more:  # the rest of a message is there already: it arrives whole
                 frame = recv(socket, _NOBLOCK, False)
-                frames.append(frame.bytes)
+                frames.append(frame.buffer if len(frame) >= _ZERO_COPY_BYTES else frame.bytes)
             try:
                 handle(identity, frames, now)
             except Exception:  # a bug must not take the broker down for everyone
@@ -259,8 +263,9 @@ class Broker:
                 # ROUTER refuses a message at its first frame (peer gone, queue full), never midway.
                 send(socket, identity, _MORE_NOBLOCK)
                 for frame in frames[:-1]:
-                    send(socket, frame, _MORE_NOBLOCK)
-                send(socket, frames[-1], _NOBLOCK)
+                    send(socket, frame, _MORE_NOBLOCK, len(frame) < _ZERO_COPY_BYTES)
+                last = frames[-1]
+                send(socket, last, _NOBLOCK, len(last) < _ZERO_COPY_BYTES)
             except zmq.ZMQError as exc:
                 # EHOSTUNREACH: the peer is gone; EAGAIN: it stopped reading. Only it loses.
                 self.undeliverable += 1
