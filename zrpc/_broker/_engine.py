@@ -470,13 +470,6 @@ class BrokerEngine:
         for client, pairs in self._replies.items():
             self.frontend_out.append((client, p.reply_message(pairs)))
         self._replies.clear()
-        # Bytes out (metrics): the outboxes hold this round's messages; the loop empties them.
-        size = 0
-        for outbox in (self.backend_out, self.frontend_out):
-            for _, frames in outbox:
-                for frame in frames:
-                    size += len(frame)
-        self.counters["bytes_out"] += size
 
     # ------------------------------------------------------------------ security
 
@@ -503,16 +496,9 @@ class BrokerEngine:
         self.bad_input_log.warn("unauthenticated", "refused message from client %s: key %s is not allowed",
                                 client.hex(), peer_key)
         message = f"key {peer_key} is not allowed by this broker (revoked?)"
-        request_ids = [0]
-        try:
-            command, body = p.split(frames, p.CLIENT_COMMANDS)
-            if command == p.REQUEST:
-                request_ids = [p.decode_request_header(h).request_id for h, _ in p.pairs(body)] or [0]
-            else:
-                return  # a CANCEL needs no answer
-        except p.ProtocolError:
-            pass
-        for request_id in request_ids:
+        if len(frames) >= 2 and frames[0] == p.TAG and frames[1] == p.CANCEL:
+            return  # a CANCEL needs no answer
+        for request_id in _request_ids_in(frames) or [0]:
             self._reply(client, request_id, StatusCode.UNAUTHENTICATED, message, b"")
 
     def _refuse_worker(self, identity: bytes, worker: WorkerState | None, peer_key: str | None, now: float) -> None:

@@ -258,17 +258,23 @@ class Broker:
 
     def _send(self, socket: zmq.Socket, messages: list) -> None:
         send = _send_frame
+        sent_bytes = 0  # the metrics' bytes out: sizes we read anyway to choose copy or not
         for identity, frames in messages:
             try:
                 # ROUTER refuses a message at its first frame (peer gone, queue full), never midway.
                 send(socket, identity, _MORE_NOBLOCK)
                 for frame in frames[:-1]:
-                    send(socket, frame, _MORE_NOBLOCK, len(frame) < _ZERO_COPY_BYTES)
+                    size = len(frame)
+                    send(socket, frame, _MORE_NOBLOCK, size < _ZERO_COPY_BYTES)
+                    sent_bytes += size
                 last = frames[-1]
-                send(socket, last, _NOBLOCK, len(last) < _ZERO_COPY_BYTES)
+                size = len(last)
+                send(socket, last, _NOBLOCK, size < _ZERO_COPY_BYTES)
+                sent_bytes += size
             except zmq.ZMQError as exc:
                 # EHOSTUNREACH: the peer is gone; EAGAIN: it stopped reading. Only it loses.
                 self.undeliverable += 1
                 self.engine.counters["undeliverable"] += 1
                 if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                     log.warning("send to %s failed: %s", identity.hex(), exc)
+        self.engine.counters["bytes_out"] += sent_bytes
