@@ -1,9 +1,13 @@
 """Soak run: a broker and N workers under load while workers are killed -9 and the broker once.
 
 Every attempt of every call is recorded, Jepsen-style (call id, request id, attempt, method,
-start, end, outcome), then judged: each call must end with exactly one answer by its deadline
-+ 100 ms. Prints calls sent, OK, errors by code, lost (sent, never answered) and duplicated
-(answered twice, or an answer to no call) — both must be 0 — and the faults injected.
+start, end, outcome), and every worker logs each execution it starts (scripts/_soak_worker.py).
+Then the history is judged (issue 3's invariants): I1 each call ends with exactly one answer by
+its deadline + 100 ms; I2 no reply reaches the wrong call; I3 none is delivered twice; I4 each
+attempt is executed at most once per dispatch, and dispatched a second time only when it is
+idempotent; I5 no execution starts after the attempt's deadline (+ the same 100 ms). Prints
+calls sent, OK, errors by code, lost (sent, never answered), duplicated (answered twice, or an
+answer to no call), executed twice, executed late — all must be 0 — and the faults injected.
 
     python scripts/soak.py --duration 60 --workers 3 --clients 4 [--json] [--history FILE]
 
@@ -58,8 +62,9 @@ class Child:
     """A child process (its stdout read by a thread so its ready line can be awaited)."""
 
     def __init__(self, argv: list[str], log_path: pathlib.Path):
-        env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", ZRPC_SOAK_EXEC_LOG=str(log_path.parent / "executions"),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(REPO / "scripts"),
+                                                            os.environ.get("PYTHONPATH")])))
         self._log = open(log_path, "a")  # noqa: SIM115 - closed in stop(), outlives this call
         self.popen = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True)
         self.pid = self.popen.pid
@@ -195,6 +200,40 @@ class LoadClient(threading.Thread):
                     self._send(socket, retry)
 
 
+def judge_executions(history: list[Attempt], executions: list[dict]) -> dict:
+    """I4 and I5 from the workers' logs: one execution per dispatch, none after the deadline."""
+    by_attempt = {(a.call_id, a.attempt): a for a in history}
+    per_dispatch = collections.Counter()
+    executed_twice = executed_late = redispatched = unknown = 0
+    for execution in executions:
+        call_id, attempt_no = execution["payload"].rsplit("/", 1)
+        attempt = by_attempt.get((call_id, int(attempt_no)))
+        if attempt is None:
+            unknown += 1  # an execution no client asked for
+            continue
+        key = (call_id, attempt.attempt, execution["dispatch"])
+        per_dispatch[key] += 1
+        if per_dispatch[key] == 2 or execution["dispatch"] > 2 or (execution["dispatch"] == 2 and attempt.method != "Say"):
+            executed_twice += 1  # the same dispatch twice, or a re-dispatch of a non-idempotent call
+        redispatched += execution["dispatch"] == 2
+        if execution["t"] > attempt.deadline + LATE_MARGIN:
+            executed_late += 1
+    return {"executions": len(executions), "redispatched_executions": redispatched,
+            "executed_twice": executed_twice, "executed_late": executed_late, "executed_unknown": unknown}
+
+
+def read_executions(directory: pathlib.Path) -> list[dict]:
+    """Every line of every worker's execution log (a killed worker's last line may be cut)."""
+    executions = []
+    for path in sorted(directory.glob("exec-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                executions.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return executions
+
+
 def judge(history: list[Attempt], broker_down: list[tuple[float, float]]) -> dict:
     """Check the history: one answer per attempt, by its deadline + margin, never two."""
     codes: collections.Counter[str] = collections.Counter()
@@ -253,7 +292,9 @@ def main(duration, worker_count, clients, window, deadline, kill_every, broker_r
     frontend, backend = f"ipc://{workdir}/frontend", f"ipc://{workdir}/backend"
     broker_argv = [sys.executable, "-m", "zrpc", "broker", "start", "--frontend", frontend, "--backend", backend,
                    "--unknown-service-grace", "3", "--log-level", "WARNING"]
-    worker_argv = [sys.executable, "-m", "zrpc", "worker", "run", "workers.echo:Echo", "--broker", backend,
+    exec_dir = workdir / "executions"
+    exec_dir.mkdir()
+    worker_argv = [sys.executable, "-m", "zrpc", "worker", "run", "_soak_worker:LoggedEcho", "--broker", backend,
                    "--heartbeat-interval", str(heartbeat), "--concurrency", "8", "--log-level", "WARNING"]
     faults = collections.Counter()
     broker_down: list[tuple[float, float]] = []
@@ -300,13 +341,17 @@ def main(duration, worker_count, clients, window, deadline, kill_every, broker_r
         figures = judge(history, broker_down)
         figures["duplicated"] += sum(c.strays for c in load)
         figures["misrouted"] = sum(c.misrouted for c in load)
+        for child in children:  # every worker stopped: their logs are complete
+            child.stop()
+        figures.update(judge_executions(history, read_executions(exec_dir)))
         figures["faults_injected"] = dict(faults)
         figures["duration_s"] = duration
         figures["seed"] = seed
         if history_path:
             with open(history_path, "w") as out:
                 out.writelines(json.dumps(dataclasses.asdict(attempt)) + "\n" for attempt in history)
-        ok = figures["lost"] == 0 and figures["duplicated"] == 0 and figures["misrouted"] == 0
+        ok = not any(figures[name] for name in ("lost", "duplicated", "misrouted", "executed_twice",
+                                                 "executed_late", "executed_unknown"))
     finally:
         for child in reversed(children):
             child.stop()
@@ -317,12 +362,14 @@ def main(duration, worker_count, clients, window, deadline, kill_every, broker_r
                    f"(attempts {figures['attempts']}, retries {figures['retries']}), OK {figures['OK']}, "
                    f"errors {figures['errors']}, lost {figures['lost']}, duplicated {figures['duplicated']}, "
                    f"misrouted {figures['misrouted']}, late {figures['late']}, "
+                   f"executions {figures['executions']} (re-dispatched {figures['redispatched_executions']}, "
+                   f"twice {figures['executed_twice']}, after deadline {figures['executed_late']}), "
                    f"client deadline while broker down {figures['client_deadline_broker_down']}, "
                    f"faults injected {figures['faults_injected']}")
     if ok:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
-        click.echo(f"FAILED: lost or duplicated calls; logs kept in {workdir}", err=True)
+        click.echo(f"FAILED: an invariant does not hold; logs kept in {workdir}", err=True)
         sys.exit(1)
 
 
