@@ -6,7 +6,6 @@ handlers as tasks on the loop, so the loop is always free to heartbeat (spec §1
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import functools
 import logging
@@ -40,6 +39,8 @@ from ._calls import (
 )
 from ._link import FINAL_LINGER_MS, FROM_BROKER, BrokerLink
 from ._metrics import HandlerStats
+from ._pool import STALL as _POOL_STALL
+from ._pool import HandlerPool
 
 log = logging.getLogger("zrpc.worker")
 
@@ -96,7 +97,8 @@ class Worker:
         self._links: list[BrokerLink] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: HandlerPool | None = None
+        self._rebalance_timer: asyncio.TimerHandle | None = None
         self._stop_event: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._stop_grace: float | None = None
@@ -184,7 +186,7 @@ class Worker:
         self._stopped.clear()
         own_context = self._context is None
         context = zmq.Context() if own_context else zmq.Context.shadow(self._context.underlying)
-        self._executor = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="zrpc-handler")
+        self._pool = HandlerPool(self.concurrency, self._run_sync, self._deliver, self._clock)
         tasks: list[asyncio.Task] = []
         try:
             for endpoint in self.brokers:
@@ -208,8 +210,11 @@ class Worker:
             for link in self._links:
                 link.close(FINAL_LINGER_MS)
             self._links = []
+            if self._rebalance_timer is not None:
+                self._rebalance_timer.cancel()
+                self._rebalance_timer = None
             busy = self._admission.running > 0
-            self._executor.shutdown(wait=not busy, cancel_futures=True)
+            self._pool.close(wait=not busy, timeout=FINAL_LINGER_MS / 1000 + 5.0)
             if own_context:
                 context.term()
             self._loop_thread_id = None
@@ -395,12 +400,25 @@ class Worker:
             if remaining is not None:
                 call.timer = self._loop.call_later(remaining, task.cancel)
         else:
-            self._executor.submit(self._run_in_pool, call)
+            self._pool.submit(call)
+            if self._rebalance_timer is None:
+                self._rebalance_timer = self._loop.call_later(_POOL_STALL, self._rebalance)
 
-    def _run_in_pool(self, call: Call) -> None:
-        answer = run_sync(call)
-        with self._done_lock:  # one wake-up of the loop per batch of finished calls
-            self._done.append((call, answer))
+    def _rebalance(self) -> None:
+        """While plain calls wait for a pool thread, wake more threads for the ones that stall."""
+        due = self._pool.rebalance()
+        self._rebalance_timer = None if due is None else self._loop.call_later(due, self._rebalance)
+
+    def _run_sync(self, call: Call) -> tuple[bytes, bytes]:
+        """(in a pool thread) Run a plain handler, unless its call was stopped while it waited."""
+        if call.context.cancelled:
+            return stopped_pair(call, self._clock())
+        return run_sync(call)
+
+    def _deliver(self, done: list) -> None:
+        """(in a pool thread) Hand finished calls to the loop: one wake-up per batch."""
+        with self._done_lock:
+            self._done.extend(done)
             if self._done_wake_pending:
                 return
             self._done_wake_pending = True
