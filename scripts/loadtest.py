@@ -202,20 +202,26 @@ def _repeated(field_) -> bool:
 class Spawned:
     """A broker and N workers started as subprocesses on ipc:// paths; each stopped by PID."""
 
-    def __init__(self, workers: int, worker_target: str, worker_concurrency: int):
+    def __init__(self, workers: int, worker_target: str, worker_concurrency: int, brokers: int = 1):
         self.count = workers
         self.worker_target = worker_target
         self.worker_concurrency = worker_concurrency
         self.directory = tempfile.mkdtemp(prefix="zrpc-loadtest-")
-        self.frontend = f"ipc://{self.directory}/frontend"
-        self.backend = f"ipc://{self.directory}/backend"
-        self.processes: list[subprocess.Popen] = []  # workers first, broker last
-        self.broker: subprocess.Popen | None = None
+        # Several brokers (DESIGN.md, scaling): every worker serves all of them, clients spread calls.
+        self.frontends = [f"ipc://{self.directory}/frontend-{index}" for index in range(brokers)]
+        self.backends = [f"ipc://{self.directory}/backend-{index}" for index in range(brokers)]
+        self.processes: list[subprocess.Popen] = []
+        self.brokers: list[subprocess.Popen] = []
         self._logs: list = []
+
+    @property
+    def workers(self) -> list[subprocess.Popen]:
+        return [process for process in self.processes if process not in self.brokers]
 
     def __enter__(self) -> "Spawned":
         try:
-            self._start_broker()
+            for index in range(len(self.frontends)):
+                self._start_broker(index)
             for index in range(self.count):
                 self._start_worker(index)
         except BaseException:
@@ -235,14 +241,16 @@ class Spawned:
         self.processes.append(process)
         return process
 
-    def _start_broker(self) -> None:
-        self.broker = self._zrpc("broker", "start", "--frontend", self.frontend, "--backend", self.backend,
-                                 "--unknown-service-grace", "0", "--log-level", "WARNING",
-                                 log_name="broker.log", stdout=subprocess.PIPE)
+    def _start_broker(self, index: int) -> None:
+        log_name = f"broker-{index}.log"
+        broker = self._zrpc("broker", "start", "--frontend", self.frontends[index], "--backend", self.backends[index],
+                            "--unknown-service-grace", "0", "--log-level", "WARNING",
+                            log_name=log_name, stdout=subprocess.PIPE)
+        self.brokers.append(broker)
         lines: queue.Queue = queue.Queue()
 
         def read() -> None:  # keeps draining stdout so the broker never blocks on a full pipe
-            for raw in self.broker.stdout:
+            for raw in broker.stdout:
                 lines.put(raw.decode(errors="replace"))
             lines.put(None)
 
@@ -253,42 +261,46 @@ class Spawned:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise click.ClickException(f"spawned broker printed no ready line within {STARTUP_TIMEOUT:g}s"
-                                           + self._log_tail("broker.log")) from None
+                                           + self._log_tail(log_name)) from None
             if line is None:
-                raise click.ClickException(f"spawned broker exited with status {self.broker.wait()}"
-                                           + self._log_tail("broker.log"))
+                raise click.ClickException(f"spawned broker exited with status {broker.wait()}"
+                                           + self._log_tail(log_name))
             if line.startswith("zrpc broker ready:"):
                 return
 
     def _start_worker(self, index: int) -> None:
-        self._zrpc("worker", "run", self.worker_target, "--broker", self.backend,
+        self._zrpc("worker", "run", self.worker_target, "--broker", ",".join(self.backends),
                    "--concurrency", str(self.worker_concurrency), "--drain-grace", "1",
                    "--log-level", "WARNING", log_name=f"worker-{index}.log", stdout=subprocess.DEVNULL)
 
     def wait_for_workers(self, service: str) -> None:
-        """Until ListServices shows every spawned worker live for ``service`` (bounded)."""
+        """Until each broker's ListServices shows every spawned worker live for ``service`` (bounded)."""
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        live = 0
-        with Client(self.frontend, timeout=STARTUP_TIMEOUT) as client:
-            while time.monotonic() < deadline:
-                for process in self.processes:
-                    if process.poll() is not None:
-                        name = "broker.log" if process is self.broker else \
-                            f"worker-{self.processes.index(process)}.log"
-                        raise click.ClickException(f"spawned process {process.pid} exited with status "
-                                                   f"{process.returncode}" + self._log_tail(name))
-                listing = _discovery.list_services(client, [self.frontend], 2.0)
-                live = max((s.live_workers for s in listing.services if s.name == service), default=0)
-                if live >= self.count:
-                    return
-                time.sleep(0.05)  # polling a condition, bounded by the deadline
-        raise click.ClickException(f"only {live} of {self.count} spawned workers offered {service} "
-                                   f"within {STARTUP_TIMEOUT:g}s" + self._log_tail("worker-0.log"))
+        for frontend in self.frontends:
+            with Client(frontend, timeout=STARTUP_TIMEOUT) as client:
+                while True:
+                    self._check_alive()
+                    listing = _discovery.list_services(client, [frontend], 2.0)
+                    live = max((s.live_workers for s in listing.services if s.name == service), default=0)
+                    if live >= self.count:
+                        break
+                    if time.monotonic() >= deadline:
+                        raise click.ClickException(
+                            f"only {live} of {self.count} spawned workers offered {service} at {frontend} "
+                            f"within {STARTUP_TIMEOUT:g}s" + self._log_tail("worker-0.log"))
+                    time.sleep(0.05)  # polling a condition, bounded by the deadline
+
+    def _check_alive(self) -> None:
+        for process in self.processes:
+            if process.poll() is not None:
+                name = f"broker-{self.brokers.index(process)}.log" if process in self.brokers else \
+                    f"worker-{self.workers.index(process)}.log"
+                raise click.ClickException(f"spawned process {process.pid} exited with status "
+                                           f"{process.returncode}" + self._log_tail(name))
 
     def stop(self) -> None:
-        """SIGTERM every process (workers before the broker), SIGKILL what is left after a bound."""
-        workers = [p for p in self.processes if p is not self.broker]
-        for group in (workers, [self.broker] if self.broker is not None else []):
+        """SIGTERM every process (workers before the brokers), SIGKILL what is left after a bound."""
+        for group in (self.workers, self.brokers):
             for process in group:
                 if process.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
@@ -336,6 +348,8 @@ class Spawned:
               metavar="SECONDS", show_envvar=True, help="Deadline of each call.")
 @click.option("--spawn", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               show_envvar=True, help="Start a broker and N worker processes (ipc://, temp dir) for the run.")
+@click.option("--spawn-brokers", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              show_envvar=True, help="With --spawn: start K brokers; every worker serves all, calls spread over them.")
 @click.option("--worker", "worker_target", default="workers.echo:Echo", show_default=True,
               metavar="MODULE:CLASS", show_envvar=True,
               envvar="ZRPC_LOADTEST_WORKER", help="What --spawn runs (from the repository root).")
@@ -343,7 +357,7 @@ class Spawned:
               show_envvar=True, help="--concurrency of each spawned worker.")
 @click.option("--json", "as_json", is_flag=True, default=False, show_envvar=True, envvar="ZRPC_LOADTEST_JSON",
               help="Print one line of JSON instead of the summary (and no progress bar).")
-def main(brokers, target, concurrency, requests, duration, payload_size, data, timeout, spawn,
+def main(brokers, target, concurrency, requests, duration, payload_size, data, timeout, spawn, spawn_brokers,
          worker_target, worker_concurrency, as_json) -> None:
     """Keep CONCURRENCY calls in flight and report calls/s and latency percentiles."""
     if requests is None and duration is None:
@@ -351,8 +365,8 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
     service, method = _discovery.split_target(target)
     with contextlib.ExitStack() as stack:
         if spawn:
-            spawned = stack.enter_context(Spawned(spawn, worker_target, worker_concurrency))
-            endpoints = [spawned.frontend]
+            spawned = stack.enter_context(Spawned(spawn, worker_target, worker_concurrency, spawn_brokers))
+            endpoints = spawned.frontends
             spawned.wait_for_workers(service)
         else:
             endpoints = split_endpoints(brokers)

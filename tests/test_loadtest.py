@@ -80,6 +80,28 @@ def test_spawned_run_makes_every_call_and_reports_one_json_line():
     assert frontend.startswith("ipc://") and not os.path.exists(os.path.dirname(frontend[len("ipc://"):]))
 
 
+def test_spawned_brokers_share_the_calls_and_every_worker_serves_each():
+    result = run_loadtest("--spawn", "2", "--spawn-brokers", "2", "--requests", "400", "--concurrency", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["brokers"]) == 2 and report["ok"] == 400 and report["errors"] == {}
+
+
+def test_scale_script_measures_each_row_and_rejects_a_malformed_one():
+    script = REPO / "scripts" / "scale.py"
+    run = subprocess.run([sys.executable, str(script), "--rows", "1x1x1,2x1x2", "--duration", "0.5", "-c", "4",
+                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)["rows"]
+    assert [(r["brokers"], r["workers"], r["clients"]) for r in rows] == [(1, 1, 1), (2, 1, 2)]
+    for row in rows:
+        assert row["calls"] > 0 and row["errors"] == 0
+        assert row["cpu_us_per_call"]["broker"] > 0 and row["cpu_us_per_call"]["client"] > 0
+    bad = subprocess.run([sys.executable, str(script), "--rows", "2x2"], cwd=REPO, capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT)
+    assert bad.returncode == 2 and "is not BROKERSxWORKERSxCLIENTS" in bad.stderr
+
+
 def test_run_against_a_running_broker_for_a_duration_prints_a_readable_summary(cli_broker, spawn):
     _, frontend, backend = cli_broker
     worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", backend, "--heartbeat-interval", "0.2"))
