@@ -31,6 +31,13 @@ class BrokerConfig:
     max_services: int = 1_000
     max_message_bytes: int = 64 * 1024 * 1024
     max_frames: int = 2_049
+    # Connections each endpoint holds at once; one more is refused (closed) as soon as libzmq
+    # accepts it. 0: automatic, min(10000, (fd limit - 512) / 2), so that a connection flood never
+    # exhausts the process's file descriptors (see _connections.py).
+    max_connections: int = 0
+    # A connection that has not completed the ZeroMQ handshake by then is closed (a peer that
+    # connects and says nothing does not hold its descriptor for libzmq's default 30 s).
+    handshake_timeout: float = 5.0
     # How often the loop checks deadlines and heartbeats when no message arrives.
     tick_interval: float = 0.05
     # CURVE (zrpc keys generate): the broker's NAME.key_secret, and directories of the public
@@ -58,6 +65,10 @@ class BrokerConfig:
                      "max_services", "max_message_bytes", "max_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_connections < 0:
+            raise ValueError("max_connections must not be negative (0: automatic)")
+        if self.handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
         for name in ("unavailable_wait", "unknown_service_grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

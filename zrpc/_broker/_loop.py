@@ -10,6 +10,7 @@ import zmq
 from .. import _security
 from ._auth import BrokerSecurity
 from ._config import BrokerConfig
+from ._connections import ConnectionLimits, connection_cap, fd_limit
 from ._engine import BrokerEngine
 from ._stats import CallStats
 
@@ -38,16 +39,28 @@ class Broker:
 
     ``bind()`` then ``run()`` in the calling thread (the CLI), or ``start()`` to run in a
     background thread (tests, ``zrpc.testing``); ``stop()`` from any thread.
+
+    ``gate_handshakes`` (without CURVE): hold each handshake until the loop has seen its
+    connection, so that a peer refused at ``max_connections`` keeps the messages it had queued
+    (see ``ConnectionLimits.gate``). It costs each handshake a trip through the loop thread,
+    which in a process that also runs clients means waiting for the GIL: `zrpc broker start`
+    turns it on, in-process brokers leave it off unless asked.
     """
 
     def __init__(self, config: BrokerConfig | None = None, *, context: zmq.Context | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, gate_handshakes: bool = False):
         self.config = config or BrokerConfig()
         self.config.validate()
         self._clock = clock
+        self._gate_handshakes = gate_handshakes
         self._own_context = context is None
         self._context = context or zmq.Context()
         self.engine = BrokerEngine(self.config, clock())
+        # Connections each endpoint may hold (ValueError when the fd limit cannot fit them), and
+        # the socket monitors that enforce it (see _connections.py).
+        self.max_connections = connection_cap(self.config.max_connections, fd_limit())
+        self.connections = ConnectionLimits(self.max_connections, self.engine.counters,
+                                            self.engine.bad_input_log.warn, clock)
         # Per-call statistics for /metrics and `zrpc status`, observed through the engine's hook.
         self.stats = CallStats(self.engine).install()
         self.frontend: zmq.Socket | None = None
@@ -77,9 +90,11 @@ class Broker:
             self.engine.policy = self.security.policy
             # Secure mode reads each message's User-Id (its peer's key): see _drain_secure.
             self._drain = self._drain_secure
+        elif self._gate_handshakes:  # NULL handshakes wait for the loop to see their connection
+            self.connections.gate(self._context)
         try:
-            self.frontend = self._router(self.config.frontend, _security.FRONTEND_DOMAIN)
-            self.backend = self._router(self.config.backend, _security.BACKEND_DOMAIN)
+            self.frontend = self._router("frontend", self.config.frontend, _security.FRONTEND_DOMAIN)
+            self.backend = self._router("backend", self.config.backend, _security.BACKEND_DOMAIN)
         except zmq.ZMQError:
             self._close_sockets()
             raise
@@ -92,6 +107,8 @@ class Broker:
         self.engine.started_at = self._clock()
         log.info("broker bound: frontend=%s backend=%s%s", self.frontend_endpoint, self.backend_endpoint,
                  " (CURVE)" if self.security is not None else "")
+        log.info("connections: at most %d per endpoint (file descriptor limit %d)",
+                 self.max_connections, fd_limit())
         if self.security is None:
             for endpoint in (self.frontend_endpoint, self.backend_endpoint):
                 if not _security.is_loopback_endpoint(endpoint):
@@ -100,7 +117,7 @@ class Broker:
                                 endpoint)
         return self.frontend_endpoint, self.backend_endpoint
 
-    def _router(self, endpoint: str, zap_domain: str = "") -> zmq.Socket:
+    def _router(self, side: str, endpoint: str, zap_domain: str = "") -> zmq.Socket:
         socket = self._context.socket(zmq.ROUTER)
         socket.linger = 0
         if self.security is not None:
@@ -108,6 +125,8 @@ class Broker:
                 socket.close(0)
                 raise RuntimeError("refusing to bind a CURVE socket: the ZAP authenticator is not running")
             self.security.make_server(socket, zap_domain)
+        elif self.connections.zap is not None:
+            socket.zap_domain = zap_domain.encode()  # NULL: ZAP is asked, and always says yes
         # Replies to a vanished or stalled peer raise instead of vanishing silently (counted).
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         socket.sndhwm = 100_000
@@ -116,9 +135,12 @@ class Broker:
         socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + (1 << 20))
         socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        socket.setsockopt(zmq.HANDSHAKE_IVL, max(1, round(self.config.handshake_timeout * 1000)))
+        self.connections.watch(side, socket)  # before binding: every accepted connection is seen
         try:
             socket.bind(endpoint)
         except zmq.ZMQError:
+            self.connections.unwatch(side)
             socket.close(0)
             raise
         return socket
@@ -163,6 +185,7 @@ class Broker:
         self.stop()
 
     def _close_sockets(self) -> None:
+        self.connections.close()
         for socket in (self.frontend, self.backend, self._wake_recv):
             if socket is not None:
                 socket.close(0)
@@ -181,6 +204,11 @@ class Broker:
         poller.register(frontend, zmq.POLLIN)
         poller.register(backend, zmq.POLLIN)
         poller.register(self._wake_recv, zmq.POLLIN)
+        # The monitors are read every round they have events: one left unread blocks libzmq's
+        # I/O thread, and the connection cap acts only as fast as we read them.
+        connections = self.connections
+        for socket in connections.sockets():
+            poller.register(socket, zmq.POLLIN)
         tick_interval = self.config.tick_interval
         next_tick = clock()
         while not self._stopping.is_set():
@@ -188,12 +216,14 @@ class Broker:
             timeout = max(0.0, min(next_tick - now, engine.next_timer(now)))
             ready = dict(poller.poll(timeout * 1000))
             now = clock()
+            connections.drain(ready)
             if frontend in ready:
                 self._drain(frontend, engine.on_frontend, now)
             if backend in ready:
                 self._drain(backend, engine.on_backend, now)
             if now >= next_tick or engine.next_timer(now) == 0.0:
                 engine.tick(now)
+                connections.check(now)
                 next_tick = now + tick_interval
             engine.flush()
             self._send_all()

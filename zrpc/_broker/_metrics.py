@@ -86,6 +86,22 @@ class BrokerCollector:
         yield CounterMetricFamily("zrpc_broker_internal_errors", "Bugs caught by the loop (see the log).",
                                   value=counters.get("internal_errors", 0))
 
+        # The connection cap (max_connections): open connections and refusals, per endpoint.
+        connections = GaugeMetricFamily("zrpc_broker_connections", "Connections accepted and open, per endpoint.",
+                                        labels=["side"])
+        refused = CounterMetricFamily("zrpc_broker_connections_refused", "Connections closed on arrival because "
+                                      "the endpoint held max_connections.", labels=["side"])
+        for side, guard in list(self._broker.connections.guards.items()):
+            connections.add_metric([side], len(guard.count.admitted))
+            refused.add_metric([side], guard.count.refused)
+        yield connections
+        yield refused
+        yield GaugeMetricFamily("zrpc_broker_max_connections", "Connections each endpoint may hold.",
+                                value=self._broker.max_connections)
+        yield CounterMetricFamily("zrpc_broker_fds_exhausted", "Checks (one a second) that found the broker "
+                                  "out of file descriptors: nothing could be accepted.",
+                                  value=counters.get("fds_exhausted", 0))
+
 
 def broker_registry(broker: "Broker") -> CollectorRegistry:
     """A registry of this broker's own (not the process-global one)."""

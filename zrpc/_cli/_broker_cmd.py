@@ -43,6 +43,9 @@ def broker() -> None:
         help="Calls the broker holds at once (queued + dispatched), all services together.")
 @option("--max-message-bytes", type=click.IntRange(min=1), metavar="BYTES", show_default="67108864",
         help="Largest message accepted from a client or worker.")
+@option("--max-connections", type=click.IntRange(min=0), metavar="N", show_default="0 (automatic)",
+        help="Connections each endpoint holds at once; more are refused as they arrive. "
+             "0: min(10000, (file descriptor limit - 512) / 2).")
 @option("--curve-secret", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
         help="The broker's NAME.key_secret (zrpc keys generate): turns on CURVE; needs the two "
              "key directories.")
@@ -71,11 +74,22 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
     setup_logging(config.log_level, log_format)
 
     from .._broker import Broker  # imported late so `zrpc --help` stays quick
+    from .._broker._connections import connection_cap, raise_fd_limit
 
+    # A broker process holds one descriptor per connection: take what the hard limit allows,
+    # then check that both endpoints' caps fit in it (a cap that does not is a bad setting).
+    before, limit = raise_fd_limit()
+    try:
+        cap = connection_cap(config.max_connections, limit)
+    except ValueError as exc:
+        raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
+    if limit != before:
+        log.info("file descriptor limit raised from %d to %d (max_connections %d per endpoint)",
+                 before, limit, cap)
     for endpoint in (config.frontend, config.backend):
         _refuse_live_ipc(endpoint)
     try:
-        broker_ = Broker(config)
+        broker_ = Broker(config, gate_handshakes=True)  # its own process: no GIL shared with clients
         frontend, backend = broker_.bind()
     except Exception as exc:  # zmq.ZMQError: address in use, no such interface, bad path
         where = "" if "addr=" in str(exc) else f" (frontend={config.frontend}, backend={config.backend})"
