@@ -18,6 +18,10 @@ from .._status import StatusCode
 
 log = logging.getLogger("zrpc.worker")
 
+# What the worker sends back for a call: its reply header and payload, and the status code the
+# header holds (kept beside it so the metrics need not decode what we just encoded).
+Answer = tuple[bytes, bytes, StatusCode]
+
 # The marker that asks the broker to give a call this worker never ran to another worker.
 RETRY_DETAIL = "zrpc-retry"
 DRAINING = {RETRY_DETAIL: "draining"}
@@ -83,13 +87,13 @@ def new_call(header, payload: bytes, method: Method, link: Any, epoch: int, now:
     return Call(header.request_id, method, request, context, link, epoch)
 
 
-def error_pair(request_id: int, error: Error) -> tuple[bytes, bytes]:
-    """The (header, payload) pair answering a call with an error."""
-    return p.encode_reply_header(request_id, error.code, error.message, error.details), b""
+def error_pair(request_id: int, error: Error) -> Answer:
+    """The answer to a call that failed with ``error``."""
+    return p.encode_reply_header(request_id, error.code, error.message, error.details), b"", error.code
 
 
-def result_pair(call: Call, result: Any) -> tuple[bytes, bytes]:
-    """The pair answering a call whose handler returned ``result`` (INTERNAL if it is not the reply type)."""
+def result_pair(call: Call, result: Any) -> Answer:
+    """The answer to a call whose handler returned ``result`` (INTERNAL if it is not the reply type)."""
     expected = call.method.output_descriptor.full_name
     descriptor = getattr(result, "DESCRIPTOR", None)
     if getattr(descriptor, "full_name", None) != expected or not hasattr(result, "SerializeToString"):
@@ -101,11 +105,11 @@ def result_pair(call: Call, result: Any) -> tuple[bytes, bytes]:
         payload = result.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - e.g. a proto2 reply missing a required field
         return exception_pair(call, exc)
-    return p.encode_reply_header(call.request_id), payload
+    return p.encode_reply_header(call.request_id), payload, StatusCode.OK
 
 
-def exception_pair(call: Call, exc: BaseException) -> tuple[bytes, bytes]:
-    """The pair answering a call whose handler raised (spec §10: INTERNAL carries type and message only)."""
+def exception_pair(call: Call, exc: BaseException) -> Answer:
+    """The answer to a call whose handler raised (spec §10: INTERNAL carries type and message only)."""
     if isinstance(exc, Error):
         return error_pair(call.request_id, exc)
     log.error("%s/%s failed (request %d)", call.context.service, call.context.method, call.request_id,
@@ -115,16 +119,16 @@ def exception_pair(call: Call, exc: BaseException) -> tuple[bytes, bytes]:
     return error_pair(call.request_id, Error(StatusCode.INTERNAL, message))
 
 
-def stopped_pair(call: Call, now: float) -> tuple[bytes, bytes]:
-    """The pair answering a call stopped before it finished: by its deadline or by a CANCEL."""
+def stopped_pair(call: Call, now: float) -> Answer:
+    """The answer to a call stopped before it finished: by its deadline or by a CANCEL."""
     context = call.context
     if not context._cancelled and context.deadline is not None and now >= context.deadline:
         return error_pair(call.request_id, Error(StatusCode.DEADLINE_EXCEEDED, "deadline passed at the worker"))
     return error_pair(call.request_id, Error(StatusCode.CANCELLED, "call cancelled"))
 
 
-def run_sync(call: Call) -> tuple[bytes, bytes]:
-    """Run a plain handler and build its reply pair (in a pool thread: serialising there too)."""
+def run_sync(call: Call) -> Answer:
+    """Run a plain handler and build its answer (in a pool thread: serialising there too)."""
     token = TRACE_ID.set(call.context.trace_id)  # the handler's log lines carry the trace id
     try:
         try:

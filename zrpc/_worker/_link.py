@@ -141,16 +141,19 @@ class BrokerLink:
         self.last_sent = self.clock()
         return True
 
-    def reply(self, pair: tuple[bytes, bytes]) -> None:
-        """Queue a (header, payload) reply; all queued in one loop turn leave together."""
+    def reply(self, answer: tuple) -> None:
+        """Queue a reply (header, payload[, status code]); all queued in one loop turn leave together."""
         if not self._replies:
             self.loop.call_soon(self.flush_replies)
-        self._replies.append(pair)
+        self._replies.append(answer)
 
     def flush_replies(self) -> None:
         replies, self._replies = self._replies, []
         for start in range(0, len(replies), MAX_PAIRS_PER_REPLY):
-            self.send(p.reply_message(replies[start:start + MAX_PAIRS_PER_REPLY]))
+            frames = [p.TAG, p.REPLY]
+            for answer in replies[start:start + MAX_PAIRS_PER_REPLY]:
+                frames += answer[:2]
+            self.send(frames)
 
     def send_ready(self) -> None:
         self.ready_due = None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .. import _protocol as p
 from .._metrics import Histogram
 from .._status import StatusCode
 
@@ -17,16 +16,12 @@ if TYPE_CHECKING:
 
 
 class HandlerStats:
-    """Handler run time per (service, method, code name)."""
+    """Handler run time per (service, method, status code)."""
 
     def __init__(self) -> None:
-        self.handlers: dict[tuple[str, str, str], Histogram] = {}
+        self.handlers: dict[tuple[str, str, StatusCode], Histogram] = {}
 
-    def observe(self, service: str, method: str, raw_reply_header: bytes, seconds: float) -> None:
-        try:
-            code = StatusCode.from_wire(p.decode_reply_header(raw_reply_header).code).name
-        except p.ProtocolError:
-            code = StatusCode.INTERNAL.name
+    def observe(self, service: str, method: str, code: StatusCode, seconds: float) -> None:
         key = (service, method, code)
         histogram = self.handlers.get(key)
         if histogram is None:
@@ -45,8 +40,8 @@ class WorkerCollector:
         handler = HistogramMetricFamily("zrpc_worker_handler_seconds",
                                         "Handler run time, from start to the answer, by status code.",
                                         labels=["service", "method", "code"])
-        for labels, histogram in list(worker.stats.handlers.items()):
-            handler.add_metric(list(labels), histogram.cumulative(), histogram.sum)
+        for (service, method, code), histogram in list(worker.stats.handlers.items()):
+            handler.add_metric([service, method, code.name], histogram.cumulative(), histogram.sum)
         yield handler
         admission = worker._admission
         yield GaugeMetricFamily("zrpc_worker_in_flight", "Calls held: running plus waiting for a slot.",

@@ -28,6 +28,7 @@ from .._status import StatusCode
 from ._calls import (
     DRAINING,
     Admission,
+    Answer,
     Call,
     HandlerTable,
     error_pair,
@@ -409,7 +410,7 @@ class Worker:
         due = self._pool.rebalance()
         self._rebalance_timer = None if due is None else self._loop.call_later(due, self._rebalance)
 
-    def _run_sync(self, call: Call) -> tuple[bytes, bytes]:
+    def _run_sync(self, call: Call) -> Answer:
         """(in a pool thread) Run a plain handler, unless its call was stopped while it waited."""
         if call.context.cancelled:
             return stopped_pair(call, self._clock())
@@ -443,14 +444,14 @@ class Worker:
             answer = result_pair(call, task.result())
         self._finish(call, answer)
 
-    def _finish(self, call: Call, answer: tuple[bytes, bytes]) -> None:
+    def _finish(self, call: Call, answer: Answer) -> None:
         if call.timer is not None:
             call.timer.cancel()
         link = call.link
         if link.in_flight.get(call.request_id) is call:
             del link.in_flight[call.request_id]
         self._reply(call, answer)
-        self.stats.observe(call.context.service, call.context.method, answer[0], self._clock() - call.started_at)
+        self.stats.observe(call.context.service, call.context.method, answer[2], self._clock() - call.started_at)
         self._admission.release()
         while (waiting := self._admission.take()) is not None:
             if not waiting.context.cancelled:
@@ -462,7 +463,7 @@ class Worker:
         if self._admission.running == 0:
             self._idle.set()
 
-    def _reply(self, call: Call, answer: tuple[bytes, bytes]) -> None:
+    def _reply(self, call: Call, answer: Answer) -> None:
         if call.epoch == call.link.epoch:
             call.link.reply(answer)
 
