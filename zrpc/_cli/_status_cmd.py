@@ -5,6 +5,8 @@ the counters (calls and errors since it started) and a p99 over the last minute 
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import threading
 import time
@@ -36,22 +38,32 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
       zrpc status --watch --interval 2
     """
     endpoints = split_endpoints(brokers)
-    pause = threading.Event()  # waits that Ctrl-C interrupts
-    with _discovery.connect(endpoints, timeout) as client:
+    interrupted = threading.Event()  # Ctrl-C: set by the handler, so it never lands inside the client
+    with _discovery.connect(endpoints, timeout) as client, _sigint_sets(interrupted):
         before, taken = _discovery.list_services(client, endpoints, timeout), time.monotonic()
         terminal = sys.stdout.isatty()
-        try:
-            while True:
-                pause.wait(interval)
-                after, now = _discovery.list_services(client, endpoints, timeout), time.monotonic()
-                text = format_status(before, after, now - taken, ", ".join(endpoints))
-                if not watch:
-                    click.echo(text)
-                    return
-                click.echo((_CLEAR if terminal else "") + text + ("" if terminal else "\n"))
-                before, taken = after, now
-        except KeyboardInterrupt:  # --watch ends with Ctrl-C, quietly
-            return
+        while not interrupted.wait(interval):  # --watch ends with Ctrl-C, quietly
+            after, now = _discovery.list_services(client, endpoints, timeout), time.monotonic()
+            text = format_status(before, after, now - taken, ", ".join(endpoints))
+            if not watch:
+                click.echo(text)
+                return
+            click.echo((_CLEAR if terminal else "") + text + ("" if terminal else "\n"))
+            before, taken = after, now
+
+
+@contextlib.contextmanager
+def _sigint_sets(event: threading.Event):
+    """While inside, SIGINT sets ``event`` instead of raising KeyboardInterrupt wherever the main
+    thread happens to be (inside the client's lock, a KeyboardInterrupt could leave it held)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, seconds: float, broker: str) -> str:
