@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+# setuptools warns on every editable install of a flat layout (harmless here): keep the output readable.
+PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install -q -e .
 exec .venv/bin/python scripts/loadtest.py --spawn 2 --concurrency 32 --requests 20000 --payload-size 100 "$@"

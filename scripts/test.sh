@@ -16,5 +16,6 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+# setuptools warns on every editable install of a flat layout (harmless here): keep the output readable.
+PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install -q -e '.[test]'
 exec .venv/bin/python -m pytest "$@"
