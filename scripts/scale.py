@@ -84,6 +84,7 @@ def measure(brokers: int, workers: int, clients: int, concurrency: int, duration
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--rows", default=DEFAULT_ROWS, show_default=True, metavar="BxWxP,...",
+              callback=lambda ctx, param, value: parse_rows(value),
               help="Configurations: brokers x workers x load-generator processes.")
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), default=32, show_default=True,
               help="Calls in flight per load-generator process.")
@@ -93,8 +94,7 @@ def measure(brokers: int, workers: int, clients: int, concurrency: int, duration
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def main(rows, concurrency, duration, worker_concurrency, as_json) -> None:
     """Measure calls/s for each configuration in one run; ratios are to the first row."""
-    configurations = parse_rows(rows)
-    results = [measure(*row, concurrency, duration, worker_concurrency) for row in configurations]
+    results = [measure(*row, concurrency, duration, worker_concurrency) for row in rows]
     base = results[0]["calls_per_s"] or 1
     for result in results:
         result["ratio"] = round(result["calls_per_s"] / base, 2)
