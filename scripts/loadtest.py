@@ -360,6 +360,8 @@ class Spawned:
 def main(brokers, target, concurrency, requests, duration, payload_size, data, timeout, spawn, spawn_brokers,
          worker_target, worker_concurrency, as_json) -> None:
     """Keep CONCURRENCY calls in flight and report calls/s and latency percentiles."""
+    if spawn_brokers > 1 and not spawn:
+        raise click.UsageError("--spawn-brokers starts brokers for --spawn N workers: give --spawn too")
     if requests is None and duration is None:
         requests = 20_000
     service, method = _discovery.split_target(target)

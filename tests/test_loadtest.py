@@ -85,6 +85,8 @@ def test_spawned_brokers_share_the_calls_and_every_worker_serves_each():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["brokers"]) == 2 and report["ok"] == 400 and report["errors"] == {}
+    alone = run_loadtest("--spawn-brokers", "2", "--requests", "10")
+    assert alone.returncode == 2 and "give --spawn too" in alone.stderr
 
 
 def test_scale_script_measures_each_row_and_rejects_a_malformed_one():
