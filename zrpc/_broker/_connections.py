@@ -92,18 +92,22 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, fd_limit()
 
 
+class ConnectionCapError(ValueError):
+    """max_connections cannot fit in the file descriptor limit: a bad setting."""
+
+
 def connection_cap(configured: int, limit: int) -> int:
     """The connections one endpoint may hold: ``configured``, or automatic when 0.
 
     Both endpoints at their cap plus RESERVE_FDS must fit in ``limit``, or the cap could not keep
-    libzmq away from EMFILE; a setting that does not fit is a ValueError naming both numbers.
+    libzmq away from EMFILE; a setting that does not fit is a ConnectionCapError naming both numbers.
     The automatic cap never raises: under a limit too low for that rule it is a quarter of it.
     """
     most = (limit - RESERVE_FDS) // 2
     if configured == 0:
         return min(DEFAULT_CAP, most) if most >= 1 else max(1, limit // 4)
     if configured > most:
-        raise ValueError(f"max_connections {configured} needs a file descriptor limit of at least "
+        raise ConnectionCapError(f"max_connections {configured} needs a file descriptor limit of at least "
                          f"{2 * configured + RESERVE_FDS} (2 x max_connections + {RESERVE_FDS}), "
                          f"the limit is {limit}: raise it (ulimit -n, LimitNOFILE=) or lower "
                          f"max_connections (0: automatic)")

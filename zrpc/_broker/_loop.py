@@ -53,12 +53,13 @@ class Broker:
         self.config.validate()
         self._clock = clock
         self._gate_handshakes = gate_handshakes
+        # Connections each endpoint may hold: a ValueError when the fd limit cannot fit them,
+        # raised before anything needs closing.
+        self.max_connections = connection_cap(self.config.max_connections, fd_limit())
         self._own_context = context is None
         self._context = context or zmq.Context()
         self.engine = BrokerEngine(self.config, clock())
-        # Connections each endpoint may hold (ValueError when the fd limit cannot fit them), and
-        # the socket monitors that enforce it (see _connections.py).
-        self.max_connections = connection_cap(self.config.max_connections, fd_limit())
+        # The socket monitors that enforce max_connections (see _connections.py).
         self.connections = ConnectionLimits(self.max_connections, self.engine.counters,
                                             self.engine.bad_input_log.warn, clock)
         # Per-call statistics for /metrics and `zrpc status`, observed through the engine's hook.

@@ -74,23 +74,21 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
     setup_logging(config.log_level, log_format)
 
     from .._broker import Broker  # imported late so `zrpc --help` stays quick
-    from .._broker._connections import connection_cap, raise_fd_limit
+    from .._broker._connections import ConnectionCapError, raise_fd_limit
 
-    # A broker process holds one descriptor per connection: take what the hard limit allows,
-    # then check that both endpoints' caps fit in it (a cap that does not is a bad setting).
+    # A broker process holds one descriptor per connection: take what the hard limit allows;
+    # Broker() then checks that both endpoints' caps fit in it (a cap that does not is a bad setting).
     before, limit = raise_fd_limit()
-    try:
-        cap = connection_cap(config.max_connections, limit)
-    except ValueError as exc:
-        raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
-    if limit != before:
-        log.info("file descriptor limit raised from %d to %d (max_connections %d per endpoint)",
-                 before, limit, cap)
     for endpoint in (config.frontend, config.backend):
         _refuse_live_ipc(endpoint)
     try:
         broker_ = Broker(config, gate_handshakes=True)  # its own process: no GIL shared with clients
+        if limit != before:
+            log.info("file descriptor limit raised from %d to %d (max_connections %d per endpoint)",
+                     before, limit, broker_.max_connections)
         frontend, backend = broker_.bind()
+    except ConnectionCapError as exc:
+        raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
     except Exception as exc:  # zmq.ZMQError: address in use, no such interface, bad path
         where = "" if "addr=" in str(exc) else f" (frontend={config.frontend}, backend={config.backend})"
         raise CliError(f"cannot bind broker: {exc}{where}") from None
