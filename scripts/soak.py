@@ -200,6 +200,16 @@ class LoadClient(threading.Thread):
                     self._send(socket, retry)
 
 
+def stop_all(children: list[Child], broker: Child | None) -> None:
+    """Workers first, while the broker still acknowledges their drain (without it each waits out
+    its 10 s grace), then the broker. Children already stopped are skipped."""
+    for child in children:
+        if child is not broker:
+            child.stop()
+    if broker is not None:
+        broker.stop()
+
+
 def judge_executions(history: list[Attempt], executions: list[dict]) -> dict:
     """I4 and I5 from the workers' logs: one execution per dispatch, none after the deadline."""
     by_attempt = {(a.call_id, a.attempt): a for a in history}
@@ -299,6 +309,7 @@ def main(duration, worker_count, clients, window, deadline, kill_every, broker_r
     faults = collections.Counter()
     broker_down: list[tuple[float, float]] = []
     children: list[Child] = []
+    broker: Child | None = None
     ok = False
     try:
         broker = Child(broker_argv, workdir / "broker.log")
@@ -341,8 +352,7 @@ def main(duration, worker_count, clients, window, deadline, kill_every, broker_r
         figures = judge(history, broker_down)
         figures["duplicated"] += sum(c.strays for c in load)
         figures["misrouted"] = sum(c.misrouted for c in load)
-        for child in children:  # every worker stopped: their logs are complete
-            child.stop()
+        stop_all(children, broker)  # every worker stopped: their logs are complete
         figures.update(judge_executions(history, read_executions(exec_dir)))
         figures["faults_injected"] = dict(faults)
         figures["duration_s"] = duration
@@ -353,8 +363,7 @@ def main(duration, worker_count, clients, window, deadline, kill_every, broker_r
         ok = not any(figures[name] for name in ("lost", "duplicated", "misrouted", "executed_twice",
                                                  "executed_late", "executed_unknown"))
     finally:
-        for child in reversed(children):
-            child.stop()
+        stop_all(children, broker)
     if as_json:
         click.echo(json.dumps(figures, sort_keys=True))
     else:
