@@ -128,8 +128,9 @@ class HandlerPool:
                 continue
             call, _ = item
             done.append((call, self._run(call)))
+            now = self._clock()
             if len(done) == 1:
-                held_since = self._clock()
-            if len(done) >= _HAND_BACK_COUNT or self._clock() - held_since >= _HAND_BACK_AFTER:
+                held_since = now
+            if len(done) >= _HAND_BACK_COUNT or now - held_since >= _HAND_BACK_AFTER:
                 self._deliver(done)
                 done = []
