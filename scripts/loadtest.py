@@ -200,7 +200,7 @@ def _repeated(field_) -> bool:
 # ----------------------------------------------------------------------------- spawning
 
 class Spawned:
-    """A broker and N workers started as subprocesses on ipc:// paths; each stopped by PID."""
+    """K brokers and N workers started as subprocesses on ipc:// paths; each stopped by PID."""
 
     def __init__(self, workers: int, worker_target: str, worker_concurrency: int, brokers: int = 1):
         self.count = workers
@@ -347,7 +347,7 @@ class Spawned:
 @click.option("--timeout", "-t", type=click.FloatRange(min=0.001), default=10.0, show_default=True,
               metavar="SECONDS", show_envvar=True, help="Deadline of each call.")
 @click.option("--spawn", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-              show_envvar=True, help="Start a broker and N worker processes (ipc://, temp dir) for the run.")
+              show_envvar=True, help="Start a broker (or --spawn-brokers K) and N worker processes (ipc://, temp dir) for the run.")
 @click.option("--spawn-brokers", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
               show_envvar=True, help="With --spawn: start K brokers; every worker serves all, calls spread over them.")
 @click.option("--worker", "worker_target", default="workers.echo:Echo", show_default=True,
