@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -222,7 +223,9 @@ class Broker:
         while not self._stopping.is_set():
             now = clock()
             timeout = max(0.0, min(next_tick - now, engine.next_timer(now)))
-            ready = dict(poller.poll(timeout * 1000))
+            # Whole milliseconds, rounded up: pyzmq truncates, and a timer less than 1 ms away
+            # would make every poll return at once until it is due (a spin before each tick).
+            ready = dict(poller.poll(math.ceil(timeout * 1000)))
             now = clock()
             connections.drain(ready)
             if frontend in ready:
