@@ -74,12 +74,10 @@ def pairs(body: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 def _decode(message_type, raw: bytes, what: str):
-    message = message_type()
     try:
-        message.ParseFromString(raw)
+        return message_type.FromString(raw)
     except Exception as exc:  # protobuf raises DecodeError, or others on some inputs
         raise ProtocolError("bad_header", f"undecodable {what}: {exc}") from None
-    return message
 
 
 def decode_request_header(raw: bytes) -> wire_pb2.RequestHeader:

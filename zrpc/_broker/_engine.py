@@ -27,6 +27,10 @@ RESERVED_PREFIX = "zrpc."
 # instead of failing it (it never ran).
 RETRY_DETAIL = "zrpc-retry"
 
+# Wire code -> (StatusCode, its counter): one lookup per answered call.
+_CODES = {int(code): (code, f"code_{code.name}") for code in StatusCode}
+_UNAVAILABLE = int(StatusCode.UNAVAILABLE)
+
 
 class BrokerEngine:
     """Registry, queues and dispatch policy of one broker, as a plain object."""
@@ -48,9 +52,10 @@ class BrokerEngine:
         self.counters: collections.Counter[str] = collections.Counter()
         self.frontend_out: list[tuple[bytes, list[bytes]]] = []
         self.backend_out: list[tuple[bytes, list[bytes]]] = []
-        # Replies and requests gathered during one round, coalesced per peer on flush (§4).
-        self._replies: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        self._requests: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        # The REPLY and REQUEST message (frames) each peer gets at the end of the round: calls
+        # are coalesced per peer (§4) as they are decided.
+        self._replies: dict[bytes, list[bytes]] = {}
+        self._requests: dict[bytes, list[bytes]] = {}
         # Optional observer of answered calls (metrics): fn(service, method, code, call, now);
         # call is None for a call refused on arrival.
         self.on_call_done = None
@@ -138,7 +143,9 @@ class BrokerEngine:
                                     header.service, self.config.queue_size, service=header.service)
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                   f"queue of service {header.service!r} is full ({self.config.queue_size} calls)", now)
-        call = Call(client, request_id, header, payload, now + header.deadline_ms / 1000.0, now)
+        timeout_ms = header.deadline_ms
+        call = Call(client, request_id, header, header.service, header.method, payload, timeout_ms,
+                    now + timeout_ms / 1000.0, now)
         if outstanding is None:
             outstanding = self.clients[client] = {}
         outstanding[request_id] = call
@@ -276,14 +283,15 @@ class BrokerEngine:
         service = self.services[call.service]
         service.dispatched -= 1
         call.worker = None
-        if header.code == StatusCode.UNAVAILABLE and header.details.get(RETRY_DETAIL) == "draining":
+        code = header.code
+        if code == _UNAVAILABLE and header.details.get(RETRY_DETAIL) == "draining":
             worker.draining = True  # it never ran the call: give it to another worker
             call.attempt -= 1
             call.state = CallState.QUEUED
             service.queue.appendleft(call)
             return
         header.request_id = call.client_request_id
-        self._finish(call, header.code, now)
+        self._finish(call, code, now)
         self._send_reply(call.client, header.SerializeToString(), payload)
 
     # ------------------------------------------------------------------ time
@@ -323,7 +331,7 @@ class BrokerEngine:
                 where = "at the worker"
                 self._abandon_at_worker(call)
             self._fail(call, StatusCode.DEADLINE_EXCEEDED,
-                       f"deadline of {call.header.deadline_ms} ms exceeded {where}", now)
+                       f"deadline of {call.timeout_ms} ms exceeded {where}", now)
 
     def _settle_waiting(self, service: ServiceState, now: float) -> None:
         """NOT_FOUND after the start-up grace; UNAVAILABLE after unavailable_wait (§10)."""
@@ -363,9 +371,9 @@ class BrokerEngine:
             if best is None:
                 return
             call = queue.popleft()
-            self._send_to_worker(best, call, now)
+            self._send_to_worker(best, call, service, now)
 
-    def _send_to_worker(self, worker: WorkerState, call: Call, now: float) -> None:
+    def _send_to_worker(self, worker: WorkerState, call: Call, service: ServiceState, now: float) -> None:
         dispatch_id = next(self._dispatch_ids)
         call.dispatch_id = dispatch_id
         call.worker = worker
@@ -375,18 +383,19 @@ class BrokerEngine:
         worker.in_flight[dispatch_id] = call
         worker.last_dispatch_seq = next(self._dispatch_seq)
         worker.next_heartbeat_at = now + worker.heartbeat
-        self.services[call.service].dispatched += 1
+        service.dispatched += 1
+        # The client's header, re-addressed to the worker (the client's own values are kept in
+        # the call: client_request_id, timeout_ms).
         header = call.header
-        client_request_id, client_deadline_ms = header.request_id, header.deadline_ms
         header.request_id = dispatch_id
         header.deadline_ms = max(1, int((call.deadline - now) * 1000))
         header.attempt = call.attempt
         raw = header.SerializeToString()
-        header.request_id, header.deadline_ms = client_request_id, client_deadline_ms
-        pairs = self._requests.get(worker.identity)
-        if pairs is None:
-            pairs = self._requests[worker.identity] = []
-        pairs.append((raw, call.payload))
+        frames = self._requests.get(worker.identity)
+        if frames is None:
+            frames = self._requests[worker.identity] = [p.TAG, p.REQUEST]
+        frames.append(raw)
+        frames.append(call.payload)
 
     def _abandon_at_worker(self, call: Call) -> None:
         """The call was answered without its worker: keep the slot, tell the worker (§8)."""
@@ -448,28 +457,29 @@ class BrokerEngine:
             if not outstanding:
                 del self.clients[call.client]
         self.calls_held -= 1
-        code = StatusCode.from_wire(code)
-        self.counters[f"code_{code.name}"] += 1
+        code, counter = _CODES.get(code) or _CODES[StatusCode.UNKNOWN]
+        self.counters[counter] += 1
         if self.on_call_done is not None:
-            self.on_call_done(call.header.service, call.header.method, code, call, now)
+            self.on_call_done(call.service, call.method, code, call, now)
 
     def _reply(self, client: bytes, request_id: int, code: StatusCode, message: str, payload: bytes) -> None:
         self._send_reply(client, p.encode_reply_header(request_id, code, message), payload)
 
     def _send_reply(self, client: bytes, raw_header: bytes, payload: bytes) -> None:
-        pairs = self._replies.get(client)
-        if pairs is None:
-            pairs = self._replies[client] = []
-        pairs.append((raw_header, payload))
+        frames = self._replies.get(client)
+        if frames is None:
+            frames = self._replies[client] = [p.TAG, p.REPLY]
+        frames.append(raw_header)
+        frames.append(payload)
 
     def flush(self) -> None:
         """Move the round's coalesced requests and replies into the outboxes (§4)."""
-        for identity, pairs in self._requests.items():
-            self.backend_out.append((identity, p.request_message(pairs)))
-        self._requests.clear()
-        for client, pairs in self._replies.items():
-            self.frontend_out.append((client, p.reply_message(pairs)))
-        self._replies.clear()
+        if self._requests:
+            self.backend_out.extend(self._requests.items())
+            self._requests = {}
+        if self._replies:
+            self.frontend_out.extend(self._replies.items())
+            self._replies = {}
 
     # ------------------------------------------------------------------ security
 

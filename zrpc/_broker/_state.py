@@ -21,7 +21,11 @@ class Call:
     client: bytes
     client_request_id: int
     header: wire_pb2.RequestHeader
+    # The header's names, read once: a protobuf attribute read costs more than a slot's.
+    service: str
+    method: str
     payload: bytes
+    timeout_ms: int  # the client's deadline_ms (spec §5)
     deadline: float
     enqueued_at: float
     dispatched_at: float = 0.0  # when it last went to a worker: queue wait vs service time
@@ -29,10 +33,6 @@ class Call:
     dispatch_id: int = 0
     worker: "WorkerState | None" = None
     attempt: int = 0
-
-    @property
-    def service(self) -> str:
-        return self.header.service
 
 
 @dataclasses.dataclass(slots=True, eq=False)

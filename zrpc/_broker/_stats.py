@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from ._engine import BrokerEngine
     from ._state import Call
 
+_OK = StatusCode.OK
+
 
 class RecentLatency:
     """Bucket counts over the last ``window`` seconds, in ``slots`` rotating slots (cheap p99)."""
@@ -73,6 +75,10 @@ class CallStats:
         self._engine = engine
         self.methods: dict[tuple[str, str], MethodStats] = {}
         self.services: dict[str, ServiceTotals] = {}
+        # (service, method) as called -> where its calls are counted, for names a worker
+        # offered: those stay known (a service once offered keeps its methods), so the labels
+        # are worked out once per name, not once per call.
+        self._known: dict[tuple[str, str], tuple[MethodStats, ServiceTotals]] = {}
 
     def install(self) -> "CallStats":
         self._engine.on_call_done = self.on_call_done
@@ -86,18 +92,25 @@ class CallStats:
             return UNKNOWN, UNKNOWN
         return service, (method if method in known.methods else UNKNOWN)
 
-    def on_call_done(self, service: str, method: str, code: StatusCode, call: "Call | None", now: float) -> None:
+    def _counted_under(self, service: str, method: str) -> tuple[MethodStats, ServiceTotals]:
         key = self._labels(service, method)
         stats = self.methods.get(key)
         if stats is None:
             stats = self.methods[key] = MethodStats()
-        name = code.name
-        stats.codes[name] = stats.codes.get(name, 0) + 1
         totals = self.services.get(key[0])
         if totals is None:
             totals = self.services[key[0]] = ServiceTotals()
+        if key[1] is not UNKNOWN:
+            self._known[service, method] = stats, totals
+        return stats, totals
+
+    def on_call_done(self, service: str, method: str, code: StatusCode, call: "Call | None", now: float) -> None:
+        counted = self._known.get((service, method))
+        stats, totals = counted if counted is not None else self._counted_under(service, method)
+        name = code._name_  # the plain attribute behind .name (a descriptor, 5x slower)
+        stats.codes[name] = stats.codes.get(name, 0) + 1
         totals.calls += 1
-        if code is not StatusCode.OK:
+        if code is not _OK:
             totals.errors += 1
         if call is None:  # refused on arrival: it never waited anywhere
             return
