@@ -6,7 +6,7 @@ The public API is re-exported here; every implementation module is private (``zr
 from ._broker import Broker, BrokerConfig
 from ._client import AsyncClient, CircuitBreaker, Client, RetryPolicy
 from ._errors import Error
-from ._service import Context, Service
+from ._service import Context, Service, nonblocking
 from ._status import StatusCode
 from ._worker import Worker
 
@@ -22,5 +22,6 @@ __all__ = [
     "Service",
     "StatusCode",
     "Worker",
+    "nonblocking",
 ]
 __version__ = "0.1.0"

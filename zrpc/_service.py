@@ -8,6 +8,11 @@
 
 A handler defined with ``async def`` runs on the worker's asyncio loop instead, and is cancelled
 (``asyncio.CancelledError``) when its call is cancelled or its deadline passes.
+
+A plain handler marked ``@zrpc.nonblocking`` (it computes and returns, never waits on I/O or
+locks) runs on the loop too, straight from the message that brought it: no hand-off to a pool
+thread and back. The worker times it; one that takes longer than ``INLINE_LIMIT`` is moved to
+the pool for good, with a warning, so a wrong mark costs one slow call, not the heartbeats.
 """
 from __future__ import annotations
 
@@ -23,6 +28,25 @@ from ._descriptors import message_class
 
 # (spec §7) Service names the broker keeps for itself.
 RESERVED_PREFIX = "zrpc."
+
+# The attribute @nonblocking sets on a handler function.
+_NONBLOCKING_MARK = "__zrpc_nonblocking__"
+
+
+def nonblocking(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a plain (``def``) handler as one that never blocks: the worker runs it on its loop.
+
+    For handlers that only compute, and quickly (well under ``INLINE_LIMIT``): the thread
+    hand-off it saves costs more than such a handler does. Raises TypeError on ``async def``
+    handlers, which run on the loop already.
+    """
+    if inspect.iscoroutinefunction(handler):
+        raise TypeError(f"{handler.__qualname__} is async: it runs on the worker's loop already; "
+                        f"@zrpc.nonblocking is for plain (def) handlers")
+    if not callable(handler):
+        raise TypeError(f"@zrpc.nonblocking needs a function, got {handler!r}")
+    setattr(handler, _NONBLOCKING_MARK, True)
+    return handler
 
 
 class Service:
@@ -104,6 +128,7 @@ class Method:
     descriptor: MethodDescriptor
     handler: Callable[..., Any]
     is_async: bool
+    nonblocking: bool  # marked @nonblocking: run on the loop (see the module's docstring)
     input_class: type
     output_descriptor: Any
 
@@ -141,6 +166,7 @@ def methods_of(service: Service) -> dict[str, Method]:
             descriptor=method,
             handler=handler,
             is_async=inspect.iscoroutinefunction(handler),
+            nonblocking=getattr(handler, _NONBLOCKING_MARK, False),
             input_class=message_class(method.input_type),
             output_descriptor=method.output_type,
         )

@@ -6,7 +6,9 @@ handlers as tasks on the loop, so the loop is always free to heartbeat (spec §1
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
+import dataclasses
 import functools
 import logging
 import os
@@ -47,6 +49,11 @@ log = logging.getLogger("zrpc.worker")
 
 # Messages taken from a socket in one go before the loop looks at anything else.
 _BATCH = 256
+
+# A @nonblocking handler that runs longer than this on the loop (wall time), twice, is moved
+# to the pool for good. Twice: one slow run can be the process being descheduled.
+INLINE_LIMIT = 0.02
+_INLINE_STRIKES = 2
 
 class Worker:
     """Serves ``services`` to the broker(s) at ``brokers``.
@@ -91,6 +98,7 @@ class Worker:
             name=self.name,
         ))
         self._admission = Admission(concurrency)
+        self._slow_inline: collections.Counter[tuple[str, str]] = collections.Counter()
         self.stats = HandlerStats()  # read by /metrics (zrpc._worker._metrics.worker_registry)
         self._done: list = []  # (call, reply pair) finished by pool threads, for the loop
         self._done_lock = threading.Lock()
@@ -335,7 +343,9 @@ class Worker:
                 answers.append(error_pair(header.request_id, error))
                 continue
             link.in_flight[call.request_id] = call
-            if self._admission.admit(call):
+            if method.nonblocking:  # runs now, on the loop: it never waits for a slot
+                self._run_inline(call)
+            elif self._admission.admit(call):
                 self._start(call)
         for answer in answers:
             link.reply(answer)
@@ -444,14 +454,37 @@ class Worker:
             answer = result_pair(call, task.result())
         self._finish(call, answer)
 
-    def _finish(self, call: Call, answer: Answer) -> None:
-        if call.timer is not None:
-            call.timer.cancel()
+    def _run_inline(self, call: Call) -> None:
+        """Run a @nonblocking handler here, on the loop, and answer it; move it to the pool if slow."""
+        call.started = True
+        started = call.started_at = self._clock()
+        answer = self._run_sync(call)
+        took = self._clock() - started
+        self._answer(call, answer, took)
+        if took > INLINE_LIMIT:
+            self._slow_on_loop(call.method, took)
+
+    def _slow_on_loop(self, method, took: float) -> None:
+        key = (method.service, method.name)
+        self._slow_inline[key] += 1
+        if self._slow_inline[key] < _INLINE_STRIKES or not self.table.methods[key].nonblocking:
+            return
+        self.table.methods[key] = dataclasses.replace(method, nonblocking=False)
+        log.warning("%s/%s is marked @nonblocking but took %.0f ms on the worker's loop (limit %.0f ms, "
+                    "twice): it runs in the handler pool from now on", method.service, method.name,
+                    took * 1000, INLINE_LIMIT * 1000)
+
+    def _answer(self, call: Call, answer: Answer, took: float) -> None:
         link = call.link
         if link.in_flight.get(call.request_id) is call:
             del link.in_flight[call.request_id]
         self._reply(call, answer)
-        self.stats.observe(call.context.service, call.context.method, answer[2], self._clock() - call.started_at)
+        self.stats.observe(call.context.service, call.context.method, answer[2], took)
+
+    def _finish(self, call: Call, answer: Answer) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+        self._answer(call, answer, self._clock() - call.started_at)
         self._admission.release()
         while (waiting := self._admission.take()) is not None:
             if not waiting.context.cancelled:
