@@ -369,6 +369,41 @@ def add_ratios(rows: list[dict]) -> None:
         }
 
 
+def median_rows(by_round: list[list[dict]]) -> list[dict]:
+    """One row per cell from several rounds: each figure (and each ratio to b, taken within its
+    round) is the median over the rounds; ``rounds`` keeps every round's calls/s and ratio."""
+    if len(by_round) == 1:
+        return by_round[0]
+    merged = []
+    for cells in zip(*by_round):  # the same cell, from every round
+        row = dict(cells[0])
+        for key in ("calls", "elapsed_s", "calls_per_s", "p50_ms", "p99_ms", "mean_ms", "max_ms"):
+            row[key] = _median([cell[key] for cell in cells])
+        for group in ("cpu_percent", "cpu_us_per_call"):
+            row[group] = {label: _median([cell[group][label] for cell in cells]) for label in cells[0][group]}
+        if "broker_cpu_us_per_call" in row:
+            row["broker_cpu_us_per_call"] = row["cpu_us_per_call"]["broker"]
+        errors: dict[str, int] = {}
+        for cell in cells:
+            for name, n in cell["errors"].items():
+                errors[name] = errors.get(name, 0) + n
+        row["errors"] = errors
+        if cells[0]["vs_b"] is not None:
+            row["vs_b"] = {key: _median([cell["vs_b"][key] for cell in cells]) for key in cells[0]["vs_b"]}
+        row["rounds"] = [{"calls_per_s": cell["calls_per_s"], "p99_ms": cell["p99_ms"], "vs_b": cell["vs_b"]}
+                         for cell in cells]
+        merged.append(row)
+    return merged
+
+
+def _median(values: list):
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    middle = len(known) // 2
+    return known[middle] if len(known) % 2 else round((known[middle - 1] + known[middle]) / 2, 4)
+
+
 def _ratio(x, y) -> float | None:
     return round(x / y, 2) if x is not None and y else None
 
@@ -552,6 +587,12 @@ def print_table(rows: list[dict]) -> None:
               f"{_fmt(row['p50_ms'], 8, 3)} {_fmt(row['p99_ms'], 8, 3)} {_fmt(ratio.get('calls_per_s'), 9, 2)} "
               f"{_fmt(ratio.get('p50'), 6, 2)} {_fmt(ratio.get('p99'), 6, 2)}  "
               f"{row['cpu_percent']['client']:.0f} | {servers}{errors}")
+    spread = [row for row in rows if row.get("rounds") and row["system"] != BASELINE and row["vs_b"]]
+    if spread:
+        print("\ncalls/s ÷ b in each round (the table gives the median):")
+        for row in spread:
+            each = "  ".join(_fmt((r["vs_b"] or {}).get("calls_per_s"), 4, 2) for r in row["rounds"])
+            print(f"  {row['system']:<3} concurrency {row['concurrency']:>4}: {each}")
 
 
 def _fmt(value, width: int, digits: int) -> str:
@@ -645,6 +686,9 @@ def _systems(ctx, param, value: str) -> list[str]:
               help="Seconds measured per cell (after the warm-up).")
 @click.option("--requests", default=None, type=click.IntRange(min=1),
               help="Calls per cell instead of --duration.")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Measure every cell this many times, alternating between the systems; report medians "
+                   "(ratios to b are taken within each round). On a noisy machine, 3 or more.")
 @click.option("--warmup", default=0.5, show_default=True, type=click.FloatRange(min=0), help="Seconds of warm-up per cell.")
 @click.option("--client-processes", default=1, show_default=True, type=click.IntRange(min=1),
               help="Split the concurrency over this many driver processes (one AsyncClient each).")
@@ -660,7 +704,7 @@ def _systems(ctx, param, value: str) -> list[str]:
               help="Before each cell, wait up to this long until other processes leave the CPUs idle.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the tables.")
 def main(systems: list[str], concurrency: list[int], payload_size: int, duration: float, requests: int | None,
-         warmup: float, client_processes: int, worker_capacity: int | None, queued: int, large: bool,
+         rounds: int, warmup: float, client_processes: int, worker_capacity: int | None, queued: int, large: bool,
          profile_path: pathlib.Path | None, profile_concurrency: int, quiet_wait: float, as_json: bool) -> None:
     """Measure zrpc against the C proxy, no broker and gRPC; print a table (or --json)."""
     capacity = worker_capacity or max(concurrency)
@@ -678,16 +722,24 @@ def main(systems: list[str], concurrency: list[int], payload_size: int, duration
             notes.append(f"the machine was still busy after waiting {quiet_wait:g} s before a cell")
     progress = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else (lambda *a: None)
     try:
-        rows: list[dict] = []
-        for system in systems:
-            with deploy(system, directory, capacity) as deployment:
+        with contextlib.ExitStack() as stack:
+            # Every system stays up for the whole run (idle between its cells), so that the
+            # rounds can alternate between them: each round measures every cell once.
+            deployments = {system: stack.enter_context(deploy(system, directory, capacity)) for system in systems}
+            by_round: list[list[dict]] = []
+            for round_number in range(1, rounds + 1):
+                round_rows = []
                 for level in concurrency:
-                    progress(f"bench: {system} concurrency {level}")
-                    quiet()
-                    rows.append(run_cell(deployment, level, payload_size, warmup, duration, requests, client_processes))
-        add_ratios(rows)
+                    for system in systems:
+                        progress(f"bench: round {round_number}/{rounds}: {system} concurrency {level}")
+                        quiet()
+                        round_rows.append(run_cell(deployments[system], level, payload_size, warmup, duration,
+                                                   requests, client_processes))
+                add_ratios(round_rows)
+                by_round.append(round_rows)
+        rows = median_rows(by_round)
         report = {"command": " ".join(["scripts/bench.py", *sys.argv[1:]]), "machine": machine(), "payload_size": payload_size, "duration_s": None if requests else duration,
-                  "requests": requests, "warmup_s": warmup, "worker_capacity": capacity, "rows": rows}
+                  "requests": requests, "rounds": rounds, "warmup_s": warmup, "worker_capacity": capacity, "rows": rows}
         notes += client_bound_notes(rows)
         if queued:
             progress(f"bench: broker memory with {queued} queued requests")
@@ -719,7 +771,8 @@ def main(systems: list[str], concurrency: list[int], payload_size: int, duration
         m = report["machine"]
         print(f"zrpc bench: {m['cpu_count']} CPUs ({m['cpu_model']}), Python {m['python']}, pyzmq {m['pyzmq']} / "
               f"libzmq {m['libzmq']}, grpcio {m['grpcio']}; payload {payload_size} B, "
-              f"{f'{requests} calls' if requests else f'{duration:g} s'} per cell, "
+              f"{f'{requests} calls' if requests else f'{duration:g} s'} per cell"
+              f"{f', medians of {rounds} alternating rounds' if rounds > 1 else ''}, "
               f"{client_processes} client process(es), worker capacity {capacity}\n")
         print(f"$ python {report['command']}\n")
         print_table(rows)

@@ -14,7 +14,7 @@ from tests.conftest import REPO
 def test_bench_measures_zrpc_and_the_c_proxy():
     completed = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--duration", "0.3", "--concurrency", "2",
-         "--systems", "a,b", "--json",
+         "--systems", "a,b", "--rounds", "2", "--json",
          "--queued", "1000"],  # the extras run too, at a size that keeps this test quick
         cwd=REPO, capture_output=True, text=True, timeout=90,
     )
@@ -27,6 +27,11 @@ def test_bench_measures_zrpc_and_the_c_proxy():
         assert row["calls_per_s"] > 0, row
         assert row["errors"] == {}, row
     assert rows["a"]["vs_b"]["calls_per_s"] > 0
+    # Two alternating rounds: the row keeps both, and its ratio is their median (the mean of two).
+    rounds = [r["vs_b"]["calls_per_s"] for r in rows["a"]["rounds"]]
+    assert len(rounds) == 2 and len(rows["b"]["rounds"]) == 2
+    assert rows["a"]["vs_b"]["calls_per_s"] == pytest.approx(sum(rounds) / 2, abs=0.01)
+    assert report["rounds"] == 2
     assert report["machine"]["cpu_count"] >= 1
     assert report["queued_rss"]["queue_depth_seen"] == 999  # one of the 1000 is at the stuck worker
     assert all(row["calls_per_s"] > 0 for row in report["large_payload_rows"])
