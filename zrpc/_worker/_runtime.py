@@ -1,7 +1,9 @@
 """The worker: serves Service instances to one or more brokers from one asyncio loop.
 
 The loop owns the sockets; plain handlers run in a pool of ``concurrency`` threads, async
-handlers as tasks on the loop, so the loop is always free to heartbeat (spec §11).
+handlers as tasks on the loop, so the loop is always free to heartbeat (spec §11). Plain
+handlers marked @zrpc.nonblocking run on the loop, at once: they promise to be quick, and the
+worker moves one that breaks the promise to the pool.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ _BATCH = 256
 # to the pool for good. Twice: one slow run can be the process being descheduled.
 INLINE_LIMIT = 0.02
 _INLINE_STRIKES = 2
+
 
 class Worker:
     """Serves ``services`` to the broker(s) at ``brokers``.
