@@ -333,3 +333,21 @@ def test_services_and_health_ask_every_broker_of_a_list(spawn, ipc_dir):
     health = run_cli("health", "--broker", ",".join(frontends), "helloworld.Greeter")
     assert health.returncode == 0
     assert health.stdout.count("helloworld.Greeter: SERVING") == 2
+
+
+def test_sigterm_with_a_silent_broker_stops_the_worker_without_waiting_out_the_grace(cli_broker, spawn):
+    broker, frontend, backend = cli_broker
+    worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", backend,
+                             "--heartbeat-interval", "0.2", "--drain-grace", "60"))
+    worker.wait_line("zrpc worker ready")
+    wait_for(lambda: "echo.Echo" in run_cli("services", "--broker", frontend).stdout, 15,
+             message="the worker registered")
+    broker.signal(signal.SIGSTOP)  # its connection stays open, but it says nothing any more
+    try:
+        worker.signal(signal.SIGTERM)
+        # No drain acknowledgement can come: the worker stops once the broker has been silent
+        # for liveness x interval (0.6 s), not after the 60 s grace.
+        assert worker.popen.wait(20) == 0
+    finally:
+        broker.signal(signal.SIGCONT)
+    assert wait_for(lambda: any("went silent" in line for line in worker.errors), 5, message="the warning")

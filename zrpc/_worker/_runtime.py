@@ -256,17 +256,28 @@ class Worker:
             except TimeoutError:
                 log.warning("worker %s: %d call(s) still running after the %.3gs grace; leaving them to the broker",
                             self.name, self._admission.running, grace)
-        while not all(link.drain_acked for link in self._links):
-            left = give_up_at - self._clock()
+        while True:
+            now = self._clock()
+            # A broker silent for liveness x interval is gone (spec §11): it cannot acknowledge,
+            # and waiting out the rest of the grace for it would only delay the stop.
+            waiting = [link for link in self._links if not link.drain_acked and not link.silent(now)]
+            if not waiting:
+                break
+            left = give_up_at - now
             if left <= 0:
                 log.warning("worker %s: no drain acknowledgement from %s within the grace", self.name,
-                            ",".join(link.endpoint for link in self._links if not link.drain_acked))
+                            ",".join(link.endpoint for link in waiting))
                 break
             self._drain_acked.clear()
+            silent_in = min(link.last_heard + link.silence_limit for link in waiting) - now
             try:
-                await asyncio.wait_for(self._drain_acked.wait(), left)
+                await asyncio.wait_for(self._drain_acked.wait(), max(0.001, min(left, silent_in)))
             except TimeoutError:
                 pass
+        gone = [link.endpoint for link in self._links if not link.drain_acked]
+        if gone and self._clock() < give_up_at:
+            log.warning("worker %s: broker %s went silent; not waiting for its drain acknowledgement",
+                        self.name, ",".join(gone))
         for link in self._links:
             link.flush_replies()
             # The broker re-dispatches or fails what is left; our late replies would be refused.
@@ -279,18 +290,22 @@ class Worker:
         clock = self._clock
         while True:
             now = clock()
+            timers = [self.heartbeat_interval]
             for link in self._links:
                 if link.silent(now):
+                    if self._draining:  # we are leaving: _drain stops waiting for this broker
+                        continue
                     log.warning("broker %s silent for %.3gs; reconnecting", link.endpoint, now - link.last_heard)
                     self._orphan(link)
                     link.close()
                     link.open()
-                    continue
-                if link.ready_due is not None and now >= link.ready_due:
-                    link.send_ready()
-                if link.heartbeat_due(now):
-                    link.heartbeat(now)
-            await asyncio.sleep(min(link.next_timer(now) for link in self._links))
+                else:
+                    if link.ready_due is not None and now >= link.ready_due:
+                        link.send_ready()
+                    if link.heartbeat_due(now):
+                        link.heartbeat(now)
+                timers.append(link.next_timer(now))
+            await asyncio.sleep(min(timers))
 
     def _receive(self, link: BrokerLink) -> None:
         """Read what the broker sent until none is left (the FD only signals a change)."""
