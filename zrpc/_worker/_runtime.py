@@ -314,6 +314,8 @@ class Worker:
                 return
             frames = link.recv()
             if frames is None:
+                # The answers of inline (@nonblocking) handlers leave now, not a loop turn later.
+                link.flush_replies()
                 return
             link.last_heard = self._clock()
             try:
