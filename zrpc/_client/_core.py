@@ -215,6 +215,10 @@ class ClientCore:
         """How many calls await an outcome."""
         return len(self._pending)
 
+    def unsent(self) -> int:
+        """How many calls wait to be sent (some may turn out cancelled)."""
+        return len(self._unsent)
+
     def has_unsent(self) -> bool:
         """True when calls wait to be sent (some may turn out cancelled: next_request skips them)."""
         return bool(self._unsent)
