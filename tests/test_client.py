@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import zmq
 
 from zrpc import _protocol, broker_service_pb2
 from zrpc._client import AsyncClient, Client
@@ -16,6 +15,8 @@ from zrpc._client._core import MAX_PAIRS_PER_MESSAGE, ClientCore
 from zrpc._client._stub import UnaryMethod
 from zrpc._errors import Error
 from zrpc._status import StatusCode
+
+from ._fake_frontend import FakeFrontend
 
 BROKER_SERVICE = broker_service_pb2.DESCRIPTOR.services_by_name["Broker"]
 WAIT = 5.0  # bound on every wait for a condition; tests normally finish in milliseconds
@@ -181,55 +182,14 @@ def test_core_expired_calls_are_never_sent():
 
 # -- a fake broker -------------------------------------------------------------------------------
 
-class FakeBroker:
-    """A frontend ROUTER in a thread. By method name: Echo answers OK with the payload,
-    Fail<CODE> answers that code, Hang never answers, Garbage answers OK with bytes that are no
-    protobuf message; zrpc.Broker/Health answers a HealthReply. Records headers and CANCELs."""
+class FakeBroker(FakeFrontend):
+    """By method name: Echo answers OK with the payload, Fail<CODE> answers that code, Hang never
+    answers, Garbage answers OK with bytes that are no protobuf message; zrpc.Broker/Health
+    answers a HealthReply."""
 
-    def __init__(self, endpoint: str | None = None):
-        self.context = zmq.Context()
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.linger = 0
-        if endpoint is None:
-            port = self.router.bind_to_random_port("tcp://127.0.0.1")
-            endpoint = f"tcp://127.0.0.1:{port}"
-        else:
-            self.router.bind(endpoint)
-        self.endpoint = endpoint
-        self.requests: list = []  # RequestHeader, in arrival order
-        self.request_messages = 0
-        self.cancels: list[int] = []
-        self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fake-broker")
-        self._thread.start()
+    thread_name = "fake-broker"
 
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(20):  # the interval at which stop() is noticed
-                continue
-            peer, *frames = self.router.recv_multipart()
-            command, body = _protocol.split(frames, _protocol.CLIENT_COMMANDS)
-            answers = []
-            with self._changed:
-                if command == _protocol.CANCEL:
-                    self.cancels.extend(_protocol.decode_cancel(body).request_ids)
-                else:
-                    self.request_messages += 1
-                    for raw_header, payload in _protocol.pairs(body):
-                        header = _protocol.decode_request_header(raw_header)
-                        self.requests.append(header)
-                        answer = self._answer(header, payload)
-                        if answer is not None:
-                            answers.append(answer)
-                self._changed.notify_all()
-            if answers:  # all the pairs of one REQUEST answered in one REPLY (spec §4)
-                self.router.send_multipart([peer, *_protocol.reply_message(answers)])
-
-    @staticmethod
-    def _answer(header, payload: bytes) -> tuple[bytes, bytes] | None:
+    def answer(self, header, payload: bytes) -> tuple[bytes, bytes] | None:
         rid = header.request_id
         if header.service == "zrpc.Broker" and header.method == "Health":
             request = broker_service_pb2.HealthRequest.FromString(payload)
@@ -244,17 +204,6 @@ class FakeBroker:
             code = StatusCode[header.method[len("Fail"):]]
             return _protocol.encode_reply_header(rid, code, "failed on purpose", {"why": "test"}), b""
         return None  # Hang
-
-    def wait_for(self, predicate, timeout: float = WAIT) -> None:
-        with self._changed:
-            assert self._changed.wait_for(predicate, timeout), "the fake broker never saw it"
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
-        assert not self._thread.is_alive()
-        self.router.close()
-        self.context.term()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import time
 from typing import Callable
 
 import pytest
-import zmq
 
 from zrpc import _protocol, broker_service_pb2
 from zrpc._client import AsyncClient, CircuitBreaker, Client, RetryPolicy
@@ -19,6 +18,8 @@ from zrpc._client._breaker import Circuit, State
 from zrpc._client._core import ATTEMPT_METADATA, ATTEMPTS_DETAIL, ClientCore
 from zrpc._errors import Error
 from zrpc._status import StatusCode
+
+from ._fake_frontend import FakeFrontend
 
 BROKER_SERVICE = broker_service_pb2.DESCRIPTOR.services_by_name["Broker"]
 WAIT = 5.0  # bound on every wait for a condition; tests normally finish in milliseconds
@@ -358,66 +359,25 @@ def always(code: StatusCode) -> Script:
     return lambda header: code
 
 
-class ScriptedBroker:
-    """A frontend ROUTER in a thread that answers each request as ``script`` says (OK echoes the
-    payload; Health answers a HealthReply) and records every request header it received."""
+class ScriptedBroker(FakeFrontend):
+    """Answers each request as ``script`` says (OK echoes the payload; Health answers a
+    HealthReply)."""
+
+    thread_name = "scripted-broker"
 
     def __init__(self, script: Script):
         self.script = script  # replaced by tests between calls; read only by the broker thread
-        self.context = zmq.Context()
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.linger = 0
-        port = self.router.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.requests: list = []
-        self.times: list[float] = []
-        self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="scripted-broker")
-        self._thread.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(20):  # the interval at which stop() is noticed
-                continue
-            peer, *frames = self.router.recv_multipart()
-            command, body = _protocol.split(frames, _protocol.CLIENT_COMMANDS)
-            if command != _protocol.REQUEST:
-                continue
-            answers = []
-            for raw_header, payload in _protocol.pairs(body):
-                header = _protocol.decode_request_header(raw_header)
-                code = self.script(header)
-                with self._changed:
-                    self.requests.append(header)
-                    self.times.append(time.monotonic())
-                    self._changed.notify_all()
-                if code is None:
-                    continue
-                if code == StatusCode.OK and header.method == "Health":
-                    payload = broker_service_pb2.HealthReply(live_workers=1).SerializeToString()
-                message = "" if code == StatusCode.OK else "scripted failure"
-                answers.append((_protocol.encode_reply_header(header.request_id, code, message),
-                                payload if code == StatusCode.OK else b""))
-            if answers:
-                self.router.send_multipart([peer, *_protocol.reply_message(answers)])
-
-    def count(self, method: str | None = None) -> int:
-        with self._changed:
-            return sum(1 for h in self.requests if method is None or h.method == method)
-
-    def wait_for(self, predicate, timeout: float = WAIT) -> None:
-        with self._changed:
-            assert self._changed.wait_for(predicate, timeout), "the fake broker never saw it"
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
-        assert not self._thread.is_alive()
-        self.router.close()
-        self.context.term()
+    def answer(self, header, payload: bytes) -> tuple[bytes, bytes] | None:
+        code = self.script(header)
+        if code is None:
+            return None
+        if code == StatusCode.OK and header.method == "Health":
+            payload = broker_service_pb2.HealthReply(live_workers=1).SerializeToString()
+        message = "" if code == StatusCode.OK else "scripted failure"
+        return (_protocol.encode_reply_header(header.request_id, code, message),
+                payload if code == StatusCode.OK else b"")
 
 
 @pytest.fixture
