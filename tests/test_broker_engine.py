@@ -478,3 +478,24 @@ def test_drain_notice_stops_new_work_keeps_calls_in_flight_and_is_acknowledged()
     assert b"old" not in h.engine.workers
     h.ready(b"new", capacity=5)
     assert [w for w, _, _ in h.take_requests()] == [b"new"]
+
+
+def test_a_call_held_long_does_not_keep_the_calls_answered_after_it():
+    """The deadline heap is rebuilt without answered calls: without that, every call answered
+    behind one held call (whose deadline comes first) stayed in memory until that deadline."""
+    h = Harness()
+    h.ready(b"w1", capacity=2)
+    h.call(b"slow", deadline_ms=30_000)  # held at w1 for the whole test, never answered
+    (_, held, _), = h.take_requests()
+    for _ in range(5_000):
+        h.call(b"c", deadline_ms=60_000, payload=b"x" * 100)
+        (_, header, _), = h.take_requests()
+        h.reply_from(b"w1", header.request_id)
+        h.engine.frontend_out.clear()
+        h.engine.next_timer(h.now)  # what the loop does each round
+    assert h.engine.calls_held == 1
+    assert len(h.engine._deadlines) <= 2 * h.engine.calls_held + 1024
+    # The held call still expires on time.
+    h.advance(30.0)
+    assert h.engine.calls_held == 0
+    assert h.engine.counters["deadline_exceeded"] == 1
