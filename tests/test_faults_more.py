@@ -355,22 +355,31 @@ def test_a_thousand_clients_that_call_and_vanish_leave_the_broker_tables_at_base
             metadata={"sleep_ms": str(sleep_ms)}).SerializeToString()
         body = echo_pb2.EchoRequest(payload=b"churn").SerializeToString()
         for batch in range(10):
-            sockets, waiting = [], []
+            sockets, waiting, vanishing = [], [], {}
             for i in range(batch * 100, batch * 100 + 100):
                 socket = context.socket(zmq.DEALER)
                 socket.linger = 0
+                kind = ("vanish_mid_call", "wait_for_reply", "vanish_unsent")[i % 3]
+                if kind == "vanish_mid_call":
+                    socket.identity = b"vanish-%d" % i  # so the test can see the broker hold its call
                 socket.connect(frontend)
                 sockets.append(socket)
-                kind = ("vanish_mid_call", "wait_for_reply", "vanish_unsent")[i % 3]
                 kinds[kind] += 1
                 if kind == "vanish_mid_call":
                     socket.send_multipart(p.request_message([(header_for(i, 200), body)]))
-                    socket.close(0)
+                    vanishing[socket.identity] = socket
                 elif kind == "wait_for_reply":
                     socket.send_multipart(p.request_message([(header_for(i, 0), body)]))
                     waiting.append(socket)
                 else:
                     socket.close(0)
+            # They vanish once the broker holds a call of theirs (the worker sleeps 200 ms on
+            # it), so at least that reply has no one to go to. Closed at once with linger 0, on a
+            # busy machine every request could be dropped unsent, with nothing left to lose.
+            wait_for(lambda: any(identity in engine.clients for identity in vanishing), 10,
+                     message="the broker holding a vanishing client's call")
+            for socket in vanishing.values():
+                socket.close(0)
             for socket in waiting:
                 assert socket.poll(10_000), "a client that waited got no reply"
                 frames = socket.recv_multipart()
