@@ -19,8 +19,12 @@ Then: broker CPU microseconds per call, broker RSS with --queued requests waitin
 through a and b at concurrency 4, and with --profile FILE a py-spy profile of the broker under a2.
 
     python scripts/bench.py                                 # the full table, ~1.5 minutes
+    python scripts/bench.py --rounds 3 --quiet-wait 5       # medians of 3 alternating rounds, ~5 minutes
     python scripts/bench.py --systems a,b --concurrency 32 --duration 5
     python scripts/bench.py --json > bench.json
+
+On a shared or virtual machine whose speed drifts, use --rounds: every cell is measured once
+per round, the systems alternating, and each ratio to (b) is taken within its round.
 """
 from __future__ import annotations
 
