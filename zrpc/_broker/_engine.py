@@ -104,23 +104,25 @@ class BrokerEngine:
             header = p.decode_request_header(raw_header)
         except p.ProtocolError as exc:
             return self._reject_client(client, 0, exc.reason, exc.message)
-        request_id = header.request_id
+        # Each read of a protobuf field costs an attribute lookup and a new object: read once.
+        request_id, service_name, method = header.request_id, header.service, header.method
+        timeout_ms = header.deadline_ms
         if request_id == 0:
             return self._reject_client(client, 0, "bad_header", "request_id must not be 0")
-        if header.deadline_ms == 0:  # §5: clients always send a deadline
+        if timeout_ms == 0:  # §5: clients always send a deadline
             return self._reject_client(client, request_id, "bad_header", "deadline_ms must be at least 1")
         outstanding = self.clients.get(client)
         if outstanding is not None and request_id in outstanding:
             return self._reject_client(client, request_id, "duplicate_request_id",
                                        f"request id {request_id} is already in flight")
         self.counters["requests"] += 1
-        if self.policy is not None and not self.policy.may_call(peer_key, header.service):
+        if self.policy is not None and not self.policy.may_call(peer_key, service_name):
             self.counters["permission_denied"] += 1
             return self._fail_new(client, request_id, header, StatusCode.PERMISSION_DENIED,
                                   f"key {self.policy.name(peer_key)!r} may not call service "
-                                  f"{header.service!r} (broker access rules)", now)
-        if header.service == _builtin.SERVICE:
-            code, message, reply = _builtin.handle(self, header.method, payload, now)
+                                  f"{service_name!r} (broker access rules)", now)
+        if service_name == _builtin.SERVICE:
+            code, message, reply = _builtin.handle(self, method, payload, now)
             self._reply(client, request_id, code, message, reply)
             return
         if outstanding is not None and len(outstanding) >= self.config.max_outstanding_per_client:
@@ -130,28 +132,27 @@ class BrokerEngine:
         if self.calls_held >= self.config.max_in_flight:
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                   f"broker holds {self.calls_held} calls (limit {self.config.max_in_flight})", now)
-        service = self.services.get(header.service)
+        service = self.services.get(service_name)
         if service is None:
             if now - self.started_at >= self.config.unknown_service_grace:
                 return self._fail_new(client, request_id, header, StatusCode.NOT_FOUND,
-                                      _not_found_message(header.service), now)
+                                      _not_found_message(service_name), now)
             if len(self.services) >= self.config.max_services:
                 return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                       f"broker knows {len(self.services)} services (limit {self.config.max_services})", now)
             # §10: just after start, wait: workers re-register after a broker restart.
-            service = self.services[header.service] = ServiceState(header.service, no_worker_since=now)
-        elif service.offered and service.methods and header.method not in service.methods:
+            service = self.services[service_name] = ServiceState(service_name, no_worker_since=now)
+        elif service.offered and service.methods and method not in service.methods:
             return self._fail_new(client, request_id, header, StatusCode.UNIMPLEMENTED,
-                                  f"service {header.service!r} has no method {header.method!r}; "
+                                  f"service {service_name!r} has no method {method!r}; "
                                   f"it has: {', '.join(sorted(service.methods))}", now)
         if len(service.queue) >= self.config.queue_size and not self._has_free_worker(service):
             self.counters["queue_full"] += 1
             self.bad_input_log.warn("queue_full", "queue of service %s is full (%d calls): refusing calls",
-                                    header.service, self.config.queue_size, service=header.service)
+                                    service_name, self.config.queue_size, service=service_name)
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
-                                  f"queue of service {header.service!r} is full ({self.config.queue_size} calls)", now)
-        timeout_ms = header.deadline_ms
-        call = Call(client, request_id, header, header.service, header.method, payload, timeout_ms,
+                                  f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now)
+        call = Call(client, request_id, header, service_name, method, payload, timeout_ms,
                     now + timeout_ms / 1000.0, now)
         if outstanding is None:
             outstanding = self.clients[client] = {}
