@@ -406,6 +406,31 @@ def test_async_deadline_is_exceeded_on_time_with_no_broker(ipc_dir):
     run(main())
 
 
+def test_async_sends_to_a_full_queue_wait_in_the_writer_not_in_pyzmq(ipc_dir):
+    """Calls sent early (every PIPELINE_PAIRS) never pile up in pyzmq behind a send that waits
+    for room: the writer takes over, one awaited send at a time."""
+    import zmq.asyncio
+
+    async def main():
+        context = zmq.asyncio.Context()
+        context.setsockopt(zmq.SNDHWM, 10)  # the client's queue fills after 10 messages
+        try:
+            async with AsyncClient(f"ipc://{ipc_dir}/nobody", context=context, retry=None) as ac:
+                async def one():
+                    with pytest.raises(Error) as raised:
+                        await ac.call("test.Svc", "Echo", b"x" * 100, timeout=0.3)
+                    return raised.value.code
+                codes = await asyncio.gather(*(one() for _ in range(3000)))
+                assert set(codes) == {StatusCode.DEADLINE_EXCEEDED}
+                # pyzmq's own queue of sends waiting for room: at most one early send and the
+                # writer's (before, one per 8 calls made after the queue filled: 366 here).
+                assert len(getattr(ac._socket, "_send_futures", [])) <= 2
+        finally:
+            context.term()
+
+    run(main())
+
+
 def test_async_cancelling_the_task_sends_cancel(broker):
     async def main():
         async with AsyncClient(broker.endpoint) as ac:

@@ -70,6 +70,7 @@ class AsyncClient:
         self._writer: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._cancel_ids: list[int] = []
+        self._sends_waiting = 0  # sends pyzmq holds until the socket's queue has room
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closed = False
@@ -224,16 +225,26 @@ class AsyncClient:
 
     def _send_early(self) -> None:
         """Send the unsent calls now, in this loop turn, instead of at its end (see PIPELINE_PAIRS)."""
+        if self._sends_waiting:
+            # A send waits for room in the socket's queue (its high-water mark): this one would
+            # queue behind it in pyzmq, unbounded, with its deadlines stamped now. The writer,
+            # which waits for each send and skips calls that expired meanwhile, takes over.
+            self._wake.set()
+            return
         core = self._core
         batch = core.next_request(core.clock())
         if batch is None:
             return
-        # pyzmq sends at once when nothing is queued before it, else queues it in order.
-        sent = self._socket.send_multipart(batch[0])
+        sent = self._socket.send_multipart(batch[0])  # pyzmq sends at once when it can
         if sent.done():
             self._check_sent(sent)
         else:
-            sent.add_done_callback(self._check_sent)
+            self._sends_waiting += 1
+            sent.add_done_callback(self._early_send_done)
+
+    def _early_send_done(self, sent: asyncio.Future) -> None:
+        self._sends_waiting -= 1
+        self._check_sent(sent)
 
     def _check_sent(self, sent: asyncio.Future) -> None:
         if not sent.cancelled() and sent.exception() is not None and not self._closed:
@@ -252,7 +263,11 @@ class AsyncClient:
                     await self._socket.send_multipart(cancel_message(request_ids))
                 # Every call made since the last turn goes out in as few messages as fit.
                 while (batch := core.next_request(core.clock())) is not None:
-                    await self._socket.send_multipart(batch[0])
+                    self._sends_waiting += 1  # while this await is suspended, no early send
+                    try:
+                        await self._socket.send_multipart(batch[0])
+                    finally:
+                        self._sends_waiting -= 1
         except asyncio.CancelledError:
             raise
         except Exception:
