@@ -375,7 +375,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 def median_rows(by_round: list[list[dict]]) -> list[dict]:
     """One row per cell from several rounds: each figure (and each ratio to b, taken within its
-    round) is the median over the rounds; ``rounds`` keeps every round's calls/s and ratio."""
+    round) is the median over the rounds, except ``errors``, summed over them so that none is
+    hidden; ``rounds`` keeps every round's calls/s and ratio."""
     if len(by_round) == 1:
         return by_round[0]
     merged = []
@@ -383,6 +384,7 @@ def median_rows(by_round: list[list[dict]]) -> list[dict]:
         row = dict(cells[0])
         for key in ("calls", "elapsed_s", "calls_per_s", "p50_ms", "p99_ms", "mean_ms", "max_ms"):
             row[key] = _median([cell[key] for cell in cells])
+        row["calls"] = round(row["calls"])
         for group in ("cpu_percent", "cpu_us_per_call"):
             row[group] = {label: _median([cell[group][label] for cell in cells]) for label in cells[0][group]}
         if "broker_cpu_us_per_call" in row:
