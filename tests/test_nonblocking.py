@@ -70,3 +70,20 @@ def test_nonblocking_refuses_async_handlers():
             @zrpc.nonblocking
             async def Say(self, request, context):
                 return echo_pb2.EchoReply()
+
+
+def test_two_overruns_count_only_within_a_minute():
+    """Two pauses a long time apart (a GC pause, a descheduled process) say nothing about the
+    handler: the strikes that move it are the ones within _STRIKE_WINDOW."""
+    from zrpc._worker import _runtime
+
+    now = [1000.0]
+    worker = zrpc.Worker([LoopEcho()], brokers="ipc:///nonexistent/never-started", clock=lambda: now[0])
+    key = ("echo.Echo", "Say")
+    worker._slow_on_loop(worker.table.methods[key], 0.05)
+    now[0] += _runtime._STRIKE_WINDOW + 1
+    worker._slow_on_loop(worker.table.methods[key], 0.05)
+    assert worker.table.methods[key].nonblocking  # a minute apart: still on the loop
+    now[0] += 1
+    worker._slow_on_loop(worker.table.methods[key], 0.05)
+    assert not worker.table.methods[key].nonblocking  # twice within the minute: moved

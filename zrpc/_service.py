@@ -11,9 +11,9 @@ A handler defined with ``async def`` runs on the worker's asyncio loop instead, 
 
 A plain handler marked ``@zrpc.nonblocking`` (it computes and returns, never waits on I/O or
 locks) runs on the loop too, straight from the message that brought it: no hand-off to a pool
-thread and back. The worker times it; one that takes longer than ``INLINE_LIMIT`` twice is
-moved to the pool for good, with a warning, so a wrong mark costs two slow calls, not the
-heartbeats.
+thread and back. The worker times it; one that takes longer than ``INLINE_LIMIT`` twice within a
+minute is moved to the pool for good, with a warning, so a wrong mark costs two slow calls, not
+the heartbeats.
 """
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ worker moves one that breaks the promise to the pool.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import dataclasses
 import functools
@@ -52,10 +51,12 @@ log = logging.getLogger("zrpc.worker")
 # Messages taken from a socket in one go before the loop looks at anything else.
 _BATCH = 256
 
-# A @nonblocking handler that runs longer than this on the loop (wall time), twice, is moved
-# to the pool for good. Twice: one slow run can be the process being descheduled.
+# A @nonblocking handler that runs longer than this on the loop (wall time), twice within
+# _STRIKE_WINDOW seconds, is moved to the pool for good. Twice: one slow run can be the process
+# being descheduled; within a window: two such pauses a day apart say nothing about the handler.
 INLINE_LIMIT = 0.02
 _INLINE_STRIKES = 2
+_STRIKE_WINDOW = 60.0
 
 
 class Worker:
@@ -101,7 +102,8 @@ class Worker:
             name=self.name,
         ))
         self._admission = Admission(concurrency)
-        self._slow_inline: collections.Counter[tuple[str, str]] = collections.Counter()
+        # (service, method) -> when each of its recent overruns on the loop ended.
+        self._slow_inline: dict[tuple[str, str], list[float]] = {}
         self.stats = HandlerStats()  # read by /metrics (zrpc._worker._metrics.worker_registry)
         self._done: list = []  # (call, reply pair) finished by pool threads, for the loop
         self._done_lock = threading.Lock()
@@ -486,13 +488,15 @@ class Worker:
 
     def _slow_on_loop(self, method, took: float) -> None:
         key = (method.service, method.name)
-        self._slow_inline[key] += 1
-        if self._slow_inline[key] < _INLINE_STRIKES or not self.table.methods[key].nonblocking:
+        now = self._clock()
+        strikes = [t for t in self._slow_inline.get(key, ()) if now - t < _STRIKE_WINDOW] + [now]
+        self._slow_inline[key] = strikes
+        if len(strikes) < _INLINE_STRIKES or not self.table.methods[key].nonblocking:
             return
         self.table.methods[key] = dataclasses.replace(method, nonblocking=False)
         log.warning("%s/%s is marked @nonblocking but took %.0f ms on the worker's loop (limit %.0f ms, "
-                    "twice): it runs in the handler pool from now on", method.service, method.name,
-                    took * 1000, INLINE_LIMIT * 1000)
+                    "twice within %.0f s): it runs in the handler pool from now on", method.service, method.name,
+                    took * 1000, INLINE_LIMIT * 1000, _STRIKE_WINDOW)
 
     def _answer(self, call: Call, answer: Answer, took: float) -> None:
         link = call.link
