@@ -150,10 +150,8 @@ class BrokerLink:
     def flush_replies(self) -> None:
         replies, self._replies = self._replies, []
         for start in range(0, len(replies), MAX_PAIRS_PER_REPLY):
-            frames = [p.TAG, p.REPLY]
-            for answer in replies[start:start + MAX_PAIRS_PER_REPLY]:
-                frames += answer[:2]
-            self.send(frames)
+            # An answer may carry its status code third (for the metrics): only the pair is sent.
+            self.send(p.reply_message(answer[:2] for answer in replies[start:start + MAX_PAIRS_PER_REPLY]))
 
     def send_ready(self) -> None:
         self.ready_due = None

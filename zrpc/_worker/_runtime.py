@@ -443,7 +443,8 @@ class Worker:
         self._rebalance_timer = None if due is None else self._loop.call_later(due, self._rebalance)
 
     def _run_sync(self, call: Call) -> Answer:
-        """(in a pool thread) Run a plain handler, unless its call was stopped while it waited."""
+        """Run a plain handler (in a pool thread, or on the loop when @nonblocking), unless its call
+        was stopped while it waited."""
         if call.context.cancelled:
             return stopped_pair(call, self._clock())
         return run_sync(call)
