@@ -200,8 +200,8 @@ class AsyncClient:
                 self._arm_timer()  # a failed call may now wait out a retry backoff
         except asyncio.CancelledError:
             raise
-        except Exception:
-            self._fail("reader")
+        except Exception as exc:
+            self._fail("reader task", exc)
 
     async def _watch_handshakes(self) -> None:
         """Fail pending calls UNAUTHENTICATED when every broker refused our handshake."""
@@ -247,10 +247,8 @@ class AsyncClient:
         self._check_sent(sent)
 
     def _check_sent(self, sent: asyncio.Future) -> None:
-        if not sent.cancelled() and sent.exception() is not None and not self._closed:
-            logger.error("zrpc async client: a send failed (%s); the client is closed", sent.exception())
-            self._closed = True
-            self._settle(self._core.fail_all(closed_error(in_flight=True)))
+        if not sent.cancelled() and (error := sent.exception()) is not None and not self._closed:
+            self._fail("send", error)
 
     async def _write(self) -> None:
         core = self._core
@@ -270,11 +268,11 @@ class AsyncClient:
                         self._sends_waiting -= 1
         except asyncio.CancelledError:
             raise
-        except Exception:
-            self._fail("writer")
+        except Exception as exc:
+            self._fail("writer task", exc)
 
-    def _fail(self, task: str) -> None:
-        logger.exception("zrpc async client %s task failed; the client is closed", task)
+    def _fail(self, what: str, error: BaseException) -> None:
+        logger.error("zrpc async client %s failed; the client is closed", what, exc_info=error)
         self._closed = True
         self._settle(self._core.fail_all(closed_error(in_flight=True)))
 
