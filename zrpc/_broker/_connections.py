@@ -30,6 +30,7 @@ completes first (well under a millisecond) and what it sent is lost with the con
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -364,18 +365,27 @@ def listener_address(endpoint: str):
     return None
 
 
+@contextlib.contextmanager
+def _borrowed(fd: int):
+    """A socket object on libzmq's ``fd`` that we never own: no dup(), detached (not closed) on
+    the way out; None when the fd is closed meanwhile or is not a socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        yield None
+        return
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
 def _is_ours(fd: int, address) -> bool:
     """Is ``fd`` a stream socket accepted on the listener at ``address``? (no fd is used)"""
     if address is None:
         return False
-    try:
-        sock = socket.socket(fileno=fd)  # wraps the fd, no dup(): it must be detached, not closed
-    except OSError:  # closed meanwhile, or not a socket
-        return False
-    try:
-        return _matches(sock, address)
-    finally:
-        sock.detach()
+    with _borrowed(fd) as sock:
+        return sock is not None and _matches(sock, address)
 
 
 def _shutdown_if_ours(fd: int, address) -> bool:
@@ -383,12 +393,8 @@ def _shutdown_if_ours(fd: int, address) -> bool:
     reads EOF and closes the fd itself. True if it was shut down."""
     if address is None:
         return False
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return False
-    try:
-        if not _matches(sock, address):
+    with _borrowed(fd) as sock:
+        if sock is None or not _matches(sock, address):
             return False
         try:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -397,8 +403,6 @@ def _shutdown_if_ours(fd: int, address) -> bool:
         except OSError:  # the peer is gone already: libzmq is closing it anyway
             return False
         return True
-    finally:
-        sock.detach()
 
 
 def _matches(sock: socket.socket, address) -> bool:
