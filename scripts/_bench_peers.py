@@ -62,6 +62,22 @@ def _is_request(frames: list, first: int, zero_copy: bool) -> bool:
     return tag == p.TAG and command == p.REQUEST
 
 
+def _is_batch(frames: list, zero_copy: bool) -> bool:
+    if len(frames) != 3:
+        return False
+    tag, command = frames[0], frames[1]
+    if zero_copy:
+        tag, command = tag.bytes, command.bytes
+    return tag == p.TAG and command == p.REQUEST_BATCH
+
+
+def _reply_batch(blob: bytes) -> list:
+    """The REPLY_BATCH answering a REQUEST_BATCH (spec §4b): one reply header per request header."""
+    batch = p.RequestBatch.FromString(blob)
+    encode = p.encode_reply_header
+    return p.batch_message(p.REPLY_BATCH, [encode(h.request_id) for h in batch.headers], list(batch.payloads))
+
+
 def echo_routed(socket: zmq.Socket, zero_copy: bool) -> None:
     """Serve forever on a socket whose messages start with a routing id (ROUTER, or DEALER behind
     the proxy, which receives the frontend's routing id): send it back first, then the REPLY."""
@@ -81,7 +97,7 @@ def echo_worker(socket: zmq.Socket, capacity: int, zero_copy: bool) -> None:
     ready = p.ready_message(p.Ready(
         services=[ECHO_SERVICE],
         file_descriptor_set=file_descriptor_set([echo_pb2.DESCRIPTOR.services_by_name["Echo"]]),
-        capacity=capacity, heartbeat_ms=PEER_HEARTBEAT_MS, name=f"bench-echo-peer:{os.getpid()}"))
+        capacity=capacity, heartbeat_ms=PEER_HEARTBEAT_MS, name=f"bench-echo-peer:{os.getpid()}", batches=True))
     interval = PEER_HEARTBEAT_MS / 1000
     socket.send_multipart(ready)
     last_sent = time.monotonic()
@@ -95,6 +111,10 @@ def echo_worker(socket: zmq.Socket, capacity: int, zero_copy: bool) -> None:
                     break
                 if _is_request(frames, 0, zero_copy):
                     socket.send_multipart(_reply_frames(frames, 0, zero_copy), copy=copy)
+                    last_sent = time.monotonic()
+                    continue
+                if _is_batch(frames, zero_copy):
+                    socket.send_multipart(_reply_batch(frames[2].bytes if zero_copy else frames[2]))
                     last_sent = time.monotonic()
                     continue
                 command = frames[1].bytes if zero_copy and len(frames) > 1 else (frames[1] if len(frames) > 1 else b"")

@@ -36,9 +36,10 @@ class Harness:
         self.engine.flush()
 
     # -- workers
-    def ready(self, worker: bytes, services=("svc.S",), capacity=1, heartbeat_ms=1000, name=None) -> None:
+    def ready(self, worker: bytes, services=("svc.S",), capacity=1, heartbeat_ms=1000, name=None,
+              batches=False) -> None:
         msg = p.Ready(services=list(services), capacity=capacity, heartbeat_ms=heartbeat_ms,
-                      name=name or worker.decode())
+                      name=name or worker.decode(), batches=batches)
         self.backend(worker, p.ready_message(msg))
 
     def backend(self, worker: bytes, frames) -> None:
@@ -69,6 +70,9 @@ class Harness:
             if frames[1] == p.REQUEST:
                 for raw, payload in p.pairs(frames[2:]):
                     found.append((identity, p.RequestHeader.FromString(raw), payload))
+            elif frames[1] == p.REQUEST_BATCH:
+                headers, payloads = p.decode_batch(p.RequestBatch, frames[2:])
+                found.extend((identity, header, payload) for header, payload in zip(headers, payloads))
             else:
                 keep.append((identity, frames))
         self.engine.backend_out = keep
@@ -499,3 +503,95 @@ def test_a_call_held_long_does_not_keep_the_calls_answered_after_it():
     h.advance(30.0)
     assert h.engine.calls_held == 0
     assert h.engine.counters["deadline_exceeded"] == 1
+
+
+# ---------------------------------------------------------------------------------- §4b batches
+
+def _batch_reply(dispatch_ids, payloads, codes=None):
+    headers = [p.encode_reply_header(i, code) for i, code in zip(dispatch_ids, codes or [0] * len(dispatch_ids))]
+    return p.batch_message(p.REPLY_BATCH, headers, list(payloads))
+
+
+def test_a_worker_that_reads_batches_gets_its_calls_of_a_round_in_one_frame_and_answers_in_one():
+    h = Harness()
+    h.ready(b"w", capacity=8, batches=True)
+    clients = [b"c1", b"c2"]
+    sent = {}
+    for i in range(6):
+        client = clients[i % 2]
+        header = p.RequestHeader(request_id=100 + i, service="svc.S", method="M", deadline_ms=5000)
+        h.engine.on_frontend(client, p.request_message([(header.SerializeToString(), b"p%d" % i)]), h.now)
+        sent[(client, 100 + i)] = b"p%d" % i
+    h.engine.flush()
+    [(worker, frames)] = h.engine.backend_out
+    assert worker == b"w" and frames[:2] == [p.TAG, p.REQUEST_BATCH] and len(frames) == 3
+    headers, payloads = p.decode_batch(p.RequestBatch, frames[2:])
+    assert list(payloads) == [b"p%d" % i for i in range(6)]
+    assert all(header.attempt == 1 and header.service == "svc.S" for header in headers)
+    h.engine.backend_out = []
+    # One REPLY_BATCH answers all six, each to its own caller under its own id.
+    h.backend(b"w", _batch_reply([header.request_id for header in headers], [b"r" + pl for pl in payloads]))
+    answered = {(client, reply.request_id): (reply.code, payload) for client, reply, payload in h.take_replies()}
+    assert answered == {key: (StatusCode.OK, b"r" + payload) for key, payload in sent.items()}
+    h.assert_baseline()
+
+
+def test_a_large_payload_keeps_its_own_frame_even_for_a_worker_that_reads_batches():
+    h = Harness()
+    h.ready(b"w", capacity=4, batches=True)
+    big = b"x" * p.BATCH_PAYLOAD_LIMIT
+    h.call(b"c", payload=b"small")
+    h.call(b"c", payload=big)
+    kinds = sorted(frames[1] for _, frames in h.engine.backend_out)
+    assert kinds == [p.REQUEST, p.REQUEST_BATCH]
+    pair_message = next(frames for _, frames in h.engine.backend_out if frames[1] == p.REQUEST)
+    assert pair_message[3] is big  # the payload object itself: never copied into a batch
+    requests = {payload: header.request_id for _, header, payload in h.take_requests()}
+    h.reply_from(b"w", requests[big], payload=big)  # a worker may answer in either form
+    h.backend(b"w", _batch_reply([requests[b"small"]], [b"done"]))
+    assert sorted(payload for _, _, payload in h.take_replies()) == sorted([big, b"done"])
+    h.assert_baseline()
+
+
+def test_a_worker_that_does_not_announce_batches_is_sent_pairs():
+    h = Harness()
+    h.ready(b"old", capacity=4)
+    pairs = [(p.RequestHeader(request_id=i, service="svc.S", method="M", deadline_ms=5000).SerializeToString(), b"")
+             for i in (1, 2)]
+    h.engine.on_frontend(b"c", p.request_message(pairs), h.now)
+    h.engine.flush()
+    [(_, frames)] = h.engine.backend_out
+    assert frames[1] == p.REQUEST and len(frames) == 6
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([p.TAG, p.REPLY_BATCH], "bad_frame_count"),
+    ([p.TAG, p.REPLY_BATCH, b"a", b"b"], "bad_frame_count"),
+    ([p.TAG, p.REPLY_BATCH, b"\xff\xff\xff"], "bad_header"),
+    ([p.TAG, p.REPLY_BATCH, b""], "bad_batch"),
+    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)], []), "bad_batch"),
+    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)] * 3, [b""] * 2), "bad_batch"),
+    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)] * 9, [b""] * 9), "too_many_calls"),
+])
+def test_a_malformed_reply_batch_is_counted_and_costs_the_worker_nothing(frames, reason):
+    h = Harness(max_frames=16)  # at most 8 calls per batch
+    h.ready(b"w", capacity=2, batches=True)
+    rid = h.call(b"c")
+    [(_, header, _)] = h.take_requests()
+    h.backend(b"w", frames)
+    assert h.engine.counters[f"malformed_{reason}"] == 1
+    assert b"w" in h.engine.workers and h.take_control(p.DISCONNECT) == []
+    h.backend(b"w", _batch_reply([header.request_id], [b"late but fine"]))
+    [(_, reply, payload)] = h.take_replies()
+    assert (reply.request_id, payload) == (rid, b"late but fine")
+    h.assert_baseline()
+
+
+def test_a_client_may_not_send_batches():
+    h = Harness()
+    h.ready(b"w", batches=True)
+    h.engine.on_frontend(b"c", p.batch_message(p.REQUEST_BATCH, [b""], [b""]), h.now)
+    h.engine.flush()
+    [(_, reply, _)] = h.take_replies()
+    assert reply.code == StatusCode.INVALID_ARGUMENT and "REQUEST_BATCH" in reply.message
+    assert h.engine.counters["malformed_bad_command"] == 1

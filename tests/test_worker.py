@@ -137,15 +137,33 @@ class FakeBroker:
             pairs.append((header.SerializeToString(), payload))
         self.send(identity, p.request_message(pairs))
 
-    def replies(self, count: int) -> dict[int, tuple[p.ReplyHeader, bytes]]:
-        """The next ``count`` replies by request id, however the worker grouped them."""
+    def request_batch(self, identity: bytes, *calls) -> None:
+        """One REQUEST_BATCH (§4b) carrying ``calls`` as ``request`` takes them."""
+        headers, payloads = [], []
+        for request_id, method, payload, *extra in calls:
+            fields = {"service": "echo.Echo", "deadline_ms": 10_000, **(extra[0] if extra else {})}
+            headers.append(p.RequestHeader(request_id=request_id, method=method, **fields).SerializeToString())
+            payloads.append(payload)
+        self.send(identity, p.batch_message(p.REQUEST_BATCH, headers, payloads))
+
+    def replies(self, count: int, forms: list | None = None) -> dict[int, tuple[p.ReplyHeader, bytes]]:
+        """The next ``count`` replies by request id, however the worker grouped them; the command
+        of each reply (REPLY or REPLY_BATCH) is added to ``forms`` when given."""
         answers = {}
         while len(answers) < count:
-            _, body = self.expect(p.REPLY)
-            for raw_header, payload in p.pairs(body):
-                header = p.decode_reply_header(raw_header)
+            _, command, body = self.recv()
+            if command == p.HEARTBEAT:
+                continue
+            if command == p.REPLY_BATCH:
+                replies = zip(*p.decode_batch(p.ReplyBatch, body))
+            else:
+                assert command == p.REPLY, f"expected a reply, got {p.COMMAND_NAMES.get(command, command)}"
+                replies = ((p.decode_reply_header(raw), payload) for raw, payload in p.pairs(body))
+            for header, payload in replies:
                 assert header.request_id not in answers, f"two replies for {header.request_id}"
                 answers[header.request_id] = (header, payload)
+                if forms is not None:
+                    forms.append(command)
         return answers
 
 
@@ -210,6 +228,7 @@ def test_ready_announces_services_capacity_heartbeat_name_and_descriptors(broker
     assert ready.capacity == 3
     assert ready.heartbeat_ms == 250
     assert ready.name == f"{socket.gethostname()}:{os.getpid()}:t1"
+    assert ready.batches  # it reads REQUEST_BATCH (§4b)
     files = descriptor_pb2.FileDescriptorSet.FromString(ready.file_descriptor_set).file
     assert [f.name for f in files] == ["workers/echo/echo.proto", "workers/greeter/helloworld.proto"]
     assert method_names(ready.file_descriptor_set, "echo.Echo") == ["Say", "Sleep", "Fail"]
@@ -272,6 +291,47 @@ def test_each_pair_of_a_request_gets_its_own_reply(broker, make_worker):
     assert replies[7][0].message == "handler returned SleepRequest, expected echo.EchoReply"
     assert replies[8][0].code == StatusCode.INVALID_ARGUMENT
     assert all(replies[i][1] == b"" for i in range(2, 9))
+
+
+def test_a_worker_answers_in_batches_once_its_broker_has_sent_one(broker, make_worker):
+    make_worker(Probe())
+    identity, _ = broker.ready()
+    forms = []
+    broker.request(identity, (1, "Say", say(b"pairs")), (2, "Say", say(b"pairs too")))
+    assert {i: payload for i, (_, payload) in broker.replies(2, forms).items()} == {
+        1: say(b"pairs"), 2: say(b"pairs too")}
+    assert forms == [p.REPLY, p.REPLY]  # a broker that never sent a batch may not read one
+    forms.clear()
+    fail = echo_pb2.FailRequest(code=StatusCode.NOT_FOUND, message="no such thing").SerializeToString()
+    broker.request_batch(
+        identity,
+        (3, "Say", say(b"batched")),
+        (4, "Fail", fail),
+        (5, "Say", b"\x0a\x05ab"),  # field 1 claims 5 bytes, has 2
+        (6, "Nope", b""),
+        (7, "", b""),  # a header without a method
+    )
+    replies = broker.replies(5, forms)
+    assert set(forms) == {p.REPLY_BATCH}
+    assert (replies[3][0].code, replies[3][1]) == (StatusCode.OK, say(b"batched"))
+    assert (replies[4][0].code, replies[4][0].message) == (StatusCode.NOT_FOUND, "no such thing")
+    assert replies[5][0].code == StatusCode.INVALID_ARGUMENT
+    assert replies[6][0].code == StatusCode.UNIMPLEMENTED
+    assert (replies[7][0].code, replies[7][0].message) == (
+        StatusCode.INVALID_ARGUMENT, "request header needs both service and method")
+
+
+def test_a_large_reply_keeps_its_own_frame_when_the_others_are_batched(broker, make_worker):
+    make_worker(Probe())
+    identity, _ = broker.ready()
+    big = b"x" * p.BATCH_PAYLOAD_LIMIT
+    broker.request_batch(identity, (1, "Say", say(b"small")))
+    broker.replies(1)
+    forms = []
+    broker.request_batch(identity, (2, "Say", say(big)), (3, "Say", say(b"small")))
+    replies = broker.replies(2, forms)
+    assert sorted(forms) == sorted([p.REPLY, p.REPLY_BATCH])
+    assert echo_pb2.EchoReply.FromString(replies[2][1]).payload == big
 
 
 def test_context_describes_the_call(broker, make_worker):
@@ -405,6 +465,9 @@ def test_garbage_from_the_broker_is_ignored(broker, make_worker):
     broker.send(identity, [p.TAG, b"\x09"])
     broker.send(identity, [p.TAG, p.REQUEST, b"odd"])
     broker.send(identity, [p.TAG, p.CANCEL, b"\xff"])
+    broker.send(identity, [p.TAG, p.REQUEST_BATCH, b"\xff"])
+    broker.send(identity, [p.TAG, p.REQUEST_BATCH])
+    broker.send(identity, p.batch_message(p.REQUEST_BATCH, [b""] * 2, [b""]))
     broker.request(identity, (1, "Say", say(b"still here")))
     assert broker.replies(1)[1][0].code == StatusCode.OK
 

@@ -20,6 +20,9 @@ REPLY = b"\x03"
 HEARTBEAT = b"\x04"
 DISCONNECT = b"\x05"
 CANCEL = b"\x06"
+# (spec §4b) Many calls in one frame, between a broker and a worker that announced it.
+REQUEST_BATCH = b"\x07"
+REPLY_BATCH = b"\x08"
 
 COMMAND_NAMES = {
     READY: "READY",
@@ -28,17 +31,25 @@ COMMAND_NAMES = {
     HEARTBEAT: "HEARTBEAT",
     DISCONNECT: "DISCONNECT",
     CANCEL: "CANCEL",
+    REQUEST_BATCH: "REQUEST_BATCH",
+    REPLY_BATCH: "REPLY_BATCH",
 }
 
 # (spec §3) Which commands each side may send.
 CLIENT_COMMANDS = frozenset({REQUEST, CANCEL})
-WORKER_COMMANDS = frozenset({READY, REPLY, HEARTBEAT, DISCONNECT})
+WORKER_COMMANDS = frozenset({READY, REPLY, REPLY_BATCH, HEARTBEAT, DISCONNECT})
+
+# (spec §4b) Only payloads shorter than this travel inside a batch frame: a longer one keeps a
+# frame of its own, which ZeroMQ moves without a copy (packing it would copy it twice).
+BATCH_PAYLOAD_LIMIT = 65_536
 
 RequestHeader = wire_pb2.RequestHeader
 ReplyHeader = wire_pb2.ReplyHeader
 Ready = wire_pb2.Ready
 Cancel = wire_pb2.Cancel
 Disconnect = wire_pb2.Disconnect
+RequestBatch = wire_pb2.RequestBatch
+ReplyBatch = wire_pb2.ReplyBatch
 
 
 class ProtocolError(Exception):
@@ -73,6 +84,26 @@ def pairs(body: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return [(body[i], body[i + 1]) for i in range(0, n, 2)]
 
 
+def decode_batch(message_type, body: Sequence[bytes], max_calls: int | None = None) -> tuple[Sequence, Sequence[bytes]]:
+    """Decode a REQUEST_BATCH or REPLY_BATCH body (spec §4b): ``(headers, payloads)``, decoded
+    headers in order, at least one and at most ``max_calls`` of them (when given)."""
+    if len(body) != 1:
+        raise ProtocolError("bad_frame_count", f"a batch carries exactly 1 frame, got {len(body)}")
+    batch = _decode(message_type, body[0], "batch")
+    headers, payloads = batch.headers, batch.payloads
+    count = len(headers)
+    if count == 0 or count != len(payloads):
+        raise ProtocolError("bad_batch", f"batch has {count} header(s) and {len(payloads)} payload(s)")
+    if max_calls is not None and count > max_calls:
+        raise ProtocolError("too_many_calls", f"batch carries {count} calls (limit {max_calls})")
+    return headers, payloads
+
+
+def batch_message(command: bytes, headers: list[bytes], payloads: list[bytes]) -> list[bytes]:
+    """A REQUEST_BATCH or REPLY_BATCH (``command``) of encoded headers and their payloads (§4b)."""
+    return [TAG, command, wire_pb2.EncodedBatch(headers=headers, payloads=payloads).SerializeToString()]
+
+
 def _decode(message_type, raw: bytes, what: str):
     try:
         return message_type.FromString(raw)
@@ -82,7 +113,11 @@ def _decode(message_type, raw: bytes, what: str):
 
 def decode_request_header(raw: bytes) -> wire_pb2.RequestHeader:
     """Decode and validate a request header (spec §5)."""
-    header = _decode(RequestHeader, raw, "request header")
+    return check_request_header(_decode(RequestHeader, raw, "request header"))
+
+
+def check_request_header(header: wire_pb2.RequestHeader) -> wire_pb2.RequestHeader:
+    """Validate a decoded request header (spec §5); returns it."""
     if not header.service or not header.method:
         raise ProtocolError("bad_header", "request header needs both service and method")
     return header

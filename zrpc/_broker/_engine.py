@@ -60,6 +60,9 @@ class BrokerEngine:
         # are coalesced per peer (§4) as they are decided.
         self._replies: dict[bytes, list[bytes]] = {}
         self._requests: dict[bytes, list[bytes]] = {}
+        # Workers that read batches get their small calls as one REQUEST_BATCH (§4b): the
+        # encoded headers and the payloads, packed at flush.
+        self._batches: dict[bytes, tuple[list[bytes], list[bytes]]] = {}
         # Optional observer of answered calls (metrics): fn(service, method, code, call, now);
         # call is None for a call refused on arrival.
         self.on_call_done = None
@@ -200,13 +203,23 @@ class BrokerEngine:
             return
         worker.last_seen = now
         worker.expires_at = now + self.config.heartbeat_liveness * worker.heartbeat
-        if command == p.REPLY:
+        if command == p.REPLY_BATCH or command == p.REPLY:
             try:
-                replies = p.pairs(body)
+                if command == p.REPLY_BATCH:
+                    replies = zip(*p.decode_batch(p.ReplyBatch, body, self.config.max_frames // 2))
+                else:
+                    replies = p.pairs(body)
             except p.ProtocolError as exc:
                 return self._bad_worker_input(identity, worker, exc.reason, exc.message)
-            for raw_header, payload in replies:
-                self._on_worker_reply(worker, raw_header, payload, now)
+            decode = command == p.REPLY
+            for header, payload in replies:
+                if decode:
+                    try:
+                        header = p.decode_reply_header(header)
+                    except p.ProtocolError as exc:
+                        self._bad_worker_input(identity, worker, exc.reason, exc.message)
+                        continue
+                self._on_worker_reply(worker, header, payload, now)
             for name in worker.services:
                 self._dispatch(self.services[name], now)
         elif command == p.DISCONNECT:
@@ -253,6 +266,7 @@ class BrokerEngine:
             capacity=ready.capacity, heartbeat=heartbeat,
             expires_at=now + self.config.heartbeat_liveness * heartbeat,
             next_heartbeat_at=now + heartbeat, joined_at=now, last_seen=now, peer_key=peer_key,
+            batches=ready.batches,
         )
         self.workers[identity] = worker
         for name in worker.services:
@@ -272,11 +286,7 @@ class BrokerEngine:
         for name in worker.services:
             self._dispatch(self.services[name], now)
 
-    def _on_worker_reply(self, worker: WorkerState, raw_header: bytes, payload: bytes, now: float) -> None:
-        try:
-            header = p.decode_reply_header(raw_header)
-        except p.ProtocolError as exc:
-            return self._bad_worker_input(worker.identity, worker, exc.reason, exc.message)
+    def _on_worker_reply(self, worker: WorkerState, header: p.ReplyHeader, payload: bytes, now: float) -> None:
         dispatch_id = header.request_id
         if dispatch_id not in worker.in_flight:
             return self._bad_worker_input(worker.identity, worker, "unknown_dispatch",
@@ -397,11 +407,19 @@ class BrokerEngine:
         header.deadline_ms = max(1, int((call.deadline - now) * 1000))
         header.attempt = call.attempt
         raw = header.SerializeToString()
+        payload = call.payload
+        if worker.batches and len(payload) < p.BATCH_PAYLOAD_LIMIT:
+            batch = self._batches.get(worker.identity)
+            if batch is None:
+                batch = self._batches[worker.identity] = ([], [])
+            batch[0].append(raw)
+            batch[1].append(payload)
+            return
         frames = self._requests.get(worker.identity)
         if frames is None:
             frames = self._requests[worker.identity] = [p.TAG, p.REQUEST]
         frames.append(raw)
-        frames.append(call.payload)
+        frames.append(payload)
 
     def _abandon_at_worker(self, call: Call) -> None:
         """The call was answered without its worker: keep the slot, tell the worker (§8)."""
@@ -417,6 +435,7 @@ class BrokerEngine:
         """§11: re-queue what may run again, fail the rest at once."""
         del self.workers[worker.identity]
         self._requests.pop(worker.identity, None)
+        self._batches.pop(worker.identity, None)
         requeue: dict[str, list[Call]] = {}
         for call in worker.in_flight.values():
             if call is None:
@@ -483,6 +502,11 @@ class BrokerEngine:
         if self._requests:
             self.backend_out.extend(self._requests.items())
             self._requests = {}
+        if self._batches:
+            batch_message, command, out = p.batch_message, p.REQUEST_BATCH, self.backend_out
+            for identity, (headers, payloads) in self._batches.items():
+                out.append((identity, batch_message(command, headers, payloads)))
+            self._batches = {}
         if self._replies:
             self.frontend_out.extend(self._replies.items())
             self._replies = {}

@@ -53,6 +53,7 @@ class WorkerState:
     in_flight: dict[int, "Call | None"] = dataclasses.field(default_factory=dict)
     last_dispatch_seq: int = 0
     draining: bool = False
+    batches: bool = False  # it reads REQUEST_BATCH (its READY says so, spec §4b)
     peer_key: str | None = None  # its CURVE public key (z85) when the broker runs CURVE
 
     @property

@@ -13,7 +13,7 @@ from .. import _security
 log = logging.getLogger("zrpc.worker")
 
 # (spec §2, §3) What a broker may send a worker.
-FROM_BROKER = frozenset({p.REQUEST, p.HEARTBEAT, p.CANCEL, p.DISCONNECT})
+FROM_BROKER = frozenset({p.REQUEST, p.REQUEST_BATCH, p.HEARTBEAT, p.CANCEL, p.DISCONNECT})
 
 # Frames move one at a time through the backend's send/recv with plain int flags, as in the
 # broker's loop: send_multipart/recv_multipart pay an Enum operation or a getsockopt(RCVMORE) per
@@ -26,8 +26,8 @@ _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 _get_option = zmq.backend.Socket.get
 
-# Replies gathered in one loop turn leave as one REPLY (spec §4); a message carries at most this
-# many, well under the broker's frame limit.
+# Replies gathered in one loop turn leave as one REPLY or REPLY_BATCH (spec §4, §4b); a message
+# carries at most this many, well under the broker's frame limit.
 MAX_PAIRS_PER_REPLY = 256
 
 # Lingering on the last close lets DISCONNECT and the last replies leave; bounded so a vanished
@@ -68,6 +68,8 @@ class BrokerLink:
         self.ready_due: float | None = None  # a READY to send at this time (after a refusal)
         self.dropped = 0  # messages not sent because the socket's queue was full
         self.drain_acked = False  # the broker answered our DISCONNECT{drain} (spec §11)
+        # This connection's broker reads REPLY_BATCH: it has sent us a REQUEST_BATCH (spec §4b).
+        self.batches = False
         self._read_scheduled = False
         self._replies: list[tuple[bytes, bytes]] = []  # to send at the end of this loop turn
 
@@ -85,6 +87,7 @@ class BrokerLink:
             socket.close(0)
             raise
         self.socket = socket
+        self.batches = False  # a new connection may reach another broker (an older one)
         self.loop.add_reader(socket.FD, self.on_readable)
         self.schedule_read()  # the FD is edge-triggered: look once anyway
         self.epoch += 1
@@ -149,9 +152,26 @@ class BrokerLink:
 
     def flush_replies(self) -> None:
         replies, self._replies = self._replies, []
+        if self.batches and replies:
+            replies = self._send_batches(replies)
         for start in range(0, len(replies), MAX_PAIRS_PER_REPLY):
             # An answer may carry its status code third (for the metrics): only the pair is sent.
             self.send(p.reply_message(answer[:2] for answer in replies[start:start + MAX_PAIRS_PER_REPLY]))
+
+    def _send_batches(self, replies: list) -> list:
+        """Send the answers with small payloads as REPLY_BATCHes; return the others (§4b)."""
+        headers, payloads, large = [], [], []
+        limit = p.BATCH_PAYLOAD_LIMIT
+        for answer in replies:
+            if len(answer[1]) < limit:
+                headers.append(answer[0])
+                payloads.append(answer[1])
+            else:
+                large.append(answer)
+        for start in range(0, len(headers), MAX_PAIRS_PER_REPLY):
+            end = start + MAX_PAIRS_PER_REPLY
+            self.send(p.batch_message(p.REPLY_BATCH, headers[start:end], payloads[start:end]))
+        return large
 
     def send_ready(self) -> None:
         self.ready_due = None

@@ -100,6 +100,7 @@ class Worker:
             capacity=concurrency,
             heartbeat_ms=max(1, round(heartbeat_interval * 1000)),
             name=self.name,
+            batches=True,
         ))
         self._admission = Admission(concurrency)
         # (service, method) -> when each of its recent overruns on the loop ended.
@@ -325,8 +326,8 @@ class Worker:
             except p.ProtocolError as exc:
                 log.warning("bad message from broker %s (%s): %s", link.endpoint, exc.reason, exc.message)
                 continue
-            if command == p.REQUEST:
-                self._on_request(link, body)
+            if command == p.REQUEST or command == p.REQUEST_BATCH:
+                self._on_request(link, command, body)
             elif command == p.CANCEL:
                 self._on_cancel(link, body)
             elif command == p.DISCONNECT:
@@ -335,19 +336,25 @@ class Worker:
 
     # ------------------------------------------------------------------ commands
 
-    def _on_request(self, link: BrokerLink, body) -> None:
+    def _on_request(self, link: BrokerLink, command: bytes, body) -> None:
+        """A REQUEST (pairs, §4) or REQUEST_BATCH (§4b): each call as if it had arrived alone."""
         try:
-            pairs = p.pairs(body)
+            if command == p.REQUEST_BATCH:
+                calls = zip(*p.decode_batch(p.RequestBatch, body))
+                link.batches = True  # this broker reads REPLY_BATCH too
+            else:
+                calls = p.pairs(body)
         except p.ProtocolError as exc:
-            log.warning("bad REQUEST from broker %s: %s", link.endpoint, exc.message)
+            log.warning("bad %s from broker %s: %s", p.COMMAND_NAMES[command], link.endpoint, exc.message)
             return
         answers = []
         now = self._clock()
-        for raw_header, payload in pairs:  # (spec §4) each pair as if it had arrived alone
+        decode = command == p.REQUEST
+        for header, payload in calls:
             try:
-                header = p.decode_request_header(raw_header)
+                header = p.decode_request_header(header) if decode else p.check_request_header(header)
             except p.ProtocolError as exc:
-                request_id = _request_id_of(raw_header)
+                request_id = _request_id_of(header) if decode else header.request_id
                 if request_id:
                     answers.append(error_pair(request_id, Error(StatusCode.INVALID_ARGUMENT, exc.message)))
                 continue
