@@ -44,7 +44,7 @@ PEER_HEARTBEAT_MS = 1000
 
 def _reply_frames(frames: list, first: int, zero_copy: bool) -> list:
     """REPLY frames answering the REQUEST in ``frames[first:]`` (spec §4: one pair per pair)."""
-    encode, parse = p.encode_reply_header, p.RequestHeader.FromString
+    encode, parse = p.encode_ok_reply_header, p.RequestHeader.FromString
     out = [p.TAG, p.REPLY]
     for i in range(first + 2, len(frames), 2):
         raw = frames[i].bytes if zero_copy else frames[i]
@@ -74,7 +74,7 @@ def _is_batch(frames: list, zero_copy: bool) -> bool:
 def _reply_batch(blob: bytes) -> list:
     """The REPLY_BATCH answering a REQUEST_BATCH (spec §4b): one reply header per request header."""
     batch = p.RequestBatch.FromString(blob)
-    encode = p.encode_reply_header
+    encode = p.encode_ok_reply_header
     return p.batch_message(p.REPLY_BATCH, [encode(h.request_id) for h in batch.headers], list(batch.payloads))
 
 

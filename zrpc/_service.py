@@ -132,6 +132,7 @@ class Method:
     nonblocking: bool  # marked @nonblocking: run on the loop (see the module's docstring)
     input_class: type
     output_descriptor: Any
+    output_class: type
 
 
 def check_service(service: Service | type[Service]) -> ServiceDescriptor:
@@ -170,5 +171,6 @@ def methods_of(service: Service) -> dict[str, Method]:
             nonblocking=getattr(handler, _NONBLOCKING_MARK, False),
             input_class=message_class(method.input_type),
             output_descriptor=method.output_type,
+            output_class=message_class(method.output_type),
         )
     return table

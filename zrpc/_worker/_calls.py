@@ -78,7 +78,9 @@ def new_call(header, payload: bytes, method: Method, link: Any, epoch: int, now:
     except Exception:  # noqa: BLE001 - DecodeError, or others on some malformed inputs
         raise Error(StatusCode.INVALID_ARGUMENT,
                     f"payload is not a valid {method.descriptor.input_type.full_name}") from None
-    metadata = dict(header.metadata)
+    # dict() or .items() of a protobuf map go through the Mapping ABC: 0.61 us against 0.21.
+    fields = header.metadata
+    metadata = {key: fields[key] for key in fields} if fields else {}
     context = Context(
         request_id=header.request_id, service=header.service, method=header.method,
         trace_id=metadata.get("trace_id", ""), metadata=metadata, attempt=header.attempt or 1,
@@ -94,9 +96,8 @@ def error_pair(request_id: int, error: Error) -> Answer:
 
 def result_pair(call: Call, result: Any) -> Answer:
     """The answer to a call whose handler returned ``result`` (INTERNAL if it is not the reply type)."""
-    expected = call.method.output_descriptor.full_name
-    descriptor = getattr(result, "DESCRIPTOR", None)
-    if getattr(descriptor, "full_name", None) != expected or not hasattr(result, "SerializeToString"):
+    if type(result) is not call.method.output_class and not _is_message_of(result, call.method):
+        expected = call.method.output_descriptor.full_name
         log.error("%s/%s returned %s instead of %s", call.context.service, call.context.method,
                   type(result).__name__, expected)
         return error_pair(call.request_id, Error(
@@ -105,7 +106,15 @@ def result_pair(call: Call, result: Any) -> Answer:
         payload = result.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - e.g. a proto2 reply missing a required field
         return exception_pair(call, exc)
-    return p.encode_reply_header(call.request_id), payload, StatusCode.OK
+    return p.encode_ok_reply_header(call.request_id), payload, StatusCode.OK
+
+
+def _is_message_of(result: Any, method: Method) -> bool:
+    """A reply of the method's output type from another class than ours (a dynamic message class
+    built from the same descriptor, say): what counts is the full name."""
+    descriptor = getattr(result, "DESCRIPTOR", None)
+    return (getattr(descriptor, "full_name", None) == method.output_descriptor.full_name
+            and hasattr(result, "SerializeToString"))
 
 
 def exception_pair(call: Call, exc: BaseException) -> Answer:
