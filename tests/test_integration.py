@@ -220,7 +220,8 @@ def test_oversized_message_is_refused_explicitly_and_the_sender_keeps_working(en
 
 
 def test_large_payloads_pass_through_the_broker_intact(broker, start_worker):
-    # Frames of 64 KiB and more cross the broker as views of the zmq message, not copies.
+    # Frames of 64 KiB and more cross the broker and the worker link as views of the zmq
+    # message, not copies, and never inside a batch (§4b).
     start_worker(Echo())
     wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
     payload = bytes(range(256)) * 4096  # 1 MiB

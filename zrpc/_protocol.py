@@ -39,9 +39,13 @@ COMMAND_NAMES = {
 CLIENT_COMMANDS = frozenset({REQUEST, CANCEL})
 WORKER_COMMANDS = frozenset({READY, REPLY, REPLY_BATCH, HEARTBEAT, DISCONNECT})
 
+# Frames at least this long are moved without a copy by our peers: received as a view of the
+# zmq message and sent from it. Smaller ones are copied into bytes, which is cheaper for them
+# (pyzmq copies small frames anyway).
+ZERO_COPY_BYTES = 65_536
 # (spec §4b) Only payloads shorter than this travel inside a batch frame: a longer one keeps a
-# frame of its own, which ZeroMQ moves without a copy (packing it would copy it twice).
-BATCH_PAYLOAD_LIMIT = 65_536
+# frame of its own, moved without a copy (packing it would copy it twice).
+BATCH_PAYLOAD_LIMIT = ZERO_COPY_BYTES
 
 RequestHeader = wire_pb2.RequestHeader
 ReplyHeader = wire_pb2.ReplyHeader

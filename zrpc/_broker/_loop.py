@@ -8,6 +8,7 @@ import time
 
 import zmq
 
+from .. import _protocol as p
 from .. import _security
 from ._auth import BrokerSecurity
 from ._config import BrokerConfig
@@ -29,10 +30,8 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
-# Frames at least this long pass through without being copied: received as a view of the zmq
-# message and sent from it (payloads are never decoded, spec §4). Smaller ones are copied into
-# bytes, which is cheaper than a view for them (pyzmq copies small frames anyway).
-_ZERO_COPY_BYTES = 65_536
+# Payloads pass through without being copied from this size on (they are never decoded, §4).
+_ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 
 
 class Broker:

@@ -25,6 +25,7 @@ _POLLIN = int(zmq.POLLIN)
 _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 _get_option = zmq.backend.Socket.get
+_ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 
 # Replies gathered in one loop turn leave as one REPLY or REPLY_BATCH (spec §4, §4b); a message
 # carries at most this many, well under the broker's frame limit.
@@ -121,7 +122,8 @@ class BrokerLink:
         frames = [frame.bytes]
         while frame.more:  # the rest of a message is there already: it arrives whole
             frame = _recv_frame(socket, _NOBLOCK, False)
-            frames.append(frame.bytes)
+            # A large payload stays in the zmq message (protobuf decodes from a view).
+            frames.append(frame.buffer if len(frame) >= _ZERO_COPY_BYTES else frame.bytes)
         return frames
 
     def send(self, frames: list) -> bool:
@@ -132,8 +134,9 @@ class BrokerLink:
         try:
             # A DEALER refuses a message at its first frame (queue full), never midway.
             for frame in frames[:-1]:
-                _send_frame(socket, frame, _MORE_NOBLOCK)
-            _send_frame(socket, frames[-1], _NOBLOCK)
+                _send_frame(socket, frame, _MORE_NOBLOCK, len(frame) < _ZERO_COPY_BYTES)
+            last = frames[-1]
+            _send_frame(socket, last, _NOBLOCK, len(last) < _ZERO_COPY_BYTES)
         except zmq.ZMQError as error:  # EAGAIN: the queue to a broker that is not reading is full
             self.dropped += 1
             log.debug("message to %s dropped: %s", self.endpoint, error)
