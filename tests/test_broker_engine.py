@@ -71,8 +71,8 @@ class Harness:
                 for raw, payload in p.pairs(frames[2:]):
                     found.append((identity, p.RequestHeader.FromString(raw), payload))
             elif frames[1] == p.REQUEST_BATCH:
-                headers, payloads = p.decode_batch(p.RequestBatch, frames[2:])
-                found.extend((identity, header, payload) for header, payload in zip(headers, payloads))
+                for raw, payload in p.batch_pairs(frames[2:]):
+                    found.append((identity, p.RequestHeader.FromString(raw), payload))
             else:
                 keep.append((identity, frames))
         self.engine.backend_out = keep
@@ -525,8 +525,9 @@ def test_a_worker_that_reads_batches_gets_its_calls_of_a_round_in_one_frame_and_
     h.engine.flush()
     [(worker, frames)] = h.engine.backend_out
     assert worker == b"w" and frames[:2] == [p.TAG, p.REQUEST_BATCH] and len(frames) == 3
-    headers, payloads = p.decode_batch(p.RequestBatch, frames[2:])
-    assert list(payloads) == [b"p%d" % i for i in range(6)]
+    headers = [p.RequestHeader.FromString(raw) for raw, _ in p.batch_pairs(frames[2:])]
+    payloads = [payload for _, payload in p.batch_pairs(frames[2:])]
+    assert payloads == [b"p%d" % i for i in range(6)]
     assert all(header.attempt == 1 and header.service == "svc.S" for header in headers)
     h.engine.backend_out = []
     # One REPLY_BATCH answers all six, each to its own caller under its own id.
@@ -539,7 +540,7 @@ def test_a_worker_that_reads_batches_gets_its_calls_of_a_round_in_one_frame_and_
 def test_a_large_payload_keeps_its_own_frame_even_for_a_worker_that_reads_batches():
     h = Harness()
     h.ready(b"w", capacity=4, batches=True)
-    big = b"x" * p.BATCH_PAYLOAD_LIMIT
+    big = b"x" * p.BATCH_CALL_BYTES
     h.call(b"c", payload=b"small")
     h.call(b"c", payload=big)
     kinds = sorted(frames[1] for _, frames in h.engine.backend_out)
@@ -567,7 +568,8 @@ def test_a_worker_that_does_not_announce_batches_is_sent_pairs():
 @pytest.mark.parametrize("frames, reason", [
     ([p.TAG, p.REPLY_BATCH], "bad_frame_count"),
     ([p.TAG, p.REPLY_BATCH, b"a", b"b"], "bad_frame_count"),
-    ([p.TAG, p.REPLY_BATCH, b"\xff\xff\xff"], "bad_header"),
+    ([p.TAG, p.REPLY_BATCH, b"\xff\xff\xff"], "bad_batch"),
+    ([p.TAG, p.REPLY_BATCH, b"\x0a" * (p.MAX_BATCH_BYTES + 1)], "too_large"),  # refused undecoded
     ([p.TAG, p.REPLY_BATCH, b""], "bad_batch"),
     (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)], []), "bad_batch"),
     (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)] * 3, [b""] * 2), "bad_batch"),
@@ -595,3 +597,46 @@ def test_a_client_may_not_send_batches():
     [(_, reply, _)] = h.take_replies()
     assert reply.code == StatusCode.INVALID_ARGUMENT and "REQUEST_BATCH" in reply.message
     assert h.engine.counters["malformed_bad_command"] == 1
+
+
+def test_a_bad_header_in_a_reply_batch_costs_only_its_own_reply():
+    h = Harness()
+    h.ready(b"w", capacity=2, batches=True)
+    first, second = h.call(b"c"), h.call(b"c")
+    ids = [header.request_id for _, header, _ in h.take_requests()]
+    h.backend(b"w", p.batch_message(p.REPLY_BATCH, [b"\xff\xff", p.encode_reply_header(ids[1])], [b"", b"two"]))
+    [(_, reply, payload)] = h.take_replies()
+    assert (reply.request_id, payload) == (second, b"two")
+    assert h.engine.counters["malformed_bad_header"] == 1
+    h.backend(b"w", _batch_reply([ids[0]], [b"one"]))
+    assert [(r.request_id, pl) for _, r, pl in h.take_replies()] == [(first, b"one")]
+    h.assert_baseline()
+
+
+def test_a_round_of_calls_larger_than_a_batch_frame_is_split_into_several():
+    h = Harness()
+    h.ready(b"w", capacity=64, batches=True)
+    payload = b"x" * (p.BATCH_CALL_BYTES - 200)  # just small enough to be batched
+    pairs = [(p.RequestHeader(request_id=i, service="svc.S", method="M", deadline_ms=5000).SerializeToString(), payload)
+             for i in range(1, 41)]
+    h.engine.on_frontend(b"c", p.request_message(pairs), h.now)
+    h.engine.flush()
+    messages = [frames for _, frames in h.engine.backend_out]
+    assert {frames[1] for frames in messages} == {p.REQUEST_BATCH}
+    per_frame = p.MAX_BATCH_BYTES // (len(pairs[0][0]) + len(payload) + 8)  # as many as fit
+    assert len(messages) == -(-40 // per_frame) > 1
+    assert all(len(frames[2]) <= p.MAX_BATCH_BYTES for frames in messages)
+    assert len(h.take_requests()) == 40
+
+
+def test_the_drain_acknowledgement_follows_the_requests_decided_in_the_same_round():
+    """§11: once the worker has the acknowledgement, every request it will get has arrived."""
+    for batches in (False, True):
+        h = Harness()
+        h.ready(b"w", capacity=4, batches=batches)
+        header = p.RequestHeader(request_id=1, service="svc.S", method="M", deadline_ms=5000)
+        h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"")]), h.now)
+        h.engine.on_backend(b"w", p.disconnect_message("stopping", drain=True), h.now)  # same round
+        h.engine.flush()
+        commands = [frames[1] for _, frames in h.engine.backend_out]
+        assert commands == [p.REQUEST_BATCH if batches else p.REQUEST, p.DISCONNECT]

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import zmq
+import zmq.utils.garbage as zmq_garbage
 from google.protobuf import descriptor_pb2
 
 from workers.echo import echo_pb2
@@ -144,7 +145,8 @@ class FakeBroker:
             fields = {"service": "echo.Echo", "deadline_ms": 10_000, **(extra[0] if extra else {})}
             headers.append(p.RequestHeader(request_id=request_id, method=method, **fields).SerializeToString())
             payloads.append(payload)
-        self.send(identity, p.batch_message(p.REQUEST_BATCH, headers, payloads))
+        for message in p.batch_messages(p.REQUEST_BATCH, headers, payloads, max_calls=1024):
+            self.send(identity, message)
 
     def replies(self, count: int, forms: list | None = None) -> dict[int, tuple[p.ReplyHeader, bytes]]:
         """The next ``count`` replies by request id, however the worker grouped them; the command
@@ -155,11 +157,13 @@ class FakeBroker:
             if command == p.HEARTBEAT:
                 continue
             if command == p.REPLY_BATCH:
-                replies = zip(*p.decode_batch(p.ReplyBatch, body))
+                assert len(body[0]) <= p.MAX_BATCH_BYTES
+                pairs = p.batch_pairs(body)
             else:
                 assert command == p.REPLY, f"expected a reply, got {p.COMMAND_NAMES.get(command, command)}"
-                replies = ((p.decode_reply_header(raw), payload) for raw, payload in p.pairs(body))
-            for header, payload in replies:
+                pairs = p.pairs(body)
+            for raw, payload in pairs:
+                header = p.decode_reply_header(raw)
                 assert header.request_id not in answers, f"two replies for {header.request_id}"
                 answers[header.request_id] = (header, payload)
                 if forms is not None:
@@ -188,6 +192,8 @@ def wait_until(predicate, what: str) -> None:
 @pytest.fixture(autouse=True)
 def no_threads_left_behind():
     """Every thread a test's worker started (loop, handler pool, asyncio helpers) is joined."""
+    if not zmq_garbage.gc.is_alive():  # pyzmq's one thread per process for zero-copy sends
+        zmq_garbage.gc.start()
     before = set(threading.enumerate())
     yield
     wait_until(lambda: not set(threading.enumerate()) - before,
@@ -324,7 +330,7 @@ def test_a_worker_answers_in_batches_once_its_broker_has_sent_one(broker, make_w
 def test_a_large_reply_keeps_its_own_frame_when_the_others_are_batched(broker, make_worker):
     make_worker(Probe())
     identity, _ = broker.ready()
-    big = b"x" * p.BATCH_PAYLOAD_LIMIT
+    big = b"x" * p.BATCH_CALL_BYTES
     broker.request_batch(identity, (1, "Say", say(b"small")))
     broker.replies(1)
     forms = []
@@ -332,6 +338,67 @@ def test_a_large_reply_keeps_its_own_frame_when_the_others_are_batched(broker, m
     replies = broker.replies(2, forms)
     assert sorted(forms) == sorted([p.REPLY, p.REPLY_BATCH])
     assert echo_pb2.EchoReply.FromString(replies[2][1]).payload == big
+
+
+def test_each_registration_starts_in_pairs_again(broker, make_worker):
+    """A broker restarted on the same endpoint may be an older one, and ZeroMQ reconnects the
+    same socket by itself: after its DISCONNECT, the worker must not answer it in batches."""
+    make_worker(Probe())
+    identity, _ = broker.ready()
+    broker.request_batch(identity, (1, "Say", say(b"new broker")))
+    forms = []
+    broker.replies(1, forms)
+    assert forms == [p.REPLY_BATCH]
+    broker.send(identity, p.disconnect_message("unknown worker: send READY"))
+    identity, _ = broker.ready()
+    forms.clear()
+    broker.request(identity, (2, "Say", say(b"old broker")))  # an old broker sends pairs only
+    broker.replies(1, forms)
+    assert forms == [p.REPLY]
+
+
+def test_a_header_too_deep_for_a_batch_is_decoded_alone(broker, make_worker):
+    """A header the broker decoded sits one nesting level deeper inside a typed batch; decoded
+    on its own it is no deeper than the broker found it, and its neighbours are unaffected."""
+    make_worker(Probe())
+    identity, _ = broker.ready()
+    good = p.RequestHeader(request_id=1, service="echo.Echo", method="Say", deadline_ms=10_000)
+
+    def nested(depth: int) -> bytes:  # an unknown field 15 as groups nested `depth` deep
+        return good.SerializeToString() + b"\x7b" * depth + b"\x7c" * depth
+
+    # The deepest such header that decodes alone, as the broker decodes a client's header.
+    depth = max(d for d in range(64, 128) if _decodes(nested(d)))
+    odd = p.RequestHeader.FromString(nested(depth))
+    odd.request_id = 2
+    with pytest.raises(Exception):
+        p.RequestBatch.FromString(p.batch_message(p.REQUEST_BATCH, [odd.SerializeToString()], [b""])[2])
+    broker.send(identity, p.batch_message(p.REQUEST_BATCH, [good.SerializeToString(), odd.SerializeToString()],
+                                          [say(b"one"), say(b"two")]))
+    replies = broker.replies(2)
+    assert {i: (h.code, payload) for i, (h, payload) in replies.items()} == {
+        1: (StatusCode.OK, say(b"one")), 2: (StatusCode.OK, say(b"two"))}
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        p.RequestHeader.FromString(raw)
+    except Exception:  # noqa: BLE001 - DecodeError: too deep
+        return False
+    return True
+
+
+def test_reply_batches_stay_within_the_batch_frame_limit(broker, make_worker):
+    make_worker(Probe(), concurrency=40)
+    identity, _ = broker.ready()
+    broker.request_batch(identity, (1, "Say", say(b"first")))
+    broker.replies(1)
+    payload = b"y" * (p.BATCH_CALL_BYTES - 100)
+    broker.request_batch(identity, *[(i, "Say", say(payload)) for i in range(2, 42)])
+    forms = []
+    replies = broker.replies(40, forms)  # replies() asserts each frame's size
+    assert set(forms) == {p.REPLY_BATCH}
+    assert all(echo_pb2.EchoReply.FromString(pl).payload == payload for _, pl in replies.values())
 
 
 def test_context_describes_the_call(broker, make_worker):

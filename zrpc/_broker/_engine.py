@@ -206,19 +206,17 @@ class BrokerEngine:
         if command == p.REPLY_BATCH or command == p.REPLY:
             try:
                 if command == p.REPLY_BATCH:
-                    replies = zip(*p.decode_batch(p.ReplyBatch, body, self.config.max_frames // 2))
+                    replies = p.batch_pairs(body, self.config.max_frames // 2)
                 else:
                     replies = p.pairs(body)
             except p.ProtocolError as exc:
                 return self._bad_worker_input(identity, worker, exc.reason, exc.message)
-            decode = command == p.REPLY
-            for header, payload in replies:
-                if decode:
-                    try:
-                        header = p.decode_reply_header(header)
-                    except p.ProtocolError as exc:
-                        self._bad_worker_input(identity, worker, exc.reason, exc.message)
-                        continue
+            for raw_header, payload in replies:
+                try:
+                    header = p.decode_reply_header(raw_header)
+                except p.ProtocolError as exc:
+                    self._bad_worker_input(identity, worker, exc.reason, exc.message)
+                    continue
                 self._on_worker_reply(worker, header, payload, now)
             for name in worker.services:
                 self._dispatch(self.services[name], now)
@@ -228,6 +226,7 @@ class BrokerEngine:
                 if not worker.draining:
                     log.info("worker %s is draining (%d calls in flight)", worker.name, len(worker.in_flight))
                 worker.draining = True
+                self._flush_requests_to(identity)  # what this round gave it leaves before the answer
                 self.backend_out.append((identity, p.disconnect_message("drain acknowledged", drain=True)))
                 return
             log.info("worker %s disconnected: %s", worker.name, notice.reason or "no reason given",
@@ -408,7 +407,7 @@ class BrokerEngine:
         header.attempt = call.attempt
         raw = header.SerializeToString()
         payload = call.payload
-        if worker.batches and len(payload) < p.BATCH_PAYLOAD_LIMIT:
+        if worker.batches and len(raw) + len(payload) < p.BATCH_CALL_BYTES:
             batch = self._batches.get(worker.identity)
             if batch is None:
                 batch = self._batches[worker.identity] = ([], [])
@@ -503,13 +502,24 @@ class BrokerEngine:
             self.backend_out.extend(self._requests.items())
             self._requests = {}
         if self._batches:
-            batch_message, command, out = p.batch_message, p.REQUEST_BATCH, self.backend_out
+            out, max_calls = self.backend_out, self.config.max_frames // 2
             for identity, (headers, payloads) in self._batches.items():
-                out.append((identity, batch_message(command, headers, payloads)))
+                for message in p.batch_messages(p.REQUEST_BATCH, headers, payloads, max_calls):
+                    out.append((identity, message))
             self._batches = {}
         if self._replies:
             self.frontend_out.extend(self._replies.items())
             self._replies = {}
+
+    def _flush_requests_to(self, identity: bytes) -> None:
+        """Move one worker's coalesced requests into the outbox now (ahead of what follows)."""
+        frames = self._requests.pop(identity, None)
+        if frames is not None:
+            self.backend_out.append((identity, frames))
+        batch = self._batches.pop(identity, None)
+        if batch is not None:
+            for message in p.batch_messages(p.REQUEST_BATCH, *batch, self.config.max_frames // 2):
+                self.backend_out.append((identity, message))
 
     # ------------------------------------------------------------------ security
 

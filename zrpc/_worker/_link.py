@@ -88,7 +88,6 @@ class BrokerLink:
             socket.close(0)
             raise
         self.socket = socket
-        self.batches = False  # a new connection may reach another broker (an older one)
         self.loop.add_reader(socket.FD, self.on_readable)
         self.schedule_read()  # the FD is edge-triggered: look once anyway
         self.epoch += 1
@@ -162,21 +161,25 @@ class BrokerLink:
             self.send(p.reply_message(answer[:2] for answer in replies[start:start + MAX_PAIRS_PER_REPLY]))
 
     def _send_batches(self, replies: list) -> list:
-        """Send the answers with small payloads as REPLY_BATCHes; return the others (§4b)."""
+        """Send the small answers as REPLY_BATCHes; return the others, for pairs (§4b)."""
         headers, payloads, large = [], [], []
-        limit = p.BATCH_PAYLOAD_LIMIT
+        limit = p.BATCH_CALL_BYTES
         for answer in replies:
-            if len(answer[1]) < limit:
-                headers.append(answer[0])
-                payloads.append(answer[1])
+            header, payload = answer[0], answer[1]
+            if len(header) + len(payload) < limit:
+                headers.append(header)
+                payloads.append(payload)
             else:
                 large.append(answer)
-        for start in range(0, len(headers), MAX_PAIRS_PER_REPLY):
-            end = start + MAX_PAIRS_PER_REPLY
-            self.send(p.batch_message(p.REPLY_BATCH, headers[start:end], payloads[start:end]))
+        if headers:
+            for message in p.batch_messages(p.REPLY_BATCH, headers, payloads, MAX_PAIRS_PER_REPLY):
+                self.send(message)
         return large
 
     def send_ready(self) -> None:
+        # Each registration starts in pairs: the broker that hears it may be another (an older
+        # one, restarted on this endpoint) even on this socket, which ZeroMQ reconnects itself.
+        self.batches = False
         self.ready_due = None
         self.registered_at = self.clock()
         self.send(self.ready)

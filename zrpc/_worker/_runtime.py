@@ -340,21 +340,20 @@ class Worker:
         """A REQUEST (pairs, §4) or REQUEST_BATCH (§4b): each call as if it had arrived alone."""
         try:
             if command == p.REQUEST_BATCH:
-                calls = zip(*p.decode_batch(p.RequestBatch, body))
+                pairs = p.batch_pairs(body)
                 link.batches = True  # this broker reads REPLY_BATCH too
             else:
-                calls = p.pairs(body)
+                pairs = p.pairs(body)
         except p.ProtocolError as exc:
             log.warning("bad %s from broker %s: %s", p.COMMAND_NAMES[command], link.endpoint, exc.message)
             return
         answers = []
         now = self._clock()
-        decode = command == p.REQUEST
-        for header, payload in calls:
+        for raw_header, payload in pairs:
             try:
-                header = p.decode_request_header(header) if decode else p.check_request_header(header)
+                header = p.decode_request_header(raw_header)
             except p.ProtocolError as exc:
-                request_id = _request_id_of(header) if decode else header.request_id
+                request_id = _request_id_of(raw_header)
                 if request_id:
                     answers.append(error_pair(request_id, Error(StatusCode.INVALID_ARGUMENT, exc.message)))
                 continue
