@@ -502,10 +502,8 @@ class BrokerEngine:
             self.backend_out.extend(self._requests.items())
             self._requests = {}
         if self._batches:
-            out, max_calls = self.backend_out, self.config.max_frames // 2
-            for identity, (headers, payloads) in self._batches.items():
-                for message in p.batch_messages(p.REQUEST_BATCH, headers, payloads, max_calls):
-                    out.append((identity, message))
+            for identity, batch in self._batches.items():
+                self._send_batch(identity, batch)
             self._batches = {}
         if self._replies:
             self.frontend_out.extend(self._replies.items())
@@ -518,8 +516,11 @@ class BrokerEngine:
             self.backend_out.append((identity, frames))
         batch = self._batches.pop(identity, None)
         if batch is not None:
-            for message in p.batch_messages(p.REQUEST_BATCH, *batch, self.config.max_frames // 2):
-                self.backend_out.append((identity, message))
+            self._send_batch(identity, batch)
+
+    def _send_batch(self, identity: bytes, batch: tuple[list[bytes], list[bytes]]) -> None:
+        for message in p.batch_messages(p.REQUEST_BATCH, *batch, self.config.max_frames // 2):
+            self.backend_out.append((identity, message))
 
     # ------------------------------------------------------------------ security
 

@@ -69,7 +69,8 @@ class BrokerLink:
         self.ready_due: float | None = None  # a READY to send at this time (after a refusal)
         self.dropped = 0  # messages not sent because the socket's queue was full
         self.drain_acked = False  # the broker answered our DISCONNECT{drain} (spec §11)
-        # This connection's broker reads REPLY_BATCH: it has sent us a REQUEST_BATCH (spec §4b).
+        # The broker that heard our last READY reads REPLY_BATCH: it has sent us a REQUEST_BATCH
+        # since (spec §4b).
         self.batches = False
         self._read_scheduled = False
         self._replies: list[tuple[bytes, bytes]] = []  # to send at the end of this loop turn
