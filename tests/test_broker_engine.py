@@ -640,3 +640,49 @@ def test_the_drain_acknowledgement_follows_the_requests_decided_in_the_same_roun
         h.engine.flush()
         commands = [frames[1] for _, frames in h.engine.backend_out]
         assert commands == [p.REQUEST_BATCH if batches else p.REQUEST, p.DISCONNECT]
+
+
+def test_a_call_cancelled_in_the_round_it_was_dispatched_reaches_the_worker_before_its_cancel():
+    """§8: a CANCEL for a dispatch id the worker has not seen yet would be ignored."""
+    for batches in (False, True):
+        h = Harness()
+        h.ready(b"w", capacity=4, batches=batches)
+        header = p.RequestHeader(request_id=7, service="svc.S", method="M", deadline_ms=5000)
+        h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"")]), h.now)
+        h.engine.on_frontend(b"c", p.cancel_message([7]), h.now)  # same round
+        h.engine.flush()
+        commands = [frames[1] for _, frames in h.engine.backend_out]
+        assert commands == [p.REQUEST_BATCH if batches else p.REQUEST, p.CANCEL]
+
+
+def test_batches_hold_at_most_half_the_frame_limit_in_calls():
+    h = Harness(max_frames=5)  # 2 calls per batch
+    h.ready(b"w", capacity=8, batches=True)
+    for i in range(1, 6):
+        header = p.RequestHeader(request_id=i, service="svc.S", method="M", deadline_ms=5000)
+        h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"")]), h.now)
+    h.engine.flush()
+    assert [len(p.batch_pairs(frames[2:])) for _, frames in h.engine.backend_out] == [2, 2, 1]
+
+
+def test_a_call_with_a_large_header_keeps_its_own_frames():
+    h = Harness()
+    h.ready(b"w", capacity=4, batches=True)
+    header = p.RequestHeader(request_id=1, service="svc.S", method="M", deadline_ms=5000,
+                             metadata={"k": "v" * p.BATCH_CALL_BYTES})
+    h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"small")]), h.now)
+    h.engine.flush()
+    [(_, frames)] = h.engine.backend_out
+    assert frames[1] == p.REQUEST and frames[3] == b"small"
+
+
+def test_batch_messages_fit_the_frame_cap_and_keep_every_call_in_order():
+    # Tiny entries: the per-entry overhead decides how many fit, and must not be underestimated.
+    headers = [b"h%d" % i for i in range(120_000)]
+    payloads = [b"p"] * len(headers)
+    messages = p.batch_messages(p.REPLY_BATCH, headers, payloads, max_calls=1_000_000)
+    assert len(messages) > 1 and all(len(frames[2]) <= p.MAX_BATCH_BYTES for frames in messages)
+    assert [h for frames in messages for h, _ in p.batch_pairs(frames[2:])] == headers
+    assert p.batch_messages(p.REPLY_BATCH, [], [], max_calls=8) == []
+    with pytest.raises(ValueError):
+        p.batch_messages(p.REPLY_BATCH, headers[:1], payloads[:1], max_calls=0)

@@ -388,6 +388,19 @@ def _decodes(raw: bytes) -> bool:
     return True
 
 
+def test_an_answer_with_a_large_header_keeps_its_own_frames(broker, make_worker):
+    make_worker(Probe())
+    identity, _ = broker.ready()
+    broker.request_batch(identity, (1, "Say", say(b"small")))
+    broker.replies(1)
+    long_message = "x" * p.BATCH_CALL_BYTES  # the header alone is over the limit
+    fail = echo_pb2.FailRequest(code=StatusCode.NOT_FOUND, message=long_message).SerializeToString()
+    forms = []
+    broker.request_batch(identity, (2, "Fail", fail))
+    replies = broker.replies(1, forms)
+    assert forms == [p.REPLY] and replies[2][0].message == long_message
+
+
 def test_reply_batches_stay_within_the_batch_frame_limit(broker, make_worker):
     make_worker(Probe(), concurrency=40)
     identity, _ = broker.ready()

@@ -120,7 +120,12 @@ def batch_pairs(body: Sequence[bytes], max_calls: int | None = None) -> list[tup
 
 def batch_messages(command: bytes, headers: list[bytes], payloads: list[bytes], max_calls: int) -> list[list[bytes]]:
     """REQUEST_BATCH or REPLY_BATCH messages (``command``) carrying encoded headers and their
-    payloads (spec §4b): as few as fit ``max_calls`` calls and MAX_BATCH_BYTES bytes each."""
+    payloads (spec §4b): as few as fit ``max_calls`` calls and MAX_BATCH_BYTES bytes each
+    (none for no calls). Each call must be under BATCH_CALL_BYTES."""
+    if max_calls < 1:
+        raise ValueError(f"max_calls must be at least 1, got {max_calls}")
+    if not headers:
+        return []
     messages = []
     start, size = 0, 0
     for i in range(len(headers)):

@@ -428,6 +428,7 @@ class BrokerEngine:
         worker.in_flight[call.dispatch_id] = None
         self.services[call.service].dispatched -= 1
         call.worker = None
+        self._flush_requests_to(worker.identity)  # a call dispatched this round: REQUEST first
         self.backend_out.append((worker.identity, p.cancel_message([call.dispatch_id])))
 
     def _remove_worker(self, worker: WorkerState, now: float, why: str) -> None:
