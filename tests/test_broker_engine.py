@@ -411,6 +411,43 @@ def test_oversized_message_gets_resource_exhausted():
     assert "bytes" in replies[0][1].message and "frames" in replies[1][1].message
 
 
+def test_the_size_limit_is_per_call_not_per_message():
+    """A client coalesces its calls without knowing the limit: small calls pass together."""
+    h = Harness(max_message_bytes=1000)
+    h.ready(b"w", capacity=8)
+
+    def header(request_id: int) -> bytes:
+        return p.RequestHeader(request_id=request_id, service="svc.S", method="M", deadline_ms=1000).SerializeToString()
+
+    h.engine.on_frontend(b"c", p.request_message([(header(i), b"x" * 400) for i in (1, 2, 3)]), h.now)
+    h.engine.flush()
+    assert len(h.take_requests()) == 3 and h.take_replies() == []
+    calls = [(header(4), b"small"), (header(5), b"x" * 2000), (header(6), b"small")]
+    h.engine.on_frontend(b"c", p.request_message(calls), h.now)
+    h.engine.flush()
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (5, StatusCode.RESOURCE_EXHAUSTED)
+    assert reply.message.startswith("call is 20") and reply.message.endswith("bytes (limit 1000)")
+    assert len(h.take_requests()) == 2  # the small calls 4 and 6, under their dispatch ids
+    assert h.engine.counters["malformed_too_large"] == 1
+
+
+def test_a_reply_over_the_limit_fails_its_call_and_frees_the_slot():
+    h = Harness(max_message_bytes=1000)
+    h.ready(b"w", capacity=3)
+    ids = {h.call(b"c", payload=b"q"): None for _ in range(3)}
+    dispatched = [header.request_id for _, header, _ in h.take_requests()]
+    # Two replies of 600 bytes in one REPLY: over the limit together, each one under it.
+    h.backend(b"w", p.reply_message([(p.encode_reply_header(d), b"y" * 600) for d in dispatched[:2]]))
+    assert [(r.code, len(pl)) for _, r, pl in h.take_replies()] == [(StatusCode.OK, 600)] * 2
+    h.backend(b"w", p.reply_message([(p.encode_reply_header(dispatched[2]), b"y" * 2000)]))
+    [(_, reply, payload)] = h.take_replies()
+    assert (reply.code, payload) == (StatusCode.RESOURCE_EXHAUSTED, b"")
+    assert reply.request_id in ids and reply.message.startswith("reply is 20")
+    assert h.engine.counters["malformed_too_large"] == 1 and b"w" in h.engine.workers
+    h.assert_baseline()
+
+
 def test_requests_to_one_worker_in_one_round_are_coalesced_into_one_message():
     h = Harness()
     h.ready(b"w", capacity=10)

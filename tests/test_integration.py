@@ -219,6 +219,25 @@ def test_oversized_message_is_refused_explicitly_and_the_sender_keeps_working(en
         assert broker.engine.counters["malformed_too_large"] == 1
 
 
+def test_the_message_limit_applies_to_each_call_not_to_calls_a_client_coalesced(endpoints):
+    """16 concurrent calls of 2 KB under a 10 KB limit: the async client sends them in a few
+    messages of 16 KB or more, and every one of them is served."""
+    frontend, backend = endpoints
+    config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
+    with Broker(config) as broker, Worker([Echo()], backend, heartbeat_interval=0.2):
+        wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+
+        async def calls() -> list:
+            async with zrpc.AsyncClient(frontend, timeout=5.0) as client:
+                echo = client.stub(ECHO)
+                requests = [echo_pb2.EchoRequest(payload=bytes([i]) * 2000) for i in range(16)]
+                return await asyncio.gather(*(echo.Say(r) for r in requests))
+
+        replies = asyncio.run(calls())
+        assert [r.payload for r in replies] == [bytes([i]) * 2000 for i in range(16)]
+        assert broker.engine.counters["malformed_too_large"] == 0
+
+
 def test_large_payloads_pass_through_the_broker_intact(broker, start_worker):
     # Frames of 64 KiB and more cross the broker and the worker link as views of the zmq
     # message, not copies, and never inside a batch (§4b).

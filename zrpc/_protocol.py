@@ -159,6 +159,14 @@ def decode_request_header(raw: bytes) -> wire_pb2.RequestHeader:
     return header
 
 
+def request_id_of(raw_header: bytes) -> int:
+    """The request id of a request header that may not be valid, or 0 when it cannot be read."""
+    try:
+        return RequestHeader.FromString(raw_header).request_id
+    except Exception:  # noqa: BLE001 - DecodeError, or worse on hostile bytes: no id either way
+        return 0
+
+
 def decode_reply_header(raw: bytes) -> wire_pb2.ReplyHeader:
     """Decode a reply header (spec §6)."""
     return _decode(ReplyHeader, raw, "reply header")

@@ -79,20 +79,27 @@ class BrokerEngine:
         """Handle one message from a client; ``peer_key`` is its CURVE key (z85) in secure mode."""
         if self.policy is not None and not self.policy.client_allowed(peer_key):
             return self._refuse_client(client, frames, peer_key)
-        if self._too_big(frames):
+        if len(frames) > self.config.max_frames:
             # §9: refuse the whole message, but answer each call in it so no caller waits.
-            reason = "too_large" if len(frames) <= self.config.max_frames else "too_many_frames"
-            message = self._size_message(frames)
+            message = self._frames_message(frames)
             ids = _request_ids_in(frames) or [0]
-            self._reject_client(client, ids[0], reason, message)
+            self._reject_client(client, ids[0], "too_many_frames", message)
             for request_id in ids[1:]:
                 self._reply(client, request_id, StatusCode.RESOURCE_EXHAUSTED, message, b"")
             return
+        size = self._count_bytes_in(frames)
         try:
             command, body = p.split(frames, p.CLIENT_COMMANDS)
             if command == p.REQUEST:
+                # §9: the size limit is per call: a client coalesces calls it knows nothing of.
+                limit = self.config.max_message_bytes
                 for raw_header, payload in p.pairs(body):
-                    self._on_request(client, raw_header, payload, now, peer_key)
+                    if len(raw_header) + len(payload) > limit:
+                        self._refuse_large_call(client, raw_header, payload)
+                    else:
+                        self._on_request(client, raw_header, payload, now, peer_key)
+            elif size > self.config.max_message_bytes:
+                self._reject_client(client, 0, "too_large", self._bytes_message(size))
             else:
                 self._on_client_cancel(client, p.decode_cancel(body), now)
         except p.ProtocolError as exc:
@@ -187,13 +194,15 @@ class BrokerEngine:
             return self._refuse_worker(identity, worker, peer_key, now)
         if worker is not None and worker.peer_key != peer_key:  # a connection cannot change keys
             return self._bad_worker_input(identity, worker, "key_mismatch", "message under another key")
-        if self._too_big(frames):
-            self._bad_worker_input(identity, worker, "too_large", self._size_message(frames))
-            return
+        if len(frames) > self.config.max_frames:
+            return self._bad_worker_input(identity, worker, "too_many_frames", self._frames_message(frames))
+        size = self._count_bytes_in(frames)
         try:
             command, body = p.split(frames, p.WORKER_COMMANDS)
         except p.ProtocolError as exc:
             return self._bad_worker_input(identity, worker, exc.reason, exc.message)
+        if size > self.config.max_message_bytes and command != p.REPLY and command != p.REPLY_BATCH:
+            return self._bad_worker_input(identity, worker, "too_large", self._bytes_message(size))
         if command == p.READY:
             return self._on_ready(identity, worker, body, now, peer_key)
         if worker is None:
@@ -211,12 +220,21 @@ class BrokerEngine:
                     replies = p.pairs(body)
             except p.ProtocolError as exc:
                 return self._bad_worker_input(identity, worker, exc.reason, exc.message)
+            limit = self.config.max_message_bytes
             for raw_header, payload in replies:
+                if len(raw_header) > limit:  # not even decoded: its call ends at its deadline
+                    self._bad_worker_input(identity, worker, "too_large", f"reply header is {len(raw_header)} bytes")
+                    continue
                 try:
                     header = p.decode_reply_header(raw_header)
                 except p.ProtocolError as exc:
                     self._bad_worker_input(identity, worker, exc.reason, exc.message)
                     continue
+                if len(raw_header) + len(payload) > limit:  # §9: its caller is told why
+                    message = f"reply is {len(raw_header) + len(payload)} bytes (limit {limit})"
+                    self._bad_worker_input(identity, worker, "too_large", message)
+                    header.code, header.message, payload = StatusCode.RESOURCE_EXHAUSTED, message, b""
+                    header.details.clear()
                 self._on_worker_reply(worker, header, payload, now)
             for name in worker.services:
                 self._dispatch(self.services[name], now)
@@ -565,18 +583,22 @@ class BrokerEngine:
 
     # ------------------------------------------------------------------ bad input
 
-    def _too_big(self, frames: Sequence[bytes]) -> bool:
-        if len(frames) > self.config.max_frames:
-            return True
-        size = sum(len(f) for f in frames)
-        self.counters["bytes_in"] += size  # the metrics' bytes in: we sum the frames here anyway
-        return size > self.config.max_message_bytes
+    def _count_bytes_in(self, frames: Sequence[bytes]) -> int:
+        size = sum(map(len, frames))
+        self.counters["bytes_in"] += size  # the metrics' bytes in
+        return size
 
-    def _size_message(self, frames: Sequence[bytes]) -> str:
-        if len(frames) > self.config.max_frames:
-            return f"message has {len(frames)} frames (limit {self.config.max_frames})"
-        size = sum(len(f) for f in frames)
+    def _frames_message(self, frames: Sequence[bytes]) -> str:
+        return f"message has {len(frames)} frames (limit {self.config.max_frames})"
+
+    def _bytes_message(self, size: int) -> str:
         return f"message is {size} bytes (limit {self.config.max_message_bytes})"
+
+    def _refuse_large_call(self, client: bytes, raw_header: bytes, payload: bytes) -> None:
+        """§9: a call over max_message_bytes is answered alone, under its id when readable."""
+        request_id = p.request_id_of(raw_header) if len(raw_header) <= _MAX_HEADER_PEEK else 0
+        self._reject_client(client, request_id, "too_large", f"call is {len(raw_header) + len(payload)} bytes "
+                                                             f"(limit {self.config.max_message_bytes})")
 
     def _reject_client(self, client: bytes, request_id: int, reason: str, message: str) -> None:
         """§9: count, log (rate-limited) and answer a client's bad message."""
@@ -610,13 +632,7 @@ def _request_ids_in(frames: Sequence[bytes]) -> list[int]:
         return []
     ids = []
     for raw in frames[2::2]:
-        if len(raw) > _MAX_HEADER_PEEK:
-            continue
-        try:
-            request_id = p.RequestHeader.FromString(raw).request_id
-        except Exception:  # protobuf's DecodeError, or worse on hostile bytes
-            continue
-        if request_id:
+        if len(raw) <= _MAX_HEADER_PEEK and (request_id := p.request_id_of(raw)):
             ids.append(request_id)
     return ids
 

@@ -42,7 +42,7 @@ def broker() -> None:
 @option("--max-in-flight", type=click.IntRange(min=1), metavar="N", show_default="100000",
         help="Calls the broker holds at once (queued + dispatched), all services together.")
 @option("--max-message-bytes", type=click.IntRange(min=1), metavar="BYTES", show_default="67108864",
-        help="Largest message accepted from a client or worker.")
+        help="Largest call (header and payload) accepted from a client, or reply from a worker.")
 @option("--max-connections", type=click.IntRange(min=0), metavar="N", show_default="0 (automatic)",
         help="Connections each endpoint holds at once; more are refused as they arrive. "
              "0: min(10000, (file descriptor limit - 512) / 2).")

@@ -353,7 +353,7 @@ class Worker:
             try:
                 header = p.decode_request_header(raw_header)
             except p.ProtocolError as exc:
-                request_id = _request_id_of(raw_header)
+                request_id = p.request_id_of(raw_header)
                 if request_id:
                     answers.append(error_pair(request_id, Error(StatusCode.INVALID_ARGUMENT, exc.message)))
                 continue
@@ -530,11 +530,3 @@ class Worker:
     def _reply(self, call: Call, answer: Answer) -> None:
         if call.epoch == call.link.epoch:
             call.link.reply(answer)
-
-
-def _request_id_of(raw_header: bytes) -> int:
-    """The request id of a header that failed validation, or 0 when it cannot be read at all."""
-    try:
-        return p.RequestHeader.FromString(raw_header).request_id
-    except Exception:  # noqa: BLE001 - any failure means the same: no id to answer under
-        return 0
