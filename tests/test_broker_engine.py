@@ -666,30 +666,22 @@ def test_a_round_of_calls_larger_than_a_batch_frame_is_split_into_several():
     assert len(h.take_requests()) == 40
 
 
-def test_the_drain_acknowledgement_follows_the_requests_decided_in_the_same_round():
-    """§11: once the worker has the acknowledgement, every request it will get has arrived."""
-    for batches in (False, True):
-        h = Harness()
-        h.ready(b"w", capacity=4, batches=batches)
-        header = p.RequestHeader(request_id=1, service="svc.S", method="M", deadline_ms=5000)
-        h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"")]), h.now)
-        h.engine.on_backend(b"w", p.disconnect_message("stopping", drain=True), h.now)  # same round
-        h.engine.flush()
-        commands = [frames[1] for _, frames in h.engine.backend_out]
-        assert commands == [p.REQUEST_BATCH if batches else p.REQUEST, p.DISCONNECT]
-
-
-def test_a_call_cancelled_in_the_round_it_was_dispatched_reaches_the_worker_before_its_cancel():
-    """§8: a CANCEL for a dispatch id the worker has not seen yet would be ignored."""
-    for batches in (False, True):
-        h = Harness()
-        h.ready(b"w", capacity=4, batches=batches)
-        header = p.RequestHeader(request_id=7, service="svc.S", method="M", deadline_ms=5000)
-        h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"")]), h.now)
-        h.engine.on_frontend(b"c", p.cancel_message([7]), h.now)  # same round
-        h.engine.flush()
-        commands = [frames[1] for _, frames in h.engine.backend_out]
-        assert commands == [p.REQUEST_BATCH if batches else p.REQUEST, p.CANCEL]
+@pytest.mark.parametrize("then, answer", [
+    # §11: once the worker has the drain acknowledgement, every request it will get has arrived.
+    (lambda engine, now: engine.on_backend(b"w", p.disconnect_message("stopping", drain=True), now), p.DISCONNECT),
+    # §8: a CANCEL for a dispatch id the worker has not seen yet would be ignored.
+    (lambda engine, now: engine.on_frontend(b"c", p.cancel_message([7]), now), p.CANCEL),
+])
+@pytest.mark.parametrize("batches", [False, True])
+def test_what_the_broker_says_after_a_dispatch_in_the_same_round_follows_the_request(then, answer, batches):
+    h = Harness()
+    h.ready(b"w", capacity=4, batches=batches)
+    header = p.RequestHeader(request_id=7, service="svc.S", method="M", deadline_ms=5000)
+    h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"")]), h.now)
+    then(h.engine, h.now)  # same round: nothing flushed in between
+    h.engine.flush()
+    commands = [frames[1] for _, frames in h.engine.backend_out]
+    assert commands == [p.REQUEST_BATCH if batches else p.REQUEST, answer]
 
 
 def test_batches_hold_at_most_half_the_frame_limit_in_calls():
