@@ -445,7 +445,56 @@ def test_a_reply_over_the_limit_fails_its_call_and_frees_the_slot():
     assert (reply.code, payload) == (StatusCode.RESOURCE_EXHAUSTED, b"")
     assert reply.request_id in ids and reply.message.startswith("reply is 20")
     assert h.engine.counters["malformed_too_large"] == 1 and b"w" in h.engine.workers
+    assert h.engine.workers[b"w"].in_flight == {}
     h.assert_baseline()
+
+
+def test_a_reply_header_over_the_header_limit_fails_its_call_without_being_decoded():
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    rid = h.call(b"c")
+    [(_, header, _)] = h.take_requests()
+    huge = p.encode_reply_header(header.request_id, StatusCode.INVALID_ARGUMENT, "x" * p.MAX_HEADER_BYTES)
+    h.backend(b"w", p.reply_message([(huge, b"")]))
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (rid, StatusCode.RESOURCE_EXHAUSTED)
+    assert reply.message.startswith("reply header is") and f"(limit {p.MAX_HEADER_BYTES})" in reply.message
+    assert h.engine.workers[b"w"].in_flight == {}  # the slot is free for the next call
+    h.assert_baseline()
+
+
+def test_a_request_header_over_the_header_limit_is_refused_under_its_id():
+    h = Harness()
+    h.ready(b"w")
+    header = p.RequestHeader(request_id=9, service="svc.S", method="M", deadline_ms=1000,
+                             metadata={"k": "v" * p.MAX_HEADER_BYTES})
+    h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"")]), h.now)
+    h.engine.flush()
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (9, StatusCode.RESOURCE_EXHAUSTED)
+    assert reply.message.startswith("request header is")
+    assert h.take_requests() == []
+
+
+def test_a_cancel_of_many_calls_is_not_bound_by_the_size_limit():
+    """Clients send every cancel they have in one CANCEL: its size is not a call's."""
+    h = Harness(max_message_bytes=1000, unavailable_wait=60.0)
+    h.ready(b"w", capacity=1)
+    ids = [h.call(b"c", request_id=2**40 + i) for i in range(400)]  # 6 bytes each in a CANCEL
+    h.engine.on_frontend(b"c", p.cancel_message(ids), h.now)
+    h.engine.flush()
+    assert len(p.cancel_message(ids)[2]) > 1000
+    assert h.engine.calls_held == 0 and h.engine.counters["cancelled"] == 400
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (p.RequestHeader(request_id=300, service="s", method="m").SerializeToString(), 300),
+    (p.encode_reply_header(2**40 + 5, StatusCode.INTERNAL, "boom"), 2**40 + 5),
+    (p.RequestHeader(service="s").SerializeToString(), 0),  # no id written
+    (b"", 0), (b"\x08", 0), (b"\x08\xff\xff", 0), (b"\x12\x01a", 0),
+])
+def test_request_id_of_reads_the_leading_id_without_decoding_the_rest(raw, expected):
+    assert p.request_id_of(raw) == expected
 
 
 def test_requests_to_one_worker_in_one_round_are_coalesced_into_one_message():
@@ -698,11 +747,12 @@ def test_a_call_with_a_large_header_keeps_its_own_frames():
     h = Harness()
     h.ready(b"w", capacity=4, batches=True)
     header = p.RequestHeader(request_id=1, service="svc.S", method="M", deadline_ms=5000,
-                             metadata={"k": "v" * p.BATCH_CALL_BYTES})
-    h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"small")]), h.now)
+                             metadata={"k": "v" * (p.MAX_HEADER_BYTES - 150)})
+    assert len(header.SerializeToString()) + 200 >= p.BATCH_CALL_BYTES
+    h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"s" * 200)]), h.now)
     h.engine.flush()
     [(_, frames)] = h.engine.backend_out
-    assert frames[1] == p.REQUEST and frames[3] == b"small"
+    assert frames[1] == p.REQUEST and frames[3] == b"s" * 200
 
 
 def test_batch_messages_fit_the_frame_cap_and_keep_every_call_in_order():

@@ -52,6 +52,9 @@ BATCH_CALL_BYTES = ZERO_COPY_BYTES
 # this bounds what one message can cost its receiver (near 2.5 ms), as max_frames does for pairs.
 MAX_BATCH_BYTES = 256 * 1024
 _BATCH_ENTRY_OVERHEAD = 8  # two tags and two lengths of up to 3 bytes each
+# (spec §9) A header longer than this is refused without being decoded: real ones are tens of
+# bytes with their metadata or error message, and decoding costs up to ~10 ns a byte.
+MAX_HEADER_BYTES = 65_536
 
 RequestHeader = wire_pb2.RequestHeader
 ReplyHeader = wire_pb2.ReplyHeader
@@ -160,11 +163,21 @@ def decode_request_header(raw: bytes) -> wire_pb2.RequestHeader:
 
 
 def request_id_of(raw_header: bytes) -> int:
-    """The request id of a request header that may not be valid, or 0 when it cannot be read."""
-    try:
-        return RequestHeader.FromString(raw_header).request_id
-    except Exception:  # noqa: BLE001 - DecodeError, or worse on hostile bytes: no id either way
+    """The request id of a header that may not be valid, or 0 when it cannot be read.
+
+    Read without decoding the rest: field 1 (request_id, in both header types) is the first one
+    protobuf writes, so this costs the same for a huge header as for a small one.
+    """
+    if len(raw_header) < 2 or raw_header[0] != 0x08:  # field 1, varint
         return 0
+    value, shift = 0, 0
+    for i in range(1, min(len(raw_header), 11)):
+        byte = raw_header[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value
+        shift += 7
+    return 0
 
 
 def decode_reply_header(raw: bytes) -> wire_pb2.ReplyHeader:

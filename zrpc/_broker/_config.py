@@ -29,7 +29,7 @@ class BrokerConfig:
     max_outstanding_per_client: int = 10_000
     max_workers: int = 10_000
     max_services: int = 1_000
-    # Per call (header + payload) or reply; other messages as a whole (spec §9).
+    # Per call (header + payload) or reply; READY and DISCONNECT as a whole (spec §9).
     max_message_bytes: int = 64 * 1024 * 1024
     max_frames: int = 2_049
     # Connections each endpoint holds at once; one more is refused (closed) as soon as libzmq

@@ -87,20 +87,18 @@ class BrokerEngine:
             for request_id in ids[1:]:
                 self._reply(client, request_id, StatusCode.RESOURCE_EXHAUSTED, message, b"")
             return
-        size = self._count_bytes_in(frames)
+        self._count_bytes_in(frames)
         try:
             command, body = p.split(frames, p.CLIENT_COMMANDS)
             if command == p.REQUEST:
                 # §9: the size limit is per call: a client coalesces calls it knows nothing of.
                 limit = self.config.max_message_bytes
                 for raw_header, payload in p.pairs(body):
-                    if len(raw_header) + len(payload) > limit:
+                    if len(raw_header) + len(payload) > limit or len(raw_header) > p.MAX_HEADER_BYTES:
                         self._refuse_large_call(client, raw_header, payload)
                     else:
                         self._on_request(client, raw_header, payload, now, peer_key)
-            elif size > self.config.max_message_bytes:
-                self._reject_client(client, 0, "too_large", self._bytes_message(size))
-            else:
+            else:  # CANCEL: its ids are cheap to decode, and a client sends all it has at once
                 self._on_client_cancel(client, p.decode_cancel(body), now)
         except p.ProtocolError as exc:
             self._reject_client(client, 0, exc.reason, exc.message)
@@ -222,19 +220,14 @@ class BrokerEngine:
                 return self._bad_worker_input(identity, worker, exc.reason, exc.message)
             limit = self.config.max_message_bytes
             for raw_header, payload in replies:
-                if len(raw_header) > limit:  # not even decoded: its call ends at its deadline
-                    self._bad_worker_input(identity, worker, "too_large", f"reply header is {len(raw_header)} bytes")
+                if len(raw_header) + len(payload) > limit or len(raw_header) > p.MAX_HEADER_BYTES:
+                    self._on_large_reply(worker, raw_header, payload, now)
                     continue
                 try:
                     header = p.decode_reply_header(raw_header)
                 except p.ProtocolError as exc:
                     self._bad_worker_input(identity, worker, exc.reason, exc.message)
                     continue
-                if len(raw_header) + len(payload) > limit:  # §9: its caller is told why
-                    message = f"reply is {len(raw_header) + len(payload)} bytes (limit {limit})"
-                    self._bad_worker_input(identity, worker, "too_large", message)
-                    header.code, header.message, payload = StatusCode.RESOURCE_EXHAUSTED, message, b""
-                    header.details.clear()
                 self._on_worker_reply(worker, header, payload, now)
             for name in worker.services:
                 self._dispatch(self.services[name], now)
@@ -302,6 +295,18 @@ class BrokerEngine:
                  extra={"peer": worker.name, "service": ",".join(worker.services)})
         for name in worker.services:
             self._dispatch(self.services[name], now)
+
+    def _on_large_reply(self, worker: WorkerState, raw_header: bytes, payload: bytes, now: float) -> None:
+        """§9: a reply over the size limits ends its call with RESOURCE_EXHAUSTED (not decoded)."""
+        size = len(raw_header) + len(payload)
+        if len(raw_header) > p.MAX_HEADER_BYTES:
+            message = f"reply header is {len(raw_header)} bytes (limit {p.MAX_HEADER_BYTES})"
+        else:
+            message = f"reply is {size} bytes (limit {self.config.max_message_bytes})"
+        self._bad_worker_input(worker.identity, worker, "too_large", message)
+        header = p.ReplyHeader(request_id=p.request_id_of(raw_header), code=StatusCode.RESOURCE_EXHAUSTED,
+                               message=message)
+        self._on_worker_reply(worker, header, b"", now)
 
     def _on_worker_reply(self, worker: WorkerState, header: p.ReplyHeader, payload: bytes, now: float) -> None:
         dispatch_id = header.request_id
@@ -595,10 +600,12 @@ class BrokerEngine:
         return f"message is {size} bytes (limit {self.config.max_message_bytes})"
 
     def _refuse_large_call(self, client: bytes, raw_header: bytes, payload: bytes) -> None:
-        """§9: a call over max_message_bytes is answered alone, under its id when readable."""
-        request_id = p.request_id_of(raw_header) if len(raw_header) <= _MAX_HEADER_PEEK else 0
-        self._reject_client(client, request_id, "too_large", f"call is {len(raw_header) + len(payload)} bytes "
-                                                             f"(limit {self.config.max_message_bytes})")
+        """§9: a call over the size limits is answered alone, under its id when readable."""
+        if len(raw_header) > p.MAX_HEADER_BYTES:
+            message = f"request header is {len(raw_header)} bytes (limit {p.MAX_HEADER_BYTES})"
+        else:
+            message = f"call is {len(raw_header) + len(payload)} bytes (limit {self.config.max_message_bytes})"
+        self._reject_client(client, p.request_id_of(raw_header), "too_large", message)
 
     def _reject_client(self, client: bytes, request_id: int, reason: str, message: str) -> None:
         """§9: count, log (rate-limited) and answer a client's bad message."""
@@ -621,20 +628,11 @@ class BrokerEngine:
         return sum(len(s.queue) for s in self.services.values())
 
 
-# Header frames longer than this are not read when a message is refused whole: a real header is
-# tens of bytes, and reading a huge one is the cost the refusal is there to avoid.
-_MAX_HEADER_PEEK = 4096
-
-
 def _request_ids_in(frames: Sequence[bytes]) -> list[int]:
     """The request ids of a REQUEST refused whole, so each caller is told why (§9)."""
     if len(frames) < 4 or frames[0] != p.TAG or frames[1] != p.REQUEST:
         return []
-    ids = []
-    for raw in frames[2::2]:
-        if len(raw) <= _MAX_HEADER_PEEK and (request_id := p.request_id_of(raw)):
-            ids.append(request_id)
-    return ids
+    return [request_id for raw in frames[2::2] if (request_id := p.request_id_of(raw))]
 
 
 def _not_found_message(service: str) -> str:
