@@ -298,11 +298,7 @@ class BrokerEngine:
 
     def _on_large_reply(self, worker: WorkerState, raw_header: bytes, payload: bytes, now: float) -> None:
         """§9: a reply over the size limits ends its call with RESOURCE_EXHAUSTED (not decoded)."""
-        size = len(raw_header) + len(payload)
-        if len(raw_header) > p.MAX_HEADER_BYTES:
-            message = f"reply header is {len(raw_header)} bytes (limit {p.MAX_HEADER_BYTES})"
-        else:
-            message = f"reply is {size} bytes (limit {self.config.max_message_bytes})"
+        message = self._size_refusal("reply header", "reply", raw_header, payload)
         self._bad_worker_input(worker.identity, worker, "too_large", message)
         header = p.ReplyHeader(request_id=p.request_id_of(raw_header), code=StatusCode.RESOURCE_EXHAUSTED,
                                message=message)
@@ -601,11 +597,14 @@ class BrokerEngine:
 
     def _refuse_large_call(self, client: bytes, raw_header: bytes, payload: bytes) -> None:
         """§9: a call over the size limits is answered alone, under its id when readable."""
-        if len(raw_header) > p.MAX_HEADER_BYTES:
-            message = f"request header is {len(raw_header)} bytes (limit {p.MAX_HEADER_BYTES})"
-        else:
-            message = f"call is {len(raw_header) + len(payload)} bytes (limit {self.config.max_message_bytes})"
+        message = self._size_refusal("request header", "call", raw_header, payload)
         self._reject_client(client, p.request_id_of(raw_header), "too_large", message)
+
+    def _size_refusal(self, header_name: str, whole_name: str, raw_header: bytes, payload: bytes) -> str:
+        """Which size limit (§9) a call or reply breaks: its header's, or its own."""
+        if len(raw_header) > p.MAX_HEADER_BYTES:
+            return f"{header_name} is {len(raw_header)} bytes (limit {p.MAX_HEADER_BYTES})"
+        return f"{whole_name} is {len(raw_header) + len(payload)} bytes (limit {self.config.max_message_bytes})"
 
     def _reject_client(self, client: bytes, request_id: int, reason: str, message: str) -> None:
         """§9: count, log (rate-limited) and answer a client's bad message."""
