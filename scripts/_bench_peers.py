@@ -53,22 +53,14 @@ def _reply_frames(frames: list, first: int, zero_copy: bool) -> list:
     return out
 
 
-def _is_request(frames: list, first: int, zero_copy: bool) -> bool:
-    if len(frames) < first + 4:
-        return False
+def _command(frames: list, first: int, zero_copy: bool) -> bytes:
+    """The command byte of the zrpc message in ``frames[first:]``; b"" for anything else."""
+    if len(frames) < first + 2:
+        return b""
     tag, command = frames[first], frames[first + 1]
     if zero_copy:
         tag, command = tag.bytes, command.bytes
-    return tag == p.TAG and command == p.REQUEST
-
-
-def _is_batch(frames: list, zero_copy: bool) -> bool:
-    if len(frames) != 3:
-        return False
-    tag, command = frames[0], frames[1]
-    if zero_copy:
-        tag, command = tag.bytes, command.bytes
-    return tag == p.TAG and command == p.REQUEST_BATCH
+    return command if tag == p.TAG else b""
 
 
 def _reply_batch(blob: bytes) -> list:
@@ -85,7 +77,7 @@ def echo_routed(socket: zmq.Socket, zero_copy: bool) -> None:
     copy = not zero_copy
     while True:
         frames = recv(copy=copy)
-        if _is_request(frames, 1, zero_copy):
+        if _command(frames, 1, zero_copy) == p.REQUEST and len(frames) >= 5:
             send([frames[0], *_reply_frames(frames, 1, zero_copy)], copy=copy)
 
 
@@ -109,16 +101,14 @@ def echo_worker(socket: zmq.Socket, capacity: int, zero_copy: bool) -> None:
                     frames = socket.recv_multipart(zmq.NOBLOCK, copy=copy)
                 except zmq.Again:
                     break
-                if _is_request(frames, 0, zero_copy):
+                command = _command(frames, 0, zero_copy)
+                if command == p.REQUEST and len(frames) >= 4:
                     socket.send_multipart(_reply_frames(frames, 0, zero_copy), copy=copy)
                     last_sent = time.monotonic()
-                    continue
-                if _is_batch(frames, zero_copy):
+                elif command == p.REQUEST_BATCH and len(frames) == 3:
                     socket.send_multipart(_reply_batch(frames[2].bytes if zero_copy else frames[2]))
                     last_sent = time.monotonic()
-                    continue
-                command = frames[1].bytes if zero_copy and len(frames) > 1 else (frames[1] if len(frames) > 1 else b"")
-                if command == p.DISCONNECT:  # the broker forgot us (spec §11): register again
+                elif command == p.DISCONNECT:  # the broker forgot us (spec §11): register again
                     socket.send_multipart(ready)
                     last_sent = time.monotonic()
                 # HEARTBEAT needs nothing; CANCEL cannot arrive in time to matter: we answer at once.
