@@ -81,12 +81,10 @@ def new_call(header, payload: bytes, method: Method, link: Any, epoch: int, now:
     # dict() or .items() of a protobuf map go through the Mapping ABC: 0.61 us against 0.21.
     fields = header.metadata
     metadata = {key: fields[key] for key in fields} if fields else {}
-    context = Context(
-        request_id=header.request_id, service=header.service, method=header.method,
-        trace_id=metadata.get("trace_id", ""), metadata=metadata, attempt=header.attempt or 1,
-        deadline=now + header.deadline_ms / 1000.0 if header.deadline_ms else None,
-    )
-    return Call(header.request_id, method, request, context, link, epoch)
+    deadline_ms = header.deadline_ms
+    context = Context._for_call(header.request_id, method.service, method.name, metadata, header.attempt or 1,
+                               now + deadline_ms / 1000.0 if deadline_ms else None)
+    return Call(context.request_id, method, request, context, link, epoch)
 
 
 def error_pair(request_id: int, error: Error) -> Answer:

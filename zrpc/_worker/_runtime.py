@@ -370,10 +370,11 @@ class Worker:
             except Error as error:
                 answers.append(error_pair(header.request_id, error))
                 continue
+            if method.nonblocking:  # runs now, on the loop: it never waits for a slot, and is
+                self._run_inline(call)  # answered before a CANCEL for it could be read
+                continue
             link.in_flight[call.request_id] = call
-            if method.nonblocking:  # runs now, on the loop: it never waits for a slot
-                self._run_inline(call)
-            elif self._admission.admit(call):
+            if self._admission.admit(call):
                 self._start(call)
         for answer in answers:
             link.reply(answer)
@@ -489,7 +490,8 @@ class Worker:
         started = call.started_at = self._clock()
         answer = self._run_sync(call)
         took = self._clock() - started
-        self._answer(call, answer, took)
+        self._reply(call, answer)
+        self.stats.observe(call.context.service, call.context.method, answer[2], took)
         if took > INLINE_LIMIT:
             self._slow_on_loop(call.method, took)
 
