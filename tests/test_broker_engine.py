@@ -401,9 +401,9 @@ def test_malformed_client_messages_get_invalid_argument_and_are_counted(frames, 
 
 
 def test_oversized_message_gets_resource_exhausted():
-    h = Harness(max_message_bytes=1000, max_frames=5)
+    h = Harness(max_message_bytes=1000, max_frames=p.MIN_FRAMES_LIMIT)
     h.call(b"c", payload=b"x" * 2000)
-    h.engine.on_frontend(b"c", [p.TAG, p.REQUEST] + [b""] * 8, h.now)
+    h.engine.on_frontend(b"c", [p.TAG, p.REQUEST] + [b""] * p.MIN_FRAMES_LIMIT, h.now)
     h.engine.flush()
     replies = h.take_replies()
     assert [r.code for _, r, _ in replies] == [StatusCode.RESOURCE_EXHAUSTED] * 2
@@ -671,10 +671,10 @@ def test_a_worker_that_does_not_announce_batches_is_sent_pairs():
     ([p.TAG, p.REPLY_BATCH, b""], "bad_batch"),
     (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)], []), "bad_batch"),
     (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)] * 3, [b""] * 2), "bad_batch"),
-    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)] * 9, [b""] * 9), "too_many_calls"),
+    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)] * 258, [b""] * 258), "too_many_calls"),
 ])
 def test_a_malformed_reply_batch_is_counted_and_costs_the_worker_nothing(frames, reason):
-    h = Harness(max_frames=16)  # at most 8 calls per batch
+    h = Harness(max_frames=p.MIN_FRAMES_LIMIT + 1)  # at most 257 calls per batch
     h.ready(b"w", capacity=2, batches=True)
     rid = h.call(b"c")
     [(_, header, _)] = h.take_requests()
@@ -746,13 +746,21 @@ def test_what_the_broker_says_after_a_dispatch_in_the_same_round_follows_the_req
 
 
 def test_batches_hold_at_most_half_the_frame_limit_in_calls():
-    h = Harness(max_frames=5)  # 2 calls per batch
-    h.ready(b"w", capacity=8, batches=True)
-    for i in range(1, 6):
+    h = Harness(max_frames=p.MIN_FRAMES_LIMIT + 1)  # 257 calls per batch
+    h.ready(b"w", capacity=600, batches=True)
+    for i in range(1, 601):
         header = p.RequestHeader(request_id=i, service="svc.S", method="M", deadline_ms=5000)
         h.engine.on_frontend(b"c", p.request_message([(header.SerializeToString(), b"")]), h.now)
     h.engine.flush()
-    assert [len(p.batch_pairs(frames[2:])) for _, frames in h.engine.backend_out] == [2, 2, 1]
+    assert [len(p.batch_pairs(frames[2:])) for _, frames in h.engine.backend_out] == [257, 257, 86]
+
+
+@pytest.mark.parametrize("max_frames", [1, 4, p.MIN_FRAMES_LIMIT - 1])
+def test_a_frame_limit_below_what_a_worker_sends_in_one_message_is_refused(max_frames):
+    """A worker sends up to MAX_CALLS_PER_MESSAGE replies at once: under a lower limit the
+    broker would refuse the message whole, and its calls would never be answered."""
+    with pytest.raises(ValueError, match=f"max_frames must be at least {p.MIN_FRAMES_LIMIT}"):
+        BrokerConfig(max_frames=max_frames).validate()
 
 
 def test_a_call_with_a_large_header_keeps_its_own_frames():

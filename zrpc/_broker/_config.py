@@ -6,6 +6,8 @@ import pathlib
 import tomllib
 from typing import Any
 
+from .. import _protocol as p
+
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 
@@ -66,6 +68,10 @@ class BrokerConfig:
                      "max_services", "max_message_bytes", "max_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_frames < p.MIN_FRAMES_LIMIT:
+            # Lower, a worker's reply message would be refused whole, and its calls lost.
+            raise ValueError(f"max_frames must be at least {p.MIN_FRAMES_LIMIT}: a worker sends up to "
+                             f"{p.MAX_CALLS_PER_MESSAGE} replies, 2 frames each, in one message")
         if self.max_connections < 0:
             raise ValueError("max_connections must not be negative (0: automatic)")
         if self.handshake_timeout <= 0:

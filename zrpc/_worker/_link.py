@@ -28,8 +28,8 @@ _get_option = zmq.backend.Socket.get
 _ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 
 # Replies gathered in one loop turn leave as one REPLY or REPLY_BATCH (spec §4, §4b); a message
-# carries at most this many, well under the broker's frame limit.
-MAX_PAIRS_PER_REPLY = 256
+# carries at most this many, which every broker's frame limit lets through.
+MAX_PAIRS_PER_REPLY = p.MAX_CALLS_PER_MESSAGE
 
 # Lingering on the last close lets DISCONNECT and the last replies leave; bounded so a vanished
 # broker cannot hold up the context's termination for longer than this.
@@ -73,7 +73,7 @@ class BrokerLink:
         # since (spec §4b).
         self.batches = False
         self._read_scheduled = False
-        self._replies: list[tuple[bytes, bytes]] = []  # to send at the end of this loop turn
+        self._replies: list[tuple] = []  # answers (header, payload[, status code]) to send this loop turn
 
     def open(self) -> None:
         """A fresh DEALER connected to the broker, announcing READY at once (spec §7)."""
