@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
 import zmq  # noqa: E402
 
 from zrpc import _protocol as p  # noqa: E402
+from zrpc import tune_allocator  # noqa: E402
 
 ECHO_SERVICE = "echo.Echo"
 ECHO_METHOD = "Say"
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     roles.add_parser("grpc-server").set_defaults(run=role_grpc_server)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Every server, zrpc's or not, runs with the allocator settings `zrpc broker start` and
+    # `zrpc worker run` apply: what differs between the systems is their code, not their malloc.
+    tune_allocator()
     args.run(args)
 
 

@@ -56,6 +56,7 @@ import zmq  # noqa: E402
 
 from workers.echo import echo_pb2  # noqa: E402
 from zrpc import _protocol as p  # noqa: E402
+from zrpc import tune_allocator  # noqa: E402
 
 SYSTEMS = {
     "b": "zmq.proxy (C) + echo peer",
@@ -165,6 +166,7 @@ async def _drive(kind: str, endpoint: str, payload_size: int, concurrency: int, 
 
 def _driver_process(conn, barrier, kind, endpoint, payload_size, concurrency, warmup, duration, requests) -> None:
     """One of --client-processes: drive, then send the latencies back as packed doubles."""
+    tune_allocator()  # as in the servers (see _bench_peers.main)
     try:
         result = asyncio.run(_drive(kind, endpoint, payload_size, concurrency, warmup, duration, requests,
                                     lambda: barrier.wait(START_TIMEOUT + 60)))
@@ -713,6 +715,7 @@ def main(systems: list[str], concurrency: list[int], payload_size: int, duration
          rounds: int, warmup: float, client_processes: int, worker_capacity: int | None, queued: int, large: bool,
          profile_path: pathlib.Path | None, profile_concurrency: int, quiet_wait: float, as_json: bool) -> None:
     """Measure zrpc against the C proxy, no broker and gRPC; print a table (or --json)."""
+    tune_allocator()  # the in-process client, as in the servers (see _bench_peers.main)
     capacity = worker_capacity or max(concurrency)
     notes: list[str] = []
     if "d" in systems:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from google.protobuf import json_format  # noqa: E402
 from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
-from zrpc import AsyncClient, Client, Error  # noqa: E402
+from zrpc import AsyncClient, Client, Error, tune_allocator  # noqa: E402
 from zrpc._cli import _discovery  # noqa: E402
 from zrpc._cli._common import split_endpoints  # noqa: E402
 from zrpc._descriptors import is_idempotent, message_class  # noqa: E402
@@ -362,6 +362,7 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
     """Keep CONCURRENCY calls in flight and report calls/s and latency percentiles."""
     if spawn_brokers > 1 and not spawn:
         raise click.UsageError("--spawn-brokers starts brokers for --spawn N workers: give --spawn too")
+    tune_allocator()  # large payloads are reused, as in the broker and workers it drives
     if requests is None and duration is None:
         requests = 20_000
     service, method = _discovery.split_target(target)

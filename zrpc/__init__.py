@@ -3,6 +3,7 @@
 The public API is re-exported here; every implementation module is private (``zrpc._x``).
 ``zrpc.testing`` holds helpers for testing services.
 """
+from ._allocator import tune_allocator
 from ._broker import Broker, BrokerConfig
 from ._client import AsyncClient, CircuitBreaker, Client, RetryPolicy
 from ._errors import Error
@@ -23,5 +24,6 @@ __all__ = [
     "StatusCode",
     "Worker",
     "nonblocking",
+    "tune_allocator",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ import tomllib
 
 import click
 
+from .._allocator import tune_allocator
 from .._broker._config import BrokerConfig, load_config_file
 from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_USAGE, LOG_LEVELS, CliError,
                       check_endpoint, log_format_option, metrics_host_option, metrics_port_option,
@@ -72,6 +73,7 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
     """
     config = _build_config(config_file, log_level=log_level.upper() if log_level else None, **flags)
     setup_logging(config.log_level, log_format)
+    tune_allocator()  # payloads of a megabyte are reused, not mapped and faulted in each time
 
     from .._broker import Broker  # imported late so `zrpc --help` stays quick
     from .._broker._connections import ConnectionCapError, raise_fd_limit

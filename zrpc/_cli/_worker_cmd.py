@@ -10,6 +10,7 @@ import threading
 
 import click
 
+from .._allocator import tune_allocator
 from ._common import curve_options, curve_settings
 from ._common import (DEFAULT_BACKEND, EXIT_USAGE, LOG_LEVELS, CliError, log_format_option,
                       metrics_host_option, metrics_port_option, option, ready_line, setup_logging,
@@ -61,6 +62,7 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
     """
     endpoints = split_endpoints(brokers)
     setup_logging(log_level, log_format)
+    tune_allocator()  # payloads of a megabyte are reused, not mapped and faulted in each time
     instances = [load_service(target) for target in targets]
     names = [type(instance).descriptor.full_name for instance in instances]
     if len(set(names)) != len(names):
