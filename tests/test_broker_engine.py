@@ -756,11 +756,31 @@ def test_batches_hold_at_most_half_the_frame_limit_in_calls():
 
 
 @pytest.mark.parametrize("max_frames", [1, 4, p.MIN_FRAMES_LIMIT - 1])
-def test_a_frame_limit_below_what_a_worker_sends_in_one_message_is_refused(max_frames):
-    """A worker sends up to MAX_CALLS_PER_MESSAGE replies at once: under a lower limit the
-    broker would refuse the message whole, and its calls would never be answered."""
+def test_a_frame_limit_below_what_a_peer_sends_in_one_message_is_refused(max_frames):
+    """Clients and workers put up to MAX_CALLS_PER_MESSAGE calls in one message: under a lower
+    limit the broker would refuse such a message whole."""
     with pytest.raises(ValueError, match=f"max_frames must be at least {p.MIN_FRAMES_LIMIT}"):
         BrokerConfig(max_frames=max_frames).validate()
+
+
+def test_the_largest_client_request_and_worker_reply_pass_a_broker_at_the_lowest_frame_limit():
+    from zrpc._client._core import MAX_PAIRS_PER_MESSAGE
+    from zrpc._worker._link import MAX_PAIRS_PER_REPLY
+
+    count = MAX_PAIRS_PER_MESSAGE
+    assert count == MAX_PAIRS_PER_REPLY == p.MAX_CALLS_PER_MESSAGE
+    h = Harness(max_frames=p.MIN_FRAMES_LIMIT)
+    h.ready(b"w", capacity=count)
+    pairs = [(p.RequestHeader(request_id=i, service="svc.S", method="M", deadline_ms=5000).SerializeToString(), b"q")
+             for i in range(1, count + 1)]
+    h.engine.on_frontend(b"c", p.request_message(pairs), h.now)
+    h.engine.flush()
+    requests = h.take_requests()
+    assert len(requests) == count
+    h.backend(b"w", p.reply_message((p.encode_ok_reply_header(header.request_id), b"r") for _, header, _ in requests))
+    replies = h.take_replies()
+    assert sorted(reply.request_id for _, reply, _ in replies) == list(range(1, count + 1))
+    assert all(reply.code == StatusCode.OK for _, reply, _ in replies)
 
 
 def test_a_call_with_a_large_header_keeps_its_own_frames():

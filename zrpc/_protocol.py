@@ -52,8 +52,8 @@ BATCH_CALL_BYTES = ZERO_COPY_BYTES
 # this bounds what one message can cost its receiver (near 2.5 ms), as max_frames does for pairs.
 MAX_BATCH_BYTES = 256 * 1024
 _BATCH_ENTRY_OVERHEAD = 8  # two tags and two lengths of up to 3 bytes each
-# (spec §9) The most calls our peers put in one message (a worker's replies of one loop turn),
-# and so the lowest frame limit a broker may set: tag, command and 2 frames per call.
+# (spec §9) The most calls our peers put in one message (a client's requests, a worker's replies
+# of one loop turn), and so the lowest frame limit a broker may set: tag, command and 2 per call.
 MAX_CALLS_PER_MESSAGE = 256
 MIN_FRAMES_LIMIT = 2 + 2 * MAX_CALLS_PER_MESSAGE
 # (spec §9) A header longer than this is refused without being decoded: real ones are tens of

@@ -69,9 +69,9 @@ class BrokerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_frames < p.MIN_FRAMES_LIMIT:
-            # Lower, a worker's reply message would be refused whole, and its calls lost.
-            raise ValueError(f"max_frames must be at least {p.MIN_FRAMES_LIMIT}: a worker sends up to "
-                             f"{p.MAX_CALLS_PER_MESSAGE} replies, 2 frames each, in one message")
+            # Lower, a client's request or a worker's replies would be refused whole.
+            raise ValueError(f"max_frames must be at least {p.MIN_FRAMES_LIMIT}: clients and workers send up to "
+                             f"{p.MAX_CALLS_PER_MESSAGE} calls, 2 frames each, in one message")
         if self.max_connections < 0:
             raise ValueError("max_connections must not be negative (0: automatic)")
         if self.handshake_timeout <= 0:

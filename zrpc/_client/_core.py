@@ -40,10 +40,10 @@ _FROM_BROKER = frozenset({_protocol.REPLY})
 # deadline_ms is a uint32 on the wire (spec §5); a longer timeout is sent as the largest value.
 _MAX_DEADLINE_MS = 2**32 - 1
 
-# Coalescing limits for one REQUEST message (spec §4 allows several pairs). They stay well under
-# the broker's default frame limit (2,049 frames) and keep one message from delaying the next
-# send by carrying megabytes; a single larger call is still sent, alone.
-MAX_PAIRS_PER_MESSAGE = 256
+# Coalescing limits for one REQUEST message (spec §4 allows several pairs). Every broker's frame
+# limit lets the protocol's most calls per message through, and the byte limit keeps one message
+# from delaying the next send by carrying megabytes; a single larger call is still sent, alone.
+MAX_PAIRS_PER_MESSAGE = _protocol.MAX_CALLS_PER_MESSAGE
 MAX_BYTES_PER_MESSAGE = 1 << 20
 
 # Metadata key carrying the attempt number of a retried call (absent on the first attempt), and
