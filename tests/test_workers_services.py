@@ -225,6 +225,16 @@ def test_context_reports_time_remaining_and_cancellation_with_an_injected_clock(
     assert cancelled.cancelled
 
 
+@pytest.mark.parametrize("metadata, deadline", [({"trace_id": "t-1", "user": "ann"}, 12.5), ({}, None)])
+def test_the_workers_context_constructor_sets_every_slot_as_the_public_one_does(metadata, deadline):
+    """Context._for_call skips __init__ for speed: a slot added there must be added here too."""
+    fast = Context._for_call(7, "a.S", "M", metadata, 2, deadline)
+    public = Context(request_id=7, service="a.S", method="M", trace_id=metadata.get("trace_id", ""),
+                     metadata=metadata, attempt=2, deadline=deadline)
+    assert {slot: getattr(fast, slot) for slot in Context.__slots__} == {
+        slot: getattr(public, slot) for slot in Context.__slots__}
+
+
 # -- end to end, through zrpc.testing.serve (in-process broker and worker) ----------------------
 
 def test_serve_runs_the_reference_services_behind_a_real_broker():
