@@ -117,7 +117,7 @@ class Context:
 
     @classmethod
     def _for_call(cls, request_id: int, service: str, method: str, metadata: dict[str, str], attempt: int,
-                deadline: float | None) -> "Context":
+                  deadline: float | None) -> "Context":
         """The worker's constructor, once per call: positional, without the keyword defaults
         (0.15 against 0.35 us)."""
         context = object.__new__(cls)
