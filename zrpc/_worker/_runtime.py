@@ -490,8 +490,7 @@ class Worker:
         started = call.started_at = self._clock()
         answer = self._run_sync(call)
         took = self._clock() - started
-        self._reply(call, answer)
-        self.stats.observe(call.context.service, call.context.method, answer[2], took)
+        self._answer(call, answer, took)  # it never entered link.in_flight (see _on_request)
         if took > INLINE_LIMIT:
             self._slow_on_loop(call.method, took)
 
@@ -508,15 +507,17 @@ class Worker:
                     took * 1000, INLINE_LIMIT * 1000, _STRIKE_WINDOW)
 
     def _answer(self, call: Call, answer: Answer, took: float) -> None:
-        link = call.link
-        if link.in_flight.get(call.request_id) is call:
-            del link.in_flight[call.request_id]
+        """Send a handler's answer and count it in the handler metrics."""
         self._reply(call, answer)
         self.stats.observe(call.context.service, call.context.method, answer[2], took)
 
     def _finish(self, call: Call, answer: Answer) -> None:
+        """A pooled or async call is done: answer it and start what waited for its slot."""
         if call.timer is not None:
             call.timer.cancel()
+        link = call.link
+        if link.in_flight.get(call.request_id) is call:
+            del link.in_flight[call.request_id]
         self._answer(call, answer, self._clock() - call.started_at)
         self._admission.release()
         while (waiting := self._admission.take()) is not None:
