@@ -17,6 +17,7 @@ Roles:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import selectors
@@ -290,6 +291,10 @@ class Server:
         """User + system CPU time of the process, all its threads (/proc/PID/stat)."""
         return cpu_seconds(self.pid)
 
+    def run_queue_wait(self) -> float | None:
+        """Seconds its threads spent runnable but waiting for a CPU (see run_queue_wait)."""
+        return run_queue_wait(self.pid)
+
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.pid}/status") as status:
             for line in status:
@@ -318,6 +323,20 @@ def cpu_seconds(pid: int) -> float:
         fields = stat.read().rsplit(")", 1)[1].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def run_queue_wait(pid: int) -> float | None:
+    """Seconds the threads of ``pid`` have waited in a run queue (/proc/PID/task/*/schedstat,
+    second field, nanoseconds): time it was ready to run while every core was busy. None where
+    the kernel keeps no such figure."""
+    total, read = 0, False
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):  # the thread ended meanwhile, or no schedstat
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as schedstat:
+                    total += int(schedstat.read().split()[1])
+                    read = True
+    return total / 1e9 if read else None
 
 
 if __name__ == "__main__":

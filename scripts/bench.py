@@ -241,6 +241,10 @@ def _cpu_snapshot(deployment: Deployment) -> dict[str, float]:
     return {label: server.cpu_seconds() for label, server in deployment.servers.items()}
 
 
+def _wait_snapshot(deployment: Deployment) -> dict[str, float | None]:
+    return {label: server.run_queue_wait() for label, server in deployment.servers.items()}
+
+
 def _machine_busy_seconds() -> float:
     """CPU seconds all processes of this machine have used (every core), from /proc/stat."""
     with open("/proc/stat") as stat:
@@ -268,6 +272,7 @@ def run_cell(deployment: Deployment, concurrency: int, payload_size: int, warmup
 
     def mark_start() -> None:
         marks["cpu"] = _cpu_snapshot(deployment)
+        marks["wait"] = _wait_snapshot(deployment)
         marks["machine"] = _machine_busy_seconds()
         marks["wall"] = time.perf_counter()
 
@@ -305,6 +310,7 @@ def run_cell(deployment: Deployment, concurrency: int, payload_size: int, warmup
             process.join(10)
     wall = time.perf_counter() - marks["wall"]
     cpu_after = _cpu_snapshot(deployment)
+    wait_after = _wait_snapshot(deployment)
     machine_busy = _machine_busy_seconds() - marks["machine"]
     latencies = sorted(x for r in results for x in r["latencies"])
     elapsed = max(r["elapsed"] for r in results)
@@ -324,6 +330,12 @@ def run_cell(deployment: Deployment, concurrency: int, payload_size: int, warmup
         ours += used
     # Whatever else ran on this machine meanwhile (in % of one core): a noisy cell shows here.
     cpu_percent["other"] = round(max(0.0, 100 * (machine_busy - ours) / wall), 1)
+    # What the system could make with every core busy at the CPU per call it used (client
+    # included: on this machine it shares the cores), and how busy it kept them.
+    cores = len(os.sched_getaffinity(0))
+    cpu_total = sum(v for v in cpu_us_per_call.values() if v is not None)
+    waits = {label: _per_call(wait_after[label] - before, calls) for label, before in marks["wait"].items()
+             if before is not None and wait_after[label] is not None}
     row = {
         "system": deployment.system,
         "name": SYSTEMS[deployment.system],
@@ -342,10 +354,20 @@ def run_cell(deployment: Deployment, concurrency: int, payload_size: int, warmup
         # which is "client_max_process".
         "cpu_percent": cpu_percent,
         "cpu_us_per_call": cpu_us_per_call,
+        "cores": cores,
+        "cpu_us_per_call_total": round(cpu_total, 2),
+        "cpu_bound_calls_per_s": _cpu_bound(cores, cpu_total),
+        "cores_busy_percent": round(100 * ours / (cores * wall), 1),
+        # Time each server was ready to run while no core was free (µs per call, all threads).
+        "run_queue_wait_us_per_call": waits,
     }
     if "broker" in cpu_us_per_call:
         row["broker_cpu_us_per_call"] = cpu_us_per_call["broker"]
     return row
+
+
+def _cpu_bound(cores: int, cpu_us_per_call: float | None) -> int | None:
+    return round(cores * 1e6 / cpu_us_per_call) if cpu_us_per_call else None
 
 
 def _per_call(seconds: float, calls: int) -> float | None:
@@ -372,6 +394,8 @@ def add_ratios(rows: list[dict]) -> None:
             "calls_per_s": _ratio(row["calls_per_s"], b["calls_per_s"]),
             "p50": _ratio(row["p50_ms"], b["p50_ms"]),
             "p99": _ratio(row["p99_ms"], b["p99_ms"]),
+            # calls/s ÷ b this system would reach with every core busy at its CPU per call
+            "cpu_bound": _ratio(row["cpu_bound_calls_per_s"], b["calls_per_s"]),
         }
 
 
@@ -384,13 +408,15 @@ def median_rows(by_round: list[list[dict]]) -> list[dict]:
     merged = []
     for cells in zip(*by_round):  # the same cell, from every round
         row = dict(cells[0])
-        for key in ("calls", "elapsed_s", "calls_per_s", "p50_ms", "p99_ms", "mean_ms", "max_ms"):
+        for key in ("calls", "elapsed_s", "calls_per_s", "p50_ms", "p99_ms", "mean_ms", "max_ms",
+                    "cpu_us_per_call_total", "cores_busy_percent"):
             row[key] = _median([cell[key] for cell in cells])
         row["calls"] = round(row["calls"])
-        for group in ("cpu_percent", "cpu_us_per_call"):
-            row[group] = {label: _median([cell[group][label] for cell in cells]) for label in cells[0][group]}
+        for group in ("cpu_percent", "cpu_us_per_call", "run_queue_wait_us_per_call"):
+            row[group] = {label: _median([cell[group].get(label) for cell in cells]) for label in cells[0][group]}
         if "broker_cpu_us_per_call" in row:
             row["broker_cpu_us_per_call"] = row["cpu_us_per_call"]["broker"]
+        row["cpu_bound_calls_per_s"] = _cpu_bound(row["cores"], row["cpu_us_per_call_total"])
         errors: dict[str, int] = {}
         for cell in cells:
             for name, n in cell["errors"].items():
@@ -505,7 +531,8 @@ def profile_broker(directory: pathlib.Path, out: pathlib.Path, concurrency: int,
                    capacity: int, duration: float, client_processes: int) -> dict:
     """py-spy on the broker of a2 while it serves ``concurrency`` calls in flight (a separate cell:
     sampling slows the broker, so these figures are not the table's)."""
-    py_spy = shutil.which("py-spy")
+    # Also beside this interpreter: a virtualenv's bin/ is not on PATH unless it was activated.
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if py_spy is None:
         return {"skipped": "py-spy is not installed (pip install py-spy)"}
     with deploy("a2", directory, capacity, tag="-profile") as deployment:
@@ -608,10 +635,22 @@ def _fmt(value, width: int, digits: int) -> str:
 
 
 def print_extras(report: dict) -> None:
-    print("\nCPU microseconds per call, each process (user+system, /proc/PID/stat over each cell):")
+    print("\nCPU microseconds per call, each process (user+system, /proc/PID/stat over each cell); then what\n"
+          f"that allows with all {report['machine']['cpus_usable']} cores busy, as calls/s and ÷ b, and how busy "
+          "the cell kept them:")
     for row in report["rows"]:
         each = "  ".join(f"{k}={v:.0f}" for k, v in row["cpu_us_per_call"].items())
-        print(f"  {row['system']:<3} concurrency {row['concurrency']:>4}: {each}")
+        ratio = (row.get("vs_b") or {}).get("cpu_bound")
+        bound = row["cpu_bound_calls_per_s"]
+        print(f"  {row['system']:<3} concurrency {row['concurrency']:>4}: {each}  total={row['cpu_us_per_call_total']:.0f}"
+              f"  -> {'-' if bound is None else f'{bound:,.0f}'} calls/s{'' if ratio is None else f' = {ratio:.2f} x b'}"
+              f", {row['cores_busy_percent']:.0f}% busy")
+    waits = [row for row in report["rows"] if row["run_queue_wait_us_per_call"]]
+    if waits:
+        print("\nMicroseconds per call each server was ready to run but found no core free (run-queue wait):")
+        for row in waits:
+            each = "  ".join(f"{k}={v:.0f}" for k, v in row["run_queue_wait_us_per_call"].items() if v is not None)
+            print(f"  {row['system']:<3} concurrency {row['concurrency']:>4}: {each}")
     rss = report.get("queued_rss")
     if rss:
         print(f"\nBroker memory with {rss['queued']:,} queued requests ({rss['payload_size']} B payload, "

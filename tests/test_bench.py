@@ -27,6 +27,15 @@ def test_bench_measures_zrpc_and_the_c_proxy():
         assert row["calls_per_s"] > 0, row
         assert row["errors"] == {}, row
     assert rows["a"]["vs_b"]["calls_per_s"] > 0
+    # The CPU-bound ceiling: every process's CPU per call, summed, against the machine's cores.
+    for row in rows.values():
+        spent = sum(row["cpu_us_per_call"].values())
+        assert row["cpu_us_per_call_total"] == pytest.approx(spent, rel=0.01)
+        assert row["cores"] == report["machine"]["cpus_usable"]
+        assert row["cpu_bound_calls_per_s"] == pytest.approx(row["cores"] * 1e6 / row["cpu_us_per_call_total"], abs=1)
+        assert 0 < row["cores_busy_percent"]
+        assert row["vs_b"]["cpu_bound"] > 0
+        assert set(row["run_queue_wait_us_per_call"]) <= {"broker", "worker", "proxy", "peer"}
     # Two alternating rounds: the row keeps both, and its ratio is their median (the mean of two).
     rounds = [r["vs_b"]["calls_per_s"] for r in rows["a"]["rounds"]]
     assert len(rounds) == 2 and len(rows["b"]["rounds"]) == 2
