@@ -492,9 +492,48 @@ def test_a_cancel_of_many_calls_is_not_bound_by_the_size_limit():
     (p.encode_reply_header(2**40 + 5, StatusCode.INTERNAL, "boom"), 2**40 + 5),
     (p.RequestHeader(service="s").SerializeToString(), 0),  # no id written
     (b"", 0), (b"\x08", 0), (b"\x08\xff\xff", 0), (b"\x12\x01a", 0),
+    # A tenth byte's bits past 64 are dropped, as protobuf drops them.
+    (b"\x08" + b"\xff" * 9 + b"\x7f", 2**64 - 1), (b"\x08" + b"\x80" * 9 + b"\x02", 0),
 ])
 def test_request_id_of_reads_the_leading_id_without_decoding_the_rest(raw, expected):
     assert p.request_id_of(raw) == expected
+    if raw[:1] == b"\x08" and expected:  # the id protobuf itself reads
+        assert p.ReplyHeader.FromString(raw).request_id == expected
+
+
+def test_a_refused_call_whose_id_overflows_uint64_costs_only_itself():
+    """An oversized header starting with a 10-byte id over 2^64 - 1: the refusal is encodable,
+    and the good call after it in the same message is served."""
+    h = Harness(max_message_bytes=1000)
+    h.ready(b"w", capacity=2)
+    big = b"\x08" + b"\xff" * 9 + b"\x7f" + b"\x12\x01s" + b"\x1a\x01m" + b"\x00" * 10  # over 1000 bytes with its payload
+    good = p.RequestHeader(request_id=7, service="svc.S", method="M", deadline_ms=5000).SerializeToString()
+    h.engine.on_frontend(b"c", p.request_message([(big, b"x" * 2000), (good, b"q")]), h.now)
+    h.engine.flush()
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (2**64 - 1, StatusCode.RESOURCE_EXHAUSTED)
+    [(_, header, payload)] = h.take_requests()
+    assert payload == b"q"
+    assert h.engine.counters["internal_errors"] == 0
+
+
+def test_a_worker_reply_over_the_frame_limit_ends_each_of_its_calls():
+    """§9: refused whole, but no call of it waits for its deadline, and the slots are freed."""
+    count = p.MAX_CALLS_PER_MESSAGE + 1  # one more than a worker may put in one message
+    h = Harness(max_frames=p.MIN_FRAMES_LIMIT)
+    h.ready(b"w", capacity=count)
+    for _ in range(count):
+        h.call(b"c")
+    requests = h.take_requests()
+    assert len(requests) == count
+    h.backend(b"w", p.reply_message((p.encode_ok_reply_header(header.request_id), b"r") for _, header, _ in requests))
+    replies = h.take_replies()
+    assert sorted(reply.request_id for _, reply, _ in replies) == list(range(1, count + 1))
+    assert {reply.code for _, reply, _ in replies} == {StatusCode.RESOURCE_EXHAUSTED}
+    assert "frames (limit" in replies[0][1].message
+    assert h.engine.counters["malformed_too_many_frames"] == 1
+    h.call(b"c")  # the worker's slots are free again
+    assert len(h.take_requests()) == 1
 
 
 @pytest.mark.parametrize("request_id", [0, 1, 127, 128, 300, 16_383, 16_384, 2**21, 2**35 + 7, 2**63, 2**64 - 1])

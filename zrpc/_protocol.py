@@ -183,7 +183,9 @@ def request_id_of(raw_header: bytes) -> int:
         byte = raw_header[i]
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value
+            # A tenth byte may carry bits past 64: protobuf drops them, and so must we (an id
+            # over uint64 would make the reply header that answers it unencodable).
+            return value & _UINT64_MAX
         shift += 7
     return 0
 

@@ -193,7 +193,11 @@ class BrokerEngine:
         if worker is not None and worker.peer_key != peer_key:  # a connection cannot change keys
             return self._bad_worker_input(identity, worker, "key_mismatch", "message under another key")
         if len(frames) > self.config.max_frames:
-            return self._bad_worker_input(identity, worker, "too_many_frames", self._frames_message(frames))
+            message = self._frames_message(frames)
+            self._bad_worker_input(identity, worker, "too_many_frames", message)
+            if worker is not None:  # §9: each reply in it whose id can be read ends its call
+                return self._end_refused_replies(worker, _request_ids_in(frames, p.REPLY), message, now)
+            return
         size = self._count_bytes_in(frames)
         try:
             command, body = p.split(frames, p.WORKER_COMMANDS)
@@ -303,6 +307,17 @@ class BrokerEngine:
         header = p.ReplyHeader(request_id=p.request_id_of(raw_header), code=StatusCode.RESOURCE_EXHAUSTED,
                                message=message)
         self._on_worker_reply(worker, header, b"", now)
+
+    def _end_refused_replies(self, worker: WorkerState, dispatch_ids: list[int], message: str, now: float) -> None:
+        """§9: a REPLY refused whole still ends each of its calls, RESOURCE_EXHAUSTED, and frees
+        the worker's slots (its calls would otherwise wait for their deadlines)."""
+        for dispatch_id in dispatch_ids:
+            if dispatch_id in worker.in_flight:
+                header = p.ReplyHeader(request_id=dispatch_id, code=StatusCode.RESOURCE_EXHAUSTED,
+                                       message=f"the worker's reply was refused: {message}")
+                self._on_worker_reply(worker, header, b"", now)
+        for name in worker.services:
+            self._dispatch(self.services[name], now)
 
     def _on_worker_reply(self, worker: WorkerState, header: p.ReplyHeader, payload: bytes, now: float) -> None:
         dispatch_id = header.request_id
@@ -627,9 +642,9 @@ class BrokerEngine:
         return sum(len(s.queue) for s in self.services.values())
 
 
-def _request_ids_in(frames: Sequence[bytes]) -> list[int]:
-    """The request ids of a REQUEST refused whole, so each caller is told why (§9)."""
-    if len(frames) < 4 or frames[0] != p.TAG or frames[1] != p.REQUEST:
+def _request_ids_in(frames: Sequence[bytes], command: bytes = p.REQUEST) -> list[int]:
+    """The ids of a REQUEST (or REPLY) refused whole, so each call can be ended (§9)."""
+    if len(frames) < 4 or frames[0] != p.TAG or frames[1] != command:
         return []
     return [request_id for raw in frames[2::2] if (request_id := p.request_id_of(raw))]
 
