@@ -11,6 +11,8 @@ import pytest
 
 import zrpc
 from zrpc import Broker, BrokerConfig, Client, StatusCode, Worker
+from zrpc import _protocol as zrpc_protocol
+from zrpc._client._core import ClientCore
 from workers.echo import Echo, echo_pb2
 from workers.greeter import Greeter, helloworld_pb2
 
@@ -217,6 +219,68 @@ def test_oversized_message_is_refused_explicitly_and_the_sender_keeps_working(en
             assert "limit 10000" in caught.value.message
             assert echo.Say(echo_pb2.EchoRequest(payload=b"small")).payload == b"small"
         assert broker.engine.counters["malformed_too_large"] == 1
+
+
+def test_a_payload_over_the_clients_limit_is_refused_unsent_and_costs_no_other_call(endpoints):
+    """Past the broker's limit + 1 MiB, ZeroMQ would drop the client's connection (spec §9) and
+    every call on it; the client's own max_message_bytes refuses such a payload before that."""
+    frontend, backend = endpoints
+    config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
+    release = threading.Event()
+
+    class Blocking(Echo):
+        def Sleep(self, request, context):
+            release.wait(10)
+            return echo_pb2.EchoReply(payload=b"slept")
+
+    with Broker(config) as broker, Worker([Blocking()], backend, heartbeat_interval=0.2):
+        wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+        with Client(frontend, timeout=5.0, max_message_bytes=10_000) as client:
+            echo = client.stub(ECHO)
+            pending = echo.Sleep.future(echo_pb2.SleepRequest())
+            wait_for(lambda: broker.engine.calls_held == 1)
+            with pytest.raises(zrpc.Error) as caught:
+                echo.Say(echo_pb2.EchoRequest(payload=b"x" * (2 << 20)))
+            assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+            assert "over the client's max_message_bytes (10,000)" in caught.value.message
+            release.set()
+            assert pending.result(5).payload == b"slept"
+        assert broker.engine.counters["bytes_in"] < 1 << 20  # it never left the client
+    core = ClientCore()
+    with pytest.raises(zrpc.Error, match="max_message_bytes"):
+        core.prepare("echo.Echo", "Say", memoryview(bytearray(zrpc_protocol.DEFAULT_MAX_MESSAGE_BYTES + 1)))
+    assert len(core.prepare("echo.Echo", "Say", memoryview(b"abc").cast("B", (3, 1))).payload) == 3
+
+
+def test_a_reply_over_the_workers_limit_is_refused_and_its_connection_survives(endpoints):
+    """Past the broker's limit + 1 MiB, ZeroMQ would drop the worker's connection and every call
+    it holds; the worker's own max_message_bytes answers RESOURCE_EXHAUSTED instead."""
+    frontend, backend = endpoints
+    config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
+    release = threading.Event()
+
+    class Bloated(Echo):
+        def Say(self, request, context):
+            return echo_pb2.EchoReply(payload=b"x" * (2 << 20) if request.payload == b"big" else request.payload)
+
+        def Sleep(self, request, context):
+            release.wait(10)
+            return echo_pb2.EchoReply(payload=b"slept")
+
+    with Broker(config) as broker, Worker([Bloated()], backend, heartbeat_interval=0.2, max_message_bytes=10_000):
+        wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+        with Client(frontend, timeout=5.0) as client:
+            echo = client.stub(ECHO)
+            pending = echo.Sleep.future(echo_pb2.SleepRequest())
+            wait_for(lambda: broker.engine.calls_held == 1)
+            with pytest.raises(zrpc.Error) as caught:
+                echo.Say(echo_pb2.EchoRequest(payload=b"big"))
+            assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+            assert "over the worker's max_message_bytes (10,000)" in caught.value.message
+            release.set()
+            assert pending.result(5).payload == b"slept"
+            assert echo.Say(echo_pb2.EchoRequest(payload=b"small")).payload == b"small"
+        assert broker.engine.counters["workers_joined"] == 1  # the same registration throughout
 
 
 def test_the_message_limit_applies_to_each_call_not_to_calls_a_client_coalesced(endpoints):

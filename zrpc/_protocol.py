@@ -59,6 +59,9 @@ MIN_FRAMES_LIMIT = 2 + 2 * MAX_CALLS_PER_MESSAGE
 # (spec §9) A header longer than this is refused without being decoded: real ones are tens of
 # bytes with their metadata or error message, and decoding costs up to ~10 ns a byte.
 MAX_HEADER_BYTES = 65_536
+# (spec §9) The default bound on one call or reply (header + payload), the broker's
+# max_message_bytes; clients check their payloads against their own copy of it.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 RequestHeader = wire_pb2.RequestHeader
 ReplyHeader = wire_pb2.ReplyHeader

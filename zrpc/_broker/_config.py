@@ -32,7 +32,7 @@ class BrokerConfig:
     max_workers: int = 10_000
     max_services: int = 1_000
     # Per call (header + payload) or reply; READY and DISCONNECT as a whole (spec §9).
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES
     max_frames: int = 2_049
     # Connections each endpoint holds at once; one more is refused (closed) as soon as libzmq
     # accepts it. 0: automatic, min(10000, (fd limit - 512) / 2), so that a connection flood never

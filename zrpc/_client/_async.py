@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 from google.protobuf.descriptor import ServiceDescriptor
 
+from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
@@ -55,8 +56,10 @@ class AsyncClient:
         circuit_breaker: CircuitBreaker | None = None,
         curve_secret: Any = None,
         broker_key: Any = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
-        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker)
+        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
+                                max_message_bytes=max_message_bytes)
         self.endpoints = endpoint_list(endpoints)
         self._curve = client_security(curve_secret, broker_key)
         self._monitor: zmq.asyncio.Socket | None = None

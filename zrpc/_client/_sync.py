@@ -21,6 +21,7 @@ import zmq.asyncio
 from google.protobuf.descriptor import ServiceDescriptor
 
 from .._errors import Error
+from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
@@ -72,6 +73,9 @@ class Client:
     ``curve_secret`` (our ``NAME.key_secret`` file, or a (public, secret)
     tuple of z85 keys) and ``broker_key`` (the broker's ``.key`` file or z85 public key) turn on
     CURVE. A broker that refuses the handshake fails pending calls with UNAUTHENTICATED at once.
+
+    ``max_message_bytes`` refuses, RESOURCE_EXHAUSTED and unsent, a request payload the broker's
+    limit of the same name (64 MiB by default) would refuse: set them alike.
     """
 
     def __init__(
@@ -85,8 +89,10 @@ class Client:
         circuit_breaker: CircuitBreaker | None = None,
         curve_secret: Any = None,
         broker_key: Any = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
-        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker)
+        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
+                                max_message_bytes=max_message_bytes)
         self.endpoints = endpoint_list(endpoints)
         curve = client_security(curve_secret, broker_key)
         self._own_context = context is None

@@ -104,6 +104,14 @@ def result_pair(call: Call, result: Any) -> Answer:
         payload = result.SerializeToString()
     except Exception as exc:  # noqa: BLE001 - e.g. a proto2 reply missing a required field
         return exception_pair(call, exc)
+    if len(payload) > call.link.max_message_bytes:
+        # (spec §9) Past the broker's limit + 1 MiB ZeroMQ would drop our connection, and with it
+        # every call we hold; below that the broker would refuse it anyway.
+        log.error("%s/%s returned a reply of %d bytes, over max_message_bytes (%d)", call.context.service,
+                  call.context.method, len(payload), call.link.max_message_bytes)
+        return error_pair(call.request_id, Error(
+            StatusCode.RESOURCE_EXHAUSTED, f"reply is {len(payload):,} bytes, over the worker's max_message_bytes "
+                                           f"({call.link.max_message_bytes:,})"))
     return p.encode_ok_reply_header(call.request_id), payload, StatusCode.OK
 
 

@@ -52,8 +52,10 @@ class BrokerLink:
 
     def __init__(self, context: zmq.Context, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None],
                  endpoint: str, ready: list[bytes], heartbeat_interval: float, liveness: int,
-                 clock: Callable[[], float], curve: tuple | None = None):
+                 clock: Callable[[], float], curve: tuple | None = None,
+                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES):
         self.context = context
+        self.max_message_bytes = max_message_bytes  # a larger reply is refused (see result_pair)
         self.curve = curve  # (our KeyPair, the broker's public key) for CURVE
         self.loop = loop
         self.on_readable = on_readable

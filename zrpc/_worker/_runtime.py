@@ -69,12 +69,16 @@ class Worker:
 
     ``curve_secret`` and ``broker_key`` turn on CURVE, as for :class:`zrpc.Client`; the broker
     must list our public key among its worker keys, or it never sees our READY.
+
+    ``max_message_bytes``: a reply larger than this is answered RESOURCE_EXHAUSTED instead; set
+    it as the broker's limit of the same name (64 MiB by default).
     """
 
     def __init__(self, services: Iterable[Service], brokers: str | Iterable[str] = "tcp://127.0.0.1:5556", *,
                  concurrency: int = 16, heartbeat_interval: float = 1.0, liveness: int = 3,
                  name: str | None = None, drain_grace: float = 10.0, context: zmq.Context | None = None,
-                 clock: Callable[[], float] = time.monotonic, curve_secret=None, broker_key=None):
+                 clock: Callable[[], float] = time.monotonic, curve_secret=None, broker_key=None,
+                 max_message_bytes: int = p.DEFAULT_MAX_MESSAGE_BYTES):
         self.table = HandlerTable(services)
         self.brokers = [brokers] if isinstance(brokers, str) else list(brokers)
         if not self.brokers:
@@ -85,6 +89,9 @@ class Worker:
             raise ValueError("heartbeat_interval must be positive")
         if liveness < 1:
             raise ValueError("liveness must be at least 1")
+        if max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be at least 1")
+        self.max_message_bytes = max_message_bytes
         self.concurrency = concurrency
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
@@ -206,7 +213,8 @@ class Worker:
         try:
             for endpoint in self.brokers:
                 link = BrokerLink(context, self._loop, None, endpoint, self._ready, self.heartbeat_interval,
-                                  self.liveness, self._clock, curve=self._curve)
+                                  self.liveness, self._clock, curve=self._curve,
+                                  max_message_bytes=self.max_message_bytes)
                 link.on_readable = functools.partial(self._receive, link)
                 self._links.append(link)
                 link.open()
