@@ -182,17 +182,22 @@ def test_cancelled_future_is_cancelled_at_the_worker(broker, start_worker):
         assert echo.Say(echo_pb2.EchoRequest(payload=b"next"), timeout=5).payload == b"next"
 
 
+class BlockingEcho(Echo):
+    """Echo whose Sleep holds its call until ``release`` is set (10 s at most)."""
+
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def Sleep(self, request, context):
+        self.release.wait(10)
+        return echo_pb2.EchoReply(payload=b"slept")
+
+
 def test_full_queue_gives_resource_exhausted_and_others_still_succeed(endpoints):
     frontend, backend = endpoints
     config = BrokerConfig(frontend=frontend, backend=backend, queue_size=5, unknown_service_grace=0.0)
     release = threading.Event()
-
-    class Blocking(Echo):
-        def Sleep(self, request, context):
-            release.wait(10)
-            return echo_pb2.EchoReply()
-
-    with Broker(config) as broker, Worker([Blocking()], backend, concurrency=1, heartbeat_interval=0.2):
+    with Broker(config) as broker, Worker([BlockingEcho(release)], backend, concurrency=1, heartbeat_interval=0.2):
         wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
         with Client(frontend, timeout=10.0) as client:
             echo = client.stub(ECHO)
@@ -227,13 +232,7 @@ def test_a_payload_over_the_clients_limit_is_refused_unsent_and_costs_no_other_c
     frontend, backend = endpoints
     config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
     release = threading.Event()
-
-    class Blocking(Echo):
-        def Sleep(self, request, context):
-            release.wait(10)
-            return echo_pb2.EchoReply(payload=b"slept")
-
-    with Broker(config) as broker, Worker([Blocking()], backend, heartbeat_interval=0.2):
+    with Broker(config) as broker, Worker([BlockingEcho(release)], backend, heartbeat_interval=0.2):
         wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
         with Client(frontend, timeout=5.0, max_message_bytes=10_000) as client:
             echo = client.stub(ECHO)
@@ -259,15 +258,12 @@ def test_a_reply_over_the_workers_limit_is_refused_and_its_connection_survives(e
     config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
     release = threading.Event()
 
-    class Bloated(Echo):
+    class Bloated(BlockingEcho):
         def Say(self, request, context):
             return echo_pb2.EchoReply(payload=b"x" * (2 << 20) if request.payload == b"big" else request.payload)
 
-        def Sleep(self, request, context):
-            release.wait(10)
-            return echo_pb2.EchoReply(payload=b"slept")
-
-    with Broker(config) as broker, Worker([Bloated()], backend, heartbeat_interval=0.2, max_message_bytes=10_000):
+    with Broker(config) as broker, Worker([Bloated(release)], backend, heartbeat_interval=0.2,
+                                          max_message_bytes=10_000):
         wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
         with Client(frontend, timeout=5.0) as client:
             echo = client.stub(ECHO)
