@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+import zmq
 from click.testing import CliRunner
 
 from zrpc import Broker, BrokerConfig, Client, Error, StatusCode, Worker
@@ -13,6 +14,7 @@ from zrpc._cli.main import main
 from workers.echo import Echo, echo_pb2
 
 from .conftest import wait_for, zrpc_cli
+from .test_security import Keys
 
 ECHO = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
 
@@ -83,3 +85,22 @@ def test_watch_refreshes_until_interrupted(spawn, served):
     watcher.signal(signal.SIGINT)
     assert watcher.popen.wait(10) == 0
     assert not any("Traceback" in line for line in watcher.errors)
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+def test_status_reaches_a_curve_broker_with_the_keys_it_is_given(tmp_path):
+    keys = Keys(tmp_path)
+    broker = Broker(keys.config()).start()
+    try:
+        def status(key: str):
+            return CliRunner().invoke(main, ["status", "--broker", broker.frontend_endpoint, "--interval", "0.05",
+                                             "--curve-secret", str(keys.secret(key)),
+                                             "--broker-key", str(keys.broker_public)], prog_name="zrpc")
+        admitted = status("alice")
+        assert admitted.exit_code == 0, admitted.output
+        assert admitted.output.startswith(f"broker {broker.frontend_endpoint}: 0 service(s)")
+        refused = status("w1")  # a worker key is not admitted on the frontend
+        assert refused.exit_code == 10 + StatusCode.UNAUTHENTICATED
+        assert "handshake refused" in refused.stderr
+    finally:
+        broker.stop()

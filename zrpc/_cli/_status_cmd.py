@@ -15,7 +15,7 @@ import click
 
 from .. import broker_service_pb2 as pb
 from ._call_cmd import broker_option
-from ._common import EXIT_CODES_HELP, option, split_endpoints
+from ._common import EXIT_CODES_HELP, curve_options, option, split_endpoints
 from . import _discovery
 
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: refresh in place on a terminal
@@ -24,6 +24,7 @@ _COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99 
 
 @click.command(epilog=EXIT_CODES_HELP)
 @broker_option
+@curve_options
 @option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="Deadline of each question to the broker.")
 @option("--watch", "-w", is_flag=True, default=False,
@@ -36,6 +37,7 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
     \b
       zrpc status --broker tcp://127.0.0.1:5555
       zrpc status --watch --interval 2
+      zrpc status --curve-secret alice.key_secret --broker-key broker.key
     """
     endpoints = split_endpoints(brokers)
     interrupted = threading.Event()  # Ctrl-C: set by the handler, so it never lands inside the client
