@@ -73,7 +73,7 @@ class AsyncClient:
         self._writer: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._cancel_ids: list[int] = []
-        self._sends_waiting = 0  # sends pyzmq holds until the socket's queue has room
+        self._send_blocked = False  # no broker could take a REQUEST: the writer waits for room
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closed = False
@@ -228,29 +228,37 @@ class AsyncClient:
 
     def _send_early(self) -> None:
         """Send the unsent calls now, in this loop turn, instead of at its end (see PIPELINE_PAIRS)."""
-        if self._sends_waiting:
-            # A send waits for room in the socket's queue (its high-water mark): this one would
-            # queue behind it in pyzmq, unbounded, with its deadlines stamped now. The writer,
-            # which waits for each send and skips calls that expired meanwhile, takes over.
-            self._wake.set()
-            return
+        if self._send_blocked:
+            return  # the writer sends them once a broker can take them
         core = self._core
         batch = core.next_request(core.clock())
-        if batch is None:
-            return
-        sent = self._socket.send_multipart(batch[0])  # pyzmq sends at once when it can
-        if sent.done():
-            self._check_sent(sent)
-        else:
-            self._sends_waiting += 1
-            sent.add_done_callback(self._early_send_done)
+        if batch is not None and not self._try_send(batch):
+            self._wake.set()
 
-    def _early_send_done(self, sent: asyncio.Future) -> None:
-        self._sends_waiting -= 1
+    def _try_send(self, batch: tuple[list[bytes], list[Call]]) -> bool:
+        """Send a REQUEST at once, or give its calls back unsent and return False.
+
+        Never a send that waits: while no broker is connected (or every queue is full) a REQUEST
+        built now would leave later with deadlines measured now, for calls that may have expired
+        meanwhile. Calls given back are sent again, with fresh deadlines, once there is room.
+        """
+        frames, calls = batch
+        sent = self._socket.send_multipart(frames, zmq.NOBLOCK)
+        if not sent.done():  # pyzmq queued it behind another send (none is ever left waiting)
+            sent.add_done_callback(self._check_sent)
+            return True
+        if not sent.cancelled() and isinstance(sent.exception(), zmq.Again):
+            self._core.unsend(calls)
+            self._send_blocked = True
+            return False
         self._check_sent(sent)
+        return True
 
-    def _check_sent(self, sent: asyncio.Future) -> None:
-        if not sent.cancelled() and (error := sent.exception()) is not None and not self._closed:
+    def _check_sent(self, sent: asyncio.Future, ignore_again: bool = False) -> None:
+        if not sent.done() or sent.cancelled():
+            return
+        error = sent.exception()
+        if error is not None and not self._closed and not (ignore_again and isinstance(error, zmq.Again)):
             self._fail("send", error)
 
     async def _write(self) -> None:
@@ -261,14 +269,14 @@ class AsyncClient:
                 self._wake.clear()
                 if self._cancel_ids:
                     request_ids, self._cancel_ids = self._cancel_ids, []
-                    await self._socket.send_multipart(cancel_message(request_ids))
+                    # Best effort: the broker drops these calls anyway when their deadlines pass.
+                    self._check_sent(self._socket.send_multipart(cancel_message(request_ids), zmq.NOBLOCK),
+                                     ignore_again=True)
                 # Every call made since the last turn goes out in as few messages as fit.
                 while (batch := core.next_request(core.clock())) is not None:
-                    self._sends_waiting += 1  # while this await is suspended, no early send
-                    try:
-                        await self._socket.send_multipart(batch[0])
-                    finally:
-                        self._sends_waiting -= 1
+                    if not self._try_send(batch):
+                        await self._socket.poll(None, zmq.POLLOUT)  # a broker can take it now
+                        self._send_blocked = False
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -33,8 +33,12 @@ def open_dealer(context: zmq.Context, endpoints: Sequence[str],
             _security.apply_client_curve(socket, *curve)
         # Closing must never wait for unsent requests: their callers have already been answered.
         socket.setsockopt(zmq.LINGER, 0)
-        # IMMEDIATE stays off on purpose: requests made while the broker is still connecting
-        # queue in ZeroMQ and go out on connect; the client's own deadline bounds the wait.
+        # Requests go only to brokers we are connected to. Without IMMEDIATE, ZeroMQ keeps a queue
+        # for every endpoint from the start, and keeps it while a broker is down: round-robin then
+        # parks requests in a dead broker's queue (a client's first call always went to the first
+        # endpoint, up or not). With it, a send blocks while no broker is connected; both flavours
+        # keep such calls unsent until one is, and their deadlines bound the wait.
+        socket.setsockopt(zmq.IMMEDIATE, 1)
         socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         for endpoint in endpoints:

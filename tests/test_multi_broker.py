@@ -1,0 +1,94 @@
+"""A client given several brokers sends only to the ones it is connected to (DESIGN: clients and
+workers may connect to two brokers at once), so a broker that is down costs no later call."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import zrpc
+from zrpc import AsyncClient, Broker, BrokerConfig, Client, Worker
+from workers.echo import Echo, echo_pb2
+
+from .conftest import wait_for
+
+ECHO = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
+
+
+def _broker(ipc_dir: str, name: str) -> Broker:
+    return Broker(BrokerConfig(frontend=f"ipc://{ipc_dir}/{name}-front", backend=f"ipc://{ipc_dir}/{name}-back",
+                               unknown_service_grace=0.0))
+
+
+def _serves_echo(broker: Broker) -> bool:
+    state = broker.engine.services.get("echo.Echo")
+    return bool(state and state.workers)
+
+
+def test_a_broker_in_the_list_that_never_ran_costs_no_call(ipc_dir):
+    never_ran = f"ipc://{ipc_dir}/never-bound"
+    with _broker(ipc_dir, "live") as broker, Worker([Echo()], broker.backend_endpoint, heartbeat_interval=0.2):
+        wait_for(lambda: _serves_echo(broker))
+        endpoints = [never_ran, broker.frontend_endpoint]
+        for attempt in range(3):  # a fresh client each time, as each CLI command makes: its first call too
+            with Client(endpoints, timeout=5.0) as client:
+                echo = client.stub(ECHO)
+                for i in range(4):
+                    payload = b"%d-%d" % (attempt, i)
+                    assert echo.Say(echo_pb2.EchoRequest(payload=payload)).payload == payload
+
+        async def concurrent_calls() -> list[bytes]:
+            async with AsyncClient(endpoints, timeout=5.0) as client:
+                echo = client.stub(ECHO)
+                replies = await asyncio.gather(*(echo.Say(echo_pb2.EchoRequest(payload=b"%d" % i)) for i in range(32)))
+                return [reply.payload for reply in replies]
+
+        assert asyncio.run(concurrent_calls()) == [b"%d" % i for i in range(32)]
+
+
+def test_calls_made_while_no_broker_is_up_leave_when_one_comes_up(ipc_dir):
+    broker = _broker(ipc_dir, "late")
+    endpoint = broker.config.frontend
+
+    async def call_before_the_broker_binds() -> bytes:
+        async with AsyncClient(endpoint, timeout=10.0) as client:
+            echo = client.stub(ECHO)
+            pending = asyncio.ensure_future(echo.Say(echo_pb2.EchoRequest(payload=b"early")))
+            for _ in range(500):  # until the writer has found no broker to send to (5 s at most)
+                if client._send_blocked:
+                    break
+                await asyncio.sleep(0.01)
+            assert client._send_blocked and not pending.done()
+            with broker, Worker([Echo()], broker.config.backend, heartbeat_interval=0.2):
+                return (await pending).payload
+
+    assert asyncio.run(call_before_the_broker_binds()) == b"early"
+
+
+def test_a_broker_that_stops_costs_no_later_call(ipc_dir):
+    first, second = _broker(ipc_dir, "first"), _broker(ipc_dir, "second")
+    with contextlib.ExitStack() as stack:
+        for broker in (first, second):
+            stack.enter_context(broker)
+        stack.enter_context(Worker([Echo()], [first.backend_endpoint, second.backend_endpoint],
+                                   heartbeat_interval=0.2))
+        wait_for(lambda: _serves_echo(first) and _serves_echo(second))
+        client = stack.enter_context(Client([first.frontend_endpoint, second.frontend_endpoint], timeout=5.0))
+        echo = client.stub(ECHO)
+        for i in range(20):
+            assert echo.Say(echo_pb2.EchoRequest(payload=b"%d" % i)).payload == b"%d" % i
+        assert first.engine.counters["requests"] > 0 and second.engine.counters["requests"] > 0
+
+        second.stop()
+        # A call sent in the instant before the client saw the connection close may be lost with
+        # the broker; every call after that must be served by the first.
+        outcomes = []
+        for i in range(40):
+            try:
+                echo.Say(echo_pb2.EchoRequest(payload=b"after"), timeout=1.0)
+                outcomes.append(True)
+            except zrpc.Error:
+                outcomes.append(False)
+            if outcomes[-20:] == [True] * 20:
+                break
+        assert outcomes[-20:] == [True] * 20, outcomes
+        assert outcomes.count(False) <= 2, outcomes
