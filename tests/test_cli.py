@@ -19,6 +19,9 @@ from zrpc._cli._call_cmd import format_services
 from zrpc._cli.main import main
 
 from .conftest import REPO, wait_for, zrpc_cli
+from .test_security import Keys
+
+needs_curve = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
 
 CLI_TIMEOUT = 30.0  # bound on any one CLI subprocess
 
@@ -351,3 +354,19 @@ def test_sigterm_with_a_silent_broker_stops_the_worker_without_waiting_out_the_g
     finally:
         broker.signal(signal.SIGCONT)
     assert wait_for(lambda: any("went silent" in line for line in worker.errors), 5, message="the warning")
+
+
+@needs_curve
+def test_broker_start_warns_when_an_allow_list_directory_holds_no_keys(spawn, endpoints, tmp_path):
+    keys = Keys(tmp_path)
+    empty = tmp_path / "no-clients-yet"
+    empty.mkdir()
+    frontend, backend = endpoints
+    broker = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
+                             "--curve-secret", str(keys.broker_secret), "--client-keys", str(empty),
+                             "--worker-keys", str(keys.workers)))
+    broker.wait_line("zrpc broker ready")
+    warning = wait_for(lambda: next((line for line in broker.errors if "allow-list" in line), None), 10,
+                       message="the empty allow-list warning")
+    assert "WARNING" in warning and f"client allow-list {empty} holds no *.key files" in warning
+    assert not any("worker allow-list" in line for line in broker.errors)  # that one has a key

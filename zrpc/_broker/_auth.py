@@ -68,8 +68,16 @@ class BrokerSecurity:
 
     def _load_policy(self) -> s.AccessPolicy:
         rules = s.load_rules(self.rules_file) if self.rules_file else None
-        return s.AccessPolicy(s.load_allow_list(self.client_keys_dir),
-                              s.load_allow_list(self.worker_keys_dir), rules)
+        policy = s.AccessPolicy(s.load_allow_list(self.client_keys_dir),
+                                s.load_allow_list(self.worker_keys_dir), rules)
+        # An empty directory is valid (keys may come later, with SIGHUP) but almost always a
+        # wrong path: say so, since every handshake on that side would be refused.
+        for side, directory, admitted in (("client", self.client_keys_dir, policy.clients),
+                                          ("worker", self.worker_keys_dir, policy.workers)):
+            if not admitted:
+                log.warning("%s allow-list %s holds no *.key files: every %s will be refused; "
+                            "copy their NAME.key files there and send SIGHUP", side, directory, side)
+        return policy
 
     def reload(self) -> s.AccessPolicy:
         """Read the allow-lists and rules again; new handshakes see them at once. On an error
