@@ -262,6 +262,14 @@ def test_call_unknown_method_and_unknown_field_name_the_problem(greeter):
     assert "helloworld.HelloRequest" in line and '"nam"' in line
 
 
+def test_call_greeter_with_an_empty_name_is_invalid_argument(greeter):
+    _, _, frontend = greeter
+    result = run_cli("call", "--broker", frontend, "helloworld.Greeter/SayHello", '{"name": ""}')
+    assert result.returncode == 10 + zrpc.StatusCode.INVALID_ARGUMENT
+    assert one_line_error(result.stderr) == "error: INVALID_ARGUMENT: name must not be empty"
+    assert result.stdout == ""
+
+
 def test_call_handler_error_maps_to_ten_plus_its_code(greeter):
     _, _, frontend = greeter
     result = run_cli("call", "--broker", frontend, "echo.Echo/Fail", '{"code": 9, "message": "not yet"}')
