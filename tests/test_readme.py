@@ -2,6 +2,8 @@
 three-line test example passes quietly."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 import zrpc
@@ -33,3 +35,11 @@ def test_greeter_refuses_an_empty_name_as_readme_says():
     # README prints: INVALID_ARGUMENT name must not be empty
     assert (raised.value.code.name, raised.value.message) == ("INVALID_ARGUMENT", "name must not be empty")
 
+
+def test_readme_testing_example_passes_and_exits_without_a_warning(caplog):
+    example = python_block("from zrpc.testing import serve")
+    namespace = {"Greeter": Greeter, "helloworld_pb2": helloworld_pb2}
+    exec(compile(example, "README.md", "exec"), namespace)
+    with caplog.at_level(logging.WARNING):
+        namespace["test_greeter"]()
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
