@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import logging
 import pathlib
 import select
 import shutil
@@ -265,6 +266,27 @@ def test_client_key_cannot_register_as_a_worker(keys, running):
     from zrpc import broker_service_pb2 as pb
     listing = pb.ListServicesReply.FromString(alice.call("zrpc.Broker", "ListServices", b""))
     assert SERVICE not in [s.name for s in listing.services]
+    assert not broker.engine.workers
+
+
+@pytest.mark.parametrize("key, broker_key, reason", [
+    ("alice", None, "our key is not allowed"),  # a key the broker's worker list does not hold
+    ("w1", "alice", "is --broker-key the broker's public key"),  # the wrong broker key
+])
+def test_a_refused_worker_says_why_once_instead_of_reconnecting_silently(keys, running, caplog, key, broker_key,
+                                                                         reason):
+    broker = start_broker(running, keys.config())
+    caplog.set_level(logging.DEBUG, logger="zrpc.worker")
+    running(Worker([Echo()], brokers=broker.backend_endpoint, heartbeat_interval=0.05, liveness=2,
+                   curve_secret=keys.secret(key),
+                   broker_key=keys.secrets / f"{broker_key}.key" if broker_key else keys.broker_public).start())
+    refusals = lambda: [r for r in caplog.records if r.levelno == logging.ERROR and "refused our handshake" in r.message]
+    wait_for(refusals, 10, message="the worker logging the refusal")
+    # It keeps retrying (a key may be added to the list and the broker reloaded), quietly.
+    wait_for(lambda: sum("still refuses" in r.message for r in caplog.records) >= 2, 10,
+             message="two reconnections after the refusal")
+    [refusal] = refusals()
+    assert broker.backend_endpoint in refusal.message and reason in refusal.message
     assert not broker.engine.workers
 
 

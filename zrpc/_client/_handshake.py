@@ -16,7 +16,8 @@ EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
           | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-def _reason(event: int, value: int) -> str | None:
+def refusal_reason(event: int, value: int) -> str | None:
+    """Why a handshake failed, for a person; None for an event that is not a refusal."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return f"our key is not allowed (ZAP status {value})"
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
@@ -47,7 +48,7 @@ class HandshakeWatch:
             self.refused.pop(endpoint, None)
             self.retrying.pop(endpoint, None)
             return None
-        reason = _reason(event, value)
+        reason = refusal_reason(event, value)
         if reason is None:
             return None
         self.accepted.discard(endpoint)

@@ -9,6 +9,7 @@ import zmq
 
 from .. import _protocol as p
 from .. import _security
+from .._client import _handshake
 
 log = logging.getLogger("zrpc.worker")
 
@@ -76,6 +77,10 @@ class BrokerLink:
         self.batches = False
         self._read_scheduled = False
         self._replies: list[tuple] = []  # answers (header, payload[, status code]) to send this loop turn
+        # CURVE: handshake outcomes, so a refused key is said plainly instead of looking like a
+        # silent broker (ZeroMQ retries a refused handshake forever, quietly).
+        self._monitor: zmq.Socket | None = None
+        self.refused: str | None = None  # why the broker refused our last handshake
 
     def open(self) -> None:
         """A fresh DEALER connected to the broker, announcing READY at once (spec §7)."""
@@ -91,6 +96,10 @@ class BrokerLink:
             socket.close(0)
             raise
         self.socket = socket
+        if self.curve is not None:
+            self._monitor = socket.get_monitor_socket(_handshake.EVENTS)
+            self.loop.add_reader(self._monitor.FD, self._read_handshakes)
+            self.loop.call_soon(self._read_handshakes)  # edge-triggered, as the socket's FD
         self.loop.add_reader(socket.FD, self.on_readable)
         self.schedule_read()  # the FD is edge-triggered: look once anyway
         self.epoch += 1
@@ -98,10 +107,35 @@ class BrokerLink:
         self.send_ready()
 
     def close(self, linger_ms: int = 0) -> None:
+        if self._monitor is not None:
+            self.loop.remove_reader(self._monitor.FD)
+            self.socket.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
         if self.socket is not None:
             self.loop.remove_reader(self.socket.FD)
             self.socket.close(linger_ms)
             self.socket = None
+
+    def _read_handshakes(self) -> None:
+        """Log a refused handshake once per refusal (the first, and again after an acceptance)."""
+        while self._monitor is not None:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event, value, _ = _handshake.parse_event(frames)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self.refused is not None:
+                    log.info("broker %s accepted our key now", self.endpoint)
+                self.refused = None
+                continue
+            reason = _handshake.refusal_reason(event, value)
+            if reason is not None and reason != self.refused:
+                self.refused = reason
+                log.error("broker %s refused our handshake: %s; until it accepts our key (its worker "
+                          "keys, then SIGHUP or a restart) this worker serves nothing there; retrying",
+                          self.endpoint, reason)
 
     def schedule_read(self) -> None:
         """Read on the next loop turn (once, however often this is asked before then)."""
