@@ -107,6 +107,13 @@ def test_json_from_stdin_is_read_with_dash(cli):
     (["call", "--broker", "localhost:5555", "a.B/C"], "bad broker endpoint 'localhost:5555'"),
     (["services", "--broker", "tcp:/x"], "bad broker endpoint"),
     (["broker", "start", "--frontend", "5555"], "bad frontend endpoint"),
+    (["broker", "start", "--frontend", "tcp://127.0.0.1:99999"],
+     "bad frontend endpoint 'tcp://127.0.0.1:99999': port '99999' is not a number from 0 to 65535"),
+    (["broker", "start", "--backend", "tcp://127.0.0.1:http"], "port 'http' is not a number"),
+    (["broker", "start", "--backend", "tcp://127.0.0.1"], "no port: expected HOST:PORT"),
+    (["broker", "start", "--frontend", "tcp://127.0.0.1:5599", "--backend", "tcp://127.0.0.1:5599"],
+     "frontend and backend are the same endpoint tcp://127.0.0.1:5599"),
+    (["call", "--broker", "tcp://127.0.0.1:65536", "a.B/C"], "port '65536' is not a number"),
     (["worker", "run", "workers.echo"], "expected MODULE:CLASS"),
 ])
 def test_user_mistakes_are_one_line_usage_errors(cli, args, problem):
@@ -171,6 +178,20 @@ def test_a_bad_config_file_stops_the_broker_with_one_line(cli, tmp_path, text, p
     result = cli("broker", "start", "--config", str(path))
     assert result.exit_code == 2
     assert problem in one_line_error(result.stderr)
+
+
+@pytest.mark.parametrize("frontend, backend, problem", [
+    ("tcp://127.0.0.1:70000", "tcp://127.0.0.1:0", "port '70000' is not a number from 0 to 65535"),
+    ("ipc:///tmp/zrpc-same", "ipc:///tmp/zrpc-same", "the same endpoint"),
+])
+def test_broker_config_refuses_endpoints_that_cannot_work_from_python_too(frontend, backend, problem):
+    with pytest.raises(ValueError, match=problem):
+        BrokerConfig(frontend=frontend, backend=backend).validate()
+
+
+def test_two_free_tcp_ports_are_not_the_same_endpoint():
+    BrokerConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0").validate()
+    BrokerConfig(frontend="tcp://*:*", backend="tcp://*:*").validate()
 
 
 def test_broker_bind_failure_is_one_line_and_non_zero(cli):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import tomllib
 from typing import Any
 
@@ -10,6 +11,10 @@ from .. import _protocol as p
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+
+# Transports whose address ends in :PORT (ws and wss may add a /path after it).
+_PORTED_TRANSPORTS = ("tcp://", "udp://", "ws://", "wss://")
+_ANY_PORT = ("0", "*")  # bind to a free port: two such endpoints never clash
 
 
 @dataclasses.dataclass(slots=True)
@@ -81,11 +86,47 @@ class BrokerConfig:
                 raise ValueError(f"{name} must not be negative")
         if self.tick_interval <= 0:
             raise ValueError("tick_interval must be positive")
+        for name in ("frontend", "backend"):
+            problem = endpoint_port_problem(getattr(self, name))
+            if problem:
+                raise ValueError(f"{name} {getattr(self, name)!r}: {problem}")
+        if self.frontend.strip() == self.backend.strip() and endpoint_port(self.frontend) not in _ANY_PORT:
+            # Caught here, the second bind would only say "Address already in use".
+            raise ValueError(f"frontend and backend are the same endpoint {self.frontend}: "
+                             f"clients and workers need one each")
         if self.curve_secret and not (self.client_keys and self.worker_keys):
             # Without allow-lists CURVE would encrypt but admit any key.
             raise ValueError("curve_secret needs client_keys and worker_keys (directories of public keys)")
         if not self.curve_secret and (self.client_keys or self.worker_keys or self.access_rules):
             raise ValueError("client_keys, worker_keys and access_rules need curve_secret")
+
+
+def endpoint_port(endpoint: str) -> str | None:
+    """The PORT text of a tcp/udp/ws/wss endpoint (``None`` for other transports or no port)."""
+    endpoint = endpoint.strip()
+    transport = next((t for t in _PORTED_TRANSPORTS if endpoint.startswith(t)), None)
+    if transport is None:
+        return None
+    address = endpoint[len(transport):]
+    if transport.startswith("ws"):
+        address = address.split("/", 1)[0]
+    host, sep, port = address.rpartition(":")
+    return port if sep and host else None
+
+
+def endpoint_port_problem(endpoint: str) -> str | None:
+    """What is wrong with the port of a tcp/udp/ws/wss endpoint, or None (also for other transports).
+
+    libzmq reads the port modulo 65536, so tcp://127.0.0.1:99999 would bind port 34463.
+    """
+    if not endpoint.strip().startswith(_PORTED_TRANSPORTS):
+        return None
+    port = endpoint_port(endpoint)
+    if port is None:
+        return "no port: expected HOST:PORT, e.g. tcp://127.0.0.1:5555"
+    if port != "*" and not (re.fullmatch(r"[0-9]{1,5}", port) and int(port) <= 65535):
+        return f"port {port!r} is not a number from 0 to 65535 (or *)"
+    return None
 
 
 def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Iterable
 
 import click
 
+from .._broker._config import endpoint_port_problem
 from .._errors import Error
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -62,6 +63,9 @@ def check_endpoint(endpoint: str, what: str = "endpoint") -> str:
             f"tcp://127.0.0.1:5555 or ipc:///tmp/zrpc-frontend",
             exit_code=EXIT_USAGE,
         )
+    problem = endpoint_port_problem(endpoint)
+    if problem:
+        raise CliError(f"bad {what} {endpoint!r}: {problem}", exit_code=EXIT_USAGE)
     return endpoint
 
 
