@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import click
 import pytest
 import zmq
 from click.testing import CliRunner
@@ -72,6 +73,43 @@ def test_help_shows_the_environment_variable_of_each_option(cli):
     assert "ZRPC_WORKER_RUN_CONCURRENCY" in cli("worker", "run", "--help").output
     call_help = cli("call", "--help").output
     assert "ZRPC_BROKER" in call_help and "ZRPC_CALL_TIMEOUT" in call_help
+
+
+CLIENT_COMMANDS = ("call", "services", "health", "status")
+
+
+def leaf_commands(group=main, path=()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from leaf_commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_option_reads_the_environment_variable_readme_names(monkeypatch):
+    """README: ZRPC_ + command path + long option name, dashes as underscores; --broker of the
+    client commands reads ZRPC_BROKER."""
+    root = click.Context(main, info_name="zrpc", **main.context_settings)
+    for path, command in leaf_commands():
+        context = root
+        for name in path:  # each level adds its name to the prefix, as in a real invocation
+            context = click.Context(command, info_name=name, parent=context)
+        for param in command.params:
+            if not isinstance(param, click.Option) or not param.show_envvar:
+                continue
+            long_name = max(param.opts, key=len).lstrip("-")
+            expected = "_".join(["ZRPC", *path, long_name]).upper().replace("-", "_")
+            if long_name == "broker" and path[0] in CLIENT_COMMANDS:
+                expected = "ZRPC_BROKER"
+            monkeypatch.setenv(expected, "from-the-environment")
+            assert param.resolve_envvar_value(context) == "from-the-environment", (path, param.opts, expected)
+            monkeypatch.delenv(expected)
+
+
+def test_keys_generate_reads_its_directory_from_ZRPC_KEYS_GENERATE_DIR(cli, tmp_path):
+    result = cli("keys", "generate", "node", env={"ZRPC_KEYS_GENERATE_DIR": str(tmp_path / "k")})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "k" / "node.key").exists() and (tmp_path / "k" / "node.key_secret").exists()
 
 
 def test_python_dash_m_zrpc_and_the_console_script_entry_point_are_the_same_group():
@@ -262,6 +300,13 @@ def test_call_reads_the_broker_from_ZRPC_BROKER_and_the_request_from_stdin(greet
                      input='{"name": "Grace"}')
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"message": "Hello, Grace!"}
+
+
+def test_services_reads_ZRPC_BROKER_and_ZRPC_SERVICES_JSON(greeter):
+    _, _, frontend = greeter
+    result = run_cli("services", env={"ZRPC_BROKER": frontend, "ZRPC_SERVICES_JSON": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "helloworld.Greeter" in {service["name"] for service in json.loads(result.stdout)["services"]}
 
 
 def test_call_unknown_service_is_not_found_with_its_exit_status(greeter):

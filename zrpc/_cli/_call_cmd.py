@@ -80,7 +80,7 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
 @curve_options
 @option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="How long to wait for the broker.")
-@option("--json", "as_json", is_flag=True, default=False,
+@option("--json", "as_json", is_flag=True, default=False, envvar="ZRPC_SERVICES_JSON",
         help="Print the ListServices reply as JSON; with several brokers, an object by endpoint.")
 def services(brokers: tuple[str, ...], timeout: float, as_json: bool) -> None:
     """List the services a broker knows: methods, live workers, load and queue depth.

@@ -13,7 +13,7 @@ def keys() -> None:
 
 @keys.command()
 @click.argument("name")
-@option("--dir", "directory", default=".", show_default=True, metavar="DIR",
+@option("--dir", "directory", default=".", show_default=True, metavar="DIR", envvar="ZRPC_KEYS_GENERATE_DIR",
         type=click.Path(file_okay=False), help="Where to write the two files.")
 def generate(name: str, directory: str) -> None:
     """Write NAME.key (public: give it to the peers) and NAME.key_secret (mode 0600: keep it).

@@ -12,8 +12,9 @@ from ._status_cmd import status
 from ._worker_cmd import worker
 
 CONTEXT_SETTINGS = {
-    # Every option can also come from the environment: ZRPC_<COMMAND>_<OPTION>, e.g.
-    # ZRPC_BROKER_START_FRONTEND; --broker of call/services/health reads ZRPC_BROKER.
+    # Every option can also come from the environment: ZRPC_<COMMAND>_<OPTION>, from the option's
+    # long name (an option whose parameter is named otherwise sets that envvar itself), e.g.
+    # ZRPC_BROKER_START_FRONTEND; --broker of call/services/health/status reads ZRPC_BROKER.
     "auto_envvar_prefix": "ZRPC",
     "help_option_names": ["-h", "--help"],
     "max_content_width": 100,
