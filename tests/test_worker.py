@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 
 import pytest
 import zmq
@@ -622,3 +623,27 @@ def test_stop_leaves_calls_past_the_grace_to_the_broker(broker, make_worker):
     _, body = broker.expect(p.DISCONNECT)  # and no REPLY before it: the broker decides the call's fate
     assert not p.decode_disconnect_message(body).drain
     assert probe.saw_cancel == [True]
+
+
+def test_a_worker_pointed_at_a_brokers_frontend_says_so_once(endpoints, caplog):
+    """The client port answers READY as a client's bad request: the worker names the mistake."""
+    import logging
+
+    from zrpc import Broker, BrokerConfig
+
+    from .conftest import wait_for
+
+    frontend, backend = endpoints
+    caplog.set_level(logging.INFO, logger="zrpc.worker")
+    with Broker(BrokerConfig(frontend=frontend, backend=backend)) as broker:
+        with Worker([Greeter()], frontend, heartbeat_interval=0.05):
+            hint = lambda: [r for r in caplog.records if "answers like a broker's frontend" in r.message]
+            wait_for(hint, 10, message="the worker's hint")
+            wait_for(lambda: broker.engine.counters["malformed_bad_command"] >= 2, 10,
+                     message="a second message refused by the frontend")
+            stopping = time.monotonic()
+        # The drain waits for no acknowledgement from a frontend (10 s of grace by default).
+        assert time.monotonic() - stopping < 5
+        [record] = hint()
+        assert record.levelname == "ERROR" and frontend in record.message and "--backend" in record.message
+        assert not [r for r in caplog.records if "bad message from broker" in r.message]

@@ -81,6 +81,7 @@ class BrokerLink:
         # silent broker (ZeroMQ retries a refused handshake forever, quietly).
         self._monitor: zmq.Socket | None = None
         self.refused: str | None = None  # why the broker refused our last handshake
+        self.looks_like_frontend = False  # REPLYs came back: this is a broker's client endpoint
 
     def open(self) -> None:
         """A fresh DEALER connected to the broker, announcing READY at once (spec §7)."""

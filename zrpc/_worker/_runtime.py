@@ -271,7 +271,9 @@ class Worker:
             now = self._clock()
             # A broker silent for liveness x interval is gone (spec §11): it cannot acknowledge,
             # and waiting out the rest of the grace for it would only delay the stop.
-            waiting = [link for link in self._links if not link.drain_acked and not link.silent(now)]
+            # Nor a client endpoint mistaken for one: it never registered us, and never will answer.
+            waiting = [link for link in self._links
+                       if not link.drain_acked and not link.silent(now) and not link.looks_like_frontend]
             if not waiting:
                 break
             left = give_up_at - now
@@ -336,6 +338,14 @@ class Worker:
             try:
                 command, body = p.split(frames, FROM_BROKER)
             except p.ProtocolError as exc:
+                if len(frames) > 1 and frames[1] == p.REPLY:
+                    # A broker's frontend answers our READY as a client's bad request.
+                    if not link.looks_like_frontend:
+                        link.looks_like_frontend = True
+                        log.error("%s answers like a broker's frontend (the endpoint for clients): workers "
+                                  "connect to its backend (`zrpc broker start --backend`, port 5556 by default)",
+                                  link.endpoint)
+                    continue
                 log.warning("bad message from broker %s (%s): %s", link.endpoint, exc.reason, exc.message)
                 continue
             if command == p.REQUEST or command == p.REQUEST_BATCH:
