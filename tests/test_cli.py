@@ -112,6 +112,21 @@ def test_keys_generate_reads_its_directory_from_ZRPC_KEYS_GENERATE_DIR(cli, tmp_
     assert (tmp_path / "k" / "node.key").exists() and (tmp_path / "k" / "node.key_secret").exists()
 
 
+def test_keys_generate_refuses_to_replace_a_key_pair_unless_forced(cli, tmp_path):
+    first = cli("keys", "generate", "alice", "--dir", str(tmp_path))
+    assert first.exit_code == 0, first.output
+    public = (tmp_path / "alice.key").read_bytes()
+    again = cli("keys", "generate", "alice", "--dir", str(tmp_path))
+    assert again.exit_code == 2
+    line = one_line_error(again.stderr)
+    assert f"{tmp_path / 'alice.key'} and {tmp_path / 'alice.key_secret'} already exist" in line
+    assert "--force" in line
+    assert (tmp_path / "alice.key").read_bytes() == public  # untouched
+    forced = cli("keys", "generate", "alice", "--dir", str(tmp_path), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert (tmp_path / "alice.key").read_bytes() != public
+
+
 def test_python_dash_m_zrpc_and_the_console_script_entry_point_are_the_same_group():
     import zrpc.__main__  # noqa: F401  (importing must not run the CLI)
     assert main.name == "main" and set(main.commands) >= {"broker", "worker", "call", "services"}
