@@ -223,6 +223,10 @@ def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path):
     ("[broker]\nqueue_sise = 3\n", "unknown setting 'queue_sise'"),
     ("[broker]\nqueue_size = 0\n", "queue_size must be at least 1"),
     ("[broker\n", "not valid TOML"),
+    ("queue_size = 5\n[broker]\nmax_in_flight = 9\n", "unknown key 'queue_size' outside the [broker] table"),
+    ("[broker]\nqueue_size = 5\n[limits]\nmax_in_flight = 9\n", "unknown table [limits]"),
+    ("[brokers]\nqueue_size = 5\n", "unknown table [brokers]"),
+    ('broker = "on"\n', "broker must be a table"),
     ('[broker]\nlog_level = "LOUD"\n', "bad log_level 'LOUD'"),
 ])
 def test_a_bad_config_file_stops_the_broker_with_one_line(cli, tmp_path, text, problem):

@@ -132,12 +132,25 @@ def endpoint_port_problem(endpoint: str) -> str | None:
 def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
     """Read the ``[broker]`` table of a TOML file into BrokerConfig keyword arguments.
 
-    Keys may use dashes or underscores. An unknown key is an error that names it, so a typo
-    in a deployment file is caught at start-up rather than silently ignored.
+    Keys may use dashes or underscores. An unknown key or table, inside the table or out, is
+    an error that names it, so a typo in a deployment file is caught at start-up rather than
+    silently ignored.
     """
     with open(path, "rb") as f:
         document = tomllib.load(f)
-    table = document.get("broker", document)
+    if "broker" in document:
+        table = document["broker"]
+        outside = [key for key in document if key != "broker"]
+    else:  # a file of bare settings, with no table at all
+        table = document
+        outside = [key for key, value in document.items() if isinstance(value, dict)]
+    if outside:
+        # Read by nobody: `queue_size = 5` above the [broker] table looks set but is not.
+        key = outside[0]
+        what = f"table [{key}]" if isinstance(document[key], dict) else f"key {key!r} outside the [broker] table"
+        raise ValueError(f"{path}: unknown {what}; every setting goes in the [broker] table")
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: broker must be a table ([broker]), not {type(table).__name__}")
     known = set(BrokerConfig.field_names())
     settings: dict[str, Any] = {}
     for key, value in table.items():
