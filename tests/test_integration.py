@@ -308,3 +308,13 @@ def test_large_payloads_pass_through_the_broker_intact(broker, start_worker):
         echo = client.stub(ECHO)
         futures = [echo.Say.future(echo_pb2.EchoRequest(payload=payload[i:] + payload[:i])) for i in range(4)]
         assert [f.result(10).payload for f in futures] == [payload[i:] + payload[:i] for i in range(4)]
+
+
+def test_ipv6_loopback_endpoints_work_end_to_end():
+    """tcp://[::1]:port for the broker, its worker and its client (ZeroMQ leaves IPv6 off)."""
+    config = BrokerConfig(frontend="tcp://[::1]:0", backend="tcp://[::1]:0", unknown_service_grace=0.0)
+    with Broker(config) as broker, Worker([Echo()], broker.backend_endpoint, heartbeat_interval=0.2):
+        assert broker.frontend_endpoint.startswith("tcp://[::1]:")
+        wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+        with Client(broker.frontend_endpoint, timeout=5.0) as client:
+            assert client.stub(ECHO).Say(echo_pb2.EchoRequest(payload=b"v6")).payload == b"v6"

@@ -92,3 +92,4 @@ def test_a_broker_that_stops_costs_no_later_call(ipc_dir):
                 break
         assert outcomes[-20:] == [True] * 20, outcomes
         assert outcomes.count(False) <= 2, outcomes
+

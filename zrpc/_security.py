@@ -188,6 +188,17 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False  # "*", an interface name, a host name: reachable from elsewhere
 
 
+def allow_ipv6_for(socket: zmq.Socket, endpoints) -> None:
+    """Turn on IPv6 for a socket that binds or connects to an IPv6 literal (``tcp://[::1]:5555``).
+
+    ZeroMQ leaves IPv6 off, and then fails such an endpoint with "No such device". Only for
+    literals: with it on, a host name such as localhost may resolve to ::1 where the peer listens
+    on 127.0.0.1 only, and never connect.
+    """
+    if any("://[" in endpoint or ";[" in endpoint for endpoint in endpoints):
+        socket.setsockopt(zmq.IPV6, 1)
+
+
 def apply_client_curve(socket: zmq.Socket, keypair: KeyPair, broker_key: bytes) -> None:
     """Make ``socket`` a CURVE client of the broker whose public key is ``broker_key``."""
     socket.curve_secretkey = keypair.secret

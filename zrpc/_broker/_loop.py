@@ -137,6 +137,7 @@ class Broker:
         socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         socket.setsockopt(zmq.HANDSHAKE_IVL, max(1, round(self.config.handshake_timeout * 1000)))
+        _security.allow_ipv6_for(socket, [endpoint])
         self.connections.watch(side, socket)  # before binding: every accepted connection is seen
         try:
             socket.bind(endpoint)

@@ -41,6 +41,7 @@ def open_dealer(context: zmq.Context, endpoints: Sequence[str],
         socket.setsockopt(zmq.IMMEDIATE, 1)
         socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        _security.allow_ipv6_for(socket, endpoints)
         for endpoint in endpoints:
             socket.connect(endpoint)
     except BaseException:

@@ -91,6 +91,7 @@ class BrokerLink:
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         if self.curve is not None:
             _security.apply_client_curve(socket, *self.curve)
+        _security.allow_ipv6_for(socket, [self.endpoint])
         try:
             socket.connect(self.endpoint)
         except zmq.ZMQError:
