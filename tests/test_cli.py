@@ -463,3 +463,18 @@ def test_broker_start_warns_when_an_allow_list_directory_holds_no_keys(spawn, en
                        message="the empty allow-list warning")
     assert "WARNING" in warning and f"client allow-list {empty} holds no *.key files" in warning
     assert not any("worker allow-list" in line for line in broker.errors)  # that one has a key
+
+
+@needs_curve
+@pytest.mark.parametrize("command", [["call", "echo.Echo/Say", "{}"], ["services"]])
+def test_a_refused_handshake_is_reported_once(tmp_path, command):
+    keys = Keys(tmp_path)
+    broker = zrpc.Broker(keys.config()).start()
+    try:
+        result = run_cli(*command, "--broker", broker.frontend_endpoint, "--timeout", "10",
+                         "--curve-secret", str(keys.secret("w1")), "--broker-key", str(keys.broker_public))
+    finally:
+        broker.stop()
+    assert result.returncode == 10 + zrpc.StatusCode.UNAUTHENTICATED
+    line = one_line_error(result.stderr)  # not a warning line and then the same as an error
+    assert line.startswith(f"error: UNAUTHENTICATED: handshake refused by broker at {broker.frontend_endpoint}")

@@ -6,6 +6,7 @@ one-line :class:`CliError`, so no command prints a traceback for a user mistake.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 from google.protobuf import descriptor_pool
@@ -20,6 +21,28 @@ from ._common import EXIT_STATUS_BASE, CliError, call_failed, curve_settings
 BROKER_SERVICE = "zrpc.Broker"
 
 
+_REFUSED = "handshake refused"
+
+
+class _HeldRefusals(logging.Filter):
+    """Holds back the client's "handshake refused" warnings while a command runs.
+
+    When the command then fails with that refusal, its ``error:`` line says the same thing and
+    the warning would only repeat it; when it succeeds (another broker answered), they are
+    logged after all.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _REFUSED in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
 @contextlib.contextmanager
 def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
     """A sync zrpc Client on ``brokers``, closed on exit; connection errors become CliError."""
@@ -31,10 +54,20 @@ def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
         raise
     except Exception as exc:  # zmq.ZMQError for an endpoint libzmq refuses, ValueError from ours
         raise CliError(f"cannot connect to {', '.join(brokers)}: {exc}") from None
+    client_log = logging.getLogger("zrpc.client")
+    held = _HeldRefusals()
+    client_log.addFilter(held)
     try:
         yield client
+    except CliError as error:
+        if _REFUSED in error.message:
+            held.records.clear()  # the error line says it: print it once
+        raise
     finally:
         client.close()
+        client_log.removeFilter(held)
+        for record in held.records:
+            client_log.handle(record)
 
 
 def no_answer(brokers: list[str], timeout: float) -> CliError:
