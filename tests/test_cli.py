@@ -127,6 +127,19 @@ def test_keys_generate_refuses_to_replace_a_key_pair_unless_forced(cli, tmp_path
     assert (tmp_path / "alice.key").read_bytes() != public
 
 
+def test_every_command_help_ends_with_the_exit_statuses(cli):
+    for path, _ in leaf_commands():
+        assert "Exit status: 0 success" in cli(*path, "--help").output, path
+
+
+def test_health_with_no_broker_exits_as_its_help_says(cli, ipc_dir):
+    help_text = " ".join(cli("health", "--help").output.split())
+    assert "4 for the other two" in help_text and "does not answer exits 24 (UNAVAILABLE)" in help_text
+    result = cli("health", "--broker", f"ipc://{ipc_dir}/nobody", "--timeout", "0.2")
+    assert result.exit_code == 24 == 10 + zrpc.StatusCode.UNAVAILABLE
+    assert result.stdout == ""
+
+
 def test_python_dash_m_zrpc_and_the_console_script_entry_point_are_the_same_group():
     import zrpc.__main__  # noqa: F401  (importing must not run the CLI)
     assert main.name == "main" and set(main.commands) >= {"broker", "worker", "call", "services"}

@@ -11,9 +11,9 @@ import click
 
 from .._allocator import tune_allocator
 from .._broker._config import BrokerConfig, load_config_file
-from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_USAGE, LOG_LEVELS, CliError,
-                      check_endpoint, log_format_option, metrics_host_option, metrics_port_option,
-                      option, ready_line, setup_logging, start_metrics)
+from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS,
+                      CliError, check_endpoint, log_format_option, metrics_host_option,
+                      metrics_port_option, option, ready_line, setup_logging, start_metrics)
 
 log = logging.getLogger("zrpc.cli")
 
@@ -23,7 +23,7 @@ def broker() -> None:
     """Run the broker that clients and workers connect to."""
 
 
-@broker.command()
+@broker.command(epilog=EXIT_CODES_HELP)
 @option("--frontend", metavar="ENDPOINT", show_default=DEFAULT_FRONTEND,
         help="Endpoint clients connect to (tcp port 0 picks a free port).")
 @option("--backend", metavar="ENDPOINT", show_default=DEFAULT_BACKEND,

@@ -75,7 +75,7 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
                                          always_print_fields_with_no_presence=emit_defaults))
 
 
-@click.command()
+@click.command(epilog=EXIT_CODES_HELP)
 @broker_option
 @curve_options
 @option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
@@ -131,8 +131,10 @@ def format_services(listing: pb.ListServicesReply) -> str:
 def health(service: str, brokers: tuple[str, ...], timeout: float) -> None:
     """Health of SERVICE, or of the broker itself when SERVICE is omitted.
 
-    Prints SERVING, NOT_SERVING or SERVICE_UNKNOWN; exits 0 only for SERVING (4 otherwise),
-    so it can back a container health check. With several brokers, every one must serve.
+    Prints SERVING, NOT_SERVING or SERVICE_UNKNOWN and exits 0 for SERVING, 4 for the other
+    two, so it can back a container health check; a broker that does not answer exits 24
+    (UNAVAILABLE), as any call that fails exits 10 + its code. With several brokers, every one
+    must serve.
     """
     endpoints = split_endpoints(brokers)
     serving = True

@@ -5,7 +5,7 @@ import pathlib
 
 import click
 
-from ._common import EXIT_USAGE, CliError, option
+from ._common import EXIT_CODES_HELP, EXIT_USAGE, CliError, option
 
 
 @click.group()
@@ -13,7 +13,7 @@ def keys() -> None:
     """Make CURVE keys for brokers, clients and workers (README: Security)."""
 
 
-@keys.command()
+@keys.command(epilog=EXIT_CODES_HELP)
 @click.argument("name")
 @option("--dir", "directory", default=".", show_default=True, metavar="DIR", envvar="ZRPC_KEYS_GENERATE_DIR",
         type=click.Path(file_okay=False), help="Where to write the two files.")

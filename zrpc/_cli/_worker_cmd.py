@@ -13,9 +13,9 @@ import click
 from .. import _protocol as p
 from .._allocator import tune_allocator
 from ._common import curve_options, curve_settings
-from ._common import (DEFAULT_BACKEND, EXIT_USAGE, LOG_LEVELS, CliError, log_format_option,
-                      metrics_host_option, metrics_port_option, option, ready_line, setup_logging,
-                      split_endpoints, start_metrics)
+from ._common import (DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
+                      log_format_option, metrics_host_option, metrics_port_option, option, ready_line,
+                      setup_logging, split_endpoints, start_metrics)
 
 log = logging.getLogger("zrpc.cli")
 
@@ -25,7 +25,7 @@ def worker() -> None:
     """Run workers that serve your services."""
 
 
-@worker.command()
+@worker.command(epilog=EXIT_CODES_HELP)
 @click.argument("targets", nargs=-1, required=True, metavar="MODULE:CLASS...")
 @option("--broker", "-b", "brokers", multiple=True, metavar="ENDPOINT", default=[DEFAULT_BACKEND],
         envvar="ZRPC_WORKER_RUN_BROKER",
