@@ -13,12 +13,16 @@ import zmq
 from click.testing import CliRunner
 
 import zrpc
+from workers.echo import echo_pb2
+from zrpc import _protocol as protocol
 from zrpc import broker_service_pb2 as bpb
+from zrpc._descriptors import file_descriptor_set
 from zrpc._broker._config import BrokerConfig, load_config_file
 from zrpc._cli import _broker_cmd
 from zrpc._cli._call_cmd import format_services
 from zrpc._cli.main import main
 
+from ._fake_frontend import FakeFrontend
 from .conftest import REPO, wait_for, zrpc_cli
 from .test_security import Keys
 
@@ -169,6 +173,7 @@ def test_json_from_stdin_is_read_with_dash(cli):
 
 @pytest.mark.parametrize("args, problem", [
     (["call", "no-method-here"], "expected SERVICE/METHOD"),
+    (["call", "echo.Echo", "{}"], "bad method 'echo.Echo': expected SERVICE/METHOD"),
     (["call", "a.B/C", "-m", "novalue"], "expected KEY=VALUE"),
     (["call", "--broker", "localhost:5555", "a.B/C"], "bad broker endpoint 'localhost:5555'"),
     (["services", "--broker", "tcp:/x"], "bad broker endpoint"),
@@ -360,6 +365,36 @@ def test_call_unknown_method_and_unknown_field_name_the_problem(greeter):
     assert "helloworld.HelloRequest" in line and '"nam"' in line
 
 
+def test_call_takes_grpcurls_dotted_method_form_too(greeter):
+    _, _, frontend = greeter
+    result = run_cli("call", "--broker", frontend, "helloworld.Greeter.SayHello", '{"name": "Ada"}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"message": "Hello, Ada!"}
+
+
+class SilentEchoBroker(FakeFrontend):
+    """Describes echo.Echo as a broker would, then never answers a call to it."""
+
+    def answer(self, header, payload: bytes):
+        if header.service == "zrpc.Broker" and header.method == "DescribeService":
+            echo = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
+            reply = bpb.DescribeServiceReply(service=echo.full_name, file_descriptor_set=file_descriptor_set([echo]))
+            return protocol.encode_ok_reply_header(header.request_id), reply.SerializeToString()
+        return None
+
+
+def test_call_deadline_error_names_the_timeout_flag():
+    broker = SilentEchoBroker()
+    try:
+        result = run_cli("call", "--broker", broker.endpoint, "--timeout", "0.5", "echo.Echo/Say", "{}")
+    finally:
+        broker.stop()
+    assert result.returncode == 10 + zrpc.StatusCode.DEADLINE_EXCEEDED
+    line = one_line_error(result.stderr)
+    assert line.startswith("error: DEADLINE_EXCEEDED: deadline of 0.500s exceeded calling echo.Echo/Say")
+    assert "pass a larger --timeout" in line and "timeout=" not in line
+
+
 def test_call_greeter_with_an_empty_name_is_invalid_argument(greeter):
     _, _, frontend = greeter
     result = run_cli("call", "--broker", frontend, "helloworld.Greeter/SayHello", '{"name": ""}')
@@ -490,4 +525,5 @@ def test_a_refused_handshake_is_reported_once(tmp_path, command):
         broker.stop()
     assert result.returncode == 10 + zrpc.StatusCode.UNAUTHENTICATED
     line = one_line_error(result.stderr)  # not a warning line and then the same as an error
-    assert line.startswith(f"error: UNAUTHENTICATED: handshake refused by broker at {broker.frontend_endpoint}")
+    assert line.startswith("error: UNAUTHENTICATED: handshake refused by broker at "
+                           f"{broker.frontend_endpoint}")

@@ -51,6 +51,8 @@ class CliError(click.ClickException):
 def call_failed(error: Error, prefix: str = "") -> CliError:
     """The CliError for a call that failed with a status code: exit status 10 + code."""
     message = f"{error.code.name}: {error.message}" if error.message else error.code.name
+    # The client's deadline message speaks to Python callers; here the setting is a flag.
+    message = message.replace("pass a larger timeout=", "pass a larger --timeout")
     return CliError(prefix + message, exit_code=EXIT_STATUS_BASE + int(error.code))
 
 

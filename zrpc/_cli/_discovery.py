@@ -16,7 +16,7 @@ from .. import broker_service_pb2 as pb
 from .._descriptors import pool_from_file_descriptor_set
 from .._errors import Error
 from .._status import StatusCode
-from ._common import EXIT_STATUS_BASE, CliError, call_failed, curve_settings
+from ._common import EXIT_STATUS_BASE, EXIT_USAGE, CliError, call_failed, curve_settings
 
 BROKER_SERVICE = "zrpc.Broker"
 
@@ -127,7 +127,10 @@ def split_target(target: str) -> tuple[str, str]:
         service, _, method = target.rpartition("/")
     else:
         service, _, method = target.rpartition(".")
+        if "." not in service:
+            # `echo.Echo` is a service with its method left out, not method Echo of service `echo`.
+            service = ""
     if not service or not method or "/" in service:
         raise CliError(f"bad method {target!r}: expected SERVICE/METHOD, e.g. helloworld.Greeter/SayHello",
-                       exit_code=2)
+                       exit_code=EXIT_USAGE)
     return service, method
