@@ -218,6 +218,21 @@ def test_call_with_no_broker_answering_says_so_in_one_line(cli, ipc_dir):
     line = one_line_error(result.stderr)
     assert f"no answer from broker at ipc://{ipc_dir}/nobody within 0.2s" in line
     assert "zrpc broker start" in line
+    assert "If it requires CURVE keys, pass --broker-key and --curve-secret." in line
+
+
+@needs_curve
+def test_a_plain_client_of_a_curve_broker_is_told_it_may_need_keys(cli, tmp_path):
+    keys = Keys(tmp_path)
+    broker = zrpc.Broker(keys.config()).start()
+    try:
+        result = cli("services", "--broker", broker.frontend_endpoint, "--timeout", "0.3")
+    finally:
+        broker.stop()
+    assert result.exit_code == 10 + zrpc.StatusCode.UNAVAILABLE
+    line = one_line_error(result.stderr)
+    assert line.endswith("(is `zrpc broker start` running? If it requires CURVE keys, "
+                         "pass --broker-key and --curve-secret.)")
 
 
 # ------------------------------------------------------------------ broker settings

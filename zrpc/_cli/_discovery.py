@@ -71,9 +71,13 @@ def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
 
 
 def no_answer(brokers: list[str], timeout: float) -> CliError:
+    # A CURVE broker refuses a plain client's handshake, and a plain client does not watch for
+    # that: it only sees silence, which may then mean "keys needed" as well as "not running".
+    keys_hint = "" if curve_settings()["curve_secret"] else (
+        " If it requires CURVE keys, pass --broker-key and --curve-secret.")
     return CliError(
         f"no answer from broker at {', '.join(brokers)} within {timeout:g}s "
-        f"(is `zrpc broker start` running?)",
+        f"(is `zrpc broker start` running?{keys_hint})",
         exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE),
     )
 
