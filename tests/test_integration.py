@@ -318,3 +318,35 @@ def test_ipv6_loopback_endpoints_work_end_to_end():
         wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
         with Client(broker.frontend_endpoint, timeout=5.0) as client:
             assert client.stub(ECHO).Say(echo_pb2.EchoRequest(payload=b"v6")).payload == b"v6"
+
+
+def test_closing_a_client_cancels_its_calls_at_the_broker_and_worker(endpoints):
+    """A program interrupted mid-call (Ctrl-C on `zrpc call`) closes its client: the calls it
+    had sent are cancelled (spec §8), not left running at the worker until their deadlines."""
+    frontend, backend = endpoints
+    config = BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0)
+    with Broker(config) as broker, Worker([Echo()], backend, heartbeat_interval=0.2):
+        wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+        client = Client(frontend, timeout=30.0)
+        pending = client.stub(ECHO).Sleep.future(echo_pb2.SleepRequest(ms=20_000))
+        wait_for(lambda: broker.engine.services["echo.Echo"].dispatched == 1)
+        client.close()
+        assert pending.exception(5).code == StatusCode.CANCELLED
+        wait_for(lambda: broker.engine.calls_held == 0 and broker.engine.services["echo.Echo"].dispatched == 0, 5,
+                 message="the call cancelled at the broker and its worker")
+
+        async def close_async_client_mid_call() -> None:
+            async_client = zrpc.AsyncClient(frontend, timeout=30.0)
+            call = asyncio.ensure_future(async_client.stub(ECHO).Sleep(echo_pb2.SleepRequest(ms=20_000)))
+            for _ in range(500):  # until the broker holds it (5 s at most)
+                if broker.engine.calls_held:
+                    break
+                await asyncio.sleep(0.01)
+            await async_client.close()
+            with pytest.raises(zrpc.Error):
+                await call
+
+        asyncio.run(close_async_client_mid_call())
+        wait_for(lambda: broker.engine.calls_held == 0 and broker.engine.services["echo.Echo"].dispatched == 0, 5,
+                 message="the async client's call cancelled too")
+        assert broker.engine.counters["cancelled"] == 2

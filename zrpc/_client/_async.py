@@ -17,7 +17,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .._security import client_security
 from ._breaker import CircuitBreaker
-from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
+from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_message, closed_error, logger
 from ._dealer import endpoint_list, open_dealer
 from ._handshake import EVENTS as HANDSHAKE_EVENTS
 from ._handshake import HandshakeWatch, parse_event
@@ -102,7 +102,14 @@ class AsyncClient:
         return Stub(self, service, AsyncUnaryMethod)
 
     async def close(self) -> None:
-        """Fail calls in flight with CANCELLED, stop the tasks, release the socket. Idempotent."""
+        """Fail calls in flight with CANCELLED (and cancel them at the broker), stop the tasks,
+        release the socket. Idempotent."""
+        # (spec §8) Calls the broker holds for us are stopped there, not left to their deadlines.
+        cancelled = self._core.sent_in_flight() if self._socket is not None and not self._closed else []
+        if cancelled:  # best effort: a full queue loses it, and the deadlines still apply
+            sent = self._socket.send_multipart(cancel_message(cancelled), zmq.NOBLOCK)
+            if sent.done() and not sent.cancelled():
+                sent.exception()  # retrieved, so that asyncio does not log it as never retrieved
         self._closed = True
         self._settle(self._core.fail_all(closed_error(in_flight=True)))
         if self._timer is not None:
@@ -119,11 +126,11 @@ class AsyncClient:
             self._monitor.close(linger=0)
             self._monitor = None
         if self._socket is not None:
-            self._socket.close(linger=0)
+            self._socket.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
             self._socket = None
         if self._context is not None:
             if self._context_arg is None:
-                self._context.term()  # all its sockets are closed with linger 0: returns at once
+                self._context.term()  # returns at once, or once that CANCEL left (200 ms at most)
             self._context = None
 
     async def __aenter__(self) -> AsyncClient:

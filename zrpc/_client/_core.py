@@ -51,6 +51,10 @@ MAX_BYTES_PER_MESSAGE = 1 << 20
 ATTEMPT_METADATA = "zrpc-attempt"
 ATTEMPTS_DETAIL = "zrpc-attempts"
 
+# How long closing a client with calls in flight lets their CANCEL leave (spec §8), so that the
+# broker stops them at their workers instead of letting them run to their deadlines.
+CANCEL_ON_CLOSE_LINGER_MS = 200
+
 # Stale heap entries (answered or cancelled calls) are pruned when they outnumber live ones by
 # this factor, so the heap stays proportional to the calls in flight.
 _HEAP_SLACK = 2

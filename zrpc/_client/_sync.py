@@ -24,7 +24,7 @@ from .._errors import Error
 from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .._security import client_security
 from ._breaker import CircuitBreaker
-from ._core import Call, ClientCore, Outcome, cancel_message, closed_error, logger
+from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_message, closed_error, logger
 from ._dealer import endpoint_list, open_dealer
 from ._handshake import EVENTS as HANDSHAKE_EVENTS
 from ._handshake import HandshakeWatch, parse_event
@@ -378,13 +378,18 @@ class Client:
             self._closed = True
             leftover = [op for op in self._outbox if isinstance(op, Call)]
             self._outbox.clear()
+        # (spec §8) Calls the broker holds for us are stopped there, not left to their deadlines
+        # (a program interrupted mid-call, Ctrl-C on `zrpc call`).
+        cancelled = self._core.sent_in_flight()
+        self._send_cancel(cancelled)
         error = closed_error(in_flight=True)
         outcomes = self._core.fail_all(error) + [Outcome(call, None, error) for call in leftover]
         self._settle(outcomes)
         if self._monitor is not None:
             self._dealer.disable_monitor()
             self._monitor.close(linger=0)
-        for socket in (self._dealer, self._wake_in, self._wake_out):
+        self._dealer.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
+        for socket in (self._wake_in, self._wake_out):
             socket.close(linger=0)
         if self._own_context:
             self._context.term()
