@@ -76,6 +76,9 @@ def test_calls_per_second_is_the_difference_of_two_snapshots():
     row = text.splitlines()[2].split()
     assert row == ["kv.KeyValue", "2", "1", "3", "4", "25.0", "12.5", "2"]
     assert "zrpc.Broker" not in text
+    quiet = snapshot(150)
+    quiet.services[0].p99_ms = 0.0  # nothing answered in the last minute
+    assert format_status(quiet, quiet, 2.0, "tcp://b:5555").splitlines()[2].split()[6] == "-"
     assert "no services" in format_status(pb.ListServicesReply(), pb.ListServicesReply(), 1.0, "x")
 
 

@@ -80,7 +80,8 @@ def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, sec
         busy = sum(1 for w in service.workers if w.capacity and w.in_flight >= w.capacity)
         rows.append((service.name, str(service.live_workers), str(busy), str(service.queue_depth),
                      str(service.in_flight), f"{max(calls, 0) / seconds:.1f}" if seconds > 0 else "-",
-                     f"{service.p99_ms:.1f}", str(service.errors_total)))
+                     # No call answered in the last minute: no p99 (a real one is never 0).
+                     f"{service.p99_ms:.1f}" if service.p99_ms > 0 else "-", str(service.errors_total)))
     widths = [max(len(row[i]) for row in (_COLUMNS, *rows)) for i in range(len(_COLUMNS))]
 
     def line(cells) -> str:
