@@ -93,3 +93,27 @@ def test_a_broker_that_stops_costs_no_later_call(ipc_dir):
         assert outcomes[-20:] == [True] * 20, outcomes
         assert outcomes.count(False) <= 2, outcomes
 
+
+
+def test_an_async_client_that_started_before_its_broker_goes_back_to_early_sends(ipc_dir):
+    """Its first early send found no broker; once one takes a REQUEST, calls leave in batches of
+    PIPELINE_PAIRS again instead of only at the end of each loop turn."""
+    import zmq
+
+    from zrpc._client._async import PIPELINE_PAIRS
+
+    broker = _broker(ipc_dir, "later")
+
+    async def main() -> None:
+        async with AsyncClient(broker.config.frontend, timeout=10.0) as client:
+            echo = client.stub(ECHO)
+            first = [asyncio.ensure_future(echo.Say(echo_pb2.EchoRequest(payload=b"1"))) for _ in range(PIPELINE_PAIRS)]
+            await asyncio.sleep(0)  # the calls run up to their send; the writer task has not run yet
+            assert client._send_blocked
+            with broker, Worker([Echo()], broker.config.backend, heartbeat_interval=0.2):
+                # Connected before the writer runs (the loop is held here): its send succeeds.
+                wait_for(lambda: zmq.Socket.get(client._socket, zmq.EVENTS) & zmq.POLLOUT, 5)
+                assert [reply.payload for reply in await asyncio.gather(*first)] == [b"1"] * PIPELINE_PAIRS
+                assert not client._send_blocked
+
+    asyncio.run(main())

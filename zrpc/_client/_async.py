@@ -258,6 +258,7 @@ class AsyncClient:
             self._core.unsend(calls)
             self._send_blocked = True
             return False
+        self._send_blocked = False  # a broker took it: early sends may go again
         self._check_sent(sent)
         return True
 
