@@ -290,6 +290,21 @@ def test_a_refused_worker_says_why_once_instead_of_reconnecting_silently(keys, r
     assert not broker.engine.workers
 
 
+def test_a_refused_worker_still_reports_its_broker_going_silent_afterwards(keys, running, caplog):
+    """The refusal is said once; a broker that is then gone is a different story, and is told."""
+    broker = Broker(keys.config()).start()
+    caplog.set_level(logging.WARNING, logger="zrpc.worker")
+    try:
+        running(Worker([Echo()], brokers=broker.backend_endpoint, heartbeat_interval=0.05, liveness=2,
+                       curve_secret=keys.secret("alice"), broker_key=keys.broker_public).start())
+        wait_for(lambda: any("refused our handshake" in r.message for r in caplog.records), 10,
+                 message="the refusal")
+    finally:
+        broker.stop()
+    wait_for(lambda: any("silent for" in r.message for r in caplog.records), 10,
+             message="a warning that the broker went silent")
+
+
 def test_worker_key_cannot_call_through_the_frontend(keys, running):
     broker = start_broker(running, keys.config())
     as_worker = client(running, keys, broker, key="w1")

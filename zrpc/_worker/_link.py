@@ -80,7 +80,8 @@ class BrokerLink:
         # CURVE: handshake outcomes, so a refused key is said plainly instead of looking like a
         # silent broker (ZeroMQ retries a refused handshake forever, quietly).
         self._monitor: zmq.Socket | None = None
-        self.refused: str | None = None  # why the broker refused our last handshake
+        self.refused: str | None = None  # why the broker refused our last handshake (said once)
+        self.refused_here = False  # ... on this socket: its silence is that refusal, not a dead broker
         self.looks_like_frontend = False  # REPLYs came back: this is a broker's client endpoint
 
     def open(self) -> None:
@@ -98,6 +99,7 @@ class BrokerLink:
             socket.close(0)
             raise
         self.socket = socket
+        self.refused_here = False
         if self.curve is not None:
             self._monitor = socket.get_monitor_socket(_handshake.EVENTS)
             self.loop.add_reader(self._monitor.FD, self._read_handshakes)
@@ -130,9 +132,11 @@ class BrokerLink:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if self.refused is not None:
                     log.info("broker %s accepted our key now", self.endpoint)
-                self.refused = None
+                self.refused, self.refused_here = None, False
                 continue
             reason = _handshake.refusal_reason(event, value)
+            if reason is not None:
+                self.refused_here = True
             if reason is not None and reason != self.refused:
                 self.refused = reason
                 log.error("broker %s refused our handshake: %s; until it accepts our key (its worker "

@@ -308,7 +308,7 @@ class Worker:
                 if link.silent(now):
                     if self._draining:  # we are leaving: _drain stops waiting for this broker
                         continue
-                    if link.refused is None:
+                    if not link.refused_here:
                         log.warning("broker %s silent for %.3gs; reconnecting", link.endpoint, now - link.last_heard)
                     else:  # said once already, as an error (see BrokerLink._read_handshakes)
                         log.debug("broker %s still refuses our handshake (%s); reconnecting", link.endpoint,
