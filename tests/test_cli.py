@@ -543,3 +543,25 @@ def test_a_refused_handshake_is_reported_once(tmp_path, command):
     line = one_line_error(result.stderr)  # not a warning line and then the same as an error
     assert line.startswith("error: UNAUTHENTICATED: handshake refused by broker at "
                            f"{broker.frontend_endpoint}")
+
+
+def test_held_refusals_are_kept_once_each_and_only_the_error_lines_own_is_dropped():
+    """`zrpc status --watch` retries a refusing broker at every refresh: one warning each, not a
+    pile at exit; the command's error line repeats only its own broker's refusal."""
+    import logging
+
+    from zrpc._cli._discovery import _HeldRefusals
+
+    held = _HeldRefusals()
+
+    def refusal(endpoint: str) -> logging.LogRecord:
+        return logging.LogRecord("zrpc.client", logging.WARNING, __file__, 1,
+                                 "zrpc client: handshake refused by broker at %s: %s",
+                                 (endpoint, "our key is not allowed (ZAP status 400)"), None)
+
+    for _ in range(30):
+        assert not held.filter(refusal("tcp://127.0.0.1:1"))
+    assert not held.filter(refusal("tcp://127.0.0.1:2"))
+    assert len(held.records) == 2
+    held.drop_said_by("handshake refused by broker at tcp://127.0.0.1:1: our key is not allowed (ZAP status 400)")
+    assert [r.args[0] for r in held.records] == ["tcp://127.0.0.1:2"]

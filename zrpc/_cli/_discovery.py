@@ -37,10 +37,19 @@ class _HeldRefusals(logging.Filter):
         self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _REFUSED in record.getMessage():
-            self.records.append(record)
+        message = record.getMessage()
+        if _REFUSED in message:
+            # Once per message: a client retries a refusing broker at each new call, and
+            # `zrpc status --watch` makes calls until Ctrl-C.
+            if all(held.getMessage() != message for held in self.records):
+                self.records.append(record)
             return False
         return True
+
+    def drop_said_by(self, error_message: str) -> None:
+        """Forget the refusals the command's own error line repeats (another broker's stay)."""
+        self.records = [record for record in self.records
+                        if record.getMessage().partition(_REFUSED)[2] not in error_message]
 
 
 @contextlib.contextmanager
@@ -61,7 +70,7 @@ def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
         yield client
     except CliError as error:
         if _REFUSED in error.message:
-            held.records.clear()  # the error line says it: print it once
+            held.drop_said_by(error.message)  # the error line says it: print it once
         raise
     finally:
         client.close()
