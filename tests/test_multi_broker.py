@@ -117,3 +117,50 @@ def test_an_async_client_that_started_before_its_broker_goes_back_to_early_sends
                 assert not client._send_blocked
 
     asyncio.run(main())
+
+
+def test_a_cancel_reaches_whichever_broker_holds_the_call(ipc_dir):
+    """The client cannot know which broker took a call: its CANCEL goes to each of them."""
+    first, second = _broker(ipc_dir, "one"), _broker(ipc_dir, "two")
+    with contextlib.ExitStack() as stack:
+        for broker in (first, second):
+            stack.enter_context(broker)
+        stack.enter_context(Worker([Echo()], [first.backend_endpoint, second.backend_endpoint],
+                                   concurrency=4, heartbeat_interval=0.2))
+        wait_for(lambda: _serves_echo(first) and _serves_echo(second))
+        held = lambda: first.engine.calls_held + second.engine.calls_held
+        for flavour in ("sync", "async"):
+            if flavour == "sync":
+                client = Client([first.frontend_endpoint, second.frontend_endpoint], timeout=30.0)
+                sleep = client.stub(ECHO).Sleep
+                futures = []
+                for i in range(2):  # one message each: the DEALER deals them to both brokers
+                    futures.append(sleep.future(echo_pb2.SleepRequest(ms=20_000)))
+                    wait_for(lambda: held() == i + 1)
+                assert first.engine.calls_held == second.engine.calls_held == 1
+                for future in futures:
+                    future.cancel()
+                wait_for(lambda: held() == 0, 5, message="both calls cancelled")
+                client.close()
+            else:
+                async def cancel_two() -> None:
+                    async with AsyncClient([first.frontend_endpoint, second.frontend_endpoint], timeout=30.0) as client:
+                        sleep = client.stub(ECHO).Sleep
+                        tasks = []
+                        for i in range(2):
+                            tasks.append(asyncio.ensure_future(sleep(echo_pb2.SleepRequest(ms=20_000))))
+                            for _ in range(500):  # until a broker holds it (5 s at most)
+                                if held() == i + 1:
+                                    break
+                                await asyncio.sleep(0.01)
+                        assert first.engine.calls_held == second.engine.calls_held == 1
+                        for task in tasks:
+                            task.cancel()
+                        for _ in range(500):
+                            if held() == 0:
+                                return
+                            await asyncio.sleep(0.01)
+                        raise AssertionError("the calls were not cancelled at both brokers")
+
+                asyncio.run(cancel_two())
+        assert first.engine.counters["cancelled"] == second.engine.counters["cancelled"] == 2

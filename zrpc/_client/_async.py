@@ -17,7 +17,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .._security import client_security
 from ._breaker import CircuitBreaker
-from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_message, closed_error, logger
+from ._core import (CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_copies, cancel_message,
+                    closed_error, logger)
 from ._dealer import endpoint_list, open_dealer
 from ._handshake import EVENTS as HANDSHAKE_EVENTS
 from ._handshake import HandshakeWatch, parse_event
@@ -107,9 +108,7 @@ class AsyncClient:
         # (spec §8) Calls the broker holds for us are stopped there, not left to their deadlines.
         cancelled = self._core.sent_in_flight() if self._socket is not None and not self._closed else []
         if cancelled:  # best effort: a full queue loses it, and the deadlines still apply
-            sent = self._socket.send_multipart(cancel_message(cancelled), zmq.NOBLOCK)
-            if sent.done() and not sent.cancelled():
-                sent.exception()  # retrieved, so that asyncio does not log it as never retrieved
+            self._send_cancel(cancelled)
         self._closed = True
         self._settle(self._core.fail_all(closed_error(in_flight=True)))
         if self._timer is not None:
@@ -262,11 +261,21 @@ class AsyncClient:
         self._check_sent(sent)
         return True
 
-    def _check_sent(self, sent: asyncio.Future, ignore_again: bool = False) -> None:
+    def _send_cancel(self, request_ids: list[int]) -> None:
+        """Best effort, once per broker (see cancel_copies): the brokers drop these calls anyway
+        when their deadlines pass."""
+        message = cancel_message(request_ids)
+        for _ in range(cancel_copies(self.endpoints)):
+            sent = self._socket.send_multipart(message, zmq.NOBLOCK)
+            if sent.done() and not sent.cancelled() and isinstance(sent.exception(), zmq.Again):
+                return  # every queue is full, or no broker is connected
+            self._check_sent(sent)
+
+    def _check_sent(self, sent: asyncio.Future) -> None:
         if not sent.done() or sent.cancelled():
             return
         error = sent.exception()
-        if error is not None and not self._closed and not (ignore_again and isinstance(error, zmq.Again)):
+        if error is not None and not self._closed:
             self._fail("send", error)
 
     async def _write(self) -> None:
@@ -277,9 +286,7 @@ class AsyncClient:
                 self._wake.clear()
                 if self._cancel_ids:
                     request_ids, self._cancel_ids = self._cancel_ids, []
-                    # Best effort: the broker drops these calls anyway when their deadlines pass.
-                    self._check_sent(self._socket.send_multipart(cancel_message(request_ids), zmq.NOBLOCK),
-                                     ignore_again=True)
+                    self._send_cancel(request_ids)
                 # Every call made since the last turn goes out in as few messages as fit.
                 while (batch := core.next_request(core.clock())) is not None:
                     if not self._try_send(batch):

@@ -51,6 +51,13 @@ MAX_BYTES_PER_MESSAGE = 1 << 20
 ATTEMPT_METADATA = "zrpc-attempt"
 ATTEMPTS_DETAIL = "zrpc-attempts"
 
+# A CANCEL goes out once per broker endpoint: the DEALER deals messages round-robin over the
+# brokers it is connected to, and the client cannot know which broker holds which call, so as
+# many copies in a row reach every one (a broker ignores ids it does not hold; spec §8).
+def cancel_copies(endpoints: Sequence[str]) -> int:
+    return len(endpoints)
+
+
 # How long closing a client with calls in flight lets their CANCEL leave (spec §8), so that the
 # broker stops them at their workers instead of letting them run to their deadlines.
 CANCEL_ON_CLOSE_LINGER_MS = 200

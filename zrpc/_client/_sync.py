@@ -24,7 +24,8 @@ from .._errors import Error
 from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .._security import client_security
 from ._breaker import CircuitBreaker
-from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_message, closed_error, logger
+from ._core import (CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_copies, cancel_message,
+                    closed_error, logger)
 from ._dealer import endpoint_list, open_dealer
 from ._handshake import EVENTS as HANDSHAKE_EVENTS
 from ._handshake import HandshakeWatch, parse_event
@@ -356,7 +357,9 @@ class Client:
         if not request_ids:
             return
         try:
-            self._dealer.send_multipart(cancel_message(request_ids), zmq.NOBLOCK)
+            message = cancel_message(request_ids)
+            for _ in range(cancel_copies(self.endpoints)):  # one per broker (see cancel_copies)
+                self._dealer.send_multipart(message, zmq.NOBLOCK)
         except zmq.Again:
             # Best effort: the broker still drops these calls when their deadline passes.
             logger.debug("could not send CANCEL for %d call(s): send queue full", len(request_ids))
