@@ -360,9 +360,9 @@ class Client:
             message = cancel_message(request_ids)
             for _ in range(cancel_copies(self.endpoints)):  # one per broker (see cancel_copies)
                 self._dealer.send_multipart(message, zmq.NOBLOCK)
-        except zmq.Again:
+        except zmq.ZMQError as exc:  # EAGAIN mostly (queue full, no broker): also when shutting down
             # Best effort: the broker still drops these calls when their deadline passes.
-            logger.debug("could not send CANCEL for %d call(s): send queue full", len(request_ids))
+            logger.debug("could not send CANCEL for %d call(s): %s", len(request_ids), exc)
 
     @staticmethod
     def _settle(outcomes: list[Outcome]) -> None:
