@@ -24,6 +24,17 @@ def _serves_echo(broker: Broker) -> bool:
     return bool(state and state.workers)
 
 
+def _two_brokers_one_worker(stack: contextlib.ExitStack, ipc_dir: str) -> tuple[Broker, Broker]:
+    """Two running brokers and one Echo worker serving both (stopped by ``stack``)."""
+    first, second = _broker(ipc_dir, "first"), _broker(ipc_dir, "second")
+    for broker in (first, second):
+        stack.enter_context(broker)
+    stack.enter_context(Worker([Echo()], [first.backend_endpoint, second.backend_endpoint],
+                               concurrency=4, heartbeat_interval=0.2))
+    wait_for(lambda: _serves_echo(first) and _serves_echo(second))
+    return first, second
+
+
 def test_a_broker_in_the_list_that_never_ran_costs_no_call(ipc_dir):
     never_ran = f"ipc://{ipc_dir}/never-bound"
     with _broker(ipc_dir, "live") as broker, Worker([Echo()], broker.backend_endpoint, heartbeat_interval=0.2):
@@ -65,13 +76,8 @@ def test_calls_made_while_no_broker_is_up_leave_when_one_comes_up(ipc_dir):
 
 
 def test_a_broker_that_stops_costs_no_later_call(ipc_dir):
-    first, second = _broker(ipc_dir, "first"), _broker(ipc_dir, "second")
     with contextlib.ExitStack() as stack:
-        for broker in (first, second):
-            stack.enter_context(broker)
-        stack.enter_context(Worker([Echo()], [first.backend_endpoint, second.backend_endpoint],
-                                   heartbeat_interval=0.2))
-        wait_for(lambda: _serves_echo(first) and _serves_echo(second))
+        first, second = _two_brokers_one_worker(stack, ipc_dir)
         client = stack.enter_context(Client([first.frontend_endpoint, second.frontend_endpoint], timeout=5.0))
         echo = client.stub(ECHO)
         for i in range(20):
@@ -121,13 +127,8 @@ def test_an_async_client_that_started_before_its_broker_goes_back_to_early_sends
 
 def test_a_cancel_reaches_whichever_broker_holds_the_call(ipc_dir):
     """The client cannot know which broker took a call: its CANCEL goes to each of them."""
-    first, second = _broker(ipc_dir, "one"), _broker(ipc_dir, "two")
     with contextlib.ExitStack() as stack:
-        for broker in (first, second):
-            stack.enter_context(broker)
-        stack.enter_context(Worker([Echo()], [first.backend_endpoint, second.backend_endpoint],
-                                   concurrency=4, heartbeat_interval=0.2))
-        wait_for(lambda: _serves_echo(first) and _serves_echo(second))
+        first, second = _two_brokers_one_worker(stack, ipc_dir)
         held = lambda: first.engine.calls_held + second.engine.calls_held
         for flavour in ("sync", "async"):
             if flavour == "sync":
