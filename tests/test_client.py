@@ -368,6 +368,21 @@ def test_client_refuses_bad_configuration():
         Client("tcp://127.0.0.1:1", timeout=None)
 
 
+@pytest.mark.parametrize("endpoint, why", [
+    ("localhost:5555", "expected a ZeroMQ endpoint such as tcp://host:port or ipc://path"),
+    ("tcp://localhost", "Invalid argument; expected"),  # no port: libzmq refuses it at connect
+    ("tcp2://127.0.0.1:5555", "Protocol not supported; expected"),
+])
+def test_clients_refuse_an_endpoint_without_a_usable_transport(endpoint, why):
+    for flavour in (Client, AsyncClient):
+        with pytest.raises(ValueError, match=f"bad broker endpoint '{endpoint}'") as raised:
+            client = flavour(endpoint)
+            if flavour is AsyncClient:  # it opens its socket at the first call
+                run(client.call("test.Svc", "Echo", b""))
+        assert why in str(raised.value)
+        assert "tcp://host:port or ipc://path" in str(raised.value)
+
+
 # -- the asyncio client ---------------------------------------------------------------------------
 
 def run(coroutine):

@@ -180,8 +180,13 @@ class AsyncClient:
             context = zmq.asyncio.Context()
         elif not isinstance(context, zmq.asyncio.Context):
             context = zmq.asyncio.Context.shadow(context.underlying)
+        try:
+            self._socket = open_dealer(context, self.endpoints, self._curve)
+        except BaseException:
+            if self._context_arg is None:  # ours, as close() terms it: a bad endpoint leaks nothing
+                context.term()
+            raise
         self._context = context
-        self._socket = open_dealer(context, self.endpoints, self._curve)
         if self._curve is not None:
             self._monitor = self._socket.get_monitor_socket(HANDSHAKE_EVENTS)
             self._watch = HandshakeWatch(self.endpoints)
