@@ -383,6 +383,25 @@ def test_clients_refuse_an_endpoint_without_a_usable_transport(endpoint, why):
         assert "tcp://host:port or ipc://path" in str(raised.value)
 
 
+@pytest.mark.parametrize("metadata, named", [
+    ({"a": 1}, "'a': 1"),
+    ({1: "x"}, "1: 'x'"),
+    ({"b": None}, "'b': None"),
+])
+def test_clients_refuse_bad_client_wide_metadata_at_construction(metadata, named):
+    for flavour in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="metadata must map str to str") as raised:
+            flavour("tcp://127.0.0.1:1", metadata=metadata)
+        assert named in str(raised.value)
+
+
+def test_bad_per_call_metadata_still_fails_the_call(client):
+    with pytest.raises(Error) as raised:
+        client.call("test.Svc", "Echo", b"", metadata={"a": 1})
+    assert raised.value.code == StatusCode.INVALID_ARGUMENT
+    assert "metadata must map str to str" in raised.value.message
+
+
 # -- the asyncio client ---------------------------------------------------------------------------
 
 def run(coroutine):
