@@ -5,6 +5,7 @@ import os
 import threading
 import time
 
+import zrpc
 from workers.echo import Echo, echo_pb2
 
 
@@ -43,3 +44,11 @@ class HangingEcho(Echo):
                 marker = None
             never.wait(0.01)
         return echo_pb2.EchoReply(payload=b"%d:" % os.getpid() + request.payload)
+
+
+class DetailedFailEcho(Echo):
+    """echo.Echo whose Fail fails as Fail does, with details ``field: b`` and ``hint: <message>``."""
+
+    def Fail(self, request, context):
+        raise zrpc.Error(zrpc.StatusCode(request.code or zrpc.StatusCode.INVALID_ARGUMENT),
+                         request.message, {"field": "b", "hint": request.message})

@@ -239,9 +239,58 @@ def test_a_plain_client_of_a_curve_broker_is_told_it_may_need_keys(cli, tmp_path
 # ------------------------------------------------------------------ broker settings
 
 def test_shipped_config_file_lists_every_setting_with_its_default():
-    settings = load_config_file(REPO / "broker" / "zrpc-broker.toml")
+    settings = load_config_file(REPO / "broker" / "zrpc-broker.toml", extra=_broker_cmd._PROCESS_SETTINGS)
+    process = {name: settings.pop(name) for name in _broker_cmd._PROCESS_SETTINGS}
     assert set(settings) == set(BrokerConfig.field_names())
     assert BrokerConfig(**settings) == BrokerConfig()
+    # The metrics port broker/prometheus.yml scrapes, for a unit that passes only --config.
+    assert process == {"log_format": "text", "metrics_port": 9464, "metrics_host": "127.0.0.1"}
+    assert '"127.0.0.1:9464"' in (REPO / "broker" / "prometheus.yml").read_text()
+
+
+def test_a_config_file_sets_the_process_settings_too_and_flags_still_win(spawn, tmp_path, ipc_dir):
+    path = tmp_path / "broker.toml"
+    path.write_text(f'[broker]\nfrontend = "ipc://{ipc_dir}/f"\nbackend = "ipc://{ipc_dir}/b"\n'
+                    'metrics_port = 0\nlog_format = "json"\n')
+    broker = spawn(*zrpc_cli("broker", "start", "--config", str(path)))
+    ready = broker.wait_line("zrpc broker ready")
+    assert " metrics=http://127.0.0.1:" in ready
+    wait_for(lambda: any(line.startswith("{") and '"broker serving' in line for line in broker.errors))
+    broker.stop()
+    flagged = spawn(*zrpc_cli("broker", "start", "--config", str(path), "--log-format", "text"))
+    flagged.wait_line("zrpc broker ready")
+    wait_for(lambda: any("broker serving" in line for line in flagged.errors))
+    assert not any(line.startswith("{") for line in flagged.errors)
+
+
+def test_relative_key_paths_in_a_config_file_are_relative_to_the_file(tmp_path):
+    path = tmp_path / "etc" / "broker.toml"
+    path.parent.mkdir()
+    path.write_text('[broker]\ncurve_secret = "secrets/broker.key_secret"\nclient_keys = "/abs/clients"\n')
+    settings = load_config_file(path)
+    assert settings["curve_secret"] == str(tmp_path / "etc" / "secrets" / "broker.key_secret")
+    assert settings["client_keys"] == "/abs/clients"
+
+
+def test_a_key_directory_that_does_not_exist_is_a_bad_setting_exit_2(tmp_path, ipc_dir):
+    from zrpc import _security
+
+    _security.generate_keys("broker", tmp_path / "secrets")
+    path = tmp_path / "broker.toml"
+    path.write_text(f'[broker]\nfrontend = "ipc://{ipc_dir}/f"\nbackend = "ipc://{ipc_dir}/b"\n'
+                    'curve_secret = "secrets/broker.key_secret"\nclient_keys = "nope"\nworker_keys = "nope"\n')
+    result = run_cli("broker", "start", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "bad broker setting: key directory" in result.stderr and "nope does not exist" in result.stderr
+
+
+def test_sighup_to_a_broker_without_curve_is_logged_and_the_broker_serves_on(cli_broker):
+    process, frontend, _ = cli_broker
+    process.signal(signal.SIGHUP)  # what `systemctl reload` sends
+    wait_for(lambda: any("there are no keys to reload" in line for line in process.errors))
+    assert process.popen.poll() is None
+    result = run_cli("health", "--broker", frontend)
+    assert result.returncode == 0, result.stderr
 
 
 def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path):
@@ -424,6 +473,23 @@ def test_call_handler_error_maps_to_ten_plus_its_code(greeter):
     result = run_cli("call", "--broker", frontend, "echo.Echo/Fail", '{"code": 9, "message": "not yet"}')
     assert result.returncode == 10 + zrpc.StatusCode.FAILED_PRECONDITION
     assert one_line_error(result.stderr) == "error: FAILED_PRECONDITION: not yet"
+
+
+def test_call_prints_the_error_details_after_the_error_line(cli_broker, spawn):
+    _, frontend, backend = cli_broker
+    worker = spawn(*zrpc_cli("worker", "run", "tests._services:DetailedFailEcho", "--broker", backend))
+    worker.wait_line("zrpc worker ready:")
+    with zrpc.Client(frontend, timeout=5.0) as client:
+        def registered():
+            raw = client.call("zrpc.Broker", "ListServices", b"", timeout=2.0)
+            return any(s.name == "echo.Echo" and s.live_workers
+                       for s in bpb.ListServicesReply.FromString(raw).services)
+        wait_for(registered, 15.0, message="the worker to register")
+    result = run_cli("call", "--broker", frontend, "echo.Echo/Fail", '{"code": 3, "message": "division by zero"}')
+    assert result.returncode == 10 + zrpc.StatusCode.INVALID_ARGUMENT
+    assert result.stderr.splitlines() == ["error: INVALID_ARGUMENT: division by zero",
+                                          "  field: b", "  hint: division by zero"]
+    assert result.stdout == ""
 
 
 def test_services_lists_the_worker(greeter):

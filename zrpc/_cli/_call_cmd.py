@@ -22,6 +22,21 @@ broker_option = option(
     help="Broker frontend endpoint; repeat or separate with commas to spread over several.")
 
 
+class CallFailed(CliError):
+    """A failed call: the one ``error:`` line, then one ``  key: value`` line per detail."""
+
+    def __init__(self, error: Error):
+        failed = call_failed(error)
+        super().__init__(failed.message, exit_code=failed.exit_code)
+        self.details = error.details
+
+    def show(self, file=None) -> None:
+        super().show(file)
+        for key, value in sorted(self.details.items()):
+            # One line each, whatever the handler put in them.
+            click.echo(f"  {key}: {' '.join(str(value).split())}", file=file, err=True)
+
+
 @click.command(epilog=EXIT_CODES_HELP)
 @click.argument("target", metavar="SERVICE/METHOD")
 @click.argument("request_json", metavar="[JSON]", default="{}")
@@ -45,7 +60,8 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
       zrpc call helloworld.Greeter/SayHello '{"name": "Ada"}'
       echo '{"name": "Ada"}' | zrpc call helloworld.Greeter/SayHello -
 
-    A failed call prints `error: CODE: message` on stderr and exits 10 + code.
+    A failed call prints `error: CODE: message` on stderr, then its details (if any) one
+    `  key: value` line each, and exits 10 + code.
     """
     endpoints = split_endpoints(brokers)
     service_name, method_name = _discovery.split_target(target)
@@ -65,7 +81,7 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
                               timeout=timeout, idempotent=is_idempotent(method),
                               metadata=metadata_map or None)
         except Error as error:
-            raise call_failed(error) from None
+            raise CallFailed(error) from None
     reply = message_class(method.output_type)()
     try:
         reply.ParseFromString(raw)
