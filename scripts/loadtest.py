@@ -3,6 +3,8 @@
 
     python scripts/loadtest.py --spawn 2 --concurrency 32 --requests 20000
     python scripts/loadtest.py --broker tcp://127.0.0.1:5555 --duration 30 --json
+    python scripts/loadtest.py --broker tcp://10.0.0.5:5555 --broker-key broker.key \
+        --curve-secret loadtest.key_secret
 
 Latency percentiles are exact (nearest rank over every recorded latency), so no histogram
 library is needed: 1e6 calls are 8 MB of ints and one sort.
@@ -37,7 +39,7 @@ from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
 from zrpc import AsyncClient, Client, Error, tune_allocator  # noqa: E402
 from zrpc._cli import _discovery  # noqa: E402
-from zrpc._cli._common import split_endpoints  # noqa: E402
+from zrpc._cli._common import curve_options, curve_settings, split_endpoints  # noqa: E402
 from zrpc._descriptors import is_idempotent, message_class  # noqa: E402
 
 STARTUP_TIMEOUT = 20.0  # bound on the spawned broker printing its ready line, workers registering
@@ -117,10 +119,13 @@ def format_summary(s: dict) -> str:
 
 async def run_load(brokers: list[str], service: str, method: str, payload: bytes, idempotent: bool,
                    concurrency: int, requests: int | None, duration: float | None, timeout: float,
-                   progress) -> Result:
-    """Keep ``concurrency`` calls in flight until ``requests`` were made or ``duration`` passed."""
+                   progress, curve: dict | None = None) -> Result:
+    """Keep ``concurrency`` calls in flight until ``requests`` were made or ``duration`` passed.
+
+    ``curve`` is ``curve_secret`` and ``broker_key`` for a CURVE broker (AsyncClient's arguments).
+    """
     result = Result()
-    client = AsyncClient(brokers if len(brokers) > 1 else brokers[0], timeout=timeout)
+    client = AsyncClient(brokers if len(brokers) > 1 else brokers[0], timeout=timeout, **(curve or {}))
     try:
         # One call first, not counted: it connects, and a wrong target fails here, once.
         try:
@@ -357,11 +362,16 @@ class Spawned:
               show_envvar=True, help="--concurrency of each spawned worker.")
 @click.option("--json", "as_json", is_flag=True, default=False, show_envvar=True, envvar="ZRPC_LOADTEST_JSON",
               help="Print one line of JSON instead of the summary (and no progress bar).")
+@curve_options
 def main(brokers, target, concurrency, requests, duration, payload_size, data, timeout, spawn, spawn_brokers,
          worker_target, worker_concurrency, as_json) -> None:
     """Keep CONCURRENCY calls in flight and report calls/s and latency percentiles."""
     if spawn_brokers > 1 and not spawn:
         raise click.UsageError("--spawn-brokers starts brokers for --spawn N workers: give --spawn too")
+    curve = curve_settings()  # both or neither; describing the service uses them too
+    if spawn and curve["curve_secret"]:
+        raise click.UsageError("--spawn starts brokers without CURVE: --broker-key and --curve-secret "
+                               "are for a --broker that requires it")
     tune_allocator()  # large payloads are reused, as in the broker and workers it drives
     if requests is None and duration is None:
         requests = 20_000
@@ -385,7 +395,7 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
             progress = stack.enter_context(click.progressbar(length=length, label="calls" if duration is None else "time",
                                                                  file=sys.stderr))
         result = asyncio.run(run_load(endpoints, service, method, payload, is_idempotent(method_descriptor),
-                                      concurrency, requests, duration, timeout, progress))
+                                      concurrency, requests, duration, timeout, progress, curve))
     report = summary(result, concurrency=concurrency, payload_size=payload_size, target=target,
                      brokers=endpoints, spawned_workers=spawn)
     if as_json:

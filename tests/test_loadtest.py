@@ -8,10 +8,15 @@ import subprocess
 import sys
 
 import pytest
+import zmq
 
-from workers.echo import echo_pb2
+from workers.echo import Echo, echo_pb2
+from zrpc import Client, StatusCode
+from zrpc._broker import Broker
+from zrpc._worker import Worker
 
 from .conftest import REPO, zrpc_cli
+from .test_security import Keys
 
 SCRIPT = REPO / "scripts" / "loadtest.py"
 RUN_TIMEOUT = 90.0  # bound on one whole load-test process, spawning included
@@ -120,3 +125,38 @@ def test_unknown_service_fails_in_one_line(cli_broker):
     result = run_loadtest("--broker", frontend, "--service", "nobody.Offers/This", "--requests", "5")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == ["error: NOT_FOUND: no worker has offered service 'nobody.Offers'"]
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+def test_run_against_a_curve_broker_with_its_keys(tmp_path):
+    keys = Keys(tmp_path)
+    broker = Broker(keys.config()).start()
+    worker = None
+    try:
+        worker = Worker([Echo()], brokers=broker.backend_endpoint, concurrency=4, heartbeat_interval=0.1,
+                        curve_secret=keys.secret("w1"), broker_key=keys.broker_public).start()
+        with Client(broker.frontend_endpoint, timeout=5.0, curve_secret=keys.secret("alice"),
+                    broker_key=keys.broker_public) as client:
+            assert client.call("echo.Echo", "Say", b"", timeout=5.0) == b""  # the worker serves
+        result = run_loadtest("--broker", broker.frontend_endpoint, "--broker-key", str(keys.broker_public),
+                              "--curve-secret", str(keys.secret("alice")), "--requests", "50", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["ok"] == 50 and report["errors"] == {}
+        # Without keys the broker refuses the handshake: the hint names the options it now has.
+        plain = run_loadtest("--broker", broker.frontend_endpoint, "--timeout", "0.5", "--requests", "5")
+        assert plain.returncode == 10 + StatusCode.UNAVAILABLE
+        assert "pass --broker-key and --curve-secret" in plain.stderr
+    finally:
+        if worker is not None:
+            worker.stop(grace=0)
+        broker.stop()
+
+
+def test_curve_options_come_in_pairs_and_not_with_spawn(tmp_path):
+    keys = Keys(tmp_path)
+    half = run_loadtest("--broker-key", str(keys.broker_public), "--requests", "5")
+    assert half.returncode == 2 and "CURVE needs both --curve-secret and --broker-key" in half.stderr
+    spawned = run_loadtest("--spawn", "1", "--broker-key", str(keys.broker_public),
+                           "--curve-secret", str(keys.secret("alice")), "--requests", "5")
+    assert spawned.returncode == 2 and "--spawn starts brokers without CURVE" in spawned.stderr
