@@ -5,7 +5,7 @@ import dataclasses
 import pathlib
 import re
 import tomllib
-from typing import Any
+from typing import Any, Collection
 
 from .. import _protocol as p
 
@@ -129,8 +129,15 @@ def endpoint_port_problem(endpoint: str) -> str | None:
     return None
 
 
-def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
-    """Read the ``[broker]`` table of a TOML file into BrokerConfig keyword arguments.
+# Settings that name files: a relative path in a config file is relative to that file's
+# directory (as the shipped zrpc-broker.toml is read from /etc/zrpc by a unit whose working
+# directory is another), not to wherever the broker happens to be started.
+_PATH_SETTINGS = ("curve_secret", "client_keys", "worker_keys", "access_rules")
+
+
+def load_config_file(path: str | pathlib.Path, extra: Collection[str] = ()) -> dict[str, Any]:
+    """Read the ``[broker]`` table of a TOML file into BrokerConfig keyword arguments, plus the
+    ``extra`` keys (settings of the process around the broker, for its caller to take out).
 
     Keys may use dashes or underscores. An unknown key or table, inside the table or out, is
     an error that names it, so a typo in a deployment file is caught at start-up rather than
@@ -151,11 +158,13 @@ def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown {what}; every setting goes in the [broker] table")
     if not isinstance(table, dict):
         raise ValueError(f"{path}: broker must be a table ([broker]), not {type(table).__name__}")
-    known = set(BrokerConfig.field_names())
+    known = set(BrokerConfig.field_names()) | set(extra)
     settings: dict[str, Any] = {}
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in known:
             raise ValueError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        if name in _PATH_SETTINGS and isinstance(value, str) and value and not pathlib.Path(value).is_absolute():
+            value = str(pathlib.Path(path).resolve().parent / value)
         settings[name] = value
     return settings

@@ -72,6 +72,9 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
       zrpc broker ready: frontend=<endpoint> backend=<endpoint> [metrics=<url>]
     """
     config = _build_config(config_file, log_level=log_level.upper() if log_level else None, **flags)
+    process = _process_settings(config_file, log_format=log_format, metrics_port=metrics_port,
+                                metrics_host=metrics_host)
+    log_format, metrics_port, metrics_host = process["log_format"], process["metrics_port"], process["metrics_host"]
     setup_logging(config.log_level, log_format)
     tune_allocator()  # payloads of a megabyte are reused, not mapped and faulted in each time
 
@@ -85,11 +88,14 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
         _refuse_live_ipc(endpoint)
     try:
         broker_ = Broker(config, gate_handshakes=True)  # its own process: no GIL shared with clients
-        if limit != before:
-            log.info("file descriptor limit raised from %d to %d (max_connections %d per endpoint)",
-                     before, limit, broker_.max_connections)
+    except (ConnectionCapError, ValueError) as exc:  # a cap the fd limit cannot hold, a bad key file
+        raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
+    if limit != before:
+        log.info("file descriptor limit raised from %d to %d (max_connections %d per endpoint)",
+                 before, limit, broker_.max_connections)
+    try:
         frontend, backend = broker_.bind()
-    except ConnectionCapError as exc:
+    except ValueError as exc:  # the keys are read when the authenticator starts, at bind
         raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
     except Exception as exc:  # zmq.ZMQError: address in use, no such interface, bad path
         where = "" if "addr=" in str(exc) else f" (frontend={config.frontend}, backend={config.backend})"
@@ -103,14 +109,17 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
 
     metrics = start_metrics(lambda: broker_registry(broker_), metrics_host, metrics_port)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    if broker_.security is not None:
-        def on_hangup(signum, frame) -> None:
-            try:
-                broker_.reload_keys()  # live connections of removed keys are refused from now on
-            except (OSError, ValueError) as exc:
-                log.error("reload on SIGHUP failed, keeping the previous keys: %s", exc)
+    def on_hangup(signum, frame) -> None:
+        if broker_.security is None:  # SIGHUP's default action would kill the broker
+            log.warning("received SIGHUP: this broker runs without CURVE, there are no keys to reload")
+            return
+        try:
+            broker_.reload_keys()  # live connections of removed keys are refused from now on
+        except (OSError, ValueError) as exc:
+            log.error("reload on SIGHUP failed, keeping the previous keys: %s", exc)
 
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
+    # Always handled: `systemctl reload` (zrpc-broker.service) sends it to any broker.
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}"
                + (f" metrics={metrics.url}" if metrics else ""))
     log.info("broker serving: frontend=%s backend=%s", frontend, backend)
@@ -124,12 +133,40 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
     log.info("broker stopped")
 
 
+# Settings of the process around the broker that a config file may hold too (a unit that
+# starts `zrpc broker start --config FILE` has no other place for them).
+_PROCESS_SETTINGS = {
+    "log_format": lambda v: v if v in ("text", "json") else None,
+    "metrics_port": lambda v: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535 else None,
+    "metrics_host": lambda v: v if isinstance(v, str) and v else None,
+}
+
+
+def _process_settings(config_file: str | None, **given) -> dict:
+    """``given`` (the flags' values), except where a flag was left at its default and the file
+    sets it: flags and ZRPC_ variables win over the file, the file over the defaults."""
+    if config_file is None:
+        return given
+    ctx = click.get_current_context()
+    from_file = load_config_file(config_file, extra=_PROCESS_SETTINGS)  # read fine already once
+    chosen = dict(given)
+    for name, check in _PROCESS_SETTINGS.items():
+        if name in from_file and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+            if check(from_file[name]) is None:
+                raise CliError(f"{config_file}: bad {name} {from_file[name]!r}", exit_code=EXIT_USAGE)
+            chosen[name] = from_file[name]
+    return chosen
+
+
 def _build_config(config_file: str | None, **flags) -> BrokerConfig:
     """Defaults, overridden by the file, overridden by flags (None means the flag was not given)."""
     config = BrokerConfig()
     if config_file is not None:
         try:
-            config = config.replace(**load_config_file(config_file))
+            settings = load_config_file(config_file, extra=_PROCESS_SETTINGS)
+            for name in _PROCESS_SETTINGS:  # the process's, not the broker's: see _process_settings
+                settings.pop(name, None)
+            config = config.replace(**settings)
         except tomllib.TOMLDecodeError as exc:
             raise CliError(f"{config_file}: not valid TOML: {exc}", exit_code=EXIT_USAGE) from None
         except (OSError, ValueError, TypeError) as exc:
