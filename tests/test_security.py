@@ -511,3 +511,10 @@ def test_cli_broker_worker_and_call_over_curve(keys, spawn, endpoints):
     refused = call("w1")  # a worker key on the frontend
     assert finished(refused) == 10 + StatusCode.UNAUTHENTICATED
     assert any("UNAUTHENTICATED" in line and "handshake refused" in line for line in refused.errors)
+
+
+def test_a_rules_file_that_is_not_toml_is_named_in_the_error(tmp_path):
+    path = tmp_path / "rules.toml"
+    path.write_text("[clients]\nalice = [\n")
+    with pytest.raises(ValueError, match=f"{path}: not valid TOML"):
+        security.load_rules(path)

@@ -157,7 +157,10 @@ def load_rules(path: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
     public keys, or ``"*"`` for every key; services are names or shell patterns (``"echo.*"``).
     """
     with open(path, "rb") as f:
-        document = tomllib.load(f)
+        try:
+            document = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:  # a ValueError that names no file
+            raise ValueError(f"{os.fspath(path)}: not valid TOML: {exc}") from None
     rules: dict[str, dict[str, list[str]]] = {}
     for side, table in document.items():
         if side not in ("clients", "workers"):
