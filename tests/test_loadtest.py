@@ -78,11 +78,32 @@ def test_spawned_run_makes_every_call_and_reports_one_json_line():
     report = json.loads(lines[0])
     assert report["ok"] == 300 and report["calls"] == 300 and report["errors"] == {}
     assert report["concurrency"] == 8 and report["payload_size"] == 100
+    assert report["request_bytes"] == len(echo_pb2.EchoRequest(payload=b"x" * 100).SerializeToString())
     assert report["calls_per_s"] > 0
     assert 0 < report["p50_us"] <= report["p90_us"] <= report["p99_us"] <= report["max_us"]
     # Everything it started is gone: the temporary directory of its ipc endpoints too.
     frontend = report["brokers"][0]
     assert frontend.startswith("ipc://") and not os.path.exists(os.path.dirname(frontend[len("ipc://"):]))
+
+
+def test_a_method_that_fails_is_load_tested_and_the_summary_describes_the_request_sent():
+    data = '{"code": 3, "message": "no"}'
+    result = run_loadtest("--spawn", "1", "--service", "echo.Echo/Fail", "--data", data,
+                          "--requests", "40", "--concurrency", "4")
+    assert result.returncode == 0, result.stderr
+    size = len(echo_pb2.FailRequest(code=3, message="no").SerializeToString())
+    assert f"concurrency 4, request from --data, {size} bytes serialized\n" in result.stdout
+    assert "payload 100 bytes" not in result.stdout
+    assert "calls        40 (0 ok)" in result.stdout
+    assert "errors       INVALID_ARGUMENT 40" in result.stdout
+    assert result.stderr.strip() == ("note: first call to echo.Echo/Fail failed with INVALID_ARGUMENT; "
+                                     "going on, its errors are counted")
+
+
+def test_summary_text_gives_the_serialized_size_of_a_generated_request():
+    report = loadtest.summary(loadtest.Result(elapsed_s=1.0), concurrency=2, payload_size=10, target="a.B/C",
+                              brokers=["ipc:///x"], spawned_workers=0, request_bytes=12)
+    assert "concurrency 2, request 12 bytes serialized (generated 10-byte payload)" in loadtest.format_summary(report)
 
 
 def test_spawned_brokers_share_the_calls_and_every_worker_serves_each():
