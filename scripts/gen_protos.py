@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Regenerate every committed ``*_pb2.py`` from its ``.proto`` (needs the ``dev`` extra).
+"""Regenerate the repository's own committed ``*_pb2.py`` from their ``.proto`` files.
 
-Usage: ``python scripts/gen_protos.py`` from anywhere. ``--check`` regenerates into a temporary
-directory and exits 1 when a committed file differs (the test suite runs this check).
+Usage: ``python scripts/gen_protos.py [--check]`` from anywhere. It needs grpcio-tools (the
+``dev`` extra). ``--check`` regenerates into a temporary directory and exits 1 when a
+committed file differs (the test suite runs this check). For your own service's ``.proto``,
+run protoc yourself (README, "Your own service").
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 import tempfile
@@ -22,7 +25,11 @@ PROTOS = [
 
 
 def _generate(out_dir: pathlib.Path) -> None:
-    from grpc_tools import protoc  # imported late: only the dev extra has it
+    try:
+        from grpc_tools import protoc  # imported late: only the dev extra has it
+    except ImportError:
+        raise SystemExit("gen_protos.py needs grpcio-tools: pip install grpcio-tools "
+                         "(or the dev extra, pip install -e '.[dev]')") from None
 
     include = pathlib.Path(protoc.__file__).parent / "_proto"
     for proto in PROTOS:
@@ -34,7 +41,16 @@ def _generate(out_dir: pathlib.Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    check = "--check" in argv
+    parser = argparse.ArgumentParser(
+        prog="gen_protos.py",
+        description="Regenerate this repository's own *_pb2.py files (" + ", ".join(PROTOS) + ") "
+                    "with grpcio-tools' protoc. It takes no .proto of yours: for those run "
+                    "`python -m grpc_tools.protoc -I. --python_out=. mysvc/calc.proto` "
+                    "(see README, 'Your own service').")
+    parser.add_argument("--check", action="store_true",
+                        help="regenerate into a temporary directory and exit 1 if a committed file differs")
+    # Unknown arguments (a .proto path, say) are refused rather than ignored while it regenerates.
+    check = parser.parse_args(argv).check
     if not check:
         _generate(ROOT)
         return 0

@@ -2,22 +2,28 @@
 three-line test example passes quietly."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shlex
+import subprocess
+import sys
 
 import pytest
 
 import zrpc
 from workers.greeter import Greeter, helloworld_pb2
+from zrpc import broker_service_pb2
 from zrpc.testing import serve
 
-from .conftest import REPO
+from .conftest import REPO, wait_for, zrpc_cli
 
 README = (REPO / "README.md").read_text()
 
 
-def python_block(first_line: str) -> str:
-    """The body of README's ```python block whose first line is ``first_line``."""
-    start = README.index(f"```python\n{first_line}\n") + len("```python\n")
+def python_block(first_line: str, language: str = "python") -> str:
+    """The body of README's ```python (or ``language``) block whose first line is ``first_line``."""
+    start = README.index(f"```{language}\n{first_line}\n") + len(f"```{language}\n")
     return README[start:README.index("```\n", start)]
 
 
@@ -43,3 +49,38 @@ def test_readme_testing_example_passes_and_exits_without_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         namespace["test_greeter"]()
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+
+
+def test_readme_own_service_steps_generate_run_and_call_it(tmp_path, cli_broker, spawn):
+    pytest.importorskip("grpc_tools")
+    _, frontend, backend = cli_broker
+    package = tmp_path / "mysvc"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "calc.proto").write_text(python_block("// mysvc/calc.proto", "proto"))
+    (package / "service.py").write_text(python_block("# mysvc/service.py"))
+    commands = [shlex.split(line.partition("#")[0])
+                for line in python_block("python -m grpc_tools.protoc -I. --python_out=. mysvc/calc.proto"
+                                         "   # writes mysvc/calc_pb2.py", "sh").splitlines()]
+    protoc, worker_run, call = commands
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # zrpc from the checkout; mysvc from the cwd
+    subprocess.run([sys.executable, *protoc[1:]], cwd=tmp_path, env=env, check=True, timeout=60)
+    assert (package / "calc_pb2.py").exists()
+    worker = spawn(*zrpc_cli(*worker_run[1:], "--broker", backend), cwd=tmp_path)
+    worker.wait_line("zrpc worker ready:")
+    with zrpc.Client(frontend, timeout=5.0) as client:
+        def registered():
+            raw = client.call("zrpc.Broker", "ListServices", b"", timeout=2.0)
+            return any(s.name == "calc.Calculator" and s.live_workers
+                       for s in broker_service_pb2.ListServicesReply.FromString(raw).services)
+        wait_for(registered, 15.0, message="the worker to register")
+
+    def zrpc_call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(zrpc_cli(*args, "--broker", frontend), cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=30)
+    result = zrpc_call(*call[1:])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"quotient": 0.25}
+    result = zrpc_call("call", "calc.Calculator/Divide", '{"a": 1, "b": 0}')
+    assert result.returncode == 10 + zrpc.StatusCode.INVALID_ARGUMENT
+    assert result.stderr.splitlines() == ["error: INVALID_ARGUMENT: division by zero", "  field: b"]
