@@ -233,7 +233,7 @@ class Spawned:
         self.worker_target = worker_target
         self.worker_concurrency = worker_concurrency
         self.directory = tempfile.mkdtemp(prefix="zrpc-loadtest-")
-        # Several brokers (DESIGN.md, scaling): every worker serves all of them, clients spread calls.
+        # Several brokers share nothing: every worker serves all of them, clients spread calls.
         self.frontends = [f"ipc://{self.directory}/frontend-{index}" for index in range(brokers)]
         self.backends = [f"ipc://{self.directory}/backend-{index}" for index in range(brokers)]
         self.processes: list[subprocess.Popen] = []

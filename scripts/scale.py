@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How throughput grows with brokers, workers and client processes (issue 4, "scale past one broker").
 
-Each row starts K brokers and W workers (every worker serves every broker, DESIGN.md) with
+Each row starts K brokers and W workers (every worker serves every broker: brokers share nothing) with
 scripts/loadtest.py's spawner, then runs P load-generator processes at once, each keeping
 --concurrency calls in flight spread over all K brokers. It prints the summed calls/s, the
 worst client's p50 and p99, the ratio to the first row, and each process kind's CPU use, which

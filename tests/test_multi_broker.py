@@ -1,5 +1,5 @@
-"""A client given several brokers sends only to the ones it is connected to (DESIGN: clients and
-workers may connect to two brokers at once), so a broker that is down costs no later call."""
+"""A client given several brokers sends only to the ones it is connected to (clients and workers
+may connect to several brokers at once), so a broker that is down costs no later call."""
 from __future__ import annotations
 
 import asyncio

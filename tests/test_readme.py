@@ -84,3 +84,9 @@ def test_readme_own_service_steps_generate_run_and_call_it(tmp_path, cli_broker,
     result = zrpc_call("call", "calc.Calculator/Divide", '{"a": 1, "b": 0}')
     assert result.returncode == 10 + zrpc.StatusCode.INVALID_ARGUMENT
     assert result.stderr.splitlines() == ["error: INVALID_ARGUMENT: division by zero", "  field: b"]
+
+
+def test_readme_and_scripts_cite_no_document_outside_the_repository():
+    # DESIGN.md is a team-internal document: what it says is written out where it matters.
+    for path in [REPO / "README.md", *sorted((REPO / "scripts").glob("*.py"))]:
+        assert "DESIGN" not in path.read_text(), path
