@@ -90,3 +90,27 @@ def test_readme_and_scripts_cite_no_document_outside_the_repository():
     # DESIGN.md is a team-internal document: what it says is written out where it matters.
     for path in [REPO / "README.md", *sorted((REPO / "scripts").glob("*.py"))]:
         assert "DESIGN" not in path.read_text(), path
+
+
+def test_readme_retry_and_circuit_breaker_example_builds_such_a_client():
+    namespace: dict = {}
+    exec(compile(python_block("from zrpc import CircuitBreaker, Client, RetryPolicy, StatusCode"),
+                 "README.md", "exec"), namespace)
+    client = namespace["client"]
+    assert client._core.retry.max_attempts == 5
+    assert client._core.retry.retryable_status_codes == {zrpc.StatusCode.UNAVAILABLE, zrpc.StatusCode.ABORTED}
+    assert client._core.circuit_breaker == zrpc.CircuitBreaker(failure_threshold=5, reset_timeout=5.0)
+
+
+class LeakyGreeter(Greeter):
+    def SayHello(self, request, context):
+        return {}[f"user-{request.name}"]  # a bug, not a deliberate error
+
+
+def test_a_handler_exception_that_is_not_an_error_reaches_the_caller_as_internal_as_readme_says(caplog):
+    with caplog.at_level(logging.CRITICAL, logger="zrpc"), serve(LeakyGreeter()) as client:
+        greeter = client.stub(helloworld_pb2.DESCRIPTOR.services_by_name["Greeter"])
+        with pytest.raises(zrpc.Error) as raised:
+            greeter.SayHello(helloworld_pb2.HelloRequest(name="42"))
+    assert (raised.value.code.name, raised.value.message) == ("INTERNAL", "KeyError: 'user-42'")
+    assert "`INTERNAL: KeyError: 'user-42'`" in README
