@@ -746,7 +746,8 @@ def _systems(ctx, param, value: str) -> list[str]:
 @click.option("--large/--no-large", default=True, show_default=True, help="Measure 1 MiB payloads through a and b.")
 @click.option("--profile", "profile_path", default=None, type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="Profile the broker under a2 with py-spy (raw collapsed stacks written here).")
-@click.option("--profile-concurrency", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--profile-concurrency", default=32, show_default=True, type=click.IntRange(min=1),
+              help="With --profile: calls kept in flight while the broker is profiled.")
 @click.option("--quiet-wait", default=0.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
               help="Before each cell, wait up to this long until other processes leave the CPUs idle.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the tables.")

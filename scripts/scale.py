@@ -90,7 +90,8 @@ def measure(brokers: int, workers: int, clients: int, concurrency: int, duration
               help="Calls in flight per load-generator process.")
 @click.option("--duration", "-d", type=click.FloatRange(min=0.5), default=4.0, show_default=True,
               help="Seconds of load per row.")
-@click.option("--worker-concurrency", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--worker-concurrency", type=click.IntRange(min=1), default=32, show_default=True,
+              help="--concurrency of each spawned worker: the calls it holds at once (its capacity).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def main(rows, concurrency, duration, worker_concurrency, as_json) -> None:
     """Measure calls/s for each configuration in one run; ratios are to the first row."""

@@ -181,3 +181,17 @@ def test_curve_options_come_in_pairs_and_not_with_spawn(tmp_path):
     spawned = run_loadtest("--spawn", "1", "--broker-key", str(keys.broker_public),
                            "--curve-secret", str(keys.secret("alice")), "--requests", "5")
     assert spawned.returncode == 2 and "--spawn starts brokers without CURVE" in spawned.stderr
+
+
+@pytest.mark.parametrize("script, option, words", [
+    ("scale.py", "--worker-concurrency", "--concurrency of each spawned worker"),
+    ("bench.py", "--profile-concurrency", "calls kept in flight while the broker is profiled"),
+    ("loadtest.py", "--worker-concurrency", "--concurrency of each spawned worker"),
+])
+def test_the_scripts_worker_and_profile_concurrency_options_have_help_texts(script, option, words):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # click wraps lines
+    described = text[text.index(option + " "):]
+    assert described.split("[default:")[0].count(words) == 1, described[:200]
