@@ -30,6 +30,20 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
         threading.Event().wait(interval)  # a bounded poll interval, not synchronisation
 
 
+
+def wait_until_served(frontend: str, service: str, timeout: float = 15.0) -> None:
+    """Wait until the broker at ``frontend`` lists a live worker for ``service`` (asked as a
+    client would, through zrpc.Broker/ListServices)."""
+    import zrpc
+    from zrpc import broker_service_pb2
+
+    with zrpc.Client(frontend, timeout=5.0) as client:
+        def served() -> bool:
+            raw = client.call("zrpc.Broker", "ListServices", b"", timeout=2.0)
+            return any(s.name == service and s.live_workers
+                       for s in broker_service_pb2.ListServicesReply.FromString(raw).services)
+        wait_for(served, timeout, message=f"a worker of {service} to register")
+
 @pytest.fixture
 def ipc_dir():
     """A short temporary directory for ipc:// endpoints (socket paths are limited to ~107 bytes)."""

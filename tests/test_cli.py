@@ -24,7 +24,7 @@ from zrpc._cli._call_cmd import format_services
 from zrpc._cli.main import main
 
 from ._fake_frontend import FakeFrontend
-from .conftest import REPO, wait_for, zrpc_cli
+from .conftest import REPO, wait_for, wait_until_served, zrpc_cli
 from .test_security import Keys
 
 needs_curve = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
@@ -479,12 +479,7 @@ def test_call_prints_the_error_details_after_the_error_line(cli_broker, spawn):
     _, frontend, backend = cli_broker
     worker = spawn(*zrpc_cli("worker", "run", "tests._services:DetailedFailEcho", "--broker", backend))
     worker.wait_line("zrpc worker ready:")
-    with zrpc.Client(frontend, timeout=5.0) as client:
-        def registered():
-            raw = client.call("zrpc.Broker", "ListServices", b"", timeout=2.0)
-            return any(s.name == "echo.Echo" and s.live_workers
-                       for s in bpb.ListServicesReply.FromString(raw).services)
-        wait_for(registered, 15.0, message="the worker to register")
+    wait_until_served(frontend, "echo.Echo")
     result = run_cli("call", "--broker", frontend, "echo.Echo/Fail", '{"code": 3, "message": "division by zero"}')
     assert result.returncode == 10 + zrpc.StatusCode.INVALID_ARGUMENT
     assert result.stderr.splitlines() == ["error: INVALID_ARGUMENT: division by zero",

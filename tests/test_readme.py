@@ -13,10 +13,9 @@ import pytest
 
 import zrpc
 from workers.greeter import Greeter, helloworld_pb2
-from zrpc import broker_service_pb2
 from zrpc.testing import serve
 
-from .conftest import REPO, wait_for, zrpc_cli
+from .conftest import REPO, wait_until_served, zrpc_cli
 
 README = (REPO / "README.md").read_text()
 
@@ -68,12 +67,7 @@ def test_readme_own_service_steps_generate_run_and_call_it(tmp_path, cli_broker,
     assert (package / "calc_pb2.py").exists()
     worker = spawn(*zrpc_cli(*worker_run[1:], "--broker", backend), cwd=tmp_path)
     worker.wait_line("zrpc worker ready:")
-    with zrpc.Client(frontend, timeout=5.0) as client:
-        def registered():
-            raw = client.call("zrpc.Broker", "ListServices", b"", timeout=2.0)
-            return any(s.name == "calc.Calculator" and s.live_workers
-                       for s in broker_service_pb2.ListServicesReply.FromString(raw).services)
-        wait_for(registered, 15.0, message="the worker to register")
+    wait_until_served(frontend, "calc.Calculator")
 
     def zrpc_call(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(zrpc_cli(*args, "--broker", frontend), cwd=tmp_path, env=env,
