@@ -67,9 +67,10 @@ class Client:
     ``circuit_breaker`` (a :class:`CircuitBreaker`) makes calls to a service that keeps failing
     fail at once, unsent, for a while. It is off by default: it fails calls that could have
     succeeded (after a broker restart it keeps a service refused for ``reset_timeout`` after
-    workers are back), the broker already answers at once for a service with no worker, and its
-    threshold only makes sense for a known traffic pattern. Circuits are per service and per
-    client.
+    workers are back), the broker already fails calls to a service with no live worker itself
+    (NOT_FOUND at once for one nobody offers, UNAVAILABLE after its ``unavailable_wait`` for one
+    whose workers are gone), and its threshold only makes sense for a known traffic pattern.
+    Circuits are per service and per client.
 
     ``curve_secret`` (our ``NAME.key_secret`` file, or a (public, secret)
     tuple of z85 keys) and ``broker_key`` (the broker's ``.key`` file or z85 public key) turn on
