@@ -22,21 +22,6 @@ broker_option = option(
     help="Broker frontend endpoint; repeat or separate with commas to spread over several.")
 
 
-class CallFailed(CliError):
-    """A failed call: the one ``error:`` line, then one ``  key: value`` line per detail."""
-
-    def __init__(self, error: Error):
-        failed = call_failed(error)
-        super().__init__(failed.message, exit_code=failed.exit_code)
-        self.details = error.details
-
-    def show(self, file=None) -> None:
-        super().show(file)
-        for key, value in sorted(self.details.items()):
-            # One line each, whatever the handler put in them.
-            click.echo(f"  {key}: {' '.join(str(value).split())}", file=file, err=True)
-
-
 @click.command(epilog=EXIT_CODES_HELP)
 @click.argument("target", metavar="SERVICE/METHOD")
 @click.argument("request_json", metavar="[JSON]", default="{}")
@@ -81,7 +66,7 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
                               timeout=timeout, idempotent=is_idempotent(method),
                               metadata=metadata_map or None)
         except Error as error:
-            raise CallFailed(error) from None
+            raise call_failed(error) from None
     reply = message_class(method.output_type)()
     try:
         reply.ParseFromString(raw)

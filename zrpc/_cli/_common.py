@@ -48,12 +48,26 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", file=file, err=True)
 
 
-def call_failed(error: Error, prefix: str = "") -> CliError:
+class CallFailed(CliError):
+    """A failed call: the one ``error:`` line, then one ``  key: value`` line per detail."""
+
+    def __init__(self, message: str, exit_code: int, details: dict):
+        super().__init__(message, exit_code=exit_code)
+        self.details = dict(details)
+
+    def show(self, file=None) -> None:
+        super().show(file)
+        for key, value in sorted(self.details.items()):
+            # One line each, whatever the handler put in them.
+            click.echo(f"  {key}: {' '.join(str(value).split())}", file=file, err=True)
+
+
+def call_failed(error: Error, prefix: str = "") -> CallFailed:
     """The CliError for a call that failed with a status code: exit status 10 + code."""
     message = f"{error.code.name}: {error.message}" if error.message else error.code.name
     # The client's deadline message speaks to Python callers; here the setting is a flag.
     message = message.replace("pass a larger timeout=", "pass a larger --timeout")
-    return CliError(prefix + message, exit_code=EXIT_STATUS_BASE + int(error.code))
+    return CallFailed(prefix + message, EXIT_STATUS_BASE + int(error.code), error.details)
 
 
 def check_endpoint(endpoint: str, what: str = "endpoint") -> str:
