@@ -58,6 +58,8 @@ class CallFailed(CliError):
     def show(self, file=None) -> None:
         super().show(file)
         for key, value in sorted(self.details.items()):
+            if key == "zrpc-endpoint":  # the client's refusals name their endpoint in the error line
+                continue
             # One line each, whatever the handler put in them.
             click.echo(f"  {key}: {' '.join(str(value).split())}", file=file, err=True)
 
