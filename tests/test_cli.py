@@ -323,6 +323,7 @@ def test_a_bad_config_file_stops_the_broker_with_one_line(cli, tmp_path, text, p
 @pytest.mark.parametrize("frontend, backend, problem", [
     ("tcp://127.0.0.1:70000", "tcp://127.0.0.1:0", "port '70000' is not a number from 0 to 65535"),
     ("ipc:///tmp/zrpc-same", "ipc:///tmp/zrpc-same", "the same endpoint"),
+    ("tcp://[::1]", "tcp://127.0.0.1:0", "no port"),  # the last colon is inside the IPv6 literal
 ])
 def test_broker_config_refuses_endpoints_that_cannot_work_from_python_too(frontend, backend, problem):
     with pytest.raises(ValueError, match=problem):

@@ -111,6 +111,8 @@ def endpoint_port(endpoint: str) -> str | None:
     if transport.startswith("ws"):
         address = address.split("/", 1)[0]
     host, sep, port = address.rpartition(":")
+    if "]" in port:  # tcp://[::1]: the last colon is inside an IPv6 literal, and no port follows
+        return None
     return port if sep and host else None
 
 
