@@ -296,7 +296,8 @@ def test_sighup_to_a_broker_without_curve_is_logged_and_the_broker_serves_on(cli
 def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path):
     path = tmp_path / "broker.toml"
     path.write_text('[broker]\nqueue-size = 7\nunavailable_wait = 1.5\nfrontend = "ipc:///tmp/x"\n')
-    config = _broker_cmd._build_config(str(path), queue_size=9, frontend=None, backend=None, log_level=None)
+    from_file, _ = _broker_cmd._read_config_file(str(path))
+    config = _broker_cmd._build_config(from_file, queue_size=9, frontend=None, backend=None, log_level=None)
     assert config.queue_size == 9  # flag
     assert config.unavailable_wait == 1.5 and config.frontend == "ipc:///tmp/x"  # file
     assert config.heartbeat_liveness == BrokerConfig().heartbeat_liveness  # default

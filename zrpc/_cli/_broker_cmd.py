@@ -71,9 +71,10 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
     \b
       zrpc broker ready: frontend=<endpoint> backend=<endpoint> [metrics=<url>]
     """
-    config = _build_config(config_file, log_level=log_level.upper() if log_level else None, **flags)
-    process = _process_settings(config_file, log_format=log_format, metrics_port=metrics_port,
-                                metrics_host=metrics_host)
+    from_file, process_from_file = _read_config_file(config_file)
+    config = _build_config(from_file, log_level=log_level.upper() if log_level else None, **flags)
+    process = _process_settings(config_file, process_from_file, log_format=log_format,
+                                metrics_port=metrics_port, metrics_host=metrics_host)
     log_format, metrics_port, metrics_host = process["log_format"], process["metrics_port"], process["metrics_host"]
     setup_logging(config.log_level, log_format)
     tune_allocator()  # payloads of a megabyte are reused, not mapped and faulted in each time
@@ -135,42 +136,47 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
 
 # Settings of the process around the broker that a config file may hold too (a unit that
 # starts `zrpc broker start --config FILE` has no other place for them).
-_PROCESS_SETTINGS = {
-    "log_format": lambda v: v if v in ("text", "json") else None,
-    "metrics_port": lambda v: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535 else None,
-    "metrics_host": lambda v: v if isinstance(v, str) and v else None,
+_PROCESS_SETTINGS = {  # name -> is this value one the flag would take?
+    "log_format": lambda v: v in ("text", "json"),
+    "metrics_port": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535,
+    "metrics_host": lambda v: isinstance(v, str) and bool(v),
 }
 
 
-def _process_settings(config_file: str | None, **given) -> dict:
+def _read_config_file(config_file: str | None) -> tuple[dict, dict]:
+    """The file's broker settings and its process settings (both empty without a file)."""
+    if config_file is None:
+        return {}, {}
+    try:
+        settings = load_config_file(config_file, extra=_PROCESS_SETTINGS)
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"{config_file}: not valid TOML: {exc}", exit_code=EXIT_USAGE) from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise CliError(str(exc), exit_code=EXIT_USAGE) from None
+    process = {name: settings.pop(name) for name in _PROCESS_SETTINGS if name in settings}
+    return settings, process
+
+
+def _process_settings(config_file: str | None, from_file: dict, **given) -> dict:
     """``given`` (the flags' values), except where a flag was left at its default and the file
     sets it: flags and ZRPC_ variables win over the file, the file over the defaults."""
-    if config_file is None:
-        return given
     ctx = click.get_current_context()
-    from_file = load_config_file(config_file, extra=_PROCESS_SETTINGS)  # read fine already once
     chosen = dict(given)
-    for name, check in _PROCESS_SETTINGS.items():
-        if name in from_file and ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
-            if check(from_file[name]) is None:
-                raise CliError(f"{config_file}: bad {name} {from_file[name]!r}", exit_code=EXIT_USAGE)
-            chosen[name] = from_file[name]
+    for name, value in from_file.items():
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+            if not _PROCESS_SETTINGS[name](value):
+                raise CliError(f"{config_file}: bad {name} {value!r}", exit_code=EXIT_USAGE)
+            chosen[name] = value
     return chosen
 
 
-def _build_config(config_file: str | None, **flags) -> BrokerConfig:
-    """Defaults, overridden by the file, overridden by flags (None means the flag was not given)."""
-    config = BrokerConfig()
-    if config_file is not None:
-        try:
-            settings = load_config_file(config_file, extra=_PROCESS_SETTINGS)
-            for name in _PROCESS_SETTINGS:  # the process's, not the broker's: see _process_settings
-                settings.pop(name, None)
-            config = config.replace(**settings)
-        except tomllib.TOMLDecodeError as exc:
-            raise CliError(f"{config_file}: not valid TOML: {exc}", exit_code=EXIT_USAGE) from None
-        except (OSError, ValueError, TypeError) as exc:
-            raise CliError(str(exc), exit_code=EXIT_USAGE) from None
+def _build_config(from_file: dict, **flags) -> BrokerConfig:
+    """Defaults, overridden by the file's settings, overridden by flags (None means the flag was
+    not given)."""
+    try:
+        config = BrokerConfig().replace(**from_file)
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc), exit_code=EXIT_USAGE) from None
     config = config.replace(**flags)
     if str(config.log_level).upper() not in LOG_LEVELS:
         raise CliError(f"bad log_level {config.log_level!r}; use one of {', '.join(LOG_LEVELS)}",
