@@ -15,8 +15,8 @@ from zrpc import Client, StatusCode
 from zrpc._broker import Broker
 from zrpc._worker import Worker
 
-from .conftest import REPO, zrpc_cli
-from .test_security import Keys
+from .conftest import REPO, wait_for, zrpc_cli
+from .test_security import Keys, served
 
 SCRIPT = REPO / "scripts" / "loadtest.py"
 RUN_TIMEOUT = 90.0  # bound on one whole load-test process, spawning included
@@ -156,6 +156,9 @@ def test_run_against_a_curve_broker_with_its_keys(tmp_path):
     try:
         worker = Worker([Echo()], brokers=broker.backend_endpoint, concurrency=4, heartbeat_interval=0.1,
                         curve_secret=keys.secret("w1"), broker_key=keys.broker_public).start()
+        # start() returns once connected; its READY crosses the CURVE handshake after that, and this
+        # broker answers NOT_FOUND at once for a service nobody has offered yet.
+        wait_for(lambda: served(broker), 10, message="the worker registered")
         with Client(broker.frontend_endpoint, timeout=5.0, curve_secret=keys.secret("alice"),
                     broker_key=keys.broker_public) as client:
             assert client.call("echo.Echo", "Say", b"", timeout=5.0) == b""  # the worker serves
