@@ -20,8 +20,7 @@ from ._breaker import CircuitBreaker
 from ._core import (CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_copies, cancel_message,
                     closed_error, logger)
 from ._dealer import endpoint_list, open_dealer
-from ._handshake import EVENTS as HANDSHAKE_EVENTS
-from ._handshake import HandshakeWatch, parse_event
+from ._monitor import CLIENT_EVENTS, HandshakeWatch, on_event
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import AsyncUnaryMethod, Stub
 
@@ -64,6 +63,7 @@ class AsyncClient:
         self.endpoints = endpoint_list(endpoints)
         self._curve = client_security(curve_secret, broker_key)
         self._monitor: zmq.asyncio.Socket | None = None
+        self._monitor_now: zmq.Socket | None = None  # the same socket, read without waiting
         self._watch: HandshakeWatch | None = None
         self._watcher: asyncio.Task | None = None
         self._context_arg = context
@@ -123,7 +123,7 @@ class AsyncClient:
         if self._monitor is not None:
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
-            self._monitor = None
+            self._monitor = self._monitor_now = None
         if self._socket is not None:
             self._socket.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
             self._socket = None
@@ -187,10 +187,13 @@ class AsyncClient:
                 context.term()
             raise
         self._context = context
+        # The monitor tells us when a broker connection opens or closes, and (CURVE) when a
+        # broker refuses our handshake (issue 5).
+        self._monitor = self._socket.get_monitor_socket(CLIENT_EVENTS)
+        self._monitor_now = zmq.Socket.shadow(self._monitor.underlying)
         if self._curve is not None:
-            self._monitor = self._socket.get_monitor_socket(HANDSHAKE_EVENTS)
             self._watch = HandshakeWatch(self.endpoints)
-            self._watcher = loop.create_task(self._watch_handshakes(), name="zrpc-client-handshakes")
+        self._watcher = loop.create_task(self._watch_connections(), name="zrpc-client-connections")
         self._loop = loop
         self._wake = asyncio.Event()
         self._reader = loop.create_task(self._read(), name="zrpc-client-reader")
@@ -217,31 +220,42 @@ class AsyncClient:
         except Exception as exc:
             self._fail("reader task", exc)
 
-    async def _watch_handshakes(self) -> None:
-        """Fail pending calls UNAUTHENTICATED when every broker refused our handshake."""
+    async def _watch_connections(self) -> None:
         try:
             while True:
-                event, value, endpoint = parse_event(await self._monitor.recv_multipart())
-                error = self._watch.on_event(event, value, endpoint)
-                if endpoint in self._watch.refused:
-                    logger.warning("zrpc client: handshake refused by broker at %s: %s",
-                                   endpoint, self._watch.refused[endpoint])
-                    try:  # drops requests queued for it: their calls are answered below
-                        self._socket.disconnect(endpoint)
-                    except zmq.ZMQError:
-                        pass
-                if error is not None:
-                    self._settle(self._core.fail_all(error))
+                await self._monitor.poll(None, zmq.POLLIN)
+                self._on_monitor_events()
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("zrpc async client: handshake monitor failed")
+            logger.exception("zrpc async client: connection monitor failed")
+
+    def _see_connections(self) -> None:
+        """Before a send: a connection that opened is known before calls go over it (see
+        ClientCore.connection_closed)."""
+        if not self._core.all_connected(len(self.endpoints)):
+            self._on_monitor_events()
+
+    def _on_monitor_events(self) -> None:
+        """Connections that opened or closed (calls on a closed one fail at once), and CURVE
+        refusals (calls fail UNAUTHENTICATED when every broker refused us)."""
+        monitor = self._monitor_now
+        settled = False
+        while monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            outcomes = on_event(monitor.recv_multipart(zmq.NOBLOCK), self._core, self._watch, self._socket)
+            self._settle(outcomes)
+            settled = True
+        if settled:
+            self._arm_timer()  # lost idempotent calls wait out a retry backoff
+            if self._core.has_unsent():
+                self._wake.set()
 
     def _send_early(self) -> None:
         """Send the unsent calls now, in this loop turn, instead of at its end (see PIPELINE_PAIRS)."""
         if self._send_blocked:
             return  # the writer sends them once a broker can take them
         core = self._core
+        self._see_connections()
         batch = core.next_request(core.clock())
         if batch is not None and not self._try_send(batch):
             self._wake.set()
@@ -293,10 +307,12 @@ class AsyncClient:
                     request_ids, self._cancel_ids = self._cancel_ids, []
                     self._send_cancel(request_ids)
                 # Every call made since the last turn goes out in as few messages as fit.
+                self._see_connections()
                 while (batch := core.next_request(core.clock())) is not None:
                     if not self._try_send(batch):
                         await self._socket.poll(None, zmq.POLLOUT)  # a broker can take it now
                         self._send_blocked = False
+                        self._see_connections()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

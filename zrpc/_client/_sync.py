@@ -27,8 +27,7 @@ from ._breaker import CircuitBreaker
 from ._core import (CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_copies, cancel_message,
                     closed_error, logger)
 from ._dealer import endpoint_list, open_dealer
-from ._handshake import EVENTS as HANDSHAKE_EVENTS
-from ._handshake import HandshakeWatch, parse_event
+from ._monitor import CLIENT_EVENTS, HandshakeWatch, on_event
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import Stub, UnaryMethod
 
@@ -111,12 +110,11 @@ class Client:
         try:
             self._dealer = open_dealer(context, self.endpoints, curve)
             sockets.append(self._dealer)
-            # CURVE: the monitor tells us when the broker refuses our handshake (issue 5).
-            self._monitor = self._watch = None
-            if curve is not None:
-                self._monitor = self._dealer.get_monitor_socket(HANDSHAKE_EVENTS)
-                sockets.append(self._monitor)
-                self._watch = HandshakeWatch(self.endpoints)
+            # The monitor tells us when a broker connection opens or closes, and (CURVE) when a
+            # broker refuses our handshake (issue 5).
+            self._monitor = self._dealer.get_monitor_socket(CLIENT_EVENTS)
+            sockets.append(self._monitor)
+            self._watch = HandshakeWatch(self.endpoints) if curve is not None else None
             address = f"inproc://zrpc-client-wake-{uuid.uuid4().hex}"
             self._wake_in = context.socket(zmq.PAIR)
             sockets.append(self._wake_in)
@@ -240,19 +238,22 @@ class Client:
         poller = zmq.Poller()
         poller.register(self._wake_in, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         waiting_to_send = False
         try:
             while True:
                 events = dict(poller.poll(self._poll_timeout_ms()))
-                if self._monitor is not None and self._monitor in events:
-                    self._on_handshake_events()
+                if self._monitor in events:  # first: a refusal fails the calls in flight before new ones come
+                    self._on_monitor_events()
                 if self._wake_in in events and not self._take_outbox():
                     break
                 if events.get(dealer, 0) & zmq.POLLIN:
                     self._receive()
                 self._advance()
+                # Right before sending, so a connection that opened is known before calls go over
+                # it (see ClientCore.connection_closed).
+                if not self._core.all_connected(len(self.endpoints)):
+                    self._on_monitor_events()
                 blocked = self._send_unsent()
                 if blocked != waiting_to_send:
                     # Only ask for POLLOUT while a send is blocked, or poll would spin.
@@ -300,24 +301,12 @@ class Client:
             self._retry_refused()
         return True
 
-    def _on_handshake_events(self) -> None:
-        """Fail pending calls UNAUTHENTICATED when every broker refused our handshake."""
-        while True:
-            try:
-                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            event, value, endpoint = parse_event(frames)
-            error = self._watch.on_event(event, value, endpoint)
-            if endpoint in self._watch.refused:
-                logger.warning("zrpc client: handshake refused by broker at %s: %s",
-                               endpoint, self._watch.refused[endpoint])
-                try:  # drops requests queued for it: their calls are answered below
-                    self._dealer.disconnect(endpoint)
-                except zmq.ZMQError:
-                    pass
-            if error is not None:
-                self._settle(self._core.fail_all(error))
+    def _on_monitor_events(self) -> None:
+        """Connections that opened or closed (calls on a closed one fail at once), and CURVE
+        refusals (calls fail UNAUTHENTICATED when every broker refused us)."""
+        monitor = self._monitor
+        while monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            self._settle(on_event(monitor.recv_multipart(zmq.NOBLOCK), self._core, self._watch, self._dealer))
 
     def _retry_refused(self) -> None:
         """New calls after a refusal: try the handshake again (the key may be allowed now)."""
@@ -389,9 +378,8 @@ class Client:
         error = closed_error(in_flight=True)
         outcomes = self._core.fail_all(error) + [Outcome(call, None, error) for call in leftover]
         self._settle(outcomes)
-        if self._monitor is not None:
-            self._dealer.disable_monitor()
-            self._monitor.close(linger=0)
+        self._dealer.disable_monitor()
+        self._monitor.close(linger=0)
         self._dealer.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
         for socket in (self._wake_in, self._wake_out):
             socket.close(linger=0)

@@ -9,7 +9,7 @@ import zmq
 
 from .. import _protocol as p
 from .. import _security
-from .._client import _handshake
+from .._client._monitor import HANDSHAKE_EVENTS, parse_event, refusal_reason
 
 log = logging.getLogger("zrpc.worker")
 
@@ -101,7 +101,7 @@ class BrokerLink:
         self.socket = socket
         self.refused_here = False
         if self.curve is not None:
-            self._monitor = socket.get_monitor_socket(_handshake.EVENTS)
+            self._monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
             self.loop.add_reader(self._monitor.FD, self._read_handshakes)
             self.loop.call_soon(self._read_handshakes)  # edge-triggered, as the socket's FD
         self.loop.add_reader(socket.FD, self.on_readable)
@@ -128,13 +128,13 @@ class BrokerLink:
                 frames = self._monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            event, value, _ = _handshake.parse_event(frames)
+            event, value, _ = parse_event(frames)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if self.refused is not None:
                     log.info("broker %s accepted our key now", self.endpoint)
                 self.refused, self.refused_here = None, False
                 continue
-            reason = _handshake.refusal_reason(event, value)
+            reason = refusal_reason(event, value)
             if reason is not None:
                 self.refused_here = True
             if reason is not None and reason != self.refused:

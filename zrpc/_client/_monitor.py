@@ -1,9 +1,15 @@
-"""Watching a CURVE client's handshakes, so a refused key fails calls at once (issue 5).
+"""What a client learns from its DEALER's socket monitor: connections that open and close, and
+handshakes a broker refuses. Both client flavours feed each monitor message to :func:`on_event`.
 
-A client whose key the broker refuses, or that holds the wrong broker key, never gets a
-connection: ZeroMQ queues its requests and retries the handshake forever, and the caller would
-see only DEADLINE_EXCEEDED. The socket monitor reports each handshake's outcome; this object
-turns those events into a clear UNAUTHENTICATED error. Both client flavours feed it.
+- A connection that closes (the broker stopped, or its host vanished: ZMTP heartbeats notice)
+  takes the calls it carried with it: no reply can come, since a restarted broker knows nothing
+  of them and a DEALER that reconnects gets a new routing id. The core fails them UNAVAILABLE at
+  once (see ``ClientCore.connection_closed``) instead of leaving them to their deadlines, and the
+  retry policy sends the idempotent ones again.
+- CURVE: a client whose key the broker refuses, or that holds the wrong broker key, never gets a
+  connection: ZeroMQ queues its requests and retries the handshake forever, and the caller would
+  see only DEADLINE_EXCEEDED. :class:`HandshakeWatch` turns the refusal into a clear
+  UNAUTHENTICATED error (issue 5).
 """
 from __future__ import annotations
 
@@ -11,9 +17,13 @@ import zmq
 
 from .._errors import Error
 from .._status import StatusCode
+from ._core import ClientCore, Outcome, logger
 
-EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-          | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+# What a client watches: a handshake that succeeded opens a connection (it carries calls only
+# from then on: the DEALER is IMMEDIATE), DISCONNECTED closes it.
+CLIENT_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
 
 
 def refusal_reason(event: int, value: int) -> str | None:
@@ -79,3 +89,28 @@ def parse_event(frames: list[bytes]) -> tuple[int, int, str]:
 
     message = parse_monitor_message(frames)
     return message["event"], message["value"], message["endpoint"].decode("utf-8", "replace")
+
+
+def on_event(frames: list[bytes], core: ClientCore, watch: HandshakeWatch | None,
+             socket: zmq.Socket) -> list[Outcome]:
+    """Feed one monitor message to the client's core (and CURVE watch); returns the outcomes of
+    the calls it ends. ``socket`` is the client's DEALER (an endpoint that refused us is
+    disconnected from it)."""
+    event, value, endpoint = parse_event(frames)
+    outcomes = []
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        core.connection_up(endpoint)
+    elif event == zmq.EVENT_DISCONNECTED:
+        outcomes = core.connection_closed(endpoint)
+    if watch is None:
+        return outcomes
+    error = watch.on_event(event, value, endpoint)
+    if refusal_reason(event, value) is not None and endpoint in watch.refused:  # said once, not at each event
+        logger.warning("zrpc client: handshake refused by broker at %s: %s", endpoint, watch.refused[endpoint])
+        try:  # drops requests queued for it: their calls are answered below
+            socket.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass
+    if error is not None:
+        outcomes += core.fail_all(error)
+    return outcomes
