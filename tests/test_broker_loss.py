@@ -1,15 +1,16 @@
 """A broker that dies takes the calls it holds with it: the client fails them UNAVAILABLE at once
 (not at their deadlines), the retry policy sends the idempotent ones again once a broker is back,
-and calls another broker holds are untouched. Brokers are real processes, killed by PID."""
+and calls another broker holds are untouched. The brokers that die are processes, killed by PID."""
 from __future__ import annotations
 
 import asyncio
 import signal
 
 import pytest
+import zmq
 
 import zrpc
-from zrpc import AsyncClient, Client, StatusCode, Worker
+from zrpc import AsyncClient, Broker, BrokerConfig, Client, StatusCode, Worker
 from workers.echo import Echo, echo_pb2
 
 from .conftest import wait_for, wait_until_served, zrpc_cli
@@ -81,30 +82,37 @@ def test_an_idempotent_call_survives_a_broker_restart(spawn, ipc_dir):
     assert reply.payload == b"again"
 
 
-def test_a_broker_that_dies_fails_only_the_calls_it_may_hold(spawn, ipc_dir):
-    """With several brokers, a call is failed once every connection open when it was sent has
-    closed (the DEALER does not say which broker took it): a call sent while only the first
-    broker was connected survives the death of a second one that came up later, and fails when
-    the first dies."""
-    first, first_front, first_back = _start_broker(spawn, ipc_dir, "first")
-    second_front, second_back = f"ipc://{ipc_dir}/second-front", f"ipc://{ipc_dir}/second-back"
-    with Worker([Echo()], [first_back, second_back], concurrency=4, heartbeat_interval=0.2, drain_grace=0.5) as worker, \
-            Client([first_front, second_front], timeout=CALL_TIMEOUT) as client:
-        wait_until_served(first_front, "echo.Echo")
-        open_connections = lambda: len(client._core._open)
-        wait_for(lambda: open_connections() == 1, message="the client's connection to the first broker")
-        survivor = client.call_future("echo.Echo", "Sleep", _sleep_request(1_000, b"survives"))
-        wait_for(lambda: worker.running == 1, message="the call to reach the worker")
-
-        second, *_ = _start_broker(spawn, ipc_dir, "second")
-        wait_for(lambda: open_connections() == 2, message="the client's connection to the second broker")
-        second.signal(signal.SIGKILL)
-        wait_for(lambda: open_connections() == 1, message="the client to see the second broker go")
-        assert echo_pb2.EchoReply.FromString(survivor.result(timeout=ANSWER_WITHIN)).payload == b"survives"
-
-        lost = client.call_future("echo.Echo", "Sleep", _sleep_request(30_000))
-        wait_for(lambda: worker.running == 1, message="the second call to reach the worker")
-        first.signal(signal.SIGKILL)
-        error = lost.exception(timeout=ANSWER_WITHIN)
-    assert isinstance(error, zrpc.Error) and error.code == StatusCode.UNAVAILABLE, error
-    assert error.details["zrpc-endpoint"] == first_front
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_with_two_brokers_only_the_calls_of_the_one_that_dies_fail(spawn, ipc_dir, idempotent):
+    """The client holds a DEALER per broker, so it knows which calls a broker that dies takes
+    with it: those fail UNAVAILABLE (or, idempotent, are sent again to the other broker), and the
+    other broker's call is untouched."""
+    doomed, doomed_front, doomed_back = _start_broker(spawn, ipc_dir, "doomed")
+    survivor = Broker(BrokerConfig(frontend=f"ipc://{ipc_dir}/survivor-front", backend=f"ipc://{ipc_dir}/survivor-back",
+                                   unknown_service_grace=0.0))
+    with survivor, Worker([Echo()], [doomed_back, survivor.backend_endpoint], concurrency=4,
+                          heartbeat_interval=0.2, drain_grace=0.5) as worker, \
+            Client([doomed_front, survivor.frontend_endpoint], timeout=CALL_TIMEOUT) as client:
+        for frontend in (doomed_front, survivor.frontend_endpoint):
+            wait_until_served(frontend, "echo.Echo")
+        for dealer in client._dealers:  # both connected: the two calls go one to each broker
+            wait_for(lambda: zmq.Socket.get(dealer, zmq.EVENTS) & zmq.POLLOUT, message="a connected broker")
+        requests_before = survivor.engine.counters["requests"]
+        futures = []
+        for i in range(2):
+            futures.append(client.call_future("echo.Echo", "Sleep", _sleep_request(1_000, b"%d" % i),
+                                              idempotent=idempotent))
+            wait_for(lambda: worker.running == i + 1, message=f"call {i} to reach the worker")
+        doomed.signal(signal.SIGKILL)
+        errors = [future.exception(timeout=ANSWER_WITHIN) for future in futures]
+        requests = survivor.engine.counters["requests"] - requests_before
+    if idempotent:
+        assert errors == [None, None], errors
+        assert requests == 2  # its own call, and the other sent again
+    else:
+        assert [error is None for error in errors].count(True) == 1, errors
+        failed = next(error for error in errors if error is not None)
+        assert failed.code == StatusCode.UNAVAILABLE and failed.details["zrpc-endpoint"] == doomed_front
+        assert requests == 1
+    replies = {echo_pb2.EchoReply.FromString(future.result()).payload for future in futures if future.exception() is None}
+    assert len(replies) == (2 if idempotent else 1) and replies <= {b"0", b"1"}

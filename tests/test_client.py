@@ -458,7 +458,7 @@ def test_async_sends_to_a_full_queue_wait_in_the_writer_not_in_pyzmq(ipc_dir):
                 assert set(codes) == {StatusCode.DEADLINE_EXCEEDED}
                 # pyzmq's own queue of sends waiting for room: at most one early send and the
                 # writer's (before, one per 8 calls made after the queue filled: 366 here).
-                assert len(getattr(ac._socket, "_send_futures", [])) <= 2
+                assert len(getattr(ac._sockets[0], "_send_futures", [])) <= 2
         finally:
             context.term()
 

@@ -118,7 +118,7 @@ def test_an_async_client_that_started_before_its_broker_goes_back_to_early_sends
             assert client._send_blocked
             with broker, Worker([Echo()], broker.config.backend, heartbeat_interval=0.2):
                 # Connected before the writer runs (the loop is held here): its send succeeds.
-                wait_for(lambda: zmq.Socket.get(client._socket, zmq.EVENTS) & zmq.POLLOUT, 5)
+                wait_for(lambda: zmq.Socket.get(client._sockets[0], zmq.EVENTS) & zmq.POLLOUT, 5)
                 assert [reply.payload for reply in await asyncio.gather(*first)] == [b"1"] * PIPELINE_PAIRS
                 assert not client._send_blocked
 
@@ -126,7 +126,7 @@ def test_an_async_client_that_started_before_its_broker_goes_back_to_early_sends
 
 
 def test_a_cancel_reaches_whichever_broker_holds_the_call(ipc_dir):
-    """The client cannot know which broker took a call: its CANCEL goes to each of them."""
+    """A CANCEL goes to the broker holding the call (the client has a DEALER per broker)."""
     with contextlib.ExitStack() as stack:
         first, second = _two_brokers_one_worker(stack, ipc_dir)
         held = lambda: first.engine.calls_held + second.engine.calls_held

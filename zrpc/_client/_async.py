@@ -17,10 +17,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .._security import client_security
 from ._breaker import CircuitBreaker
-from ._core import (CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_copies, cancel_message,
-                    closed_error, logger)
-from ._dealer import endpoint_list, open_dealer
-from ._monitor import CLIENT_EVENTS, HandshakeWatch, on_event
+from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
+from ._dealer import endpoint_list, open_dealers
+from ._monitor import CLIENT_EVENTS, CURVE_CLIENT_EVENTS, HandshakeWatch, on_event
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import AsyncUnaryMethod, Stub
 
@@ -32,6 +31,11 @@ from ._stub import AsyncUnaryMethod, Stub
 # coalescing the whole turn, 27,628/33,128/34,585 sending every 8 (at 32 in flight: no change
 # that stands out of this machine's noise).
 PIPELINE_PAIRS = 8
+
+# With several brokers and none able to take a REQUEST (none connected, or every queue full), the
+# writer tries again after a pause that doubles from the first to the most (see _writable).
+_RETRY_SEND_FIRST = 0.001
+_RETRY_SEND_MAX = 0.02
 
 
 class AsyncClient:
@@ -58,22 +62,19 @@ class AsyncClient:
         broker_key: Any = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
-        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
-                                max_message_bytes=max_message_bytes)
         self.endpoints = endpoint_list(endpoints)
+        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
+                                max_message_bytes=max_message_bytes, links=len(self.endpoints))
         self._curve = client_security(curve_secret, broker_key)
-        self._monitor: zmq.asyncio.Socket | None = None
-        self._monitor_now: zmq.Socket | None = None  # the same socket, read without waiting
         self._watch: HandshakeWatch | None = None
-        self._watcher: asyncio.Task | None = None
         self._context_arg = context
         self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
+        self._sockets: list[zmq.asyncio.Socket] = []  # one DEALER per broker (see ClientCore)
+        self._monitors: list[zmq.asyncio.Socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: asyncio.Task | None = None
-        self._writer: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []  # a reader and a monitor watcher per broker, the writer
         self._wake: asyncio.Event | None = None
-        self._cancel_ids: list[int] = []
+        self._cancels: list[Call] = []
         self._send_blocked = False  # no broker could take a REQUEST: the writer waits for room
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -106,7 +107,7 @@ class AsyncClient:
         """Fail calls in flight with CANCELLED (and cancel them at the broker), stop the tasks,
         release the socket. Idempotent."""
         # (spec §8) Calls the broker holds for us are stopped there, not left to their deadlines.
-        cancelled = self._core.sent_in_flight() if self._socket is not None and not self._closed else []
+        cancelled = self._core.sent_in_flight() if self._sockets and not self._closed else []
         if cancelled:  # best effort: a full queue loses it, and the deadlines still apply
             self._send_cancel(cancelled)
         self._closed = True
@@ -114,19 +115,16 @@ class AsyncClient:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        tasks = [task for task in (self._reader, self._writer, self._watcher) if task is not None]
-        self._reader = self._writer = self._watcher = None
+        tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._monitor is not None:
-            self._socket.disable_monitor()
-            self._monitor.close(linger=0)
-            self._monitor = self._monitor_now = None
-        if self._socket is not None:
-            self._socket.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
-            self._socket = None
+        for socket, monitor in zip(self._sockets, self._monitors):
+            socket.disable_monitor()
+            monitor.close(linger=0)
+            socket.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
+        self._sockets, self._monitors = [], []
         if self._context is not None:
             if self._context_arg is None:
                 self._context.term()  # returns at once, or once that CANCEL left (200 ms at most)
@@ -155,7 +153,7 @@ class AsyncClient:
             raise refused.error
         if self._watch is not None and self._watch.refused:
             for endpoint in self._watch.to_retry():  # the key may be allowed by now
-                self._socket.connect(endpoint)
+                self._sockets[self.endpoints.index(endpoint)].connect(endpoint)
         if self._core.unsent() >= PIPELINE_PAIRS:
             self._send_early()
         else:
@@ -181,38 +179,39 @@ class AsyncClient:
         elif not isinstance(context, zmq.asyncio.Context):
             context = zmq.asyncio.Context.shadow(context.underlying)
         try:
-            self._socket = open_dealer(context, self.endpoints, self._curve)
+            self._sockets = open_dealers(context, self.endpoints, self._curve)
         except BaseException:
             if self._context_arg is None:  # ours, as close() terms it: a bad endpoint leaks nothing
                 context.term()
             raise
         self._context = context
-        # The monitor tells us when a broker connection opens or closes, and (CURVE) when a
+        # Each DEALER's monitor tells us when its broker connection closes, and (CURVE) when the
         # broker refuses our handshake (issue 5).
-        self._monitor = self._socket.get_monitor_socket(CLIENT_EVENTS)
-        self._monitor_now = zmq.Socket.shadow(self._monitor.underlying)
+        events = CLIENT_EVENTS if self._curve is None else CURVE_CLIENT_EVENTS
+        self._monitors = [socket.get_monitor_socket(events) for socket in self._sockets]
         if self._curve is not None:
             self._watch = HandshakeWatch(self.endpoints)
-        self._watcher = loop.create_task(self._watch_connections(), name="zrpc-client-connections")
         self._loop = loop
         self._wake = asyncio.Event()
-        self._reader = loop.create_task(self._read(), name="zrpc-client-reader")
-        self._writer = loop.create_task(self._write(), name="zrpc-client-writer")
+        for link, socket in enumerate(self._sockets):
+            self._tasks.append(loop.create_task(self._read(socket), name=f"zrpc-client-reader-{link}"))
+            self._tasks.append(loop.create_task(self._watch_link(link), name=f"zrpc-client-monitor-{link}"))
+        self._tasks.append(loop.create_task(self._write(), name="zrpc-client-writer"))
 
     def _abandon(self, call: Call) -> None:
         if self._closed:
             return
         if self._core.cancel(call.request_id) is not None and call.sent:
             # (spec §8) the broker drops the call, or cancels it at its worker.
-            self._cancel_ids.append(call.request_id)
+            self._cancels.append(call)
             self._wake.set()
 
     # -- tasks and timer ---------------------------------------------------------------------
 
-    async def _read(self) -> None:
+    async def _read(self, socket: zmq.asyncio.Socket) -> None:
         try:
             while True:
-                frames = await self._socket.recv_multipart()
+                frames = await socket.recv_multipart()
                 self._settle(self._core.handle_message(frames))
                 self._arm_timer()  # a failed call may now wait out a retry backoff
         except asyncio.CancelledError:
@@ -220,74 +219,73 @@ class AsyncClient:
         except Exception as exc:
             self._fail("reader task", exc)
 
-    async def _watch_connections(self) -> None:
+    async def _watch_link(self, link: int) -> None:
+        """Connections that closed (their calls fail at once), and CURVE refusals (calls fail
+        UNAUTHENTICATED when every broker refused us)."""
+        monitor, socket, endpoint = self._monitors[link], self._sockets[link], self.endpoints[link]
         try:
             while True:
-                await self._monitor.poll(None, zmq.POLLIN)
-                self._on_monitor_events()
+                frames = await monitor.recv_multipart()
+                self._settle(on_event(frames, self._core, link, endpoint, self._watch, socket))
+                self._arm_timer()  # lost idempotent calls wait out a retry backoff
+                if self._core.has_unsent():
+                    self._wake.set()
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("zrpc async client: connection monitor failed")
 
-    def _see_connections(self) -> None:
-        """Before a send: a connection that opened is known before calls go over it (see
-        ClientCore.connection_closed)."""
-        if not self._core.all_connected(len(self.endpoints)):
-            self._on_monitor_events()
-
-    def _on_monitor_events(self) -> None:
-        """Connections that opened or closed (calls on a closed one fail at once), and CURVE
-        refusals (calls fail UNAUTHENTICATED when every broker refused us)."""
-        monitor = self._monitor_now
-        settled = False
-        while monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            outcomes = on_event(monitor.recv_multipart(zmq.NOBLOCK), self._core, self._watch, self._socket)
-            self._settle(outcomes)
-            settled = True
-        if settled:
-            self._arm_timer()  # lost idempotent calls wait out a retry backoff
-            if self._core.has_unsent():
-                self._wake.set()
-
     def _send_early(self) -> None:
         """Send the unsent calls now, in this loop turn, instead of at its end (see PIPELINE_PAIRS)."""
         if self._send_blocked:
             return  # the writer sends them once a broker can take them
-        core = self._core
-        self._see_connections()
-        batch = core.next_request(core.clock())
-        if batch is not None and not self._try_send(batch):
+        if not self._send_one():
             self._wake.set()
 
-    def _try_send(self, batch: tuple[list[bytes], list[Call]]) -> bool:
-        """Send a REQUEST at once, or give its calls back unsent and return False.
+    def _send_one(self) -> bool:
+        """Send one REQUEST at once to the next broker in turn that takes it; False (its calls
+        given back unsent) when none does, not connected or its queue full.
 
         Never a send that waits: while no broker is connected (or every queue is full) a REQUEST
         built now would leave later with deadlines measured now, for calls that may have expired
         meanwhile. Calls given back are sent again, with fresh deadlines, once there is room.
         """
-        frames, calls = batch
-        sent = self._socket.send_multipart(frames, zmq.NOBLOCK)
-        if not sent.done():  # pyzmq queued it behind another send (none is ever left waiting)
-            sent.add_done_callback(self._check_sent)
+        core = self._core
+        for link in core.link_order():
+            batch = core.next_request(core.clock(), link)
+            if batch is None:
+                return True  # nothing (left) to send
+            frames, calls = batch
+            sent = self._sockets[link].send_multipart(frames, zmq.NOBLOCK)
+            if not sent.done():  # pyzmq queued it behind another send (none is ever left waiting)
+                sent.add_done_callback(self._check_sent)
+                return True
+            if not sent.cancelled() and isinstance(sent.exception(), zmq.Again):
+                core.unsend(calls)
+                continue
+            self._send_blocked = False  # a broker took it: early sends may go again
+            self._check_sent(sent)
             return True
-        if not sent.cancelled() and isinstance(sent.exception(), zmq.Again):
-            self._core.unsend(calls)
-            self._send_blocked = True
-            return False
-        self._send_blocked = False  # a broker took it: early sends may go again
-        self._check_sent(sent)
-        return True
+        self._send_blocked = True
+        return False
 
-    def _send_cancel(self, request_ids: list[int]) -> None:
-        """Best effort, once per broker (see cancel_copies): the brokers drop these calls anyway
+    async def _writable(self, waited: int) -> None:
+        """Until one broker may take a REQUEST: its socket's POLLOUT with one broker; with several,
+        a pause that grows with ``waited`` (how many pauses came before), as pyzmq has no poll of
+        several sockets that can be given up: a cancelled poll stays queued on its socket, and a
+        send there would then wait behind it, with its calls counted as sent."""
+        if len(self._sockets) == 1:
+            await self._sockets[0].poll(None, zmq.POLLOUT)
+        else:
+            await asyncio.sleep(min(_RETRY_SEND_MAX, _RETRY_SEND_FIRST * 2 ** waited))
+
+    def _send_cancel(self, calls: list[Call]) -> None:
+        """Best effort, to the broker holding each call: the brokers drop these calls anyway
         when their deadlines pass."""
-        message = cancel_message(request_ids)
-        for _ in range(cancel_copies(self.endpoints)):
-            sent = self._socket.send_multipart(message, zmq.NOBLOCK)
+        for link, message in self._core.cancel_messages(calls):
+            sent = self._sockets[link].send_multipart(message, zmq.NOBLOCK)
             if sent.done() and not sent.cancelled() and isinstance(sent.exception(), zmq.Again):
-                return  # every queue is full, or no broker is connected
+                continue  # its queue is full, or the broker is gone
             self._check_sent(sent)
 
     def _check_sent(self, sent: asyncio.Future) -> None:
@@ -303,16 +301,18 @@ class AsyncClient:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                if self._cancel_ids:
-                    request_ids, self._cancel_ids = self._cancel_ids, []
-                    self._send_cancel(request_ids)
+                if self._cancels:
+                    calls, self._cancels = self._cancels, []
+                    self._send_cancel(calls)
                 # Every call made since the last turn goes out in as few messages as fit.
-                self._see_connections()
-                while (batch := core.next_request(core.clock())) is not None:
-                    if not self._try_send(batch):
-                        await self._socket.poll(None, zmq.POLLOUT)  # a broker can take it now
+                waited = 0
+                while core.has_unsent():
+                    if self._send_one():
+                        waited = 0
+                    else:
+                        await self._writable(waited)
+                        waited += 1
                         self._send_blocked = False
-                        self._see_connections()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -339,9 +339,9 @@ class AsyncClient:
         outcomes = self._core.advance(self._core.clock())
         if outcomes:
             self._settle(outcomes)
-            sent = [o.call.request_id for o in outcomes if o.call.sent]
+            sent = [o.call for o in outcomes if o.call.sent]
             if sent:
-                self._cancel_ids.extend(sent)  # (spec §8) the broker drops what we gave up on
+                self._cancels.extend(sent)  # (spec §8) the broker drops what we gave up on
                 self._wake.set()
         if self._core.has_unsent():  # retries whose backoff is over
             self._wake.set()

@@ -51,16 +51,11 @@ MAX_BYTES_PER_MESSAGE = 1 << 20
 ATTEMPT_METADATA = "zrpc-attempt"
 ATTEMPTS_DETAIL = "zrpc-attempts"
 
-# A CANCEL goes out once per broker endpoint: the DEALER deals messages round-robin over the
-# brokers it is connected to, and the client cannot know which broker holds which call, so as
-# many copies in a row reach every one (a broker ignores ids it does not hold; spec §8).
-def cancel_copies(endpoints: Sequence[str]) -> int:
-    return len(endpoints)
-
-
 # How long closing a client with calls in flight lets their CANCEL leave (spec §8), so that the
 # broker stops them at their workers instead of letting them run to their deadlines.
 CANCEL_ON_CLOSE_LINGER_MS = 200
+
+_ONE_LINK = (0,)
 
 # Stale heap entries (answered or cancelled calls) are pruned when they outnumber live ones by
 # this factor, so the heap stays proportional to the calls in flight.
@@ -81,9 +76,8 @@ class Call:
     # Which attempt this is: ClientCore._finish re-queues a retryable failure with attempt + 1.
     attempt: int = 1
     sent: bool = False
-    # How many broker connections had opened when this attempt was sent: the ones that could
-    # carry it (see ClientCore.connection_closed).
-    opened_before: int = 0
+    # The broker connection this attempt was sent over (see ClientCore.next_request).
+    connection: int = 0
     trial: bool = False  # this attempt is its circuit's half-open trial
     last_error: Error | None = None  # of the previous attempt, while waiting out a backoff
 
@@ -133,6 +127,11 @@ class ClientCore:
 
     ``retry`` and ``circuit_breaker`` are described at :class:`zrpc.Client`; ``uniform`` draws
     the retry jitter (a ``random.Random(seed).random`` makes the backoff schedule repeatable).
+
+    ``links`` is how many brokers the flavour talks to, each over a DEALER of its own (link
+    ``i`` for its ``endpoints[i]``). A DEALER connected to several brokers would deal calls over
+    them without saying which took which; one per broker lets the core know which calls a
+    broker that dies takes with it, and send a CANCEL only to the broker holding the call.
     """
 
     def __init__(
@@ -144,6 +143,7 @@ class ClientCore:
         circuit_breaker: CircuitBreaker | None = None,
         uniform: Callable[[], float] = random.random,
         max_message_bytes: int = _protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        links: int = 1,
     ):
         self.default_timeout = check_timeout(default_timeout, "default timeout")
         if not isinstance(max_message_bytes, int) or max_message_bytes < 1:
@@ -172,10 +172,12 @@ class ClientCore:
         # They are in _pending under that id meanwhile, so cancel, expire and fail_all see them.
         self._backoffs: list[tuple[float, int]] = []  # heap; entries of settled calls linger
         self._circuits: dict[str, Circuit] = {}
-        # Broker connections, as the flavour's socket monitor reports them: each open one with
-        # its number in the order they opened.
-        self._opened = 0
-        self._open: dict[str, int] = {}
+        # Each link's current connection has a number; when the flavour's socket monitor says it
+        # closed, the link's next connection gets a new one (a restarted broker is a new one).
+        self._connection_of_link = list(range(1, links + 1))
+        self._link_of_connection = {number: link for link, number in enumerate(self._connection_of_link)}
+        self._connections = links  # numbers given so far
+        self._turn = links - 1  # the link of the last REQUEST (round-robin, see link_order)
 
     # -- making calls ------------------------------------------------------------------------
 
@@ -266,8 +268,18 @@ class ClientCore:
         """True when calls wait to be sent (some may turn out cancelled: next_request skips them)."""
         return bool(self._unsent)
 
-    def next_request(self, now: float) -> tuple[list[bytes], list[Call]] | None:
-        """One REQUEST carrying as many unsent calls as fit (spec §4), or None when none is left.
+    def link_order(self) -> Sequence[int]:
+        """The links to offer the next REQUEST to, in turn: the next one first, then the others
+        (a link whose broker cannot take it now, not connected or its queue full, passes it on)."""
+        count = len(self._connection_of_link)
+        if count == 1:
+            return _ONE_LINK
+        self._turn = (self._turn + 1) % count
+        return [(self._turn + k) % count for k in range(count)]
+
+    def next_request(self, now: float, link: int = 0) -> tuple[list[bytes], list[Call]] | None:
+        """One REQUEST carrying as many unsent calls as fit (spec §4) for ``link``, or None when
+        none is left.
 
         ``deadline_ms`` is measured now, at send (spec §5), rounded down so the broker never
         waits longer than the client. Calls already cancelled, answered or expired are skipped.
@@ -275,7 +287,7 @@ class ClientCore:
         frames = [_protocol.TAG, _protocol.REQUEST]
         calls: list[Call] = []
         size = 0
-        opened = self._opened
+        connection = self._connection_of_link[link]
         while self._unsent and len(calls) < MAX_PAIRS_PER_MESSAGE:
             call = self._unsent[0]
             if self._pending.get(call.request_id) is not call or call.deadline <= now:
@@ -289,7 +301,7 @@ class ClientCore:
             frames.append(call.header.SerializeToString())
             frames.append(call.payload)
             call.sent = True
-            call.opened_before = opened
+            call.connection = connection
             calls.append(call)
             size += len(call.payload)
         return (frames, calls) if calls else None
@@ -298,39 +310,25 @@ class ClientCore:
         """Give back calls whose REQUEST could not be sent; they go first next time."""
         for call in reversed(calls):
             call.sent = False
+            call.connection = 0
             self._unsent.appendleft(call)
 
     # -- broker connections ------------------------------------------------------------------
 
-    def connection_up(self, endpoint: str) -> None:
-        """The connection to the broker at ``endpoint`` finished its handshake: calls may go to it."""
-        self._opened += 1
-        self._open[endpoint] = self._opened
+    def connection_closed(self, link: int, endpoint: str) -> list[Outcome]:
+        """The connection of ``link`` (to ``endpoint``) closed: the calls sent over it are lost.
 
-    def all_connected(self, endpoints: int) -> bool:
-        """True when a connection to each of the ``endpoints`` brokers is known open: then no
-        connection can open unseen, and the flavour need not read its monitor before a send
-        (a look at it costs ~3 us, as much as a few calls' share of a send)."""
-        return len(self._open) >= endpoints
-
-    def connection_closed(self, endpoint: str) -> list[Outcome]:
-        """The connection to ``endpoint`` closed: the calls it may have carried are lost.
-
-        The DEALER deals calls over every open connection and does not say which took which, so
-        a call is known lost once every connection open when it was sent has closed: with one
-        broker, all of its calls; with several, those sent before the oldest connection still
-        open came up. They fail UNAVAILABLE (the retry policy sends idempotent ones again, once
-        a broker is connected); the others end with their reply or at their deadline.
-
-        Exact as long as the flavour feeds the monitor's events before each send while a
-        connection may open (see :meth:`all_connected`), so that its opening is known before a
-        call can go over it (an event libzmq reports a hair after the connection takes messages
-        can mark a call lost that was not).
+        No reply can come: a restarted broker knows nothing of them, and the DEALER's next
+        connection has a new routing id. They fail UNAVAILABLE, and the retry policy sends the
+        idempotent ones again. (A call sent over the link's next connection before the flavour
+        reads this event would be failed too: that takes a broker back up within the moment.)
         """
-        if self._open.pop(endpoint, None) is None:
-            return []  # it never finished a handshake: it carried nothing
-        oldest_open = min(self._open.values(), default=self._opened + 1)
-        lost = [call for call in self._pending.values() if call.sent and call.opened_before < oldest_open]
+        closed = self._connection_of_link[link]
+        self._connections += 1
+        self._connection_of_link[link] = self._connections
+        del self._link_of_connection[closed]
+        self._link_of_connection[self._connections] = link
+        lost = [call for call in self._pending.values() if call.connection == closed and call.sent]
         outcomes = []
         for call in lost:
             del self._pending[call.request_id]
@@ -433,6 +431,7 @@ class ClientCore:
         call.attempt += 1
         call.header.metadata[ATTEMPT_METADATA] = str(call.attempt)
         call.sent = False
+        call.connection = 0
         call.last_error = error
         self._pending[call.request_id] = call
         heapq.heappush(self._deadlines, (call.deadline, call.request_id))
@@ -527,14 +526,19 @@ class ClientCore:
         # The client is closing: no retry, and its own CANCELLED says nothing of the services.
         return [self._finish(call, None, error, retry=False, record=False) for call in calls]
 
-    def sent_in_flight(self) -> list[int]:
-        """Ids of calls in flight that the broker has been sent (CANCEL them when closing)."""
-        return [call.request_id for call in self._pending.values() if call.sent]
+    def sent_in_flight(self) -> list[Call]:
+        """Calls in flight that a broker has been sent (CANCEL them when closing)."""
+        return [call for call in self._pending.values() if call.sent]
 
-
-def cancel_message(request_ids: Iterable[int]) -> list[bytes]:
-    """A CANCEL for the client's own request ids (spec §8)."""
-    return _protocol.cancel_message(request_ids)
+    def cancel_messages(self, calls: Iterable[Call]) -> list[tuple[int, list[bytes]]]:
+        """(link, CANCEL) for each broker holding some of ``calls`` (spec §8); calls whose
+        connection has closed since are left out (their broker has forgotten them)."""
+        by_link: dict[int, list[int]] = {}
+        for call in calls:
+            link = self._link_of_connection.get(call.connection)
+            if link is not None and call.sent:
+                by_link.setdefault(link, []).append(call.request_id)
+        return [(link, _protocol.cancel_message(request_ids)) for link, request_ids in by_link.items()]
 
 
 def closed_error(in_flight: bool = False) -> Error:

@@ -1,5 +1,6 @@
-"""What a client learns from its DEALER's socket monitor: connections that open and close, and
-handshakes a broker refuses. Both client flavours feed each monitor message to :func:`on_event`.
+"""What a client learns from the socket monitor of each of its DEALERs (one per broker):
+connections that close, and handshakes a broker refuses. Both client flavours feed each monitor
+message to :func:`on_event`.
 
 - A connection that closes (the broker stopped, or its host vanished: ZMTP heartbeats notice)
   takes the calls it carried with it: no reply can come, since a restarted broker knows nothing
@@ -21,9 +22,9 @@ from ._core import ClientCore, Outcome, logger
 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-# What a client watches: a handshake that succeeded opens a connection (it carries calls only
-# from then on: the DEALER is IMMEDIATE), DISCONNECTED closes it.
-CLIENT_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
+# What a client watches: connections that close, and with CURVE how handshakes end.
+CLIENT_EVENTS = zmq.EVENT_DISCONNECTED
+CURVE_CLIENT_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
 
 
 def refusal_reason(event: int, value: int) -> str | None:
@@ -91,17 +92,14 @@ def parse_event(frames: list[bytes]) -> tuple[int, int, str]:
     return message["event"], message["value"], message["endpoint"].decode("utf-8", "replace")
 
 
-def on_event(frames: list[bytes], core: ClientCore, watch: HandshakeWatch | None,
+def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, watch: HandshakeWatch | None,
              socket: zmq.Socket) -> list[Outcome]:
-    """Feed one monitor message to the client's core (and CURVE watch); returns the outcomes of
-    the calls it ends. ``socket`` is the client's DEALER (an endpoint that refused us is
-    disconnected from it)."""
-    event, value, endpoint = parse_event(frames)
+    """Feed one message of the monitor of ``link`` (the DEALER ``socket``, connected to
+    ``endpoint``) to the client's core and CURVE watch; returns the outcomes of the calls it ends."""
+    event, value, _ = parse_event(frames)  # the endpoint as we connected it, not as libzmq says it
     outcomes = []
-    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-        core.connection_up(endpoint)
-    elif event == zmq.EVENT_DISCONNECTED:
-        outcomes = core.connection_closed(endpoint)
+    if event == zmq.EVENT_DISCONNECTED:
+        outcomes = core.connection_closed(link, endpoint)
     if watch is None:
         return outcomes
     error = watch.on_event(event, value, endpoint)

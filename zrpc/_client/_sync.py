@@ -24,10 +24,9 @@ from .._errors import Error
 from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .._security import client_security
 from ._breaker import CircuitBreaker
-from ._core import (CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, cancel_copies, cancel_message,
-                    closed_error, logger)
-from ._dealer import endpoint_list, open_dealer
-from ._monitor import CLIENT_EVENTS, HandshakeWatch, on_event
+from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
+from ._dealer import endpoint_list, open_dealers
+from ._monitor import CLIENT_EVENTS, CURVE_CLIENT_EVENTS, HandshakeWatch, on_event
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import Stub, UnaryMethod
 
@@ -92,9 +91,9 @@ class Client:
         broker_key: Any = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
-        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
-                                max_message_bytes=max_message_bytes)
         self.endpoints = endpoint_list(endpoints)
+        self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
+                                max_message_bytes=max_message_bytes, links=len(self.endpoints))
         curve = client_security(curve_secret, broker_key)
         self._own_context = context is None
         if context is None:
@@ -108,12 +107,13 @@ class Client:
         self._closed = False
         sockets: list[zmq.Socket] = []
         try:
-            self._dealer = open_dealer(context, self.endpoints, curve)
-            sockets.append(self._dealer)
-            # The monitor tells us when a broker connection opens or closes, and (CURVE) when a
-            # broker refuses our handshake (issue 5).
-            self._monitor = self._dealer.get_monitor_socket(CLIENT_EVENTS)
-            sockets.append(self._monitor)
+            self._dealers = open_dealers(context, self.endpoints, curve)
+            sockets.extend(self._dealers)
+            # Each DEALER's monitor tells us when its broker connection closes, and (CURVE) when
+            # the broker refuses our handshake (issue 5).
+            events = CLIENT_EVENTS if curve is None else CURVE_CLIENT_EVENTS
+            self._monitors = [dealer.get_monitor_socket(events) for dealer in self._dealers]
+            sockets.extend(self._monitors)
             self._watch = HandshakeWatch(self.endpoints) if curve is not None else None
             address = f"inproc://zrpc-client-wake-{uuid.uuid4().hex}"
             self._wake_in = context.socket(zmq.PAIR)
@@ -234,31 +234,30 @@ class Client:
     # -- the I/O thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        dealer = self._dealer
         poller = zmq.Poller()
         poller.register(self._wake_in, zmq.POLLIN)
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        for socket in (*self._dealers, *self._monitors):
+            poller.register(socket, zmq.POLLIN)
         waiting_to_send = False
         try:
             while True:
                 events = dict(poller.poll(self._poll_timeout_ms()))
-                if self._monitor in events:  # first: a refusal fails the calls in flight before new ones come
-                    self._on_monitor_events()
+                # Monitors first: a refusal fails the calls in flight before new ones come.
+                for link, monitor in enumerate(self._monitors):
+                    if monitor in events:
+                        self._on_monitor_events(link)
                 if self._wake_in in events and not self._take_outbox():
                     break
-                if events.get(dealer, 0) & zmq.POLLIN:
-                    self._receive()
+                for dealer in self._dealers:
+                    if events.get(dealer, 0) & zmq.POLLIN:
+                        self._receive(dealer)
                 self._advance()
-                # Right before sending, so a connection that opened is known before calls go over
-                # it (see ClientCore.connection_closed).
-                if not self._core.all_connected(len(self.endpoints)):
-                    self._on_monitor_events()
                 blocked = self._send_unsent()
                 if blocked != waiting_to_send:
                     # Only ask for POLLOUT while a send is blocked, or poll would spin.
                     waiting_to_send = blocked
-                    poller.register(dealer, zmq.POLLIN | (zmq.POLLOUT if blocked else 0))
+                    for dealer in self._dealers:
+                        poller.register(dealer, zmq.POLLIN | (zmq.POLLOUT if blocked else 0))
         except Exception:
             logger.exception("zrpc client I/O thread failed; the client is closed")
         finally:
@@ -294,29 +293,33 @@ class Client:
                 # Read the id here, in the I/O thread: a retry may have changed it.
                 call = self._core.cancel(op.call.request_id)
                 if call is not None and call.sent:
-                    cancelled.append(call.request_id)
+                    cancelled.append(call)
         self._settle(refused)
         self._send_cancel(cancelled)
         if self._watch is not None and self._watch.refused and self._core.in_flight:
             self._retry_refused()
         return True
 
-    def _on_monitor_events(self) -> None:
-        """Connections that opened or closed (calls on a closed one fail at once), and CURVE
-        refusals (calls fail UNAUTHENTICATED when every broker refused us)."""
-        monitor = self._monitor
-        while monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            self._settle(on_event(monitor.recv_multipart(zmq.NOBLOCK), self._core, self._watch, self._dealer))
+    def _on_monitor_events(self, link: int) -> None:
+        """Connections that closed (their calls fail at once), and CURVE refusals (calls fail
+        UNAUTHENTICATED when every broker refused us)."""
+        monitor, dealer, endpoint = self._monitors[link], self._dealers[link], self.endpoints[link]
+        while True:
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._settle(on_event(frames, self._core, link, endpoint, self._watch, dealer))
 
     def _retry_refused(self) -> None:
         """New calls after a refusal: try the handshake again (the key may be allowed now)."""
         for endpoint in self._watch.to_retry():
-            self._dealer.connect(endpoint)
+            self._dealers[self.endpoints.index(endpoint)].connect(endpoint)
 
-    def _receive(self) -> None:
+    def _receive(self, dealer: zmq.Socket) -> None:
         for _ in range(_RECV_BATCH):
             try:
-                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+                frames = dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._settle(self._core.handle_message(frames))
@@ -326,33 +329,34 @@ class Client:
         if outcomes:
             self._settle(outcomes)
             # (spec §8) the broker drops a queued call the client gave up on.
-            self._send_cancel([o.call.request_id for o in outcomes if o.call.sent])
+            self._send_cancel([o.call for o in outcomes if o.call.sent])
 
     def _send_unsent(self) -> bool:
-        """Send waiting calls; True when the socket would block (the rest wait for POLLOUT)."""
+        """Send waiting calls, each REQUEST to the next broker in turn that can take it; True
+        when none can (not connected, or its queue full): the rest wait for POLLOUT."""
         core = self._core
         while core.has_unsent():
-            batch = core.next_request(core.clock())
-            if batch is None:
-                return False
-            frames, calls = batch
-            try:
-                self._dealer.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                core.unsend(calls)
+            for link in core.link_order():
+                batch = core.next_request(core.clock(), link)
+                if batch is None:
+                    return False
+                frames, calls = batch
+                try:
+                    self._dealers[link].send_multipart(frames, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    core.unsend(calls)
+            else:
                 return True
         return False
 
-    def _send_cancel(self, request_ids: list[int]) -> None:
-        if not request_ids:
-            return
-        try:
-            message = cancel_message(request_ids)
-            for _ in range(cancel_copies(self.endpoints)):  # one per broker (see cancel_copies)
-                self._dealer.send_multipart(message, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # EAGAIN mostly (queue full, no broker): also when shutting down
-            # Best effort: the broker still drops these calls when their deadline passes.
-            logger.debug("could not send CANCEL for %d call(s): %s", len(request_ids), exc)
+    def _send_cancel(self, calls: list[Call]) -> None:
+        for link, message in self._core.cancel_messages(calls):
+            try:
+                self._dealers[link].send_multipart(message, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # EAGAIN mostly (queue full, broker gone): also when shutting down
+                # Best effort: the broker still drops these calls when their deadline passes.
+                logger.debug("could not send CANCEL to %s: %s", self.endpoints[link], exc)
 
     @staticmethod
     def _settle(outcomes: list[Outcome]) -> None:
@@ -378,9 +382,10 @@ class Client:
         error = closed_error(in_flight=True)
         outcomes = self._core.fail_all(error) + [Outcome(call, None, error) for call in leftover]
         self._settle(outcomes)
-        self._dealer.disable_monitor()
-        self._monitor.close(linger=0)
-        self._dealer.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
+        for dealer, monitor in zip(self._dealers, self._monitors):
+            dealer.disable_monitor()
+            monitor.close(linger=0)
+            dealer.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
         for socket in (self._wake_in, self._wake_out):
             socket.close(linger=0)
         if self._own_context:
