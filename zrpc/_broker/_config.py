@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import re
 import tomllib
 from typing import Any, Collection
 
 from .. import _protocol as p
+from .._endpoints import endpoint_port, endpoint_problem
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 
-# Transports whose address ends in :PORT (ws and wss may add a /path after it).
-_PORTED_TRANSPORTS = ("tcp://", "udp://", "ws://", "wss://")
 _ANY_PORT = ("0", "*")  # bind to a free port: two such endpoints never clash
 
 
@@ -87,7 +85,7 @@ class BrokerConfig:
         if self.tick_interval <= 0:
             raise ValueError("tick_interval must be positive")
         for name in ("frontend", "backend"):
-            problem = endpoint_port_problem(getattr(self, name))
+            problem = endpoint_problem(getattr(self, name))
             if problem:
                 raise ValueError(f"{name} {getattr(self, name)!r}: {problem}")
         if self.frontend.strip() == self.backend.strip() and endpoint_port(self.frontend) not in _ANY_PORT:
@@ -99,36 +97,6 @@ class BrokerConfig:
             raise ValueError("curve_secret needs client_keys and worker_keys (directories of public keys)")
         if not self.curve_secret and (self.client_keys or self.worker_keys or self.access_rules):
             raise ValueError("client_keys, worker_keys and access_rules need curve_secret")
-
-
-def endpoint_port(endpoint: str) -> str | None:
-    """The PORT text of a tcp/udp/ws/wss endpoint (``None`` for other transports or no port)."""
-    endpoint = endpoint.strip()
-    transport = next((t for t in _PORTED_TRANSPORTS if endpoint.startswith(t)), None)
-    if transport is None:
-        return None
-    address = endpoint[len(transport):]
-    if transport.startswith("ws"):
-        address = address.split("/", 1)[0]
-    host, sep, port = address.rpartition(":")
-    if "]" in port:  # tcp://[::1]: the last colon is inside an IPv6 literal, and no port follows
-        return None
-    return port if sep and host else None
-
-
-def endpoint_port_problem(endpoint: str) -> str | None:
-    """What is wrong with the port of a tcp/udp/ws/wss endpoint, or None (also for other transports).
-
-    libzmq reads the port modulo 65536, so tcp://127.0.0.1:99999 would bind port 34463.
-    """
-    if not endpoint.strip().startswith(_PORTED_TRANSPORTS):
-        return None
-    port = endpoint_port(endpoint)
-    if port is None:
-        return "no port: expected HOST:PORT, e.g. tcp://127.0.0.1:5555"
-    if port != "*" and not (re.fullmatch(r"[0-9]{1,5}", port) and int(port) <= 65535):
-        return f"port {port!r} is not a number from 0 to 65535 (or *)"
-    return None
 
 
 # Settings that name files: a relative path in a config file is relative to that file's

@@ -8,7 +8,7 @@ from typing import Iterable
 
 import click
 
-from .._broker._config import endpoint_port_problem
+from .._endpoints import endpoint_problem
 from .._errors import Error
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -34,7 +34,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 # ZeroMQ transports a peer can connect or bind to; anything else fails deep inside libzmq.
-_ENDPOINT = re.compile(r"^(tcp|ipc|inproc|pgm|epgm|ws|wss|tipc|vmci|udp)://.+$")
 
 
 class CliError(click.ClickException):
@@ -75,13 +74,7 @@ def call_failed(error: Error, prefix: str = "") -> CallFailed:
 def check_endpoint(endpoint: str, what: str = "endpoint") -> str:
     """Return ``endpoint`` stripped, or raise a one-line error naming what is wrong with it."""
     endpoint = str(endpoint).strip()
-    if not _ENDPOINT.match(endpoint):
-        raise CliError(
-            f"bad {what} {endpoint!r}: expected a ZeroMQ endpoint such as "
-            f"tcp://127.0.0.1:5555 or ipc:///tmp/zrpc-frontend",
-            exit_code=EXIT_USAGE,
-        )
-    problem = endpoint_port_problem(endpoint)
+    problem = endpoint_problem(endpoint)
     if problem:
         raise CliError(f"bad {what} {endpoint!r}: {problem}", exit_code=EXIT_USAGE)
     return endpoint

@@ -15,10 +15,11 @@ import zmq.asyncio
 from google.protobuf.descriptor import ServiceDescriptor
 
 from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
+from .._endpoints import endpoint_list
 from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
-from ._dealer import endpoint_list, open_dealers
+from ._dealer import open_dealers
 from ._monitor import CLIENT_EVENTS, CURVE_CLIENT_EVENTS, HandshakeWatch, on_event
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import AsyncUnaryMethod, Stub

@@ -1,37 +1,20 @@
 """The client's DEALER sockets, one per broker: endpoints and options, the same for both flavours."""
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import zmq
 
 from .. import _security
+from .._endpoints import EXPECTED
 
 # ZMTP heartbeats notice a dead TCP peer (a broker host that vanished without a FIN) so ZeroMQ
 # reconnects instead of queueing into a connection that will never deliver.
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 
-# libzmq answers an endpoint without a transport with a bare EINVAL ("Invalid argument"), and
-# the asyncio client would only connect at its first call: check the form at construction.
-_TRANSPORT = re.compile(r"^[a-z][a-z0-9+.-]*://.+$")
-_EXPECTED = "expected a ZeroMQ endpoint such as tcp://host:port or ipc://path"
-
-
-def bad_endpoint(endpoint: str, why: str = _EXPECTED) -> ValueError:
+def bad_endpoint(endpoint: str, why: str) -> ValueError:
     return ValueError(f"bad broker endpoint {endpoint!r}: {why}")
-
-
-def endpoint_list(endpoints: str | Sequence[str]) -> list[str]:
-    """One endpoint or several, as a non-empty list of strings, each with a transport."""
-    found = [endpoints] if isinstance(endpoints, str) else list(endpoints)
-    if not found or not all(isinstance(e, str) and e for e in found):
-        raise ValueError(f"endpoints must be a non-empty string or list of strings, got {endpoints!r}")
-    for endpoint in found:
-        if not _TRANSPORT.match(endpoint):
-            raise bad_endpoint(endpoint)
-    return found
 
 
 def open_dealers(context: zmq.Context, endpoints: Sequence[str],
@@ -73,7 +56,7 @@ def _open_dealer(context: zmq.Context, endpoint: str, curve: tuple[_security.Key
         except zmq.ZMQError as exc:
             # e.g. tcp://host without a port, or an unknown transport: libzmq's message
             # names neither the problem nor the form it expects.
-            raise bad_endpoint(endpoint, f"{zmq.strerror(exc.errno)}; {_EXPECTED}") from None
+            raise bad_endpoint(endpoint, f"{zmq.strerror(exc.errno)}; {EXPECTED}") from None
     except BaseException:
         socket.close(linger=0)
         raise

@@ -23,6 +23,7 @@ import zmq
 
 from .. import _protocol as p
 from .._descriptors import file_descriptor_set
+from .._endpoints import endpoint_list
 from .._errors import Error
 from .._security import client_security
 from .._logging import TRACE_ID
@@ -83,6 +84,7 @@ class Worker:
         self.brokers = [brokers] if isinstance(brokers, str) else list(brokers)
         if not self.brokers:
             raise ValueError("a worker needs at least one broker endpoint")
+        endpoint_list(self.brokers, "broker endpoint")  # named here, not by libzmq in the worker's thread
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if heartbeat_interval <= 0:

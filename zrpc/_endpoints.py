@@ -1,0 +1,68 @@
+"""What a ZeroMQ endpoint must look like: one check for the broker's settings, clients, workers
+and the command line, so that each says the same thing about the same mistake, and says it
+before libzmq does (its ``Invalid argument`` names neither the problem nor the form expected)."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+# libzmq's transports; any other name fails at bind or connect with "Protocol not supported".
+TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "norm", "ws", "wss", "tipc", "vmci", "udp")
+EXPECTED = "expected a ZeroMQ endpoint such as tcp://127.0.0.1:5555 or ipc:///tmp/zrpc-frontend"
+_FORM = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$")
+
+# Transports whose address ends in :PORT (ws and wss may add a /path after it).
+_PORTED_TRANSPORTS = ("tcp://", "udp://", "ws://", "wss://")
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """What is wrong with ``endpoint``, for a person, or None."""
+    match = _FORM.match(endpoint.strip())
+    if match is None:
+        return EXPECTED
+    if match.group(1) not in TRANSPORTS:
+        return f"unknown transport {match.group(1)!r}; {EXPECTED}"
+    return endpoint_port_problem(endpoint)
+
+
+def endpoint_port(endpoint: str) -> str | None:
+    """The PORT text of a tcp/udp/ws/wss endpoint (``None`` for other transports or no port)."""
+    endpoint = endpoint.strip()
+    transport = next((t for t in _PORTED_TRANSPORTS if endpoint.startswith(t)), None)
+    if transport is None:
+        return None
+    address = endpoint[len(transport):]
+    if transport.startswith("ws"):
+        address = address.split("/", 1)[0]
+    host, sep, port = address.rpartition(":")
+    if "]" in port:  # tcp://[::1]: the last colon is inside an IPv6 literal, and no port follows
+        return None
+    return port if sep and host else None
+
+
+def endpoint_port_problem(endpoint: str) -> str | None:
+    """What is wrong with the port of a tcp/udp/ws/wss endpoint, or None (also for other transports).
+
+    libzmq reads the port modulo 65536, so tcp://127.0.0.1:99999 would bind port 34463.
+    """
+    if not endpoint.strip().startswith(_PORTED_TRANSPORTS):
+        return None
+    port = endpoint_port(endpoint)
+    if port is None:
+        return "no port: expected HOST:PORT, e.g. tcp://127.0.0.1:5555"
+    if port != "*" and not (re.fullmatch(r"[0-9]{1,5}", port) and int(port) <= 65535):
+        return f"port {port!r} is not a number from 0 to 65535 (or *)"
+    return None
+
+
+def endpoint_list(endpoints: str | Sequence[str], what: str = "broker endpoint") -> list[str]:
+    """One endpoint or several, as a non-empty list of checked strings; ValueError names the
+    first bad one and what is wrong with it."""
+    found = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    if not found or not all(isinstance(e, str) and e for e in found):
+        raise ValueError(f"endpoints must be a non-empty string or list of strings, got {endpoints!r}")
+    for endpoint in found:
+        problem = endpoint_problem(endpoint)
+        if problem:
+            raise ValueError(f"bad {what} {endpoint!r}: {problem}")
+    return found
