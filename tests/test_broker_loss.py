@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 import zrpc
-from zrpc import AsyncClient, Broker, BrokerConfig, Client, StatusCode, Worker
+from zrpc import AsyncClient, Broker, BrokerConfig, CircuitBreaker, Client, StatusCode, Worker
 from workers.echo import Echo, echo_pb2
 
 from .conftest import wait_for, wait_until_served, zrpc_cli
@@ -92,7 +92,9 @@ def test_with_two_brokers_only_the_calls_of_the_one_that_dies_fail(spawn, ipc_di
                                    unknown_service_grace=0.0))
     with survivor, Worker([Echo()], [doomed_back, survivor.backend_endpoint], concurrency=4,
                           heartbeat_interval=0.2, drain_grace=0.5) as worker, \
-            Client([doomed_front, survivor.frontend_endpoint], timeout=CALL_TIMEOUT) as client:
+            Client([doomed_front, survivor.frontend_endpoint], timeout=CALL_TIMEOUT,
+                   # A lost connection is no failure of the service: its circuit stays closed.
+                   circuit_breaker=CircuitBreaker(failure_threshold=1, reset_timeout=60.0)) as client:
         for frontend in (doomed_front, survivor.frontend_endpoint):
             wait_until_served(frontend, "echo.Echo")
         for dealer in client._dealers:  # both connected: the two calls go one to each broker
@@ -116,3 +118,51 @@ def test_with_two_brokers_only_the_calls_of_the_one_that_dies_fail(spawn, ipc_di
         assert requests == 1
     replies = {echo_pb2.EchoReply.FromString(future.result()).payload for future in futures if future.exception() is None}
     assert len(replies) == (2 if idempotent else 1) and replies <= {b"0", b"1"}
+
+
+def test_a_call_sent_after_a_restart_the_client_has_not_read_yet_is_not_failed(spawn, ipc_dir):
+    """A busy client that has not yet read that its broker's connection closed, nor that it came
+    back, must not send over the new connection under the old one's number: the late close
+    would fail a call the new broker runs."""
+    broker, frontend, backend = _start_broker(spawn, ipc_dir, "restarts")
+    with Worker([Echo()], backend, concurrency=4, heartbeat_interval=0.2, drain_grace=0.5):
+        wait_until_served(frontend, "echo.Echo")
+
+        async def restart_while_the_loop_is_busy() -> bytes:
+            async with AsyncClient(frontend, timeout=CALL_TIMEOUT) as client:
+                await client.call("echo.Echo", "Sleep", _sleep_request(0))  # connected
+                # No await from here to the call: the loop reads no monitor event meanwhile.
+                broker.signal(signal.SIGKILL)
+                broker.popen.wait(10)
+                _start_broker(spawn, ipc_dir, "restarts")
+                wait_until_served(frontend, "echo.Echo")
+                wait_for(lambda: zmq.Socket.get(client._sockets[0], zmq.EVENTS) & zmq.POLLOUT,
+                         message="the client's new connection")
+                return await client.call("echo.Echo", "Sleep", _sleep_request(0, b"after"))  # not idempotent
+
+        reply = asyncio.run(restart_while_the_loop_is_busy())
+    assert echo_pb2.EchoReply.FromString(reply).payload == b"after"
+
+
+def test_the_broker_after_one_that_is_down_gets_no_more_than_its_share(ipc_dir):
+    """Calls a broker that is down passes on are spread over the others, not all given to the
+    next in the list."""
+    brokers = [Broker(BrokerConfig(frontend=f"ipc://{ipc_dir}/{name}-front", backend=f"ipc://{ipc_dir}/{name}-back",
+                                   unknown_service_grace=0.0)) for name in ("second", "third")]
+    with brokers[0], brokers[1], \
+            Worker([Echo()], [b.backend_endpoint for b in brokers], concurrency=4, heartbeat_interval=0.2), \
+            Client([f"ipc://{ipc_dir}/down", *(b.frontend_endpoint for b in brokers)], timeout=10.0) as client:
+        for broker in brokers:
+            wait_until_served(broker.frontend_endpoint, "echo.Echo")
+        for dealer in client._dealers[1:]:
+            wait_for(lambda: zmq.Socket.get(dealer, zmq.EVENTS) & zmq.POLLOUT, message="a connected broker")
+        before = [broker.engine.counters["requests"] for broker in brokers]
+        for i in range(20):
+            client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"%d" % i).SerializeToString())
+        served = [broker.engine.counters["requests"] - count for broker, count in zip(brokers, before)]
+    assert served == [10, 10], served
+
+
+def test_an_endpoint_listed_twice_is_one_broker():
+    with Client(["ipc:///tmp/zrpc-twice", "ipc:///tmp/zrpc-twice"], timeout=1.0) as client:
+        assert client.endpoints == ["ipc:///tmp/zrpc-twice"] and len(client._dealers) == 1

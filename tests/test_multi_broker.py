@@ -135,7 +135,7 @@ def test_a_cancel_reaches_whichever_broker_holds_the_call(ipc_dir):
                 client = Client([first.frontend_endpoint, second.frontend_endpoint], timeout=30.0)
                 sleep = client.stub(ECHO).Sleep
                 futures = []
-                for i in range(2):  # one message each: the DEALER deals them to both brokers
+                for i in range(2):  # one message each: the client deals them to both brokers in turn
                     futures.append(sleep.future(echo_pb2.SleepRequest(ms=20_000)))
                     wait_for(lambda: held() == i + 1)
                 assert first.engine.calls_held == second.engine.calls_held == 1

@@ -56,8 +56,9 @@ def endpoint_port_problem(endpoint: str) -> str | None:
 
 
 def endpoint_list(endpoints: str | Sequence[str], what: str = "broker endpoint") -> list[str]:
-    """One endpoint or several, as a non-empty list of checked strings; ValueError names the
-    first bad one and what is wrong with it."""
+    """One endpoint or several, as a non-empty list of checked strings, each once (a second
+    connection to one broker would only double its share); ValueError names the first bad one
+    and what is wrong with it."""
     found = [endpoints] if isinstance(endpoints, str) else list(endpoints)
     if not found or not all(isinstance(e, str) and e for e in found):
         raise ValueError(f"endpoints must be a non-empty string or list of strings, got {endpoints!r}")
@@ -65,4 +66,4 @@ def endpoint_list(endpoints: str | Sequence[str], what: str = "broker endpoint")
         problem = endpoint_problem(endpoint)
         if problem:
             raise ValueError(f"bad {what} {endpoint!r}: {problem}")
-    return found
+    return list(dict.fromkeys(found))

@@ -1,7 +1,7 @@
 """The asyncio client: the same core, waited on with asyncio futures, tasks and timers.
 
-Everything runs on the event loop of the first call: a reader task settles futures as replies
-arrive, a writer task coalesces the calls made since it last ran into one REQUEST (spec §4), and
+Everything runs on the event loop of the first call: a reader task per broker settles futures as
+replies arrive, a loop reader per broker watches its connection (see _monitor), a writer task coalesces the calls made since it last ran into one REQUEST (spec §4), and
 one timer, re-armed to the nearest deadline or end of a retry backoff, fails calls
 DEADLINE_EXCEEDED on time and hands retries back to the writer.
 """
@@ -20,7 +20,7 @@ from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
 from ._dealer import open_dealers
-from ._monitor import CLIENT_EVENTS, CURVE_CLIENT_EVENTS, HandshakeWatch, on_event
+from ._monitor import HandshakeWatch, on_event
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import AsyncUnaryMethod, Stub
 
@@ -40,12 +40,12 @@ _RETRY_SEND_MAX = 0.02
 
 
 class AsyncClient:
-    """An asyncio zrpc client; many tasks may call at once over one socket.
+    """An asyncio zrpc client; many tasks may call at once, over one socket per broker.
 
     Arguments are those of :class:`zrpc.Client` (``retry`` on by default for idempotent calls,
     ``circuit_breaker`` off, for the reasons given there); ``context`` may be a
     ``zmq.asyncio.Context`` or a plain ``zmq.Context`` (shadowed); ``curve_secret`` and
-    ``broker_key`` turn on CURVE as for the sync client. The socket is opened in the
+    ``broker_key`` turn on CURVE as for the sync client. The sockets are opened in the
     running loop at the first call, and the client then belongs to that loop. Close it with
     ``await client.close()`` or ``async with``.
     """
@@ -71,7 +71,7 @@ class AsyncClient:
         self._context_arg = context
         self._context: zmq.asyncio.Context | None = None
         self._sockets: list[zmq.asyncio.Socket] = []  # one DEALER per broker (see ClientCore)
-        self._monitors: list[zmq.asyncio.Socket] = []
+        self._monitors: list[zmq.Socket] = []  # plain sockets, read by loop readers and before sends
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []  # a reader and a monitor watcher per broker, the writer
         self._wake: asyncio.Event | None = None
@@ -106,7 +106,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Fail calls in flight with CANCELLED (and cancel them at the broker), stop the tasks,
-        release the socket. Idempotent."""
+        release the sockets. Idempotent."""
         # (spec §8) Calls the broker holds for us are stopped there, not left to their deadlines.
         cancelled = self._core.sent_in_flight() if self._sockets and not self._closed else []
         if cancelled:  # best effort: a full queue loses it, and the deadlines still apply
@@ -122,6 +122,7 @@ class AsyncClient:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for socket, monitor in zip(self._sockets, self._monitors):
+            self._loop.remove_reader(monitor.FD)
             socket.disable_monitor()
             monitor.close(linger=0)
             socket.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
@@ -180,23 +181,25 @@ class AsyncClient:
         elif not isinstance(context, zmq.asyncio.Context):
             context = zmq.asyncio.Context.shadow(context.underlying)
         try:
-            self._sockets = open_dealers(context, self.endpoints, self._curve)
+            self._sockets, self._monitors = open_dealers(context, self.endpoints, self._curve)
         except BaseException:
             if self._context_arg is None:  # ours, as close() terms it: a bad endpoint leaks nothing
                 context.term()
             raise
         self._context = context
-        # Each DEALER's monitor tells us when its broker connection closes, and (CURVE) when the
-        # broker refuses our handshake (issue 5).
-        events = CLIENT_EVENTS if self._curve is None else CURVE_CLIENT_EVENTS
-        self._monitors = [socket.get_monitor_socket(events) for socket in self._sockets]
+        # Each DEALER's monitor tells us when its broker connection opens and closes, and (CURVE)
+        # when the broker refuses our handshake (issue 5). Plain sockets read with NOBLOCK: a
+        # loop reader drains them, and so does every send (see _send_one), which a pending
+        # asyncio recv would race for the events.
         if self._curve is not None:
             self._watch = HandshakeWatch(self.endpoints)
         self._loop = loop
         self._wake = asyncio.Event()
         for link, socket in enumerate(self._sockets):
             self._tasks.append(loop.create_task(self._read(socket), name=f"zrpc-client-reader-{link}"))
-            self._tasks.append(loop.create_task(self._watch_link(link), name=f"zrpc-client-monitor-{link}"))
+            # The FD is edge-triggered: drain once now, then at each edge.
+            loop.add_reader(self._monitors[link].FD, self._on_monitor_events, link)
+            loop.call_soon(self._on_monitor_events, link)
         self._tasks.append(loop.create_task(self._write(), name="zrpc-client-writer"))
 
     def _abandon(self, call: Call) -> None:
@@ -220,21 +223,24 @@ class AsyncClient:
         except Exception as exc:
             self._fail("reader task", exc)
 
-    async def _watch_link(self, link: int) -> None:
-        """Connections that closed (their calls fail at once), and CURVE refusals (calls fail
-        UNAUTHENTICATED when every broker refused us)."""
+    def _on_monitor_events(self, link: int) -> None:
+        """Connections that opened or closed (the calls of a closed one fail at once), and CURVE
+        refusals (calls fail UNAUTHENTICATED when every broker refused us)."""
+        if link >= len(self._monitors):
+            return  # closed meanwhile
         monitor, socket, endpoint = self._monitors[link], self._sockets[link], self.endpoints[link]
-        try:
-            while True:
-                frames = await monitor.recv_multipart()
-                self._settle(on_event(frames, self._core, link, endpoint, self._watch, socket))
-                self._arm_timer()  # lost idempotent calls wait out a retry backoff
-                if self._core.has_unsent():
-                    self._wake.set()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("zrpc async client: connection monitor failed")
+        changed = False
+        while True:
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._settle(on_event(frames, self._core, link, endpoint, self._watch, socket))
+            changed = True
+        if changed and not self._closed:
+            self._arm_timer()  # lost idempotent calls wait out a retry backoff
+            if self._core.has_unsent():
+                self._wake.set()
 
     def _send_early(self) -> None:
         """Send the unsent calls now, in this loop turn, instead of at its end (see PIPELINE_PAIRS)."""
@@ -252,6 +258,10 @@ class AsyncClient:
         meanwhile. Calls given back are sent again, with fresh deadlines, once there is room.
         """
         core = self._core
+        # First what the monitors say: a link whose connection closed takes nothing more until
+        # its next handshake, so no call goes out stamped with a connection that is gone.
+        for link in range(len(self._monitors)):
+            self._on_monitor_events(link)
         for link in core.link_order():
             batch = core.next_request(core.clock(), link)
             if batch is None:
@@ -259,11 +269,13 @@ class AsyncClient:
             frames, calls = batch
             sent = self._sockets[link].send_multipart(frames, zmq.NOBLOCK)
             if not sent.done():  # pyzmq queued it behind another send (none is ever left waiting)
+                core.took(link)
                 sent.add_done_callback(self._check_sent)
                 return True
             if not sent.cancelled() and isinstance(sent.exception(), zmq.Again):
                 core.unsend(calls)
                 continue
+            core.took(link)
             self._send_blocked = False  # a broker took it: early sends may go again
             self._check_sent(sent)
             return True

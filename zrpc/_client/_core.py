@@ -3,7 +3,7 @@
 It holds the request-id counter, the table of calls in flight, the queue of calls not yet sent,
 the deadline bookkeeping, the retry policy and the per-service circuit breakers; it encodes
 REQUEST and CANCEL messages and turns REPLY messages into outcomes. A flavour (``_sync``,
-``_async``) owns the socket and only decides how to wait: it feeds the core what it received and
+``_async``) owns the sockets and only decides how to wait: it feeds the core what it received and
 the current time, wakes it at :meth:`ClientCore.next_timer` (a deadline or the end of a retry's
 backoff), and settles the waiters the core hands back.
 
@@ -177,7 +177,11 @@ class ClientCore:
         self._connection_of_link = list(range(1, links + 1))
         self._link_of_connection = {number: link for link, number in enumerate(self._connection_of_link)}
         self._connections = links  # numbers given so far
-        self._turn = links - 1  # the link of the last REQUEST (round-robin, see link_order)
+        # A link takes REQUESTs from its handshake until its connection closes: libzmq reports
+        # the close a moment before the old connection stops taking messages, and a call sent
+        # in that moment would carry the next connection's number and never be failed.
+        self._link_up = [False] * links
+        self._turn = links - 1  # the link that took the last REQUEST (round-robin, see link_order)
 
     # -- making calls ------------------------------------------------------------------------
 
@@ -269,13 +273,22 @@ class ClientCore:
         return bool(self._unsent)
 
     def link_order(self) -> Sequence[int]:
-        """The links to offer the next REQUEST to, in turn: the next one first, then the others
-        (a link whose broker cannot take it now, not connected or its queue full, passes it on)."""
-        count = len(self._connection_of_link)
+        """The open links to offer the next REQUEST to, in turn: the one after the link that took
+        the last (see :meth:`took`) first, then the others (a link whose queue is full passes it
+        on)."""
+        up = self._link_up
+        count = len(up)
         if count == 1:
-            return _ONE_LINK
-        self._turn = (self._turn + 1) % count
-        return [(self._turn + k) % count for k in range(count)]
+            return _ONE_LINK if up[0] else ()
+        return [link for link in ((self._turn + k) % count for k in range(1, count + 1)) if up[link]]
+
+    def took(self, link: int) -> None:
+        """``link`` took a REQUEST: the next one is offered to the link after it first."""
+        self._turn = link
+
+    def connection_up(self, link: int) -> None:
+        """The connection of ``link`` finished its handshake (the flavour's socket monitor)."""
+        self._link_up[link] = True
 
     def next_request(self, now: float, link: int = 0) -> tuple[list[bytes], list[Call]] | None:
         """One REQUEST carrying as many unsent calls as fit (spec §4) for ``link``, or None when
@@ -320,9 +333,10 @@ class ClientCore:
 
         No reply can come: a restarted broker knows nothing of them, and the DEALER's next
         connection has a new routing id. They fail UNAVAILABLE, and the retry policy sends the
-        idempotent ones again. (A call sent over the link's next connection before the flavour
-        reads this event would be failed too: that takes a broker back up within the moment.)
+        idempotent ones again. The flavour reads its monitors before each send, so that no call
+        goes over a link's next connection stamped with this one's number.
         """
+        self._link_up[link] = False
         closed = self._connection_of_link[link]
         self._connections += 1
         self._connection_of_link[link] = self._connections
@@ -337,7 +351,8 @@ class ClientCore:
                           f"{call.service}/{call.method} in flight (the broker stopped, or the network "
                           f"failed); it may or may not have run",
                           {"zrpc-endpoint": endpoint})
-            outcome = self._finish(call, None, error)
+            # Not the service's failure: a circuit opened by it would fail the retries too.
+            outcome = self._finish(call, None, error, record=False)
             if outcome is not None:  # None: the call was re-queued for another attempt
                 outcomes.append(outcome)
         if lost:  # each call's own error says it too: no warning for every command-line call

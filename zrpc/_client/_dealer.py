@@ -1,12 +1,19 @@
 """The client's DEALER sockets, one per broker: endpoints and options, the same for both flavours."""
 from __future__ import annotations
 
+import uuid
 from typing import Sequence
 
 import zmq
 
 from .. import _security
 from .._endpoints import EXPECTED
+
+from ._monitor import HANDSHAKE_EVENTS
+
+# What a client's monitors report: connections that open and close, and how handshakes end (a
+# refusal matters with CURVE).
+MONITORED = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
 
 # ZMTP heartbeats notice a dead TCP peer (a broker host that vanished without a FIN) so ZeroMQ
 # reconnects instead of queueing into a connection that will never deliver.
@@ -17,47 +24,60 @@ def bad_endpoint(endpoint: str, why: str) -> ValueError:
     return ValueError(f"bad broker endpoint {endpoint!r}: {why}")
 
 
-def open_dealers(context: zmq.Context, endpoints: Sequence[str],
-                 curve: tuple[_security.KeyPair, bytes] | None = None) -> list[zmq.Socket]:
+def open_dealers(context: zmq.Context, endpoints: Sequence[str], curve: tuple[_security.KeyPair, bytes] | None = None
+                 ) -> tuple[list[zmq.Socket], list[zmq.Socket]]:
     """One DEALER per endpoint, each connected to its broker (see ClientCore: one per broker,
-    so the client knows which broker holds which call).
+    so the client knows which broker holds which call), and the monitor of each (see
+    open_monitor).
 
     ``curve`` is (our key pair, the broker's public key) for CURVE, or None for plain TCP.
     """
     sockets: list[zmq.Socket] = []
+    monitors: list[zmq.Socket] = []
     try:
         for endpoint in endpoints:
-            sockets.append(_open_dealer(context, endpoint, curve))
+            socket = context.socket(zmq.DEALER)
+            sockets.append(socket)
+            monitors.append(open_monitor(socket))  # before connect: an event missed is a link lost
+            _connect(socket, endpoint, curve)
     except BaseException:
         for socket in sockets:
             socket.close(linger=0)
+        for monitor in monitors:
+            monitor.close(linger=0)
         raise
-    return sockets
+    return sockets, monitors
 
 
-def _open_dealer(context: zmq.Context, endpoint: str, curve: tuple[_security.KeyPair, bytes] | None) -> zmq.Socket:
-    socket = context.socket(zmq.DEALER)
+def open_monitor(socket: zmq.Socket, events: int = MONITORED) -> zmq.Socket:
+    """A plain (blocking-API) PAIR receiving ``socket``'s monitor events, whichever flavour the
+    socket is: both clients read it with NOBLOCK, before each send too (see _monitor.on_event)."""
+    address = f"inproc://zrpc-client-monitor-{uuid.uuid4().hex}"
+    socket.monitor(address, events)
+    monitor = zmq.Context.shadow(socket.context.underlying).socket(zmq.PAIR)
+    monitor.linger = 0
+    monitor.connect(address)
+    return monitor
+
+
+def _connect(socket: zmq.Socket, endpoint: str, curve: tuple[_security.KeyPair, bytes] | None) -> None:
+    """Set the client options on ``socket`` and connect it to ``endpoint``."""
+    if curve is not None:
+        _security.apply_client_curve(socket, *curve)
+    # Closing must never wait for unsent requests: their callers have already been answered.
+    socket.setsockopt(zmq.LINGER, 0)
+    # Requests go only to a broker we are connected to. Without IMMEDIATE, ZeroMQ keeps a
+    # queue for the endpoint from the start, and keeps it while the broker is down, parking
+    # requests for a dead broker. With it, a send fails (EAGAIN) while the broker is not
+    # connected; both flavours then offer the calls to another broker or keep them unsent
+    # until one is connected, and their deadlines bound the wait.
+    socket.setsockopt(zmq.IMMEDIATE, 1)
+    socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    _security.allow_ipv6_for(socket, [endpoint])
     try:
-        if curve is not None:
-            _security.apply_client_curve(socket, *curve)
-        # Closing must never wait for unsent requests: their callers have already been answered.
-        socket.setsockopt(zmq.LINGER, 0)
-        # Requests go only to a broker we are connected to. Without IMMEDIATE, ZeroMQ keeps a
-        # queue for the endpoint from the start, and keeps it while the broker is down, parking
-        # requests for a dead broker. With it, a send fails (EAGAIN) while the broker is not
-        # connected; both flavours then offer the calls to another broker or keep them unsent
-        # until one is connected, and their deadlines bound the wait.
-        socket.setsockopt(zmq.IMMEDIATE, 1)
-        socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        _security.allow_ipv6_for(socket, [endpoint])
-        try:
-            socket.connect(endpoint)
-        except zmq.ZMQError as exc:
-            # e.g. tcp://host without a port, or an unknown transport: libzmq's message
-            # names neither the problem nor the form it expects.
-            raise bad_endpoint(endpoint, f"{zmq.strerror(exc.errno)}; {EXPECTED}") from None
-    except BaseException:
-        socket.close(linger=0)
-        raise
-    return socket
+        socket.connect(endpoint)
+    except zmq.ZMQError as exc:
+        # e.g. tcp://host without a port, or an unknown transport: libzmq's message
+        # names neither the problem nor the form it expects.
+        raise bad_endpoint(endpoint, f"{zmq.strerror(exc.errno)}; {EXPECTED}") from None

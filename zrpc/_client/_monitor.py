@@ -1,5 +1,5 @@
 """What a client learns from the socket monitor of each of its DEALERs (one per broker):
-connections that close, and handshakes a broker refuses. Both client flavours feed each monitor
+connections that open and close, and handshakes a broker refuses. Both client flavours feed each monitor
 message to :func:`on_event`.
 
 - A connection that closes (the broker stopped, or its host vanished: ZMTP heartbeats notice)
@@ -8,8 +8,8 @@ message to :func:`on_event`.
   once (see ``ClientCore.connection_closed``) instead of leaving them to their deadlines, and the
   retry policy sends the idempotent ones again.
 - CURVE: a client whose key the broker refuses, or that holds the wrong broker key, never gets a
-  connection: ZeroMQ queues its requests and retries the handshake forever, and the caller would
-  see only DEADLINE_EXCEEDED. :class:`HandshakeWatch` turns the refusal into a clear
+  connection: ZeroMQ retries the handshake forever, its calls stay unsent (the DEALERs are
+  IMMEDIATE), and the caller would see only DEADLINE_EXCEEDED. :class:`HandshakeWatch` turns the refusal into a clear
   UNAUTHENTICATED error (issue 5).
 """
 from __future__ import annotations
@@ -22,11 +22,6 @@ from ._core import ClientCore, Outcome, logger
 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-# What a client watches: connections that close, and with CURVE how handshakes end.
-CLIENT_EVENTS = zmq.EVENT_DISCONNECTED
-CURVE_CLIENT_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
-
-
 def refusal_reason(event: int, value: int) -> str | None:
     """Why a handshake failed, for a person; None for an event that is not a refusal."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -41,9 +36,9 @@ def refusal_reason(event: int, value: int) -> str | None:
 class HandshakeWatch:
     """Per endpoint: is the broker there accepting our handshake?
 
-    After a refusal the client disconnects the endpoint (dropping requests queued for it, so
-    calls already failed can never run later, and stopping ZeroMQ's retry loop) and connects it
-    again when new calls come (``to_retry``), so a key added to the broker's list is picked up.
+    After a refusal the client disconnects the endpoint (stopping ZeroMQ's retry loop) and
+    connects it again when new calls come (``to_retry``), so a key added to the broker's list is
+    picked up. Once every broker has refused us, the calls in flight fail UNAUTHENTICATED.
     """
 
     def __init__(self, endpoints: list[str]):
@@ -58,6 +53,9 @@ class HandshakeWatch:
             self.accepted.add(endpoint)
             self.refused.pop(endpoint, None)
             self.retrying.pop(endpoint, None)
+            return None
+        if event == zmq.EVENT_DISCONNECTED:
+            self.accepted.discard(endpoint)  # another broker's refusal may now leave none
             return None
         reason = refusal_reason(event, value)
         if reason is None:
@@ -98,14 +96,16 @@ def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, wa
     ``endpoint``) to the client's core and CURVE watch; returns the outcomes of the calls it ends."""
     event, value, _ = parse_event(frames)  # the endpoint as we connected it, not as libzmq says it
     outcomes = []
-    if event == zmq.EVENT_DISCONNECTED:
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        core.connection_up(link)
+    elif event == zmq.EVENT_DISCONNECTED:
         outcomes = core.connection_closed(link, endpoint)
     if watch is None:
         return outcomes
     error = watch.on_event(event, value, endpoint)
     if refusal_reason(event, value) is not None and endpoint in watch.refused:  # said once, not at each event
         logger.warning("zrpc client: handshake refused by broker at %s: %s", endpoint, watch.refused[endpoint])
-        try:  # drops requests queued for it: their calls are answered below
+        try:  # stops ZeroMQ retrying the handshake until new calls come (HandshakeWatch.to_retry)
             socket.disconnect(endpoint)
         except zmq.ZMQError:
             pass

@@ -1,7 +1,7 @@
-"""The thread-safe blocking client: one I/O thread owns the DEALER socket.
+"""The thread-safe blocking client: one I/O thread owns the sockets (a DEALER per broker).
 
 Callers in any thread put calls (and cancellations) on an outbox and wake the I/O thread through
-an inproc PAIR; the I/O thread alone touches the DEALER and the core. It coalesces every waiting
+an inproc PAIR; the I/O thread alone touches the DEALERs, their monitors and the core. It coalesces every waiting
 call into one REQUEST per send (spec §4), settles futures as replies arrive, and polls no longer
 than the nearest deadline or end of a retry backoff, so a call fails DEADLINE_EXCEEDED on time
 even with no broker at all, and a backoff never blocks other calls.
@@ -27,7 +27,7 @@ from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
 from ._dealer import open_dealers
-from ._monitor import CLIENT_EVENTS, CURVE_CLIENT_EVENTS, HandshakeWatch, on_event
+from ._monitor import HandshakeWatch, on_event
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import Stub, UnaryMethod
 
@@ -46,7 +46,7 @@ class _Cancel(NamedTuple):
 
 
 class Client:
-    """A blocking zrpc client; many threads may call at once over one socket.
+    """A blocking zrpc client; many threads may call at once, over one socket per broker.
 
     ``endpoints`` is one broker frontend or a list (requests are spread across them).
     ``timeout`` is the deadline in seconds of calls made without one; it is never infinite.
@@ -108,13 +108,10 @@ class Client:
         self._closed = False
         sockets: list[zmq.Socket] = []
         try:
-            self._dealers = open_dealers(context, self.endpoints, curve)
-            sockets.extend(self._dealers)
-            # Each DEALER's monitor tells us when its broker connection closes, and (CURVE) when
-            # the broker refuses our handshake (issue 5).
-            events = CLIENT_EVENTS if curve is None else CURVE_CLIENT_EVENTS
-            self._monitors = [dealer.get_monitor_socket(events) for dealer in self._dealers]
-            sockets.extend(self._monitors)
+            # Each DEALER's monitor tells us when its broker connection opens and closes, and
+            # (CURVE) when the broker refuses our handshake (issue 5).
+            self._dealers, self._monitors = open_dealers(context, self.endpoints, curve)
+            sockets.extend(self._dealers + self._monitors)
             self._watch = HandshakeWatch(self.endpoints) if curve is not None else None
             address = f"inproc://zrpc-client-wake-{uuid.uuid4().hex}"
             self._wake_in = context.socket(zmq.PAIR)
@@ -336,6 +333,12 @@ class Client:
         """Send waiting calls, each REQUEST to the next broker in turn that can take it; True
         when none can (not connected, or its queue full): the rest wait for POLLOUT."""
         core = self._core
+        if not core.has_unsent():
+            return False
+        # First what the monitors say: a link whose connection closed takes nothing more until
+        # its next handshake, so no call goes out stamped with a connection that is gone.
+        for link in range(len(self._monitors)):
+            self._on_monitor_events(link)
         while core.has_unsent():
             for link in core.link_order():
                 batch = core.next_request(core.clock(), link)
@@ -344,6 +347,7 @@ class Client:
                 frames, calls = batch
                 try:
                     self._dealers[link].send_multipart(frames, zmq.NOBLOCK)
+                    core.took(link)
                     break
                 except zmq.Again:
                     core.unsend(calls)

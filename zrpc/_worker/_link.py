@@ -93,15 +93,20 @@ class BrokerLink:
         if self.curve is not None:
             _security.apply_client_curve(socket, *self.curve)
         _security.allow_ipv6_for(socket, [self.endpoint])
+        monitor = None
         try:
+            if self.curve is not None:  # before connecting: the first handshake is watched too
+                monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
             socket.connect(self.endpoint)
         except zmq.ZMQError:
+            if monitor is not None:
+                monitor.close(0)
             socket.close(0)
             raise
         self.socket = socket
         self.refused_here = False
-        if self.curve is not None:
-            self._monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
+        if monitor is not None:
+            self._monitor = monitor
             self.loop.add_reader(self._monitor.FD, self._read_handshakes)
             self.loop.call_soon(self._read_handshakes)  # edge-triggered, as the socket's FD
         self.loop.add_reader(socket.FD, self.on_readable)
