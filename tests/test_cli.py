@@ -628,3 +628,24 @@ def test_held_refusals_are_kept_once_each_and_only_the_error_lines_own_is_droppe
     assert len(held.records) == 2
     held.drop_said_by("handshake refused by broker at tcp://127.0.0.1:1: our key is not allowed (ZAP status 400)")
     assert [r.args[0] for r in held.records] == ["tcp://127.0.0.1:2"]
+
+
+def test_services_health_and_status_report_every_broker_when_one_does_not_answer(greeter, ipc_dir):
+    """The live broker's answers are printed, the silent one is named, and the exit status is
+    the silent one's (24), not the first answer's."""
+    _, _, live = greeter
+    silent = f"ipc://{ipc_dir}/nobody-here"
+    services = run_cli("services", "--broker", silent, "--broker", live, "--timeout", "1")
+    assert services.returncode == 24, services
+    assert f"broker {live}" in services.stdout and "helloworld.Greeter" in services.stdout
+    assert f"no answer from broker at {silent}" in one_line_error(services.stderr)
+
+    health = run_cli("health", "--broker", silent, "--broker", live, "--timeout", "1", "helloworld.Greeter")
+    assert health.returncode == 24, health
+    assert f"{live} helloworld.Greeter: SERVING" in health.stdout
+    assert f"{silent} helloworld.Greeter: NO ANSWER" in health.stdout
+
+    status = run_cli("status", "--broker", silent, "--broker", live, "--timeout", "1", "--interval", "0.1")
+    assert status.returncode == 24, status
+    assert f"broker {live}: 2 service(s)" in status.stdout
+    assert f"broker {silent}: no answer" in status.stdout

@@ -86,24 +86,26 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
 def services(brokers: tuple[str, ...], timeout: float, as_json: bool) -> None:
     """List the services a broker knows: methods, live workers, load and queue depth.
 
-    With several brokers, each is asked on its own and gets its own table.
+    With several brokers, each is asked on its own and gets its own table; one that does not
+    answer is said on stderr after the others, and sets the exit status.
     """
     endpoints = split_endpoints(brokers)
-    listings = {}
-    for endpoint in endpoints:  # each broker has its own registry: ask each one
-        with _discovery.connect([endpoint], timeout) as client:
-            listings[endpoint] = _discovery.list_services(client, [endpoint], timeout)
+    listings = _discovery.ask_each(endpoints, timeout, lambda client, where: _discovery.list_services(
+        client, where, timeout))
     if as_json:
-        documents = {endpoint: json_format.MessageToDict(
-            listing, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-            for endpoint, listing in listings.items()}
+        documents = {endpoint: {"error": listing.format_message()} if isinstance(listing, CliError)
+                     else json_format.MessageToDict(listing, preserving_proto_field_name=True,
+                                                    always_print_fields_with_no_presence=True)
+                     for endpoint, listing in listings.items()}
         document = documents[endpoints[0]] if len(endpoints) == 1 else {"brokers": documents}
         click.echo(json.dumps(document, indent=2))
-        return
-    for index, (endpoint, listing) in enumerate(listings.items()):
-        if len(endpoints) > 1:
-            click.echo(("\n" if index else "") + f"broker {endpoint}")
-        click.echo(format_services(listing), nl=False)
+    else:
+        for index, (endpoint, listing) in enumerate(listings.items()):
+            if len(endpoints) > 1:
+                click.echo(("\n" if index else "") + f"broker {endpoint}")
+            click.echo("(no answer: see below)\n" if isinstance(listing, CliError) else format_services(listing),
+                       nl=False)
+    _discovery.raise_first_failure(listings)
 
 
 def format_services(listing: pb.ListServicesReply) -> str:
@@ -134,22 +136,26 @@ def health(service: str, brokers: tuple[str, ...], timeout: float) -> None:
 
     Prints SERVING, NOT_SERVING or SERVICE_UNKNOWN and exits 0 for SERVING, 4 for the other
     two, so it can back a container health check; a broker that does not answer exits 24
-    (UNAVAILABLE), as any call that fails exits 10 + its code. With several brokers, every one
-    must serve.
+    (UNAVAILABLE), as any call that fails exits 10 + its code. With several brokers, each is
+    asked and every one must serve; one that does not answer decides the exit status.
     """
     endpoints = split_endpoints(brokers)
     serving = True
-    for endpoint in endpoints:  # each broker has its own registry: ask each one
-        with _discovery.connect([endpoint], timeout) as client:
-            reply = _discovery.health(client, [endpoint], service, timeout)
-        status = pb.HealthReply.Status.Name(reply.status)
+    replies = _discovery.ask_each(endpoints, timeout, lambda client, where: _discovery.health(
+        client, where, service, timeout))
+    for endpoint, reply in replies.items():
         where = f"{endpoint} " if len(endpoints) > 1 else ""
+        if isinstance(reply, CliError):
+            click.echo(f"{where}{service or 'broker'}: NO ANSWER (see below)")
+            continue
+        status = pb.HealthReply.Status.Name(reply.status)
         if service:
             click.echo(f"{where}{service}: {status} (live workers {reply.live_workers}, "
                        f"queued {reply.queue_depth})")
         else:
             click.echo(f"{where}broker: {status}")
         serving = serving and reply.status == pb.HealthReply.SERVING
+    _discovery.raise_first_failure(replies)  # a broker that does not answer: 24, before 4
     if not serving:
         sys.exit(EXIT_NOT_SERVING)
 

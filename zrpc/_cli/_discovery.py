@@ -79,6 +79,31 @@ def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
             client_log.handle(record)
 
 
+def ask_each(brokers: list[str], timeout: float, question) -> dict[str, object]:
+    """``question(client, [endpoint])`` of each broker on a client of its own (each broker has
+    its own registry). With several brokers, one that fails to answer maps to its CliError and
+    the others are still asked; with one, the error is raised."""
+    answers: dict[str, object] = {}
+    for endpoint in brokers:
+        try:
+            with connect([endpoint], timeout) as client:
+                answers[endpoint] = question(client, [endpoint])
+        except CliError as error:
+            if len(brokers) == 1:
+                raise
+            answers[endpoint] = error
+    return answers
+
+
+def raise_first_failure(answers: dict[str, object]) -> None:
+    """After the answers were printed: say each broker that failed (stderr), exit as the first."""
+    failures = [answer for answer in answers.values() if isinstance(answer, CliError)]
+    for failure in failures[1:]:
+        failure.show()
+    if failures:
+        raise failures[0]
+
+
 def no_answer(brokers: list[str], timeout: float) -> CliError:
     # A CURVE broker refuses a plain client's handshake, and a plain client does not watch for
     # that: it only sees silence, which may then mean "keys needed" as well as "not running".

@@ -1,4 +1,4 @@
-"""``zrpc status``: a live view of one broker for operators, from its ListServices answers.
+"""``zrpc status``: a live view of brokers for operators, from their ListServices answers.
 
 Calls/s come from the difference of two snapshots ``--interval`` apart; the broker itself keeps
 the counters (calls and errors since it started) and a p99 over the last minute per service.
@@ -15,7 +15,7 @@ import click
 
 from .. import broker_service_pb2 as pb
 from ._call_cmd import broker_option
-from ._common import EXIT_CODES_HELP, curve_options, option, split_endpoints
+from ._common import EXIT_CODES_HELP, CliError, curve_options, option, split_endpoints
 from . import _discovery
 
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: refresh in place on a terminal
@@ -34,6 +34,9 @@ _COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99 
 def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: float) -> None:
     """Services, workers, queue depth, calls/s, p99 and errors of a broker.
 
+    With several brokers, a table each. A broker that does not answer gets a line saying so
+    instead (with --watch, until it answers again) and sets the exit status.
+
     \b
       zrpc status --broker tcp://127.0.0.1:5555
       zrpc status --watch --interval 2
@@ -41,14 +44,36 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
     """
     endpoints = split_endpoints(brokers)
     interrupted = threading.Event()  # Ctrl-C: set by the handler, so it never lands inside the client
-    with _discovery.connect(endpoints, timeout) as client, _sigint_sets(interrupted):
-        before, taken = _discovery.list_services(client, endpoints, timeout), time.monotonic()
+    with contextlib.ExitStack() as stack:
+        # Each broker has its own counters: one client each, so every snapshot of a table comes
+        # from the same broker (one client would deal its questions over all of them).
+        clients = {endpoint: stack.enter_context(_discovery.connect([endpoint], timeout)) for endpoint in endpoints}
+        stack.enter_context(_sigint_sets(interrupted))
+
+        def snapshot() -> dict[str, object]:
+            """Each broker's ListServices reply, or (several brokers, --watch) the error it gave."""
+            replies: dict[str, object] = {}
+            for endpoint, client in clients.items():
+                try:
+                    replies[endpoint] = _discovery.list_services(client, [endpoint], timeout)
+                except CliError as error:
+                    if len(endpoints) == 1 and not watch:
+                        raise
+                    replies[endpoint] = error
+            return replies
+
+        before, taken = snapshot(), time.monotonic()
         terminal = sys.stdout.isatty()
         while not interrupted.wait(interval):  # --watch ends with Ctrl-C, quietly
-            after, now = _discovery.list_services(client, endpoints, timeout), time.monotonic()
-            text = format_status(before, after, now - taken, ", ".join(endpoints))
+            after, now = snapshot(), time.monotonic()
+            text = "\n\n".join(
+                f"broker {endpoint}: {reply.format_message()}" if isinstance(reply, CliError)
+                else format_status(before[endpoint] if not isinstance(before[endpoint], CliError) else reply,
+                                   reply, now - taken, endpoint)
+                for endpoint, reply in after.items())
             if not watch:
                 click.echo(text)
+                _discovery.raise_first_failure({e: r for e, r in after.items() if isinstance(r, CliError)})
                 return
             click.echo((_CLEAR if terminal else "") + text + ("" if terminal else "\n"))
             before, taken = after, now
