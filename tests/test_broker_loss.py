@@ -166,3 +166,17 @@ def test_the_broker_after_one_that_is_down_gets_no_more_than_its_share(ipc_dir):
 def test_an_endpoint_listed_twice_is_one_broker():
     with Client(["ipc:///tmp/zrpc-twice", "ipc:///tmp/zrpc-twice"], timeout=1.0) as client:
         assert client.endpoints == ["ipc:///tmp/zrpc-twice"] and len(client._dealers) == 1
+
+
+def test_a_retry_with_no_broker_left_says_why_it_ran_out_of_time(spawn, ipc_dir):
+    broker, frontend, backend = _start_broker(spawn, ipc_dir, "gone")
+    with Worker([Echo()], backend, concurrency=4, heartbeat_interval=0.2, drain_grace=0.5) as worker, \
+            Client(frontend, timeout=CALL_TIMEOUT) as client:
+        wait_until_served(frontend, "echo.Echo")
+        future = client.call_future("echo.Echo", "Sleep", _sleep_request(30_000), idempotent=True, timeout=2.0)
+        wait_for(lambda: worker.running == 1, message="the call to reach the worker")
+        broker.signal(signal.SIGKILL)  # and it stays down: the retry waits, unsent, for its deadline
+        error = future.exception(timeout=ANSWER_WITHIN)
+    assert isinstance(error, zrpc.Error) and error.code == StatusCode.DEADLINE_EXCEEDED, error
+    assert "no broker took it in time" in error.message
+    assert "attempt 1 had failed with UNAVAILABLE: lost the connection to the broker" in error.message

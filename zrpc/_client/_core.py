@@ -514,13 +514,17 @@ class ClientCore:
 
     @staticmethod
     def deadline_error(call: Call) -> Error:
-        """The error of a call that got no answer in time."""
-        return Error(
-            StatusCode.DEADLINE_EXCEEDED,
-            f"deadline of {call.timeout:.3f}s exceeded calling {call.service}/{call.method} "
-            f"(request {call.request_id}): no answer in time; pass a larger timeout= if the call "
-            f"is slow, or check that a broker is reachable",
-        )
+        """The error of a call that got no answer in time, saying why where the client knows."""
+        where = f"deadline of {call.timeout:.3f}s exceeded calling {call.service}/{call.method}"
+        if call.sent:
+            why = (f" (request {call.request_id}): no answer in time; pass a larger timeout= if the "
+                   f"call is slow, or check that a broker is reachable")
+        else:  # the DEALERs are IMMEDIATE: a send fails only while no broker can take it
+            why = ": no broker took it in time (none connected, or their queues full); check that a broker is running"
+        if call.last_error is not None:  # a retry, waiting since its last attempt failed
+            why += (f"; attempt {call.attempt - 1} had failed with {call.last_error.code.name}: "
+                    f"{call.last_error.message}")
+        return Error(StatusCode.DEADLINE_EXCEEDED, where + why)
 
     def cancel(self, request_id: int) -> Call | None:
         """Forget a call the caller gave up on; returns it when it was still in flight."""
