@@ -186,6 +186,7 @@ def test_json_from_stdin_is_read_with_dash(cli):
     (["broker", "start", "--frontend", "tcp://127.0.0.1:5599", "--backend", "tcp://127.0.0.1:5599"],
      "frontend and backend are the same endpoint tcp://127.0.0.1:5599"),
     (["call", "--broker", "tcp://127.0.0.1:65536", "a.B/C"], "port '65536' is not a number"),
+    (["services", "--broker", "tcp://*:5555"], "a wildcard (* or port 0) is for binding"),
     (["worker", "run", "workers.echo"], "expected MODULE:CLASS"),
 ])
 def test_user_mistakes_are_one_line_usage_errors(cli, args, problem):

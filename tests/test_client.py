@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 
@@ -374,10 +375,12 @@ def test_client_refuses_bad_configuration():
     ("tcp://localhost", "no port: expected HOST:PORT"),  # libzmq would say only "Invalid argument"
     ("tcp://127.0.0.1:99999", "port '99999' is not a number from 0 to 65535"),  # libzmq: port 34463
     ("tcp2://127.0.0.1:5555", "unknown transport 'tcp2'"),
+    ("tcp://*:5555", "a wildcard (* or port 0) is for binding"),  # libzmq: "Invalid argument"
+    ("tcp://127.0.0.1:0", "a wildcard (* or port 0) is for binding"),  # libzmq: waits forever
 ])
 def test_clients_and_workers_refuse_a_bad_endpoint_at_construction(endpoint, why):
     for flavour in (Client, AsyncClient, lambda endpoint: Worker([Echo()], endpoint)):
-        with pytest.raises(ValueError, match=f"bad broker endpoint '{endpoint}'") as raised:
+        with pytest.raises(ValueError, match=re.escape(f"bad broker endpoint '{endpoint}'")) as raised:
             flavour(endpoint)
         assert why in str(raised.value)
 

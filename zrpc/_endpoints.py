@@ -15,14 +15,22 @@ _FORM = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$")
 _PORTED_TRANSPORTS = ("tcp://", "udp://", "ws://", "wss://")
 
 
-def endpoint_problem(endpoint: str) -> str | None:
-    """What is wrong with ``endpoint``, for a person, or None."""
+def endpoint_problem(endpoint: str, connect: bool = False) -> str | None:
+    """What is wrong with ``endpoint``, for a person, or None. ``connect``: it is to connect to
+    (a broker's address), so the wildcards only a bind understands are wrong too."""
     match = _FORM.match(endpoint.strip())
     if match is None:
         return EXPECTED
     if match.group(1) not in TRANSPORTS:
         return f"unknown transport {match.group(1)!r}; {EXPECTED}"
-    return endpoint_port_problem(endpoint)
+    problem = endpoint_port_problem(endpoint)
+    if problem is None and connect and endpoint.strip().startswith(_PORTED_TRANSPORTS):
+        host, _, port = endpoint.strip().split("://", 1)[1].split("/", 1)[0].rpartition(":")
+        if host == "*" or port in ("*", "0"):
+            # libzmq answers "Invalid argument", or connects to port 0 and waits forever.
+            return ("a wildcard (* or port 0) is for binding; connect to the broker's address and port, "
+                    "e.g. tcp://127.0.0.1:5555")
+    return problem
 
 
 def endpoint_port(endpoint: str) -> str | None:
@@ -55,7 +63,7 @@ def endpoint_port_problem(endpoint: str) -> str | None:
     return None
 
 
-def endpoint_list(endpoints: str | Sequence[str], what: str = "broker endpoint") -> list[str]:
+def endpoint_list(endpoints: str | Sequence[str], what: str = "broker endpoint", connect: bool = True) -> list[str]:
     """One endpoint or several, as a non-empty list of checked strings, each once (a second
     connection to one broker would only double its share); ValueError names the first bad one
     and what is wrong with it."""
@@ -63,7 +71,7 @@ def endpoint_list(endpoints: str | Sequence[str], what: str = "broker endpoint")
     if not found or not all(isinstance(e, str) and e for e in found):
         raise ValueError(f"endpoints must be a non-empty string or list of strings, got {endpoints!r}")
     for endpoint in found:
-        problem = endpoint_problem(endpoint)
+        problem = endpoint_problem(endpoint, connect)
         if problem:
             raise ValueError(f"bad {what} {endpoint!r}: {problem}")
     return list(dict.fromkeys(found))

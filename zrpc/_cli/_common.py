@@ -71,22 +71,24 @@ def call_failed(error: Error, prefix: str = "") -> CallFailed:
     return CallFailed(prefix + message, EXIT_STATUS_BASE + int(error.code), error.details)
 
 
-def check_endpoint(endpoint: str, what: str = "endpoint") -> str:
-    """Return ``endpoint`` stripped, or raise a one-line error naming what is wrong with it."""
+def check_endpoint(endpoint: str, what: str = "endpoint", connect: bool = False) -> str:
+    """Return ``endpoint`` stripped, or raise a one-line error naming what is wrong with it
+    (``connect``: it is to connect to, not to bind)."""
     endpoint = str(endpoint).strip()
-    problem = endpoint_problem(endpoint)
+    problem = endpoint_problem(endpoint, connect)
     if problem:
         raise CliError(f"bad {what} {endpoint!r}: {problem}", exit_code=EXIT_USAGE)
     return endpoint
 
 
 def split_endpoints(values: Iterable[str], what: str = "broker endpoint") -> list[str]:
-    """Flatten repeated and comma- or space-separated endpoint options into a checked list."""
+    """Flatten repeated and comma- or space-separated endpoint options (brokers to connect to)
+    into a checked list."""
     endpoints: list[str] = []
     for value in values:
         for part in re.split(r"[,\s]+", value):
             if part:
-                endpoints.append(check_endpoint(part, what))
+                endpoints.append(check_endpoint(part, what, connect=True))
     if not endpoints:
         raise CliError(f"no {what} given", exit_code=EXIT_USAGE)
     return endpoints
