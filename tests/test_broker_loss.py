@@ -4,6 +4,7 @@ and calls another broker holds are untouched. The brokers that die are processes
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 
 import pytest
@@ -180,3 +181,18 @@ def test_a_retry_with_no_broker_left_says_why_it_ran_out_of_time(spawn, ipc_dir)
     assert isinstance(error, zrpc.Error) and error.code == StatusCode.DEADLINE_EXCEEDED, error
     assert "no broker took it in time" in error.message
     assert "attempt 1 had failed with UNAVAILABLE: lost the connection to the broker" in error.message
+
+
+def test_a_worker_says_once_that_its_broker_went_silent_and_when_it_answers_again(spawn, ipc_dir, caplog):
+    broker, frontend, backend = _start_broker(spawn, ipc_dir, "flaps")
+    caplog.set_level(logging.DEBUG, logger="zrpc.worker")
+    with Worker([Echo()], backend, heartbeat_interval=0.2, drain_grace=0.5):
+        wait_until_served(frontend, "echo.Echo")
+        broker.signal(signal.SIGKILL)
+        messages = lambda: [record.getMessage() for record in caplog.records]
+        # Two reconnections at least (the silence limit is 3 x 0.2 s), said once as a warning.
+        wait_for(lambda: any("still silent after" in m for m in messages()), message="a second reconnection")
+        _start_broker(spawn, ipc_dir, "flaps")
+        wait_for(lambda: any("answers again after" in m for m in messages()), message="the broker back")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "silent for" in r.getMessage()]
+    assert len(warnings) == 1, warnings
