@@ -20,7 +20,7 @@ from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
 from ._dealer import open_dealers
-from ._monitor import HandshakeWatch, on_event
+from ._monitor import HandshakeWatch, drain
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import AsyncUnaryMethod, Stub
 
@@ -228,16 +228,11 @@ class AsyncClient:
         refusals (calls fail UNAUTHENTICATED when every broker refused us)."""
         if link >= len(self._monitors):
             return  # closed meanwhile
-        monitor, socket, endpoint = self._monitors[link], self._sockets[link], self.endpoints[link]
-        changed = False
-        while True:
-            try:
-                frames = monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self._settle(on_event(frames, self._core, link, endpoint, self._watch, socket))
-            changed = True
-        if changed and not self._closed:
+        outcomes = drain(self._monitors[link], self._core, link, self.endpoints[link], self._watch, self._sockets[link])
+        if outcomes is None:
+            return
+        self._settle(outcomes)
+        if not self._closed:
             self._arm_timer()  # lost idempotent calls wait out a retry backoff
             if self._core.has_unsent():
                 self._wake.set()

@@ -90,6 +90,19 @@ def parse_event(frames: list[bytes]) -> tuple[int, int, str]:
     return message["event"], message["value"], message["endpoint"].decode("utf-8", "replace")
 
 
+def drain(monitor: zmq.Socket, core: ClientCore, link: int, endpoint: str, watch: HandshakeWatch | None,
+          socket: zmq.Socket) -> list[Outcome] | None:
+    """Feed every event waiting on the monitor of ``link`` to :func:`on_event`; the outcomes of
+    the calls they end, or None when there was no event."""
+    outcomes = None
+    while True:
+        try:
+            frames = monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return outcomes
+        outcomes = (outcomes or []) + on_event(frames, core, link, endpoint, watch, socket)
+
+
 def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, watch: HandshakeWatch | None,
              socket: zmq.Socket) -> list[Outcome]:
     """Feed one message of the monitor of ``link`` (the DEALER ``socket``, connected to

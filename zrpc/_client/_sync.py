@@ -27,7 +27,7 @@ from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
 from ._dealer import open_dealers
-from ._monitor import HandshakeWatch, on_event
+from ._monitor import HandshakeWatch, drain
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import Stub, UnaryMethod
 
@@ -301,13 +301,9 @@ class Client:
     def _on_monitor_events(self, link: int) -> None:
         """Connections that closed (their calls fail at once), and CURVE refusals (calls fail
         UNAUTHENTICATED when every broker refused us)."""
-        monitor, dealer, endpoint = self._monitors[link], self._dealers[link], self.endpoints[link]
-        while True:
-            try:
-                frames = monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._settle(on_event(frames, self._core, link, endpoint, self._watch, dealer))
+        outcomes = drain(self._monitors[link], self._core, link, self.endpoints[link], self._watch, self._dealers[link])
+        if outcomes:
+            self._settle(outcomes)
 
     def _retry_refused(self) -> None:
         """New calls after a refusal: try the handshake again (the key may be allowed now)."""
