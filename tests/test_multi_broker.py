@@ -118,6 +118,7 @@ def test_an_async_client_that_started_before_its_broker_goes_back_to_early_sends
             assert client._send_blocked
             with broker, Worker([Echo()], broker.config.backend, heartbeat_interval=0.2):
                 # Connected before the writer runs (the loop is held here): its send succeeds.
+                wait_for(lambda: _serves_echo(broker), 5)  # its grace is 0: a call before the worker is NOT_FOUND
                 wait_for(lambda: zmq.Socket.get(client._sockets[0], zmq.EVENTS) & zmq.POLLOUT, 5)
                 assert [reply.payload for reply in await asyncio.gather(*first)] == [b"1"] * PIPELINE_PAIRS
                 assert not client._send_blocked
