@@ -196,3 +196,36 @@ def test_a_worker_says_once_that_its_broker_went_silent_and_when_it_answers_agai
         wait_for(lambda: any("answers again after" in m for m in messages()), message="the broker back")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "silent for" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+def test_clients_reach_an_in_process_broker_over_inproc():
+    """inproc has no ZMTP handshake, so no monitor event says the link is up: it is from the start."""
+    context = zmq.Context()
+    broker = Broker(BrokerConfig(frontend="inproc://loss-frontend", backend="inproc://loss-backend"),
+                    context=context).start()
+    try:
+        with Client("inproc://loss-frontend", timeout=5.0, context=context) as client:
+            assert client.call("zrpc.Broker", "ListServices", b"") is not None
+
+        async def call_async() -> bytes:
+            async with AsyncClient("inproc://loss-frontend", timeout=5.0, context=context) as client:
+                return await client.call("zrpc.Broker", "ListServices", b"")
+
+        assert asyncio.run(call_async()) is not None
+    finally:
+        broker.stop()
+        context.term()
+
+
+def test_calls_that_expire_while_no_broker_is_up_are_let_go():
+    """Nothing is kept of a call that expired unsent (an outage must not grow the client)."""
+    from zrpc._client._core import ClientCore
+
+    now = [0.0]
+    core = ClientCore(clock=lambda: now[0], links=1)  # its link never comes up
+    for _ in range(200):
+        assert core.add(core.prepare("s.S", "M", b"x" * 4096, timeout=0.01)) is None
+    assert core.has_unsent() and not core.link_order()
+    now[0] = 1.0
+    assert len(core.advance(now[0])) == 200
+    assert not core.has_unsent() and core.unsent() == 0 and core.in_flight == 0

@@ -68,8 +68,9 @@ def endpoint_list(endpoints: str | Sequence[str], what: str = "broker endpoint",
     connection to one broker would only double its share); ValueError names the first bad one
     and what is wrong with it."""
     found = [endpoints] if isinstance(endpoints, str) else list(endpoints)
-    if not found or not all(isinstance(e, str) and e for e in found):
+    if not found or not all(isinstance(e, str) and e.strip() for e in found):
         raise ValueError(f"endpoints must be a non-empty string or list of strings, got {endpoints!r}")
+    found = [endpoint.strip() for endpoint in found]  # libzmq would refuse the spaces, unexplained
     for endpoint in found:
         problem = endpoint_problem(endpoint, connect)
         if problem:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Iterator
 
 from google.protobuf import descriptor_pool
@@ -95,13 +96,16 @@ def ask_each(brokers: list[str], timeout: float, question) -> dict[str, object]:
     return answers
 
 
-def raise_first_failure(answers: dict[str, object]) -> None:
-    """After the answers were printed: say each broker that failed (stderr), exit as the first."""
+def raise_first_failure(answers: dict[str, object], said: bool = False) -> None:
+    """After the answers were printed: say each broker that failed, in order, on stderr (unless
+    ``said`` already), and exit as the first."""
     failures = [answer for answer in answers.values() if isinstance(answer, CliError)]
-    for failure in failures[1:]:
-        failure.show()
-    if failures:
-        raise failures[0]
+    if not failures:
+        return
+    if not said:
+        for failure in failures:
+            failure.show()
+    sys.exit(failures[0].exit_code)
 
 
 def no_answer(brokers: list[str], timeout: float) -> CliError:

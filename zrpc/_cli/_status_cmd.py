@@ -50,10 +50,14 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
         clients = {endpoint: stack.enter_context(_discovery.connect([endpoint], timeout)) for endpoint in endpoints}
         stack.enter_context(_sigint_sets(interrupted))
 
-        def snapshot() -> dict[str, object]:
-            """Each broker's ListServices reply, or (several brokers, --watch) the error it gave."""
+        def snapshot(earlier: dict[str, object] | None = None) -> dict[str, object]:
+            """Each broker's ListServices reply, or (several brokers, --watch) the error it gave.
+            Without --watch, a broker that did not answer ``earlier`` is not asked again."""
             replies: dict[str, object] = {}
             for endpoint, client in clients.items():
+                if earlier is not None and not watch and isinstance(earlier[endpoint], CliError):
+                    replies[endpoint] = earlier[endpoint]
+                    continue
                 try:
                     replies[endpoint] = _discovery.list_services(client, [endpoint], timeout)
                 except CliError as error:
@@ -65,7 +69,7 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
         before, taken = snapshot(), time.monotonic()
         terminal = sys.stdout.isatty()
         while not interrupted.wait(interval):  # --watch ends with Ctrl-C, quietly
-            after, now = snapshot(), time.monotonic()
+            after, now = snapshot(before), time.monotonic()
             text = "\n\n".join(
                 f"broker {endpoint}: {reply.format_message()}" if isinstance(reply, CliError)
                 else format_status(before[endpoint] if not isinstance(before[endpoint], CliError) else reply,
@@ -73,7 +77,7 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
                 for endpoint, reply in after.items())
             if not watch:
                 click.echo(text)
-                _discovery.raise_first_failure({e: r for e, r in after.items() if isinstance(r, CliError)})
+                _discovery.raise_first_failure(after, said=True)  # the table says which broker
                 return
             click.echo((_CLEAR if terminal else "") + text + ("" if terminal else "\n"))
             before, taken = after, now

@@ -195,6 +195,9 @@ class AsyncClient:
             self._watch = HandshakeWatch(self.endpoints)
         self._loop = loop
         self._wake = asyncio.Event()
+        for link, endpoint in enumerate(self.endpoints):
+            if endpoint.startswith("inproc://"):
+                self._core.connection_up(link)
         for link, socket in enumerate(self._sockets):
             self._tasks.append(loop.create_task(self._read(socket), name=f"zrpc-client-reader-{link}"))
             # The FD is edge-triggered: drain once now, then at each edge.
@@ -317,6 +320,8 @@ class AsyncClient:
                 while core.has_unsent():
                     if self._send_one():
                         waited = 0
+                    elif not core.link_order():
+                        break  # no link up: its handshake event (_on_monitor_events) sets _wake
                     else:
                         await self._writable(waited)
                         waited += 1

@@ -270,7 +270,10 @@ class ClientCore:
 
     def has_unsent(self) -> bool:
         """True when calls wait to be sent (some may turn out cancelled: next_request skips them)."""
-        return bool(self._unsent)
+        unsent, pending = self._unsent, self._pending
+        while unsent and pending.get(unsent[0].request_id) is not unsent[0]:
+            unsent.popleft()  # answered, cancelled or expired while no link could take it
+        return bool(unsent)
 
     def link_order(self) -> Sequence[int]:
         """The open links to offer the next REQUEST to, in turn: the one after the link that took
@@ -511,6 +514,8 @@ class ClientCore:
         if len(self._deadlines) > 64 and len(self._deadlines) > _HEAP_SLACK * len(self._pending):
             self._deadlines = [(c.deadline, c.request_id) for c in self._pending.values()]
             heapq.heapify(self._deadlines)
+        if len(self._unsent) > 64 and len(self._unsent) > _HEAP_SLACK * len(self._pending):
+            self._unsent = deque(c for c in self._unsent if self._pending.get(c.request_id) is c)
 
     @staticmethod
     def deadline_error(call: Call) -> Error:

@@ -113,6 +113,9 @@ class Client:
             self._dealers, self._monitors = open_dealers(context, self.endpoints, curve)
             sockets.extend(self._dealers + self._monitors)
             self._watch = HandshakeWatch(self.endpoints) if curve is not None else None
+            for link, endpoint in enumerate(self.endpoints):
+                if endpoint.startswith("inproc://"):  # no ZMTP handshake, so no monitor event
+                    self._core.connection_up(link)
             address = f"inproc://zrpc-client-wake-{uuid.uuid4().hex}"
             self._wake_in = context.socket(zmq.PAIR)
             sockets.append(self._wake_in)
@@ -331,11 +334,11 @@ class Client:
         core = self._core
         if not core.has_unsent():
             return False
-        # First what the monitors say: a link whose connection closed takes nothing more until
-        # its next handshake, so no call goes out stamped with a connection that is gone.
-        for link in range(len(self._monitors)):
-            self._on_monitor_events(link)
         while core.has_unsent():
+            # First what the monitors say: a link whose connection closed takes nothing more
+            # until its next handshake, so no call goes out stamped with a connection that is gone.
+            for link in range(len(self._monitors)):
+                self._on_monitor_events(link)
             for link in core.link_order():
                 batch = core.next_request(core.clock(), link)
                 if batch is None:
@@ -348,7 +351,7 @@ class Client:
                 except zmq.Again:
                     core.unsend(calls)
             else:
-                return True
+                return bool(core.link_order())  # POLLOUT only helps a link that is up (queue full)
         return False
 
     def _send_cancel(self, calls: list[Call]) -> None:

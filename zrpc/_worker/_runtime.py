@@ -313,10 +313,10 @@ class Worker:
                     if link.silent_since is None and not link.refused_here:
                         # Said once: while the broker stays down this repeats every silence limit.
                         link.silent_since = link.last_heard
-                        log.warning("broker %s silent for %.3gs; reconnecting until it answers", link.endpoint,
+                        log.warning("broker %s silent for %.1fs; reconnecting until it answers", link.endpoint,
                                     now - link.last_heard)
                     elif not link.refused_here:
-                        log.debug("broker %s still silent after %.3gs; reconnecting", link.endpoint,
+                        log.debug("broker %s still silent after %.1fs; reconnecting", link.endpoint,
                                   now - link.silent_since)
                     else:  # said once already, as an error (see BrokerLink._read_handshakes)
                         log.debug("broker %s still refuses our handshake (%s); reconnecting", link.endpoint,
@@ -344,7 +344,7 @@ class Worker:
                 return
             link.last_heard = self._clock()
             if link.silent_since is not None:
-                log.info("broker %s answers again after %.3gs of silence", link.endpoint,
+                log.info("broker %s answers again after %.1fs of silence", link.endpoint,
                          link.last_heard - link.silent_since)
                 link.silent_since = None
             try:
