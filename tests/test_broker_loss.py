@@ -222,7 +222,7 @@ def test_calls_that_expire_while_no_broker_is_up_are_let_go():
     from zrpc._client._core import ClientCore
 
     now = [0.0]
-    core = ClientCore(clock=lambda: now[0], links=1)  # its link never comes up
+    core = ClientCore(clock=lambda: now[0], endpoints=["ipc:///nowhere"])  # its link never comes up
     for _ in range(200):
         assert core.add(core.prepare("s.S", "M", b"x" * 4096, timeout=0.01)) is None
     assert core.has_unsent() and not core.link_order()

@@ -90,8 +90,8 @@ def services(brokers: tuple[str, ...], timeout: float, as_json: bool) -> None:
     answer is said on stderr after the others, and sets the exit status.
     """
     endpoints = split_endpoints(brokers)
-    listings = _discovery.ask_each(endpoints, timeout, lambda client, where: _discovery.list_services(
-        client, where, timeout))
+    listings = _discovery.ask_each(endpoints, timeout, lambda client, broker: _discovery.list_services(
+        client, broker, timeout))
     if as_json:
         documents = {endpoint: {"error": listing.format_message()} if isinstance(listing, CliError)
                      else json_format.MessageToDict(listing, preserving_proto_field_name=True,
@@ -141,8 +141,8 @@ def health(service: str, brokers: tuple[str, ...], timeout: float) -> None:
     """
     endpoints = split_endpoints(brokers)
     serving = True
-    replies = _discovery.ask_each(endpoints, timeout, lambda client, where: _discovery.health(
-        client, where, service, timeout))
+    replies = _discovery.ask_each(endpoints, timeout, lambda client, broker: _discovery.health(
+        client, broker, service, timeout))
     for endpoint, reply in replies.items():
         where = f"{endpoint} " if len(endpoints) > 1 else ""
         if isinstance(reply, CliError):

@@ -1,9 +1,10 @@
 """The asyncio client: the same core, waited on with asyncio futures, tasks and timers.
 
 Everything runs on the event loop of the first call: a reader task per broker settles futures as
-replies arrive, a loop reader per broker watches its connection (see _monitor), a writer task coalesces the calls made since it last ran into one REQUEST (spec §4), and
-one timer, re-armed to the nearest deadline or end of a retry backoff, fails calls
-DEADLINE_EXCEEDED on time and hands retries back to the writer.
+replies arrive, a loop reader per broker watches its connection (see _monitor), a writer task
+coalesces the calls made since it last ran into one REQUEST (spec §4), and one timer, re-armed
+to the nearest deadline or end of a retry backoff, fails calls DEADLINE_EXCEEDED on time and
+hands retries back to the writer.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class AsyncClient:
     ):
         self.endpoints = endpoint_list(endpoints)
         self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
-                                max_message_bytes=max_message_bytes, links=len(self.endpoints))
+                                max_message_bytes=max_message_bytes, endpoints=self.endpoints)
         self._curve = client_security(curve_secret, broker_key)
         self._watch: HandshakeWatch | None = None
         self._context_arg = context
@@ -195,9 +196,6 @@ class AsyncClient:
             self._watch = HandshakeWatch(self.endpoints)
         self._loop = loop
         self._wake = asyncio.Event()
-        for link, endpoint in enumerate(self.endpoints):
-            if endpoint.startswith("inproc://"):
-                self._core.connection_up(link)
         for link, socket in enumerate(self._sockets):
             self._tasks.append(loop.create_task(self._read(socket), name=f"zrpc-client-reader-{link}"))
             # The FD is edge-triggered: drain once now, then at each edge.

@@ -128,8 +128,8 @@ class ClientCore:
     ``retry`` and ``circuit_breaker`` are described at :class:`zrpc.Client`; ``uniform`` draws
     the retry jitter (a ``random.Random(seed).random`` makes the backoff schedule repeatable).
 
-    ``links`` is how many brokers the flavour talks to, each over a DEALER of its own (link
-    ``i`` for its ``endpoints[i]``). A DEALER connected to several brokers would deal calls over
+    ``endpoints`` are the brokers the flavour talks to (one when None), each over a DEALER of
+    its own: link ``i`` for ``endpoints[i]``. A DEALER connected to several brokers would deal calls over
     them without saying which took which; one per broker lets the core know which calls a
     broker that dies takes with it, and send a CANCEL only to the broker holding the call.
     """
@@ -143,7 +143,7 @@ class ClientCore:
         circuit_breaker: CircuitBreaker | None = None,
         uniform: Callable[[], float] = random.random,
         max_message_bytes: int = _protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        links: int = 1,
+        endpoints: Sequence[str] | None = None,
     ):
         self.default_timeout = check_timeout(default_timeout, "default timeout")
         if not isinstance(max_message_bytes, int) or max_message_bytes < 1:
@@ -174,13 +174,16 @@ class ClientCore:
         self._circuits: dict[str, Circuit] = {}
         # Each link's current connection has a number; when the flavour's socket monitor says it
         # closed, the link's next connection gets a new one (a restarted broker is a new one).
+        endpoints = [""] if endpoints is None else list(endpoints)
+        links = len(endpoints)
         self._connection_of_link = list(range(1, links + 1))
         self._link_of_connection = {number: link for link, number in enumerate(self._connection_of_link)}
         self._connections = links  # numbers given so far
         # A link takes REQUESTs from its handshake until its connection closes: libzmq reports
         # the close a moment before the old connection stops taking messages, and a call sent
         # in that moment would carry the next connection's number and never be failed.
-        self._link_up = [False] * links
+        # inproc has no ZMTP handshake, so no monitor event would ever bring its link up.
+        self._link_up = [endpoint.startswith("inproc://") for endpoint in endpoints]
         self._turn = links - 1  # the link that took the last REQUEST (round-robin, see link_order)
 
     # -- making calls ------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import zmq
 
 from .. import _security
 from .._endpoints import EXPECTED
-
 from ._monitor import HANDSHAKE_EVENTS
 
 # What a client's monitors report: connections that open and close, and how handshakes end (a

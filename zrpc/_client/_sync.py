@@ -1,10 +1,10 @@
 """The thread-safe blocking client: one I/O thread owns the sockets (a DEALER per broker).
 
 Callers in any thread put calls (and cancellations) on an outbox and wake the I/O thread through
-an inproc PAIR; the I/O thread alone touches the DEALERs, their monitors and the core. It coalesces every waiting
-call into one REQUEST per send (spec §4), settles futures as replies arrive, and polls no longer
-than the nearest deadline or end of a retry backoff, so a call fails DEADLINE_EXCEEDED on time
-even with no broker at all, and a backoff never blocks other calls.
+an inproc PAIR; the I/O thread alone touches the DEALERs, their monitors and the core. It
+coalesces every waiting call into one REQUEST per send (spec §4), settles futures as replies
+arrive, and polls no longer than the nearest deadline or end of a retry backoff, so a call fails
+DEADLINE_EXCEEDED on time even with no broker at all, and a backoff never blocks other calls.
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ class Client:
     ):
         self.endpoints = endpoint_list(endpoints)
         self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
-                                max_message_bytes=max_message_bytes, links=len(self.endpoints))
+                                max_message_bytes=max_message_bytes, endpoints=self.endpoints)
         curve = client_security(curve_secret, broker_key)
         self._own_context = context is None
         if context is None:
@@ -113,9 +113,6 @@ class Client:
             self._dealers, self._monitors = open_dealers(context, self.endpoints, curve)
             sockets.extend(self._dealers + self._monitors)
             self._watch = HandshakeWatch(self.endpoints) if curve is not None else None
-            for link, endpoint in enumerate(self.endpoints):
-                if endpoint.startswith("inproc://"):  # no ZMTP handshake, so no monitor event
-                    self._core.connection_up(link)
             address = f"inproc://zrpc-client-wake-{uuid.uuid4().hex}"
             self._wake_in = context.socket(zmq.PAIR)
             sockets.append(self._wake_in)
@@ -332,8 +329,6 @@ class Client:
         """Send waiting calls, each REQUEST to the next broker in turn that can take it; True
         when none can (not connected, or its queue full): the rest wait for POLLOUT."""
         core = self._core
-        if not core.has_unsent():
-            return False
         while core.has_unsent():
             # First what the monitors say: a link whose connection closed takes nothing more
             # until its next handshake, so no call goes out stamped with a connection that is gone.
