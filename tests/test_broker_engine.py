@@ -52,15 +52,26 @@ class Harness:
 
     # -- clients
     def call(self, client: bytes, service="svc.S", method="M", deadline_ms=10_000, idempotent=False,
-             payload=b"req", request_id=None) -> int:
+             payload=b"req", request_id=None, reads_batches=False) -> int:
         if request_id is None:
             self._ids += 1
             request_id = self._ids
         header = p.RequestHeader(request_id=request_id, service=service, method=method,
-                                 deadline_ms=deadline_ms, idempotent=idempotent).SerializeToString()
+                                 deadline_ms=deadline_ms, idempotent=idempotent,
+                                 reads_batches=reads_batches).SerializeToString()
         self.engine.on_frontend(client, p.request_message([(header, payload)]), self.now)
         self.engine.flush()
         return request_id
+
+    def call_batch(self, client: bytes, payloads, service="svc.S", method="M", deadline_ms=10_000) -> list[int]:
+        """Calls sent as one REQUEST_BATCH (spec §4c); their request ids."""
+        ids = list(range(self._ids + 1, self._ids + 1 + len(payloads)))
+        self._ids += len(payloads)
+        headers = [p.RequestHeader(request_id=i, service=service, method=method,
+                                   deadline_ms=deadline_ms).SerializeToString() for i in ids]
+        self.engine.on_frontend(client, p.batch_message(p.REQUEST_BATCH, headers, list(payloads)), self.now)
+        self.engine.flush()
+        return ids
 
     # -- outboxes
     def take_requests(self) -> list[tuple[bytes, p.RequestHeader, bytes]]:
@@ -83,11 +94,16 @@ class Harness:
         self.engine.backend_out = [(i, f) for i, f in self.engine.backend_out if f[1] != command]
         return found
 
-    def take_replies(self) -> list[tuple[bytes, p.ReplyHeader, bytes]]:
+    def take_replies(self, commands: list | None = None) -> list[tuple[bytes, p.ReplyHeader, bytes]]:
+        """Answers sent to clients since last asked: (client, header, payload), in order; the
+        command of each message carrying them is appended to ``commands`` when given."""
         found = []
         for identity, frames in self.engine.frontend_out:
-            assert frames[:2] == [p.TAG, p.REPLY]
-            for raw, payload in p.pairs(frames[2:]):
+            assert frames[0] == p.TAG and frames[1] in (p.REPLY, p.REPLY_BATCH)
+            if commands is not None:
+                commands.append(frames[1])
+            split = p.pairs if frames[1] == p.REPLY else p.batch_pairs
+            for raw, payload in split(frames[2:]):
                 found.append((identity, p.ReplyHeader.FromString(raw), payload))
         self.engine.frontend_out = []
         return found
@@ -726,14 +742,96 @@ def test_a_malformed_reply_batch_is_counted_and_costs_the_worker_nothing(frames,
     h.assert_baseline()
 
 
-def test_a_client_may_not_send_batches():
+def test_a_client_that_sends_a_batch_is_answered_in_one():
+    h = Harness()
+    h.ready(b"w", capacity=4, batches=True)
+    ids = h.call_batch(b"c", [b"a", b"b", b"c"])
+    requests = h.take_requests()
+    assert [payload for _, _, payload in requests] == [b"a", b"b", b"c"]
+    h.backend(b"w", _batch_reply([header.request_id for _, header, _ in requests], [b"A", b"B", b"C"]))
+    commands = []
+    replies = h.take_replies(commands)
+    assert commands == [p.REPLY_BATCH]
+    assert [(reply.request_id, payload) for _, reply, payload in replies] == list(zip(ids, [b"A", b"B", b"C"]))
+    h.assert_baseline()
+
+
+def test_only_a_client_that_says_it_reads_batches_is_answered_in_one():
+    h = Harness()
+    h.ready(b"w", capacity=4)
+    old = h.call(b"old")  # a client from before spec §4c: pairs only
+    new = h.call(b"new", reads_batches=True)
+    for _, header, _ in h.take_requests():
+        h.reply_from(b"w", header.request_id)
+    commands = []
+    replies = h.take_replies(commands)
+    assert sorted((client, reply.request_id) for client, reply, _ in replies) == [(b"new", new), (b"old", old)]
+    assert sorted(commands) == [p.REPLY, p.REPLY_BATCH]
+    h.assert_baseline()
+
+
+def test_a_large_answer_to_a_client_that_reads_batches_keeps_its_own_frame():
+    h = Harness()
+    h.ready(b"w", capacity=2)
+    small, large = h.call(b"c", reads_batches=True), h.call(b"c", reads_batches=True)
+    [(_, first, _), (_, second, _)] = h.take_requests()
+    big = b"x" * p.BATCH_CALL_BYTES
+    h.backend(b"w", p.reply_message([(p.encode_reply_header(first.request_id), b"small"),
+                                     (p.encode_reply_header(second.request_id), big)]))
+    by_command = {}
+    for client, frames in h.engine.frontend_out:
+        by_command[frames[1]] = frames
+    assert set(by_command) == {p.REPLY, p.REPLY_BATCH}
+    assert by_command[p.REPLY][3] is big  # the payload passes through uncopied
+    replies = h.take_replies()
+    assert sorted((reply.request_id, len(payload)) for _, reply, payload in replies) == [(small, 5), (large, len(big))]
+    h.assert_baseline()
+
+
+def test_errors_for_calls_of_a_client_that_reads_batches_are_answered_in_one():
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    busy = h.call(b"other")
+    [queued] = h.call_batch(b"c", [b"a"], deadline_ms=100)  # waits for the busy worker, and expires
+    h.advance(0.2)
+    unknown = h.call(b"c", service="nobody.S", reads_batches=True)  # refused on arrival
+    commands = []
+    replies = [(reply.request_id, reply.code) for _, reply, _ in h.take_replies(commands)]
+    assert replies == [(queued, StatusCode.DEADLINE_EXCEEDED), (unknown, StatusCode.NOT_FOUND)]
+    assert commands == [p.REPLY_BATCH, p.REPLY_BATCH]
+    [(_, header, _)] = h.take_requests()
+    h.reply_from(b"w", header.request_id)
+    assert [reply.request_id for _, reply, _ in h.take_replies()] == [busy]
+    h.assert_baseline()
+
+
+def test_a_client_batch_over_the_frame_limit_is_refused_with_an_answer_for_each_call():
+    h = Harness(max_frames=p.MIN_FRAMES_LIMIT + 1)  # at most 257 calls per batch
+    h.ready(b"w", capacity=1000, batches=True)
+    ids = h.call_batch(b"c", [b""] * 258)
+    assert h.take_requests() == []
+    replies = h.take_replies()
+    assert [reply.request_id for _, reply, _ in replies] == ids
+    assert {reply.code for _, reply, _ in replies} == {StatusCode.RESOURCE_EXHAUSTED}
+    assert "258 calls (limit 257)" in replies[0][1].message
+    assert h.engine.counters["malformed_too_many_calls"] == 1
+    h.assert_baseline()
+
+
+@pytest.mark.parametrize("body, reason", [
+    ([b"\xff\xff\xff"], "bad_batch"),
+    ([b"\x0a" * (p.MAX_BATCH_BYTES + 1)], "too_large"),
+    ([b"a", b"b"], "bad_frame_count"),
+])
+def test_a_malformed_client_batch_is_answered(body, reason):
     h = Harness()
     h.ready(b"w", batches=True)
-    h.engine.on_frontend(b"c", p.batch_message(p.REQUEST_BATCH, [b""], [b""]), h.now)
+    h.engine.on_frontend(b"c", [p.TAG, p.REQUEST_BATCH, *body], h.now)
     h.engine.flush()
     [(_, reply, _)] = h.take_replies()
-    assert reply.code == StatusCode.INVALID_ARGUMENT and "REQUEST_BATCH" in reply.message
-    assert h.engine.counters["malformed_bad_command"] == 1
+    assert reply.request_id == 0 and reply.code in (StatusCode.INVALID_ARGUMENT, StatusCode.RESOURCE_EXHAUSTED)
+    assert h.engine.counters[f"malformed_{reason}"] == 1
+    h.assert_baseline()
 
 
 def test_a_bad_header_in_a_reply_batch_costs_only_its_own_reply():
@@ -844,3 +942,21 @@ def test_batch_messages_fit_the_frame_cap_and_keep_every_call_in_order():
     assert p.batch_messages(p.REPLY_BATCH, [], [], max_calls=8) == []
     with pytest.raises(ValueError):
         p.batch_messages(p.REPLY_BATCH, headers[:1], payloads[:1], max_calls=0)
+
+
+class _RevokedClients:
+    """An access policy (zrpc._security.AccessPolicy's shape) that admits no client key."""
+
+    def client_allowed(self, key) -> bool:
+        return False
+
+
+def test_a_revoked_client_s_batch_gets_an_answer_for_each_call():
+    h = Harness()
+    h.ready(b"w", batches=True)
+    h.engine.policy = _RevokedClients()
+    ids = h.call_batch(b"c", [b"a", b"b"])
+    replies = h.take_replies()
+    assert [reply.request_id for _, reply, _ in replies] == ids
+    assert {reply.code for _, reply, _ in replies} == {StatusCode.UNAUTHENTICATED}
+    assert h.take_requests() == []

@@ -8,7 +8,8 @@ from zrpc import _protocol as p
 from zrpc._broker import BrokerConfig, BrokerEngine
 from zrpc._status import StatusCode
 
-COMMANDS = st.sampled_from([p.READY, p.REQUEST, p.REPLY, p.HEARTBEAT, p.DISCONNECT, p.CANCEL, b"\x00", b"\xff"])
+COMMANDS = st.sampled_from([p.READY, p.REQUEST, p.REPLY, p.HEARTBEAT, p.DISCONNECT, p.CANCEL, p.REQUEST_BATCH,
+                           p.REPLY_BATCH, b"\x00", b"\xff"])
 FRAME = st.binary(max_size=64)
 # Mostly well-tagged messages with junk after the command: they reach the deepest code.
 MESSAGE = st.one_of(

@@ -137,6 +137,51 @@ def test_core_settles_each_pair_of_a_reply_in_order_and_drops_the_rest(caplog):
     assert levels["dropped a late reply for request 99999"] == logging.DEBUG
 
 
+def test_core_sends_batches_over_a_link_once_its_broker_answered_in_one():
+    core = ClientCore(endpoints=["inproc://a", "inproc://b"])
+    first = core.prepare("a.S", "M", b"1")
+    core.add(first)
+    frames, _ = core.next_request(core.clock(), 0)
+    assert frames[1] == _protocol.REQUEST  # until the broker shows it reads batches (spec §4c)
+    assert _protocol.decode_request_header(frames[2]).reads_batches
+    header, payload = reply(first.request_id, payload=b"one")
+    [outcome] = core.handle_message(_protocol.batch_message(_protocol.REPLY_BATCH, [header], [payload]), 0)
+    assert (outcome.call, outcome.value) == (first, b"one")
+    calls = [core.prepare("a.S", "M", str(i).encode()) for i in range(3)]
+    for call in calls:
+        core.add(call)
+    frames, sent = core.next_request(core.clock(), 0)
+    assert frames[1] == _protocol.REQUEST_BATCH and sent == calls
+    assert [payload for _, payload in _protocol.batch_pairs(frames[2:])] == [b"0", b"1", b"2"]
+    core.add(core.prepare("a.S", "M", b"other"))
+    assert core.next_request(core.clock(), 1)[0][1] == _protocol.REQUEST  # the other broker has not
+    core.connection_closed(0, "inproc://a")  # a new connection may reach an older broker
+    core.connection_up(0)
+    core.add(core.prepare("a.S", "M", b"again"))
+    assert core.next_request(core.clock(), 0)[0][1] == _protocol.REQUEST
+
+
+def test_core_batches_stay_within_the_batch_frame_and_a_large_call_goes_alone_in_pairs():
+    core = ClientCore(endpoints=["inproc://a"])
+    core.handle_message(_protocol.batch_message(_protocol.REPLY_BATCH, [reply(12345)[0]], [b""]), 0)
+    small = _protocol.BATCH_CALL_BYTES // 2
+    calls = [core.prepare("a.S", "M", bytes(small)) for _ in range(13)]  # 7 of them fill a batch
+    large = core.prepare("a.S", "M", bytes(_protocol.BATCH_CALL_BYTES))
+    for call in calls[:4] + [large] + calls[4:]:
+        core.add(call)
+    messages = []
+    while (request := core.next_request(core.clock(), 0)) is not None:
+        messages.append(request)
+    assert [(frames[1], len(sent)) for frames, sent in messages] == [
+        (_protocol.REQUEST_BATCH, 4), (_protocol.REQUEST, 1), (_protocol.REQUEST_BATCH, 7),
+        (_protocol.REQUEST_BATCH, 2)]
+    assert messages[1][0][3] is large.payload  # not copied into a batch
+    for frames, sent in messages:
+        if frames[1] == _protocol.REQUEST_BATCH:
+            assert len(frames[2]) <= _protocol.MAX_BATCH_BYTES
+            assert len(_protocol.batch_pairs(frames[2:])) == len(sent)
+
+
 def test_core_drops_a_message_that_breaks_the_spec(caplog):
     core = ClientCore()
     core.add(core.prepare("a.S", "M", b""))

@@ -298,6 +298,68 @@ def test_the_message_limit_applies_to_each_call_not_to_calls_a_client_coalesced(
         assert broker.engine.counters["malformed_too_large"] == 0
 
 
+def _raw_client(frontend: str):
+    import zmq
+
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.rcvtimeo = 5000
+    dealer.connect(frontend)
+    return dealer
+
+
+def _say(request_id: int, payload: bytes, reads_batches: bool = False) -> tuple[bytes, bytes]:
+    header = zrpc_protocol.RequestHeader(request_id=request_id, service="echo.Echo", method="Say",
+                                         deadline_ms=5000, reads_batches=reads_batches)
+    return header.SerializeToString(), echo_pb2.EchoRequest(payload=payload).SerializeToString()
+
+
+def _answers(frames: list) -> tuple[bytes, list]:
+    """(command, [(request id, code, echoed payload)]) of a REPLY or REPLY_BATCH."""
+    split = zrpc_protocol.pairs if frames[1] == zrpc_protocol.REPLY else zrpc_protocol.batch_pairs
+    answers = []
+    for raw, payload in split(frames[2:]):
+        header = zrpc_protocol.decode_reply_header(raw)
+        answers.append((header.request_id, header.code, echo_pb2.EchoReply.FromString(payload).payload))
+    return frames[1], answers
+
+
+def test_clients_and_the_broker_batch_only_once_both_know_it(broker, start_worker):
+    """§4c on the wire: a client that says it reads batches gets its answers in one, a REQUEST_BATCH
+    is served, and a client that says nothing (an older one) keeps pairs."""
+    start_worker(Echo())
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+    new, old = _raw_client(broker.frontend_endpoint), _raw_client(broker.frontend_endpoint)
+    try:
+        new.send_multipart(zrpc_protocol.request_message([_say(1, b"one", reads_batches=True)]))
+        assert _answers(new.recv_multipart()) == (zrpc_protocol.REPLY_BATCH, [(1, 0, b"one")])
+        headers, payloads = zip(*(_say(i, bytes([i])) for i in (2, 3, 4)))
+        new.send_multipart(zrpc_protocol.batch_message(zrpc_protocol.REQUEST_BATCH, list(headers), list(payloads)))
+        answered = []
+        while len(answered) < 3:
+            command, answers = _answers(new.recv_multipart())
+            assert command == zrpc_protocol.REPLY_BATCH
+            answered += answers
+        assert sorted(answered) == [(i, 0, bytes([i])) for i in (2, 3, 4)]
+        old.send_multipart(zrpc_protocol.request_message([_say(7, b"seven")]))
+        assert _answers(old.recv_multipart()) == (zrpc_protocol.REPLY, [(7, 0, b"seven")])
+    finally:
+        new.close(0)
+        old.close(0)
+
+
+def test_a_client_batches_after_its_first_answer_and_every_call_is_served(broker, start_worker):
+    start_worker(Echo(), concurrency=8)
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+    with Client(broker.frontend_endpoint, timeout=5.0) as client:
+        echo = client.stub(ECHO)
+        assert echo.Say(echo_pb2.EchoRequest(payload=b"first")).payload == b"first"
+        assert client._core._link_batches == [True]  # the broker answered in a REPLY_BATCH
+        futures = [echo.Say.future(echo_pb2.EchoRequest(payload=str(i).encode())) for i in range(200)]
+        assert [f.result(5).payload for f in futures] == [str(i).encode() for i in range(200)]
+    assert broker.engine.counters["malformed_bad_command"] == 0
+
+
 def test_large_payloads_pass_through_the_broker_intact(broker, start_worker):
     # Frames of 64 KiB and more cross the broker and the worker link as views of the zmq
     # message, not copies, and never inside a batch (§4b).

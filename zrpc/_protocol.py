@@ -36,7 +36,7 @@ COMMAND_NAMES = {
 }
 
 # (spec §3) Which commands each side may send.
-CLIENT_COMMANDS = frozenset({REQUEST, CANCEL})
+CLIENT_COMMANDS = frozenset({REQUEST, REQUEST_BATCH, CANCEL})
 WORKER_COMMANDS = frozenset({READY, REPLY, REPLY_BATCH, HEARTBEAT, DISCONNECT})
 
 # Frames at least this long are moved without a copy by our peers: received as a view of the
@@ -51,7 +51,7 @@ BATCH_CALL_BYTES = ZERO_COPY_BYTES
 # are decoded: a frame of tiny entries costs about 10 ns a byte to decode (9.9 ms for 1 MiB), so
 # this bounds what one message can cost its receiver (near 2.5 ms), as max_frames does for pairs.
 MAX_BATCH_BYTES = 256 * 1024
-_BATCH_ENTRY_OVERHEAD = 8  # two tags and two lengths of up to 3 bytes each
+BATCH_ENTRY_OVERHEAD = 8  # two tags and two lengths of up to 3 bytes each
 # (spec §9) The most calls our peers put in one message (a client's requests, a worker's replies
 # of one loop turn), and so the lowest frame limit a broker may set: tag, command and 2 per call.
 MAX_CALLS_PER_MESSAGE = 256
@@ -137,14 +137,14 @@ def batch_messages(command: bytes, headers: list[bytes], payloads: list[bytes], 
     if not headers:
         return []
     count = len(headers)
-    if count <= max_calls and (sum(map(len, headers)) + sum(map(len, payloads)) + _BATCH_ENTRY_OVERHEAD * count
+    if count <= max_calls and (sum(map(len, headers)) + sum(map(len, payloads)) + BATCH_ENTRY_OVERHEAD * count
                                <= MAX_BATCH_BYTES):  # the usual case, summed in C: one message
         return [batch_message(command, headers, payloads)]
     messages = []
     start, size = 0, 0
     for i in range(len(headers)):
         # An entry costs its bytes plus a tag and a length each for header and payload.
-        entry = len(headers[i]) + len(payloads[i]) + _BATCH_ENTRY_OVERHEAD
+        entry = len(headers[i]) + len(payloads[i]) + BATCH_ENTRY_OVERHEAD
         if i > start and (i - start == max_calls or size + entry > MAX_BATCH_BYTES):
             messages.append(batch_message(command, headers[start:i], payloads[start:i]))
             start, size = i, 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fzrpc/wire.proto\x12\tzrpc.wire\"\xe9\x01\n\rRequestHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\r\x12\x12\n\nidempotent\x18\x05 \x01(\x08\x12\x38\n\x08metadata\x18\x06 \x03(\x0b\x32&.zrpc.wire.RequestHeader.MetadataEntry\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\x0bReplyHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x34\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32#.zrpc.wire.ReplyHeader.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"}\n\x05Ready\x12\x10\n\x08services\x18\x01 \x03(\t\x12\x1b\n\x13\x66ile_descriptor_set\x18\x02 \x01(\x0c\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x14\n\x0cheartbeat_ms\x18\x04 \x01(\r\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x06 \x01(\x08\"K\n\x0cRequestBatch\x12)\n\x07headers\x18\x01 \x03(\x0b\x32\x18.zrpc.wire.RequestHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"G\n\nReplyBatch\x12\'\n\x07headers\x18\x01 \x03(\x0b\x32\x16.zrpc.wire.ReplyHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"1\n\x0c\x45ncodedBatch\x12\x0f\n\x07headers\x18\x01 \x03(\x0c\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"\x1d\n\x06\x43\x61ncel\x12\x13\n\x0brequest_ids\x18\x01 \x03(\x04\"+\n\nDisconnect\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x64rain\x18\x02 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fzrpc/wire.proto\x12\tzrpc.wire\"\x80\x02\n\rRequestHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\r\x12\x12\n\nidempotent\x18\x05 \x01(\x08\x12\x38\n\x08metadata\x18\x06 \x03(\x0b\x32&.zrpc.wire.RequestHeader.MetadataEntry\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x15\n\rreads_batches\x18\x08 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x01\n\x0bReplyHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x34\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32#.zrpc.wire.ReplyHeader.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"}\n\x05Ready\x12\x10\n\x08services\x18\x01 \x03(\t\x12\x1b\n\x13\x66ile_descriptor_set\x18\x02 \x01(\x0c\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x14\n\x0cheartbeat_ms\x18\x04 \x01(\r\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x06 \x01(\x08\"K\n\x0cRequestBatch\x12)\n\x07headers\x18\x01 \x03(\x0b\x32\x18.zrpc.wire.RequestHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"G\n\nReplyBatch\x12\'\n\x07headers\x18\x01 \x03(\x0b\x32\x16.zrpc.wire.ReplyHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"1\n\x0c\x45ncodedBatch\x12\x0f\n\x07headers\x18\x01 \x03(\x0c\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"\x1d\n\x06\x43\x61ncel\x12\x13\n\x0brequest_ids\x18\x01 \x03(\x04\"+\n\nDisconnect\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x64rain\x18\x02 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLYHEADER_DETAILSENTRY']._loaded_options = None
   _globals['_REPLYHEADER_DETAILSENTRY']._serialized_options = b'8\001'
   _globals['_REQUESTHEADER']._serialized_start=31
-  _globals['_REQUESTHEADER']._serialized_end=264
-  _globals['_REQUESTHEADER_METADATAENTRY']._serialized_start=217
-  _globals['_REQUESTHEADER_METADATAENTRY']._serialized_end=264
-  _globals['_REPLYHEADER']._serialized_start=267
-  _globals['_REPLYHEADER']._serialized_end=433
-  _globals['_REPLYHEADER_DETAILSENTRY']._serialized_start=387
-  _globals['_REPLYHEADER_DETAILSENTRY']._serialized_end=433
-  _globals['_READY']._serialized_start=435
-  _globals['_READY']._serialized_end=560
-  _globals['_REQUESTBATCH']._serialized_start=562
-  _globals['_REQUESTBATCH']._serialized_end=637
-  _globals['_REPLYBATCH']._serialized_start=639
-  _globals['_REPLYBATCH']._serialized_end=710
-  _globals['_ENCODEDBATCH']._serialized_start=712
-  _globals['_ENCODEDBATCH']._serialized_end=761
-  _globals['_CANCEL']._serialized_start=763
-  _globals['_CANCEL']._serialized_end=792
-  _globals['_DISCONNECT']._serialized_start=794
-  _globals['_DISCONNECT']._serialized_end=837
+  _globals['_REQUESTHEADER']._serialized_end=287
+  _globals['_REQUESTHEADER_METADATAENTRY']._serialized_start=240
+  _globals['_REQUESTHEADER_METADATAENTRY']._serialized_end=287
+  _globals['_REPLYHEADER']._serialized_start=290
+  _globals['_REPLYHEADER']._serialized_end=456
+  _globals['_REPLYHEADER_DETAILSENTRY']._serialized_start=410
+  _globals['_REPLYHEADER_DETAILSENTRY']._serialized_end=456
+  _globals['_READY']._serialized_start=458
+  _globals['_READY']._serialized_end=583
+  _globals['_REQUESTBATCH']._serialized_start=585
+  _globals['_REQUESTBATCH']._serialized_end=660
+  _globals['_REPLYBATCH']._serialized_start=662
+  _globals['_REPLYBATCH']._serialized_end=733
+  _globals['_ENCODEDBATCH']._serialized_start=735
+  _globals['_ENCODEDBATCH']._serialized_end=784
+  _globals['_CANCEL']._serialized_start=786
+  _globals['_CANCEL']._serialized_end=815
+  _globals['_DISCONNECT']._serialized_start=817
+  _globals['_DISCONNECT']._serialized_end=860
 # @@protoc_insertion_point(module_scope)

@@ -35,6 +35,8 @@ _DEADLINES_FLOOR = 1024
 # Wire code -> (StatusCode, its counter): one lookup per answered call.
 _CODES = {int(code): (code, f"code_{code.name}") for code in StatusCode}
 _UNAVAILABLE = int(StatusCode.UNAVAILABLE)
+# Bad-input reasons that are a size limit: answered RESOURCE_EXHAUSTED (§9), not INVALID_ARGUMENT.
+_TOO_MUCH = frozenset({"too_large", "too_many_frames", "too_many_calls"})
 
 
 class BrokerEngine:
@@ -60,6 +62,9 @@ class BrokerEngine:
         # are coalesced per peer (§4) as they are decided.
         self._replies: dict[bytes, list[bytes]] = {}
         self._requests: dict[bytes, list[bytes]] = {}
+        # Clients that read batches get their small answers as REPLY_BATCH (§4c): encoded
+        # headers and payloads, packed at flush.
+        self._reply_batches: dict[bytes, tuple[list[bytes], list[bytes]]] = {}
         # Workers that read batches get their small calls as one REQUEST_BATCH (§4b): the
         # encoded headers and the payloads, packed at flush.
         self._batches: dict[bytes, tuple[list[bytes], list[bytes]]] = {}
@@ -81,36 +86,39 @@ class BrokerEngine:
             return self._refuse_client(client, frames, peer_key)
         if len(frames) > self.config.max_frames:
             # §9: refuse the whole message, but answer each call in it so no caller waits.
-            message = self._frames_message(frames)
-            ids = _request_ids_in(frames) or [0]
-            self._reject_client(client, ids[0], "too_many_frames", message)
-            for request_id in ids[1:]:
-                self._reply(client, request_id, StatusCode.RESOURCE_EXHAUSTED, message, b"")
-            return
+            return self._refuse_calls(client, _request_ids_in(frames), "too_many_frames", self._frames_message(frames))
         self._count_bytes_in(frames)
         try:
             command, body = p.split(frames, p.CLIENT_COMMANDS)
-            if command == p.REQUEST:
+            if command == p.REQUEST or command == p.REQUEST_BATCH:
+                if command == p.REQUEST:
+                    calls, batched = p.pairs(body), False
+                else:  # §4c: a client that sends batches reads them too
+                    calls, batched = p.batch_pairs(body), True
+                    if len(calls) > self.config.max_frames // 2:  # §9: as a REQUEST over max_frames
+                        return self._refuse_calls(client, [p.request_id_of(raw) for raw, _ in calls], "too_many_calls",
+                                                  f"batch carries {len(calls)} calls (limit {self.config.max_frames // 2})")
                 # §9: the size limit is per call: a client coalesces calls it knows nothing of.
                 limit = self.config.max_message_bytes
-                for raw_header, payload in p.pairs(body):
+                for raw_header, payload in calls:
                     if len(raw_header) + len(payload) > limit or len(raw_header) > p.MAX_HEADER_BYTES:
                         self._refuse_large_call(client, raw_header, payload)
                     else:
-                        self._on_request(client, raw_header, payload, now, peer_key)
+                        self._on_request(client, raw_header, payload, now, peer_key, batched)
             else:  # CANCEL: its ids are cheap to decode, and a client sends all it has at once
                 self._on_client_cancel(client, p.decode_cancel(body), now)
         except p.ProtocolError as exc:
             self._reject_client(client, 0, exc.reason, exc.message)
 
     def _on_request(self, client: bytes, raw_header: bytes, payload: bytes, now: float,
-                    peer_key: str | None = None) -> None:
+                    peer_key: str | None = None, batched: bool = False) -> None:
         try:
             header = p.decode_request_header(raw_header)
         except p.ProtocolError as exc:
             return self._reject_client(client, 0, exc.reason, exc.message)
         # Each read of a protobuf field costs an attribute lookup and a new object: read once.
         request_id, service_name, method = header.request_id, header.service, header.method
+        reads_batches = batched or header.reads_batches
         timeout_ms = header.deadline_ms
         if request_id == 0:
             return self._reject_client(client, 0, "bad_header", "request_id must not be 0")
@@ -128,7 +136,7 @@ class BrokerEngine:
                                   f"{service_name!r} (broker access rules)", now)
         if service_name == _builtin.SERVICE:
             code, message, reply = _builtin.handle(self, method, payload, now)
-            self._reply(client, request_id, code, message, reply)
+            self._reply(client, request_id, code, message, reply, reads_batches)
             return
         if outstanding is not None and len(outstanding) >= self.config.max_outstanding_per_client:
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
@@ -158,7 +166,7 @@ class BrokerEngine:
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                   f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now)
         call = Call(client, request_id, header, service_name, method, payload, timeout_ms,
-                    now + timeout_ms / 1000.0, now)
+                    now + timeout_ms / 1000.0, now, reads_batches=reads_batches)
         if outstanding is None:
             outstanding = self.clients[client] = {}
         outstanding[request_id] = call
@@ -340,7 +348,7 @@ class BrokerEngine:
             return
         header.request_id = call.client_request_id
         self._finish(call, code, now)
-        self._send_reply(call.client, header.SerializeToString(), payload)
+        self._send_reply(call.client, header.SerializeToString(), payload, call.reads_batches)
 
     # ------------------------------------------------------------------ time
 
@@ -501,11 +509,11 @@ class BrokerEngine:
         self.counters[f"code_{code.name}"] += 1
         if self.on_call_done is not None:
             self.on_call_done(header.service, header.method, code, None, now)
-        self._reply(client, request_id, code, message, b"")
+        self._reply(client, request_id, code, message, b"", header.reads_batches)
 
     def _fail(self, call: Call, code: StatusCode, message: str, now: float) -> None:
         self._finish(call, code, now)
-        self._reply(call.client, call.client_request_id, code, message, b"")
+        self._reply(call.client, call.client_request_id, code, message, b"", call.reads_batches)
 
     def _finish(self, call: Call, code: int, now: float) -> None:
         """Forget a held call (exactly once); the caller sends its one answer."""
@@ -521,10 +529,20 @@ class BrokerEngine:
         if self.on_call_done is not None:
             self.on_call_done(call.service, call.method, code, call, now)
 
-    def _reply(self, client: bytes, request_id: int, code: StatusCode, message: str, payload: bytes) -> None:
-        self._send_reply(client, p.encode_reply_header(request_id, code, message), payload)
+    def _reply(self, client: bytes, request_id: int, code: StatusCode, message: str, payload: bytes,
+               batch: bool = False) -> None:
+        self._send_reply(client, p.encode_reply_header(request_id, code, message), payload, batch)
 
-    def _send_reply(self, client: bytes, raw_header: bytes, payload: bytes) -> None:
+    def _send_reply(self, client: bytes, raw_header: bytes, payload: bytes, batch: bool = False) -> None:
+        """Queue one answer for the client's REPLY of this round, or (``batch``: it reads them,
+        and the answer is small) for its REPLY_BATCH (§4c)."""
+        if batch and len(raw_header) + len(payload) < p.BATCH_CALL_BYTES:
+            pending = self._reply_batches.get(client)
+            if pending is None:
+                pending = self._reply_batches[client] = ([], [])
+            pending[0].append(raw_header)
+            pending[1].append(payload)
+            return
         frames = self._replies.get(client)
         if frames is None:
             frames = self._replies[client] = [p.TAG, p.REPLY]
@@ -543,6 +561,11 @@ class BrokerEngine:
         if self._replies:
             self.frontend_out.extend(self._replies.items())
             self._replies = {}
+        if self._reply_batches:
+            for client, (headers, payloads) in self._reply_batches.items():
+                for message in p.batch_messages(p.REPLY_BATCH, headers, payloads, p.MAX_CALLS_PER_MESSAGE):
+                    self.frontend_out.append((client, message))
+            self._reply_batches = {}
 
     def _flush_requests_to(self, identity: bytes) -> None:
         """Move one worker's coalesced requests into the outbox now (ahead of what follows)."""
@@ -625,8 +648,16 @@ class BrokerEngine:
         """§9: count, log (rate-limited) and answer a client's bad message."""
         self.counters[f"malformed_{reason}"] += 1
         self.bad_input_log.warn(reason, "bad message from client %s: %s", client.hex(), message, peer=client.hex())
-        code = StatusCode.RESOURCE_EXHAUSTED if reason in ("too_large", "too_many_frames") else StatusCode.INVALID_ARGUMENT
+        code = StatusCode.RESOURCE_EXHAUSTED if reason in _TOO_MUCH else StatusCode.INVALID_ARGUMENT
         self._reply(client, request_id, code, message, b"")
+
+    def _refuse_calls(self, client: bytes, request_ids: list[int], reason: str, message: str) -> None:
+        """§9: a client message refused whole: counted once, each call in it whose id can be read
+        answered, so no caller waits for its deadline."""
+        request_ids = [request_id for request_id in request_ids if request_id] or [0]
+        self._reject_client(client, request_ids[0], reason, message)
+        for request_id in request_ids[1:]:
+            self._reply(client, request_id, StatusCode.RESOURCE_EXHAUSTED, message, b"")
 
     def _bad_worker_input(self, identity: bytes, worker: WorkerState | None, reason: str, message: str) -> None:
         """§9: count and log; an unregistered sender is told why with DISCONNECT."""
@@ -643,10 +674,23 @@ class BrokerEngine:
 
 
 def _request_ids_in(frames: Sequence[bytes], command: bytes = p.REQUEST) -> list[int]:
-    """The ids of a REQUEST (or REPLY) refused whole, so each call can be ended (§9)."""
-    if len(frames) < 4 or frames[0] != p.TAG or frames[1] != command:
+    """The ids of a REQUEST (or REPLY), or of its batch, refused whole, so each call can be
+    ended (§9); none when they cannot be read."""
+    if len(frames) < 3 or frames[0] != p.TAG:
         return []
-    return [request_id for raw in frames[2::2] if (request_id := p.request_id_of(raw))]
+    if frames[1] == command:
+        raw_headers = frames[2::2]
+    elif frames[1] == _BATCH_OF[command]:
+        try:
+            raw_headers = [raw for raw, _ in p.batch_pairs(frames[2:])]
+        except p.ProtocolError:
+            return []
+    else:
+        return []
+    return [request_id for raw in raw_headers if (request_id := p.request_id_of(raw))]
+
+
+_BATCH_OF = {p.REQUEST: p.REQUEST_BATCH, p.REPLY: p.REPLY_BATCH}
 
 
 def _not_found_message(service: str) -> str:

@@ -33,6 +33,7 @@ class Call:
     dispatch_id: int = 0
     worker: "WorkerState | None" = None
     attempt: int = 0
+    reads_batches: bool = False  # its client reads REPLY_BATCH (spec §4c)
 
 
 @dataclasses.dataclass(slots=True, eq=False)

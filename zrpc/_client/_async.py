@@ -197,7 +197,7 @@ class AsyncClient:
         self._loop = loop
         self._wake = asyncio.Event()
         for link, socket in enumerate(self._sockets):
-            self._tasks.append(loop.create_task(self._read(socket), name=f"zrpc-client-reader-{link}"))
+            self._tasks.append(loop.create_task(self._read(socket, link), name=f"zrpc-client-reader-{link}"))
             # The FD is edge-triggered: drain once now, then at each edge.
             loop.add_reader(self._monitors[link].FD, self._on_monitor_events, link)
             loop.call_soon(self._on_monitor_events, link)
@@ -213,11 +213,11 @@ class AsyncClient:
 
     # -- tasks and timer ---------------------------------------------------------------------
 
-    async def _read(self, socket: zmq.asyncio.Socket) -> None:
+    async def _read(self, socket: zmq.asyncio.Socket, link: int) -> None:
         try:
             while True:
                 frames = await socket.recv_multipart()
-                self._settle(self._core.handle_message(frames))
+                self._settle(self._core.handle_message(frames, link))
                 self._arm_timer()  # a failed call may now wait out a retry backoff
         except asyncio.CancelledError:
             raise

@@ -34,8 +34,8 @@ from ._retry import DEFAULT_RETRY, RetryPolicy
 
 logger = logging.getLogger("zrpc.client")
 
-# (spec §3) The only command a broker sends a client.
-_FROM_BROKER = frozenset({_protocol.REPLY})
+# (spec §3) The commands a broker sends a client.
+_FROM_BROKER = frozenset({_protocol.REPLY, _protocol.REPLY_BATCH})
 
 # deadline_ms is a uint32 on the wire (spec §5); a longer timeout is sent as the largest value.
 _MAX_DEADLINE_MS = 2**32 - 1
@@ -45,6 +45,8 @@ _MAX_DEADLINE_MS = 2**32 - 1
 # from delaying the next send by carrying megabytes; a single larger call is still sent, alone.
 MAX_PAIRS_PER_MESSAGE = _protocol.MAX_CALLS_PER_MESSAGE
 MAX_BYTES_PER_MESSAGE = 1 << 20
+# A REQUEST_BATCH stays within the frame size every broker reads (spec §4b).
+_BATCH_BYTES = _protocol.MAX_BATCH_BYTES
 
 # Metadata key carrying the attempt number of a retried call (absent on the first attempt), and
 # error details key carrying how many attempts a call that was retried made.
@@ -184,6 +186,10 @@ class ClientCore:
         # in that moment would carry the next connection's number and never be failed.
         # inproc has no ZMTP handshake, so no monitor event would ever bring its link up.
         self._link_up = [endpoint.startswith("inproc://") for endpoint in endpoints]
+        # (spec §4c) A link sends REQUEST_BATCH once its connection's broker has answered in a
+        # REPLY_BATCH: that broker reads them. Each connection starts in pairs again (a broker
+        # restarted on the same endpoint may be an older one).
+        self._link_batches = [False] * links
         self._turn = links - 1  # the link that took the last REQUEST (round-robin, see link_order)
 
     # -- making calls ------------------------------------------------------------------------
@@ -225,7 +231,8 @@ class ClientCore:
         # Build the header here, in the caller's thread, so bad metadata fails the caller and
         # can never reach the I/O thread.
         try:
-            header = _protocol.RequestHeader(service=service, method=method, idempotent=bool(idempotent))
+            header = _protocol.RequestHeader(service=service, method=method, idempotent=bool(idempotent),
+                                             reads_batches=True)
             header.metadata.update(merged)
         except (TypeError, ValueError) as exc:
             raise Error(StatusCode.INVALID_ARGUMENT, f"metadata must map str to str: {exc}") from None
@@ -297,13 +304,17 @@ class ClientCore:
         self._link_up[link] = True
 
     def next_request(self, now: float, link: int = 0) -> tuple[list[bytes], list[Call]] | None:
-        """One REQUEST carrying as many unsent calls as fit (spec §4) for ``link``, or None when
-        none is left.
+        """One REQUEST, or REQUEST_BATCH, carrying as many unsent calls as fit (spec §4, §4c)
+        for ``link``, or None when none is left.
 
         ``deadline_ms`` is measured now, at send (spec §5), rounded down so the broker never
         waits longer than the client. Calls already cancelled, answered or expired are skipped.
+        A link whose broker reads batches gets one; a call too large for a batch goes alone, in
+        a REQUEST, so that its payload is not copied.
         """
-        frames = [_protocol.TAG, _protocol.REQUEST]
+        batched = self._link_batches[link]
+        limit = _BATCH_BYTES if batched else MAX_BYTES_PER_MESSAGE
+        headers: list[bytes] = []
         calls: list[Call] = []
         size = 0
         connection = self._connection_of_link[link]
@@ -312,18 +323,32 @@ class ClientCore:
             if self._pending.get(call.request_id) is not call or call.deadline <= now:
                 self._unsent.popleft()  # expired ones stay pending: expire() answers them
                 continue
-            if calls and size + len(call.payload) > MAX_BYTES_PER_MESSAGE:
+            payload = call.payload
+            if calls and size + len(payload) > limit:
                 break
-            self._unsent.popleft()
             millis = int((call.deadline - now) * 1000)
             call.header.deadline_ms = min(max(millis, 1), _MAX_DEADLINE_MS)
-            frames.append(call.header.SerializeToString())
-            frames.append(call.payload)
+            raw = call.header.SerializeToString()
+            entry = len(raw) + len(payload)
+            if batched:
+                if entry >= _protocol.BATCH_CALL_BYTES:
+                    if calls:
+                        break
+                    batched, limit = False, 0  # alone, and nothing joins it
+                elif size + entry + _protocol.BATCH_ENTRY_OVERHEAD > limit:
+                    break  # (the first call always fits: it is under BATCH_CALL_BYTES)
+            self._unsent.popleft()
+            headers.append(raw)
             call.sent = True
             call.connection = connection
             calls.append(call)
-            size += len(call.payload)
-        return (frames, calls) if calls else None
+            size += entry + _protocol.BATCH_ENTRY_OVERHEAD
+        if not calls:
+            return None
+        payloads = [call.payload for call in calls]
+        if batched:
+            return _protocol.batch_message(_protocol.REQUEST_BATCH, headers, payloads), calls
+        return _protocol.request_message(zip(headers, payloads)), calls
 
     def unsend(self, calls: Sequence[Call]) -> None:
         """Give back calls whose REQUEST could not be sent; they go first next time."""
@@ -343,6 +368,7 @@ class ClientCore:
         goes over a link's next connection stamped with this one's number.
         """
         self._link_up[link] = False
+        self._link_batches[link] = False
         closed = self._connection_of_link[link]
         self._connections += 1
         self._connection_of_link[link] = self._connections
@@ -369,11 +395,16 @@ class ClientCore:
 
     # -- outcomes ----------------------------------------------------------------------------
 
-    def handle_message(self, frames: Sequence[bytes]) -> list[Outcome]:
-        """Outcomes of the calls a broker message answers; anything else is logged and dropped."""
+    def handle_message(self, frames: Sequence[bytes], link: int = 0) -> list[Outcome]:
+        """Outcomes of the calls a broker message (over ``link``) answers; anything else is
+        logged and dropped."""
         try:
-            _, body = _protocol.split(frames, _FROM_BROKER)
-            pairs = _protocol.pairs(body)
+            command, body = _protocol.split(frames, _FROM_BROKER)
+            if command == _protocol.REPLY_BATCH:
+                pairs = _protocol.batch_pairs(body)
+                self._link_batches[link] = True  # (spec §4c) its broker reads REQUEST_BATCH
+            else:
+                pairs = _protocol.pairs(body)
         except ProtocolError as exc:
             logger.warning("dropped a message from the broker (%s): %s", exc.reason, exc.message)
             return []

@@ -246,9 +246,9 @@ class Client:
                         self._on_monitor_events(link)
                 if self._wake_in in events and not self._take_outbox():
                     break
-                for dealer in self._dealers:
+                for link, dealer in enumerate(self._dealers):
                     if events.get(dealer, 0) & zmq.POLLIN:
-                        self._receive(dealer)
+                        self._receive(dealer, link)
                 self._advance()
                 blocked = self._send_unsent()
                 if blocked != waiting_to_send:
@@ -310,13 +310,13 @@ class Client:
         for endpoint in self._watch.to_retry():
             self._dealers[self.endpoints.index(endpoint)].connect(endpoint)
 
-    def _receive(self, dealer: zmq.Socket) -> None:
+    def _receive(self, dealer: zmq.Socket, link: int) -> None:
         for _ in range(_RECV_BATCH):
             try:
                 frames = dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._settle(self._core.handle_message(frames))
+            self._settle(self._core.handle_message(frames, link))
 
     def _advance(self) -> None:
         outcomes = self._core.advance(self._core.clock())
