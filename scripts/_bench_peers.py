@@ -10,7 +10,7 @@ Roles:
   worker BACKEND CAPACITY                    zrpc Worker serving workers.echo:Echo
   proxy FRONTEND BACKEND                     zmq.proxy(ROUTER, DEALER), the C device
   echo-dealer ENDPOINT [--zero-copy]         echo peer behind the proxy (DEALER, connects)
-  echo-router ENDPOINT [--zero-copy]         echo peer clients call directly (ROUTER, binds)
+  echo-router ENDPOINT [--zero-copy] [--batches]  echo peer clients call directly (ROUTER, binds)
   echo-worker BACKEND CAPACITY [--zero-copy] echo peer speaking the worker protocol (READY, heartbeats)
   grpc-server                                grpc.aio echo server on 127.0.0.1, ephemeral port
 """
@@ -72,15 +72,35 @@ def _reply_batch(blob: bytes) -> list:
     return p.batch_message(p.REPLY_BATCH, [encode(h.request_id) for h in batch.headers], list(batch.payloads))
 
 
-def echo_routed(socket: zmq.Socket, zero_copy: bool) -> None:
+def _batched_reply(frames: list, first: int, zero_copy: bool) -> list:
+    """The REPLY_BATCH answering the REQUEST in ``frames[first:]`` (spec §4c)."""
+    def data(frame):
+        return frame.bytes if zero_copy else frame
+
+    body = frames[first + 2:]
+    headers = [p.encode_ok_reply_header(p.RequestHeader.FromString(data(raw)).request_id) for raw in body[::2]]
+    return p.batch_message(p.REPLY_BATCH, headers, [data(payload) for payload in body[1::2]])
+
+
+def echo_routed(socket: zmq.Socket, zero_copy: bool, batches: bool = False) -> None:
     """Serve forever on a socket whose messages start with a routing id (ROUTER, or DEALER behind
-    the proxy, which receives the frontend's routing id): send it back first, then the REPLY."""
+    the proxy, which receives the frontend's routing id): send it back first, then the REPLY.
+
+    ``batches``: speak spec §4c as zrpc's broker does to its clients: answer in a REPLY_BATCH a
+    client that says it reads them, and answer its REQUEST_BATCH.
+    """
     recv, send = socket.recv_multipart, socket.send_multipart
     copy = not zero_copy
     while True:
         frames = recv(copy=copy)
-        if _command(frames, 1, zero_copy) == p.REQUEST and len(frames) >= 5:
-            send([frames[0], *_reply_frames(frames, 1, zero_copy)], copy=copy)
+        command = _command(frames, 1, zero_copy)
+        if command == p.REQUEST and len(frames) >= 5:
+            if batches and p.RequestHeader.FromString(frames[3].bytes if zero_copy else frames[3]).reads_batches:
+                send([frames[0], *_batched_reply(frames, 1, zero_copy)], copy=copy)
+            else:
+                send([frames[0], *_reply_frames(frames, 1, zero_copy)], copy=copy)
+        elif batches and command == p.REQUEST_BATCH and len(frames) == 4:
+            send([frames[0], *_reply_batch(frames[3].bytes if zero_copy else frames[3])])
 
 
 def echo_worker(socket: zmq.Socket, capacity: int, zero_copy: bool) -> None:
@@ -181,7 +201,7 @@ def role_echo_router(args) -> None:
     socket = _socket(zmq.ROUTER)
     socket.bind(args.endpoint)
     _ready(args.endpoint)
-    echo_routed(socket, args.zero_copy)
+    echo_routed(socket, args.zero_copy, args.batches)
 
 
 def role_echo_worker(args) -> None:
@@ -241,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("endpoint")
         sub.add_argument("--zero-copy", action="store_true")
         sub.set_defaults(run=run)
+    # Only the direct peer: (c) shows what the client alone generates, so it gets the client's
+    # cheapest path; (b)'s peer answers in pairs (the C proxy's reference, one REPLY per REQUEST).
+    roles.choices["echo-router"].add_argument("--batches", action="store_true")
     roles.add_parser("grpc-server").set_defaults(run=role_grpc_server)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -5,10 +5,13 @@ Every system is driven by the same load: ``--concurrency`` asyncio tasks, each c
 after echo with a ``--payload-size`` byte EchoRequest, timed one call at a time with
 ``time.perf_counter``; percentiles are exact (nearest rank over every call of the cell).
 
-  b   zmq.proxy (the C device, ROUTER/DEALER) + minimal Python echo peer: the baseline
+  b   zmq.proxy (the C device, ROUTER/DEALER) + minimal Python echo peer: the baseline. The
+      peer answers each REQUEST with one REPLY of pairs, so the client sends pairs too: the
+      C device moving the messages of a protocol without batches (PROTOCOL.md §4c)
   a   zrpc broker + one zrpc Worker process serving workers.echo:Echo
   a2  zrpc broker + the minimal echo peer speaking the worker protocol (the broker's own cost)
-  c   the minimal echo peer as a ROUTER the client connects to: no broker at all
+  c   the minimal echo peer as a ROUTER the client connects to: no broker at all. It answers
+      in batches as zrpc's broker does, so (c) shows what the client alone can generate
   d   gRPC Python: grpc.aio server and client, generic handlers (skipped without grpcio)
 
 a, a2, b and c are driven by zrpc.AsyncClient; d by a grpc.aio channel. Every server is its own
@@ -225,7 +228,7 @@ def deploy(system: str, directory: pathlib.Path, capacity: int, zero_copy: bool 
             start("peer", "echo-dealer", back, *copy_flag)
             yield Deployment(system, "zrpc", front, servers)
         elif system == "c":
-            start("peer", "echo-router", front, *copy_flag)
+            start("peer", "echo-router", front, "--batches", *copy_flag)
             yield Deployment(system, "zrpc", front, servers)
         elif system == "d":
             server = start("server", "grpc-server")
