@@ -72,14 +72,22 @@ def _reply_batch(blob: bytes) -> list:
     return p.batch_message(p.REPLY_BATCH, [encode(h.request_id) for h in batch.headers], list(batch.payloads))
 
 
-def _batched_reply(frames: list, first: int, zero_copy: bool) -> list:
-    """The REPLY_BATCH answering the REQUEST in ``frames[first:]`` (spec §4c)."""
+def _batched_replies(frames: list, first: int, zero_copy: bool) -> list[list]:
+    """The messages answering the REQUEST in ``frames[first:]`` for a client that reads batches
+    (spec §4c): its small answers in REPLY_BATCH messages, a large one in a REPLY of its own."""
     def data(frame):
         return frame.bytes if zero_copy else frame
 
+    headers, payloads, messages = [], [], []
     body = frames[first + 2:]
-    headers = [p.encode_ok_reply_header(p.RequestHeader.FromString(data(raw)).request_id) for raw in body[::2]]
-    return p.batch_message(p.REPLY_BATCH, headers, [data(payload) for payload in body[1::2]])
+    for raw, payload in zip(body[::2], body[1::2]):
+        header = p.encode_ok_reply_header(p.RequestHeader.FromString(data(raw)).request_id)
+        if len(header) + len(payload) < p.BATCH_CALL_BYTES:
+            headers.append(header)
+            payloads.append(data(payload))
+        else:
+            messages.append([p.TAG, p.REPLY, header, payload])
+    return p.batch_messages(p.REPLY_BATCH, headers, payloads, p.MAX_CALLS_PER_MESSAGE) + messages
 
 
 def echo_routed(socket: zmq.Socket, zero_copy: bool, batches: bool = False) -> None:
@@ -96,7 +104,8 @@ def echo_routed(socket: zmq.Socket, zero_copy: bool, batches: bool = False) -> N
         command = _command(frames, 1, zero_copy)
         if command == p.REQUEST and len(frames) >= 5:
             if batches and p.RequestHeader.FromString(frames[3].bytes if zero_copy else frames[3]).reads_batches:
-                send([frames[0], *_batched_reply(frames, 1, zero_copy)], copy=copy)
+                for message in _batched_replies(frames, 1, zero_copy):
+                    send([frames[0], *message], copy=copy)
             else:
                 send([frames[0], *_reply_frames(frames, 1, zero_copy)], copy=copy)
         elif batches and command == p.REQUEST_BATCH and len(frames) == 4:

@@ -795,10 +795,12 @@ def test_errors_for_calls_of_a_client_that_reads_batches_are_answered_in_one():
     [queued] = h.call_batch(b"c", [b"a"], deadline_ms=100)  # waits for the busy worker, and expires
     h.advance(0.2)
     unknown = h.call(b"c", service="nobody.S", reads_batches=True)  # refused on arrival
+    [in_batch] = h.call_batch(b"c", [b"b"], service="nobody.S")  # no flag: the batch is the sign
     commands = []
     replies = [(reply.request_id, reply.code) for _, reply, _ in h.take_replies(commands)]
-    assert replies == [(queued, StatusCode.DEADLINE_EXCEEDED), (unknown, StatusCode.NOT_FOUND)]
-    assert commands == [p.REPLY_BATCH, p.REPLY_BATCH]
+    assert replies == [(queued, StatusCode.DEADLINE_EXCEEDED), (unknown, StatusCode.NOT_FOUND),
+                       (in_batch, StatusCode.NOT_FOUND)]
+    assert commands == [p.REPLY_BATCH] * 3
     [(_, header, _)] = h.take_requests()
     h.reply_from(b"w", header.request_id)
     assert [reply.request_id for _, reply, _ in h.take_replies()] == [busy]

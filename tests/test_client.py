@@ -127,7 +127,7 @@ def test_core_settles_each_pair_of_a_reply_in_order_and_drops_the_rest(caplog):
         reply(failed.request_id, StatusCode.NOT_FOUND, message="no such service"),
     ])
     with caplog.at_level(logging.DEBUG, logger="zrpc.client"):
-        outcomes = core.handle_message(message)
+        outcomes = core.handle_message(message, 0)
     assert [(o.call, o.value) for o in outcomes] == [(ok, b"done"), (failed, None)]
     assert outcomes[1].error.code == StatusCode.NOT_FOUND and outcomes[1].error.message == "no such service"
     assert core.in_flight == 0
@@ -161,9 +161,41 @@ def test_core_sends_batches_over_a_link_once_its_broker_answered_in_one():
     assert core.next_request(core.clock(), 0)[0][1] == _protocol.REQUEST
 
 
+def answer_in_a_batch(core: ClientCore, link: int = 0) -> None:
+    """Send one call over ``link`` and answer it in a REPLY_BATCH: the link then batches (§4c)."""
+    call = core.prepare("a.S", "M", b"")
+    core.add(call)
+    assert core.next_request(core.clock(), link) is not None
+    header, payload = reply(call.request_id)
+    [outcome] = core.handle_message(_protocol.batch_message(_protocol.REPLY_BATCH, [header], [payload]), link)
+    assert outcome.call is call
+
+
+def test_core_a_closed_connections_batch_read_late_leaves_the_next_connection_in_pairs():
+    core = ClientCore(endpoints=["inproc://a"])
+    call = core.prepare("a.S", "M", b"")
+    core.add(call)
+    core.next_request(core.clock(), 0)
+    [lost] = core.connection_closed(0, "inproc://a")  # the broker went away with the call...
+    assert lost.error.code == StatusCode.UNAVAILABLE
+    core.connection_up(0)  # ...and another (maybe older) took the endpoint
+    header, payload = reply(call.request_id)
+    assert core.handle_message(_protocol.batch_message(_protocol.REPLY_BATCH, [header], [payload]), 0) == []
+    core.add(core.prepare("a.S", "M", b"next"))
+    assert core.next_request(core.clock(), 0)[0][1] == _protocol.REQUEST
+
+
+def test_core_goes_back_to_pairs_when_a_batching_broker_answers_what_it_cannot_attribute():
+    core = ClientCore(endpoints=["inproc://a"])
+    answer_in_a_batch(core)
+    core.handle_message(_protocol.error_reply(0, StatusCode.INVALID_ARGUMENT, "unknown command byte b'\\x07'"), 0)
+    core.add(core.prepare("a.S", "M", b"next"))
+    assert core.next_request(core.clock(), 0)[0][1] == _protocol.REQUEST
+
+
 def test_core_batches_stay_within_the_batch_frame_and_a_large_call_goes_alone_in_pairs():
     core = ClientCore(endpoints=["inproc://a"])
-    core.handle_message(_protocol.batch_message(_protocol.REPLY_BATCH, [reply(12345)[0]], [b""]), 0)
+    answer_in_a_batch(core)
     small = _protocol.BATCH_CALL_BYTES // 2
     calls = [core.prepare("a.S", "M", bytes(small)) for _ in range(13)]  # 7 of them fill a batch
     large = core.prepare("a.S", "M", bytes(_protocol.BATCH_CALL_BYTES))
@@ -185,9 +217,9 @@ def test_core_batches_stay_within_the_batch_frame_and_a_large_call_goes_alone_in
 def test_core_drops_a_message_that_breaks_the_spec(caplog):
     core = ClientCore()
     core.add(core.prepare("a.S", "M", b""))
-    assert core.handle_message([b"MDPC01", _protocol.REPLY, b"", b""]) == []
-    assert core.handle_message([_protocol.TAG, _protocol.REQUEST, b"", b""]) == []
-    assert core.handle_message([_protocol.TAG, _protocol.REPLY, b""]) == []
+    assert core.handle_message([b"MDPC01", _protocol.REPLY, b"", b""], 0) == []
+    assert core.handle_message([_protocol.TAG, _protocol.REQUEST, b"", b""], 0) == []
+    assert core.handle_message([_protocol.TAG, _protocol.REPLY, b""], 0) == []
     assert core.in_flight == 1 and len(caplog.records) == 3
 
 
@@ -197,7 +229,7 @@ def test_core_expires_calls_in_deadline_order_and_ignores_answered_ones():
     slow, fast, answered = (core.prepare("a.S", "M", b"", timeout=t) for t in (3.0, 1.0, 2.0))
     for call in (slow, fast, answered):
         core.add(call)
-    core.handle_message(_protocol.reply_message([reply(answered.request_id)]))
+    core.handle_message(_protocol.reply_message([reply(answered.request_id)]), 0)
     assert core.next_deadline() == fast.deadline
     assert core.expire(clock.now + 0.999) == []
     clock.now += 10
@@ -213,7 +245,7 @@ def test_core_deadline_heap_stays_proportional_to_calls_in_flight():
     calls = [core.prepare("a.S", "M", b"") for _ in range(1000)]
     for call in calls:
         core.add(call)
-    core.handle_message(_protocol.reply_message([reply(c.request_id) for c in calls[:-10]]))
+    core.handle_message(_protocol.reply_message([reply(c.request_id) for c in calls[:-10]]), 0)
     assert core.in_flight == 10 and len(core._deadlines) <= 64
 
 

@@ -114,7 +114,7 @@ def test_core_retries_an_idempotent_call_after_its_backoff_with_a_new_request_id
     [first] = sent_headers(core, clock())
     assert ATTEMPT_METADATA not in first.metadata
 
-    assert core.handle_message(reply(first.request_id, UNAVAILABLE)) == []  # re-queued, not settled
+    assert core.handle_message(reply(first.request_id, UNAVAILABLE), 0) == []  # re-queued, not settled
     assert core.in_flight == 1 and not core.has_unsent()
     assert core.next_timer() == pytest.approx(clock.now + 0.05)  # the backoff, not the deadline
     clock.now += 0.049
@@ -128,8 +128,8 @@ def test_core_retries_an_idempotent_call_after_its_backoff_with_a_new_request_id
     assert second.deadline_ms == 1950  # what is left of the call's own deadline
 
     # The old id is forgotten: a late (duplicate) answer to it settles nothing.
-    assert core.handle_message(reply(first.request_id, payload=b"late")) == []
-    [outcome] = core.handle_message(reply(second.request_id, payload=b"done"))
+    assert core.handle_message(reply(first.request_id, payload=b"late"), 0) == []
+    [outcome] = core.handle_message(reply(second.request_id, payload=b"done"), 0)
     assert (outcome.call, outcome.value, outcome.error) == (call, b"done", None)
     assert core.in_flight == 0 and core.next_timer() is None
 
@@ -144,7 +144,7 @@ def test_core_gives_up_after_max_attempts_with_the_last_error_and_the_count():
         core.advance(clock())
         [header] = sent_headers(core, clock())
         ids.append(header.request_id)
-        outcomes = core.handle_message(reply(header.request_id, UNAVAILABLE))
+        outcomes = core.handle_message(reply(header.request_id, UNAVAILABLE), 0)
     [outcome] = outcomes
     assert len(set(ids)) == 3
     assert outcome.error.code == UNAVAILABLE and outcome.error.details[ATTEMPTS_DETAIL] == "3"
@@ -160,7 +160,7 @@ def test_core_settles_at_once_what_it_must_not_retry(idempotent, code, retry):
     core = ClientCore(retry=retry)
     core.add(core.prepare("a.S", "M", b"", idempotent=idempotent))
     [header] = sent_headers(core, core.clock())
-    [outcome] = core.handle_message(reply(header.request_id, code))
+    [outcome] = core.handle_message(reply(header.request_id, code), 0)
     assert outcome.error.code == code and ATTEMPTS_DETAIL not in outcome.error.details
     assert core.in_flight == 0 and core.next_timer() is None
 
@@ -171,13 +171,13 @@ def test_core_never_retries_past_the_deadline():
     call = core.prepare("a.S", "M", b"", timeout=0.12, idempotent=True)
     core.add(call)
     [header] = sent_headers(core, clock())
-    assert core.handle_message(reply(header.request_id, UNAVAILABLE)) == []  # retry at +0.05
+    assert core.handle_message(reply(header.request_id, UNAVAILABLE), 0) == []  # retry at +0.05
     clock.now += 0.05
     core.advance(clock())
     [header] = sent_headers(core, clock())
     clock.now += 0.01
     # The next backoff (0.1 s) would end at +0.16, after the deadline at +0.12: fail now.
-    [outcome] = core.handle_message(reply(header.request_id, UNAVAILABLE))
+    [outcome] = core.handle_message(reply(header.request_id, UNAVAILABLE), 0)
     assert outcome.error.code == UNAVAILABLE and outcome.error.details[ATTEMPTS_DETAIL] == "2"
     assert clock.now < call.deadline and core.in_flight == 0
 
@@ -188,7 +188,7 @@ def test_core_a_call_cancelled_in_its_backoff_is_never_sent_again():
     call = core.prepare("a.S", "M", b"", idempotent=True)
     core.add(call)
     [header] = sent_headers(core, clock())
-    core.handle_message(reply(header.request_id, UNAVAILABLE))
+    core.handle_message(reply(header.request_id, UNAVAILABLE), 0)
     cancelled = core.cancel(call.request_id)  # the id of the attempt to come
     assert cancelled is call and not call.sent  # nothing for the broker to CANCEL
     clock.now += 1.0
@@ -202,7 +202,7 @@ def test_core_closing_fails_calls_in_backoff_without_retrying():
     call = core.prepare("a.S", "M", b"", idempotent=True)
     core.add(call)
     [header] = sent_headers(core, clock())
-    core.handle_message(reply(header.request_id, UNAVAILABLE))
+    core.handle_message(reply(header.request_id, UNAVAILABLE), 0)
     [outcome] = core.fail_all(Error(StatusCode.CANCELLED, "closing"))
     assert outcome.call is call and outcome.error.code == StatusCode.CANCELLED
     clock.now += 1.0
@@ -291,7 +291,7 @@ def test_core_refuses_calls_to_an_open_circuit_unsent_and_per_service():
     for _ in range(2):
         assert core.add(core.prepare("down.S", "M", b"")) is None
         [header] = sent_headers(core, clock())
-        core.handle_message(reply(header.request_id, UNAVAILABLE))
+        core.handle_message(reply(header.request_id, UNAVAILABLE), 0)
     refused = core.add(core.prepare("down.S", "M", b""))
     assert refused.error.code == UNAVAILABLE and refused.error.message.startswith("circuit open")
     assert not refused.call.sent and core.in_flight == 0 and sent_headers(core, clock()) == []
@@ -307,7 +307,7 @@ def test_core_refuses_calls_to_an_open_circuit_unsent_and_per_service():
     successor = core.prepare("down.S", "M", b"")
     assert core.add(successor) is None
     [header] = sent_headers(core, clock())
-    core.handle_message(reply(header.request_id))
+    core.handle_message(reply(header.request_id), 0)
     assert core.circuit("down.S").state is State.CLOSED
 
 
@@ -317,7 +317,7 @@ def test_core_does_not_retry_into_a_circuit_that_this_failure_opened():
                       circuit_breaker=CircuitBreaker(failure_threshold=1, reset_timeout=10.0))
     core.add(core.prepare("a.S", "M", b"", idempotent=True))
     [header] = sent_headers(core, clock())
-    [outcome] = core.handle_message(reply(header.request_id, UNAVAILABLE))
+    [outcome] = core.handle_message(reply(header.request_id, UNAVAILABLE), 0)
     assert outcome.error.message == "test"  # the service's own error, not the circuit's
     assert core.in_flight == 0
 
@@ -331,8 +331,8 @@ def test_core_a_retry_whose_circuit_opened_during_its_backoff_fails_with_its_las
     core.add(retried)
     core.add(other)
     first, second = sent_headers(core, clock())
-    core.handle_message(reply(first.request_id, UNAVAILABLE))  # retried waits out its backoff
-    core.handle_message(reply(second.request_id, UNAVAILABLE))  # second failure: circuit opens
+    core.handle_message(reply(first.request_id, UNAVAILABLE), 0)  # retried waits out its backoff
+    core.handle_message(reply(second.request_id, UNAVAILABLE), 0)  # second failure: circuit opens
     clock.now += 0.05
     [outcome] = core.advance(clock())
     assert outcome.call is retried and outcome.error.message == "test"

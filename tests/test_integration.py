@@ -351,12 +351,21 @@ def test_clients_and_the_broker_batch_only_once_both_know_it(broker, start_worke
 def test_a_client_batches_after_its_first_answer_and_every_call_is_served(broker, start_worker):
     start_worker(Echo(), concurrency=8)
     wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+    commands = collections.Counter()  # what reaches the broker: its loop looks the handler up each turn
+    handle = broker.engine.on_frontend
+
+    def counting(client, frames, now, peer_key=None):
+        commands[zrpc_protocol.COMMAND_NAMES.get(bytes(frames[1]), "?")] += 1
+        return handle(client, frames, now, peer_key)
+
+    broker.engine.on_frontend = counting
     with Client(broker.frontend_endpoint, timeout=5.0) as client:
         echo = client.stub(ECHO)
         assert echo.Say(echo_pb2.EchoRequest(payload=b"first")).payload == b"first"
-        assert client._core._link_batches == [True]  # the broker answered in a REPLY_BATCH
+        assert commands == {"REQUEST": 1}
         futures = [echo.Say.future(echo_pb2.EchoRequest(payload=str(i).encode())) for i in range(200)]
         assert [f.result(5).payload for f in futures] == [str(i).encode() for i in range(200)]
+    assert commands["REQUEST_BATCH"] >= 1 and commands["REQUEST"] == 1
     assert broker.engine.counters["malformed_bad_command"] == 0
 
 

@@ -133,7 +133,7 @@ class BrokerEngine:
             self.counters["permission_denied"] += 1
             return self._fail_new(client, request_id, header, StatusCode.PERMISSION_DENIED,
                                   f"key {self.policy.name(peer_key)!r} may not call service "
-                                  f"{service_name!r} (broker access rules)", now)
+                                  f"{service_name!r} (broker access rules)", now, reads_batches)
         if service_name == _builtin.SERVICE:
             code, message, reply = _builtin.handle(self, method, payload, now)
             self._reply(client, request_id, code, message, reply, reads_batches)
@@ -141,30 +141,30 @@ class BrokerEngine:
         if outstanding is not None and len(outstanding) >= self.config.max_outstanding_per_client:
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                   f"client has {len(outstanding)} calls outstanding "
-                                  f"(limit {self.config.max_outstanding_per_client})", now)
+                                  f"(limit {self.config.max_outstanding_per_client})", now, reads_batches)
         if self.calls_held >= self.config.max_in_flight:
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
-                                  f"broker holds {self.calls_held} calls (limit {self.config.max_in_flight})", now)
+                                  f"broker holds {self.calls_held} calls (limit {self.config.max_in_flight})", now, reads_batches)
         service = self.services.get(service_name)
         if service is None:
             if now - self.started_at >= self.config.unknown_service_grace:
                 return self._fail_new(client, request_id, header, StatusCode.NOT_FOUND,
-                                      _not_found_message(service_name), now)
+                                      _not_found_message(service_name), now, reads_batches)
             if len(self.services) >= self.config.max_services:
                 return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
-                                      f"broker knows {len(self.services)} services (limit {self.config.max_services})", now)
+                                      f"broker knows {len(self.services)} services (limit {self.config.max_services})", now, reads_batches)
             # §10: just after start, wait: workers re-register after a broker restart.
             service = self.services[service_name] = ServiceState(service_name, no_worker_since=now)
         elif service.offered and service.methods and method not in service.methods:
             return self._fail_new(client, request_id, header, StatusCode.UNIMPLEMENTED,
                                   f"service {service_name!r} has no method {method!r}; "
-                                  f"it has: {', '.join(sorted(service.methods))}", now)
+                                  f"it has: {', '.join(sorted(service.methods))}", now, reads_batches)
         if len(service.queue) >= self.config.queue_size and not self._has_free_worker(service):
             self.counters["queue_full"] += 1
             self.bad_input_log.warn("queue_full", "queue of service %s is full (%d calls): refusing calls",
                                     service_name, self.config.queue_size, service=service_name)
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
-                                  f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now)
+                                  f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now, reads_batches)
         call = Call(client, request_id, header, service_name, method, payload, timeout_ms,
                     now + timeout_ms / 1000.0, now, reads_batches=reads_batches)
         if outstanding is None:
@@ -450,17 +450,9 @@ class BrokerEngine:
         raw = header.SerializeToString()
         payload = call.payload
         if worker.batches and len(raw) + len(payload) < p.BATCH_CALL_BYTES:
-            batch = self._batches.get(worker.identity)
-            if batch is None:
-                batch = self._batches[worker.identity] = ([], [])
-            batch[0].append(raw)
-            batch[1].append(payload)
-            return
-        frames = self._requests.get(worker.identity)
-        if frames is None:
-            frames = self._requests[worker.identity] = [p.TAG, p.REQUEST]
-        frames.append(raw)
-        frames.append(payload)
+            _add_to_batch(self._batches, worker.identity, raw, payload)
+        else:
+            _add_pair(self._requests, worker.identity, p.REQUEST, raw, payload)
 
     def _abandon_at_worker(self, call: Call) -> None:
         """The call was answered without its worker: keep the slot, tell the worker (§8)."""
@@ -504,12 +496,13 @@ class BrokerEngine:
 
     # ------------------------------------------------------------------ answers
 
-    def _fail_new(self, client: bytes, request_id: int, header, code: StatusCode, message: str, now: float) -> None:
+    def _fail_new(self, client: bytes, request_id: int, header, code: StatusCode, message: str, now: float,
+                  reads_batches: bool) -> None:
         """Answer a call that was never held."""
         self.counters[f"code_{code.name}"] += 1
         if self.on_call_done is not None:
             self.on_call_done(header.service, header.method, code, None, now)
-        self._reply(client, request_id, code, message, b"", header.reads_batches)
+        self._reply(client, request_id, code, message, b"", reads_batches)
 
     def _fail(self, call: Call, code: StatusCode, message: str, now: float) -> None:
         self._finish(call, code, now)
@@ -530,24 +523,16 @@ class BrokerEngine:
             self.on_call_done(call.service, call.method, code, call, now)
 
     def _reply(self, client: bytes, request_id: int, code: StatusCode, message: str, payload: bytes,
-               batch: bool = False) -> None:
-        self._send_reply(client, p.encode_reply_header(request_id, code, message), payload, batch)
+               reads_batches: bool = False) -> None:
+        self._send_reply(client, p.encode_reply_header(request_id, code, message), payload, reads_batches)
 
-    def _send_reply(self, client: bytes, raw_header: bytes, payload: bytes, batch: bool = False) -> None:
-        """Queue one answer for the client's REPLY of this round, or (``batch``: it reads them,
-        and the answer is small) for its REPLY_BATCH (§4c)."""
-        if batch and len(raw_header) + len(payload) < p.BATCH_CALL_BYTES:
-            pending = self._reply_batches.get(client)
-            if pending is None:
-                pending = self._reply_batches[client] = ([], [])
-            pending[0].append(raw_header)
-            pending[1].append(payload)
-            return
-        frames = self._replies.get(client)
-        if frames is None:
-            frames = self._replies[client] = [p.TAG, p.REPLY]
-        frames.append(raw_header)
-        frames.append(payload)
+    def _send_reply(self, client: bytes, raw_header: bytes, payload: bytes, reads_batches: bool = False) -> None:
+        """Queue one answer for the client's REPLY_BATCH of this round when it reads them and the
+        answer is small (§4c), else for its REPLY."""
+        if reads_batches and len(raw_header) + len(payload) < p.BATCH_CALL_BYTES:
+            _add_to_batch(self._reply_batches, client, raw_header, payload)
+        else:
+            _add_pair(self._replies, client, p.REPLY, raw_header, payload)
 
     def flush(self) -> None:
         """Move the round's coalesced requests and replies into the outboxes (§4)."""
@@ -671,6 +656,24 @@ class BrokerEngine:
 
     def queue_depth(self) -> int:
         return sum(len(s.queue) for s in self.services.values())
+
+
+def _add_to_batch(batches: dict, peer: bytes, raw_header: bytes, payload: bytes) -> None:
+    """Add a call to the headers and payloads ``peer`` gets packed at flush (§4b, §4c)."""
+    batch = batches.get(peer)
+    if batch is None:
+        batch = batches[peer] = ([], [])
+    batch[0].append(raw_header)
+    batch[1].append(payload)
+
+
+def _add_pair(messages: dict, peer: bytes, command: bytes, raw_header: bytes, payload: bytes) -> None:
+    """Add a call to the REQUEST or REPLY (``command``) ``peer`` gets at flush (§4)."""
+    frames = messages.get(peer)
+    if frames is None:
+        frames = messages[peer] = [p.TAG, command]
+    frames.append(raw_header)
+    frames.append(payload)
 
 
 def _request_ids_in(frames: Sequence[bytes], command: bytes = p.REQUEST) -> list[int]:

@@ -45,8 +45,6 @@ _MAX_DEADLINE_MS = 2**32 - 1
 # from delaying the next send by carrying megabytes; a single larger call is still sent, alone.
 MAX_PAIRS_PER_MESSAGE = _protocol.MAX_CALLS_PER_MESSAGE
 MAX_BYTES_PER_MESSAGE = 1 << 20
-# A REQUEST_BATCH stays within the frame size every broker reads (spec §4b).
-_BATCH_BYTES = _protocol.MAX_BATCH_BYTES
 
 # Metadata key carrying the attempt number of a retried call (absent on the first attempt), and
 # error details key carrying how many attempts a call that was retried made.
@@ -313,10 +311,11 @@ class ClientCore:
         a REQUEST, so that its payload is not copied.
         """
         batched = self._link_batches[link]
-        limit = _BATCH_BYTES if batched else MAX_BYTES_PER_MESSAGE
+        # Bytes the message may carry: a batch's frame limit counts headers and entry overheads too.
+        limit = _protocol.MAX_BATCH_BYTES if batched else MAX_BYTES_PER_MESSAGE
         headers: list[bytes] = []
         calls: list[Call] = []
-        size = 0
+        carried = 0  # bytes of the calls taken, counted as a batch counts them
         connection = self._connection_of_link[link]
         while self._unsent and len(calls) < MAX_PAIRS_PER_MESSAGE:
             call = self._unsent[0]
@@ -324,25 +323,24 @@ class ClientCore:
                 self._unsent.popleft()  # expired ones stay pending: expire() answers them
                 continue
             payload = call.payload
-            if calls and size + len(payload) > limit:
+            if calls and carried + len(payload) > limit:
                 break
             millis = int((call.deadline - now) * 1000)
             call.header.deadline_ms = min(max(millis, 1), _MAX_DEADLINE_MS)
             raw = call.header.SerializeToString()
-            entry = len(raw) + len(payload)
-            if batched:
-                if entry >= _protocol.BATCH_CALL_BYTES:
-                    if calls:
-                        break
-                    batched, limit = False, 0  # alone, and nothing joins it
-                elif size + entry + _protocol.BATCH_ENTRY_OVERHEAD > limit:
-                    break  # (the first call always fits: it is under BATCH_CALL_BYTES)
+            entry = len(raw) + len(payload) + _protocol.BATCH_ENTRY_OVERHEAD
+            alone = batched and entry - _protocol.BATCH_ENTRY_OVERHEAD >= _protocol.BATCH_CALL_BYTES
+            if calls and (alone or (batched and carried + entry > limit)):
+                break  # (a first call always fits a batch: it is under BATCH_CALL_BYTES)
             self._unsent.popleft()
             headers.append(raw)
             call.sent = True
             call.connection = connection
             calls.append(call)
-            size += entry + _protocol.BATCH_ENTRY_OVERHEAD
+            carried += entry
+            if alone:  # too large for a batch: in a REQUEST of its own, its payload uncopied
+                batched = False
+                break
         if not calls:
             return None
         payloads = [call.payload for call in calls]
@@ -395,16 +393,13 @@ class ClientCore:
 
     # -- outcomes ----------------------------------------------------------------------------
 
-    def handle_message(self, frames: Sequence[bytes], link: int = 0) -> list[Outcome]:
-        """Outcomes of the calls a broker message (over ``link``) answers; anything else is
+    def handle_message(self, frames: Sequence[bytes], link: int) -> list[Outcome]:
+        """Outcomes of the calls a broker message (read from ``link``) answers; anything else is
         logged and dropped."""
         try:
             command, body = _protocol.split(frames, _FROM_BROKER)
-            if command == _protocol.REPLY_BATCH:
-                pairs = _protocol.batch_pairs(body)
-                self._link_batches[link] = True  # (spec §4c) its broker reads REQUEST_BATCH
-            else:
-                pairs = _protocol.pairs(body)
+            batch = command == _protocol.REPLY_BATCH
+            pairs = _protocol.batch_pairs(body) if batch else _protocol.pairs(body)
         except ProtocolError as exc:
             logger.warning("dropped a message from the broker (%s): %s", exc.reason, exc.message)
             return []
@@ -420,12 +415,19 @@ class ClientCore:
                 # (spec §6, §9) the broker could not tell which call a message of ours was.
                 logger.warning("broker rejected a message it could not attribute to a call: %s: %s",
                                StatusCode.from_wire(header.code).name, header.message)
+                # (spec §4c) maybe a batch an older broker does not read: pairs always do.
+                self._link_batches[link] = False
                 continue
             call = self._pending.pop(header.request_id, None)
             if call is None:
                 # The call already expired or was cancelled here; its answer has nobody to go to.
                 logger.debug("dropped a late reply for request %d", header.request_id)
                 continue
+            if batch and call.connection == self._connection_of_link[link]:
+                # (spec §4c) this connection's broker reads REQUEST_BATCH. Only an answer to a
+                # call sent over it says so: a closed connection's batch, read late, says nothing
+                # of the broker that took the endpoint since (its calls were failed already).
+                self._link_batches[link] = True
             code = StatusCode.from_wire(header.code)
             if code != StatusCode.OK:
                 outcome = self._finish(call, None, Error(code, header.message, dict(header.details)))
