@@ -229,3 +229,66 @@ def test_calls_that_expire_while_no_broker_is_up_are_let_go():
     now[0] = 1.0
     assert len(core.advance(now[0])) == 200
     assert not core.has_unsent() and core.unsent() == 0 and core.in_flight == 0
+
+
+def _serve_pairs(router: zmq.Socket, stop: "threading.Event") -> None:
+    """A stand-in broker on ``router``: answers every call of a REQUEST with its own payload."""
+    from zrpc import _protocol as p
+
+    while not stop.is_set():
+        if not router.poll(50):
+            continue
+        identity, *frames = router.recv_multipart()
+        if frames[1] == p.REQUEST:
+            router.send_multipart([identity, *p.reply_message(
+                (p.encode_ok_reply_header(p.request_id_of(header)), payload)
+                for header, payload in p.pairs(frames[2:]))])
+
+
+def test_replies_read_after_their_broker_restarted_are_answers_and_the_client_lives_on(ipc_dir):
+    """A broker answers, then goes, while the client's I/O thread is busy in a done-callback; a
+    new broker takes the endpoint. libzmq used to drop the replies the client had not read (its
+    DEALERs were IMMEDIATE), or abort the process (`!_more`, fq.cpp) when that happened mid-message.
+    The replies are answers now, and the client goes on with the new broker."""
+    import threading
+
+    from zrpc import _protocol as p
+
+    endpoint = f"ipc://{ipc_dir}/restarts"
+    context = zmq.Context.instance()
+    first = context.socket(zmq.ROUTER)
+    first.bind(endpoint)
+    in_callback, release = threading.Event(), threading.Event()
+    with Client(endpoint, timeout=CALL_TIMEOUT, retry=None) as client:
+        futures = [client.call_future("echo.Echo", "Say", b"%d" % i) for i in range(50)]
+        futures[0].add_done_callback(lambda _: (in_callback.set(), release.wait(ANSWER_WITHIN)))
+        requests = []
+        while len(requests) < 50:  # in one or more REQUEST messages
+            assert first.poll(ANSWER_WITHIN * 1000), "the client's requests did not come"
+            identity, *frames = first.recv_multipart()
+            requests += p.pairs(frames[2:])
+        answer = [(p.encode_ok_reply_header(p.request_id_of(header)), payload) for header, payload in requests]
+        first.send_multipart([identity, *p.reply_message(answer[:1])])
+        assert in_callback.wait(ANSWER_WITHIN)  # the client's I/O thread is now busy
+        for pair in answer[1:]:  # the rest, unread, each a message of several frames
+            first.send_multipart([identity, *p.reply_message([pair])])
+        first.close(linger=5000)  # flushed, then the connection closes
+        second = context.socket(zmq.ROUTER)
+        accepted = second.get_monitor_socket(zmq.EVENT_ACCEPTED)
+        second.bind(endpoint)
+        stop = threading.Event()
+        server = threading.Thread(target=_serve_pairs, args=(second, stop))
+        try:
+            # The client's ZeroMQ reconnected: it has seen the first connection close.
+            assert accepted.poll(ANSWER_WITHIN * 1000), "the client did not reconnect"
+            release.set()
+            assert [future.result(ANSWER_WITHIN) for future in futures] == [b"%d" % i for i in range(50)]
+            server.start()
+            assert client.call("echo.Echo", "Say", b"after", timeout=ANSWER_WITHIN) == b"after"
+        finally:
+            release.set()
+            stop.set()
+            if server.is_alive():
+                server.join(ANSWER_WITHIN)
+            accepted.close(0)
+            second.close(0)

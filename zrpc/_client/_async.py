@@ -20,7 +20,7 @@ from .._endpoints import endpoint_list
 from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
-from ._dealer import open_dealers
+from ._dealer import close_dealer, open_dealer, open_dealers
 from ._monitor import HandshakeWatch, drain
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import AsyncUnaryMethod, Stub
@@ -74,7 +74,8 @@ class AsyncClient:
         self._sockets: list[zmq.asyncio.Socket] = []  # one DEALER per broker (see ClientCore)
         self._monitors: list[zmq.Socket] = []  # plain sockets, read by loop readers and before sends
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task] = []  # a reader and a monitor watcher per broker, the writer
+        self._readers: list[asyncio.Task] = []  # one per broker, reading its DEALER
+        self._writer: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._cancels: list[Call] = []
         self._send_blocked = False  # no broker could take a REQUEST: the writer waits for room
@@ -117,16 +118,15 @@ class AsyncClient:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        tasks, self._tasks = self._tasks, []
+        tasks = self._readers + ([self._writer] if self._writer is not None else [])
+        self._readers, self._writer = [], None
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for socket, monitor in zip(self._sockets, self._monitors):
             self._loop.remove_reader(monitor.FD)
-            socket.disable_monitor()
-            monitor.close(linger=0)
-            socket.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
+            close_dealer(socket, monitor, linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
         self._sockets, self._monitors = [], []
         if self._context is not None:
             if self._context_arg is None:
@@ -196,12 +196,33 @@ class AsyncClient:
             self._watch = HandshakeWatch(self.endpoints)
         self._loop = loop
         self._wake = asyncio.Event()
-        for link, socket in enumerate(self._sockets):
-            self._tasks.append(loop.create_task(self._read(socket, link), name=f"zrpc-client-reader-{link}"))
-            # The FD is edge-triggered: drain once now, then at each edge.
-            loop.add_reader(self._monitors[link].FD, self._on_monitor_events, link)
-            loop.call_soon(self._on_monitor_events, link)
-        self._tasks.append(loop.create_task(self._write(), name="zrpc-client-writer"))
+        for link in range(len(self._sockets)):
+            self._readers.append(None)
+            self._watch_link(link)
+        self._writer = loop.create_task(self._write(), name="zrpc-client-writer")
+
+    def _watch_link(self, link: int) -> None:
+        """Start reading the DEALER of ``link`` and its monitor."""
+        loop = self._loop
+        self._readers[link] = loop.create_task(self._read(self._sockets[link], link), name=f"zrpc-client-reader-{link}")
+        # The FD is edge-triggered: drain once now, then at each edge.
+        loop.add_reader(self._monitors[link].FD, self._on_monitor_events, link)
+        loop.call_soon(self._on_monitor_events, link)
+
+    def _replace_dealer(self, link: int) -> None:
+        """A new DEALER and monitor for ``link``, whose connection closed (see _monitor.drain)."""
+        self._readers[link].cancel()
+        self._loop.remove_reader(self._monitors[link].FD)
+        close_dealer(self._sockets[link], self._monitors[link])
+        self._sockets[link], self._monitors[link] = open_dealer(self._context, self.endpoints[link], self._curve)
+        self._watch_link(link)
+        # The writer may be waiting for the old socket's POLLOUT (see _writable), which will never
+        # come now: a new writer takes over (it keeps nothing: the calls are in the core). This
+        # may run inside the writer itself (a send reads the monitors first): it then stops at its
+        # next await.
+        self._writer.cancel()
+        self._writer = self._loop.create_task(self._write(), name="zrpc-client-writer")
+        self._wake.set()
 
     def _abandon(self, call: Call) -> None:
         if self._closed:
@@ -229,10 +250,12 @@ class AsyncClient:
         refusals (calls fail UNAUTHENTICATED when every broker refused us)."""
         if link >= len(self._monitors):
             return  # closed meanwhile
-        outcomes = drain(self._monitors[link], self._core, link, self.endpoints[link], self._watch, self._sockets[link])
-        if outcomes is None:
+        drained = drain(self._monitors[link], self._core, link, self.endpoints[link], self._watch, self._sockets[link])
+        if drained is None:
             return
-        self._settle(outcomes)
+        if drained.replace:
+            self._replace_dealer(link)
+        self._settle(drained.outcomes)
         if not self._closed:
             self._arm_timer()  # lost idempotent calls wait out a retry backoff
             if self._core.has_unsent():

@@ -297,6 +297,10 @@ class ClientCore:
         """``link`` took a REQUEST: the next one is offered to the link after it first."""
         self._turn = link
 
+    def link_is_up(self, link: int) -> bool:
+        """Did the connection of ``link`` finish its handshake, and has it not closed since?"""
+        return self._link_up[link]
+
     def connection_up(self, link: int) -> None:
         """The connection of ``link`` finished its handshake (the flavour's socket monitor)."""
         self._link_up[link] = True
@@ -560,7 +564,7 @@ class ClientCore:
         if call.sent:
             why = (f" (request {call.request_id}): no answer in time; pass a larger timeout= if the "
                    f"call is slow, or check that a broker is reachable")
-        else:  # the DEALERs are IMMEDIATE: a send fails only while no broker can take it
+        else:  # calls go only over a link that is up: unsent means no broker could take it
             why = ": no broker took it in time (none connected, or their queues full); check that a broker is running"
         if call.last_error is not None:  # a retry, waiting since its last attempt failed
             why += (f"; attempt {call.attempt - 1} had failed with {call.last_error.code.name}: "

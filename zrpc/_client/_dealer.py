@@ -35,17 +35,41 @@ def open_dealers(context: zmq.Context, endpoints: Sequence[str], curve: tuple[_s
     monitors: list[zmq.Socket] = []
     try:
         for endpoint in endpoints:
-            socket = context.socket(zmq.DEALER)
+            socket, monitor = open_dealer(context, endpoint, curve)
             sockets.append(socket)
-            monitors.append(open_monitor(socket))  # before connect: an event missed is a link lost
-            _connect(socket, endpoint, curve)
+            monitors.append(monitor)
     except BaseException:
-        for socket in sockets:
-            socket.close(linger=0)
-        for monitor in monitors:
-            monitor.close(linger=0)
+        for socket, monitor in zip(sockets, monitors):
+            close_dealer(socket, monitor)
         raise
     return sockets, monitors
+
+
+def open_dealer(context: zmq.Context, endpoint: str, curve: tuple[_security.KeyPair, bytes] | None = None
+                ) -> tuple[zmq.Socket, zmq.Socket]:
+    """One DEALER connected to ``endpoint``, and its monitor (see open_dealers)."""
+    socket = context.socket(zmq.DEALER)
+    try:
+        monitor = open_monitor(socket)  # before connect: an event missed is a link lost
+    except BaseException:
+        socket.close(linger=0)
+        raise
+    try:
+        _connect(socket, endpoint, curve)
+    except BaseException:
+        close_dealer(socket, monitor)
+        raise
+    return socket, monitor
+
+
+def close_dealer(socket: zmq.Socket, monitor: zmq.Socket, linger: int = 0) -> None:
+    """Close a DEALER and its monitor; ``linger`` ms for what it still sends (a CANCEL)."""
+    try:
+        socket.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(linger=0)
+    socket.close(linger=linger)
 
 
 def open_monitor(socket: zmq.Socket, events: int = MONITORED) -> zmq.Socket:
@@ -65,12 +89,15 @@ def _connect(socket: zmq.Socket, endpoint: str, curve: tuple[_security.KeyPair, 
         _security.apply_client_curve(socket, *curve)
     # Closing must never wait for unsent requests: their callers have already been answered.
     socket.setsockopt(zmq.LINGER, 0)
-    # Requests go only to a broker we are connected to. Without IMMEDIATE, ZeroMQ keeps a
-    # queue for the endpoint from the start, and keeps it while the broker is down, parking
-    # requests for a dead broker. With it, a send fails (EAGAIN) while the broker is not
-    # connected; both flavours then offer the calls to another broker or keep them unsent
-    # until one is connected, and their deadlines bound the wait.
-    socket.setsockopt(zmq.IMMEDIATE, 1)
+    # Not ZMQ_IMMEDIATE. With it, libzmq drops the connection's queue the moment the connection
+    # closes, even while we are reading a message from it, and libzmq 4.3.5 then aborts the
+    # process (`Assertion failed: !_more (src/fq.cpp:80)`: a broker that restarts while the
+    # client has replies unread; reproduced, reviewer's finding). Without it ZeroMQ keeps one
+    # queue for the endpoint for the socket's life, across reconnections, so: requests go out
+    # only over a link whose handshake the monitor reported (ClientCore.link_order), and when a
+    # connection that was up closes, the client reads what it holds, then replaces the socket
+    # (see _monitor.drain): requests still queued for the closed connection must not reach the
+    # next one late, with deadlines measured long before.
     socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     _security.allow_ipv6_for(socket, [endpoint])

@@ -9,16 +9,23 @@ message to :func:`on_event`.
   retry policy sends the idempotent ones again.
 - CURVE: a client whose key the broker refuses, or that holds the wrong broker key, never gets a
   connection: ZeroMQ retries the handshake forever, its calls stay unsent (the DEALERs are
-  IMMEDIATE), and the caller would see only DEADLINE_EXCEEDED. :class:`HandshakeWatch` turns the refusal into a clear
+  sent only over a link whose handshake succeeded), and the caller would see only
+  DEADLINE_EXCEEDED. :class:`HandshakeWatch` turns the refusal into a clear
   UNAUTHENTICATED error (issue 5).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import zmq
 
 from .._errors import Error
 from .._status import StatusCode
 from ._core import ClientCore, Outcome, logger
+
+# Messages read from a closed connection's socket before it is replaced: bounded (every loop
+# in the client is), and far above what one connection holds (its receive high-water mark).
+_READ_LEFT_MAX = 1_000_000
 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -90,31 +97,52 @@ def parse_event(frames: list[bytes]) -> tuple[int, int, str]:
     return message["event"], message["value"], message["endpoint"].decode("utf-8", "replace")
 
 
+class Drained(NamedTuple):
+    """What a monitor's events did: the calls they ended, and whether the DEALER must be replaced."""
+
+    outcomes: list[Outcome]
+    replace: bool = False
+
+
 def drain(monitor: zmq.Socket, core: ClientCore, link: int, endpoint: str, watch: HandshakeWatch | None,
-          socket: zmq.Socket) -> list[Outcome] | None:
-    """Feed every event waiting on the monitor of ``link`` to :func:`on_event`; the outcomes of
-    the calls they end, or None when there was no event."""
-    outcomes = None
+          socket: zmq.Socket) -> Drained | None:
+    """Feed every event waiting on the monitor of ``link`` to :func:`on_event`; None when there
+    was no event.
+
+    ``replace``: a connection that was up closed. The flavour must then close ``socket`` and this
+    monitor and open new ones (see _dealer._connect): ZeroMQ would send what it still queues for
+    the closed connection over its next one. Events after that one are the old socket's, and are
+    left with it.
+    """
+    drained = None
     while True:
         try:
             frames = monitor.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
-            return outcomes
-        outcomes = (outcomes or []) + on_event(frames, core, link, endpoint, watch, socket)
+            return drained
+        outcomes, replace = on_event(frames, core, link, endpoint, watch, socket)
+        drained = Drained((drained.outcomes if drained else []) + outcomes, replace)
+        if replace:
+            return drained
 
 
 def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, watch: HandshakeWatch | None,
-             socket: zmq.Socket) -> list[Outcome]:
+             socket: zmq.Socket) -> Drained:
     """Feed one message of the monitor of ``link`` (the DEALER ``socket``, connected to
-    ``endpoint``) to the client's core and CURVE watch; returns the outcomes of the calls it ends."""
+    ``endpoint``) to the client's core and CURVE watch: the calls it ends, and whether ``socket``
+    must be replaced (see drain)."""
     event, value, _ = parse_event(frames)  # the endpoint as we connected it, not as libzmq says it
     outcomes = []
+    replace = False
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
         core.connection_up(link)
     elif event == zmq.EVENT_DISCONNECTED:
-        outcomes = core.connection_closed(link, endpoint)
+        replace = core.link_is_up(link)
+        if replace:  # what the broker answered before it went is settled, not failed
+            outcomes = _read_left(socket, core, link)
+        outcomes += core.connection_closed(link, endpoint)
     if watch is None:
-        return outcomes
+        return Drained(outcomes, replace)
     error = watch.on_event(event, value, endpoint)
     if refusal_reason(event, value) is not None and endpoint in watch.refused:  # said once, not at each event
         logger.warning("zrpc client: handshake refused by broker at %s: %s", endpoint, watch.refused[endpoint])
@@ -124,4 +152,18 @@ def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, wa
             pass
     if error is not None:
         outcomes += core.fail_all(error)
+    return Drained(outcomes, replace)
+
+
+def _read_left(socket: zmq.Socket, core: ClientCore, link: int) -> list[Outcome]:
+    """The outcomes of the messages ``socket`` still holds, read with a plain shadow socket (the
+    asyncio flavour's reader task may be waiting on the socket: it just finds nothing)."""
+    plain = zmq.Socket.shadow(socket.underlying)
+    outcomes: list[Outcome] = []
+    for _ in range(_READ_LEFT_MAX):
+        try:
+            frames = plain.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        outcomes += core.handle_message(frames, link)
     return outcomes

@@ -26,7 +26,7 @@ from .._endpoints import endpoint_list
 from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
-from ._dealer import open_dealers
+from ._dealer import close_dealer, open_dealer, open_dealers
 from ._monitor import HandshakeWatch, drain
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import Stub, UnaryMethod
@@ -95,7 +95,7 @@ class Client:
         self.endpoints = endpoint_list(endpoints)
         self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
                                 max_message_bytes=max_message_bytes, endpoints=self.endpoints)
-        curve = client_security(curve_secret, broker_key)
+        curve = self._curve = client_security(curve_secret, broker_key)
         self._own_context = context is None
         if context is None:
             context = zmq.Context()
@@ -232,11 +232,11 @@ class Client:
     # -- the I/O thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self._wake_in, zmq.POLLIN)
         for socket in (*self._dealers, *self._monitors):
             poller.register(socket, zmq.POLLIN)
-        waiting_to_send = False
+        waiting_to_send = self._waiting_to_send = False
         try:
             while True:
                 events = dict(poller.poll(self._poll_timeout_ms()))
@@ -253,7 +253,7 @@ class Client:
                 blocked = self._send_unsent()
                 if blocked != waiting_to_send:
                     # Only ask for POLLOUT while a send is blocked, or poll would spin.
-                    waiting_to_send = blocked
+                    waiting_to_send = self._waiting_to_send = blocked
                     for dealer in self._dealers:
                         poller.register(dealer, zmq.POLLIN | (zmq.POLLOUT if blocked else 0))
         except Exception:
@@ -301,9 +301,22 @@ class Client:
     def _on_monitor_events(self, link: int) -> None:
         """Connections that closed (their calls fail at once), and CURVE refusals (calls fail
         UNAUTHENTICATED when every broker refused us)."""
-        outcomes = drain(self._monitors[link], self._core, link, self.endpoints[link], self._watch, self._dealers[link])
-        if outcomes:
-            self._settle(outcomes)
+        drained = drain(self._monitors[link], self._core, link, self.endpoints[link], self._watch, self._dealers[link])
+        if drained is None:
+            return
+        if drained.replace:
+            self._replace_dealer(link)
+        self._settle(drained.outcomes)
+
+    def _replace_dealer(self, link: int) -> None:
+        """A new DEALER and monitor for ``link``, whose connection closed (see _monitor.drain)."""
+        old = self._dealers[link], self._monitors[link]
+        for socket in old:
+            self._poller.unregister(socket)
+        close_dealer(*old)
+        self._dealers[link], self._monitors[link] = open_dealer(self._context, self.endpoints[link], self._curve)
+        self._poller.register(self._dealers[link], zmq.POLLIN | (zmq.POLLOUT if self._waiting_to_send else 0))
+        self._poller.register(self._monitors[link], zmq.POLLIN)
 
     def _retry_refused(self) -> None:
         """New calls after a refusal: try the handshake again (the key may be allowed now)."""
@@ -382,9 +395,7 @@ class Client:
         outcomes = self._core.fail_all(error) + [Outcome(call, None, error) for call in leftover]
         self._settle(outcomes)
         for dealer, monitor in zip(self._dealers, self._monitors):
-            dealer.disable_monitor()
-            monitor.close(linger=0)
-            dealer.close(linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
+            close_dealer(dealer, monitor, linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
         for socket in (self._wake_in, self._wake_out):
             socket.close(linger=0)
         if self._own_context:
