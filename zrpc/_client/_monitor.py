@@ -4,14 +4,14 @@ message to :func:`on_event`.
 
 - A connection that closes (the broker stopped, or its host vanished: ZMTP heartbeats notice)
   takes the calls it carried with it: no reply can come, since a restarted broker knows nothing
-  of them and a DEALER that reconnects gets a new routing id. The core fails them UNAVAILABLE at
-  once (see ``ClientCore.connection_closed``) instead of leaving them to their deadlines, and the
-  retry policy sends the idempotent ones again.
+  of them and a DEALER that reconnects gets a new routing id. The replies that arrived before
+  the close are read first; the core then fails the rest UNAVAILABLE at once (see
+  ``ClientCore.connection_closed``) instead of leaving them to their deadlines, the retry policy
+  sends the idempotent ones again, and the flavour replaces the DEALER (see :func:`drain`).
 - CURVE: a client whose key the broker refuses, or that holds the wrong broker key, never gets a
-  connection: ZeroMQ retries the handshake forever, its calls stay unsent (the DEALERs are
-  sent only over a link whose handshake succeeded), and the caller would see only
-  DEADLINE_EXCEEDED. :class:`HandshakeWatch` turns the refusal into a clear
-  UNAUTHENTICATED error (issue 5).
+  connection: ZeroMQ retries the handshake forever, its calls stay unsent (calls go only over a
+  link whose handshake succeeded), and the caller would see only DEADLINE_EXCEEDED.
+  :class:`HandshakeWatch` turns the refusal into a clear UNAUTHENTICATED error (issue 5).
 """
 from __future__ import annotations
 
