@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
+import time
 
 import pytest
 import zmq
 
 import zrpc
 from zrpc import AsyncClient, Broker, BrokerConfig, CircuitBreaker, Client, StatusCode, Worker
+from zrpc import _protocol as p
 from workers.echo import Echo, echo_pb2
 
 from .conftest import wait_for, wait_until_served, zrpc_cli
@@ -231,10 +234,8 @@ def test_calls_that_expire_while_no_broker_is_up_are_let_go():
     assert not core.has_unsent() and core.unsent() == 0 and core.in_flight == 0
 
 
-def _serve_pairs(router: zmq.Socket, stop: "threading.Event") -> None:
+def _serve_pairs(router: zmq.Socket, stop: threading.Event) -> None:
     """A stand-in broker on ``router``: answers every call of a REQUEST with its own payload."""
-    from zrpc import _protocol as p
-
     while not stop.is_set():
         if not router.poll(50):
             continue
@@ -250,10 +251,6 @@ def test_replies_read_after_their_broker_restarted_are_answers_and_the_client_li
     new broker takes the endpoint. libzmq used to drop the replies the client had not read (its
     DEALERs were IMMEDIATE), or abort the process (`!_more`, fq.cpp) when that happened mid-message.
     The replies are answers now, and the client goes on with the new broker."""
-    import threading
-
-    from zrpc import _protocol as p
-
     endpoint = f"ipc://{ipc_dir}/restarts"
     context = zmq.Context.instance()
     first = context.socket(zmq.ROUTER)
@@ -290,5 +287,99 @@ def test_replies_read_after_their_broker_restarted_are_answers_and_the_client_li
             stop.set()
             if server.is_alive():
                 server.join(ANSWER_WITHIN)
+            second.disable_monitor()
             accepted.close(0)
             second.close(0)
+
+
+def test_the_async_client_too_keeps_replies_that_arrived_before_its_broker_restarted(ipc_dir):
+    """As above, with the event loop blocked (a done-callback) while the broker answers, goes
+    and comes back: the DEALER's data and the monitor's close are then seen in one loop turn."""
+    endpoint = f"ipc://{ipc_dir}/restarts-async"
+    in_callback, release, stop = threading.Event(), threading.Event(), threading.Event()
+    failures: list[str] = []
+
+    def brokers() -> None:  # the first answers and goes, the second takes the endpoint
+        context = zmq.Context.instance()
+        first = context.socket(zmq.ROUTER)
+        first.bind(endpoint)
+        requests = []
+        while len(requests) < 50:
+            if not first.poll(ANSWER_WITHIN * 1000):
+                failures.append("the client's requests did not come")
+                return first.close(0)
+            identity, *frames = first.recv_multipart()
+            requests += p.pairs(frames[2:])
+        answer = [(p.encode_ok_reply_header(p.request_id_of(header)), payload) for header, payload in requests]
+        first.send_multipart([identity, *p.reply_message(answer[:1])])
+        if not in_callback.wait(ANSWER_WITHIN):
+            failures.append("the first answer was not read")
+            return first.close(0)
+        for pair in answer[1:]:
+            first.send_multipart([identity, *p.reply_message([pair])])
+        first.close(linger=5000)
+        second = context.socket(zmq.ROUTER)
+        accepted = second.get_monitor_socket(zmq.EVENT_ACCEPTED)
+        second.bind(endpoint)
+        if not accepted.poll(ANSWER_WITHIN * 1000):
+            failures.append("the client did not reconnect")
+        release.set()
+        second.disable_monitor()  # a monitor closed while still enabled stalls the new handshakes
+        accepted.close(0)
+        _serve_pairs(second, stop)
+        second.close(0)
+
+    async def calls() -> tuple[list, bytes]:
+        async with AsyncClient(endpoint, timeout=CALL_TIMEOUT, retry=None) as client:
+            tasks = [asyncio.ensure_future(client.call("echo.Echo", "Say", b"%d" % i)) for i in range(50)]
+            tasks[0].add_done_callback(lambda _: (in_callback.set(), release.wait(ANSWER_WITHIN)))
+            done, _ = await asyncio.wait(tasks, timeout=ANSWER_WITHIN)
+            assert len(done) == 50, "calls were not answered"
+            after = await client.call("echo.Echo", "Say", b"after", timeout=ANSWER_WITHIN)
+            return [task.result() for task in tasks], after
+
+    server = threading.Thread(target=brokers)
+    server.start()
+    try:
+        replies, after = asyncio.run(calls())
+    finally:
+        release.set()
+        stop.set()
+        server.join(ANSWER_WITHIN)
+    assert failures == []
+    assert replies == [b"%d" % i for i in range(50)] and after == b"after"
+
+
+def test_a_client_waiting_for_room_at_one_broker_does_not_spin_on_one_that_is_down(ipc_dir, monkeypatch):
+    """Without IMMEDIATE a DEALER is writable before it ever connects: asking it for POLLOUT while
+    another broker's queue is full made the sync client's I/O loop spin (32,312 turns in 2 s)."""
+    turns = []
+    poll = zmq.Poller.poll
+
+    def counted(self, timeout=None):
+        if threading.current_thread().name == "zrpc-client-io":
+            turns.append(1)
+        return poll(self, timeout)
+
+    monkeypatch.setattr(zmq.Poller, "poll", counted)
+    down, full = f"ipc://{ipc_dir}/never-bound", f"ipc://{ipc_dir}/never-reads"
+    stalled = zmq.Context.instance().socket(zmq.ROUTER)
+    stalled.rcvhwm = 1
+    stalled.bind(full)
+    try:
+        with Client([down, full], timeout=CALL_TIMEOUT, retry=None) as client:
+            payload = b"x" * 100_000
+            futures = []
+            for _ in range(10_000):  # until the queue to the broker that never reads is full
+                futures.append(client.call_future("echo.Echo", "Say", payload))
+                if any(client._pollout):
+                    break
+                time.sleep(0.001)  # lets the I/O thread send what came so far
+            wait_for(lambda: any(client._pollout), message="a send blocked on the full queue")
+            before = len(turns)
+            time.sleep(0.5)  # a window to count loop turns in, not a synchronisation
+            assert len(turns) - before < 50, f"{len(turns) - before} I/O loop turns in 0.5 s while waiting"
+            for future in futures:
+                future.cancel()
+    finally:
+        stalled.close(0)

@@ -36,6 +36,9 @@ PIPELINE_PAIRS = 8
 
 # With several brokers and none able to take a REQUEST (none connected, or every queue full), the
 # writer tries again after a pause that doubles from the first to the most (see _writable).
+# Messages read from a DEALER per wake-up before other work gets its turn.
+_RECV_BATCH = 256
+
 _RETRY_SEND_FIRST = 0.001
 _RETRY_SEND_MAX = 0.02
 
@@ -118,6 +121,8 @@ class AsyncClient:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for monitor in self._monitors:  # before any await: no reconnection starts while closing
+            self._loop.remove_reader(monitor.FD)
         tasks = self._readers + ([self._writer] if self._writer is not None else [])
         self._readers, self._writer = [], None
         for task in tasks:
@@ -125,7 +130,6 @@ class AsyncClient:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for socket, monitor in zip(self._sockets, self._monitors):
-            self._loop.remove_reader(monitor.FD)
             close_dealer(socket, monitor, linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
         self._sockets, self._monitors = [], []
         if self._context is not None:
@@ -211,15 +215,20 @@ class AsyncClient:
 
     def _replace_dealer(self, link: int) -> None:
         """A new DEALER and monitor for ``link``, whose connection closed (see _monitor.drain)."""
+        try:
+            fresh = open_dealer(self._context, self.endpoints[link], self._curve)
+        except Exception as exc:  # out of file descriptors, say: this link would be dead for good
+            self._fail(f"reconnect to {self.endpoints[link]}", exc)
+            return
         self._readers[link].cancel()
         self._loop.remove_reader(self._monitors[link].FD)
         close_dealer(self._sockets[link], self._monitors[link])
-        self._sockets[link], self._monitors[link] = open_dealer(self._context, self.endpoints[link], self._curve)
+        self._sockets[link], self._monitors[link] = fresh
         self._watch_link(link)
         # The writer may be waiting for the old socket's POLLOUT (see _writable), which will never
         # come now: a new writer takes over (it keeps nothing: the calls are in the core). This
-        # may run inside the writer itself (a send reads the monitors first): it then stops at its
-        # next await.
+        # may run inside the writer itself (a send reads the monitors first): that one is
+        # cancelled at its next suspension, or sees it is no longer the writer (see _write).
         self._writer.cancel()
         self._writer = self._loop.create_task(self._write(), name="zrpc-client-writer")
         self._wake.set()
@@ -235,10 +244,19 @@ class AsyncClient:
     # -- tasks and timer ---------------------------------------------------------------------
 
     async def _read(self, socket: zmq.asyncio.Socket, link: int) -> None:
+        """Wait until the DEALER of ``link`` has messages, then read them with a plain shadow
+        socket. Not an asyncio recv: a reply it had taken in would be lost with the task when the
+        connection closes and the DEALER is replaced (the monitor's turn can come first)."""
+        plain = zmq.Socket.shadow(socket.underlying)
         try:
             while True:
-                frames = await socket.recv_multipart()
-                self._settle(self._core.handle_message(frames, link))
+                await socket.poll(None, zmq.POLLIN)
+                for _ in range(_RECV_BATCH):
+                    try:
+                        frames = plain.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._settle(self._core.handle_message(frames, link))
                 self._arm_timer()  # a failed call may now wait out a retry backoff
         except asyncio.CancelledError:
             raise
@@ -248,7 +266,7 @@ class AsyncClient:
     def _on_monitor_events(self, link: int) -> None:
         """Connections that opened or closed (the calls of a closed one fail at once), and CURVE
         refusals (calls fail UNAUTHENTICATED when every broker refused us)."""
-        if link >= len(self._monitors):
+        if self._closed or link >= len(self._monitors):
             return  # closed meanwhile
         drained = drain(self._monitors[link], self._core, link, self.endpoints[link], self._watch, self._sockets[link])
         if drained is None:
@@ -332,6 +350,8 @@ class AsyncClient:
         try:
             while True:
                 await self._wake.wait()
+                if asyncio.current_task() is not self._writer:
+                    return  # replaced (see _replace_dealer)
                 self._wake.clear()
                 if self._cancels:
                     calls, self._cancels = self._cancels, []

@@ -92,12 +92,14 @@ def _connect(socket: zmq.Socket, endpoint: str, curve: tuple[_security.KeyPair, 
     # Not ZMQ_IMMEDIATE. With it, libzmq drops the connection's queue the moment the connection
     # closes, even while we are reading a message from it, and libzmq 4.3.5 then aborts the
     # process (`Assertion failed: !_more (src/fq.cpp:80)`: a broker that restarts while the
-    # client has replies unread; reproduced, reviewer's finding). Without it ZeroMQ keeps one
-    # queue for the endpoint for the socket's life, across reconnections, so: requests go out
-    # only over a link whose handshake the monitor reported (ClientCore.link_order), and when a
-    # connection that was up closes, the client reads what it holds, then replaces the socket
-    # (see _monitor.drain): requests still queued for the closed connection must not reach the
-    # next one late, with deadlines measured long before.
+    # client has replies unread). Without it ZeroMQ keeps one queue for the endpoint for the
+    # socket's life, across reconnections, so: requests go out only over a link whose
+    # handshake the monitor reported (ClientCore.link_order), and when a connection that was up
+    # closes, the client reads what it holds, then replaces the socket (see _monitor.drain), so
+    # that requests still queued for the closed connection do not reach the next one late, with
+    # deadlines measured long before. That holds when the client sees the close within ZeroMQ's
+    # reconnect interval (100 ms): a client busier than that (a slow done-callback, a blocked
+    # event loop) may have them sent over the next connection first.
     socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     _security.allow_ipv6_for(socket, [endpoint])

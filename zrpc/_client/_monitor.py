@@ -23,9 +23,9 @@ from .._errors import Error
 from .._status import StatusCode
 from ._core import ClientCore, Outcome, logger
 
-# Messages read from a closed connection's socket before it is replaced: bounded (every loop
-# in the client is), and far above what one connection holds (its receive high-water mark).
-_READ_LEFT_MAX = 1_000_000
+# Messages read from a closed connection's socket before it is replaced: every loop in the client
+# is bounded, and this one well above what a DEALER holds (its receive high-water mark, 1,000).
+_READ_LEFT_MAX = 100 * 1000
 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -101,7 +101,7 @@ class Drained(NamedTuple):
     """What a monitor's events did: the calls they ended, and whether the DEALER must be replaced."""
 
     outcomes: list[Outcome]
-    replace: bool = False
+    replace: bool
 
 
 def drain(monitor: zmq.Socket, core: ClientCore, link: int, endpoint: str, watch: HandshakeWatch | None,

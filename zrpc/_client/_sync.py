@@ -233,10 +233,10 @@ class Client:
 
     def _run(self) -> None:
         poller = self._poller = zmq.Poller()
+        self._pollout = [False] * len(self._dealers)  # which DEALERs the poller asks for POLLOUT
         poller.register(self._wake_in, zmq.POLLIN)
         for socket in (*self._dealers, *self._monitors):
             poller.register(socket, zmq.POLLIN)
-        waiting_to_send = self._waiting_to_send = False
         try:
             while True:
                 events = dict(poller.poll(self._poll_timeout_ms()))
@@ -250,12 +250,7 @@ class Client:
                     if events.get(dealer, 0) & zmq.POLLIN:
                         self._receive(dealer, link)
                 self._advance()
-                blocked = self._send_unsent()
-                if blocked != waiting_to_send:
-                    # Only ask for POLLOUT while a send is blocked, or poll would spin.
-                    waiting_to_send = self._waiting_to_send = blocked
-                    for dealer in self._dealers:
-                        poller.register(dealer, zmq.POLLIN | (zmq.POLLOUT if blocked else 0))
+                self._ask_for_pollout(self._send_unsent())
         except Exception:
             logger.exception("zrpc client I/O thread failed; the client is closed")
         finally:
@@ -308,15 +303,27 @@ class Client:
             self._replace_dealer(link)
         self._settle(drained.outcomes)
 
+    def _ask_for_pollout(self, blocked: bool) -> None:
+        """Poll for POLLOUT only the DEALERs of links that are up, and only while a send is blocked
+        (their queues are full). Any other DEALER is writable whenever asked (ZeroMQ queues for a
+        broker that is not connected too): polling it would spin."""
+        for link, dealer in enumerate(self._dealers):
+            want = blocked and self._core.link_is_up(link)
+            if want != self._pollout[link]:
+                self._pollout[link] = want
+                self._poller.register(dealer, zmq.POLLIN | (zmq.POLLOUT if want else 0))
+
     def _replace_dealer(self, link: int) -> None:
         """A new DEALER and monitor for ``link``, whose connection closed (see _monitor.drain)."""
+        fresh = open_dealer(self._context, self.endpoints[link], self._curve)  # raising closes the client
         old = self._dealers[link], self._monitors[link]
         for socket in old:
             self._poller.unregister(socket)
         close_dealer(*old)
-        self._dealers[link], self._monitors[link] = open_dealer(self._context, self.endpoints[link], self._curve)
-        self._poller.register(self._dealers[link], zmq.POLLIN | (zmq.POLLOUT if self._waiting_to_send else 0))
+        self._dealers[link], self._monitors[link] = fresh
+        self._poller.register(self._dealers[link], zmq.POLLIN)
         self._poller.register(self._monitors[link], zmq.POLLIN)
+        self._pollout[link] = False
 
     def _retry_refused(self) -> None:
         """New calls after a refusal: try the handshake again (the key may be allowed now)."""
