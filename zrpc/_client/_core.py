@@ -332,8 +332,8 @@ class ClientCore:
             millis = int((call.deadline - now) * 1000)
             call.header.deadline_ms = min(max(millis, 1), _MAX_DEADLINE_MS)
             raw = call.header.SerializeToString()
+            alone = batched and len(raw) + len(payload) >= _protocol.BATCH_CALL_BYTES
             entry = len(raw) + len(payload) + _protocol.BATCH_ENTRY_OVERHEAD
-            alone = batched and entry - _protocol.BATCH_ENTRY_OVERHEAD >= _protocol.BATCH_CALL_BYTES
             if calls and (alone or (batched and carried + entry > limit)):
                 break  # (a first call always fits a batch: it is under BATCH_CALL_BYTES)
             self._unsent.popleft()

@@ -114,16 +114,18 @@ def drain(monitor: zmq.Socket, core: ClientCore, link: int, endpoint: str, watch
     the closed connection over its next one. Events after that one are the old socket's, and are
     left with it.
     """
-    drained = None
+    outcomes: list[Outcome] = []
+    seen = False
     while True:
         try:
             frames = monitor.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
-            return drained
-        outcomes, replace = on_event(frames, core, link, endpoint, watch, socket)
-        drained = Drained((drained.outcomes if drained else []) + outcomes, replace)
+            return Drained(outcomes, False) if seen else None
+        seen = True
+        ended, replace = on_event(frames, core, link, endpoint, watch, socket)
+        outcomes += ended
         if replace:
-            return drained
+            return Drained(outcomes, True)
 
 
 def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, watch: HandshakeWatch | None,
@@ -138,8 +140,9 @@ def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, wa
         core.connection_up(link)
     elif event == zmq.EVENT_DISCONNECTED:
         replace = core.link_is_up(link)
-        if replace:  # what the broker answered before it went is settled, not failed
-            outcomes = _read_left(socket, core, link)
+        if replace:  # what the broker answered before it went is settled, not failed (the
+            # asyncio flavour's reader may be waiting on the socket: a plain shadow reads it)
+            outcomes = read_replies(zmq.Socket.shadow(socket.underlying), core, link, _READ_LEFT_MAX)
         outcomes += core.connection_closed(link, endpoint)
     if watch is None:
         return Drained(outcomes, replace)
@@ -155,14 +158,13 @@ def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, wa
     return Drained(outcomes, replace)
 
 
-def _read_left(socket: zmq.Socket, core: ClientCore, link: int) -> list[Outcome]:
-    """The outcomes of the messages ``socket`` still holds, read with a plain shadow socket (the
-    asyncio flavour's reader task may be waiting on the socket: it just finds nothing)."""
-    plain = zmq.Socket.shadow(socket.underlying)
+def read_replies(socket: zmq.Socket, core: ClientCore, link: int, most: int) -> list[Outcome]:
+    """The outcomes of the messages the plain DEALER ``socket`` of ``link`` holds now, at most
+    ``most`` of them, read without waiting."""
     outcomes: list[Outcome] = []
-    for _ in range(_READ_LEFT_MAX):
+    for _ in range(most):
         try:
-            frames = plain.recv_multipart(zmq.NOBLOCK)
+            frames = socket.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             break
         outcomes += core.handle_message(frames, link)

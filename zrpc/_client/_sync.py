@@ -27,7 +27,7 @@ from .._security import client_security
 from ._breaker import CircuitBreaker
 from ._core import CANCEL_ON_CLOSE_LINGER_MS, Call, ClientCore, Outcome, closed_error, logger
 from ._dealer import close_dealer, open_dealer, open_dealers
-from ._monitor import HandshakeWatch, drain
+from ._monitor import HandshakeWatch, drain, read_replies
 from ._retry import DEFAULT_RETRY, RetryPolicy
 from ._stub import Stub, UnaryMethod
 
@@ -331,12 +331,7 @@ class Client:
             self._dealers[self.endpoints.index(endpoint)].connect(endpoint)
 
     def _receive(self, dealer: zmq.Socket, link: int) -> None:
-        for _ in range(_RECV_BATCH):
-            try:
-                frames = dealer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._settle(self._core.handle_message(frames, link))
+        self._settle(read_replies(dealer, self._core, link, _RECV_BATCH))
 
     def _advance(self) -> None:
         outcomes = self._core.advance(self._core.clock())
