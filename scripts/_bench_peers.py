@@ -172,7 +172,7 @@ def role_broker(args) -> None:
     broker = Broker(BrokerConfig(
         frontend=args.frontend, backend=args.backend, queue_size=args.queue_size,
         max_in_flight=max(limit, 100_000), max_outstanding_per_client=limit,
-        unavailable_wait=args.unavailable_wait, log_level="WARNING"))
+        unavailable_wait=args.unavailable_wait, busy_poll=args.busy_poll, log_level="WARNING"))
     frontend, backend = broker.bind()
     _ready(frontend, backend)
     broker.run()
@@ -185,7 +185,8 @@ def role_worker(args) -> None:
     from zrpc import Worker
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    worker = Worker([Echo()], brokers=args.backend, concurrency=args.capacity, name="bench")
+    worker = Worker([Echo()], brokers=args.backend, concurrency=args.capacity, name="bench",
+                    busy_poll=args.busy_poll)
     worker.start()
     _ready(args.backend)
     threading.Event().wait()  # serve until killed
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     broker.add_argument("backend")
     broker.add_argument("--queue-size", type=int, default=10_000)
     broker.add_argument("--unavailable-wait", type=float, default=5.0)
+    broker.add_argument("--busy-poll", type=float, default=0.0)
     broker.set_defaults(run=role_broker)
     for name, run, endpoints in (("worker", role_worker, ("backend",)), ("echo-worker", role_echo_worker, ("backend",))):
         sub = roles.add_parser(name)
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("capacity", type=int)
         sub.add_argument("--zero-copy", action="store_true")
         sub.set_defaults(run=run)
+    roles.choices["worker"].add_argument("--busy-poll", type=float, default=0.0)
     proxy = roles.add_parser("proxy")
     proxy.add_argument("frontend")
     proxy.add_argument("backend")

@@ -9,6 +9,8 @@ after echo with a ``--payload-size`` byte EchoRequest, timed one call at a time 
       peer answers each REQUEST with one REPLY of pairs, so the client sends pairs too: the
       C device moving the messages of a protocol without batches (PROTOCOL.md §4c)
   a   zrpc broker + one zrpc Worker process serving workers.echo:Echo
+  ap  a, with busy_poll on in the broker and the worker (--busy-poll): after a message each polls
+      without sleeping for that long, instead of waking up per message (README "Busy polling")
   a2  zrpc broker + the minimal echo peer speaking the worker protocol (the broker's own cost)
   c   the minimal echo peer as a ROUTER the client connects to: no broker at all. It answers
       in batches as zrpc's broker does, so (c) shows what the client alone can generate
@@ -64,6 +66,7 @@ from zrpc import tune_allocator  # noqa: E402
 SYSTEMS = {
     "b": "zmq.proxy (C) + echo peer",
     "a": "zrpc broker + zrpc Worker",
+    "ap": "a, busy-polling",
     "a2": "zrpc broker + echo peer",
     "c": "direct: client -> echo peer",
     "d": "gRPC Python (grpc.aio)",
@@ -204,7 +207,7 @@ class Deployment:
 
 @contextlib.contextmanager
 def deploy(system: str, directory: pathlib.Path, capacity: int, zero_copy: bool = False,
-           tag: str = "") -> Iterator[Deployment]:
+           tag: str = "", busy_poll: float = 0.0) -> Iterator[Deployment]:
     """Start ``system``'s servers; stop each by its PID on the way out."""
     servers: dict[str, peers.Server] = {}
     name = f"{system}{tag}"
@@ -216,10 +219,11 @@ def deploy(system: str, directory: pathlib.Path, capacity: int, zero_copy: bool 
         return servers[label]
 
     try:
-        if system in ("a", "a2"):
-            start("broker", "broker", front, back)
-            if system == "a":
-                start("worker", "worker", back, str(capacity))
+        if system in ("a", "ap", "a2"):
+            polling = ["--busy-poll", str(busy_poll)] if system == "ap" else []
+            start("broker", "broker", front, back, *polling)
+            if system in ("a", "ap"):
+                start("worker", "worker", back, str(capacity), *polling)
             else:
                 start("peer", "echo-worker", back, str(capacity), *copy_flag)
             yield Deployment(system, "zrpc", front, servers)
@@ -728,7 +732,7 @@ def _systems(ctx, param, value: str) -> list[str]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "ZRPC_BENCH"})
 @click.option("--systems", default="a,b,c,a2,d", show_default=True, callback=_systems,
-              help="Which systems to measure: a, a2, b, c, d (see the top of this file).")
+              help="Which systems to measure: a, ap, a2, b, c, d (see the top of this file).")
 @click.option("--concurrency", default="1,32,128", show_default=True, callback=_int_list,
               help="Calls in flight, comma-separated: one cell per value.")
 @click.option("--payload-size", default=100, show_default=True, type=click.IntRange(min=0), help="Bytes per payload.")
@@ -751,12 +755,15 @@ def _systems(ctx, param, value: str) -> list[str]:
               help="Profile the broker under a2 with py-spy (raw collapsed stacks written here).")
 @click.option("--profile-concurrency", default=32, show_default=True, type=click.IntRange(min=1),
               help="With --profile: calls kept in flight while the broker is profiled.")
+@click.option("--busy-poll", default=0.002, show_default=True, type=click.FloatRange(min=0.0001, max=1.0),
+              metavar="SECONDS", help="busy_poll of the broker and the worker in system ap.")
 @click.option("--quiet-wait", default=0.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
               help="Before each cell, wait up to this long until other processes leave the CPUs idle.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the tables.")
 def main(systems: list[str], concurrency: list[int], payload_size: int, duration: float, requests: int | None,
          rounds: int, warmup: float, client_processes: int, worker_capacity: int | None, queued: int, large: bool,
-         profile_path: pathlib.Path | None, profile_concurrency: int, quiet_wait: float, as_json: bool) -> None:
+         profile_path: pathlib.Path | None, profile_concurrency: int, busy_poll: float, quiet_wait: float,
+         as_json: bool) -> None:
     """Measure zrpc against the C proxy, no broker and gRPC; print a table (or --json)."""
     tune_allocator()  # the in-process client, as in the servers (see _bench_peers.main)
     capacity = worker_capacity or max(concurrency)
@@ -777,7 +784,8 @@ def main(systems: list[str], concurrency: list[int], payload_size: int, duration
         with contextlib.ExitStack() as stack:
             # Every system stays up for the whole run (idle between its cells), so that the
             # rounds can alternate between them: each round measures every cell once.
-            deployments = {system: stack.enter_context(deploy(system, directory, capacity)) for system in systems}
+            deployments = {system: stack.enter_context(deploy(system, directory, capacity,
+                                                                    busy_poll=busy_poll)) for system in systems}
             by_round: list[list[dict]] = []
             for round_number in range(1, rounds + 1):
                 round_rows = []

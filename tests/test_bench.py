@@ -14,14 +14,15 @@ from tests.conftest import REPO
 def test_bench_measures_zrpc_and_the_c_proxy():
     completed = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--duration", "0.3", "--concurrency", "2",
-         "--systems", "a,b,c", "--rounds", "2", "--json",
+         "--systems", "a,ap,b,c", "--rounds", "2", "--json",
          "--queued", "1000"],  # the extras run too, at a size that keeps this test quick
         cwd=REPO, capture_output=True, text=True, timeout=90,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout)
     rows = {row["system"]: row for row in report["rows"]}
-    assert set(rows) == {"a", "b", "c"}  # (c)'s peer answers in batches (§4c), and takes them
+    # (c)'s peer answers in batches (§4c), and takes them; (ap) is (a) with busy_poll on
+    assert set(rows) == {"a", "ap", "b", "c"}
     for row in rows.values():
         assert row["concurrency"] == 2
         assert row["calls_per_s"] > 0, row

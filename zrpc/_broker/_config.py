@@ -46,6 +46,10 @@ class BrokerConfig:
     handshake_timeout: float = 5.0
     # How often the loop checks deadlines and heartbeats when no message arrives.
     tick_interval: float = 0.05
+    # After a message, keep polling without sleeping for this long (0: off). A sleeping loop
+    # pays a thread wake-up and cold caches per message; polling costs a core while traffic
+    # lasts and nothing once it stops (README "Busy polling").
+    busy_poll: float = 0.0
     # CURVE (zrpc keys generate): the broker's NAME.key_secret, and directories of the public
     # keys (*.key) admitted on the frontend (clients) and on the backend (workers); optional
     # TOML rules of which key may call or offer which service. Empty: plain TCP, no keys.
@@ -82,6 +86,8 @@ class BrokerConfig:
         for name in ("unavailable_wait", "unknown_service_grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if not 0 <= self.busy_poll <= 1:
+            raise ValueError("busy_poll must be between 0 and 1 second")
         if self.tick_interval <= 0:
             raise ValueError("tick_interval must be positive")
         for name in ("frontend", "backend"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 
@@ -219,19 +220,32 @@ class Broker:
         for socket in connections.sockets():
             poller.register(socket, zmq.POLLIN)
         tick_interval = self.config.tick_interval
+        busy_poll = self.config.busy_poll
         next_tick = clock()
+        polling_until = 0.0  # busy_poll: when the last message's polling window closes
         while not self._stopping.is_set():
             now = clock()
-            timeout = max(0.0, min(next_tick - now, engine.next_timer(now)))
-            # Whole milliseconds, rounded up: pyzmq truncates, and a timer less than 1 ms away
-            # would make every poll return at once until it is due (a spin before each tick).
-            ready = dict(poller.poll(math.ceil(timeout * 1000)))
+            if now < polling_until:
+                ready = poller.poll(0)
+                if not ready:
+                    # Give the core to a process that is waiting for it (on a small host, the
+                    # worker or the client this loop is waiting for); then look again.
+                    os.sched_yield()
+                    ready = poller.poll(0)
+            else:
+                timeout = max(0.0, min(next_tick - now, engine.next_timer(now)))
+                # Whole milliseconds, rounded up: pyzmq truncates, and a timer less than 1 ms away
+                # would make every poll return at once until it is due (a spin before each tick).
+                ready = poller.poll(math.ceil(timeout * 1000))
+            ready = dict(ready)
             now = clock()
             connections.drain(ready)
             if frontend in ready:
                 self._drain(frontend, engine.on_frontend, now)
+                polling_until = now + busy_poll
             if backend in ready:
                 self._drain(backend, engine.on_backend, now)
+                polling_until = now + busy_poll
             if now >= next_tick or engine.next_timer(now) == 0.0:
                 engine.tick(now)
                 connections.check(now)

@@ -42,6 +42,9 @@ def worker() -> None:
 @option("--name", default=None, help="Name shown by `zrpc services` and in broker logs [default: host:pid].")
 @option("--max-message-bytes", type=click.IntRange(min=1), default=p.DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
         show_default=True, help="A larger reply is answered RESOURCE_EXHAUSTED; match the broker's setting.")
+@option("--busy-poll", type=click.FloatRange(min=0, max=1), default=0.0, metavar="SECONDS", show_default=True,
+        help="After a message, poll without sleeping this long: lower latency at light load for a "
+             "core while calls come (0: off).")
 @curve_options
 @option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
         show_default=True, help="Log threshold; logs go to stderr.")
@@ -50,7 +53,7 @@ def worker() -> None:
 @metrics_host_option
 def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
         heartbeat_interval: float, liveness: int, drain_grace: float, name: str | None,
-        max_message_bytes: int, log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
+        max_message_bytes: int, busy_poll: float, log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
     """Serve MODULE:CLASS services (zrpc Service subclasses) from the current directory.
 
     The working directory goes first on sys.path, so from a checkout
@@ -76,7 +79,8 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
     try:
         worker_ = Worker(services=instances, brokers=endpoints, concurrency=concurrency,
                          heartbeat_interval=heartbeat_interval, liveness=liveness, name=name,
-                         drain_grace=drain_grace, max_message_bytes=max_message_bytes, **curve_settings())
+                         drain_grace=drain_grace, max_message_bytes=max_message_bytes, busy_poll=busy_poll,
+                         **curve_settings())
     except (TypeError, ValueError) as exc:  # a service the runtime refuses, a setting out of range
         raise CliError(f"cannot start worker: {exc}") from None
     from .._worker._metrics import worker_registry
