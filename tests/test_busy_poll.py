@@ -45,11 +45,23 @@ def _broker(endpoints, busy_poll: float) -> Broker:
                                busy_poll=busy_poll, log_level="WARNING")).start()
 
 
+def _longest_polling_run(polls: list[tuple[float, int]]) -> float:
+    """Seconds from the first to the last poll of the longest run of zero-timeout polls."""
+    longest, run_start = 0.0, None
+    for at, timeout in polls:
+        if timeout == 0:
+            run_start = at if run_start is None else run_start
+            longest = max(longest, at - run_start)
+        else:
+            run_start = None
+    return longest
+
+
 def test_the_broker_polls_without_sleeping_after_a_message_then_sleeps_again(endpoints, recorded_polls):
     window = 0.3
     broker = _broker(endpoints, window)
     try:
-        # A long heartbeat: the worker's own messages would open the window again.
+        # A long heartbeat: fewer messages that are not calls (they do not open the window).
         with Worker([Echo()], brokers=broker.backend_endpoint, heartbeat_interval=30.0), \
                 zrpc.Client(broker.frontend_endpoint, timeout=10.0) as client:
             wait_until_served(broker.frontend_endpoint, ECHO.full_name)
@@ -60,10 +72,23 @@ def test_the_broker_polls_without_sleeping_after_a_message_then_sleeps_again(end
             wait_for(lambda: any(t > 0 and at > called_at + window for at, t in list(recorded_polls)),
                      timeout=10.0, message="the broker to sleep again")
             after = [(at, t) for at, t in list(recorded_polls) if at >= called_at]
-            busy = [at for at, t in after if t == 0]
-            assert len(busy) >= 10  # it polled, again and again, without sleeping
-            first_sleep = next(at for at, t in after if t > 0 and at > busy[0])
-            assert first_sleep - busy[0] >= window * 0.8  # for the window, not a turn or two
+            assert sum(1 for _, t in after if t == 0) >= 10  # it looked, again and again
+            assert _longest_polling_run(after) >= window * 0.8  # for the window, not a turn or two
+    finally:
+        broker.stop()
+
+
+def test_heartbeats_alone_do_not_keep_the_broker_polling(endpoints, recorded_polls):
+    broker = _broker(endpoints, 1.0)  # a window longer than the heartbeat interval
+    try:
+        with Worker([Echo()], brokers=broker.backend_endpoint, heartbeat_interval=0.05):
+            wait_until_served(broker.frontend_endpoint, ECHO.full_name)
+            # Twenty heartbeats each way with no call: the broker sleeps between them.
+            settled_at = time.monotonic() + 1.0  # the window the registration call opened
+            wait_for(lambda: any(at > settled_at + 1.0 for at, _ in list(recorded_polls)), timeout=10.0,
+                     message="a second of heartbeats")
+            idle = [(at, t) for at, t in list(recorded_polls) if at > settled_at]
+            assert _longest_polling_run(idle) < 0.05
     finally:
         broker.stop()
 
@@ -100,8 +125,9 @@ def test_broker_deadlines_expire_while_it_polls(endpoints):
         broker.stop()
 
 
-@pytest.mark.parametrize("busy_poll", [0.0, 0.3])
-def test_the_worker_reads_every_loop_turn_for_the_window_then_sleeps(endpoints, monkeypatch, busy_poll):
+@pytest.fixture
+def worker_reads(monkeypatch):
+    """How many times workers of this test read their broker links (Worker._receive calls)."""
     reads = [0]
     receive = _runtime.Worker._receive
 
@@ -110,35 +136,77 @@ def test_the_worker_reads_every_loop_turn_for_the_window_then_sleeps(endpoints, 
         receive(self, link)
 
     monkeypatch.setattr(_runtime.Worker, "_receive", counting_receive)
+    return reads
+
+
+def _settled(reads: list[int], look: float):
+    def check() -> bool:  # no read for a while: the worker sleeps
+        seen = reads[0]
+        threading.Event().wait(look)  # a bounded look, not synchronisation
+        return reads[0] == seen
+    return check
+
+
+@pytest.mark.parametrize("busy_poll", [0.0, 0.3])
+def test_the_worker_reads_every_loop_turn_for_the_window_then_sleeps(endpoints, worker_reads, busy_poll):
     broker = _broker(endpoints, 0.0)
     try:
         with Worker([Echo()], brokers=broker.backend_endpoint, heartbeat_interval=30.0,
                     busy_poll=busy_poll), \
                 zrpc.Client(broker.frontend_endpoint, timeout=10.0) as client:
             wait_until_served(broker.frontend_endpoint, ECHO.full_name)
-            before = reads[0]
+            wait_for(_settled(worker_reads, busy_poll + 0.2), timeout=10.0, message="the worker to rest")
+            before = worker_reads[0]
             assert client.stub(ECHO).Say(HELLO).payload == b"hello"
-
-            def settled() -> bool:  # no read for a while: the worker sleeps
-                seen = reads[0]
-                threading.Event().wait(busy_poll + 0.2)  # a bounded look, not synchronisation
-                return reads[0] == seen
-            wait_for(settled, timeout=10.0, message="the worker to stop reading")
+            wait_for(_settled(worker_reads, busy_poll + 0.2), timeout=10.0, message="the worker to stop reading")
             if busy_poll:
-                assert reads[0] - before >= 20  # a read every loop turn of the window
+                assert worker_reads[0] - before >= 20  # a read every loop turn of the window
             else:
-                assert reads[0] - before <= 5  # a read when the socket signals, no more
+                assert worker_reads[0] - before <= 5  # a read when the socket signals, no more
     finally:
         broker.stop()
 
 
-def test_settings_out_of_range_are_refused():
+def test_heartbeats_and_reconnects_do_not_keep_the_worker_polling(endpoints, ipc_dir, worker_reads):
+    broker = _broker(endpoints, 0.0)
+    try:
+        # One link to a broker that heartbeats every 50 ms, one to a broker that is not there
+        # (it reconnects at every silence limit). A window of a second would span them all.
+        nowhere = f"ipc://{ipc_dir}/nobody"
+        with Worker([Echo()], brokers=[broker.backend_endpoint, nowhere], heartbeat_interval=0.05,
+                    liveness=2, busy_poll=1.0):
+            wait_until_served(broker.frontend_endpoint, ECHO.full_name)
+            before = worker_reads[0]
+            threading.Event().wait(1.0)  # the span observed, not synchronisation
+            # About 20 heartbeats arrive in that second; polling would read thousands of times.
+            assert worker_reads[0] - before < 200
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("value", [-0.1, 2.0, float("nan"), True, "0.5"])
+def test_windows_that_cannot_work_are_refused(value):
     with pytest.raises(ValueError, match="busy_poll"):
-        BrokerConfig(busy_poll=-0.1).validate()
+        BrokerConfig(busy_poll=value).validate()
     with pytest.raises(ValueError, match="busy_poll"):
-        BrokerConfig(busy_poll=2.0).validate()
-    with pytest.raises(ValueError, match="busy_poll"):
-        Worker([Echo()], busy_poll=5.0)
+        Worker([Echo()], busy_poll=value)
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("busy_poll = true", "busy_poll must be a number, not True"),
+    ('queue_size = "5"', "queue_size must be a number, not '5'"),
+    ("queue_size = 5.5", "queue_size must be a whole number, not 5.5"),
+    ("unavailable_wait = false", "unavailable_wait must be a number, not False"),
+])
+def test_a_config_file_value_of_the_wrong_type_names_its_setting(spawn, tmp_path, endpoints, line, problem):
+    frontend, backend = endpoints
+    config = tmp_path / "broker.toml"
+    config.write_text(f"[broker]\n{line}\n")
+    process = spawn(*zrpc_cli("broker", "start", "--config", str(config), "--frontend", frontend,
+                              "--backend", backend))
+    assert process.popen.wait(30) == 2
+    wait_for(lambda: any(problem in error for error in process.errors), timeout=5.0,
+             message=f"the error {problem!r}")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -150,15 +218,19 @@ def _cpu_seconds(pid: int) -> float:
 def test_the_cli_flags_reach_broker_and_worker_and_both_rest_when_calls_stop(spawn, endpoints):
     frontend, backend = endpoints
     broker = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
-                             "--unknown-service-grace", "0", "--busy-poll", "0.2"))
+                             "--unknown-service-grace", "0", "--busy-poll", "1"))
     broker.wait_line("zrpc broker ready")
-    worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", backend,
-                             "--heartbeat-interval", "30", "--busy-poll", "0.2"))
+    worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", backend, "--busy-poll", "1"))
     worker.wait_line("zrpc worker ready")
     wait_until_served(frontend, ECHO.full_name)
     with zrpc.Client(frontend, timeout=10.0) as client:
-        for _ in range(50):
+        for _ in range(20):
             assert client.stub(ECHO).Say(HELLO).payload == b"hello"
+        # Within the second after the last call, both poll: each takes a good part of a core.
+        used = {process.pid: _cpu_seconds(process.pid) for process in (broker, worker)}
+        threading.Event().wait(0.4)  # the span measured, not synchronisation
+        for process in (broker, worker):
+            assert _cpu_seconds(process.pid) - used[process.pid] >= 0.08, process.args
 
     def resting(pid: int):
         def check() -> bool:

@@ -8,6 +8,7 @@ from typing import Any, Collection
 
 from .. import _protocol as p
 from .._endpoints import endpoint_port, endpoint_problem
+from .._polling import busy_poll_problem
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
@@ -46,7 +47,7 @@ class BrokerConfig:
     handshake_timeout: float = 5.0
     # How often the loop checks deadlines and heartbeats when no message arrives.
     tick_interval: float = 0.05
-    # After a message, keep polling without sleeping for this long (0: off). A sleeping loop
+    # After a call's message, keep polling without sleeping for this long (0: off). A sleeping loop
     # pays a thread wake-up and cold caches per message; polling costs a core while traffic
     # lasts and nothing once it stops (README "Busy polling").
     busy_poll: float = 0.0
@@ -69,6 +70,16 @@ class BrokerConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
+        for field in dataclasses.fields(self):
+            # A config file can hold any TOML value: `queue_size = "5"` or `busy_poll = true`
+            # would fail later with a TypeError, or (a bool is an int) pass as 1.
+            default, value = field.default, getattr(self, field.name)
+            if isinstance(default, bool) or not isinstance(default, (int, float)):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{field.name} must be a number, not {value!r}")
+            if isinstance(default, int) and not isinstance(value, int):
+                raise ValueError(f"{field.name} must be a whole number, not {value!r}")
         if self.heartbeat_liveness < 1:
             raise ValueError("heartbeat_liveness must be at least 1")
         for name in ("queue_size", "max_in_flight", "max_outstanding_per_client", "max_workers",
@@ -86,8 +97,8 @@ class BrokerConfig:
         for name in ("unavailable_wait", "unknown_service_grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        if not 0 <= self.busy_poll <= 1:
-            raise ValueError("busy_poll must be between 0 and 1 second")
+        if (problem := busy_poll_problem(self.busy_poll)) is not None:
+            raise ValueError(problem)
         if self.tick_interval <= 0:
             raise ValueError("tick_interval must be positive")
         for name in ("frontend", "backend"):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 
@@ -11,6 +10,7 @@ import zmq
 
 from .. import _protocol as p
 from .. import _security
+from .._polling import yield_core
 from ._auth import BrokerSecurity
 from ._config import BrokerConfig
 from ._connections import ConnectionLimits, connection_cap, fd_limit
@@ -230,7 +230,7 @@ class Broker:
                 if not ready:
                     # Give the core to a process that is waiting for it (on a small host, the
                     # worker or the client this loop is waiting for); then look again.
-                    os.sched_yield()
+                    yield_core()
                     ready = poller.poll(0)
             else:
                 timeout = max(0.0, min(next_tick - now, engine.next_timer(now)))
@@ -245,7 +245,10 @@ class Broker:
                 polling_until = now + busy_poll
             if backend in ready:
                 self._drain(backend, engine.on_backend, now)
-                polling_until = now + busy_poll
+                # Replies keep the window open, workers' heartbeats alone do not: with them, a
+                # broker of many workers would poll all the time it is idle.
+                if engine.calls_held:
+                    polling_until = now + busy_poll
             if now >= next_tick or engine.next_timer(now) == 0.0:
                 engine.tick(now)
                 connections.check(now)

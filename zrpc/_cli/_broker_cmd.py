@@ -48,7 +48,7 @@ def broker() -> None:
         help="Connections each endpoint holds at once; more are refused as they arrive. "
              "0: min(10000, (file descriptor limit - 512) / 2).")
 @option("--busy-poll", type=click.FloatRange(min=0, max=1), metavar="SECONDS", show_default="0 (off)",
-        help="After a message, poll without sleeping this long: lower latency at light load for a "
+        help="After a call's message, poll without sleeping this long: lower latency at light load for a "
              "core while calls come.")
 @option("--curve-secret", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
         help="The broker's NAME.key_secret (zrpc keys generate): turns on CURVE; needs the two "

@@ -43,7 +43,7 @@ def worker() -> None:
 @option("--max-message-bytes", type=click.IntRange(min=1), default=p.DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
         show_default=True, help="A larger reply is answered RESOURCE_EXHAUSTED; match the broker's setting.")
 @option("--busy-poll", type=click.FloatRange(min=0, max=1), default=0.0, metavar="SECONDS", show_default=True,
-        help="After a message, poll without sleeping this long: lower latency at light load for a "
+        help="After a request, poll without sleeping this long: lower latency at light load for a "
              "core while calls come (0: off).")
 @curve_options
 @option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",

@@ -27,6 +27,7 @@ from .._endpoints import endpoint_list
 from .._errors import Error
 from .._security import client_security
 from .._logging import TRACE_ID
+from .._polling import busy_poll_problem, yield_core
 from .._service import Service
 from .._status import StatusCode
 from ._calls import (
@@ -74,9 +75,10 @@ class Worker:
     ``max_message_bytes``: a reply larger than this is answered RESOURCE_EXHAUSTED instead; set
     it as the broker's limit of the same name (64 MiB by default).
 
-    ``busy_poll``: after a message from a broker, look for the next one every loop turn for this
-    many seconds instead of sleeping until the socket signals (0: off). It saves the wake-up
-    per call at light load and costs a core while calls keep coming (README "Busy polling").
+    ``busy_poll``: after a request from a broker, look for the next message every loop turn for
+    this many seconds instead of sleeping until the socket signals (0: off). It saves the
+    wake-up per call at light load and costs a core while calls keep coming (README "Busy
+    polling"). The window is measured with ``clock``: one that stands still never closes it.
     """
 
     def __init__(self, services: Iterable[Service], brokers: str | Iterable[str] = "tcp://127.0.0.1:5556", *,
@@ -97,8 +99,8 @@ class Worker:
             raise ValueError("liveness must be at least 1")
         if max_message_bytes < 1:
             raise ValueError("max_message_bytes must be at least 1")
-        if not 0 <= busy_poll <= 1:
-            raise ValueError("busy_poll must be between 0 and 1 second")
+        if (problem := busy_poll_problem(busy_poll)) is not None:
+            raise ValueError(problem)
         self.busy_poll = busy_poll
         self.max_message_bytes = max_message_bytes
         self.concurrency = concurrency
@@ -348,10 +350,10 @@ class Worker:
             if frames is None:
                 # The answers of inline (@nonblocking) handlers leave now, not a loop turn later.
                 link.flush_replies()
-                if link.last_heard + self.busy_poll > self._clock():
+                if link.poll_until > self._clock():
                     # Busy polling: look again next loop turn, after letting a process that
                     # waits for this core (the broker, a client) have it.
-                    os.sched_yield()
+                    yield_core()
                     link.schedule_read()
                 return
             link.last_heard = self._clock()
@@ -373,6 +375,9 @@ class Worker:
                 log.warning("bad message from broker %s (%s): %s", link.endpoint, exc.reason, exc.message)
                 continue
             if command == p.REQUEST or command == p.REQUEST_BATCH:
+                # Calls open the busy-poll window; heartbeats must not, or an idle worker
+                # whose window spans its heartbeat interval would never sleep.
+                link.poll_until = link.last_heard + self.busy_poll
                 self._on_request(link, command, body)
             elif command == p.CANCEL:
                 self._on_cancel(link, body)
