@@ -244,10 +244,11 @@ class Broker:
                 self._drain(frontend, engine.on_frontend, now)
                 polling_until = now + busy_poll
             if backend in ready:
+                held = engine.calls_held
                 self._drain(backend, engine.on_backend, now)
-                # Replies keep the window open, workers' heartbeats alone do not: with them, a
-                # broker of many workers would poll all the time it is idle.
-                if engine.calls_held:
+                # Replies keep the window open (the client's next call follows), workers'
+                # heartbeats alone do not: a broker of many workers would poll while idle.
+                if held or engine.calls_held:
                     polling_until = now + busy_poll
             if now >= next_tick or engine.next_timer(now) == 0.0:
                 engine.tick(now)
