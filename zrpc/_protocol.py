@@ -13,6 +13,11 @@ from ._status import StatusCode
 # (spec §1) The first frame of every message: protocol name and version.
 TAG = b"ZRPC1"
 
+# (spec §11) The reply detail of a call refused as its worker or broker drains: it never ran,
+# so it may be sent again (the broker re-queues it; a client may send it to another broker).
+RETRY_DETAIL = "zrpc-retry"
+DRAINING = {RETRY_DETAIL: "draining"}
+
 # (spec §2) The second frame: one command byte.
 READY = b"\x01"
 REQUEST = b"\x02"

@@ -65,6 +65,8 @@ def _describe_service(engine: "BrokerEngine", request: pb.DescribeServiceRequest
 
 def _health(engine: "BrokerEngine", request: pb.HealthRequest, now: float):
     status = pb.HealthReply
+    if engine.draining:  # shutting down: send new calls elsewhere
+        return StatusCode.OK, "", status(status=status.NOT_SERVING).SerializeToString()
     if not request.service or request.service == SERVICE:
         return StatusCode.OK, "", status(status=status.SERVING).SerializeToString()
     service = engine.services.get(request.service)

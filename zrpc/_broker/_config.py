@@ -47,6 +47,9 @@ class BrokerConfig:
     handshake_timeout: float = 5.0
     # How often the loop checks deadlines and heartbeats when no message arrives.
     tick_interval: float = 0.05
+    # On SIGTERM or SIGINT (`zrpc broker start`), calls held may be answered for this long while
+    # new ones are refused UNAVAILABLE (zrpc-retry: draining); a second signal stops at once.
+    drain_grace: float = 10.0
     # After a call's message, keep polling without sleeping for this long (0: off). A sleeping loop
     # pays a thread wake-up and cold caches per message; polling costs a core while traffic
     # lasts and nothing once it stops (README "Busy polling").
@@ -94,7 +97,7 @@ class BrokerConfig:
             raise ValueError("max_connections must not be negative (0: automatic)")
         if self.handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be positive")
-        for name in ("unavailable_wait", "unknown_service_grace"):
+        for name in ("unavailable_wait", "unknown_service_grace", "drain_grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if (problem := busy_poll_problem(self.busy_poll)) is not None:

@@ -23,9 +23,6 @@ from ._state import Call, CallState, ServiceState, WorkerState
 log = logging.getLogger("zrpc.broker")
 
 RESERVED_PREFIX = "zrpc."
-# A worker that drains answers new work with this detail so the broker re-queues the call
-# instead of failing it (it never ran).
-RETRY_DETAIL = "zrpc-retry"
 
 # The deadlines are compacted (answered calls dropped) once they hold this many times the calls
 # held, plus the floor (so that a handful of calls never triggers it).
@@ -51,6 +48,8 @@ class BrokerEngine:
         # client routing id -> {client request id -> call}: for CANCEL and per-client bounds.
         self.clients: dict[bytes, dict[int, Call]] = {}
         self.calls_held = 0  # queued + dispatched, bounded by max_in_flight
+        # Shutting down (Broker.drain): new calls are refused, held ones still answered.
+        self.draining = False
         self._dispatch_ids = itertools.count(1)
         self._dispatch_seq = itertools.count(1)
         # Every held call's deadline (answered ones until dropped: see next_timer).
@@ -138,6 +137,11 @@ class BrokerEngine:
             code, message, reply = _builtin.handle(self, method, payload, now)
             self._reply(client, request_id, code, message, reply, reads_batches)
             return
+        if self.draining:  # it never ran: any call may go again, to another broker (§11)
+            self.counters["refused_draining"] += 1
+            return self._fail_new(client, request_id, header, StatusCode.UNAVAILABLE,
+                                  "broker is shutting down; calls it holds are still answered", now,
+                                  reads_batches, p.DRAINING)
         if outstanding is not None and len(outstanding) >= self.config.max_outstanding_per_client:
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                   f"client has {len(outstanding)} calls outstanding "
@@ -340,7 +344,7 @@ class BrokerEngine:
         service.dispatched -= 1
         call.worker = None
         code = header.code
-        if code == _UNAVAILABLE and header.details.get(RETRY_DETAIL) == "draining":
+        if code == _UNAVAILABLE and header.details.get(p.RETRY_DETAIL) == "draining":
             worker.draining = True  # it never ran the call: give it to another worker
             call.attempt -= 1
             call.state = CallState.QUEUED
@@ -497,12 +501,12 @@ class BrokerEngine:
     # ------------------------------------------------------------------ answers
 
     def _fail_new(self, client: bytes, request_id: int, header, code: StatusCode, message: str, now: float,
-                  reads_batches: bool) -> None:
+                  reads_batches: bool, details: dict[str, str] | None = None) -> None:
         """Answer a call that was never held."""
         self.counters[f"code_{code.name}"] += 1
         if self.on_call_done is not None:
             self.on_call_done(header.service, header.method, code, None, now)
-        self._reply(client, request_id, code, message, b"", reads_batches)
+        self._send_reply(client, p.encode_reply_header(request_id, code, message, details), b"", reads_batches)
 
     def _fail(self, call: Call, code: StatusCode, message: str, now: float) -> None:
         self._finish(call, code, now)

@@ -33,13 +33,16 @@ _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 # Payloads pass through without being copied from this size on (they are never decoded, §4).
 _ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
+# A drained broker's frontend waits at most this long for its last answers to leave at close.
+_DRAINED_LINGER_MS = 2000
 
 
 class Broker:
     """A broker bound to a frontend (clients) and a backend (workers) endpoint.
 
     ``bind()`` then ``run()`` in the calling thread (the CLI), or ``start()`` to run in a
-    background thread (tests, ``zrpc.testing``); ``stop()`` from any thread.
+    background thread (tests, ``zrpc.testing``); ``stop()`` from any thread, or ``drain(grace)``
+    to answer the calls held first (what `zrpc broker start` does on SIGTERM).
 
     ``gate_handshakes`` (without CURVE): hold each handshake until the loop has seen its
     connection, so that a peer refused at ``max_connections`` keeps the messages it had queued
@@ -72,6 +75,8 @@ class Broker:
         self._wake_endpoint = f"inproc://zrpc-broker-wake-{id(self):x}"
         self._wake_recv: zmq.Socket | None = None
         self._stopping = threading.Event()
+        self._drain_requested = threading.Event()
+        self._drain_grace = 0.0
         self._thread: threading.Thread | None = None
         self.undeliverable = 0  # replies to peers that are gone or not reading
         # CURVE: keys and allow-lists from the config; None for plain TCP.
@@ -164,9 +169,29 @@ class Broker:
         self._thread.start()
         return self
 
+    def drain(self, grace: float) -> None:
+        """Begin shutting down (safe from any thread or a signal handler); returns at once.
+
+        New calls are answered UNAVAILABLE with the detail ``zrpc-retry: draining`` (they never
+        ran: a client may send any of them to another broker), Health says NOT_SERVING, and the
+        calls held are still dispatched and answered. The loop ends when none is left or after
+        ``grace`` seconds, whichever comes first; ``run()`` then returns. ``stop()`` ends it now.
+        """
+        self._drain_grace = max(0.0, grace)
+        self._drain_requested.set()
+        self._wake()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving (safe from any thread or a signal handler) and wait for the loop."""
         self._stopping.set()
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"broker loop did not stop within {timeout}s")
+
+    def _wake(self) -> None:
+        """Make the loop's poll return (it reads _stopping and _drain_requested every round)."""
         if self._wake_recv is not None:
             try:
                 waker = self._context.socket(zmq.PUSH)
@@ -183,10 +208,6 @@ class Broker:
                     # Always closed: one left open makes the loop's ctx.term() wait for ever
                     # (measured: 2 stops in 40 under load, when the loop had begun to stop).
                     waker.close(0)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise RuntimeError(f"broker loop did not stop within {timeout}s")
 
     def __enter__(self) -> "Broker":
         return self.start()
@@ -198,7 +219,8 @@ class Broker:
         self.connections.close()
         for socket in (self.frontend, self.backend, self._wake_recv):
             if socket is not None:
-                socket.close(0)
+                # After a drain the last answers may still be queued: give them time to leave.
+                socket.close(_DRAINED_LINGER_MS if socket is self.frontend and self.engine.draining else 0)
         self.frontend = self.backend = self._wake_recv = None
         if self.security is not None:
             self.security.stop()
@@ -213,7 +235,8 @@ class Broker:
         poller = zmq.Poller()
         poller.register(frontend, zmq.POLLIN)
         poller.register(backend, zmq.POLLIN)
-        poller.register(self._wake_recv, zmq.POLLIN)
+        wake = self._wake_recv
+        poller.register(wake, zmq.POLLIN)
         # The monitors are read every round they have events: one left unread blocks libzmq's
         # I/O thread, and the connection cap acts only as fast as we read them.
         connections = self.connections
@@ -223,7 +246,19 @@ class Broker:
         busy_poll = self.config.busy_poll
         next_tick = clock()
         polling_until = 0.0  # busy_poll: when the last message's polling window closes
+        drained_by = math.inf  # draining: when the grace ends
         while not self._stopping.is_set():
+            if self._drain_requested.is_set():
+                if not engine.draining:
+                    engine.draining = True
+                    drained_by = clock() + self._drain_grace
+                    log.info("draining: refusing new calls; %d held, answered within %.1fs or failed",
+                             engine.calls_held, self._drain_grace)
+                if engine.calls_held == 0 or clock() >= drained_by:
+                    if engine.calls_held:
+                        log.warning("drain grace over: %d calls still held fail at their clients "
+                                    "(UNAVAILABLE, connection closed)", engine.calls_held)
+                    break
             now = clock()
             if now < polling_until:
                 ready = poller.poll(0)
@@ -239,6 +274,8 @@ class Broker:
                 ready = poller.poll(math.ceil(timeout * 1000))
             ready = dict(ready)
             now = clock()
+            if wake in ready:  # drain() or stop(): read, or poll would return at once for ever
+                _read_all(wake)
             connections.drain(ready)
             if frontend in ready:
                 self._drain(frontend, engine.on_frontend, now)
@@ -337,3 +374,12 @@ class Broker:
                 if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                     log.warning("send to %s failed: %s", identity.hex(), exc)
         self.engine.counters["bytes_out"] += sent_bytes
+
+
+def _read_all(socket: zmq.Socket) -> None:
+    """Discard what ``socket`` holds (wake-ups carry no data)."""
+    for _ in range(1000):  # bounded: a wake-up is sent once per drain() or stop()
+        try:
+            socket.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return

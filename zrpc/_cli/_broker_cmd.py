@@ -47,6 +47,9 @@ def broker() -> None:
 @option("--max-connections", type=click.IntRange(min=0), metavar="N", show_default="0 (automatic)",
         help="Connections each endpoint holds at once; more are refused as they arrive. "
              "0: min(10000, (file descriptor limit - 512) / 2).")
+@option("--drain-grace", type=click.FloatRange(min=0), metavar="SECONDS", show_default="10.0",
+        help="On SIGTERM or SIGINT, answer the calls held for up to this long, refusing new ones "
+             "(UNAVAILABLE, zrpc-retry: draining); a second signal stops at once.")
 @option("--busy-poll", type=click.FloatRange(min=0, max=1), metavar="SECONDS", show_default="0 (off)",
         help="After a call's message, poll without sleeping this long: lower latency at light load for a "
              "core while calls come.")
@@ -105,9 +108,16 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
         where = "" if "addr=" in str(exc) else f" (frontend={config.frontend}, backend={config.backend})"
         raise CliError(f"cannot bind broker: {exc}{where}") from None
 
+    signals_seen = []
+
     def on_signal(signum, frame) -> None:
-        log.info("received %s; stopping", signal.Signals(signum).name)
-        broker_.stop()
+        signals_seen.append(signum)
+        if len(signals_seen) == 1 and config.drain_grace > 0:
+            log.info("received %s; draining (a second signal stops at once)", signal.Signals(signum).name)
+            broker_.drain(config.drain_grace)
+        else:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            broker_.stop()
 
     from .._broker._metrics import broker_registry
 

@@ -475,7 +475,10 @@ class ClientCore:
     def _retry_later(self, call: Call, error: Error, now: float) -> bool:
         """Re-queue ``call`` for its next attempt after a backoff, if the policy allows it."""
         policy = self.retry
-        if policy is None or not call.header.idempotent or not policy.retries(error.code, call.attempt):
+        # A broker that refused the call as it shut down never ran it: it may go again, to
+        # another broker, idempotent or not (spec §11).
+        may_repeat = call.header.idempotent or error.details.get(_protocol.RETRY_DETAIL) == "draining"
+        if policy is None or not may_repeat or not policy.retries(error.code, call.attempt):
             return False
         delay = policy.backoff(call.attempt, self._uniform)
         if now + delay >= call.deadline:

@@ -23,8 +23,7 @@ log = logging.getLogger("zrpc.worker")
 Answer = tuple[bytes, bytes, StatusCode]
 
 # The marker that asks the broker to give a call this worker never ran to another worker.
-RETRY_DETAIL = "zrpc-retry"
-DRAINING = {RETRY_DETAIL: "draining"}
+DRAINING = p.DRAINING
 
 
 class HandlerTable:
