@@ -28,15 +28,22 @@ def _health(client: Client) -> int:
     return HEALTH.FromString(raw).status
 
 
-def test_sigterm_answers_the_calls_held_refuses_new_ones_then_exits_0(spawn, endpoints):
+def _start(spawn, endpoints, drain_grace: str, worker: str | None = None):
+    """A CLI broker with ``--drain-grace``, and a CLI worker of ``worker`` (MODULE:CLASS) that
+    stops at once when told; returns the broker's process once the service is served."""
     frontend, backend = endpoints
     broker = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
-                             "--unknown-service-grace", "0", "--drain-grace", "30"))
+                             "--unknown-service-grace", "0", "--drain-grace", drain_grace))
     broker.wait_line("zrpc broker ready")
-    spawn(*zrpc_cli("worker", "run", "tests._services:SlowEcho", "--broker", backend,
-                    "--drain-grace", "0")).wait_line("zrpc worker ready")
+    if worker is not None:
+        spawn(*zrpc_cli("worker", "run", worker, "--broker", backend, "--drain-grace", "0")).wait_line("zrpc worker ready")
     wait_until_served(frontend, ECHO.full_name)
-    with Client(frontend, timeout=20.0) as client:
+    return broker
+
+
+def test_sigterm_answers_the_calls_held_refuses_new_ones_then_exits_0(spawn, endpoints):
+    broker = _start(spawn, endpoints, "30", "tests._services:SlowEcho")
+    with Client(endpoints[0], timeout=20.0) as client:
         echo = client.stub(ECHO)
         slow = [echo.Say.future(echo_pb2.EchoRequest(payload=b"held %d" % i), metadata={"sleep_ms": "1500"})
                 for i in range(3)]
@@ -58,14 +65,8 @@ def test_sigterm_answers_the_calls_held_refuses_new_ones_then_exits_0(spawn, end
 
 
 def test_the_grace_bounds_the_drain_and_a_second_signal_ends_it_at_once(spawn, endpoints):
-    frontend, backend = endpoints
-    broker = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
-                             "--unknown-service-grace", "0", "--drain-grace", "0.5"))
-    broker.wait_line("zrpc broker ready")
-    spawn(*zrpc_cli("worker", "run", "tests._services:HangingEcho", "--broker", backend,
-                    "--drain-grace", "0")).wait_line("zrpc worker ready")
-    wait_until_served(frontend, ECHO.full_name)
-    with Client(frontend, timeout=30.0) as client:
+    broker = _start(spawn, endpoints, "0.5", "tests._services:HangingEcho")
+    with Client(endpoints[0], timeout=30.0) as client:
         # Not idempotent: the client's policy would send it again, and wait for a broker.
         hung = client.call_future("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"x").SerializeToString(),
                                   metadata={"hang_s": "20"})
@@ -77,11 +78,8 @@ def test_the_grace_bounds_the_drain_and_a_second_signal_ends_it_at_once(spawn, e
         assert lost.value.code == zrpc.StatusCode.UNAVAILABLE  # its connection closed: at once
     assert any("drain grace over: 1 calls still held" in line for line in broker.errors)
 
-    second = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
-                             "--unknown-service-grace", "0", "--drain-grace", "60"))
-    second.wait_line("zrpc broker ready")
-    wait_until_served(frontend, ECHO.full_name)  # the worker re-registers with the new broker
-    with Client(frontend, timeout=30.0) as client:
+    second = _start(spawn, endpoints, "60")  # the worker re-registers with the new broker
+    with Client(endpoints[0], timeout=30.0) as client:
         client.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"x"), metadata={"hang_s": "20"})
         wait_for(lambda: _in_flight(client) == 1, message="the broker to hold the call")
         second.signal(signal.SIGTERM)
