@@ -359,6 +359,8 @@ class BrokerEngine:
     def tick(self, now: float) -> None:
         """Expire deadlines and workers, send heartbeats, settle waits (§10-§12)."""
         self._expire_deadlines(now)
+        if self.draining:  # calls no worker can take would hold the drain until unavailable_wait
+            self.refuse_queued(now, unserved_only=True)
         for worker in list(self.workers.values()):
             if now >= worker.expires_at:
                 log.warning("worker %s expired: silent for %.3fs", worker.name, now - worker.last_seen,
@@ -508,9 +510,27 @@ class BrokerEngine:
             self.on_call_done(header.service, header.method, code, None, now)
         self._send_reply(client, p.encode_reply_header(request_id, code, message, details), b"", reads_batches)
 
-    def _fail(self, call: Call, code: StatusCode, message: str, now: float) -> None:
+    def _fail(self, call: Call, code: StatusCode, message: str, now: float,
+              details: dict[str, str] | None = None) -> None:
         self._finish(call, code, now)
-        self._reply(call.client, call.client_request_id, code, message, b"", call.reads_batches)
+        self._send_reply(call.client, p.encode_reply_header(call.client_request_id, code, message, details),
+                         b"", call.reads_batches)
+
+    def refuse_queued(self, now: float, unserved_only: bool = False) -> int:
+        """Draining: answer the calls still queued UNAVAILABLE with zrpc-retry: draining (they
+        never ran: their clients may send them to another broker, §11); ``unserved_only``: only
+        those of services no live worker offers. Returns how many."""
+        refused = 0
+        for service in self.services.values():
+            if not service.queue or (unserved_only and any(not w.draining for w in service.workers.values())):
+                continue
+            while service.queue:
+                call = service.queue.popleft()
+                self._fail(call, StatusCode.UNAVAILABLE, "broker is shutting down before a worker took the call",
+                           now, p.DRAINING)
+                refused += 1
+        self.counters["refused_draining"] += refused
+        return refused
 
     def _finish(self, call: Call, code: int, now: float) -> None:
         """Forget a held call (exactly once); the caller sends its one answer."""

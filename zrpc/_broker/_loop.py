@@ -254,10 +254,17 @@ class Broker:
                     drained_by = clock() + self._drain_grace
                     log.info("draining: refusing new calls; %d held, answered within %.1fs or failed",
                              engine.calls_held, self._drain_grace)
-                if engine.calls_held == 0 or clock() >= drained_by:
+                if engine.calls_held and clock() >= drained_by:
+                    # Queued calls never ran: refused as such, their clients may send them on.
+                    refused = engine.refuse_queued(clock())
+                    engine.flush()
+                    self._send_all()
                     if engine.calls_held:
-                        log.warning("drain grace over: %d calls still held fail at their clients "
-                                    "(UNAVAILABLE, connection closed)", engine.calls_held)
+                        log.warning("drain grace over: %d calls at workers fail at their clients "
+                                    "(UNAVAILABLE, connection closed); %d queued were refused",
+                                    engine.calls_held, refused)
+                    break
+                if engine.calls_held == 0:
                     break
             now = clock()
             if now < polling_until:

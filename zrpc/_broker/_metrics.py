@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from ._loop import Broker
 
 # Engine counters that refuse a message or a call, beyond the malformed_* ones, by reason.
-_REJECT_COUNTERS = {"queue_full": "queue_full", "unknown_worker": "unknown_worker"}
+_REJECT_COUNTERS = {"queue_full": "queue_full", "unknown_worker": "unknown_worker",
+                    "refused_draining": "draining"}
 
 
 class BrokerCollector:
@@ -69,7 +70,7 @@ class BrokerCollector:
         yield CounterMetricFamily("zrpc_broker_workers_joined", "Worker registrations (READY accepted).",
                                   value=counters.get("workers_joined", 0))
         rejected = CounterMetricFamily("zrpc_broker_rejected", "Messages and calls refused, by reason "
-                                       "(malformed input, queue full, unknown worker).", labels=["reason"])
+                                       "(malformed input, queue full, unknown worker, draining).", labels=["reason"])
         for counter, reason in _REJECT_COUNTERS.items():
             rejected.add_metric([reason], counters.get(counter, 0))  # always present, 0 included
         for counter, count in counters.items():

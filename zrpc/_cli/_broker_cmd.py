@@ -122,7 +122,8 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
     from .._broker._metrics import broker_registry
 
     metrics = start_metrics(lambda: broker_registry(broker_), metrics_host, metrics_port)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
     def on_hangup(signum, frame) -> None:
         if broker_.security is None:  # SIGHUP's default action would kill the broker
             log.warning("received SIGHUP: this broker runs without CURVE, there are no keys to reload")
@@ -133,15 +134,19 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
             log.error("reload on SIGHUP failed, keeping the previous keys: %s", exc)
 
     # Always handled: `systemctl reload` (zrpc-broker.service) sends it to any broker.
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
+    previous_hangup = signal.signal(signal.SIGHUP, on_hangup)
     ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}"
                + (f" metrics={metrics.url}" if metrics else ""))
     log.info("broker serving: frontend=%s backend=%s", frontend, backend)
     try:
         broker_.run()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        # The broker has stopped: later SIGINT and SIGTERM are ignored until the process ends.
+        # Their default action (which Python restores at exit for signals it handled, not for
+        # ignored ones) would kill it with status -15 or -2: Ctrl-C twice, a repeated stop.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, previous_hangup)
         if metrics is not None:
             metrics.close()
     log.info("broker stopped")

@@ -188,6 +188,9 @@ class ClientCore:
         # REPLY_BATCH: that broker reads them. Each connection starts in pairs again (a broker
         # restarted on the same endpoint may be an older one).
         self._link_batches = [False] * links
+        # A link whose broker refused a call as it drains (spec §11) gets no more while another
+        # link is up, until its connection closes (the broker's next start is a new connection).
+        self._link_draining = [False] * links
         self._turn = links - 1  # the link that took the last REQUEST (round-robin, see link_order)
 
     # -- making calls ------------------------------------------------------------------------
@@ -291,7 +294,9 @@ class ClientCore:
         count = len(up)
         if count == 1:
             return _ONE_LINK if up[0] else ()
-        return [link for link in ((self._turn + k) % count for k in range(1, count + 1)) if up[link]]
+        order = [link for link in ((self._turn + k) % count for k in range(1, count + 1)) if up[link]]
+        draining = self._link_draining
+        return [link for link in order if not draining[link]] or order
 
     def took(self, link: int) -> None:
         """``link`` took a REQUEST: the next one is offered to the link after it first."""
@@ -371,6 +376,7 @@ class ClientCore:
         """
         self._link_up[link] = False
         self._link_batches[link] = False
+        self._link_draining[link] = False
         closed = self._connection_of_link[link]
         self._connections += 1
         self._connection_of_link[link] = self._connections
@@ -434,7 +440,10 @@ class ClientCore:
                 self._link_batches[link] = True
             code = StatusCode.from_wire(header.code)
             if code != StatusCode.OK:
-                outcome = self._finish(call, None, Error(code, header.message, dict(header.details)))
+                details = dict(header.details)
+                if details.get(_protocol.RETRY_DETAIL) == "draining" and call.connection == self._connection_of_link[link]:
+                    self._link_draining[link] = True  # before _finish: its retry goes elsewhere
+                outcome = self._finish(call, None, Error(code, header.message, details))
             else:
                 outcome = self._decoded(call, payload)
             if outcome is not None:  # None: the call was re-queued for another attempt
@@ -461,7 +470,8 @@ class ClientCore:
         now = self.clock()
         circuit = self.circuit(call.service)
         if circuit is not None:
-            if record and call.sent:
+            # A draining broker's refusal says nothing of the service either (spec §11).
+            if record and call.sent and not _refused_draining(error):
                 circuit.record(StatusCode.OK if error is None else error.code, now, call.trial)
             elif call.trial:
                 circuit.abandon_trial()
@@ -477,7 +487,7 @@ class ClientCore:
         policy = self.retry
         # A broker that refused the call as it shut down never ran it: it may go again, to
         # another broker, idempotent or not (spec §11).
-        may_repeat = call.header.idempotent or error.details.get(_protocol.RETRY_DETAIL) == "draining"
+        may_repeat = call.header.idempotent or _refused_draining(error)
         if policy is None or not may_repeat or not policy.retries(error.code, call.attempt):
             return False
         delay = policy.backoff(call.attempt, self._uniform)
@@ -613,3 +623,8 @@ def closed_error(in_flight: bool = False) -> Error:
     if in_flight:
         return Error(StatusCode.CANCELLED, "the client was closed with the call in flight")
     return Error(StatusCode.CANCELLED, "the client is closed; create a new client to make calls")
+
+
+def _refused_draining(error: Error | None) -> bool:
+    """Did a broker (or worker) that drains refuse the call? It never ran (spec §11)."""
+    return error is not None and error.details.get(_protocol.RETRY_DETAIL) == "draining"

@@ -125,6 +125,10 @@ def _is_message_of(result: Any, method: Method) -> bool:
 def exception_pair(call: Call, exc: BaseException) -> Answer:
     """The answer to a call whose handler raised (spec §10: INTERNAL carries type and message only)."""
     if isinstance(exc, Error):
+        if p.RETRY_DETAIL in exc.details:
+            # "Never ran" is the runtime's word, not a handler's: a handler that re-raises the
+            # refusal of a draining broker it called did run (and the broker would re-queue it).
+            exc = Error(exc.code, exc.message, {k: v for k, v in exc.details.items() if k != p.RETRY_DETAIL})
         return error_pair(call.request_id, exc)
     log.error("%s/%s failed (request %d)", call.context.service, call.context.method, call.request_id,
               exc_info=(type(exc), exc, exc.__traceback__))
