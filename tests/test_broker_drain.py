@@ -67,7 +67,8 @@ def test_sigterm_answers_the_calls_held_refuses_new_ones_then_exits_0(spawn, end
         # The calls held when the signal came are answered, then the broker exits 0.
         assert sorted(f.result(timeout=20).payload.split(b":", 1)[1] for f in slow) == [b"held 0", b"held 1", b"held 2"]
     assert broker.popen.wait(15) == 0
-    wait_for(lambda: any("draining" in line for line in broker.errors), timeout=5.0, message="the drain logged")
+    wait_for(lambda: any("3 of the 3 calls held answered, 3 new calls refused" in line for line in broker.errors),
+             timeout=5.0, message="the drain's summary")  # one call, refused at each of its 3 attempts
 
 
 def test_the_grace_bounds_the_drain_and_a_second_signal_ends_it_at_once(spawn, endpoints):
@@ -218,3 +219,11 @@ def test_signals_that_keep_coming_while_the_broker_exits_do_not_kill_it(spawn, e
             os.kill(broker.pid, signal.SIGTERM)
         pause.wait(0.001)  # the pace of the signals, not synchronisation
     assert broker.popen.wait(10) == 0
+
+
+@pytest.mark.parametrize("command", [["broker", "start"], ["worker", "run", "workers.echo:Echo"]])
+def test_a_grace_that_is_not_a_number_of_seconds_is_a_usage_error(spawn, command):
+    process = spawn(*zrpc_cli(*command, "--drain-grace", "nan"))
+    assert process.popen.wait(30) == 2
+    wait_for(lambda: any("drain_grace must be a finite number" in line for line in process.errors), timeout=5.0,
+             message="the usage error")

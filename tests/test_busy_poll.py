@@ -193,10 +193,11 @@ def test_windows_that_cannot_work_are_refused(value):
 
 
 @pytest.mark.parametrize("line, problem", [
-    ("busy_poll = true", "busy_poll must be a number, not True"),
-    ('queue_size = "5"', "queue_size must be a number, not '5'"),
+    ("busy_poll = true", "busy_poll must be a finite number, not True"),
+    ('queue_size = "5"', "queue_size must be a finite number, not '5'"),
     ("queue_size = 5.5", "queue_size must be a whole number, not 5.5"),
-    ("unavailable_wait = false", "unavailable_wait must be a number, not False"),
+    ("unavailable_wait = false", "unavailable_wait must be a finite number, not False"),
+    ("drain_grace = nan", "drain_grace must be a finite number, not nan"),
 ])
 def test_a_config_file_value_of_the_wrong_type_names_its_setting(spawn, tmp_path, endpoints, line, problem):
     frontend, backend = endpoints

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import tomllib
 from typing import Any, Collection
@@ -79,8 +80,8 @@ class BrokerConfig:
             default, value = field.default, getattr(self, field.name)
             if isinstance(default, bool) or not isinstance(default, (int, float)):
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{field.name} must be a number, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, not {value!r}")
             if isinstance(default, int) and not isinstance(value, int):
                 raise ValueError(f"{field.name} must be a whole number, not {value!r}")
         if self.heartbeat_liveness < 1:
@@ -99,7 +100,7 @@ class BrokerConfig:
             raise ValueError("handshake_timeout must be positive")
         for name in ("unavailable_wait", "unknown_service_grace", "drain_grace"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
         if (problem := busy_poll_problem(self.busy_poll)) is not None:
             raise ValueError(problem)
         if self.tick_interval <= 0:

@@ -77,6 +77,8 @@ class Broker:
         self._stopping = threading.Event()
         self._drain_requested = threading.Event()
         self._drain_grace = 0.0
+        self._drain_began = 0.0  # when the loop began draining, and how many calls it held then
+        self._held_at_drain = 0
         self._thread: threading.Thread | None = None
         self.undeliverable = 0  # replies to peers that are gone or not reading
         # CURVE: keys and allow-lists from the config; None for plain TCP.
@@ -246,26 +248,9 @@ class Broker:
         busy_poll = self.config.busy_poll
         next_tick = clock()
         polling_until = 0.0  # busy_poll: when the last message's polling window closes
-        drained_by = math.inf  # draining: when the grace ends
         while not self._stopping.is_set():
-            if self._drain_requested.is_set():
-                if not engine.draining:
-                    engine.draining = True
-                    drained_by = clock() + self._drain_grace
-                    log.info("draining: refusing new calls; %d held, answered within %.1fs or failed",
-                             engine.calls_held, self._drain_grace)
-                if engine.calls_held and clock() >= drained_by:
-                    # Queued calls never ran: refused as such, their clients may send them on.
-                    refused = engine.refuse_queued(clock())
-                    engine.flush()
-                    self._send_all()
-                    if engine.calls_held:
-                        log.warning("drain grace over: %d calls at workers fail at their clients "
-                                    "(UNAVAILABLE, connection closed); %d queued were refused",
-                                    engine.calls_held, refused)
-                    break
-                if engine.calls_held == 0:
-                    break
+            if self._drain_requested.is_set() and self._drained(clock()):
+                break
             now = clock()
             if now < polling_until:
                 ready = poller.poll(0)
@@ -300,6 +285,29 @@ class Broker:
                 next_tick = now + tick_interval
             engine.flush()
             self._send_all()
+        if engine.draining and engine.calls_held:
+            log.warning("stopped while draining: %d calls held fail at their clients", engine.calls_held)
+
+    def _drained(self, now: float) -> bool:
+        """Draining (see drain()): begin on the first call; True once the loop may end."""
+        engine = self.engine
+        if not engine.draining:
+            engine.draining = True
+            self._drain_began, self._held_at_drain = now, engine.calls_held
+            log.info("draining: refusing new calls; %d held, answered within %.1fs or failed",
+                     engine.calls_held, self._drain_grace)
+        if engine.calls_held and now < self._drain_began + self._drain_grace:
+            return False
+        if engine.calls_held:
+            # Queued calls never ran: refused as such, their clients may send them on.
+            refused = engine.refuse_queued(now)
+            engine.flush()
+            self._send_all()
+            log.warning("drain grace over: %d calls at workers fail at their clients (UNAVAILABLE, "
+                        "connection closed); %d queued were refused", engine.calls_held, refused)
+        log.info("drained in %.1fs: %d of the %d calls held answered, %d new calls refused", now - self._drain_began,
+                 self._held_at_drain - engine.calls_held, self._held_at_drain, engine.counters["refused_draining"])
+        return True
 
     def _drain(self, socket: zmq.Socket, handle, now: float) -> None:
         recv = _recv_frame

@@ -51,8 +51,8 @@ def broker() -> None:
         help="On SIGTERM or SIGINT, answer the calls held for up to this long, refusing new ones "
              "(UNAVAILABLE, zrpc-retry: draining); a second signal stops at once.")
 @option("--busy-poll", type=click.FloatRange(min=0, max=1), metavar="SECONDS", show_default="0 (off)",
-        help="After a call's message, poll without sleeping this long: lower latency at light load for a "
-             "core while calls come.")
+        help="After a call's message, poll without sleeping this long (0: off): lower latency at "
+             "light load, for a core kept busy while calls come.")
 @option("--curve-secret", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
         help="The broker's NAME.key_secret (zrpc keys generate): turns on CURVE; needs the two "
              "key directories.")
@@ -137,7 +137,8 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
     previous_hangup = signal.signal(signal.SIGHUP, on_hangup)
     ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}"
                + (f" metrics={metrics.url}" if metrics else ""))
-    log.info("broker serving: frontend=%s backend=%s", frontend, backend)
+    log.info("broker serving: frontend=%s backend=%s%s", frontend, backend,
+             f" busy_poll={config.busy_poll:g}s" if config.busy_poll else "")
     try:
         broker_.run()
     finally:

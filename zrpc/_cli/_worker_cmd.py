@@ -43,8 +43,8 @@ def worker() -> None:
 @option("--max-message-bytes", type=click.IntRange(min=1), default=p.DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
         show_default=True, help="A larger reply is answered RESOURCE_EXHAUSTED; match the broker's setting.")
 @option("--busy-poll", type=click.FloatRange(min=0, max=1), default=0.0, metavar="SECONDS", show_default=True,
-        help="After a request, poll without sleeping this long: lower latency at light load for a "
-             "core while calls come (0: off).")
+        help="After a request, poll without sleeping this long (0: off): lower latency at light "
+             "load, for a core kept busy while calls come.")
 @curve_options
 @option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
         show_default=True, help="Log threshold; logs go to stderr.")
@@ -82,7 +82,7 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
                          drain_grace=drain_grace, max_message_bytes=max_message_bytes, busy_poll=busy_poll,
                          **curve_settings())
     except (TypeError, ValueError) as exc:  # a service the runtime refuses, a setting out of range
-        raise CliError(f"cannot start worker: {exc}") from None
+        raise CliError(f"cannot start worker: {exc}", exit_code=EXIT_USAGE) from None
     from .._worker._metrics import worker_registry
 
     metrics = start_metrics(lambda: worker_registry(worker_), metrics_host, metrics_port)

@@ -12,6 +12,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import math
 import os
 import socket as socket_module
 import threading
@@ -101,6 +102,8 @@ class Worker:
             raise ValueError("max_message_bytes must be at least 1")
         if (problem := busy_poll_problem(busy_poll)) is not None:
             raise ValueError(problem)
+        if not (isinstance(drain_grace, (int, float)) and 0 <= drain_grace < math.inf):  # NaN fails too
+            raise ValueError(f"drain_grace must be a finite number of seconds, at least 0, not {drain_grace!r}")
         self.busy_poll = busy_poll
         self.max_message_bytes = max_message_bytes
         self.concurrency = concurrency
@@ -229,8 +232,9 @@ class Worker:
                 link.on_readable = functools.partial(self._receive, link)
                 self._links.append(link)
                 link.open()
-            log.info("worker %s ready: services=%s capacity=%d brokers=%s", self.name, ",".join(self.table.names),
-                     self.concurrency, ",".join(self.brokers))
+            log.info("worker %s ready: services=%s capacity=%d brokers=%s%s", self.name, ",".join(self.table.names),
+                     self.concurrency, ",".join(self.brokers),
+                     f" busy_poll={self.busy_poll:g}s" if self.busy_poll else "")
             tasks = [asyncio.create_task(self._keep_alive())]
             self._started.set()
             if self._stop_requested:
