@@ -965,28 +965,3 @@ def test_a_revoked_client_s_batch_gets_an_answer_for_each_call():
     assert {reply.code for _, reply, _ in replies} == {StatusCode.UNAUTHENTICATED}
     assert h.take_requests() == []
 
-
-def test_a_worker_that_reconnects_under_its_name_replaces_its_old_connection_at_once():
-    """Its old socket is closed (it cancelled the calls there): nothing waits for it to expire."""
-    h = Harness()
-    h.ready(b"old", capacity=2, name="host:42")
-    h.call(b"c", idempotent=True, payload=b"kept")
-    lost = h.call(b"c", payload=b"lost")
-    assert {who for who, _, _ in h.take_requests()} == {b"old"}
-    h.ready(b"new", capacity=2, name="host:42")
-    assert set(h.engine.workers) == {b"new"}
-    assert h.engine.counters["workers_replaced"] == 1
-    # The idempotent call goes to the new connection; the other may have run: UNAVAILABLE.
-    assert [(who, payload) for who, _, payload in h.take_requests()] == [(b"new", b"kept")]
-    [(client, header, _)] = h.take_replies()
-    assert (client, header.request_id, header.code) == (b"c", lost, StatusCode.UNAVAILABLE)
-    assert "reconnected" in header.message
-
-
-def test_a_worker_of_another_name_or_key_is_not_replaced():
-    h = Harness()
-    h.ready(b"a", name="host:1")
-    h.ready(b"b", name="host:2")
-    h.engine.on_backend(b"c", p.ready_message(p.Ready(services=["svc.S"], capacity=1, heartbeat_ms=1000,
-                                                      name="host:1")), h.now, peer_key="another key")
-    assert set(h.engine.workers) == {b"a", b"b", b"c"}

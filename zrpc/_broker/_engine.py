@@ -279,16 +279,6 @@ class BrokerEngine:
                 return self._bad_worker_input(identity, None, "forbidden_service",
                                               f"key {self.policy.name(peer_key)!r} may not offer "
                                               f"{', '.join(forbidden)} (broker access rules)")
-        if ready.name:
-            # §11: a worker that reconnects (a new socket) announces itself under its name again.
-            # Its old connection is gone (its calls there are cancelled on its side): replaced at
-            # once, not kept to expire with calls sent to a socket nobody reads.
-            old = next((w for w in self.workers.values() if w.name == ready.name and w.peer_key == peer_key), None)
-            if old is not None:
-                log.info("worker %s reconnected: its previous connection is dropped", old.name,
-                         extra={"peer": old.name, "reason": "reconnected"})
-                self.counters["workers_replaced"] += 1
-                self._remove_worker(old, now, "reconnected")
         if len(self.workers) >= self.config.max_workers:
             return self._bad_worker_input(identity, None, "too_many_workers",
                                           f"broker has {len(self.workers)} workers (limit {self.config.max_workers})")

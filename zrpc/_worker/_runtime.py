@@ -60,6 +60,8 @@ _BATCH = 256
 INLINE_LIMIT = 0.02
 _INLINE_STRIKES = 2
 _STRIKE_WINDOW = 60.0
+# How long a socket we leave for a silent broker may still deliver its last DISCONNECT.
+RECONNECT_LINGER_MS = 200
 
 
 class Worker:
@@ -335,7 +337,11 @@ class Worker:
                         log.debug("broker %s still refuses our handshake (%s); reconnecting", link.endpoint,
                                   link.refused)
                     self._orphan(link)
-                    link.close()
+                    # Goodbye on the connection we leave: a broker that took our READY there
+                    # (it came up just now) drops that registration at once, instead of
+                    # sending it calls until it expires. Lingers briefly, then is discarded.
+                    link.send(p.disconnect_message("worker reconnecting"))
+                    link.close(RECONNECT_LINGER_MS)
                     link.open()
                 else:
                     if link.ready_due is not None and now >= link.ready_due:
