@@ -227,4 +227,3 @@ def test_a_grace_that_is_not_a_number_of_seconds_is_a_usage_error(spawn, command
     assert process.popen.wait(30) == 2
     wait_for(lambda: any("drain_grace must be a finite number" in line for line in process.errors), timeout=5.0,
              message="the usage error")
-
