@@ -97,8 +97,8 @@ class Broker:
             # Before binding: a peer that connects before the ZAP handler runs is let in and stays.
             self.security.start(self._context)
             self.engine.policy = self.security.policy
-            # Secure mode reads each message's User-Id (its peer's key): see _drain_secure.
-            self._drain = self._drain_secure
+            # Secure mode reads each message's User-Id (its peer's key): see _read_messages_secure.
+            self._read_messages = self._read_messages_secure
         elif self._gate_handshakes:  # NULL handshakes wait for the loop to see their connection
             self.connections.gate(self._context)
         try:
@@ -270,11 +270,11 @@ class Broker:
                 _read_all(wake)
             connections.drain(ready)
             if frontend in ready:
-                self._drain(frontend, engine.on_frontend, now)
+                self._read_messages(frontend, engine.on_frontend, now)
                 polling_until = now + busy_poll
             if backend in ready:
                 held = engine.calls_held
-                self._drain(backend, engine.on_backend, now)
+                self._read_messages(backend, engine.on_backend, now)
                 # Replies keep the window open (the client's next call follows), workers'
                 # heartbeats alone do not: a broker of many workers would poll while idle.
                 if held or engine.calls_held:
@@ -305,11 +305,12 @@ class Broker:
             self._send_all()
             log.warning("drain grace over: %d calls at workers fail at their clients (UNAVAILABLE, "
                         "connection closed); %d queued were refused", engine.calls_held, refused)
-        log.info("drained in %.1fs: %d of the %d calls held answered, %d new calls refused", now - self._drain_began,
-                 self._held_at_drain - engine.calls_held, self._held_at_drain, engine.counters["refused_draining"])
+        log.info("drained in %.1fs: %d calls held at the start, %d left at workers; %d calls refused "
+                 "(they never ran)", now - self._drain_began, self._held_at_drain, engine.calls_held,
+                 engine.counters["refused_draining"])
         return True
 
-    def _drain(self, socket: zmq.Socket, handle, now: float) -> None:
+    def _read_messages(self, socket: zmq.Socket, handle, now: float) -> None:
         recv = _recv_frame
         for _ in range(_BATCH):
             try:
@@ -337,10 +338,10 @@ class Broker:
         """
         if self.security is None:
             raise RuntimeError("this broker runs without CURVE: there are no keys to reload")
-        self.security.reload()  # the loop thread adopts it (see _drain_secure)
+        self.security.reload()  # the loop thread adopts it (see _read_messages_secure)
 
-    def _drain_secure(self, socket: zmq.Socket, handle, now: float) -> None:
-        """``_drain`` for CURVE: frames as zmq.Frame, to read the peer's key (ZAP User-Id)."""
+    def _read_messages_secure(self, socket: zmq.Socket, handle, now: float) -> None:
+        """``_read_messages`` for CURVE: frames as zmq.Frame, to read the peer's key (ZAP User-Id)."""
         policy = self.security.policy  # swapped whole by reload_keys(), maybe in another thread
         if policy is not self.engine.policy:
             self.engine.set_policy(policy, now)
