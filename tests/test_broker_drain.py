@@ -174,7 +174,7 @@ def test_a_handler_that_re_raises_a_draining_refusal_did_run(endpoints):
             assert "zrpc-retry" not in raised.value.details
 
 
-def test_the_grace_end_refuses_queued_calls_as_never_run(endpoints):
+def test_the_grace_end_refuses_queued_calls_as_never_run(endpoints, caplog):
     frontend, backend = endpoints
     broker = Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0,
                                  log_level="WARNING")).start()
@@ -193,8 +193,12 @@ def test_the_grace_end_refuses_queued_calls_as_never_run(endpoints):
             with pytest.raises(zrpc.Error) as lost:
                 running.result(timeout=10)
             assert "zrpc-endpoint" in lost.value.details  # held at the worker: may have run
+            wait_for(lambda: not broker._thread.is_alive(), timeout=10.0, message="the loop to end")
     finally:
         broker.stop()
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("drain grace over: 1 calls at workers" in m for m in messages)
+    assert not any("stopped while draining" in m for m in messages)  # nobody called stop()
 
 
 def test_an_in_process_broker_drained_with_nothing_held_ends_its_loop(endpoints):

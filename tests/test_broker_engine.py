@@ -964,4 +964,3 @@ def test_a_revoked_client_s_batch_gets_an_answer_for_each_call():
     assert [reply.request_id for _, reply, _ in replies] == ids
     assert {reply.code for _, reply, _ in replies} == {StatusCode.UNAUTHENTICATED}
     assert h.take_requests() == []
-

@@ -249,3 +249,4 @@ def test_the_cli_refuses_a_window_over_a_second(spawn, command):
     assert process.popen.wait(30) == 2
     wait_for(lambda: any("--busy-poll" in line for line in process.errors), timeout=5.0,
              message="the usage error")
+

@@ -80,7 +80,8 @@ class BrokerConfig:
             default, value = field.default, getattr(self, field.name)
             if isinstance(default, bool) or not isinstance(default, (int, float)):
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or isinstance(value, float) and not math.isfinite(value)):
                 raise ValueError(f"{field.name} must be a finite number, not {value!r}")
             if isinstance(default, int) and not isinstance(value, int):
                 raise ValueError(f"{field.name} must be a whole number, not {value!r}")

@@ -285,7 +285,7 @@ class Broker:
                 next_tick = now + tick_interval
             engine.flush()
             self._send_all()
-        if engine.draining and engine.calls_held:
+        if self._stopping.is_set() and engine.draining and engine.calls_held:
             log.warning("stopped while draining: %d calls held fail at their clients", engine.calls_held)
 
     def _drained(self, now: float) -> bool:

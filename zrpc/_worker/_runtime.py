@@ -60,8 +60,6 @@ _BATCH = 256
 INLINE_LIMIT = 0.02
 _INLINE_STRIKES = 2
 _STRIKE_WINDOW = 60.0
-# How long a socket we leave for a silent broker may still deliver its last DISCONNECT.
-RECONNECT_LINGER_MS = 200
 
 
 class Worker:
@@ -96,8 +94,8 @@ class Worker:
         endpoint_list(self.brokers, "broker endpoint")  # named here, not by libzmq in the worker's thread
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if heartbeat_interval <= 0:
-            raise ValueError("heartbeat_interval must be positive")
+        if not 0 < heartbeat_interval < math.inf:  # NaN fails too
+            raise ValueError(f"heartbeat_interval must be a positive, finite number of seconds, not {heartbeat_interval!r}")
         if liveness < 1:
             raise ValueError("liveness must be at least 1")
         if max_message_bytes < 1:
@@ -337,11 +335,9 @@ class Worker:
                         log.debug("broker %s still refuses our handshake (%s); reconnecting", link.endpoint,
                                   link.refused)
                     self._orphan(link)
-                    # Goodbye on the connection we leave: a broker that took our READY there
-                    # (it came up just now) drops that registration at once, instead of
-                    # sending it calls until it expires. Lingers briefly, then is discarded.
-                    link.send(p.disconnect_message("worker reconnecting"))
-                    link.close(RECONNECT_LINGER_MS)
+                    # Linger 0: what the old socket still queues (a READY, heartbeats) must not
+                    # reach a broker that comes up now, or it would register us twice.
+                    link.close()
                     link.open()
                 else:
                     if link.ready_due is not None and now >= link.ready_due:
