@@ -223,11 +223,3 @@ def test_signals_that_keep_coming_while_the_broker_exits_do_not_kill_it(spawn, e
             os.kill(broker.pid, signal.SIGTERM)
         pause.wait(0.001)  # the pace of the signals, not synchronisation
     assert broker.popen.wait(10) == 0
-
-
-@pytest.mark.parametrize("command", [["broker", "start"], ["worker", "run", "workers.echo:Echo"]])
-def test_a_grace_that_is_not_a_number_of_seconds_is_a_usage_error(spawn, command):
-    process = spawn(*zrpc_cli(*command, "--drain-grace", "nan"))
-    assert process.popen.wait(30) == 2
-    wait_for(lambda: any("drain_grace must be a finite number" in line for line in process.errors), timeout=5.0,
-             message="the usage error")

@@ -244,9 +244,12 @@ def test_the_cli_flags_reach_broker_and_worker_and_both_rest_when_calls_stop(spa
 
 
 @pytest.mark.parametrize("command", [["broker", "start"], ["worker", "run", "workers.echo:Echo"]])
-def test_the_cli_refuses_a_window_over_a_second(spawn, command):
-    process = spawn(*zrpc_cli(*command, "--busy-poll", "2"))
+@pytest.mark.parametrize("flag, value, problem", [
+    ("--busy-poll", "2", "--busy-poll"),  # click's range check names the flag
+    ("--drain-grace", "nan", "drain_grace must be a finite number"),  # ours, past click's
+])
+def test_the_cli_refuses_times_that_cannot_work(spawn, command, flag, value, problem):
+    process = spawn(*zrpc_cli(*command, flag, value))
     assert process.popen.wait(30) == 2
-    wait_for(lambda: any("--busy-poll" in line for line in process.errors), timeout=5.0,
-             message="the usage error")
+    wait_for(lambda: any(problem in line for line in process.errors), timeout=5.0, message="the usage error")
 
