@@ -308,3 +308,8 @@ def decode_disconnect_message(body: Sequence[bytes]) -> wire_pb2.Disconnect:
         return _decode(Disconnect, body[0], "DISCONNECT")
     except ProtocolError:
         return Disconnect()
+
+
+def refused_draining(details) -> bool:
+    """Do a reply's details (a dict or a protobuf map) say its call was refused as never run?"""
+    return details.get(RETRY_DETAIL) == DRAINING[RETRY_DETAIL]

@@ -72,7 +72,7 @@ def _health(engine: "BrokerEngine", request: pb.HealthRequest, now: float):
     service = engine.services.get(request.service)
     if service is None or not service.offered:
         return StatusCode.OK, "", status(status=status.SERVICE_UNKNOWN).SerializeToString()
-    live = sum(1 for w in service.workers.values() if not w.draining)
+    live = service.live_workers()
     reply = status(status=status.SERVING if live else status.NOT_SERVING,
                    live_workers=live, queue_depth=len(service.queue))
     return StatusCode.OK, "", reply.SerializeToString()

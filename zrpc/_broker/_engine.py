@@ -346,7 +346,7 @@ class BrokerEngine:
         service.dispatched -= 1
         call.worker = None
         code = header.code
-        if code == _UNAVAILABLE and header.details.get(p.RETRY_DETAIL) == "draining":
+        if code == _UNAVAILABLE and p.refused_draining(header.details):
             worker.draining = True  # it never ran the call: give it to another worker
             call.attempt -= 1
             call.state = CallState.QUEUED
@@ -510,13 +510,12 @@ class BrokerEngine:
         self.counters[f"code_{code.name}"] += 1
         if self.on_call_done is not None:
             self.on_call_done(header.service, header.method, code, None, now)
-        self._send_reply(client, p.encode_reply_header(request_id, code, message, details), b"", reads_batches)
+        self._reply(client, request_id, code, message, b"", reads_batches, details)
 
     def _fail(self, call: Call, code: StatusCode, message: str, now: float,
               details: dict[str, str] | None = None) -> None:
         self._finish(call, code, now)
-        self._send_reply(call.client, p.encode_reply_header(call.client_request_id, code, message, details),
-                         b"", call.reads_batches)
+        self._reply(call.client, call.client_request_id, code, message, b"", call.reads_batches, details)
 
     def refuse_queued(self, now: float, unserved_only: bool = False) -> int:
         """Draining: answer the calls still queued UNAVAILABLE with zrpc-retry: draining (they
@@ -524,7 +523,7 @@ class BrokerEngine:
         those of services no live worker offers. Returns how many."""
         refused = 0
         for service in self.services.values():
-            if not service.queue or (unserved_only and any(not w.draining for w in service.workers.values())):
+            if not service.queue or (unserved_only and service.live_workers()):
                 continue
             while service.queue:
                 call = service.queue.popleft()
@@ -549,8 +548,8 @@ class BrokerEngine:
             self.on_call_done(call.service, call.method, code, call, now)
 
     def _reply(self, client: bytes, request_id: int, code: StatusCode, message: str, payload: bytes,
-               reads_batches: bool = False) -> None:
-        self._send_reply(client, p.encode_reply_header(request_id, code, message), payload, reads_batches)
+               reads_batches: bool = False, details: dict[str, str] | None = None) -> None:
+        self._send_reply(client, p.encode_reply_header(request_id, code, message, details), payload, reads_batches)
 
     def _send_reply(self, client: bytes, raw_header: bytes, payload: bytes, reads_batches: bool = False) -> None:
         """Queue one answer for the client's REPLY_BATCH of this round when it reads them and the

@@ -75,3 +75,7 @@ class ServiceState:
     # When the service last lost its last live worker (None while it has one).
     no_worker_since: float | None = None
     dispatched: int = 0  # calls of this service held by workers now
+
+    def live_workers(self) -> int:
+        """Workers that take new calls (not draining)."""
+        return sum(1 for w in self.workers.values() if not w.draining)

@@ -440,10 +440,10 @@ class ClientCore:
                 self._link_batches[link] = True
             code = StatusCode.from_wire(header.code)
             if code != StatusCode.OK:
-                details = dict(header.details)
-                if details.get(_protocol.RETRY_DETAIL) == "draining" and call.connection == self._connection_of_link[link]:
+                error = Error(code, header.message, dict(header.details))
+                if _refused_draining(error) and call.connection == self._connection_of_link[link]:
                     self._link_draining[link] = True  # before _finish: its retry goes elsewhere
-                outcome = self._finish(call, None, Error(code, header.message, details))
+                outcome = self._finish(call, None, error)
             else:
                 outcome = self._decoded(call, payload)
             if outcome is not None:  # None: the call was re-queued for another attempt
@@ -627,4 +627,4 @@ def closed_error(in_flight: bool = False) -> Error:
 
 def _refused_draining(error: Error | None) -> bool:
     """Did a broker (or worker) that drains refuse the call? It never ran (spec §11)."""
-    return error is not None and error.details.get(_protocol.RETRY_DETAIL) == "draining"
+    return error is not None and _protocol.refused_draining(error.details)
