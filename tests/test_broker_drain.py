@@ -33,12 +33,13 @@ def _health(client: Client) -> int:
     return HEALTH.FromString(raw).status
 
 
-def _start(spawn, endpoints, drain_grace: str, worker: str | None = None, served: bool = True):
+def _start(spawn, endpoints, drain_grace: str, worker: str | None = None, served: bool = True,
+           unknown_service_grace: str = "0"):
     """A CLI broker with ``--drain-grace``, and a CLI worker of ``worker`` (MODULE:CLASS) that
     stops at once when told; returns the broker's process (once echo is served if ``served``)."""
     frontend, backend = endpoints
     broker = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
-                             "--unknown-service-grace", "0", "--drain-grace", drain_grace))
+                             "--unknown-service-grace", unknown_service_grace, "--drain-grace", drain_grace))
     broker.wait_line("zrpc broker ready")
     if worker is not None:
         spawn(*zrpc_cli("worker", "run", worker, "--broker", backend, "--drain-grace", "0")).wait_line("zrpc worker ready")
@@ -49,26 +50,49 @@ def _start(spawn, endpoints, drain_grace: str, worker: str | None = None, served
 
 def test_sigterm_answers_the_calls_held_refuses_new_ones_then_exits_0(spawn, endpoints):
     broker = _start(spawn, endpoints, "30", "tests._services:SlowEcho")
-    with Client(endpoints[0], timeout=20.0) as client:
+    with Client(endpoints[0], timeout=30.0) as client:
         echo = client.stub(ECHO)
-        slow = [echo.Say.future(echo_pb2.EchoRequest(payload=b"held %d" % i), metadata={"sleep_ms": "5000"})
+        slow = [echo.Say.future(echo_pb2.EchoRequest(payload=b"held %d" % i), metadata={"sleep_ms": "3000"})
                 for i in range(3)]
         wait_for(lambda: _in_flight(client) == 3, message="the broker to hold the three calls")
         broker.signal(signal.SIGTERM)
         wait_for(lambda: _health(client) == HEALTH.NOT_SERVING, timeout=10.0, message="Health to say NOT_SERVING")
-        # A new call is refused as never run: not idempotent (Echo/Say is), and yet retried by
-        # the client's policy; with this one broker, every attempt is refused the same way.
-        with pytest.raises(zrpc.Error) as refused:
-            client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"new").SerializeToString())
-        assert refused.value.code == zrpc.StatusCode.UNAVAILABLE
-        assert refused.value.details.get("zrpc-retry") == "draining"
-        assert refused.value.details.get("zrpc-attempts") == "3"  # the default policy's attempts
-        assert "shutting down" in refused.value.message
+        # A new call is refused as never run. Not idempotent (Echo/Say is), it may go again all
+        # the same; with no other broker, it waits for this one's successor.
+        new = client.call_future("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"new").SerializeToString())
         # The calls held when the signal came are answered, then the broker exits 0.
         assert sorted(f.result(timeout=20).payload.split(b":", 1)[1] for f in slow) == [b"held 0", b"held 1", b"held 2"]
-    assert broker.popen.wait(15) == 0
-    wait_for(lambda: any("3 calls held at the start, 0 left at workers; 3 calls refused" in line for line in broker.errors),
-             timeout=5.0, message="the drain's summary")  # one call, refused at each of its 3 attempts
+        assert broker.popen.wait(15) == 0
+        wait_for(lambda: any("3 calls held at the start, 0 left at workers; 1 calls refused" in line
+                             for line in broker.errors), timeout=5.0, message="the drain's summary")
+        assert not new.done()  # refused once, then held by the client: no broker to take it
+        # The successor on the same endpoints: the worker registers again, and the call runs there
+        # (the call may come first: it waits for the worker, as any call to an unknown service).
+        _start(spawn, endpoints, "30", unknown_service_grace="20")
+        reply = echo_pb2.EchoReply.FromString(new.result(timeout=20))
+        assert reply.payload.split(b":", 1)[1] == b"new"
+
+
+def test_a_client_with_one_broker_gives_up_on_a_draining_one_at_its_deadline(endpoints):
+    frontend, backend = endpoints
+    broker = Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0,
+                                 log_level="WARNING")).start()
+    try:
+        with Worker([SlowEcho()], brokers=backend, concurrency=1, drain_grace=0.0), \
+                Client(frontend, timeout=20.0) as client:
+            wait_until_served(frontend, ECHO.full_name)
+            held = client.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"a"), metadata={"sleep_ms": "3000"})
+            wait_for(lambda: broker.engine.calls_held == 1, message="the call to be held")
+            broker.drain(30.0)
+            with pytest.raises(zrpc.Error) as late:
+                client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"b").SerializeToString(), timeout=1.0)
+            assert late.value.code == zrpc.StatusCode.DEADLINE_EXCEEDED
+            assert "the one that refused it was shutting down" in late.value.message
+            assert "attempt 1 had failed with UNAVAILABLE" in late.value.message
+            assert broker.engine.counters["refused_draining"] == 1  # sent once, not at every attempt
+            assert held.result(timeout=10).payload.endswith(b"a")
+    finally:
+        broker.stop()
 
 
 def test_the_grace_bounds_the_drain_and_a_second_signal_ends_it_at_once(spawn, endpoints):

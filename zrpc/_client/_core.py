@@ -289,14 +289,19 @@ class ClientCore:
     def link_order(self) -> Sequence[int]:
         """The open links to offer the next REQUEST to, in turn: the one after the link that took
         the last (see :meth:`took`) first, then the others (a link whose queue is full passes it
-        on)."""
-        up = self._link_up
+        on).
+
+        A link whose broker is draining takes nothing: it would refuse every call. When no
+        other link is up, calls wait, as they do while no broker is connected, for that
+        connection to close and the link's next one (the broker's successor) to come up, or
+        for their deadline (spec §11).
+        """
+        up, draining = self._link_up, self._link_draining
         count = len(up)
         if count == 1:
-            return _ONE_LINK if up[0] else ()
-        order = [link for link in ((self._turn + k) % count for k in range(1, count + 1)) if up[link]]
-        draining = self._link_draining
-        return [link for link in order if not draining[link]] or order
+            return _ONE_LINK if up[0] and not draining[0] else ()
+        return [link for link in ((self._turn + k) % count for k in range(1, count + 1))
+                if up[link] and not draining[link]]
 
     def took(self, link: int) -> None:
         """``link`` took a REQUEST: the next one is offered to the link after it first."""
@@ -577,6 +582,9 @@ class ClientCore:
         if call.sent:
             why = (f" (request {call.request_id}): no answer in time; pass a larger timeout= if the "
                    f"call is slow, or check that a broker is reachable")
+        elif call.last_error is not None and _refused_draining(call.last_error):
+            why = (": no broker took it in time (the one that refused it was shutting down, and no other, "
+                   "nor its successor, was connected); check that a broker is running")
         else:  # calls go only over a link that is up: unsent means no broker could take it
             why = ": no broker took it in time (none connected, or their queues full); check that a broker is running"
         if call.last_error is not None:  # a retry, waiting since its last attempt failed
