@@ -368,6 +368,29 @@ def test_per_client_outstanding_and_total_in_flight_are_bounded():
     assert (reply.request_id, reply.code) == (refused, StatusCode.RESOURCE_EXHAUSTED)
 
 
+def test_calls_in_a_message_a_worker_never_got_go_to_another_worker_and_the_rest_fail():
+    h = Harness()
+    h.ready(b"w1", capacity=2)
+    ran = h.call(b"c1")  # not idempotent, delivered: it may have run
+    h.engine.backend_out = []
+    lost = h.call(b"c1", payload=b"lost")  # not idempotent either: its message never left
+    (undelivered,) = h.engine.backend_out
+    h.engine.backend_out = []
+    h.ready(b"w2")
+    h.engine.on_undeliverable(b"w1", undelivered[1], h.now)
+    h.engine.flush()
+    assert [(who, header.attempt, payload) for who, header, payload in h.take_requests()] == [(b"w2", 1, b"lost")]
+    (failed,) = h.take_replies()
+    assert (failed[1].request_id, failed[1].code) == (ran, StatusCode.UNAVAILABLE)
+    assert "went away" in failed[1].message
+    assert set(h.engine.workers) == {b"w2"}
+    assert h.engine.counters["requeued_undelivered"] == 1
+    h.engine.on_undeliverable(b"w1", undelivered[1], h.now)  # a worker removed already: nothing to do
+    h.engine.on_undeliverable(b"c1", [p.TAG, p.HEARTBEAT], h.now)  # not a worker at all
+    assert h.take_requests() == [] and set(h.engine.workers) == {b"w2"}
+    assert lost != ran
+
+
 def test_draining_worker_hands_back_new_work_and_gets_no_more():
     h = Harness()
     h.ready(b"old", capacity=5)

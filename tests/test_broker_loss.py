@@ -383,3 +383,32 @@ def test_a_client_waiting_for_room_at_one_broker_does_not_spin_on_one_that_is_do
                 future.cancel()
     finally:
         stalled.close(0)
+
+
+def test_a_call_dispatched_to_a_worker_whose_connection_is_gone_runs_at_the_next_worker(ipc_dir):
+    """The ROUTER cannot send to a worker that left without a word: the call never reached it,
+    so it goes to the next worker, idempotent or not, instead of waiting for the first to expire."""
+    frontend, backend = f"ipc://{ipc_dir}/front", f"ipc://{ipc_dir}/back"
+    broker = Broker(BrokerConfig(frontend=frontend, backend=backend, unavailable_wait=30.0,
+                                 log_level="WARNING")).start()
+    context = zmq.Context()
+    try:
+        # A worker that registers, then goes without DISCONNECT; its heartbeat interval (an hour)
+        # keeps the broker from expiring it for that long.
+        ghost = context.socket(zmq.DEALER)
+        ghost.connect(backend)
+        ghost.send_multipart(p.ready_message(p.Ready(services=["echo.Echo"], capacity=1, heartbeat_ms=3_600_000,
+                                                     name="ghost")))
+        wait_for(lambda: len(broker.engine.workers) == 1, message="the ghost to register")
+        backend_connections = broker.connections.guards["backend"].count
+        ghost.close(linger=0)
+        wait_for(lambda: backend_connections.held == 0, message="the broker to see the ghost's connection close")
+        with Client(frontend, timeout=20.0, retry=None) as client:
+            answer = client.call_future("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"x").SerializeToString())
+            wait_for(lambda: broker.engine.counters["requeued_undelivered"] == 1, message="the call to come back")
+            assert not broker.engine.workers  # the ghost is gone, and known to be
+            with Worker([Echo()], brokers=backend):
+                assert echo_pb2.EchoReply.FromString(answer.result(timeout=20)).payload.endswith(b"x")
+    finally:
+        context.term()
+        broker.stop()

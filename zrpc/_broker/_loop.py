@@ -361,16 +361,28 @@ class Broker:
 
     def _send_all(self) -> None:
         engine = self.engine
-        if engine.backend_out:
-            self._send(self.backend, engine.backend_out)
-            engine.backend_out = []
-        if engine.frontend_out:
-            self._send(self.frontend, engine.frontend_out)
-            engine.frontend_out = []
+        # A worker found gone is removed and its undelivered calls go to another worker, in this
+        # round: one more pass per worker removed (each pass removes at least one, or ends).
+        for _ in range(len(engine.workers) + 1):
+            undelivered = []
+            if engine.backend_out:
+                messages, engine.backend_out = engine.backend_out, []
+                undelivered = self._send(self.backend, messages)
+            if engine.frontend_out:
+                messages, engine.frontend_out = engine.frontend_out, []
+                self._send(self.frontend, messages)
+            if not undelivered:
+                return
+            now = self._clock()
+            for identity, frames in undelivered:
+                engine.on_undeliverable(identity, frames, now)
+            engine.flush()
 
-    def _send(self, socket: zmq.Socket, messages: list) -> None:
+    def _send(self, socket: zmq.Socket, messages: list) -> list:
+        """Send each ``(routing id, frames)``; returns those that could not be sent."""
         send = _send_frame
         sent_bytes = 0  # the metrics' bytes out: sizes we read anyway to choose copy or not
+        undelivered = []
         for identity, frames in messages:
             try:
                 # ROUTER refuses a message at its first frame (peer gone, queue full), never midway.
@@ -389,7 +401,9 @@ class Broker:
                 self.engine.counters["undeliverable"] += 1
                 if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                     log.warning("send to %s failed: %s", identity.hex(), exc)
+                undelivered.append((identity, frames))
         self.engine.counters["bytes_out"] += sent_bytes
+        return undelivered
 
 
 def _read_all(socket: zmq.Socket) -> None:

@@ -67,6 +67,9 @@ class BrokerCollector:
                                   value=counters.get("workers_expired", 0))
         yield CounterMetricFamily("zrpc_broker_redispatches", "Idempotent calls dispatched again after their worker died.",
                                   value=counters.get("redispatched", 0))
+        yield CounterMetricFamily("zrpc_broker_requeued_undelivered", "Calls queued again because the message "
+                                  "dispatching them could not reach their worker (it was gone).",
+                                  value=counters.get("requeued_undelivered", 0))
         yield CounterMetricFamily("zrpc_broker_workers_joined", "Worker registrations (READY accepted).",
                                   value=counters.get("workers_joined", 0))
         rejected = CounterMetricFamily("zrpc_broker_rejected", "Messages and calls refused, by reason "
