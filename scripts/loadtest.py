@@ -152,7 +152,7 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
             if error.code in SETUP_ERRORS:
                 raise click.ClickException(f"first call to {service}/{method} failed: {error}") from None
             click.echo(f"note: first call to {service}/{method} failed with {error.code.name}; "
-                       f"going on, its errors are counted", err=True)
+                       f"going on, its errors are counted (--max-errors 1 to exit 0 all the same)", err=True)
         issued = 0
         started = time.perf_counter()
         stop_at = None if duration is None else started + duration
@@ -381,12 +381,18 @@ class Spawned:
               envvar="ZRPC_LOADTEST_WORKER", help="What --spawn runs (from the repository root).")
 @click.option("--worker-concurrency", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
               show_envvar=True, help="--concurrency of each spawned worker.")
+@click.option("--max-errors", type=click.FloatRange(min=0.0, max=1.0), default=0.0, show_default=True,
+              metavar="FRACTION", help="Exit with status 1 when more than this fraction of the calls failed "
+              "(0: any failed call; 1: never, for a method that fails by design).")
 @click.option("--json", "as_json", is_flag=True, default=False, show_envvar=True, envvar="ZRPC_LOADTEST_JSON",
               help="Print one line of JSON instead of the summary (and no progress bar).")
 @curve_options
 def main(brokers, target, concurrency, requests, duration, payload_size, data, timeout, spawn, spawn_brokers,
-         worker_target, worker_concurrency, as_json) -> None:
-    """Keep CONCURRENCY calls in flight and report calls/s and latency percentiles."""
+         worker_target, worker_concurrency, max_errors, as_json) -> None:
+    """Keep CONCURRENCY calls in flight and report calls/s and latency percentiles.
+
+    Exits 1 when more calls failed than --max-errors allows (the report is printed first).
+    """
     if spawn_brokers > 1 and not spawn:
         raise click.UsageError("--spawn-brokers starts brokers for --spawn N workers: give --spawn too")
     curve = curve_settings()  # both or neither; describing the service uses them too
@@ -423,6 +429,11 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         click.echo(json.dumps(report, separators=(",", ":")))
     else:
         click.echo(format_summary(report), nl=False)
+    failed = result.calls - result.ok
+    if failed and failed > max_errors * result.calls:
+        click.echo(f"error: {failed} of {result.calls} calls failed ({100 * failed / result.calls:.1f} %), "
+                   f"more than --max-errors {max_errors:g} allows", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_spawned_run_makes_every_call_and_reports_one_json_line():
 def test_a_method_that_fails_is_load_tested_and_the_summary_describes_the_request_sent():
     data = '{"code": 3, "message": "no"}'
     result = run_loadtest("--spawn", "1", "--service", "echo.Echo/Fail", "--data", data,
-                          "--requests", "40", "--concurrency", "4")
+                          "--requests", "40", "--concurrency", "4", "--max-errors", "1")
     assert result.returncode == 0, result.stderr
     size = len(echo_pb2.FailRequest(code=3, message="no").SerializeToString())
     assert f"concurrency 4, request from --data, {size} bytes serialized\n" in result.stdout
@@ -97,7 +97,13 @@ def test_a_method_that_fails_is_load_tested_and_the_summary_describes_the_reques
     assert "calls        40 (0 ok)" in result.stdout
     assert "errors       INVALID_ARGUMENT 40" in result.stdout
     assert result.stderr.strip() == ("note: first call to echo.Echo/Fail failed with INVALID_ARGUMENT; "
-                                     "going on, its errors are counted")
+                                     "going on, its errors are counted (--max-errors 1 to exit 0 all the same)")
+    # By default a failed call fails the run, after the report.
+    strict = run_loadtest("--spawn", "1", "--service", "echo.Echo/Fail", "--data", data,
+                          "--requests", "40", "--concurrency", "4", "--json")
+    assert strict.returncode == 1
+    assert json.loads(strict.stdout)["errors"] == {"INVALID_ARGUMENT": 40}
+    assert strict.stderr.strip().endswith("error: 40 of 40 calls failed (100.0 %), more than --max-errors 0 allows")
 
 
 def test_summary_text_gives_the_serialized_size_of_a_generated_request():
