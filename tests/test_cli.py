@@ -298,7 +298,7 @@ def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path):
     path = tmp_path / "broker.toml"
     path.write_text('[broker]\nqueue-size = 7\nunavailable_wait = 1.5\nfrontend = "ipc:///tmp/x"\n')
     from_file, _ = _broker_cmd._read_config_file(str(path))
-    config = _broker_cmd._build_config(from_file, queue_size=9, frontend=None, backend=None, log_level=None)
+    config = _broker_cmd._build_config(str(path), from_file, queue_size=9, frontend=None, backend=None, log_level=None)
     assert config.queue_size == 9  # flag
     assert config.unavailable_wait == 1.5 and config.frontend == "ipc:///tmp/x"  # file
     assert config.heartbeat_liveness == BrokerConfig().heartbeat_liveness  # default
@@ -313,13 +313,28 @@ def test_flags_win_over_the_file_and_the_file_over_defaults(tmp_path):
     ("[brokers]\nqueue_size = 5\n", "unknown table [brokers]"),
     ('broker = "on"\n', "broker must be a table"),
     ('[broker]\nlog_level = "LOUD"\n', "bad log_level 'LOUD'"),
+    ("[broker]\nbusy_poll = true\n", "busy_poll must be a finite number, not True"),
+    ('[broker]\nfrontend = "tcp://127.0.0.1:70000"\n', "bad frontend endpoint"),
 ])
-def test_a_bad_config_file_stops_the_broker_with_one_line(cli, tmp_path, text, problem):
+def test_a_bad_config_file_stops_the_broker_with_one_line_naming_the_file(cli, tmp_path, text, problem):
     path = tmp_path / "broker.toml"
     path.write_text(text)
     result = cli("broker", "start", "--config", str(path))
     assert result.exit_code == 2
-    assert problem in one_line_error(result.stderr)
+    line = one_line_error(result.stderr)
+    assert problem in line and line.startswith(f"error: {path}: ")
+
+
+def test_a_bad_setting_names_the_file_only_for_what_came_from_it(cli, tmp_path):
+    path = tmp_path / "broker.toml"
+    path.write_text('[broker]\nfrontend = "ipc:///tmp/zrpc-same"\nbackend = "ipc:///tmp/zrpc-same"\n')
+    both = one_line_error(cli("broker", "start", "--config", str(path)).stderr)
+    assert both.startswith(f"error: {path}: bad broker setting: frontend and backend are the same endpoint")
+    mixed = one_line_error(cli("broker", "start", "--config", str(path), "--frontend", "ipc:///tmp/zrpc-same").stderr)
+    assert mixed.startswith("error: bad broker setting: frontend and backend") and mixed.endswith(f"(backend from {path})")
+    flags = one_line_error(cli("broker", "start", "--config", str(path), "--frontend", "ipc:///tmp/zrpc-x",
+                               "--backend", "ipc:///tmp/zrpc-x").stderr)
+    assert "the same endpoint" in flags and str(path) not in flags
 
 
 @pytest.mark.parametrize("frontend, backend, problem", [
@@ -650,3 +665,16 @@ def test_services_health_and_status_report_every_broker_when_one_does_not_answer
     assert status.returncode == 24, status
     assert f"broker {live}: 2 service(s)" in status.stdout
     assert f"broker {silent}: no answer" in status.stdout
+
+
+@pytest.mark.parametrize("args, variable, value", [
+    (("broker", "start"), "ZRPC_BROKER_START_BUSY_POLL", "x"),  # the automatic name
+    (("broker", "start"), "ZRPC_BROKER_START_QUEUE_SIZE", "0"),
+    (("call", "echo.Echo/Say"), "ZRPC_CALL_TIMEOUT", "-1"),
+])
+def test_a_bad_value_from_the_environment_is_blamed_on_its_variable_not_the_flag(cli, args, variable, value):
+    result = cli(*args, env={variable: value})
+    assert result.exit_code == 2
+    assert f"Invalid value for environment variable {variable}: " in result.stderr
+    flag = cli(*args, f"--{variable.split('_', 3)[-1].lower().replace('_', '-')}", value)
+    assert flag.exit_code == 2 and "Invalid value for '--" in flag.stderr and variable not in flag.stderr

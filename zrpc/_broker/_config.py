@@ -17,6 +17,15 @@ DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 _ANY_PORT = ("0", "*")  # bind to a free port: two such endpoints never clash
 
 
+class SettingError(ValueError):
+    """A setting that cannot work; ``settings`` names the setting(s) at fault, so that a caller
+    that merged several sources (a config file, flags) can say which one to fix."""
+
+    def __init__(self, message: str, *settings: str):
+        super().__init__(message)
+        self.settings = settings
+
+
 @dataclasses.dataclass(slots=True)
 class BrokerConfig:
     """Everything a broker can be told. Times are seconds; sizes are bytes or counts."""
@@ -73,7 +82,7 @@ class BrokerConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting that cannot work."""
+        """Raise SettingError (a ValueError) naming the first setting that cannot work."""
         for field in dataclasses.fields(self):
             # A config file can hold any TOML value: `queue_size = "5"` or `busy_poll = true`
             # would fail later with a TypeError, or (a bool is an int) pass as 1.
@@ -82,43 +91,45 @@ class BrokerConfig:
                 continue
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or isinstance(value, float) and not math.isfinite(value)):
-                raise ValueError(f"{field.name} must be a finite number, not {value!r}")
+                raise SettingError(f"{field.name} must be a finite number, not {value!r}", field.name)
             if isinstance(default, int) and not isinstance(value, int):
-                raise ValueError(f"{field.name} must be a whole number, not {value!r}")
+                raise SettingError(f"{field.name} must be a whole number, not {value!r}", field.name)
         if self.heartbeat_liveness < 1:
-            raise ValueError("heartbeat_liveness must be at least 1")
+            raise SettingError("heartbeat_liveness must be at least 1", "heartbeat_liveness")
         for name in ("queue_size", "max_in_flight", "max_outstanding_per_client", "max_workers",
                      "max_services", "max_message_bytes", "max_frames"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise SettingError(f"{name} must be at least 1", name)
         if self.max_frames < p.MIN_FRAMES_LIMIT:
             # Lower, a client's request or a worker's replies would be refused whole.
-            raise ValueError(f"max_frames must be at least {p.MIN_FRAMES_LIMIT}: clients and workers send up to "
-                             f"{p.MAX_CALLS_PER_MESSAGE} calls, 2 frames each, in one message")
+            raise SettingError(f"max_frames must be at least {p.MIN_FRAMES_LIMIT}: clients and workers send up "
+                               f"to {p.MAX_CALLS_PER_MESSAGE} calls, 2 frames each, in one message", "max_frames")
         if self.max_connections < 0:
-            raise ValueError("max_connections must not be negative (0: automatic)")
+            raise SettingError("max_connections must not be negative (0: automatic)", "max_connections")
         if self.handshake_timeout <= 0:
-            raise ValueError("handshake_timeout must be positive")
+            raise SettingError("handshake_timeout must be positive", "handshake_timeout")
         for name in ("unavailable_wait", "unknown_service_grace", "drain_grace"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, not {getattr(self, name)!r}")
+                raise SettingError(f"{name} must not be negative, not {getattr(self, name)!r}", name)
         if (problem := busy_poll_problem(self.busy_poll)) is not None:
-            raise ValueError(problem)
+            raise SettingError(problem, "busy_poll")
         if self.tick_interval <= 0:
-            raise ValueError("tick_interval must be positive")
+            raise SettingError("tick_interval must be positive", "tick_interval")
         for name in ("frontend", "backend"):
             problem = endpoint_problem(getattr(self, name))
             if problem:
-                raise ValueError(f"{name} {getattr(self, name)!r}: {problem}")
+                raise SettingError(f"{name} {getattr(self, name)!r}: {problem}", name)
         if self.frontend.strip() == self.backend.strip() and endpoint_port(self.frontend) not in _ANY_PORT:
             # Caught here, the second bind would only say "Address already in use".
-            raise ValueError(f"frontend and backend are the same endpoint {self.frontend}: "
-                             f"clients and workers need one each")
+            raise SettingError(f"frontend and backend are the same endpoint {self.frontend}: "
+                               f"clients and workers need one each", "frontend", "backend")
         if self.curve_secret and not (self.client_keys and self.worker_keys):
             # Without allow-lists CURVE would encrypt but admit any key.
-            raise ValueError("curve_secret needs client_keys and worker_keys (directories of public keys)")
+            raise SettingError("curve_secret needs client_keys and worker_keys (directories of public keys)",
+                               "curve_secret", "client_keys", "worker_keys")
         if not self.curve_secret and (self.client_keys or self.worker_keys or self.access_rules):
-            raise ValueError("client_keys, worker_keys and access_rules need curve_secret")
+            raise SettingError("client_keys, worker_keys and access_rules need curve_secret",
+                               "curve_secret", "client_keys", "worker_keys", "access_rules")
 
 
 # Settings that name files: a relative path in a config file is relative to that file's

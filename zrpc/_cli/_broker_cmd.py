@@ -10,7 +10,7 @@ import tomllib
 import click
 
 from .._allocator import tune_allocator
-from .._broker._config import BrokerConfig, load_config_file
+from .._broker._config import BrokerConfig, SettingError, load_config_file
 from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS,
                       CliError, check_endpoint, log_format_option, metrics_host_option,
                       metrics_port_option, option, ready_line, setup_logging, start_metrics)
@@ -78,7 +78,7 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
       zrpc broker ready: frontend=<endpoint> backend=<endpoint> [metrics=<url>]
     """
     from_file, process_from_file = _read_config_file(config_file)
-    config = _build_config(from_file, log_level=log_level.upper() if log_level else None, **flags)
+    config = _build_config(config_file, from_file, log_level=log_level.upper() if log_level else None, **flags)
     process = _process_settings(config_file, process_from_file, log_format=log_format,
                                 metrics_port=metrics_port, metrics_host=metrics_host)
     log_format, metrics_port, metrics_host = process["log_format"], process["metrics_port"], process["metrics_host"]
@@ -189,21 +189,34 @@ def _process_settings(config_file: str | None, from_file: dict, **given) -> dict
     return chosen
 
 
-def _build_config(from_file: dict, **flags) -> BrokerConfig:
+def _build_config(config_file: str | None, from_file: dict, **flags) -> BrokerConfig:
     """Defaults, overridden by the file's settings, overridden by flags (None means the flag was
-    not given)."""
+    not given). An error names the file when the setting at fault came from it."""
     try:
         config = BrokerConfig().replace(**from_file)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc), exit_code=EXIT_USAGE) from None
     config = config.replace(**flags)
+
+    def bad(message: str, *settings: str) -> CliError:
+        from_the_file = [name for name in settings if name in from_file and flags.get(name) is None]
+        if from_the_file and len(from_the_file) == len(settings):
+            message = f"{config_file}: {message}"
+        elif from_the_file:
+            message = f"{message} ({', '.join(from_the_file)} from {config_file})"
+        return CliError(message, exit_code=EXIT_USAGE)
+
     if str(config.log_level).upper() not in LOG_LEVELS:
-        raise CliError(f"bad log_level {config.log_level!r}; use one of {', '.join(LOG_LEVELS)}",
-                       exit_code=EXIT_USAGE)
-    config.frontend = check_endpoint(config.frontend, "frontend endpoint")
-    config.backend = check_endpoint(config.backend, "backend endpoint")
+        raise bad(f"bad log_level {config.log_level!r}; use one of {', '.join(LOG_LEVELS)}", "log_level")
+    for name in ("frontend", "backend"):
+        try:
+            setattr(config, name, check_endpoint(getattr(config, name), f"{name} endpoint"))
+        except CliError as exc:
+            raise bad(exc.format_message(), name) from None
     try:
         config.validate()
+    except SettingError as exc:
+        raise bad(f"bad broker setting: {exc}", *exc.settings) from None
     except (ValueError, TypeError) as exc:  # TypeError: a file value of the wrong type
         raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
     return config

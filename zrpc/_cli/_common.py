@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from typing import Iterable
@@ -27,8 +28,32 @@ EXIT_CODES_HELP = (
     "(DEADLINE_EXCEEDED 14, NOT_FOUND 15, UNIMPLEMENTED 22, UNAVAILABLE 24)."
 )
 
+class _Option(click.Option):
+    """An option whose bad value, when it came from an environment variable, is blamed on that
+    variable: click's own message names the flag, which the user never typed."""
+
+    def process_value(self, ctx: click.Context, value):
+        try:
+            return super().process_value(ctx, value)
+        except click.BadParameter as exc:
+            if ctx.get_parameter_source(self.name) is not click.core.ParameterSource.ENVIRONMENT:
+                raise
+            variable = self._variable_set(ctx)
+            if variable is None:
+                raise
+            raise click.BadParameter(exc.message, ctx=ctx, param=self,
+                                     param_hint=f"environment variable {variable}") from None
+
+    def _variable_set(self, ctx: click.Context) -> str | None:
+        """The variable the value was read from: the option's own, else the automatic one."""
+        names = [self.envvar] if isinstance(self.envvar, str) else list(self.envvar or ())
+        if ctx.auto_envvar_prefix is not None and self.name is not None:
+            names.append(f"{ctx.auto_envvar_prefix}_{self.name.upper()}")
+        return next((name for name in names if os.environ.get(name)), None)
+
+
 # Every option shows its default and the environment variable it also reads.
-option = functools.partial(click.option, show_envvar=True)
+option = functools.partial(click.option, show_envvar=True, cls=_Option)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
