@@ -215,12 +215,24 @@ def test_worker_run_reports_a_bad_module_or_class_in_one_line(cli, in_repo, targ
 
 
 def test_call_with_no_broker_answering_says_so_in_one_line(cli, ipc_dir):
-    result = cli("call", "--broker", f"ipc://{ipc_dir}/nobody", "--timeout", "0.2", "a.B/C")
+    with zmq.Context() as context, context.socket(zmq.ROUTER) as silent:  # takes calls, never answers
+        silent.bind(f"ipc://{ipc_dir}/silent")
+        result = cli("call", "--broker", f"ipc://{ipc_dir}/silent", "--timeout", "0.2", "a.B/C")
+        silent.close(linger=0)
     assert result.exit_code == 10 + zrpc.StatusCode.UNAVAILABLE
     line = one_line_error(result.stderr)
-    assert f"no answer from broker at ipc://{ipc_dir}/nobody within 0.2s" in line
+    assert f"no answer from broker at ipc://{ipc_dir}/silent within 0.2s" in line
     assert "zrpc broker start" in line
     assert "If it requires CURVE keys, pass --broker-key and --curve-secret." in line
+
+
+@pytest.mark.parametrize("command", [("call", "a.B/C"), ("services",), ("health",), ("status",)])
+def test_a_command_with_no_broker_there_fails_at_once_not_at_its_timeout(cli, ipc_dir, command):
+    # Not "no answer ... within 60s": the first failed connection attempt ends it.
+    result = cli(*command, "--broker", f"ipc://{ipc_dir}/nobody", "--timeout", "60")
+    assert result.exit_code == 10 + zrpc.StatusCode.UNAVAILABLE
+    assert (f"cannot connect to broker at ipc://{ipc_dir}/nobody: nothing accepted the connection "
+            f"(is `zrpc broker start` running there?)") in result.stderr
 
 
 @needs_curve
@@ -654,7 +666,7 @@ def test_services_health_and_status_report_every_broker_when_one_does_not_answer
     services = run_cli("services", "--broker", silent, "--broker", live, "--timeout", "1")
     assert services.returncode == 24, services
     assert f"broker {live}" in services.stdout and "helloworld.Greeter" in services.stdout
-    assert f"no answer from broker at {silent}" in one_line_error(services.stderr)
+    assert f"cannot connect to broker at {silent}" in one_line_error(services.stderr)
 
     health = run_cli("health", "--broker", silent, "--broker", live, "--timeout", "1", "helloworld.Greeter")
     assert health.returncode == 24, health
@@ -664,7 +676,7 @@ def test_services_health_and_status_report_every_broker_when_one_does_not_answer
     status = run_cli("status", "--broker", silent, "--broker", live, "--timeout", "1", "--interval", "0.1")
     assert status.returncode == 24, status
     assert f"broker {live}: 2 service(s)" in status.stdout
-    assert f"broker {silent}: no answer" in status.stdout
+    assert f"broker {silent}: cannot connect to broker at {silent}" in status.stdout
 
 
 @pytest.mark.parametrize("args, variable, value", [

@@ -19,6 +19,7 @@ from zrpc._errors import Error
 from zrpc._status import StatusCode
 
 from ._fake_frontend import FakeFrontend
+from .conftest import wait_for
 
 BROKER_SERVICE = broker_service_pb2.DESCRIPTOR.services_by_name["Broker"]
 WAIT = 5.0  # bound on every wait for a condition; tests normally finish in milliseconds
@@ -159,6 +160,32 @@ def test_core_sends_batches_over_a_link_once_its_broker_answered_in_one():
     core.connection_up(0)
     core.add(core.prepare("a.S", "M", b"again"))
     assert core.next_request(core.clock(), 0)[0][1] == _protocol.REQUEST
+
+
+def test_core_without_wait_for_broker_fails_calls_once_no_broker_accepts_a_connection():
+    core = ClientCore(endpoints=["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], wait_for_broker=False)
+    waiting = core.prepare("a.S", "M", b"")
+    assert core.add(waiting) is None  # no attempt has failed yet
+    assert core.reconnect_scheduled(0) == []  # the other broker may still take it
+    [failed] = core.reconnect_scheduled(1)
+    assert failed.call is waiting and failed.error.code == StatusCode.UNAVAILABLE
+    assert failed.error.message.startswith("cannot connect to the broker at tcp://127.0.0.1:1, tcp://127.0.0.1:2")
+    assert core.in_flight == 0 and not core.has_unsent()
+    refused = core.add(core.prepare("a.S", "M", b""))  # new calls fail at once, unsent
+    assert refused is not None and refused.error.code == StatusCode.UNAVAILABLE
+    core.connected(1)  # an attempt was accepted: calls wait for its handshake again
+    assert core.add(core.prepare("a.S", "M", b"")) is None
+    # A connection that was accepted and then closed (a broker gone, a CURVE handshake
+    # refused) is not "nothing accepted it": ZeroMQ's retry after it fails no call.
+    assert core.reconnect_scheduled(1) == []
+    assert core.in_flight == 1
+
+
+def test_core_waits_for_a_broker_by_default():
+    core = ClientCore(endpoints=["tcp://127.0.0.1:1"])
+    assert core.add(core.prepare("a.S", "M", b"")) is None
+    assert core.reconnect_scheduled(0) == [] and core.reconnect_scheduled(0) == []
+    assert core.add(core.prepare("a.S", "M", b"")) is None and core.in_flight == 2
 
 
 def answer_in_a_batch(core: ClientCore, link: int = 0) -> None:
@@ -413,6 +440,44 @@ def test_requests_made_before_the_broker_binds_are_delivered(ipc_dir):
             assert future.result(WAIT) == b"early"
         finally:
             fake.stop()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_without_wait_for_broker_a_call_fails_at_once_while_nothing_listens_and_works_once_it_does(ipc_dir, flavour):
+    endpoint = f"ipc://{ipc_dir}/later"
+
+    async def call_async(client) -> bytes:
+        return await client.call("test.Svc", "Echo", b"x", timeout=60.0)
+
+    def call(client) -> bytes:
+        if flavour == "sync":
+            return client.call("test.Svc", "Echo", b"x", timeout=60.0)
+        return client_loop.run_until_complete(call_async(client))
+
+    client_loop = asyncio.new_event_loop()
+    client = (Client if flavour == "sync" else AsyncClient)(endpoint, wait_for_broker=False)
+    try:
+        with pytest.raises(Error) as raised:  # at the first failed attempt, not at 60 s
+            call(client)
+        assert raised.value.code == StatusCode.UNAVAILABLE
+        assert raised.value.details["zrpc-endpoint"] == endpoint
+        fake = FakeBroker(endpoint)
+        try:
+            def answered() -> bytes | None:  # once ZeroMQ's next attempt (within 100 ms) connects
+                try:
+                    return call(client)
+                except Error as error:
+                    assert error.code == StatusCode.UNAVAILABLE
+                    return None
+            assert wait_for(answered, message="a call to get through") == b"x"
+        finally:
+            fake.stop()
+    finally:
+        if flavour == "sync":
+            client.close()
+        else:
+            client_loop.run_until_complete(client.close())
+        client_loop.close()
 
 
 def test_cancelling_a_future_sends_cancel_with_its_request_id(client, broker):

@@ -15,6 +15,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from .. import broker_service_pb2 as pb
 from .._descriptors import pool_from_file_descriptor_set
+from .._client._core import UNREACHABLE
 from .._errors import Error
 from .._status import StatusCode
 from ._common import EXIT_STATUS_BASE, EXIT_USAGE, CliError, call_failed, curve_settings
@@ -55,11 +56,16 @@ class _HeldRefusals(logging.Filter):
 
 @contextlib.contextmanager
 def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
-    """A sync zrpc Client on ``brokers``, closed on exit; connection errors become CliError."""
+    """A sync zrpc Client on ``brokers``, closed on exit; connection errors become CliError.
+
+    It does not wait for a broker that is not there: a command's call fails as soon as every
+    broker's connection attempt failed, instead of at its deadline.
+    """
     from .._client import Client  # imported late: `zrpc --help` must not need a socket
 
     try:
-        client = Client(brokers if len(brokers) > 1 else brokers[0], timeout=timeout, **curve_settings())
+        client = Client(brokers if len(brokers) > 1 else brokers[0], timeout=timeout, wait_for_broker=False,
+                        **curve_settings())
     except CliError:
         raise
     except Exception as exc:  # zmq.ZMQError for an endpoint libzmq refuses, ValueError from ours
@@ -126,6 +132,10 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
         raw = client.call(BROKER_SERVICE, method, request.SerializeToString(), timeout=timeout,
                           idempotent=True)
     except Error as error:
+        if error.code == StatusCode.UNAVAILABLE and error.message.startswith(UNREACHABLE):
+            raise CliError(f"cannot connect to broker at {', '.join(brokers)}: nothing accepted the connection "
+                           f"(is `zrpc broker start` running there?)",
+                           exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
         if error.code in (StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAVAILABLE):
             raise no_answer(brokers, timeout) from None
         raise call_failed(error) from None

@@ -45,10 +45,10 @@ class AsyncClient:
 
     Arguments are those of :class:`zrpc.Client` (``retry`` on by default for idempotent calls,
     ``circuit_breaker`` off, for the reasons given there); ``context`` may be a
-    ``zmq.asyncio.Context`` or a plain ``zmq.Context`` (shadowed); ``curve_secret`` and
-    ``broker_key`` turn on CURVE as for the sync client. The sockets are opened in the
-    running loop at the first call, and the client then belongs to that loop. Close it with
-    ``await client.close()`` or ``async with``.
+    ``zmq.asyncio.Context`` or a plain ``zmq.Context`` (shadowed); ``curve_secret``,
+    ``broker_key`` and ``wait_for_broker`` are as for the sync client. The sockets are opened
+    in the running loop at the first call, and the client then belongs to that loop. Close it
+    with ``await client.close()`` or ``async with``.
     """
 
     def __init__(
@@ -63,10 +63,12 @@ class AsyncClient:
         curve_secret: Any = None,
         broker_key: Any = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        wait_for_broker: bool = True,
     ):
         self.endpoints = endpoint_list(endpoints)
         self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
-                                max_message_bytes=max_message_bytes, endpoints=self.endpoints)
+                                max_message_bytes=max_message_bytes, endpoints=self.endpoints,
+                                wait_for_broker=wait_for_broker)
         self._curve = client_security(curve_secret, broker_key)
         self._watch: HandshakeWatch | None = None
         self._context_arg = context

@@ -56,6 +56,8 @@ ATTEMPTS_DETAIL = "zrpc-attempts"
 CANCEL_ON_CLOSE_LINGER_MS = 200
 
 _ONE_LINK = (0,)
+# How the message of a call failed because no broker could be reached begins (wait_for_broker off).
+UNREACHABLE = "cannot connect to the broker"
 
 # Stale heap entries (answered or cancelled calls) are pruned when they outnumber live ones by
 # this factor, so the heap stays proportional to the calls in flight.
@@ -144,8 +146,10 @@ class ClientCore:
         uniform: Callable[[], float] = random.random,
         max_message_bytes: int = _protocol.DEFAULT_MAX_MESSAGE_BYTES,
         endpoints: Sequence[str] | None = None,
+        wait_for_broker: bool = True,
     ):
         self.default_timeout = check_timeout(default_timeout, "default timeout")
+        self.wait_for_broker = bool(wait_for_broker)
         if not isinstance(max_message_bytes, int) or max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be a positive number of bytes, got {max_message_bytes!r}")
         self.max_message_bytes = max_message_bytes
@@ -191,6 +195,12 @@ class ClientCore:
         # A link whose broker refused a call as it drains (spec §11) gets no more while another
         # link is up, until its connection closes (the broker's next start is a new connection).
         self._link_draining = [False] * links
+        # Each link's endpoint, whether its current connection attempt was accepted, and whether
+        # its last attempt failed (nothing accepted it) with none accepted since: with
+        # wait_for_broker off, calls fail at once while every link is so (see reconnect_scheduled).
+        self._endpoints = endpoints
+        self._link_accepted = [False] * links
+        self._link_unreachable = [False] * links
         self._turn = links - 1  # the link that took the last REQUEST (round-robin, see link_order)
 
     # -- making calls ------------------------------------------------------------------------
@@ -245,7 +255,7 @@ class ClientCore:
 
         Returns the call's outcome at once, unsent, when its service's circuit is open.
         """
-        refusal = self._admit(call, self.clock())
+        refusal = self._admit(call, self.clock()) or self._unreachable_error()
         if refusal is not None:
             return Outcome(call, None, refusal)
         self._pending[call.request_id] = call
@@ -314,6 +324,49 @@ class ClientCore:
     def connection_up(self, link: int) -> None:
         """The connection of ``link`` finished its handshake (the flavour's socket monitor)."""
         self._link_up[link] = True
+        self._link_unreachable[link] = False
+
+    def connected(self, link: int) -> None:
+        """A connection attempt of ``link`` was accepted (its handshake may still fail)."""
+        self._link_accepted[link] = True
+        self._link_unreachable[link] = False
+
+    def reconnect_scheduled(self, link: int) -> list[Outcome]:
+        """ZeroMQ will try ``link`` again later: its connection closed, or its attempt failed."""
+        accepted, self._link_accepted[link] = self._link_accepted[link], False
+        if accepted:  # a connection that closed (a CURVE handshake refused, a broker gone)
+            return []
+        return self._connect_failed(link)
+
+    def _connect_failed(self, link: int) -> list[Outcome]:
+        """A connection attempt of ``link`` failed: nothing accepted it (the broker is not
+        running, or the address is wrong).
+
+        With ``wait_for_broker`` on (the default) calls wait for a broker within their deadline,
+        as they do while a broker restarts. Off (a command-line tool, gRPC's default), the calls
+        that wait to be sent fail UNAVAILABLE at once when no link is up and every link's last
+        attempt failed, and so do new calls until one connects.
+        """
+        self._link_unreachable[link] = True
+        error = self._unreachable_error()
+        if error is None:
+            return []
+        outcomes = []
+        for call in list(self._unsent):
+            if self._pending.get(call.request_id) is call:
+                del self._pending[call.request_id]
+                outcomes.append(self._finish(call, None, Error(error.code, error.message, dict(error.details)),
+                                             retry=False, record=False))
+        self._unsent.clear()
+        return outcomes
+
+    def _unreachable_error(self) -> Error | None:
+        """Without wait_for_broker: the error of a call no broker can be reached for, or None."""
+        if self.wait_for_broker or not all(self._link_unreachable) or any(self._link_up):
+            return None
+        where = ", ".join(self._endpoints)
+        return Error(StatusCode.UNAVAILABLE, f"{UNREACHABLE} at {where}: nothing accepted the connection "
+                     f"(is the broker running there?)", {"zrpc-endpoint": where})
 
     def next_request(self, now: float, link: int = 0) -> tuple[list[bytes], list[Call]] | None:
         """One REQUEST, or REQUEST_BATCH, carrying as many unsent calls as fit (spec §4, §4c)
@@ -538,6 +591,9 @@ class ClientCore:
             if self._admit(call, now) is not None:
                 del self._pending[request_id]
                 outcomes.append(self._finish(call, None, call.last_error, retry=False, record=False))
+            elif (unreachable := self._unreachable_error()) is not None:
+                del self._pending[request_id]
+                outcomes.append(self._finish(call, None, unreachable, retry=False, record=False))
             else:
                 self._unsent.append(call)
         return outcomes

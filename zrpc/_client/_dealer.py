@@ -10,9 +10,9 @@ from .. import _security
 from .._endpoints import EXPECTED
 from ._monitor import HANDSHAKE_EVENTS
 
-# What a client's monitors report: connections that open and close, and how handshakes end (a
-# refusal matters with CURVE).
-MONITORED = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
+# What a client's monitors report: connections that open and close, attempts that fail (a broker
+# not running: see ClientCore.reconnect_scheduled), and how handshakes end (a refusal matters with CURVE).
+MONITORED = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 # ZMTP heartbeats notice a dead TCP peer (a broker host that vanished without a FIN) so ZeroMQ
 # reconnects instead of queueing into a connection that will never deliver.

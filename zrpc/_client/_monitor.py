@@ -138,6 +138,10 @@ def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, wa
     replace = False
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
         core.connection_up(link)
+    elif event == zmq.EVENT_CONNECTED:
+        core.connected(link)
+    elif event == zmq.EVENT_CONNECT_RETRIED:
+        outcomes = core.reconnect_scheduled(link)
     elif event == zmq.EVENT_DISCONNECTED:
         replace = core.link_is_up(link)
         if replace:  # what the broker answered before it went is settled, not failed (the

@@ -77,6 +77,11 @@ class Client:
 
     ``max_message_bytes`` refuses, RESOURCE_EXHAUSTED and unsent, a request payload the broker's
     limit of the same name (64 MiB by default) would refuse: set them alike.
+
+    ``wait_for_broker``: while no broker can be reached, calls wait for one within their
+    deadline (the default: a broker restart costs them only time). False makes them fail
+    UNAVAILABLE at once when every broker's last connection attempt failed (nothing accepted
+    it), as gRPC does without wait_for_ready: for command-line tools and health probes.
     """
 
     def __init__(
@@ -91,10 +96,12 @@ class Client:
         curve_secret: Any = None,
         broker_key: Any = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        wait_for_broker: bool = True,
     ):
         self.endpoints = endpoint_list(endpoints)
         self._core = ClientCore(timeout, metadata, retry=retry, circuit_breaker=circuit_breaker,
-                                max_message_bytes=max_message_bytes, endpoints=self.endpoints)
+                                max_message_bytes=max_message_bytes, endpoints=self.endpoints,
+                                wait_for_broker=wait_for_broker)
         curve = self._curve = client_security(curve_secret, broker_key)
         self._own_context = context is None
         if context is None:
