@@ -377,7 +377,7 @@ def test_calls_in_a_message_a_worker_never_got_go_to_another_worker_and_the_rest
     (undelivered,) = h.engine.backend_out
     h.engine.backend_out = []
     h.ready(b"w2")
-    h.engine.on_undeliverable(b"w1", undelivered[1], h.now)
+    h.engine.on_undeliverable([undelivered], h.now)
     h.engine.flush()
     assert [(who, header.attempt, payload) for who, header, payload in h.take_requests()] == [(b"w2", 1, b"lost")]
     (failed,) = h.take_replies()
@@ -385,10 +385,30 @@ def test_calls_in_a_message_a_worker_never_got_go_to_another_worker_and_the_rest
     assert "went away" in failed[1].message
     assert set(h.engine.workers) == {b"w2"}
     assert h.engine.counters["requeued_undelivered"] == 1
-    h.engine.on_undeliverable(b"w1", undelivered[1], h.now)  # a worker removed already: nothing to do
-    h.engine.on_undeliverable(b"c1", [p.TAG, p.HEARTBEAT], h.now)  # not a worker at all
+    h.engine.on_undeliverable([undelivered], h.now)  # a worker removed already: nothing to do
+    h.engine.on_undeliverable([(b"c1", [p.TAG, p.HEARTBEAT])], h.now)  # not a worker at all
     assert h.take_requests() == [] and set(h.engine.workers) == {b"w2"}
     assert lost != ran
+
+
+def test_every_message_a_worker_never_got_in_a_round_counts_before_it_is_removed():
+    h = Harness()
+    h.ready(b"w1", capacity=2, batches=True)
+    large, small = b"L" * p.BATCH_CALL_BYTES, b"small"
+    headers = [p.RequestHeader(request_id=i, service="svc.S", method="M", deadline_ms=10_000).SerializeToString()
+               for i in (1, 2)]
+    h.engine.on_frontend(b"c1", p.request_message(zip(headers, [large, small])), h.now)
+    h.engine.flush()
+    undelivered = h.engine.backend_out  # the large call alone in a REQUEST, the other in a batch
+    assert [frames[1] for _, frames in undelivered] == [p.REQUEST, p.REQUEST_BATCH]
+    h.engine.backend_out = []
+    h.ready(b"w2", capacity=2)
+    h.engine.on_undeliverable(undelivered, h.now)
+    h.engine.flush()
+    assert sorted((who, header.attempt, len(payload)) for who, header, payload in h.take_requests()) == [
+        (b"w2", 1, len(small)), (b"w2", 1, len(large))]
+    assert h.take_replies() == []  # neither failed: neither reached a worker
+    assert h.engine.counters["requeued_undelivered"] == 2
 
 
 def test_draining_worker_hands_back_new_work_and_gets_no_more():

@@ -473,34 +473,38 @@ class BrokerEngine:
         self._flush_requests_to(worker.identity)  # a call dispatched this round: REQUEST first
         self.backend_out.append((worker.identity, p.cancel_message([call.dispatch_id])))
 
-    def on_undeliverable(self, identity: bytes, frames: Sequence[bytes], now: float) -> None:
-        """A message to a worker could not be sent: its connection is gone (EHOSTUNREACH), or
-        it has stopped reading (EAGAIN, its queue full). Either way it is of no more use, and
-        the calls that message carried never reached it: they go back to the front of their
-        queues, idempotent or not, as not dispatched (§11). Its other calls may have run: they
-        are handled as for an expired worker. A message to a peer that is not a registered
-        worker (a DISCONNECT to an unknown one) needs nothing.
+    def on_undeliverable(self, messages: Sequence[tuple[bytes, Sequence[bytes]]], now: float) -> None:
+        """Messages to workers could not be sent: a worker's connection is gone (EHOSTUNREACH),
+        or it has stopped reading (EAGAIN, its queue full). Either way that worker is of no more
+        use, and the calls those messages carried never reached it: they go back to the front
+        of their queues, idempotent or not, as not dispatched (§11). Its other calls may have
+        run: they are handled as for an expired worker. Every message of a round to one worker
+        is looked at before it is removed (a large call goes alone, a CANCEL splits a round's
+        requests). A message to a peer that is not a registered worker needs nothing.
         """
-        worker = self.workers.get(identity)
-        if worker is None:
-            return
-        back: dict[str, list[Call]] = {}
-        for dispatch_id in _request_ids_in(frames):
-            call = worker.in_flight.pop(dispatch_id, None)
-            if call is None:  # answered meanwhile, or its slot kept for a CANCEL (§8)
-                continue
-            self.services[call.service].dispatched -= 1
-            call.worker = None
-            call.state = CallState.QUEUED
-            call.attempt -= 1  # this dispatch never happened
-            back.setdefault(call.service, []).append(call)
-        for name, calls in back.items():
-            self.services[name].queue.extendleft(reversed(calls))  # in their order, first
-        requeued = sum(len(calls) for calls in back.values())
-        self.counters["requeued_undelivered"] += requeued
-        log.warning("worker %s is gone (a message to it could not be sent): removed; %d call(s) it never "
-                    "received queued again", worker.name, requeued, extra={"peer": worker.name, "reason": "gone"})
-        self._remove_worker(worker, now, "went away")
+        undelivered: dict[bytes, list[int]] = {}
+        for identity, frames in messages:
+            if identity in self.workers:
+                undelivered.setdefault(identity, []).extend(_request_ids_in(frames))
+        for identity, dispatch_ids in undelivered.items():
+            worker = self.workers[identity]
+            back: dict[str, list[Call]] = {}
+            for dispatch_id in dispatch_ids:
+                call = worker.in_flight.pop(dispatch_id, None)
+                if call is None:  # answered meanwhile, or its slot kept for a CANCEL (§8)
+                    continue
+                self.services[call.service].dispatched -= 1
+                call.worker = None
+                call.state = CallState.QUEUED
+                call.attempt -= 1  # this dispatch never happened
+                back.setdefault(call.service, []).append(call)
+            for name, calls in back.items():
+                self.services[name].queue.extendleft(reversed(calls))  # in their order, first
+            requeued = sum(len(calls) for calls in back.values())
+            self.counters["requeued_undelivered"] += requeued
+            log.warning("worker %s is gone (a message to it could not be sent): removed; %d call(s) it never "
+                        "received queued again", worker.name, requeued, extra={"peer": worker.name, "reason": "gone"})
+            self._remove_worker(worker, now, "went away")
 
     def _remove_worker(self, worker: WorkerState, now: float, why: str) -> None:
         """§11: re-queue what may run again, fail the rest at once."""

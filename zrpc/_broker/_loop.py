@@ -373,9 +373,7 @@ class Broker:
                 self._send(self.frontend, messages)
             if not undelivered:
                 return
-            now = self._clock()
-            for identity, frames in undelivered:
-                engine.on_undeliverable(identity, frames, now)
+            engine.on_undeliverable(undelivered, self._clock())
             engine.flush()
 
     def _send(self, socket: zmq.Socket, messages: list) -> list:
