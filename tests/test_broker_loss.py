@@ -17,6 +17,7 @@ from zrpc import AsyncClient, Broker, BrokerConfig, CircuitBreaker, Client, Stat
 from zrpc import _protocol as p
 from workers.echo import Echo, echo_pb2
 
+from ._fake_frontend import FakeFrontend
 from .conftest import wait_for, wait_until_served, zrpc_cli
 
 # Long enough that only the feature under test can end these calls within the test's bounds.
@@ -350,9 +351,21 @@ def test_the_async_client_too_keeps_replies_that_arrived_before_its_broker_resta
     assert replies == [b"%d" % i for i in range(50)] and after == b"after"
 
 
-def test_a_client_waiting_for_room_at_one_broker_does_not_spin_on_one_that_is_down(ipc_dir, monkeypatch):
-    """Without IMMEDIATE a DEALER is writable before it ever connects: asking it for POLLOUT while
-    another broker's queue is full made the sync client's I/O loop spin (32,312 turns in 2 s)."""
+class _DrainingFrontend(FakeFrontend):
+    """A broker's frontend that refuses every call as a draining broker does (spec §11)."""
+
+    thread_name = "fake-draining-frontend"
+
+    def answer(self, header, payload: bytes) -> tuple[bytes, bytes]:
+        return p.encode_reply_header(header.request_id, StatusCode.UNAVAILABLE, "shutting down", p.DRAINING), b""
+
+
+@pytest.mark.parametrize("other", ["down", "draining"])
+def test_a_client_waiting_for_room_at_one_broker_does_not_spin_on_another_that_takes_nothing(ipc_dir, monkeypatch,
+                                                                                            other):
+    """Without IMMEDIATE a DEALER is writable before it ever connects, and a draining broker's
+    always: asking either for POLLOUT while another broker's queue is full made the sync
+    client's I/O loop spin (32,312 turns in 2 s; 5,704 in 0.5 s for the draining one)."""
     turns = []
     poll = zmq.Poller.poll
 
@@ -362,12 +375,20 @@ def test_a_client_waiting_for_room_at_one_broker_does_not_spin_on_one_that_is_do
         return poll(self, timeout)
 
     monkeypatch.setattr(zmq.Poller, "poll", counted)
-    down, full = f"ipc://{ipc_dir}/never-bound", f"ipc://{ipc_dir}/never-reads"
+    full = f"ipc://{ipc_dir}/never-reads"
     stalled = zmq.Context.instance().socket(zmq.ROUTER)
     stalled.rcvhwm = 1
     stalled.bind(full)
+    draining = _DrainingFrontend(f"ipc://{ipc_dir}/draining") if other == "draining" else None
+    first = draining.endpoint if draining is not None else f"ipc://{ipc_dir}/never-bound"
     try:
-        with Client([down, full], timeout=CALL_TIMEOUT, retry=None) as client:
+        with Client([first, full], timeout=CALL_TIMEOUT, retry=None) as client:
+            if draining is not None:  # its first call, to the first broker, marks it draining
+                wait_for(lambda: client._core.link_is_up(0) and client._core.link_is_up(1),
+                         message="both connections up")
+                with pytest.raises(zrpc.Error) as refused:
+                    client.call("echo.Echo", "Say", b"")
+                assert refused.value.details.get("zrpc-retry") == "draining"
             payload = b"x" * 100_000
             futures = []
             for _ in range(10_000):  # until the queue to the broker that never reads is full
@@ -383,6 +404,8 @@ def test_a_client_waiting_for_room_at_one_broker_does_not_spin_on_one_that_is_do
                 future.cancel()
     finally:
         stalled.close(0)
+        if draining is not None:
+            draining.stop()
 
 
 def test_a_call_dispatched_to_a_worker_whose_connection_is_gone_runs_at_the_next_worker(ipc_dir):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from workers.echo import Echo
-from zrpc import Worker, _protocol, broker_service_pb2
+from zrpc import CircuitBreaker, Worker, _protocol, broker_service_pb2
 from zrpc._client import AsyncClient, Client
 from zrpc._client._core import MAX_PAIRS_PER_MESSAGE, ClientCore
 from zrpc._client._stub import UnaryMethod
@@ -179,6 +179,36 @@ def test_core_without_wait_for_broker_fails_calls_once_no_broker_accepts_a_conne
     # refused) is not "nothing accepted it": ZeroMQ's retry after it fails no call.
     assert core.reconnect_scheduled(1) == []
     assert core.in_flight == 1
+
+
+def test_core_without_wait_for_broker_a_replaced_socket_fails_calls_at_its_first_failed_attempt():
+    core = ClientCore(endpoints=["ipc:///nowhere"], wait_for_broker=False)
+    core.connected(0)
+    core.connection_up(0)
+    core.connection_closed(0, "ipc:///nowhere")  # the broker went: the flavour opens a new DEALER
+    core.add(core.prepare("a.S", "M", b""))
+    [failed] = core.reconnect_scheduled(0)  # the new socket's first attempt: nothing accepted it
+    assert failed.error.code == StatusCode.UNAVAILABLE
+
+
+def test_core_a_call_refused_as_unreachable_never_becomes_its_circuits_trial():
+    now = [100.0]
+    core = ClientCore(endpoints=["tcp://127.0.0.1:1"], wait_for_broker=False, clock=lambda: now[0], retry=None,
+                      circuit_breaker=CircuitBreaker(failure_threshold=1, reset_timeout=1.0))
+    core.connection_up(0)
+    call = core.prepare("a.S", "M", b"")
+    core.add(call)
+    core.next_request(now[0], 0)
+    header = _protocol.encode_reply_header(call.request_id, StatusCode.UNAVAILABLE, "boom", None)
+    core.handle_message(_protocol.reply_message([(header, b"")]), 0)  # the circuit opens
+    core.connection_closed(0, "tcp://127.0.0.1:1")
+    core.reconnect_scheduled(0)  # and the broker is not there any more
+    now[0] += 2.0  # the circuit's reset_timeout is over: its next call would be the trial
+    refused = core.add(core.prepare("a.S", "M", b""))
+    assert refused is not None and refused.error.message.startswith("cannot connect to the broker")
+    core.connected(0)
+    core.connection_up(0)
+    assert core.add(core.prepare("a.S", "M", b"")) is None  # the trial, not "a trial is in flight"
 
 
 def test_core_waits_for_a_broker_by_default():

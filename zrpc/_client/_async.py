@@ -158,7 +158,7 @@ class AsyncClient:
         future = self._loop.create_future()
         call.waiter = future
         refused = self._core.add(call)
-        if refused is not None:  # its service's circuit is open: fail fast, unsent
+        if refused is not None:  # its circuit is open, or no broker can be reached: fail fast, unsent
             raise refused.error
         if self._watch is not None and self._watch.refused:
             for endpoint in self._watch.to_retry():  # the key may be allowed by now

@@ -253,9 +253,12 @@ class ClientCore:
     def add(self, call: Call) -> Outcome | None:
         """Put a prepared call in flight: it waits to be sent and its deadline is watched.
 
-        Returns the call's outcome at once, unsent, when its service's circuit is open.
+        Returns the call's outcome at once, unsent, when its service's circuit is open, or
+        (``wait_for_broker`` off) when no broker can be reached.
         """
-        refusal = self._admit(call, self.clock()) or self._unreachable_error()
+        # Unreachable first: a call refused after _admit made it its circuit's trial would
+        # leave that circuit waiting for the trial's outcome for ever.
+        refusal = self._unreachable_error() or self._admit(call, self.clock())
         if refusal is not None:
             return Outcome(call, None, refusal)
         self._pending[call.request_id] = call
@@ -364,9 +367,10 @@ class ClientCore:
         """Without wait_for_broker: the error of a call no broker can be reached for, or None."""
         if self.wait_for_broker or not all(self._link_unreachable) or any(self._link_up):
             return None
-        where = ", ".join(self._endpoints)
-        return Error(StatusCode.UNAVAILABLE, f"{UNREACHABLE} at {where}: nothing accepted the connection "
-                     f"(is the broker running there?)", {"zrpc-endpoint": where})
+        endpoints = self._endpoints
+        return Error(StatusCode.UNAVAILABLE, f"{UNREACHABLE} at {', '.join(endpoints)}: nothing accepted the "
+                     f"connection (is the broker running there?)",
+                     {"zrpc-endpoint": endpoints[0]} if len(endpoints) == 1 else {})
 
     def next_request(self, now: float, link: int = 0) -> tuple[list[bytes], list[Call]] | None:
         """One REQUEST, or REQUEST_BATCH, carrying as many unsent calls as fit (spec §4, §4c)
@@ -435,6 +439,7 @@ class ClientCore:
         self._link_up[link] = False
         self._link_batches[link] = False
         self._link_draining[link] = False
+        self._link_accepted[link] = False  # the flavour's next DEALER starts a new attempt
         closed = self._connection_of_link[link]
         self._connections += 1
         self._connection_of_link[link] = self._connections
@@ -638,11 +643,9 @@ class ClientCore:
         if call.sent:
             why = (f" (request {call.request_id}): no answer in time; pass a larger timeout= if the "
                    f"call is slow, or check that a broker is reachable")
-        elif call.last_error is not None and _refused_draining(call.last_error):
-            why = (": no broker took it in time (the one that refused it was shutting down, and no other, "
-                   "nor its successor, was connected); check that a broker is running")
         else:  # calls go only over a link that is up: unsent means no broker could take it
-            why = ": no broker took it in time (none connected, or their queues full); check that a broker is running"
+            why = (": no broker took it in time (none connected, or shutting down, or their queues full); "
+                   "check that a broker is running")
         if call.last_error is not None:  # a retry, waiting since its last attempt failed
             why += (f"; attempt {call.attempt - 1} had failed with {call.last_error.code.name}: "
                     f"{call.last_error.message}")

@@ -287,7 +287,7 @@ class Client:
                 return False
             if isinstance(op, Call):
                 outcome = self._core.add(op)
-                if outcome is not None:  # its service's circuit is open
+                if outcome is not None:  # its service's circuit is open, or no broker can be reached
                     refused.append(outcome)
             else:
                 # Read the id here, in the I/O thread: a retry may have changed it.
@@ -311,11 +311,13 @@ class Client:
         self._settle(drained.outcomes)
 
     def _ask_for_pollout(self, blocked: bool) -> None:
-        """Poll for POLLOUT only the DEALERs of links that are up, and only while a send is blocked
-        (their queues are full). Any other DEALER is writable whenever asked (ZeroMQ queues for a
-        broker that is not connected too): polling it would spin."""
+        """Poll for POLLOUT only the DEALERs of links that take calls (up, their broker not
+        draining), and only while a send is blocked (their queues are full). Any other DEALER is
+        writable whenever asked (ZeroMQ queues for a broker that is not connected too), and
+        would never be sent to: polling it would spin."""
+        takers = self._core.link_order() if blocked else ()
         for link, dealer in enumerate(self._dealers):
-            want = blocked and self._core.link_is_up(link)
+            want = link in takers
             if want != self._pollout[link]:
                 self._pollout[link] = want
                 self._poller.register(dealer, zmq.POLLIN | (zmq.POLLOUT if want else 0))
