@@ -690,3 +690,15 @@ def test_a_bad_value_from_the_environment_is_blamed_on_its_variable_not_the_flag
     assert f"Invalid value for environment variable {variable}: " in result.stderr
     flag = cli(*args, f"--{variable.split('_', 3)[-1].lower().replace('_', '-')}", value)
     assert flag.exit_code == 2 and "Invalid value for '--" in flag.stderr and variable not in flag.stderr
+
+
+@pytest.mark.parametrize("args, env, said", [
+    (("services",), {"ZRPC_BROKER": "foo://"}, "bad broker endpoint 'foo://'"),
+    (("broker", "start"), {"ZRPC_BROKER_START_FRONTEND": "foo://"}, "bad frontend endpoint 'foo://'"),
+    (("broker", "start"), {"ZRPC_BROKER_START_FRONTEND": "ipc:///tmp/zrpc-same-env",
+                           "ZRPC_BROKER_START_BACKEND": "ipc:///tmp/zrpc-same-env"}, "the same endpoint"),
+])
+def test_an_endpoint_checked_by_the_command_is_blamed_on_its_variable_too(cli, args, env, said):
+    line = one_line_error(cli(*args, env=env).stderr)
+    variables = ", ".join(env)
+    assert said in line and line.endswith(f"(from environment variable{'s' if len(env) > 1 else ''} {variables})")

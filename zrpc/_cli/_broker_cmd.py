@@ -12,7 +12,7 @@ import click
 from .._allocator import tune_allocator
 from .._broker._config import BrokerConfig, SettingError, load_config_file
 from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS,
-                      CliError, check_endpoint, log_format_option, metrics_host_option,
+                      CliError, blamed, check_endpoint, log_format_option, metrics_host_option,
                       metrics_port_option, option, ready_line, setup_logging, start_metrics)
 
 log = logging.getLogger("zrpc.cli")
@@ -204,7 +204,7 @@ def _build_config(config_file: str | None, from_file: dict, **flags) -> BrokerCo
             message = f"{config_file}: {message}"
         elif from_the_file:
             message = f"{message} ({', '.join(from_the_file)} from {config_file})"
-        return CliError(message, exit_code=EXIT_USAGE)
+        return CliError(blamed(message, *settings), exit_code=EXIT_USAGE)
 
     if str(config.log_level).upper() not in LOG_LEVELS:
         raise bad(f"bad log_level {config.log_level!r}; use one of {', '.join(LOG_LEVELS)}", "log_level")

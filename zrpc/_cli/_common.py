@@ -38,18 +38,33 @@ class _Option(click.Option):
         except click.BadParameter as exc:
             if ctx.get_parameter_source(self.name) is not click.core.ParameterSource.ENVIRONMENT:
                 raise
-            variable = self._variable_set(ctx)
+            variable = _variable_set(self, ctx)
             if variable is None:
                 raise
             raise click.BadParameter(exc.message, ctx=ctx, param=self,
                                      param_hint=f"environment variable {variable}") from None
 
-    def _variable_set(self, ctx: click.Context) -> str | None:
-        """The variable the value was read from: the option's own, else the automatic one."""
-        names = [self.envvar] if isinstance(self.envvar, str) else list(self.envvar or ())
-        if ctx.auto_envvar_prefix is not None and self.name is not None:
-            names.append(f"{ctx.auto_envvar_prefix}_{self.name.upper()}")
-        return next((name for name in names if os.environ.get(name)), None)
+
+def _variable_set(option: click.Parameter, ctx: click.Context) -> str | None:
+    """The variable ``option``'s value was read from: its own, else the automatic one."""
+    names = [option.envvar] if isinstance(option.envvar, str) else list(option.envvar or ())
+    if ctx.auto_envvar_prefix is not None and option.name is not None:
+        names.append(f"{ctx.auto_envvar_prefix}_{option.name.upper()}")
+    return next((name for name in names if os.environ.get(name)), None)
+
+
+def blamed(message: str, *names: str) -> str:
+    """``message``, saying which environment variable(s) the command's parameters ``names``
+    were read from, for those that were (values checked in the command, not by click)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return message
+    variables = [variable for param in ctx.command.params if param.name in names
+                 and ctx.get_parameter_source(param.name) is click.core.ParameterSource.ENVIRONMENT
+                 and (variable := _variable_set(param, ctx)) is not None]
+    if not variables:
+        return message
+    return f"{message} (from environment variable{'s' if len(variables) > 1 else ''} {', '.join(variables)})"
 
 
 # Every option shows its default and the environment variable it also reads.
@@ -106,14 +121,17 @@ def check_endpoint(endpoint: str, what: str = "endpoint", connect: bool = False)
     return endpoint
 
 
-def split_endpoints(values: Iterable[str], what: str = "broker endpoint") -> list[str]:
+def split_endpoints(values: Iterable[str], what: str = "broker endpoint", param: str = "brokers") -> list[str]:
     """Flatten repeated and comma- or space-separated endpoint options (brokers to connect to)
-    into a checked list."""
+    into a checked list; an error names the environment variable they came from, if one did."""
     endpoints: list[str] = []
     for value in values:
         for part in re.split(r"[,\s]+", value):
             if part:
-                endpoints.append(check_endpoint(part, what, connect=True))
+                try:
+                    endpoints.append(check_endpoint(part, what, connect=True))
+                except CliError as error:
+                    raise CliError(blamed(error.message, param), exit_code=error.exit_code) from None
     if not endpoints:
         raise CliError(f"no {what} given", exit_code=EXIT_USAGE)
     return endpoints
