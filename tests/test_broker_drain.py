@@ -247,3 +247,24 @@ def test_signals_that_keep_coming_while_the_broker_exits_do_not_kill_it(spawn, e
             os.kill(broker.pid, signal.SIGTERM)
         pause.wait(0.001)  # the pace of the signals, not synchronisation
     assert broker.popen.wait(10) == 0
+
+
+def test_a_call_sent_as_the_last_held_answer_arrives_is_refused_not_lost(endpoints):
+    """The drain's loop used to end in the round that sent the last answer: a call its client
+    sent right then stayed unread until the frontend closed, and failed as lost ("may have
+    run"). The broker now reads on until its frontend is quiet, and refuses it as never run."""
+    frontend, backend = endpoints
+    broker = Broker(BrokerConfig(frontend=frontend, backend=backend, log_level="WARNING")).start()
+    try:
+        with Worker([SlowEcho()], brokers=backend, drain_grace=0.0), Client(frontend, timeout=20.0, retry=None) as client:
+            wait_until_served(frontend, ECHO.full_name)
+            held = client.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"held"), metadata={"sleep_ms": "500"})
+            wait_for(lambda: broker.engine.calls_held == 1, message="the call to be held")
+            broker.drain(30.0)
+            held.result(timeout=10)
+            # Sent at once, as a busy client would; not idempotent, and no retries.
+            with pytest.raises(zrpc.Error) as next_call:
+                client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"next").SerializeToString())
+            assert next_call.value.details.get("zrpc-retry") == "draining", next_call.value
+    finally:
+        broker.stop()

@@ -35,6 +35,9 @@ _recv_frame = zmq.backend.Socket.recv
 _ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 # A drained broker's frontend waits at most this long for its last answers to leave at close.
 _DRAINED_LINGER_MS = 2000
+# A draining broker's loop ends only once its frontend has been quiet (nothing in or out) this long
+# (seconds), or its grace is over: clients answered last send their next calls within a round trip.
+_DRAIN_QUIET = 0.2
 
 
 class Broker:
@@ -77,6 +80,7 @@ class Broker:
         self._stopping = threading.Event()
         self._drain_requested = threading.Event()
         self._drain_grace = 0.0
+        self._frontend_active = 0.0  # when the frontend last had messages in or out (see _drained)
         self._drain_began = 0.0  # when the loop began draining, and how many calls it held then
         self._held_at_drain = 0
         self._thread: threading.Thread | None = None
@@ -284,6 +288,8 @@ class Broker:
                 connections.check(now)
                 next_tick = now + tick_interval
             engine.flush()
+            if frontend in ready or engine.frontend_out:
+                self._frontend_active = now
             self._send_all()
         if self._stopping.is_set() and engine.draining and engine.calls_held:
             log.warning("stopped while draining: %d calls held fail at their clients", engine.calls_held)
@@ -296,7 +302,13 @@ class Broker:
             self._drain_began, self._held_at_drain = now, engine.calls_held
             log.info("draining: refusing new calls; %d held, answered within %.1fs or failed",
                      engine.calls_held, self._drain_grace)
-        if engine.calls_held and now < self._drain_began + self._drain_grace:
+        grace_over = now >= self._drain_began + self._drain_grace
+        if engine.calls_held and not grace_over:
+            return False
+        if not grace_over and now - self._frontend_active < _DRAIN_QUIET:
+            # A client that just had its last answer may be sending its next call: read it and
+            # refuse it as never run, rather than leave it unread until the frontend closes
+            # (its client would then fail it as lost, "may have run").
             return False
         if engine.calls_held:
             # Queued calls never ran: refused as such, their clients may send them on.
