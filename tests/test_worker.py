@@ -532,6 +532,22 @@ def test_disconnect_makes_the_worker_register_again_and_forget_its_calls(broker,
     assert list(broker.replies(1)) == [6]  # no reply for call 5: the broker would refuse it
 
 
+def test_a_disconnect_answering_a_message_from_before_the_last_ready_registers_nobody_twice(broker, make_worker):
+    """A restarted broker answers each heartbeat the worker queued meanwhile with DISCONNECT:
+    the first makes the worker send READY, the next ones are older than that READY. The broker
+    logged "READY sent twice on one connection" when the worker answered those too."""
+    make_worker(Probe(), heartbeat_interval=0.3)
+    identity, _ = broker.ready()
+    broker.expect(p.HEARTBEAT, skip=())  # an interval since READY: the next one goes at once
+    for _ in range(2):  # the answers to two heartbeats the broker read before our READY
+        broker.send(identity, p.disconnect_message("unknown worker: send READY"))
+    broker.ready()
+    broker.send(identity, p.heartbeat_message())  # registered: the broker heartbeats us
+    for _ in range(5):  # the next five messages (1.5 s of heartbeats) hold no second READY
+        _, command, _ = broker.recv()
+        assert command == p.HEARTBEAT, p.COMMAND_NAMES.get(command, command)
+
+
 def test_a_silent_broker_is_left_for_a_new_connection_that_registers_again(broker, make_worker):
     make_worker(Probe(), heartbeat_interval=0.02, liveness=3)
     first, _ = broker.ready()

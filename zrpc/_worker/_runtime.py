@@ -389,6 +389,12 @@ class Worker:
                 self._on_cancel(link, body)
             elif command == p.DISCONNECT:
                 self._on_disconnect(link, body)
+                continue
+            # Anything but DISCONNECT says the broker knows us (it heartbeats and sends calls to
+            # registered workers only, and one connection keeps order): a READY still due was
+            # for a DISCONNECT that answered a message from before our last READY (heartbeats
+            # queued while a broker restarted), and would register us twice.
+            link.ready_due = None
         link.schedule_read()  # a full batch: let other work run, then read on
 
     # ------------------------------------------------------------------ commands
