@@ -702,3 +702,16 @@ def test_an_endpoint_checked_by_the_command_is_blamed_on_its_variable_too(cli, a
     line = one_line_error(cli(*args, env=env).stderr)
     variables = ", ".join(env)
     assert said in line and line.endswith(f"(from environment variable{'s' if len(env) > 1 else ''} {variables})")
+
+
+def test_a_command_given_a_brokers_backend_says_so_at_once(cli, ipc_dir):
+    broker = zrpc.Broker(BrokerConfig(frontend=f"ipc://{ipc_dir}/f", backend=f"ipc://{ipc_dir}/b",
+                                      log_level="ERROR")).start()
+    try:
+        result = cli("services", "--broker", f"ipc://{ipc_dir}/b", "--timeout", "60")
+    finally:
+        broker.stop()
+    assert result.exit_code == 10 + zrpc.StatusCode.UNAVAILABLE
+    assert one_line_error(result.stderr) == (
+        f"error: ipc://{ipc_dir}/b is a broker's backend (the endpoint for workers): give its frontend "
+        f"(`zrpc broker start --frontend`, port 5555 by default)")

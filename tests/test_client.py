@@ -189,6 +189,12 @@ def test_core_without_wait_for_broker_a_replaced_socket_fails_calls_at_its_first
     core.add(core.prepare("a.S", "M", b""))
     [failed] = core.reconnect_scheduled(0)  # the new socket's first attempt: nothing accepted it
     assert failed.error.code == StatusCode.UNAVAILABLE
+    # A connection accepted, then closed before its handshake ended (a CURVE broker refusing a
+    # plain client), is retried by the same DEALER: not a broker that is not there.
+    core.connected(0)
+    core.connection_closed(0, "ipc:///nowhere")
+    assert core.add(core.prepare("a.S", "M", b"")) is None
+    assert core.reconnect_scheduled(0) == []
 
 
 def test_core_a_call_refused_as_unreachable_never_becomes_its_circuits_trial():
@@ -209,6 +215,24 @@ def test_core_a_call_refused_as_unreachable_never_becomes_its_circuits_trial():
     core.connected(0)
     core.connection_up(0)
     assert core.add(core.prepare("a.S", "M", b"")) is None  # the trial, not "a trial is in flight"
+
+
+def test_core_a_link_answered_by_a_brokers_backend_fails_its_calls_and_takes_no_more(caplog):
+    core = ClientCore(endpoints=["inproc://back", "inproc://front"], retry=None)
+    core.took(1)  # the next REQUEST goes to link 0
+    call = core.prepare("a.S", "M", b"")
+    core.add(call)
+    assert core.next_request(core.clock(), 0) is not None
+    refusal = _protocol.disconnect_message("refused: command REQUEST is not allowed")
+    [failed] = core.handle_message(refusal, 0)  # what a backend answers a REQUEST with
+    assert failed.call is call and failed.error.code == StatusCode.UNAVAILABLE
+    assert failed.error.message.startswith("not a broker's frontend: inproc://back is a broker's backend")
+    assert core.handle_message(refusal, 0) == []  # said once
+    assert sum("answers like a broker's backend" in r.getMessage() for r in caplog.records) == 1
+    assert list(core.link_order()) == [1]
+    core.connection_closed(0, "inproc://back")
+    core.connection_up(0)
+    assert sorted(core.link_order()) == [0, 1]  # a new connection may reach a frontend
 
 
 def test_core_waits_for_a_broker_by_default():

@@ -15,7 +15,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from .. import broker_service_pb2 as pb
 from .._descriptors import pool_from_file_descriptor_set
-from .._client._core import UNREACHABLE
+from .._client._core import BACKEND, UNREACHABLE
 from .._errors import Error
 from .._status import StatusCode
 from ._common import EXIT_STATUS_BASE, EXIT_USAGE, CliError, call_failed, curve_settings
@@ -24,13 +24,16 @@ BROKER_SERVICE = "zrpc.Broker"
 
 
 _REFUSED = "handshake refused"
+# What the client logs about a broker that is not one to call, and the command's error says too.
+_HELD = (_REFUSED, "answers like a broker's backend")
 
 
 class _HeldRefusals(logging.Filter):
-    """Holds back the client's "handshake refused" warnings while a command runs.
+    """Holds back the client's "handshake refused" and "a broker's backend" lines while a
+    command runs.
 
-    When the command then fails with that refusal, its ``error:`` line says the same thing and
-    the warning would only repeat it; when it succeeds (another broker answered), they are
+    When the command then fails for that reason, its ``error:`` line says the same thing and
+    the log line would only repeat it; when it succeeds (another broker answered), they are
     logged after all.
     """
 
@@ -40,7 +43,7 @@ class _HeldRefusals(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if _REFUSED in message:
+        if any(held in message for held in _HELD):
             # Once per message: a client retries a refusing broker at each new call, and
             # `zrpc status --watch` makes calls until Ctrl-C.
             if all(held.getMessage() != message for held in self.records):
@@ -49,9 +52,11 @@ class _HeldRefusals(logging.Filter):
         return True
 
     def drop_said_by(self, error_message: str) -> None:
-        """Forget the refusals the command's own error line repeats (another broker's stay)."""
+        """Forget the lines the command's own error line repeats (another broker's stay)."""
         self.records = [record for record in self.records
-                        if record.getMessage().partition(_REFUSED)[2] not in error_message]
+                        if record.getMessage().partition(_REFUSED)[2] not in error_message
+                        and not (_HELD[1] in record.getMessage() and f"{record.args[0]} is a broker's backend"
+                                 in error_message)]
 
 
 @contextlib.contextmanager
@@ -76,8 +81,7 @@ def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
     try:
         yield client
     except CliError as error:
-        if _REFUSED in error.message:
-            held.drop_said_by(error.message)  # the error line says it: print it once
+        held.drop_said_by(error.message)  # what the error line says is printed once
         raise
     finally:
         client.close()
@@ -135,6 +139,11 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
         if error.code == StatusCode.UNAVAILABLE and error.message.startswith(UNREACHABLE):
             raise CliError(f"cannot connect to broker at {', '.join(brokers)}: nothing accepted the connection "
                            f"(is `zrpc broker start` running there?)",
+                           exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
+        if error.code == StatusCode.UNAVAILABLE and error.message.startswith(BACKEND):
+            endpoint = error.details.get("zrpc-endpoint", ", ".join(brokers))
+            raise CliError(f"{endpoint} is a broker's backend (the endpoint for workers): give its frontend "
+                           f"(`zrpc broker start --frontend`, port 5555 by default)",
                            exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
         if error.code in (StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAVAILABLE):
             raise no_answer(brokers, timeout) from None

@@ -58,6 +58,8 @@ CANCEL_ON_CLOSE_LINGER_MS = 200
 _ONE_LINK = (0,)
 # How the message of a call failed because no broker could be reached begins (wait_for_broker off).
 UNREACHABLE = "cannot connect to the broker"
+# How the message of a call sent to a broker's backend begins.
+BACKEND = "not a broker's frontend"
 
 # Stale heap entries (answered or cancelled calls) are pruned when they outnumber live ones by
 # this factor, so the heap stays proportional to the calls in flight.
@@ -195,6 +197,9 @@ class ClientCore:
         # A link whose broker refused a call as it drains (spec §11) gets no more while another
         # link is up, until its connection closes (the broker's next start is a new connection).
         self._link_draining = [False] * links
+        # A link whose connection answered like a broker's backend (the endpoint for workers):
+        # it gets no calls until that connection closes.
+        self._link_backend = [False] * links
         # Each link's endpoint, whether its current connection attempt was accepted, and whether
         # its last attempt failed (nothing accepted it) with none accepted since: with
         # wait_for_broker off, calls fail at once while every link is so (see reconnect_scheduled).
@@ -309,12 +314,12 @@ class ClientCore:
         connection to close and the link's next one (the broker's successor) to come up, or
         for their deadline (spec §11).
         """
-        up, draining = self._link_up, self._link_draining
+        up, draining, backend = self._link_up, self._link_draining, self._link_backend
         count = len(up)
         if count == 1:
-            return _ONE_LINK if up[0] and not draining[0] else ()
+            return _ONE_LINK if up[0] and not draining[0] and not backend[0] else ()
         return [link for link in ((self._turn + k) % count for k in range(1, count + 1))
-                if up[link] and not draining[link]]
+                if up[link] and not draining[link] and not backend[link]]
 
     def took(self, link: int) -> None:
         """``link`` took a REQUEST: the next one is offered to the link after it first."""
@@ -364,10 +369,17 @@ class ClientCore:
         return outcomes
 
     def _unreachable_error(self) -> Error | None:
-        """Without wait_for_broker: the error of a call no broker can be reached for, or None."""
-        if self.wait_for_broker or not all(self._link_unreachable) or any(self._link_up):
+        """Without wait_for_broker: the error of a call no broker can be reached for (every link's
+        last attempt failed, or its endpoint is a broker's backend), or None."""
+        if self.wait_for_broker:
+            return None
+        unreachable, backend = self._link_unreachable, self._link_backend
+        if not all(a or b for a, b in zip(unreachable, backend)):
             return None
         endpoints = self._endpoints
+        for endpoint, wrong in zip(endpoints, backend):
+            if wrong:  # the more useful thing to say
+                return _backend_error(endpoint)
         return Error(StatusCode.UNAVAILABLE, f"{UNREACHABLE} at {', '.join(endpoints)}: nothing accepted the "
                      f"connection (is the broker running there?)",
                      {"zrpc-endpoint": endpoints[0]} if len(endpoints) == 1 else {})
@@ -436,10 +448,14 @@ class ClientCore:
         idempotent ones again. The flavour reads its monitors before each send, so that no call
         goes over a link's next connection stamped with this one's number.
         """
+        if self._link_up[link]:  # the flavour replaces the DEALER: its first attempt is a new one
+            self._link_accepted[link] = False
+        # (Else the same DEALER tries again: its retry follows this accepted connection, which
+        # closed before its handshake ended, a CURVE refusal say: that is no unreachable broker.)
         self._link_up[link] = False
         self._link_batches[link] = False
         self._link_draining[link] = False
-        self._link_accepted[link] = False  # the flavour's next DEALER starts a new attempt
+        self._link_backend[link] = False
         closed = self._connection_of_link[link]
         self._connections += 1
         self._connection_of_link[link] = self._connections
@@ -469,6 +485,8 @@ class ClientCore:
     def handle_message(self, frames: Sequence[bytes], link: int) -> list[Outcome]:
         """Outcomes of the calls a broker message (read from ``link``) answers; anything else is
         logged and dropped."""
+        if len(frames) > 1 and frames[0] == _protocol.TAG and frames[1] == _protocol.DISCONNECT:
+            return self._answered_by_a_backend(link)
         try:
             command, body = _protocol.split(frames, _FROM_BROKER)
             batch = command == _protocol.REPLY_BATCH
@@ -510,6 +528,26 @@ class ClientCore:
             else:
                 outcome = self._decoded(call, payload)
             if outcome is not None:  # None: the call was re-queued for another attempt
+                outcomes.append(outcome)
+        self._prune()
+        return outcomes
+
+    def _answered_by_a_backend(self, link: int) -> list[Outcome]:
+        """A DISCONNECT came: ``link``'s endpoint is a broker's backend, which refuses each of
+        our REQUESTs as a worker that did not register. The calls sent over this connection
+        never ran and will get no answer: they fail UNAVAILABLE now (the retry policy may send
+        the idempotent ones elsewhere), and the link takes no more calls until it reconnects."""
+        endpoint = self._endpoints[link]
+        if not self._link_backend[link]:
+            self._link_backend[link] = True
+            logger.error("zrpc client: %s answers like a broker's backend (the endpoint for workers): clients "
+                         "connect to its frontend (`zrpc broker start --frontend`, port 5555 by default)", endpoint)
+        connection = self._connection_of_link[link]
+        outcomes = []
+        for call in [c for c in self._pending.values() if c.sent and c.connection == connection]:
+            del self._pending[call.request_id]
+            outcome = self._finish(call, None, _backend_error(endpoint), record=False)
+            if outcome is not None:
                 outcomes.append(outcome)
         self._prune()
         return outcomes
@@ -683,6 +721,11 @@ class ClientCore:
             if link is not None and call.sent:
                 by_link.setdefault(link, []).append(call.request_id)
         return [(link, _protocol.cancel_message(request_ids)) for link, request_ids in by_link.items()]
+
+
+def _backend_error(endpoint: str) -> Error:
+    return Error(StatusCode.UNAVAILABLE, f"{BACKEND}: {endpoint} is a broker's backend (the endpoint for "
+                 f"workers); connect clients to its frontend. The call did not run", {"zrpc-endpoint": endpoint})
 
 
 def closed_error(in_flight: bool = False) -> Error:
