@@ -136,10 +136,11 @@ def _request_text(s: dict) -> str:
 
 async def run_load(brokers: list[str], service: str, method: str, payload: bytes, idempotent: bool,
                    concurrency: int, requests: int | None, duration: float | None, timeout: float,
-                   progress, curve: dict | None = None) -> Result:
+                   progress, curve: dict | None = None, errors_allowed: bool = False) -> Result:
     """Keep ``concurrency`` calls in flight until ``requests`` were made or ``duration`` passed.
 
     ``curve`` is ``curve_secret`` and ``broker_key`` for a CURVE broker (AsyncClient's arguments).
+    ``errors_allowed``: the run may fail every call (--max-errors 1), so no hint about it.
     """
     result = Result()
     client = AsyncClient(brokers if len(brokers) > 1 else brokers[0], timeout=timeout, **(curve or {}))
@@ -151,8 +152,9 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
         except Error as error:
             if error.code in SETUP_ERRORS:
                 raise click.ClickException(f"first call to {service}/{method} failed: {error}") from None
+            hint = "" if errors_allowed else " (--max-errors 1 to exit 0 all the same)"
             click.echo(f"note: first call to {service}/{method} failed with {error.code.name}; "
-                       f"going on, its errors are counted (--max-errors 1 to exit 0 all the same)", err=True)
+                       f"going on, its errors are counted{hint}", err=True)
         issued = 0
         started = time.perf_counter()
         stop_at = None if duration is None else started + duration
@@ -383,7 +385,9 @@ class Spawned:
               show_envvar=True, help="--concurrency of each spawned worker.")
 @click.option("--max-errors", type=click.FloatRange(min=0.0, max=1.0), default=0.0, show_default=True,
               metavar="FRACTION", help="Exit with status 1 when more than this fraction of the calls failed "
-              "(0: any failed call; 1: never, for a method that fails by design).")
+              "(0: any failed call; 1: never, for a method that fails by design). A first call failing "
+              "UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED or PERMISSION_DENIED still stops the run: "
+              "no call can reach a handler.")
 @click.option("--json", "as_json", is_flag=True, default=False, show_envvar=True, envvar="ZRPC_LOADTEST_JSON",
               help="Print one line of JSON instead of the summary (and no progress bar).")
 @curve_options
@@ -422,7 +426,8 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
             progress = stack.enter_context(click.progressbar(length=length, label="calls" if duration is None else "time",
                                                                  file=sys.stderr))
         result = asyncio.run(run_load(endpoints, service, method, payload, is_idempotent(method_descriptor),
-                                      concurrency, requests, duration, timeout, progress, curve))
+                                      concurrency, requests, duration, timeout, progress, curve,
+                                      errors_allowed=max_errors >= 1))
     report = summary(result, concurrency=concurrency, payload_size=None if data is not None else payload_size,
                      target=target, brokers=endpoints, spawned_workers=spawn, request_bytes=len(payload))
     if as_json:

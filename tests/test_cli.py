@@ -352,11 +352,25 @@ def test_a_bad_setting_names_the_file_only_for_what_came_from_it(cli, tmp_path):
 @pytest.mark.parametrize("frontend, backend, problem", [
     ("tcp://127.0.0.1:70000", "tcp://127.0.0.1:0", "port '70000' is not a number from 0 to 65535"),
     ("ipc:///tmp/zrpc-same", "ipc:///tmp/zrpc-same", "the same endpoint"),
+    ("ipc:///tmp/zrpc-x/./same", "ipc:///tmp/zrpc-x/same", "the same endpoint"),  # one path, spelt twice
     ("tcp://[::1]", "tcp://127.0.0.1:0", "no port"),  # the last colon is inside the IPv6 literal
 ])
 def test_broker_config_refuses_endpoints_that_cannot_work_from_python_too(frontend, backend, problem):
     with pytest.raises(ValueError, match=problem):
         BrokerConfig(frontend=frontend, backend=backend).validate()
+
+
+def test_a_bind_failure_says_when_frontend_and_backend_ask_for_one_port(cli):
+    import socket
+
+    with socket.socket() as taken:  # held: the broker's first bind fails whatever the host spelling
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("broker", "start", "--frontend", f"tcp://127.0.0.1:{port}", "--backend", f"tcp://localhost:{port}")
+    assert result.exit_code == 1
+    line = one_line_error(result.stderr)
+    assert "Address already in use" in line and line.endswith(f"the frontend and the backend both ask for port {port}")
 
 
 def test_two_free_tcp_ports_are_not_the_same_endpoint():
@@ -715,3 +729,19 @@ def test_a_command_given_a_brokers_backend_says_so_at_once(cli, ipc_dir):
     assert one_line_error(result.stderr) == (
         f"error: ipc://{ipc_dir}/b is a broker's backend (the endpoint for workers): give its frontend "
         f"(`zrpc broker start --frontend`, port 5555 by default)")
+
+
+def test_a_broker_variable_no_option_reads_is_warned_about(spawn, endpoints):
+    frontend, backend = endpoints
+    broker = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend),
+                   env={"ZRPC_BROKER_START_MAX_FRAMES": "10", "ZRPC_BROKER_START_QUEUESIZE": "3"})
+    broker.wait_line("zrpc broker ready")
+
+    def warnings() -> list[str]:  # stderr is read by a thread of its own
+        return [line.split(" WARNING zrpc.cli ")[1] for line in broker.errors if "is not read by" in line]
+
+    wait_for(lambda: len(warnings()) == 2, message="the two warnings")
+    assert warnings() == [
+        "ZRPC_BROKER_START_MAX_FRAMES is not read by `zrpc broker start` and is ignored: max_frames is set in "
+        "the config file (--config)",
+        "ZRPC_BROKER_START_QUEUESIZE is not read by `zrpc broker start` and is ignored"]

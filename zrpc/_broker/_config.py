@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import tomllib
 from typing import Any, Collection
@@ -15,6 +16,15 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 
 _ANY_PORT = ("0", "*")  # bind to a free port: two such endpoints never clash
+
+
+def _same_endpoint(first: str, second: str) -> bool:
+    """Do two endpoints name one address? ipc paths are compared normalised (ipc:///tmp/./x is
+    ipc:///tmp/x): libzmq would bind the second over the first, and clients would reach nothing."""
+    first, second = first.strip(), second.strip()
+    if first.startswith("ipc://") and second.startswith("ipc://"):
+        return os.path.normpath(first[len("ipc://"):]) == os.path.normpath(second[len("ipc://"):])
+    return first == second
 
 
 class SettingError(ValueError):
@@ -119,7 +129,7 @@ class BrokerConfig:
             problem = endpoint_problem(getattr(self, name))
             if problem:
                 raise SettingError(f"{name} {getattr(self, name)!r}: {problem}", name)
-        if self.frontend.strip() == self.backend.strip() and endpoint_port(self.frontend) not in _ANY_PORT:
+        if _same_endpoint(self.frontend, self.backend) and endpoint_port(self.frontend) not in _ANY_PORT:
             # Caught here, the second bind would only say "Address already in use".
             raise SettingError(f"frontend and backend are the same endpoint {self.frontend}: "
                                f"clients and workers need one each", "frontend", "backend")

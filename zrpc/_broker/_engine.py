@@ -524,7 +524,8 @@ class BrokerEngine:
                 requeue.setdefault(call.service, []).append(call)
             else:
                 self._fail(call, StatusCode.UNAVAILABLE,
-                           f"worker {worker.name} {why} with the call in flight", now)
+                           f"worker {worker.name} {why} with the call in flight; it may or may not have run",
+                           now)
         worker.in_flight.clear()
         for name in worker.services:
             service = self.services[name]

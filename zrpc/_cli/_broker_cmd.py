@@ -11,9 +11,11 @@ import click
 
 from .._allocator import tune_allocator
 from .._broker._config import BrokerConfig, SettingError, load_config_file
+from .._endpoints import endpoint_port
 from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS,
                       CliError, blamed, check_endpoint, log_format_option, metrics_host_option,
-                      metrics_port_option, option, ready_line, setup_logging, start_metrics)
+                      metrics_port_option, option, ready_line, setup_logging, start_metrics,
+                      variables_not_read)
 
 log = logging.getLogger("zrpc.cli")
 
@@ -83,6 +85,10 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
                                 metrics_port=metrics_port, metrics_host=metrics_host)
     log_format, metrics_port, metrics_host = process["log_format"], process["metrics_port"], process["metrics_host"]
     setup_logging(config.log_level, log_format)
+    for variable in variables_not_read(click.get_current_context()):
+        setting = variable[len("ZRPC_BROKER_START_"):].lower()
+        log.warning("%s is not read by `zrpc broker start` and is ignored%s", variable,
+                    f": {setting} is set in the config file (--config)" if setting in BrokerConfig.field_names() else "")
     tune_allocator()  # payloads of a megabyte are reused, not mapped and faulted in each time
 
     from .._broker import Broker  # imported late so `zrpc --help` stays quick
@@ -106,6 +112,9 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
         raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
     except Exception as exc:  # zmq.ZMQError: address in use, no such interface, bad path
         where = "" if "addr=" in str(exc) else f" (frontend={config.frontend}, backend={config.backend})"
+        port = endpoint_port(config.frontend)
+        if port not in (None, "0", "*") and port == endpoint_port(config.backend):
+            where += f"; the frontend and the backend both ask for port {port}"
         raise CliError(f"cannot bind broker: {exc}{where}") from None
 
     signals_seen = []

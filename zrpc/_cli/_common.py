@@ -45,12 +45,27 @@ class _Option(click.Option):
                                      param_hint=f"environment variable {variable}") from None
 
 
-def _variable_set(option: click.Parameter, ctx: click.Context) -> str | None:
-    """The variable ``option``'s value was read from: its own, else the automatic one."""
+def _variables_of(option: click.Parameter, ctx: click.Context) -> list[str]:
+    """The environment variables ``option`` reads: its own, then the automatic one."""
     names = [option.envvar] if isinstance(option.envvar, str) else list(option.envvar or ())
     if ctx.auto_envvar_prefix is not None and option.name is not None:
         names.append(f"{ctx.auto_envvar_prefix}_{option.name.upper()}")
-    return next((name for name in names if os.environ.get(name)), None)
+    return names
+
+
+def _variable_set(option: click.Parameter, ctx: click.Context) -> str | None:
+    """The variable ``option``'s value was read from."""
+    return next((name for name in _variables_of(option, ctx) if os.environ.get(name)), None)
+
+
+def variables_not_read(ctx: click.Context) -> list[str]:
+    """Variables named with the command's prefix (ZRPC_BROKER_START_...) that none of its
+    options reads: a typo, or a setting only a config file holds. Click ignores them silently."""
+    if ctx.auto_envvar_prefix is None:
+        return []
+    read = {name for param in ctx.command.params for name in _variables_of(param, ctx)}
+    prefix = f"{ctx.auto_envvar_prefix}_"
+    return sorted(name for name in os.environ if name.startswith(prefix) and name not in read)
 
 
 def blamed(message: str, *names: str) -> str:
