@@ -268,3 +268,29 @@ def test_a_call_sent_as_the_last_held_answer_arrives_is_refused_not_lost(endpoin
             assert next_call.value.details.get("zrpc-retry") == "draining", next_call.value
     finally:
         broker.stop()
+
+
+def test_a_client_polling_health_does_not_hold_the_drain_to_its_grace(endpoints):
+    frontend, backend = endpoints
+    broker = Broker(BrokerConfig(frontend=frontend, backend=backend, log_level="WARNING")).start()
+    stop = threading.Event()
+
+    def poll_health() -> None:  # a load balancer's probe: Health answers OK (NOT_SERVING) all along
+        with Client(frontend, timeout=2.0) as client:
+            for _ in range(1000):
+                if stop.wait(0.05):
+                    return
+                try:
+                    _health(client)
+                except zrpc.Error:
+                    return  # the broker closed
+    prober = threading.Thread(target=poll_health)
+    prober.start()
+    try:
+        wait_for(lambda: broker.engine.counters["requests"] >= 3, message="the probe to poll")
+        broker.drain(60.0)  # nothing held: it ends in its quiet window, not at its grace
+        wait_for(lambda: not broker._thread.is_alive(), timeout=10.0, message="the loop to end")
+    finally:
+        stop.set()
+        prober.join(10)
+        broker.stop()

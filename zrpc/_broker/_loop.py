@@ -35,8 +35,8 @@ _recv_frame = zmq.backend.Socket.recv
 _ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 # A drained broker's frontend waits at most this long for its last answers to leave at close.
 _DRAINED_LINGER_MS = 2000
-# A draining broker's loop ends only once its frontend has been quiet (nothing in or out) this long
-# (seconds), or its grace is over: clients answered last send their next calls within a round trip.
+# A draining broker's loop ends this long (seconds) after its last held call was answered (or its
+# grace ends first): clients answered last send their next calls within a round trip.
 _DRAIN_QUIET = 0.2
 
 
@@ -80,7 +80,7 @@ class Broker:
         self._stopping = threading.Event()
         self._drain_requested = threading.Event()
         self._drain_grace = 0.0
-        self._frontend_active = 0.0  # when the frontend last had messages in or out (see _drained)
+        self._none_held_since: float | None = None  # while draining (see _drained)
         self._drain_began = 0.0  # when the loop began draining, and how many calls it held then
         self._held_at_drain = 0
         self._thread: threading.Thread | None = None
@@ -288,8 +288,6 @@ class Broker:
                 connections.check(now)
                 next_tick = now + tick_interval
             engine.flush()
-            if frontend in ready or engine.frontend_out:
-                self._frontend_active = now
             self._send_all()
         if self._stopping.is_set() and engine.draining and engine.calls_held:
             log.warning("stopped while draining: %d calls held fail at their clients", engine.calls_held)
@@ -305,11 +303,15 @@ class Broker:
         grace_over = now >= self._drain_began + self._drain_grace
         if engine.calls_held and not grace_over:
             return False
-        if not grace_over and now - self._frontend_active < _DRAIN_QUIET:
+        if not grace_over:
             # A client that just had its last answer may be sending its next call: read it and
             # refuse it as never run, rather than leave it unread until the frontend closes
-            # (its client would then fail it as lost, "may have run").
-            return False
+            # (its client would then fail it as lost, "may have run"). One window, not renewed
+            # by traffic: a load balancer polling Health must not hold the drain to its grace.
+            if self._none_held_since is None:
+                self._none_held_since = now
+            if now - self._none_held_since < _DRAIN_QUIET:
+                return False
         if engine.calls_held:
             # Queued calls never ran: refused as such, their clients may send them on.
             refused = engine.refuse_queued(now)
