@@ -235,6 +235,36 @@ def test_core_a_link_answered_by_a_brokers_backend_fails_its_calls_and_takes_no_
     assert sorted(core.link_order()) == [0, 1]  # a new connection may reach a frontend
 
 
+def test_core_with_only_a_backend_fails_calls_at_once_even_waiting_for_a_broker():
+    core = ClientCore(endpoints=["inproc://back"])  # wait_for_broker and the default retries
+    call = core.prepare("a.S", "M", b"", idempotent=True)
+    core.add(call)
+    core.next_request(core.clock(), 0)
+    waiting = core.prepare("a.S", "M", b"")
+    core.add(waiting)  # unsent when the backend answers
+    [failed] = core.handle_message(_protocol.disconnect_message("refused: command REQUEST is not allowed"), 0)
+    assert failed.call is waiting and failed.error.message.startswith("not a broker's frontend")
+    [retried] = core.advance(core.clock() + 5.0)  # the idempotent call's retry: no broker for it either
+    assert retried.call is call and retried.error.message.startswith("not a broker's frontend")
+    refused = core.add(core.prepare("a.S", "M", b""))  # and the next call, at once
+    assert refused is not None and refused.error.message.startswith("not a broker's frontend")
+
+
+def test_core_a_call_a_backend_refused_goes_to_the_other_broker_even_if_not_idempotent():
+    now = [100.0]
+    core = ClientCore(endpoints=["inproc://back", "inproc://front"], clock=lambda: now[0])
+    core.took(1)
+    call = core.prepare("a.S", "M", b"")  # not idempotent: it never ran, so it may go again
+    core.add(call)
+    core.next_request(now[0], 0)
+    assert core.handle_message(_protocol.disconnect_message("refused"), 0) == []  # re-queued, not failed
+    now[0] += 5.0
+    assert core.advance(now[0]) == []
+    assert core.link_order() == [1]
+    _, [again] = core.next_request(now[0], 1)
+    assert again is call and call.attempt == 2
+
+
 def test_core_waits_for_a_broker_by_default():
     core = ClientCore(endpoints=["tcp://127.0.0.1:1"])
     assert core.add(core.prepare("a.S", "M", b"")) is None

@@ -53,10 +53,15 @@ class _HeldRefusals(logging.Filter):
 
     def drop_said_by(self, error_message: str) -> None:
         """Forget the lines the command's own error line repeats (another broker's stay)."""
-        self.records = [record for record in self.records
-                        if record.getMessage().partition(_REFUSED)[2] not in error_message
-                        and not (_HELD[1] in record.getMessage() and f"{record.args[0]} is a broker's backend"
-                                 in error_message)]
+        self.records = [record for record in self.records if not _repeats(record, error_message)]
+
+
+def _repeats(record: logging.LogRecord, error_message: str) -> bool:
+    """Does the command's error say what this held log line says?"""
+    message = record.getMessage()
+    if _REFUSED in message:
+        return message.partition(_REFUSED)[2] in error_message
+    return f"{record.args[0]} is a broker's backend" in error_message
 
 
 @contextlib.contextmanager

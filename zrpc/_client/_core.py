@@ -263,7 +263,7 @@ class ClientCore:
         """
         # Unreachable first: a call refused after _admit made it its circuit's trial would
         # leave that circuit waiting for the trial's outcome for ever.
-        refusal = self._unreachable_error() or self._admit(call, self.clock())
+        refusal = self._no_broker_error() or self._admit(call, self.clock())
         if refusal is not None:
             return Outcome(call, None, refusal)
         self._pending[call.request_id] = call
@@ -356,7 +356,11 @@ class ClientCore:
         attempt failed, and so do new calls until one connects.
         """
         self._link_unreachable[link] = True
-        error = self._unreachable_error()
+        return self._fail_unsent()
+
+    def _fail_unsent(self) -> list[Outcome]:
+        """When no broker can take a call (see _no_broker_error): fail those waiting to be sent."""
+        error = self._no_broker_error()
         if error is None:
             return []
         outcomes = []
@@ -368,13 +372,15 @@ class ClientCore:
         self._unsent.clear()
         return outcomes
 
-    def _unreachable_error(self) -> Error | None:
-        """Without wait_for_broker: the error of a call no broker can be reached for (every link's
-        last attempt failed, or its endpoint is a broker's backend), or None."""
-        if self.wait_for_broker:
-            return None
+    def _no_broker_error(self) -> Error | None:
+        """The error of a call that no broker can take, or None. Every endpoint a broker's
+        backend: it never will, and waiting would only end at the deadline. Without
+        wait_for_broker, also every endpoint whose last attempt failed (and no other)."""
         unreachable, backend = self._link_unreachable, self._link_backend
-        if not all(a or b for a, b in zip(unreachable, backend)):
+        if self.wait_for_broker:
+            if not all(backend):
+                return None
+        elif not all(a or b for a, b in zip(unreachable, backend)):
             return None
         endpoints = self._endpoints
         for endpoint, wrong in zip(endpoints, backend):
@@ -535,8 +541,9 @@ class ClientCore:
     def _answered_by_a_backend(self, link: int) -> list[Outcome]:
         """A DISCONNECT came: ``link``'s endpoint is a broker's backend, which refuses each of
         our REQUESTs as a worker that did not register. The calls sent over this connection
-        never ran and will get no answer: they fail UNAVAILABLE now (the retry policy may send
-        the idempotent ones elsewhere), and the link takes no more calls until it reconnects."""
+        never ran and will get no answer: they fail UNAVAILABLE now, and the retry policy may
+        send them to another broker, idempotent or not. The link takes no more calls until it
+        reconnects; when every endpoint is a backend, calls fail at once instead of waiting."""
         endpoint = self._endpoints[link]
         if not self._link_backend[link]:
             self._link_backend[link] = True
@@ -546,9 +553,10 @@ class ClientCore:
         outcomes = []
         for call in [c for c in self._pending.values() if c.sent and c.connection == connection]:
             del self._pending[call.request_id]
-            outcome = self._finish(call, None, _backend_error(endpoint), record=False)
+            outcome = self._finish(call, None, _backend_error(endpoint), record=False, never_ran=True)
             if outcome is not None:
                 outcomes.append(outcome)
+        outcomes += self._fail_unsent()  # when every endpoint is a backend: none will ever send
         self._prune()
         return outcomes
 
@@ -564,10 +572,11 @@ class ClientCore:
         return self._finish(call, value, None)
 
     def _finish(self, call: Call, value: Any, error: Error | None, *,
-                retry: bool = True, record: bool = True) -> Outcome | None:
+                retry: bool = True, record: bool = True, never_ran: bool = False) -> Outcome | None:
         """The single place an outcome is made. The call's circuit learns how the attempt ended
         (if ``record`` and it was sent: an unsent call says nothing of the service); a failure
-        the retry policy allows is re-queued and None returned (if ``retry``)."""
+        the retry policy allows is re-queued and None returned (if ``retry``). ``never_ran``:
+        the attempt is known not to have run, so it may be repeated, idempotent or not."""
         now = self.clock()
         circuit = self.circuit(call.service)
         if circuit is not None:
@@ -577,18 +586,18 @@ class ClientCore:
             elif call.trial:
                 circuit.abandon_trial()
         call.trial = False
-        if error is not None and retry and self._retry_later(call, error, now):
+        if error is not None and retry and self._retry_later(call, error, now, never_ran):
             return None
         if error is not None and call.attempt > 1:
             error.details.setdefault(ATTEMPTS_DETAIL, str(call.attempt))
         return Outcome(call, value, error)
 
-    def _retry_later(self, call: Call, error: Error, now: float) -> bool:
+    def _retry_later(self, call: Call, error: Error, now: float, never_ran: bool = False) -> bool:
         """Re-queue ``call`` for its next attempt after a backoff, if the policy allows it."""
         policy = self.retry
-        # A broker that refused the call as it shut down never ran it: it may go again, to
-        # another broker, idempotent or not (spec §11).
-        may_repeat = call.header.idempotent or _refused_draining(error)
+        # A broker that refused the call as it shut down never ran it, nor did a backend: it may
+        # go again, to another broker, idempotent or not (spec §11).
+        may_repeat = call.header.idempotent or never_ran or _refused_draining(error)
         if policy is None or not may_repeat or not policy.retries(error.code, call.attempt):
             return False
         delay = policy.backoff(call.attempt, self._uniform)
@@ -634,7 +643,7 @@ class ClientCore:
             if self._admit(call, now) is not None:
                 del self._pending[request_id]
                 outcomes.append(self._finish(call, None, call.last_error, retry=False, record=False))
-            elif (unreachable := self._unreachable_error()) is not None:
+            elif (unreachable := self._no_broker_error()) is not None:
                 del self._pending[request_id]
                 outcomes.append(self._finish(call, None, unreachable, retry=False, record=False))
             else:
