@@ -353,6 +353,8 @@ def test_a_bad_setting_names_the_file_only_for_what_came_from_it(cli, tmp_path):
     ("tcp://127.0.0.1:70000", "tcp://127.0.0.1:0", "port '70000' is not a number from 0 to 65535"),
     ("ipc:///tmp/zrpc-same", "ipc:///tmp/zrpc-same", "the same endpoint"),
     ("ipc:///tmp/zrpc-x/./same", "ipc:///tmp/zrpc-x/same", "the same endpoint"),  # one path, spelt twice
+    ("ipc:////tmp/zrpc-x/same", "ipc:///tmp/zrpc-x/same", "the same endpoint"),
+    (f"ipc://{os.path.relpath('/tmp/zrpc-x/same')}", "ipc:///tmp/zrpc-x/same", "the same endpoint"),
     ("tcp://[::1]", "tcp://127.0.0.1:0", "no port"),  # the last colon is inside the IPv6 literal
 ])
 def test_broker_config_refuses_endpoints_that_cannot_work_from_python_too(frontend, backend, problem):
@@ -371,10 +373,17 @@ def test_a_bind_failure_says_when_frontend_and_backend_ask_for_one_port(cli):
     assert result.exit_code == 1
     line = one_line_error(result.stderr)
     assert "Address already in use" in line and line.endswith(f"the frontend and the backend both ask for port {port}")
+    with socket.socket() as taken:  # two addresses, one port: no clash between them to hint at
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("broker", "start", "--frontend", f"tcp://127.0.0.1:{port}", "--backend", f"tcp://127.0.0.2:{port}")
+    assert result.exit_code == 1 and "both ask for port" not in result.stderr
 
 
 def test_two_free_tcp_ports_are_not_the_same_endpoint():
     BrokerConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0").validate()
+    BrokerConfig(frontend="ipc://@zrpc-x/../same", backend="ipc://same").validate()  # an abstract name is no path
     BrokerConfig(frontend="tcp://*:*", backend="tcp://*:*").validate()
 
 
@@ -669,6 +678,13 @@ def test_held_refusals_are_kept_once_each_and_only_the_error_lines_own_is_droppe
     assert not held.filter(refusal("tcp://127.0.0.1:2"))
     assert len(held.records) == 2
     held.drop_said_by("handshake refused by broker at tcp://127.0.0.1:1: our key is not allowed (ZAP status 400)")
+    assert [r.args[0] for r in held.records] == ["tcp://127.0.0.1:2"]
+    backend = logging.LogRecord("zrpc.client", logging.ERROR, __file__, 1, "zrpc client: %s answers like a broker's "
+                                "backend (the endpoint for workers): ...", ("tcp://127.0.0.1:3",), None)
+    assert not held.filter(backend)
+    held.drop_said_by("NOT_FOUND: no worker offers service 'a.B'")  # another error: both lines stay
+    assert [r.args[0] for r in held.records] == ["tcp://127.0.0.1:2", "tcp://127.0.0.1:3"]
+    held.drop_said_by("tcp://127.0.0.1:3 is a broker's backend (the endpoint for workers): give its frontend")
     assert [r.args[0] for r in held.records] == ["tcp://127.0.0.1:2"]
 
 

@@ -19,12 +19,19 @@ _ANY_PORT = ("0", "*")  # bind to a free port: two such endpoints never clash
 
 
 def _same_endpoint(first: str, second: str) -> bool:
-    """Do two endpoints name one address? ipc paths are compared normalised (ipc:///tmp/./x is
-    ipc:///tmp/x): libzmq would bind the second over the first, and clients would reach nothing."""
+    """Do two endpoints name one address? ipc paths are compared as absolute, normalised paths
+    (ipc:///tmp/./x, ipc:////tmp/x and, from /tmp, ipc://x are ipc:///tmp/x): libzmq would bind
+    the second over the first, and clients would reach nothing. Abstract names (@) as written."""
     first, second = first.strip(), second.strip()
     if first.startswith("ipc://") and second.startswith("ipc://"):
-        return os.path.normpath(first[len("ipc://"):]) == os.path.normpath(second[len("ipc://"):])
+        return _ipc_address(first[len("ipc://"):]) == _ipc_address(second[len("ipc://"):])
     return first == second
+
+
+def _ipc_address(path: str) -> str:
+    if path.startswith("@"):  # Linux's abstract namespace: a name, not a path
+        return path
+    return "/" + os.path.abspath(path).lstrip("/")
 
 
 class SettingError(ValueError):

@@ -112,9 +112,8 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
         raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
     except Exception as exc:  # zmq.ZMQError: address in use, no such interface, bad path
         where = "" if "addr=" in str(exc) else f" (frontend={config.frontend}, backend={config.backend})"
-        port = endpoint_port(config.frontend)
-        if port not in (None, "0", "*") and port == endpoint_port(config.backend):
-            where += f"; the frontend and the backend both ask for port {port}"
+        if _may_clash(config.frontend, config.backend):
+            where += f"; the frontend and the backend both ask for port {endpoint_port(config.frontend)}"
         raise CliError(f"cannot bind broker: {exc}{where}") from None
 
     signals_seen = []
@@ -229,6 +228,22 @@ def _build_config(config_file: str | None, from_file: dict, **flags) -> BrokerCo
     except (ValueError, TypeError) as exc:  # TypeError: a file value of the wrong type
         raise CliError(f"bad broker setting: {exc}", exit_code=EXIT_USAGE) from None
     return config
+
+
+# Host spellings that bind where another of them would (every interface, or this host's loopback).
+_WILDCARD_HOSTS = {"*", "0.0.0.0", "[::]", "[*]"}
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1"}
+
+
+def _may_clash(frontend: str, backend: str) -> bool:
+    """Do two tcp endpoints ask for one port of one address (or overlapping ones)?"""
+    port = endpoint_port(frontend)
+    if port in (None, "0", "*") or port != endpoint_port(backend):
+        return False
+    hosts = [endpoint.split("://", 1)[1].rpartition(":")[0] for endpoint in (frontend, backend)]
+    if hosts[0] == hosts[1] or any(host in _WILDCARD_HOSTS for host in hosts):
+        return True
+    return all(host in _LOOPBACK_HOSTS for host in hosts)
 
 
 def _refuse_live_ipc(endpoint: str) -> None:
