@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from typing import Iterator
 
 import pytest
@@ -294,3 +295,41 @@ def test_a_client_polling_health_does_not_hold_the_drain_to_its_grace(endpoints)
         stop.set()
         prober.join(10)
         broker.stop()
+
+
+def test_a_rolling_restart_of_the_only_broker_fails_no_call_that_did_not_run(spawn, endpoints):
+    """The new-user tester's case: threads making non-idempotent calls back to back while the
+    one broker is stopped (SIGTERM) and another started on its endpoints. A call held by the
+    old broker is answered, one it refused waits for the new one: none fails."""
+    broker = _start(spawn, endpoints, "30", "tests._services:SlowEcho")
+    answered, failed = [], []
+    stop = threading.Event()
+    request = echo_pb2.EchoRequest(payload=b"x").SerializeToString()
+
+    with Client(endpoints[0], timeout=30.0) as client:
+        def caller() -> None:
+            for _ in range(1000):  # bounded; ends when told
+                if stop.is_set():
+                    return
+                try:  # not idempotent: only a call that never ran may go again
+                    client.call("echo.Echo", "Say", request, metadata={"sleep_ms": "200"})
+                    answered.append(time.monotonic())
+                except zrpc.Error as error:
+                    failed.append(error)
+
+        threads = [threading.Thread(target=caller) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: len(answered) >= 16, message="calls through the first broker")
+            broker.signal(signal.SIGTERM)
+            assert broker.popen.wait(20) == 0
+            restarted_at = time.monotonic()
+            _start(spawn, endpoints, "30", unknown_service_grace="20")
+            wait_for(lambda: sum(1 for at in answered if at > restarted_at) >= 16, timeout=30.0,
+                     message="calls through the second broker")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(40)
+    assert failed == []
