@@ -194,8 +194,8 @@ class ClientCore:
         # REPLY_BATCH: that broker reads them. Each connection starts in pairs again (a broker
         # restarted on the same endpoint may be an older one).
         self._link_batches = [False] * links
-        # A link whose broker refused a call as it drains (spec §11) gets no more while another
-        # link is up, until its connection closes (the broker's next start is a new connection).
+        # A link whose broker refused a call as it drains (spec §11) gets no more calls until its
+        # connection closes (the broker's next start is a new connection); they wait meanwhile.
         self._link_draining = [False] * links
         # A link whose connection answered like a broker's backend (the endpoint for workers):
         # it gets no calls until that connection closes.
