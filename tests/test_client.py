@@ -723,3 +723,51 @@ def test_async_close_fails_calls_in_flight_and_is_idempotent(broker):
         assert raised.value.code == StatusCode.CANCELLED
 
     run(main())
+
+
+def test_core_refusals_as_never_run_do_not_use_up_the_retry_policys_attempts():
+    """Brokers restarted one after another each refuse the call as they drain: it waits for
+    the next, within its deadline, instead of failing after max_attempts refusals."""
+    now = [100.0]
+    core = ClientCore(endpoints=["inproc://a"], clock=lambda: now[0])  # RetryPolicy(): 3 attempts
+    call = core.prepare("a.S", "M", b"", timeout=60.0)  # not idempotent
+    core.add(call)
+    for refusal in range(5):  # five brokers in turn, each draining when the call reaches it
+        _, [sent] = core.next_request(now[0], 0)
+        assert sent is call and call.attempt == refusal + 1
+        header = _protocol.encode_reply_header(call.request_id, StatusCode.UNAVAILABLE, "shutting down",
+                                               _protocol.DRAINING)
+        assert core.handle_message(_protocol.reply_message([(header, b"")]), 0) == []  # re-queued
+        core.connection_closed(0, "inproc://a")  # the broker goes; its successor comes up
+        core.connection_up(0)
+        now[0] += 2.0
+        assert core.advance(now[0]) == []
+    _, [sent] = core.next_request(now[0], 0)
+    header = _protocol.encode_reply_header(call.request_id, StatusCode.UNAVAILABLE, "it may have run", None)
+    [failed] = core.handle_message(_protocol.reply_message([(header, b"")]), 0)  # a real failure: not retried
+    assert failed.call is call and failed.error.details["zrpc-attempts"] == "6"
+
+
+def test_a_call_that_got_no_answer_names_the_broker_that_had_it(ipc_dir):
+    """Two brokers, one of which takes calls and never answers: the deadline error says which."""
+    import zmq
+
+    silent_endpoint = f"ipc://{ipc_dir}/silent"
+    with zmq.Context() as context, context.socket(zmq.ROUTER) as silent:
+        silent.bind(silent_endpoint)
+        fake = FakeBroker(f"ipc://{ipc_dir}/answers")
+        try:
+            with Client([silent_endpoint, fake.endpoint], timeout=WAIT) as client:
+                wait_for(lambda: client._core.link_is_up(0) and client._core.link_is_up(1), message="both up")
+                errors = []
+                for _ in range(4):  # dealt in turn: some go to the silent one
+                    try:
+                        client.call("test.Svc", "Echo", b"x", timeout=0.3)
+                    except Error as error:
+                        errors.append(error)
+                assert errors and all(e.code == StatusCode.DEADLINE_EXCEEDED for e in errors)
+                assert all(e.details["zrpc-endpoint"] == silent_endpoint for e in errors)
+                assert all(f"sent to the broker at {silent_endpoint}" in e.message for e in errors)
+        finally:
+            fake.stop()
+            silent.close(0)

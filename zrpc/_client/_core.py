@@ -56,6 +56,8 @@ ATTEMPTS_DETAIL = "zrpc-attempts"
 CANCEL_ON_CLOSE_LINGER_MS = 200
 
 _ONE_LINK = (0,)
+# Attempts of one call at most, those refused as never run included (see _retry_later).
+_MAX_ATTEMPTS = 100
 # How the message of a call failed because no broker could be reached begins (wait_for_broker off).
 UNREACHABLE = "cannot connect to the broker"
 # How the message of a call sent to a broker's backend begins.
@@ -79,6 +81,9 @@ class Call:
     waiter: Any = None
     # Which attempt this is: ClientCore._finish re-queues a retryable failure with attempt + 1.
     attempt: int = 1
+    # How many of them were refused as never run (a draining broker, a backend): the retry
+    # policy's max_attempts counts only the others, that may have run.
+    refused: int = 0
     sent: bool = False
     # The broker connection this attempt was sent over (see ClientCore.next_request).
     connection: int = 0
@@ -596,9 +601,15 @@ class ClientCore:
         """Re-queue ``call`` for its next attempt after a backoff, if the policy allows it."""
         policy = self.retry
         # A broker that refused the call as it shut down never ran it, nor did a backend: it may
-        # go again, to another broker, idempotent or not (spec §11).
-        may_repeat = call.header.idempotent or never_ran or _refused_draining(error)
-        if policy is None or not may_repeat or not policy.retries(error.code, call.attempt):
+        # go again, to another broker or to the next one on the endpoint, idempotent or not
+        # (spec §11); and such attempts do not count against max_attempts (brokers restarted
+        # one after another would use them up), only the deadline and a cap bound them.
+        never_ran = never_ran or _refused_draining(error)
+        if never_ran:
+            call.refused += 1
+        may_repeat = call.header.idempotent or never_ran
+        if (policy is None or not may_repeat or not policy.retries(error.code, call.attempt - call.refused)
+                or call.attempt >= _MAX_ATTEMPTS):
             return False
         delay = policy.backoff(call.attempt, self._uniform)
         if now + delay >= call.deadline:
@@ -683,20 +694,25 @@ class ClientCore:
         if len(self._unsent) > 64 and len(self._unsent) > _HEAP_SLACK * len(self._pending):
             self._unsent = deque(c for c in self._unsent if self._pending.get(c.request_id) is c)
 
-    @staticmethod
-    def deadline_error(call: Call) -> Error:
-        """The error of a call that got no answer in time, saying why where the client knows."""
+    def deadline_error(self, call: Call) -> Error:
+        """The error of a call that got no answer in time, saying why where the client knows;
+        a call that was sent names the broker that held it (details ``zrpc-endpoint``)."""
         where = f"deadline of {call.timeout:.3f}s exceeded calling {call.service}/{call.method}"
+        details = {}
         if call.sent:
-            why = (f" (request {call.request_id}): no answer in time; pass a larger timeout= if the "
-                   f"call is slow, or check that a broker is reachable")
+            link = self._link_of_connection.get(call.connection)
+            held_by = f" at {self._endpoints[link]}" if link is not None and self._endpoints[link] else ""
+            if held_by:
+                details["zrpc-endpoint"] = self._endpoints[link]
+            why = (f" (request {call.request_id}, sent to the broker{held_by}): no answer in time; pass a larger "
+                   f"timeout= if the call is slow, or check that that broker is reachable")
         else:  # calls go only over a link that is up: unsent means no broker could take it
             why = (": no broker took it in time (none connected, or shutting down, or their queues full); "
                    "check that a broker is running")
         if call.last_error is not None:  # a retry, waiting since its last attempt failed
             why += (f"; attempt {call.attempt - 1} had failed with {call.last_error.code.name}: "
                     f"{call.last_error.message}")
-        return Error(StatusCode.DEADLINE_EXCEEDED, where + why)
+        return Error(StatusCode.DEADLINE_EXCEEDED, where + why, details)
 
     def cancel(self, request_id: int) -> Call | None:
         """Forget a call the caller gave up on; returns it when it was still in flight."""
