@@ -151,7 +151,8 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
                            f"(`zrpc broker start --frontend`, port 5555 by default)",
                            exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
         if error.code in (StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAVAILABLE):
-            raise no_answer(brokers, timeout) from None
+            held_by = error.details.get("zrpc-endpoint")  # the broker that had the call, if it was sent
+            raise no_answer([held_by] if held_by in brokers else brokers, timeout) from None
         raise call_failed(error) from None
     return reply_type.FromString(raw)
 
