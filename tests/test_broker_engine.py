@@ -1007,3 +1007,18 @@ def test_a_revoked_client_s_batch_gets_an_answer_for_each_call():
     assert [reply.request_id for _, reply, _ in replies] == ids
     assert {reply.code for _, reply, _ in replies} == {StatusCode.UNAUTHENTICATED}
     assert h.take_requests() == []
+
+
+def test_a_drain_notice_goes_to_each_client_heard_from_lately_and_old_ones_are_forgotten():
+    h = Harness()
+    h.ready(b"w1")
+    h.call(b"old")
+    h.advance(400.0)
+    h.call(b"new")
+    h.advance(300.0)  # "old" was last heard 700 s ago: forgotten; "new" 300 s ago: kept
+    h.take_requests()
+    h.take_replies()  # their deadlines passed meanwhile
+    assert list(h.engine.recent_clients) == [b"new"]
+    assert h.engine.notify_draining() == 1
+    [(client, frames)] = h.engine.frontend_out
+    assert client == b"new" and frames[1] == p.DISCONNECT and p.decode_disconnect_message(frames[2:]).drain

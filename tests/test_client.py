@@ -265,6 +265,20 @@ def test_core_a_call_a_backend_refused_goes_to_the_other_broker_even_if_not_idem
     assert again is call and call.attempt == 2
 
 
+def test_core_a_drain_notice_stops_sends_to_that_broker_and_fails_nothing():
+    core = ClientCore(endpoints=["inproc://a", "inproc://b"])
+    core.took(1)
+    call = core.prepare("a.S", "M", b"")
+    core.add(call)
+    core.next_request(core.clock(), 0)  # held by broker a, which then drains
+    notice = _protocol.disconnect_message("broker is shutting down", drain=True)
+    assert core.handle_message(notice, 0) == []  # the held call is still answered there
+    assert core.link_order() == [1] and core.in_flight == 1
+    core.connection_closed(0, "inproc://a")
+    core.connection_up(0)
+    assert sorted(core.link_order()) == [0, 1]  # its successor takes calls again
+
+
 def test_core_waits_for_a_broker_by_default():
     core = ClientCore(endpoints=["tcp://127.0.0.1:1"])
     assert core.add(core.prepare("a.S", "M", b"")) is None

@@ -36,6 +36,13 @@ _UNAVAILABLE = int(StatusCode.UNAVAILABLE)
 _TOO_MUCH = frozenset({"too_large", "too_many_frames", "too_many_calls"})
 
 
+# Clients told of a drain (notify_draining): those heard from within this many seconds, at most
+# this many (about 150 bytes each), forgotten at most this many per tick.
+_RECENT_CLIENT_SECONDS = 600.0
+_MAX_RECENT_CLIENTS = 100_000
+_FORGET_PER_TICK = 1000
+
+
 class BrokerEngine:
     """Registry, queues and dispatch policy of one broker, as a plain object."""
 
@@ -47,6 +54,9 @@ class BrokerEngine:
         self.workers: dict[bytes, WorkerState] = {}
         # client routing id -> {client request id -> call}: for CANCEL and per-client bounds.
         self.clients: dict[bytes, dict[int, Call]] = {}
+        # client routing id -> when it last sent something, oldest first: who to tell that we
+        # drain (notify_draining). A ROUTER cannot list its peers; these are the ones that matter.
+        self.recent_clients: dict[bytes, float] = {}
         self.calls_held = 0  # queued + dispatched, bounded by max_in_flight
         # Shutting down (Broker.drain): new calls are refused, held ones still answered.
         self.draining = False
@@ -87,6 +97,9 @@ class BrokerEngine:
             # §9: refuse the whole message, but answer each call in it so no caller waits.
             return self._refuse_calls(client, _request_ids_in(frames), "too_many_frames", self._frames_message(frames))
         self._count_bytes_in(frames)
+        recent = self.recent_clients
+        recent.pop(client, None)  # to the end: the dict stays in order of last message
+        recent[client] = now
         try:
             command, body = p.split(frames, p.CLIENT_COMMANDS)
             if command == p.REQUEST or command == p.REQUEST_BATCH:
@@ -361,6 +374,7 @@ class BrokerEngine:
     def tick(self, now: float) -> None:
         """Expire deadlines and workers, send heartbeats, settle waits (§10-§12)."""
         self._expire_deadlines(now)
+        self._forget_quiet_clients(now)
         if self.draining:  # calls no worker can take would hold the drain until unavailable_wait
             self.refuse_queued(now, unserved_only=True)
         for worker in list(self.workers.values()):
@@ -385,6 +399,26 @@ class BrokerEngine:
         if len(deadlines) > _DEADLINES_SLACK * self.calls_held + _DEADLINES_FLOOR:
             deadlines.compact()
         return max(0.0, earliest - now)
+
+    def _forget_quiet_clients(self, now: float) -> None:
+        """Drop clients silent for _RECENT_CLIENT_SECONDS, and the oldest past the cap (bounded work)."""
+        recent = self.recent_clients
+        cutoff = now - _RECENT_CLIENT_SECONDS
+        for _ in range(_FORGET_PER_TICK):
+            if not recent:
+                return
+            oldest = next(iter(recent))
+            if recent[oldest] >= cutoff and len(recent) <= _MAX_RECENT_CLIENTS:
+                return
+            del recent[oldest]
+
+    def notify_draining(self) -> int:
+        """(§11) Tell each recent client that we drain: DISCONNECT{drain}. It then sends us
+        nothing more, so no call of its can arrive after we stop reading. Returns how many."""
+        notice = p.disconnect_message("broker is shutting down: send no more calls here", drain=True)
+        for client in self.recent_clients:
+            self.frontend_out.append((client, notice))
+        return len(self.recent_clients)
 
     def _expire_deadlines(self, now: float) -> None:
         while (call := self._deadlines.pop_due(now)) is not None:

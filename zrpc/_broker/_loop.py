@@ -298,8 +298,10 @@ class Broker:
         if not engine.draining:
             engine.draining = True
             self._drain_began, self._held_at_drain = now, engine.calls_held
-            log.info("draining: refusing new calls; %d held, answered within %.1fs or failed",
-                     engine.calls_held, self._drain_grace)
+            told = engine.notify_draining()
+            self._send_all()
+            log.info("draining: refusing new calls (%d recent clients told); %d held, answered within %.1fs "
+                     "or failed", told, engine.calls_held, self._drain_grace)
         grace_over = now >= self._drain_began + self._drain_grace
         if engine.calls_held and not grace_over:
             return False

@@ -497,6 +497,10 @@ class ClientCore:
         """Outcomes of the calls a broker message (read from ``link``) answers; anything else is
         logged and dropped."""
         if len(frames) > 1 and frames[0] == _protocol.TAG and frames[1] == _protocol.DISCONNECT:
+            if _protocol.decode_disconnect_message(frames[2:]).drain:
+                # (spec §11) our broker drains: nothing more over this connection, calls wait.
+                self._link_draining[link] = True
+                return []
             return self._answered_by_a_backend(link)
         try:
             command, body = _protocol.split(frames, _FROM_BROKER)
