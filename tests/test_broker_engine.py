@@ -1022,3 +1022,13 @@ def test_a_drain_notice_goes_to_each_client_heard_from_lately_and_old_ones_are_f
     assert h.engine.notify_draining() == 1
     [(client, frames)] = h.engine.frontend_out
     assert client == b"new" and frames[1] == p.DISCONNECT and p.decode_disconnect_message(frames[2:]).drain
+
+
+def test_a_client_on_the_backend_is_told_and_logged_as_one(caplog):
+    h = Harness()
+    header = p.RequestHeader(request_id=1, service="svc.S", method="M", deadline_ms=1000).SerializeToString()
+    h.backend(b"lost-client", p.request_message([(header, b"")]))
+    [(peer, frames)] = h.take_control(p.DISCONNECT)
+    assert peer == b"lost-client" and p.decode_disconnect_message(frames[2:]).drain is False  # "a backend"
+    assert any("a client connected to the backend? clients use the frontend" in r.getMessage()
+               for r in caplog.records)

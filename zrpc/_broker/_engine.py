@@ -227,6 +227,10 @@ class BrokerEngine:
         try:
             command, body = p.split(frames, p.WORKER_COMMANDS)
         except p.ProtocolError as exc:
+            if worker is None and len(frames) > 1 and frames[1] in (p.REQUEST, p.REQUEST_BATCH, p.CANCEL):
+                # A client's command: a client was given the backend (the workers' endpoint).
+                return self._bad_worker_input(identity, worker, exc.reason, f"{exc.message} (a client "
+                                              f"connected to the backend? clients use the frontend)")
             return self._bad_worker_input(identity, worker, exc.reason, exc.message)
         if size > self.config.max_message_bytes and command != p.REPLY and command != p.REPLY_BATCH:
             return self._bad_worker_input(identity, worker, "too_large", self._bytes_message(size))
