@@ -253,7 +253,10 @@ def test_replies_read_after_their_broker_restarted_are_answers_and_the_client_li
     DEALERs were IMMEDIATE), or abort the process (`!_more`, fq.cpp) when that happened mid-message.
     The replies are answers now, and the client goes on with the new broker."""
     endpoint = f"ipc://{ipc_dir}/restarts"
-    context = zmq.Context.instance()
+    # A context of its own, ended here: libzmq closes sockets (and unlinks their ipc files) in
+    # its own thread, so with the shared instance the teardown could outlive ipc_dir's removal
+    # and leave the directory behind.
+    context = zmq.Context()
     first = context.socket(zmq.ROUTER)
     first.bind(endpoint)
     in_callback, release = threading.Event(), threading.Event()
@@ -291,6 +294,7 @@ def test_replies_read_after_their_broker_restarted_are_answers_and_the_client_li
             second.disable_monitor()
             accepted.close(0)
             second.close(0)
+            context.term()
 
 
 def test_the_async_client_too_keeps_replies_that_arrived_before_its_broker_restarted(ipc_dir):
