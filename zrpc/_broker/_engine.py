@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-from typing import Sequence
+from typing import Collection, Sequence
 
 from .. import _protocol as p
 from .._descriptors import method_names
@@ -520,50 +520,43 @@ class BrokerEngine:
         is looked at before it is removed (a large call goes alone, a CANCEL splits a round's
         requests). A message to a peer that is not a registered worker needs nothing.
         """
-        undelivered: dict[bytes, list[int]] = {}
+        undelivered: dict[bytes, set[int]] = {}
         for identity, frames in messages:
             if identity in self.workers:
-                undelivered.setdefault(identity, []).extend(_request_ids_in(frames))
+                undelivered.setdefault(identity, set()).update(_request_ids_in(frames))
         for identity, dispatch_ids in undelivered.items():
             worker = self.workers[identity]
-            back: dict[str, list[Call]] = {}
-            for dispatch_id in dispatch_ids:
-                call = worker.in_flight.pop(dispatch_id, None)
-                if call is None:  # answered meanwhile, or its slot kept for a CANCEL (§8)
-                    continue
-                self.services[call.service].dispatched -= 1
-                call.worker = None
-                call.state = CallState.QUEUED
-                call.attempt -= 1  # this dispatch never happened
-                back.setdefault(call.service, []).append(call)
-            for name, calls in back.items():
-                self.services[name].queue.extendleft(reversed(calls))  # in their order, first
-            requeued = sum(len(calls) for calls in back.values())
+            requeued = sum(1 for dispatch_id in dispatch_ids if worker.in_flight.get(dispatch_id) is not None)
             self.counters["requeued_undelivered"] += requeued
             log.warning("worker %s is gone (a message to it could not be sent): removed; %d call(s) it never "
                         "received queued again", worker.name, requeued, extra={"peer": worker.name, "reason": "gone"})
-            self._remove_worker(worker, now, "went away")
+            self._remove_worker(worker, now, "went away", never_sent=dispatch_ids)
 
-    def _remove_worker(self, worker: WorkerState, now: float, why: str) -> None:
-        """§11: re-queue what may run again, fail the rest at once."""
+    def _remove_worker(self, worker: WorkerState, now: float, why: str,
+                       never_sent: Collection[int] = ()) -> None:
+        """§11: re-queue what may run again, fail the rest at once. ``never_sent``: dispatch ids
+        whose message could not be sent (see on_undeliverable): those go back, whatever they are."""
         del self.workers[worker.identity]
         self._requests.pop(worker.identity, None)
         self._batches.pop(worker.identity, None)
         requeue: dict[str, list[Call]] = {}
-        for call in worker.in_flight.values():
+        for dispatch_id, call in worker.in_flight.items():
             if call is None:
                 continue
             service = self.services[call.service]
             service.dispatched -= 1
             call.worker = None
-            if call.header.idempotent and call.attempt < 2 and call.deadline > now:
+            if dispatch_id in never_sent:
+                call.attempt -= 1  # this dispatch never happened
+            elif call.header.idempotent and call.attempt < 2 and call.deadline > now:
                 self.counters["redispatched"] += 1
-                call.state = CallState.QUEUED
-                requeue.setdefault(call.service, []).append(call)
             else:
                 self._fail(call, StatusCode.UNAVAILABLE,
                            f"worker {worker.name} {why} with the call in flight; it may or may not have run",
                            now)
+                continue
+            call.state = CallState.QUEUED
+            requeue.setdefault(call.service, []).append(call)
         worker.in_flight.clear()
         for name in worker.services:
             service = self.services[name]
