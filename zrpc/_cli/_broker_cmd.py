@@ -12,6 +12,7 @@ import click
 from .._allocator import tune_allocator
 from .._broker._config import BrokerConfig, SettingError, load_config_file
 from .._endpoints import endpoint_port
+from .._polling import MAX_BUSY_POLL
 from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS,
                       CliError, blamed, check_endpoint, log_format_option, metrics_host_option,
                       metrics_port_option, option, ready_line, setup_logging, start_metrics,
@@ -52,7 +53,7 @@ def broker() -> None:
 @option("--drain-grace", type=click.FloatRange(min=0), metavar="SECONDS", show_default="10.0",
         help="On SIGTERM or SIGINT, answer the calls held for up to this long, refusing new ones "
              "(UNAVAILABLE, zrpc-retry: draining); a second signal stops at once.")
-@option("--busy-poll", type=click.FloatRange(min=0, max=1), metavar="SECONDS", show_default="0 (off)",
+@option("--busy-poll", type=click.FloatRange(min=0, max=MAX_BUSY_POLL), metavar="SECONDS", show_default="0 (off)",
         help="After a call's message, poll without sleeping this long (0: off): lower latency at "
              "light load, for a core kept busy while calls come.")
 @option("--curve-secret", metavar="FILE", type=click.Path(exists=True, dir_okay=False),

@@ -12,6 +12,7 @@ import click
 
 from .. import _protocol as p
 from .._allocator import tune_allocator
+from .._polling import MAX_BUSY_POLL
 from ._common import curve_options, curve_settings
 from ._common import (DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
                       log_format_option, metrics_host_option, metrics_port_option, option, ready_line,
@@ -42,7 +43,7 @@ def worker() -> None:
 @option("--name", default=None, help="Name shown by `zrpc services` and in broker logs [default: host:pid].")
 @option("--max-message-bytes", type=click.IntRange(min=1), default=p.DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
         show_default=True, help="A larger reply is answered RESOURCE_EXHAUSTED; match the broker's setting.")
-@option("--busy-poll", type=click.FloatRange(min=0, max=1), default=0.0, metavar="SECONDS", show_default=True,
+@option("--busy-poll", type=click.FloatRange(min=0, max=MAX_BUSY_POLL), default=0.0, metavar="SECONDS", show_default=True,
         help="After a request, poll without sleeping this long (0: off): lower latency at light "
              "load, for a core kept busy while calls come.")
 @curve_options
