@@ -220,6 +220,59 @@ def test_core_a_deadline_exceeded_by_the_client_is_never_retried():
     assert outcome.error.code == StatusCode.DEADLINE_EXCEEDED and core.in_flight == 0
 
 
+# -- a broker that answers nothing, fake clock -----------------------------------------------------
+
+def test_core_probes_a_link_that_owes_answers_and_passes_it_over_while_it_is_silent():
+    clock = FakeClock()
+    core = ClientCore(10.0, clock=clock, retry=None, endpoints=["tcp://a:1", "tcp://b:1"])
+    for link in (0, 1):
+        core.connection_up(link)
+
+    def send(link: int) -> list:
+        core.add(core.prepare("svc", "M", b"x"))
+        frames, calls = core.next_request(clock(), link)
+        return calls
+
+    slow = send(0)[0]  # link 0 owes an answer from now on
+    assert core.next_timer() == pytest.approx(clock.now + 1.0)  # the probe, before any deadline
+    clock.now += 1.0
+    assert core.advance(clock()) == []
+    [(link, probe)] = core.take_probes()
+    header = _protocol.decode_request_header(probe[2])
+    assert link == 0 and (header.service, header.method) == ("zrpc.Broker", "Health")
+    assert core.take_probes() == []
+    # A slow call is no silence: the broker answers the probe (an id that matches no call).
+    assert core.handle_message(reply(header.request_id), 0) == []
+    assert core.next_timer() == pytest.approx(slow.deadline)
+    # Silence: nothing comes after the next probe either.
+    send(0)
+    clock.now += 1.0
+    core.advance(clock())
+    [(_, probe)] = core.take_probes()
+    clock.now += 0.999
+    core.advance(clock())
+    assert sorted(core.link_order()) == [0, 1]
+    clock.now += 0.001
+    core.advance(clock())
+    assert list(core.link_order()) == [1]  # link 0 is passed over while link 1 takes calls
+    assert core.take_probes() == []
+    clock.now += 1.0
+    core.advance(clock())
+    [(link, _)] = core.take_probes()  # asked again every 2 s
+    assert link == 0
+    error = core.deadline_error(slow)
+    assert "answered nothing for 3.0s" in error.message and error.details["zrpc-endpoint"] == "tcp://a:1"
+    # Alone, a silent link still takes calls: there is nowhere else to send them.
+    core.connection_closed(1, "tcp://b:1")
+    assert list(core.link_order()) == [0]
+    core.connection_up(1)
+    assert list(core.link_order()) == [1]
+    # Any message from it ends the silence.
+    core.handle_message(reply(header.request_id), 0)
+    assert sorted(core.link_order()) == [0, 1]
+    assert core.next_timer() == pytest.approx(slow.deadline)
+
+
 # -- the circuit breaker, fake clock ---------------------------------------------------------------
 
 def test_circuit_opens_after_consecutive_failures_then_half_opens_for_one_trial():

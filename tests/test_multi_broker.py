@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+
+import pytest
 
 import zrpc
-from zrpc import AsyncClient, Broker, BrokerConfig, Client, Worker
+from zrpc import AsyncClient, Broker, BrokerConfig, Client, Worker, _protocol, broker_service_pb2
 from workers.echo import Echo, echo_pb2
 
+from ._fake_frontend import FakeFrontend
 from .conftest import wait_for
 
 ECHO = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
@@ -166,3 +170,108 @@ def test_a_cancel_reaches_whichever_broker_holds_the_call(ipc_dir):
 
                 asyncio.run(cancel_two())
         assert first.engine.counters["cancelled"] == second.engine.counters["cancelled"] == 2
+
+
+class _StuckFrontend(FakeFrontend):
+    """A broker whose loop is stuck: its connections stay up (libzmq answers ZMTP heartbeats on
+    its own) and it answers nothing, Health included, until ``answering`` is set; then it
+    answers Health (a loop that came back), and still no call."""
+
+    thread_name = "stuck-frontend"
+    answering = False  # set by the test; read by the frontend's thread
+
+    def answer(self, header, payload: bytes):
+        if self.answering and (header.service, header.method) == ("zrpc.Broker", "Health"):
+            reply = broker_service_pb2.HealthReply(status=broker_service_pb2.HealthReply.SERVING)
+            return _protocol.encode_ok_reply_header(header.request_id), reply.SerializeToString()
+        return None
+
+
+def _stuck_and_live(stack: contextlib.ExitStack, ipc_dir: str) -> tuple[_StuckFrontend, list[str]]:
+    """A stuck broker and a live one serving Echo; the endpoints, the stuck one first (the
+    first link offered the first call)."""
+    stuck = _StuckFrontend(f"ipc://{ipc_dir}/stuck-front")
+    stack.callback(stuck.stop)
+    live = stack.enter_context(_broker(ipc_dir, "live"))
+    stack.enter_context(Worker([Echo()], live.backend_endpoint, heartbeat_interval=0.2))
+    wait_for(lambda: _serves_echo(live))
+    return stuck, [stuck.endpoint, live.frontend_endpoint]
+
+
+STUCK_TIMEOUT = 3.0  # the stuck broker is probed 1 s after the call and found silent 1 s later
+
+
+def _check_the_stuck_call(error: zrpc.Error, stuck: _StuckFrontend) -> None:
+    assert error.code == zrpc.StatusCode.DEADLINE_EXCEEDED
+    assert error.details["zrpc-endpoint"] == stuck.endpoint
+    assert "has answered nothing" in error.message and "not even a Health call" in error.message
+    assert stuck.count("Health") >= 1  # the probe went to the stuck broker
+
+
+def test_a_broker_that_answers_nothing_gets_no_calls_until_it_answers_again(ipc_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="zrpc.client")
+    with contextlib.ExitStack() as stack:
+        stuck, endpoints = _stuck_and_live(stack, ipc_dir)
+        client = stack.enter_context(Client(endpoints, timeout=STUCK_TIMEOUT))
+        request = echo_pb2.EchoRequest(payload=b"x").SerializeToString()
+        hung = None
+        for _ in range(20):  # calls go round the links: one reaches the stuck broker
+            future = client.call_future("echo.Echo", "Say", request)
+            wait_for(lambda: future.done() or stuck.count("Say"))
+            if not future.done():
+                hung = future
+                break
+        assert hung is not None
+        with pytest.raises(zrpc.Error) as failed:
+            hung.result(STUCK_TIMEOUT + 5)
+        _check_the_stuck_call(failed.value, stuck)
+        assert "answered nothing" in caplog.text
+        # Silent: every call goes to the live broker, none waits at the stuck one.
+        for _ in range(30):
+            assert client.call("echo.Echo", "Say", request, timeout=2.0) == request
+        assert stuck.count("Say") == 1
+        # Its loop comes back: its next probe is answered, and calls go round both again.
+        stuck.answering = True
+        wait_for(lambda: "answers again" in caplog.text)
+        futures = [client.call_future("echo.Echo", "Say", request) for _ in range(4)]
+        wait_for(lambda: stuck.count("Say") > 1)
+        for future in futures:
+            future.cancel()
+
+
+def test_an_async_client_sends_no_calls_to_a_broker_that_answers_nothing(ipc_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="zrpc.client")
+    with contextlib.ExitStack() as stack:
+        stuck, endpoints = _stuck_and_live(stack, ipc_dir)
+        request = echo_pb2.EchoRequest(payload=b"x").SerializeToString()
+
+        async def scenario() -> None:
+            async with AsyncClient(endpoints, timeout=STUCK_TIMEOUT) as client:
+                calls = [asyncio.ensure_future(client.call("echo.Echo", "Say", request)) for _ in range(8)]
+                done, hung = await asyncio.wait(calls, timeout=STUCK_TIMEOUT + 5, return_when=asyncio.ALL_COMPLETED)
+                failures = [call.exception() for call in done if call.exception() is not None]
+                assert not hung and failures  # round the links: some reached the stuck broker
+                for error in failures:
+                    _check_the_stuck_call(error, stuck)
+                sent_there = stuck.count("Say")
+                assert sent_there == len(failures)
+                replies = await asyncio.gather(*(client.call("echo.Echo", "Say", request, timeout=2.0)
+                                                 for _ in range(64)))
+                assert replies == [request] * 64
+                assert stuck.count("Say") == sent_there
+                stuck.answering = True
+                for _ in range(100):  # bounded: the next probe comes within 2 s
+                    if "answers again" in caplog.text:
+                        break
+                    await asyncio.sleep(0.05)
+                assert "answers again" in caplog.text
+                more = [asyncio.ensure_future(client.call("echo.Echo", "Say", request)) for _ in range(4)]
+                for _ in range(100):
+                    if stuck.count("Say") > sent_there:
+                        break
+                    await asyncio.sleep(0.05)
+                assert stuck.count("Say") > sent_there
+                for call in more:
+                    call.cancel()
+
+        asyncio.run(scenario())

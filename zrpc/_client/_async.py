@@ -345,7 +345,11 @@ class AsyncClient:
     def _send_cancel(self, calls: list[Call]) -> None:
         """Best effort, to the broker holding each call: the brokers drop these calls anyway
         when their deadlines pass."""
-        for link, message in self._core.cancel_messages(calls):
+        self._send_best_effort(self._core.cancel_messages(calls))
+
+    def _send_best_effort(self, messages: list[tuple[int, list[bytes]]]) -> None:
+        """Send each (link, message) now, or never: a CANCEL or a probe is not worth a wait."""
+        for link, message in messages:
             sent = self._sockets[link].send_multipart(message, zmq.NOBLOCK)
             if sent.done() and not sent.cancelled() and isinstance(sent.exception(), zmq.Again):
                 continue  # its queue is full, or the broker is gone
@@ -380,6 +384,7 @@ class AsyncClient:
                         await self._writable(waited)
                         waited += 1
                         self._send_blocked = False
+                self._arm_timer()  # a link that owes answers now is looked at in time (see _silence)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -412,6 +417,7 @@ class AsyncClient:
                 self._wake.set()
         if self._core.has_unsent():  # retries whose backoff is over
             self._wake.set()
+        self._send_best_effort(self._core.take_probes())  # is a silent broker still there?
         self._arm_timer()
 
     @staticmethod

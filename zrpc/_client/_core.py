@@ -31,6 +31,7 @@ from .._protocol import ProtocolError
 from .._status import StatusCode
 from ._breaker import Circuit, CircuitBreaker
 from ._retry import DEFAULT_RETRY, RetryPolicy
+from ._silence import PROBE_TIMEOUT, SilenceWatch
 
 logger = logging.getLogger("zrpc.client")
 
@@ -62,6 +63,8 @@ _MAX_ATTEMPTS = 100
 UNREACHABLE = "cannot connect to the broker"
 # How the message of a call sent to a broker's backend begins.
 BACKEND = "not a broker's frontend"
+# What a link that owes answers is asked (see _silence): the broker answers it itself (spec §13).
+_PROBE_SERVICE, _PROBE_METHOD = "zrpc.Broker", "Health"
 
 # Stale heap entries (answered or cancelled calls) are pruned when they outnumber live ones by
 # this factor, so the heap stays proportional to the calls in flight.
@@ -212,6 +215,10 @@ class ClientCore:
         self._link_accepted = [False] * links
         self._link_unreachable = [False] * links
         self._turn = links - 1  # the link that took the last REQUEST (round-robin, see link_order)
+        # Links whose broker answers nothing, not even a Health call (see _silence), and the
+        # probes advance() decided to send, for the flavour to take (see take_probes).
+        self._silence = SilenceWatch(links)
+        self._probes: list[tuple[int, list[bytes]]] = []
 
     # -- making calls ------------------------------------------------------------------------
 
@@ -317,14 +324,19 @@ class ClientCore:
         A link whose broker is draining takes nothing: it would refuse every call. When no
         other link is up, calls wait, as they do while no broker is connected, for that
         connection to close and the link's next one (the broker's successor) to come up, or
-        for their deadline (spec §11).
+        for their deadline (spec §11). A link whose broker answers nothing at all (see _silence)
+        takes calls only when no other link can.
         """
         up, draining, backend = self._link_up, self._link_draining, self._link_backend
         count = len(up)
         if count == 1:
             return _ONE_LINK if up[0] and not draining[0] and not backend[0] else ()
-        return [link for link in ((self._turn + k) % count for k in range(1, count + 1))
-                if up[link] and not draining[link] and not backend[link]]
+        order = [link for link in ((self._turn + k) % count for k in range(1, count + 1))
+                 if up[link] and not draining[link] and not backend[link]]
+        if self._silence.silent_links:
+            silent = self._silence.silent
+            return [link for link in order if not silent[link]] or order
+        return order
 
     def took(self, link: int) -> None:
         """``link`` took a REQUEST: the next one is offered to the link after it first."""
@@ -338,6 +350,7 @@ class ClientCore:
         """The connection of ``link`` finished its handshake (the flavour's socket monitor)."""
         self._link_up[link] = True
         self._link_unreachable[link] = False
+        self._silence.reset(link)
 
     def connected(self, link: int) -> None:
         """A connection attempt of ``link`` was accepted (its handshake may still fail)."""
@@ -437,6 +450,7 @@ class ClientCore:
                 break
         if not calls:
             return None
+        self._silence.sent(link, now)
         payloads = [call.payload for call in calls]
         if batched:
             return _protocol.batch_message(_protocol.REQUEST_BATCH, headers, payloads), calls
@@ -467,6 +481,7 @@ class ClientCore:
         self._link_batches[link] = False
         self._link_draining[link] = False
         self._link_backend[link] = False
+        self._silence.reset(link)
         closed = self._connection_of_link[link]
         self._connections += 1
         self._connection_of_link[link] = self._connections
@@ -496,6 +511,9 @@ class ClientCore:
     def handle_message(self, frames: Sequence[bytes], link: int) -> list[Outcome]:
         """Outcomes of the calls a broker message (read from ``link``) answers; anything else is
         logged and dropped."""
+        if self._silence.heard(link):
+            logger.warning("zrpc client: the broker at %s answers again; it takes calls again",
+                           self._endpoints[link])
         if len(frames) > 1 and frames[0] == _protocol.TAG and frames[1] == _protocol.DISCONNECT:
             if _protocol.decode_disconnect_message(frames[2:]).drain:
                 # (spec §11) our broker drains: nothing more over this connection, calls wait.
@@ -637,19 +655,26 @@ class ClientCore:
         return True
 
     def next_timer(self) -> float | None:
-        """When :meth:`advance` next has work: the earliest deadline or end of a backoff."""
+        """When :meth:`advance` next has work: the earliest deadline, end of a backoff, or
+        look at the links that owe answers (see _silence)."""
         deadline = self.next_deadline()
         heap = self._backoffs
         while heap and self._pending.get(heap[0][1]) is None:
             heapq.heappop(heap)  # its call was answered, cancelled or expired meanwhile
         if heap and (deadline is None or heap[0][0] < deadline):
-            return heap[0][0]
+            deadline = heap[0][0]
+        watch = self._silence.due  # inf while no link owes an answer
+        if watch < math.inf and (deadline is None or watch < deadline):
+            return watch
         return deadline
 
     def advance(self, now: float) -> list[Outcome]:
         """Do what is due by ``now``: expired calls fail, and calls whose backoff is over go
-        back to the send queue (or fail with their last error if their circuit refuses them)."""
+        back to the send queue (or fail with their last error if their circuit refuses them),
+        and links that owe answers are probed (see :meth:`take_probes`) or found silent."""
         outcomes = self.expire(now)
+        if now >= self._silence.due:
+            self._watch_silence(now)
         while self._backoffs and self._backoffs[0][0] <= now:
             _, request_id = heapq.heappop(self._backoffs)
             call = self._pending.get(request_id)
@@ -664,6 +689,28 @@ class ClientCore:
             else:
                 self._unsent.append(call)
         return outcomes
+
+    def _watch_silence(self, now: float) -> None:
+        probes, silenced = self._silence.advance(now)
+        for link in silenced:
+            others = len(self._endpoints) > 1
+            logger.warning("zrpc client: the broker at %s has answered nothing for %.1fs, not even a Health call "
+                           "(stuck, or starved of CPU?): %s", self._endpoints[link], self._silence.silent_for(link, now),
+                           "new calls go to the other brokers until it answers" if others else
+                           "calls sent to it wait for their deadlines")
+        for link in probes:
+            if not self._link_up[link]:
+                continue  # its connection closed meanwhile: the next one starts afresh
+            header = _protocol.RequestHeader(service=_PROBE_SERVICE, method=_PROBE_METHOD,
+                                             request_id=next(self._ids), reads_batches=True,
+                                             deadline_ms=int(PROBE_TIMEOUT * 1000))
+            self._probes.append((link, _protocol.request_message([(header.SerializeToString(), b"")])))
+
+    def take_probes(self) -> list[tuple[int, list[bytes]]]:
+        """(link, REQUEST) of each Health call to send now, without waiting (see _silence); their
+        answers match no call and are dropped, having shown that the broker answers."""
+        probes, self._probes = self._probes, []
+        return probes
 
     def next_deadline(self) -> float | None:
         """The earliest deadline among calls in flight, or None when there are none."""
@@ -708,8 +755,13 @@ class ClientCore:
             held_by = f" at {self._endpoints[link]}" if link is not None and self._endpoints[link] else ""
             if held_by:
                 details["zrpc-endpoint"] = self._endpoints[link]
-            why = (f" (request {call.request_id}, sent to the broker{held_by}): no answer in time; pass a larger "
-                   f"timeout= if the call is slow, or check that that broker is reachable")
+            silent_for = None if link is None else self._silence.silent_for(link, self.clock())
+            if silent_for is not None:
+                why = (f" (request {call.request_id}, sent to the broker{held_by}): that broker has answered "
+                       f"nothing for {silent_for:.1f}s, not even a Health call; is it stuck, or starved of CPU?")
+            else:
+                why = (f" (request {call.request_id}, sent to the broker{held_by}): no answer in time; pass a "
+                       f"larger timeout= if the call is slow, or check that that broker is reachable")
         else:  # calls go only over a link that is up: unsent means no broker could take it
             why = (": no broker took it in time (none connected, or shutting down, or their queues full); "
                    "check that a broker is running")

@@ -348,6 +348,7 @@ class Client:
             self._settle(outcomes)
             # (spec §8) the broker drops a queued call the client gave up on.
             self._send_cancel([o.call for o in outcomes if o.call.sent])
+        self._send_best_effort(self._core.take_probes())  # is a silent broker still there?
 
     def _send_unsent(self) -> bool:
         """Send waiting calls, each REQUEST to the next broker in turn that can take it; True
@@ -374,12 +375,16 @@ class Client:
         return False
 
     def _send_cancel(self, calls: list[Call]) -> None:
-        for link, message in self._core.cancel_messages(calls):
+        # Best effort: the broker still drops these calls when their deadline passes.
+        self._send_best_effort(self._core.cancel_messages(calls))
+
+    def _send_best_effort(self, messages: list[tuple[int, list[bytes]]]) -> None:
+        """Send each (link, message) now, or never: a CANCEL or a probe is not worth a wait."""
+        for link, message in messages:
             try:
                 self._dealers[link].send_multipart(message, zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # EAGAIN mostly (queue full, broker gone): also when shutting down
-                # Best effort: the broker still drops these calls when their deadline passes.
-                logger.debug("could not send CANCEL to %s: %s", self.endpoints[link], exc)
+                logger.debug("could not send to %s: %s", self.endpoints[link], exc)
 
     @staticmethod
     def _settle(outcomes: list[Outcome]) -> None:
