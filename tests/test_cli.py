@@ -761,3 +761,16 @@ def test_a_broker_variable_no_option_reads_is_warned_about(spawn, endpoints):
         "ZRPC_BROKER_START_MAX_FRAMES is not read by `zrpc broker start` and is ignored: max_frames is set in "
         "the config file (--config)",
         "ZRPC_BROKER_START_QUEUESIZE is not read by `zrpc broker start` and is ignored"]
+
+
+def test_worker_run_logs_each_broker_that_takes_its_registration(spawn, endpoints):
+    """"ready" says the worker started (it may start before its broker); a log line says when a
+    broker has it."""
+    frontend, backend = endpoints
+    worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", backend,
+                             "--heartbeat-interval", "0.2"))
+    worker.wait_line("zrpc worker ready:")
+    assert not any("registered with broker" in line for line in worker.errors)  # no broker there yet
+    spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend)).wait_line("zrpc broker ready")
+    wait_for(lambda: any(f"registered with broker {backend}" in line for line in worker.errors),
+             15.0, message="the registration to be logged")

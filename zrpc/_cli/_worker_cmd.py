@@ -64,6 +64,10 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
     \b
       zrpc worker ready: services=<names> brokers=<endpoints> concurrency=<n> [metrics=<url>]
 
+    A worker may start before its brokers: "ready" means serving and connecting. Each broker
+    that takes its registration is logged (stderr, level info): "registered with broker
+    <endpoint>"; `zrpc services` lists what a broker has.
+
     SIGTERM or SIGINT stops taking new calls, lets calls in flight finish for up to
     --drain-grace seconds, then exits 0.
     """

@@ -72,6 +72,7 @@ class BrokerLink:
         self.silent_since: float | None = None  # when we last heard it, while it stays silent
         self.poll_until = 0.0  # busy_poll: read every loop turn until then (set by calls only)
         self.ready_due: float | None = None  # a READY to send at this time (after a refusal)
+        self.registered = False  # the broker has shown it took our last READY (see _receive)
         self.dropped = 0  # messages not sent because the socket's queue was full
         self.drain_acked = False  # the broker answered our DISCONNECT{drain} (spec §11)
         # The broker that heard our last READY reads REPLY_BATCH: it has sent us a REQUEST_BATCH
@@ -231,6 +232,7 @@ class BrokerLink:
         # one, restarted on this endpoint) even on this socket, which ZeroMQ reconnects itself.
         self.batches = False
         self.ready_due = None
+        self.registered = False
         self.registered_at = self.clock()
         self.send(self.ready)
 

@@ -395,6 +395,9 @@ class Worker:
             # for a DISCONNECT that answered a message from before our last READY (heartbeats
             # queued while a broker restarted), and would register us twice.
             link.ready_due = None
+            if not link.registered:  # "ready" only says we started: this says a broker has us
+                link.registered = True
+                log.info("registered with broker %s", link.endpoint)
         link.schedule_read()  # a full batch: let other work run, then read on
 
     # ------------------------------------------------------------------ commands
