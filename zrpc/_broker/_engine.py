@@ -433,8 +433,10 @@ class BrokerEngine:
             else:
                 where = "at the worker"
                 self._abandon_at_worker(call)
+            # The time left when the call came, not the caller's timeout: the client sends what
+            # is left at send, rounded down (spec §5), so `--timeout 1` arrives as 999 ms.
             self._fail(call, StatusCode.DEADLINE_EXCEEDED,
-                       f"deadline of {call.timeout_ms} ms exceeded {where}", now)
+                       f"deadline exceeded {where} ({call.timeout_ms} ms were left when the broker took the call)", now)
 
     def _settle_waiting(self, service: ServiceState, now: float) -> None:
         """NOT_FOUND after the start-up grace; UNAVAILABLE after unavailable_wait (§10)."""
