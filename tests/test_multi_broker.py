@@ -209,23 +209,26 @@ def _check_the_stuck_call(error: zrpc.Error, stuck: _StuckFrontend) -> None:
 
 
 def test_a_broker_that_answers_nothing_gets_no_calls_until_it_answers_again(ipc_dir, caplog):
-    caplog.set_level(logging.WARNING, logger="zrpc.client")
+    caplog.set_level(logging.INFO, logger="zrpc.client")
     with contextlib.ExitStack() as stack:
         stuck, endpoints = _stuck_and_live(stack, ipc_dir)
         client = stack.enter_context(Client(endpoints, timeout=STUCK_TIMEOUT))
         request = echo_pb2.EchoRequest(payload=b"x").SerializeToString()
         hung = None
         for _ in range(20):  # calls go round the links: one reaches the stuck broker
-            future = client.call_future("echo.Echo", "Say", request)
+            future = client.call_future("echo.Echo", "Say", request, idempotent=True)
             wait_for(lambda: future.done() or stuck.count("Say"))
             if not future.done():
                 hung = future
                 break
         assert hung is not None
-        with pytest.raises(zrpc.Error) as failed:
-            hung.result(STUCK_TIMEOUT + 5)
-        _check_the_stuck_call(failed.value, stuck)
-        assert "answered nothing" in caplog.text
+        # Idempotent, it goes to the live broker once the stuck one is found silent, within its
+        # deadline, and the stuck one is told to cancel it (for when its loop runs again).
+        assert hung.result(STUCK_TIMEOUT + 5) == request
+        [held] = [header.request_id for header in stuck.requests if header.method == "Say"]
+        stuck.wait_for(lambda: held in stuck.cancels)
+        assert "answered nothing" in caplog.text and "1 idempotent call(s) sent to it go there too" in caplog.text
+        assert stuck.count("Health") >= 1  # the probe went to the stuck broker
         # Silent: every call goes to the live broker, none waits at the stuck one.
         for _ in range(30):
             assert client.call("echo.Echo", "Say", request, timeout=2.0) == request
@@ -240,21 +243,29 @@ def test_a_broker_that_answers_nothing_gets_no_calls_until_it_answers_again(ipc_
 
 
 def test_an_async_client_sends_no_calls_to_a_broker_that_answers_nothing(ipc_dir, caplog):
-    caplog.set_level(logging.WARNING, logger="zrpc.client")
+    caplog.set_level(logging.INFO, logger="zrpc.client")
     with contextlib.ExitStack() as stack:
         stuck, endpoints = _stuck_and_live(stack, ipc_dir)
         request = echo_pb2.EchoRequest(payload=b"x").SerializeToString()
 
         async def scenario() -> None:
             async with AsyncClient(endpoints, timeout=STUCK_TIMEOUT) as client:
-                calls = [asyncio.ensure_future(client.call("echo.Echo", "Say", request)) for _ in range(8)]
-                done, hung = await asyncio.wait(calls, timeout=STUCK_TIMEOUT + 5, return_when=asyncio.ALL_COMPLETED)
-                failures = [call.exception() for call in done if call.exception() is not None]
-                assert not hung and failures  # round the links: some reached the stuck broker
-                for error in failures:
-                    _check_the_stuck_call(error, stuck)
+                hung = None
+                for _ in range(20):  # one call at a time, round the links: one reaches the stuck broker
+                    call = asyncio.ensure_future(client.call("echo.Echo", "Say", request))
+                    for _ in range(200):  # bounded: either broker takes it within 10 s
+                        if call.done() or stuck.count("Say"):
+                            break
+                        await asyncio.sleep(0.05)
+                    if not call.done():
+                        hung = call
+                        break
+                assert hung is not None
+                with pytest.raises(zrpc.Error) as failed:
+                    await asyncio.wait_for(hung, STUCK_TIMEOUT + 5)
+                _check_the_stuck_call(failed.value, stuck)
                 sent_there = stuck.count("Say")
-                assert sent_there == len(failures)
+                assert sent_there == 1
                 replies = await asyncio.gather(*(client.call("echo.Echo", "Say", request, timeout=2.0)
                                                  for _ in range(64)))
                 assert replies == [request] * 64

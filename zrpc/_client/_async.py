@@ -408,6 +408,9 @@ class AsyncClient:
 
     def _on_timer(self) -> None:
         self._timer = None
+        if self._core.silence_due(self._core.clock()):
+            for link in range(len(self._sockets)):  # a reply received in this loop turn, not yet seen
+                self._take_received(link)
         outcomes = self._core.advance(self._core.clock())
         if outcomes:
             self._settle(outcomes)

@@ -512,7 +512,7 @@ class ClientCore:
         """Outcomes of the calls a broker message (read from ``link``) answers; anything else is
         logged and dropped."""
         if self._silence.heard(link):
-            logger.warning("zrpc client: the broker at %s answers again; it takes calls again",
+            logger.info("zrpc client: the broker at %s answers again; it takes calls again",
                            self._endpoints[link])
         if len(frames) > 1 and frames[0] == _protocol.TAG and frames[1] == _protocol.DISCONNECT:
             if _protocol.decode_disconnect_message(frames[2:]).drain:
@@ -690,25 +690,63 @@ class ClientCore:
                 self._unsent.append(call)
         return outcomes
 
+    def silence_due(self, now: float) -> bool:
+        """Will :meth:`advance` look at links that owe answers? The flavour first hands the core
+        what its sockets hold: a reply it has not read is no silence (its own loop was late)."""
+        return now >= self._silence.due
+
     def _watch_silence(self, now: float) -> None:
         probes, silenced = self._silence.advance(now)
         for link in silenced:
-            others = len(self._endpoints) > 1
+            endpoint, silent_for = self._endpoints[link], self._silence.silent_for(link, now)
+            if any(other != link for other in self.link_order()):
+                moved = self._move_off_silent(link, endpoint, silent_for, now)
+                what = (f"new calls go to the other brokers until it answers, and {moved} idempotent call(s) "
+                        f"sent to it go there too")
+            else:
+                what = "no other broker can take calls, so they still go to it"
             logger.warning("zrpc client: the broker at %s has answered nothing for %.1fs, not even a Health call "
-                           "(stuck, or starved of CPU?): %s", self._endpoints[link], self._silence.silent_for(link, now),
-                           "new calls go to the other brokers until it answers" if others else
-                           "calls sent to it wait for their deadlines")
+                           "(stuck, or starved of CPU?): %s", endpoint, silent_for, what)
         for link in probes:
             if not self._link_up[link]:
                 continue  # its connection closed meanwhile: the next one starts afresh
+            if self._silence.silent[link] and not self._pending and len(self._endpoints) == 1:
+                continue  # alone, it gets every call anyway: asked again only while calls wait
             header = _protocol.RequestHeader(service=_PROBE_SERVICE, method=_PROBE_METHOD,
                                              request_id=next(self._ids), reads_batches=True,
                                              deadline_ms=int(PROBE_TIMEOUT * 1000))
             self._probes.append((link, _protocol.request_message([(header.SerializeToString(), b"")])))
 
+    def _move_off_silent(self, link: int, endpoint: str, silent_for: float, now: float) -> int:
+        """Send the idempotent calls held by the silent ``link`` to the other brokers, as the
+        retry policy allows (a new attempt each: a late answer to the old one is dropped), and
+        CANCEL them at the silent broker, for when its loop runs again. Other calls stay: they
+        may have run, and their answer may yet come. Returns how many moved."""
+        connection = self._connection_of_link[link]
+        error = Error(StatusCode.UNAVAILABLE,
+                      f"the broker at {endpoint} answered nothing for {silent_for:.1f}s, not even a Health call",
+                      {"zrpc-endpoint": endpoint})
+        moved = []
+        for call in [c for c in self._pending.values() if c.sent and c.connection == connection]:
+            if not call.header.idempotent:
+                continue
+            old_id = call.request_id
+            del self._pending[old_id]
+            if self._retry_later(call, Error(error.code, error.message, dict(error.details)), now):
+                moved.append(old_id)
+                if call.trial:  # the silence says nothing of the service: the next attempt decides
+                    call.trial = False
+                    self._circuits[call.service].abandon_trial()
+            else:  # its policy allows no other attempt: it stays with that broker
+                self._pending[old_id] = call
+        if moved:
+            self._probes.append((link, _protocol.cancel_message(moved)))
+        return len(moved)
+
     def take_probes(self) -> list[tuple[int, list[bytes]]]:
-        """(link, REQUEST) of each Health call to send now, without waiting (see _silence); their
-        answers match no call and are dropped, having shown that the broker answers."""
+        """(link, message) to send now, without waiting: Health calls to links that owe answers
+        (see _silence), whose answers match no call and are dropped once they have shown that the
+        broker answers, and CANCELs of the calls moved off a silent link."""
         probes, self._probes = self._probes, []
         return probes
 

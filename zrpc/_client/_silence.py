@@ -9,7 +9,8 @@ which a broker answers from its own loop whatever its workers are doing (a slow 
 silence). If nothing comes in PROBE_TIMEOUT more seconds, the link is *silent*: new calls go to
 the other brokers while one of them can take them (with one broker there is nowhere else to go),
 and a Health call goes every REPROBE seconds, until anything comes from the link or its
-connection closes. Calls already sent over it stay there: the broker may yet answer them.
+connection closes. The core then moves the idempotent calls sent over it to another link, as
+retries; the others stay: they may have run, and the broker may yet answer them.
 
 This is gRPC's outlier ejection reduced to what one client can see: no error rates, only
 whether a broker answers at all.

@@ -343,7 +343,11 @@ class Client:
         self._settle(read_replies(dealer, self._core, link, _RECV_BATCH))
 
     def _advance(self) -> None:
-        outcomes = self._core.advance(self._core.clock())
+        core = self._core
+        if core.silence_due(core.clock()):
+            for link, dealer in enumerate(self._dealers):  # replies a slow callback left unread
+                self._receive(dealer, link)
+        outcomes = core.advance(core.clock())
         if outcomes:
             self._settle(outcomes)
             # (spec §8) the broker drops a queued call the client gave up on.
