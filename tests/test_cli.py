@@ -513,6 +513,27 @@ def test_call_deadline_error_names_the_timeout_flag():
     assert "pass a larger --timeout" in line and "timeout=" not in line
 
 
+def test_a_broker_that_accepts_the_connection_and_answers_nothing_is_said_to_be_stuck():
+    broker = SilentEchoBroker()  # its Health goes unanswered too, as in a broker whose loop hangs
+    try:
+        result = run_cli("health", "--broker", broker.endpoint, "--timeout", "3")
+    finally:
+        broker.stop()
+    assert result.returncode == 10 + zrpc.StatusCode.UNAVAILABLE
+    assert one_line_error(result.stderr) == (
+        f"error: the broker at {broker.endpoint} accepted the connection but has answered nothing for "
+        f"3.0s, not even a Health call: is it stuck, or starved of CPU?")
+
+
+def test_a_slow_call_says_to_pass_a_larger_timeout_whichever_deadline_fires_first(greeter):
+    _, _, frontend = greeter
+    for _ in range(3):  # the client's, the broker's or the worker's: each says it
+        result = run_cli("call", "--broker", frontend, "--timeout", "0.3", "echo.Echo/Sleep", '{"ms": 1500}')
+        assert result.returncode == 10 + zrpc.StatusCode.DEADLINE_EXCEEDED
+        line = one_line_error(result.stderr)
+        assert line.startswith("error: DEADLINE_EXCEEDED: ") and "pass a larger --timeout" in line, line
+
+
 def test_call_greeter_with_an_empty_name_is_invalid_argument(greeter):
     _, _, frontend = greeter
     result = run_cli("call", "--broker", frontend, "helloworld.Greeter/SayHello", '{"name": ""}')

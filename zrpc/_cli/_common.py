@@ -11,6 +11,7 @@ import click
 
 from .._endpoints import endpoint_problem
 from .._errors import Error
+from .._status import StatusCode
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
@@ -112,7 +113,7 @@ class CallFailed(CliError):
     def show(self, file=None) -> None:
         super().show(file)
         for key, value in sorted(self.details.items()):
-            if key == "zrpc-endpoint":  # the client's refusals name their endpoint in the error line
+            if key in ("zrpc-endpoint", "zrpc-broker-silent"):  # the error line says these already
                 continue
             # One line each, whatever the handler put in them.
             click.echo(f"  {key}: {' '.join(str(value).split())}", file=file, err=True)
@@ -123,6 +124,10 @@ def call_failed(error: Error, prefix: str = "") -> CallFailed:
     message = f"{error.code.name}: {error.message}" if error.message else error.code.name
     # The client's deadline message speaks to Python callers; here the setting is a flag.
     message = message.replace("pass a larger timeout=", "pass a larger --timeout")
+    if (error.code == StatusCode.DEADLINE_EXCEEDED and "--timeout" not in message
+            and "zrpc-broker-silent" not in error.details):
+        # The broker's or the worker's own words (whichever deadline fired first): the same hint.
+        message += "; pass a larger --timeout if the call is slow"
     return CallFailed(prefix + message, EXIT_STATUS_BASE + int(error.code), error.details)
 
 

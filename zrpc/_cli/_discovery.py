@@ -24,13 +24,14 @@ BROKER_SERVICE = "zrpc.Broker"
 
 
 _REFUSED = "handshake refused"
+_SILENT = "has answered nothing"
 # What the client logs about a broker that is not one to call, and the command's error says too.
-_HELD = (_REFUSED, "answers like a broker's backend")
+_HELD = (_REFUSED, "answers like a broker's backend", _SILENT)
 
 
 class _HeldRefusals(logging.Filter):
-    """Holds back the client's "handshake refused" and "a broker's backend" lines while a
-    command runs.
+    """Holds back the client's "handshake refused", "a broker's backend" and "has answered
+    nothing" lines while a command runs.
 
     When the command then fails for that reason, its ``error:`` line says the same thing and
     the log line would only repeat it; when it succeeds (another broker answered), they are
@@ -61,6 +62,8 @@ def _repeats(record: logging.LogRecord, error_message: str) -> bool:
     message = record.getMessage()
     if _REFUSED in message:
         return message.partition(_REFUSED)[2] in error_message
+    if _SILENT in message:
+        return f"broker at {record.args[0]}" in error_message and "answered nothing" in error_message
     return f"{record.args[0]} is a broker's backend" in error_message
 
 
@@ -149,6 +152,11 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
             endpoint = error.details.get("zrpc-endpoint", ", ".join(brokers))
             raise CliError(f"{endpoint} is a broker's backend (the endpoint for workers): give its frontend "
                            f"(`zrpc broker start --frontend`, port 5555 by default)",
+                           exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
+        if "zrpc-broker-silent" in error.details:  # connected, yet not even Health was answered
+            raise CliError(f"the broker at {error.details.get('zrpc-endpoint', ', '.join(brokers))} accepted the "
+                           f"connection but has answered nothing for {error.details['zrpc-broker-silent']}s, not "
+                           f"even a Health call: is it stuck, or starved of CPU?",
                            exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
         if error.code in (StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAVAILABLE):
             held_by = error.details.get("zrpc-endpoint")  # the broker that had the call, if it was sent

@@ -51,6 +51,9 @@ MAX_BYTES_PER_MESSAGE = 1 << 20
 # error details key carrying how many attempts a call that was retried made.
 ATTEMPT_METADATA = "zrpc-attempt"
 ATTEMPTS_DETAIL = "zrpc-attempts"
+# Error details key of a call whose broker answered nothing, not even a Health call, for that
+# many seconds (see _silence): it accepted the connection, so it runs, but its loop does not.
+SILENT_DETAIL = "zrpc-broker-silent"
 
 # How long closing a client with calls in flight lets their CANCEL leave (spec §8), so that the
 # broker stops them at their workers instead of letting them run to their deadlines.
@@ -797,6 +800,7 @@ class ClientCore:
             if silent_for is not None:
                 why = (f" (request {call.request_id}, sent to the broker{held_by}): that broker has answered "
                        f"nothing for {silent_for:.1f}s, not even a Health call; is it stuck, or starved of CPU?")
+                details[SILENT_DETAIL] = f"{silent_for:.1f}"
             else:
                 why = (f" (request {call.request_id}, sent to the broker{held_by}): no answer in time; pass a "
                        f"larger timeout= if the call is slow, or check that that broker is reachable")
