@@ -121,7 +121,7 @@ def format_summary(s: dict) -> str:
         f"calls        {s['calls']} ({s['ok']} ok) in {s['elapsed_s']:.3f} s",
         f"throughput   {s['calls_per_s']:.1f} calls/s",
         f"latency ms   p50 {ms(s['p50_us'])}  p90 {ms(s['p90_us'])}  p99 {ms(s['p99_us'])}  "
-        f"max {ms(s['max_us'])}",
+        f"max {ms(s['max_us'])}" + (" (of the ok calls)" if s["ok"] < s["calls"] else ""),
         f"errors       {errors}",
     ]) + "\n"
 

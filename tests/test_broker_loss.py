@@ -199,8 +199,10 @@ def test_a_worker_says_once_that_its_broker_went_silent_and_when_it_answers_agai
     caplog.set_level(logging.DEBUG, logger="zrpc.worker")
     with Worker([Echo()], backend, heartbeat_interval=0.2, drain_grace=0.5):
         wait_until_served(frontend, "echo.Echo")
-        broker.signal(signal.SIGKILL)
         messages = lambda: [record.getMessage() for record in caplog.records]
+        # Heard from (a worker that never was says "no answer yet", not "silent").
+        wait_for(lambda: any("registered with broker" in m for m in messages()), message="the registration")
+        broker.signal(signal.SIGKILL)
         # Two reconnections at least (the silence limit is 3 x 0.2 s), said once as a warning.
         wait_for(lambda: any("still silent after" in m for m in messages()), message="a second reconnection")
         _start_broker(spawn, ipc_dir, "flaps")
@@ -446,3 +448,14 @@ def test_a_call_dispatched_to_a_worker_whose_connection_is_gone_runs_at_the_next
     finally:
         context.term()
         broker.stop()
+
+
+def test_a_worker_started_before_its_broker_says_none_answers_yet_not_that_it_went_silent(ipc_dir, caplog):
+    caplog.set_level(logging.INFO, logger="zrpc.worker")
+    config = BrokerConfig(frontend=f"ipc://{ipc_dir}/late-front", backend=f"ipc://{ipc_dir}/late-back")
+    messages = lambda: [record.getMessage() for record in caplog.records]
+    with Worker([Echo()], config.backend, heartbeat_interval=0.05, liveness=2):
+        wait_for(lambda: any("no answer from a broker at" in m for m in messages()), message="the warning")
+        with Broker(config):
+            wait_for(lambda: any("registered with broker" in m for m in messages()), message="the registration")
+    assert not any("silent for" in m or "answers again" in m for m in messages())

@@ -70,6 +70,7 @@ class BrokerLink:
         self.in_flight: dict = {}  # dispatch id -> Call, for the current epoch only
         self.last_sent = self.last_heard = self.registered_at = clock()
         self.silent_since: float | None = None  # when we last heard it, while it stays silent
+        self.heard_ever = False  # has a broker at this endpoint ever sent us anything?
         self.poll_until = 0.0  # busy_poll: read every loop turn until then (set by calls only)
         self.ready_due: float | None = None  # a READY to send at this time (after a refusal)
         self.registered = False  # the broker has shown it took our last READY (see _receive)

@@ -326,8 +326,12 @@ class Worker:
                     if link.silent_since is None and not link.refused_here:
                         # Said once: while the broker stays down this repeats every silence limit.
                         link.silent_since = link.last_heard
-                        log.warning("broker %s silent for %.1fs; reconnecting until it answers", link.endpoint,
-                                    now - link.last_heard)
+                        if link.heard_ever:
+                            log.warning("broker %s silent for %.1fs; reconnecting until it answers", link.endpoint,
+                                        now - link.last_heard)
+                        else:  # a worker may start first: not "silent", not yet there
+                            log.warning("no answer from a broker at %s yet (is one running there, and is this "
+                                        "its backend?); connecting until one answers", link.endpoint)
                     elif not link.refused_here:
                         log.debug("broker %s still silent after %.1fs; reconnecting", link.endpoint,
                                   now - link.silent_since)
@@ -364,9 +368,11 @@ class Worker:
                 return
             link.last_heard = self._clock()
             if link.silent_since is not None:
-                log.info("broker %s answers again after %.1fs of silence", link.endpoint,
-                         link.last_heard - link.silent_since)
+                if link.heard_ever:  # a first answer is said by the "registered" line
+                    log.info("broker %s answers again after %.1fs of silence", link.endpoint,
+                             link.last_heard - link.silent_since)
                 link.silent_since = None
+            link.heard_ever = True
             try:
                 command, body = p.split(frames, FROM_BROKER)
             except p.ProtocolError as exc:
