@@ -273,6 +273,60 @@ def test_core_probes_a_link_that_owes_answers_and_passes_it_over_while_it_is_sil
     assert core.next_timer() == pytest.approx(slow.deadline)
 
 
+def _silent_after(core: ClientCore, clock: FakeClock, link: int) -> None:
+    """Advance ``clock`` until ``link`` (which owes an answer) is found silent: probed, unanswered."""
+    for _ in range(3):
+        clock.now += 1.0
+        core.advance(clock())
+        core.take_probes()
+    assert core._silence.silent[link]
+
+
+def test_core_moves_idempotent_calls_off_a_silent_link_only_to_one_that_answers():
+    clock = FakeClock()
+    core = ClientCore(10.0, clock=clock, endpoints=["tcp://a:1", "tcp://b:1"],
+                      retry=RetryPolicy(max_attempts=5, jitter=0.0))
+    for link in (0, 1):
+        core.connection_up(link)
+    idempotent = core.prepare("svc", "M", b"i", idempotent=True)
+    other = core.prepare("svc", "M", b"o")
+    for call in (idempotent, other):
+        core.add(call)
+    first_id = idempotent.request_id
+    assert core.next_request(clock(), 0)[1] == [idempotent, other]
+    core.next_request(clock(), 1)  # nothing: link 1 owes nothing
+    _silent_after(core, clock, 0)
+    # Moved as a retry (new id, attempt 2), CANCELled at the silent broker; the other stays.
+    assert idempotent.request_id != first_id and idempotent.attempt == 2 and not idempotent.sent
+    assert other.sent and other.attempt == 1
+    clock.now += 0.1  # its backoff
+    core.advance(clock())
+    frames, calls = core.next_request(clock(), 1)
+    assert calls == [idempotent]
+    # Link 1 falls silent too: no answering link is left, so nothing moves back to link 0.
+    _silent_after(core, clock, 1)
+    assert idempotent.sent and idempotent.attempt == 2
+
+
+def test_core_leaves_a_circuits_trial_call_on_a_silent_link():
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=1.0)
+    core = ClientCore(10.0, clock=clock, endpoints=["tcp://a:1", "tcp://b:1"], circuit_breaker=breaker)
+    for link in (0, 1):
+        core.connection_up(link)
+    failing = core.prepare("svc", "M", b"x")
+    core.add(failing)
+    [failed] = core.next_request(clock(), 1)[1]
+    core.handle_message(reply(failed.request_id, UNAVAILABLE), 1)  # the circuit opens
+    assert core.circuit("svc").state is State.OPEN
+    clock.now += 1.0
+    trial = core.prepare("svc", "M", b"t", idempotent=True)
+    assert core.add(trial) is None and trial.trial  # half-open: this call is the trial
+    assert core.next_request(clock(), 0)[1] == [trial]
+    _silent_after(core, clock, 0)
+    assert trial.sent and trial.trial and trial.attempt == 1  # it stays, and stays the trial
+
+
 # -- the circuit breaker, fake clock ---------------------------------------------------------------
 
 def test_circuit_opens_after_consecutive_failures_then_half_opens_for_one_trial():

@@ -702,10 +702,12 @@ class ClientCore:
         probes, silenced = self._silence.advance(now)
         for link in silenced:
             endpoint, silent_for = self._endpoints[link], self._silence.silent_for(link, now)
-            if any(other != link for other in self.link_order()):
+            silent = self._silence.silent
+            # link_order() offers silent links too when no other is left: only an answering one counts.
+            if any(other != link and not silent[other] for other in self.link_order()):
                 moved = self._move_off_silent(link, endpoint, silent_for, now)
-                what = (f"new calls go to the other brokers until it answers, and {moved} idempotent call(s) "
-                        f"sent to it go there too")
+                what = "new calls go to the other brokers until it answers" + (
+                    f", and {moved} idempotent call(s) sent to it go there too" if moved else "")
             else:
                 what = "no other broker can take calls, so they still go to it"
             logger.warning("zrpc client: the broker at %s has answered nothing for %.1fs, not even a Health call "
@@ -724,22 +726,22 @@ class ClientCore:
         """Send the idempotent calls held by the silent ``link`` to the other brokers, as the
         retry policy allows (a new attempt each: a late answer to the old one is dropped), and
         CANCEL them at the silent broker, for when its loop runs again. Other calls stay: they
-        may have run, and their answer may yet come. Returns how many moved."""
+        may have run, and their answer may yet come. Only when the link falls silent: calls it
+        holds when another broker connects later stay with it. Returns how many moved."""
         connection = self._connection_of_link[link]
         error = Error(StatusCode.UNAVAILABLE,
                       f"the broker at {endpoint} answered nothing for {silent_for:.1f}s, not even a Health call",
                       {"zrpc-endpoint": endpoint})
         moved = []
         for call in [c for c in self._pending.values() if c.sent and c.connection == connection]:
-            if not call.header.idempotent:
+            # A circuit's half-open trial stays too: given up for a retry, its slot would go to
+            # another call, and the circuit would then refuse this one when its backoff ends.
+            if not call.header.idempotent or call.trial:
                 continue
             old_id = call.request_id
             del self._pending[old_id]
             if self._retry_later(call, Error(error.code, error.message, dict(error.details)), now):
                 moved.append(old_id)
-                if call.trial:  # the silence says nothing of the service: the next attempt decides
-                    call.trial = False
-                    self._circuits[call.service].abandon_trial()
             else:  # its policy allows no other attempt: it stays with that broker
                 self._pending[old_id] = call
         if moved:
