@@ -1,6 +1,8 @@
 """The broker's rules, driven directly: no sockets, a fake clock (the engine takes ``now``)."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 from google.protobuf import descriptor_pb2
 
@@ -1033,3 +1035,17 @@ def test_a_client_on_the_backend_is_told_and_logged_as_one(caplog):
     assert peer == b"lost-client" and p.decode_disconnect_message(frames[2:]).drain is False  # "a backend"
     assert any("a client connected to the backend? clients use the frontend" in r.getMessage()
                for r in caplog.records)
+
+
+def test_an_earlier_connection_of_a_worker_that_joined_again_is_logged_as_such(caplog):
+    """A worker stopped and resumed (SIGSTOP, SIGCONT) reconnects with a new socket: its new
+    connection joins before its old one expires, and both lines carry its name."""
+    h = Harness()
+    h.ready(b"old", name="vm:7", heartbeat_ms=100)
+    h.advance(0.2)
+    h.ready(b"new", name="vm:7", heartbeat_ms=100)
+    with caplog.at_level(logging.WARNING, logger="zrpc.broker"):
+        h.advance(0.15)  # the old connection is past 3 x 100 ms of silence, the new one is not
+    expired = [r.getMessage() for r in caplog.records if "expired" in r.getMessage()]
+    assert expired == ["worker vm:7's earlier connection (it joined again since) expired: silent for 0.350s"]
+    assert list(h.engine.workers) == [b"new"]

@@ -383,7 +383,7 @@ class BrokerEngine:
             self.refuse_queued(now, unserved_only=True)
         for worker in list(self.workers.values()):
             if now >= worker.expires_at:
-                log.warning("worker %s expired: silent for %.3fs", worker.name, now - worker.last_seen,
+                log.warning("worker %s expired: silent for %.3fs", self._named(worker), now - worker.last_seen,
                             extra={"peer": worker.name, "reason": "expired"})
                 self.counters["workers_expired"] += 1
                 self._remove_worker(worker, now, "expired")
@@ -531,8 +531,17 @@ class BrokerEngine:
             requeued = sum(1 for dispatch_id in dispatch_ids if worker.in_flight.get(dispatch_id) is not None)
             self.counters["requeued_undelivered"] += requeued
             log.warning("worker %s is gone (a message to it could not be sent): removed; %d call(s) it never "
-                        "received queued again", worker.name, requeued, extra={"peer": worker.name, "reason": "gone"})
+                        "received queued again", self._named(worker), requeued,
+                        extra={"peer": worker.name, "reason": "gone"})
             self._remove_worker(worker, now, "went away", never_sent=dispatch_ids)
+
+    def _named(self, worker: WorkerState) -> str:
+        """``worker``'s name for a log line about its removal, saying so when the same worker
+        registered again since (a worker stopped and resumed reconnects with a new socket: its
+        old connection expires after its new one joined, and the two lines would read alike)."""
+        if any(other.name == worker.name and other.joined_at > worker.joined_at for other in self.workers.values()):
+            return f"{worker.name}'s earlier connection (it joined again since)"
+        return worker.name
 
     def _remove_worker(self, worker: WorkerState, now: float, why: str,
                        never_sent: Collection[int] = ()) -> None:
