@@ -795,3 +795,10 @@ def test_worker_run_logs_each_broker_that_takes_its_registration(spawn, endpoint
     spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend)).wait_line("zrpc broker ready")
     wait_for(lambda: any(f"registered with broker {backend}" in line for line in worker.errors),
              15.0, message="the registration to be logged")
+
+
+def test_the_cli_spells_the_silent_broker_detail_as_the_client_does():
+    from zrpc._cli import _common
+    from zrpc._client import _core
+
+    assert _common._SILENT_DETAIL == _core.SILENT_DETAIL

@@ -237,10 +237,10 @@ def test_core_probes_a_link_that_owes_answers_and_passes_it_over_while_it_is_sil
     assert core.next_timer() == pytest.approx(clock.now + 1.0)  # the probe, before any deadline
     clock.now += 1.0
     assert core.advance(clock()) == []
-    [(link, probe)] = core.take_probes()
+    [(link, probe)] = core.take_link_messages()
     header = _protocol.decode_request_header(probe[2])
     assert link == 0 and (header.service, header.method) == ("zrpc.Broker", "Health")
-    assert core.take_probes() == []
+    assert core.take_link_messages() == []
     # A slow call is no silence: the broker answers the probe (an id that matches no call).
     assert core.handle_message(reply(header.request_id), 0) == []
     assert core.next_timer() == pytest.approx(slow.deadline)
@@ -248,17 +248,17 @@ def test_core_probes_a_link_that_owes_answers_and_passes_it_over_while_it_is_sil
     send(0)
     clock.now += 1.0
     core.advance(clock())
-    [(_, probe)] = core.take_probes()
+    [(_, probe)] = core.take_link_messages()
     clock.now += 0.999
     core.advance(clock())
     assert sorted(core.link_order()) == [0, 1]
     clock.now += 0.001
     core.advance(clock())
     assert list(core.link_order()) == [1]  # link 0 is passed over while link 1 takes calls
-    assert core.take_probes() == []
+    assert core.take_link_messages() == []
     clock.now += 1.0
     core.advance(clock())
-    [(link, _)] = core.take_probes()  # asked again every 2 s
+    [(link, _)] = core.take_link_messages()  # asked again every 2 s
     assert link == 0
     error = core.deadline_error(slow)
     assert "answered nothing for 3.0s" in error.message and error.details["zrpc-endpoint"] == "tcp://a:1"
@@ -278,7 +278,7 @@ def _silent_after(core: ClientCore, clock: FakeClock, link: int) -> None:
     for _ in range(3):
         clock.now += 1.0
         core.advance(clock())
-        core.take_probes()
+        core.take_link_messages()
     assert core._silence.silent[link]
 
 

@@ -15,7 +15,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from .. import broker_service_pb2 as pb
 from .._descriptors import pool_from_file_descriptor_set
-from .._client._core import BACKEND, UNREACHABLE
+from .._client._core import BACKEND, SILENT_DETAIL, UNREACHABLE
 from .._errors import Error
 from .._status import StatusCode
 from ._common import EXIT_STATUS_BASE, EXIT_USAGE, CliError, call_failed, curve_settings
@@ -153,9 +153,9 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
             raise CliError(f"{endpoint} is a broker's backend (the endpoint for workers): give its frontend "
                            f"(`zrpc broker start --frontend`, port 5555 by default)",
                            exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
-        if "zrpc-broker-silent" in error.details:  # connected, yet not even Health was answered
+        if SILENT_DETAIL in error.details:  # connected, yet not even Health was answered
             raise CliError(f"the broker at {error.details.get('zrpc-endpoint', ', '.join(brokers))} accepted the "
-                           f"connection but has answered nothing for {error.details['zrpc-broker-silent']}s, not "
+                           f"connection but has answered nothing for {error.details[SILENT_DETAIL]}s, not "
                            f"even a Health call: is it stuck, or starved of CPU?",
                            exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
         if error.code in (StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAVAILABLE):

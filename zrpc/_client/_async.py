@@ -420,7 +420,7 @@ class AsyncClient:
                 self._wake.set()
         if self._core.has_unsent():  # retries whose backoff is over
             self._wake.set()
-        self._send_best_effort(self._core.take_probes())  # is a silent broker still there?
+        self._send_best_effort(self._core.take_link_messages())  # probes, CANCELs (see _silence)
         self._arm_timer()
 
     @staticmethod

@@ -218,10 +218,10 @@ class ClientCore:
         self._link_accepted = [False] * links
         self._link_unreachable = [False] * links
         self._turn = links - 1  # the link that took the last REQUEST (round-robin, see link_order)
-        # Links whose broker answers nothing, not even a Health call (see _silence), and the
-        # probes advance() decided to send, for the flavour to take (see take_probes).
+        # Links whose broker answers nothing, not even a Health call (see _silence), and what
+        # advance() decided to send them (probes, CANCELs), for the flavour (take_link_messages).
         self._silence = SilenceWatch(links)
-        self._probes: list[tuple[int, list[bytes]]] = []
+        self._link_messages: list[tuple[int, list[bytes]]] = []
 
     # -- making calls ------------------------------------------------------------------------
 
@@ -516,7 +516,7 @@ class ClientCore:
         logged and dropped."""
         if self._silence.heard(link):
             logger.info("zrpc client: the broker at %s answers again; it takes calls again",
-                           self._endpoints[link])
+                        self._endpoints[link])
         if len(frames) > 1 and frames[0] == _protocol.TAG and frames[1] == _protocol.DISCONNECT:
             if _protocol.decode_disconnect_message(frames[2:]).drain:
                 # (spec §11) our broker drains: nothing more over this connection, calls wait.
@@ -674,7 +674,7 @@ class ClientCore:
     def advance(self, now: float) -> list[Outcome]:
         """Do what is due by ``now``: expired calls fail, and calls whose backoff is over go
         back to the send queue (or fail with their last error if their circuit refuses them),
-        and links that owe answers are probed (see :meth:`take_probes`) or found silent."""
+        and links that owe answers are probed (see :meth:`take_link_messages`) or found silent."""
         outcomes = self.expire(now)
         if now >= self._silence.due:
             self._watch_silence(now)
@@ -720,7 +720,7 @@ class ClientCore:
             header = _protocol.RequestHeader(service=_PROBE_SERVICE, method=_PROBE_METHOD,
                                              request_id=next(self._ids), reads_batches=True,
                                              deadline_ms=int(PROBE_TIMEOUT * 1000))
-            self._probes.append((link, _protocol.request_message([(header.SerializeToString(), b"")])))
+            self._link_messages.append((link, _protocol.request_message([(header.SerializeToString(), b"")])))
 
     def _move_off_silent(self, link: int, endpoint: str, silent_for: float, now: float) -> int:
         """Send the idempotent calls held by the silent ``link`` to the other brokers, as the
@@ -745,15 +745,15 @@ class ClientCore:
             else:  # its policy allows no other attempt: it stays with that broker
                 self._pending[old_id] = call
         if moved:
-            self._probes.append((link, _protocol.cancel_message(moved)))
+            self._link_messages.append((link, _protocol.cancel_message(moved)))
         return len(moved)
 
-    def take_probes(self) -> list[tuple[int, list[bytes]]]:
+    def take_link_messages(self) -> list[tuple[int, list[bytes]]]:
         """(link, message) to send now, without waiting: Health calls to links that owe answers
         (see _silence), whose answers match no call and are dropped once they have shown that the
         broker answers, and CANCELs of the calls moved off a silent link."""
-        probes, self._probes = self._probes, []
-        return probes
+        messages, self._link_messages = self._link_messages, []
+        return messages
 
     def next_deadline(self) -> float | None:
         """The earliest deadline among calls in flight, or None when there are none."""

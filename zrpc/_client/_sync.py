@@ -352,7 +352,7 @@ class Client:
             self._settle(outcomes)
             # (spec §8) the broker drops a queued call the client gave up on.
             self._send_cancel([o.call for o in outcomes if o.call.sent])
-        self._send_best_effort(self._core.take_probes())  # is a silent broker still there?
+        self._send_best_effort(self._core.take_link_messages())  # probes, CANCELs (see _silence)
 
     def _send_unsent(self) -> bool:
         """Send waiting calls, each REQUEST to the next broker in turn that can take it; True
