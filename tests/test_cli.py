@@ -802,3 +802,42 @@ def test_the_cli_spells_the_silent_broker_detail_as_the_client_does():
     from zrpc._client import _core
 
     assert _common._SILENT_DETAIL == _core.SILENT_DETAIL
+
+
+@pytest.fixture
+def offline_netns():
+    """A network namespace of our own with no interface up: a name lookup there fails at once,
+    without a packet leaving it (the machine's resolver is not on loopback)."""
+    name = f"zrpc-dns{os.getpid() % 100_000}"
+    try:
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"network namespaces unavailable (`ip netns add` failed: {getattr(exc, 'stderr', None) or exc})")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=10)
+
+
+def test_a_broker_host_that_does_not_resolve_is_named(offline_netns):
+    result = subprocess.run(["ip", "netns", "exec", offline_netns,
+                             *zrpc_cli("call", "echo.Echo/Say", "{}", "--broker", "tcp://nosuchhost.invalid:5555")],
+                            capture_output=True, text=True, timeout=60, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 10 + zrpc.StatusCode.UNAVAILABLE
+    line = one_line_error(result.stderr)
+    assert line.startswith("error: cannot connect to broker at tcp://nosuchhost.invalid:5555: host "
+                           "'nosuchhost.invalid' does not resolve ("), line
+
+
+@pytest.mark.parametrize("endpoint, host", [
+    ("tcp://broker.example:5555", "broker.example"),
+    ("tcp://eth0;broker.example:5555", "broker.example"),  # libzmq's source;host form
+    ("tcp://127.0.0.1:5555", None),  # addresses need no lookup
+    ("tcp://[::1]:5555", None),
+    ("ipc:///tmp/zrpc-frontend", None),
+])
+def test_only_tcp_host_names_are_looked_up(endpoint, host):
+    from zrpc._endpoints import tcp_host_name
+
+    assert tcp_host_name(endpoint) == host

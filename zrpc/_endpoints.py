@@ -3,6 +3,7 @@ and the command line, so that each says the same thing about the same mistake, a
 before libzmq does (its ``Invalid argument`` names neither the problem nor the form expected)."""
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Sequence
 
@@ -46,6 +47,23 @@ def endpoint_port(endpoint: str) -> str | None:
     if "]" in port:  # tcp://[::1]: the last colon is inside an IPv6 literal, and no port follows
         return None
     return port if sep and host else None
+
+
+def tcp_host_name(endpoint: str) -> str | None:
+    """The host name of a ``tcp://HOST:PORT`` endpoint, or None: another transport, no host, or
+    an address (which needs no lookup)."""
+    endpoint = endpoint.strip()
+    if not endpoint.startswith("tcp://"):
+        return None
+    host = endpoint[len("tcp://"):].rpartition(":")[0].rpartition(";")[2]  # libzmq: [source;]host:port
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or host == "*":
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
 
 
 def endpoint_port_problem(endpoint: str) -> str | None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import sys
+import threading
 from typing import Iterator
 
 from google.protobuf import descriptor_pool
@@ -15,6 +17,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from .. import broker_service_pb2 as pb
 from .._descriptors import pool_from_file_descriptor_set
+from .._endpoints import tcp_host_name
 from .._client._core import BACKEND, SILENT_DETAIL, UNREACHABLE
 from .._errors import Error
 from .._status import StatusCode
@@ -145,8 +148,7 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
                           idempotent=True)
     except Error as error:
         if error.code == StatusCode.UNAVAILABLE and error.message.startswith(UNREACHABLE):
-            raise CliError(f"cannot connect to broker at {', '.join(brokers)}: nothing accepted the connection "
-                           f"(is `zrpc broker start` running there?)",
+            raise CliError(f"cannot connect to broker at {', '.join(brokers)}: {_why_unreachable(brokers)}",
                            exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
         if error.code == StatusCode.UNAVAILABLE and error.message.startswith(BACKEND):
             endpoint = error.details.get("zrpc-endpoint", ", ".join(brokers))
@@ -163,6 +165,41 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
             raise no_answer([held_by] if held_by in brokers else brokers, timeout) from None
         raise call_failed(error) from None
     return reply_type.FromString(raw)
+
+
+def _why_unreachable(brokers: list[str]) -> str:
+    """Why nothing accepted our connections: a host name that does not resolve (a typo, say), or
+    no broker listening."""
+    unresolved = []
+    for endpoint in brokers:
+        host = tcp_host_name(endpoint)
+        problem = host and _lookup_problem(host)
+        if problem:
+            unresolved.append(f"host {host!r} does not resolve ({problem})")
+    if not unresolved:
+        return "nothing accepted the connection (is `zrpc broker start` running there?)"
+    others = "; nothing accepted the connection at the others" if len(unresolved) < len(brokers) else ""
+    return "; ".join(unresolved) + others
+
+
+def _lookup_problem(host: str, within: float = 1.0) -> str | None:
+    """Why ``host`` does not resolve, or None when it does or the lookup takes longer than
+    ``within`` seconds (a slow resolver: the error is printed without this detail)."""
+    answer: list[str | None] = []
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, None)
+            answer.append(None)
+        except socket.gaierror as exc:
+            answer.append(exc.strerror or str(exc))
+        except OSError:
+            answer.append(None)
+
+    thread = threading.Thread(target=look_up, name="zrpc-cli-lookup", daemon=True)
+    thread.start()
+    thread.join(within)
+    return answer[0] if answer else None
 
 
 def list_services(client, brokers: list[str], timeout: float) -> pb.ListServicesReply:
