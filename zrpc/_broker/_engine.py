@@ -52,6 +52,10 @@ class BrokerEngine:
         self.started_at = now
         self.services: dict[str, ServiceState] = {}
         self.workers: dict[bytes, WorkerState] = {}
+        # The same, by name: a worker stopped and resumed registers again under its name before
+        # its old connection expires (see _named), and a scan of every worker per removal would
+        # be quadratic when thousands expire at once.
+        self._workers_named: dict[str, list[WorkerState]] = {}
         # client routing id -> {client request id -> call}: for CANCEL and per-client bounds.
         self.clients: dict[bytes, dict[int, Call]] = {}
         # client routing id -> when it last sent something, oldest first: who to tell that we
@@ -314,6 +318,7 @@ class BrokerEngine:
             batches=ready.batches,
         )
         self.workers[identity] = worker
+        self._workers_named.setdefault(worker.name, []).append(worker)
         for name in worker.services:
             service = self.services.get(name)
             if service is None:
@@ -539,7 +544,7 @@ class BrokerEngine:
         """``worker``'s name for a log line about its removal, saying so when the same worker
         registered again since (a worker stopped and resumed reconnects with a new socket: its
         old connection expires after its new one joined, and the two lines would read alike)."""
-        if any(other.name == worker.name and other.joined_at > worker.joined_at for other in self.workers.values()):
+        if any(other.joined_at > worker.joined_at for other in self._workers_named.get(worker.name, ())):
             return f"{worker.name}'s earlier connection (it joined again since)"
         return worker.name
 
@@ -548,6 +553,10 @@ class BrokerEngine:
         """§11: re-queue what may run again, fail the rest at once. ``never_sent``: dispatch ids
         whose message could not be sent (see on_undeliverable): those go back, whatever they are."""
         del self.workers[worker.identity]
+        named = self._workers_named[worker.name]
+        named.remove(worker)
+        if not named:
+            del self._workers_named[worker.name]
         self._requests.pop(worker.identity, None)
         self._batches.pop(worker.identity, None)
         requeue: dict[str, list[Call]] = {}
