@@ -1037,15 +1037,19 @@ def test_a_client_on_the_backend_is_told_and_logged_as_one(caplog):
                for r in caplog.records)
 
 
-def test_an_earlier_connection_of_a_worker_that_joined_again_is_logged_as_such(caplog):
+def test_log_lines_tell_the_connections_of_one_worker_name_apart(caplog):
     """A worker stopped and resumed (SIGSTOP, SIGCONT) reconnects with a new socket: its new
-    connection joins before its old one expires, and both lines carry its name."""
+    connection joins before its old one expires, and both lines carry its name (which is not
+    unique anyway): each also names its connection."""
     h = Harness()
-    h.ready(b"old", name="vm:7", heartbeat_ms=100)
-    h.advance(0.2)
-    h.ready(b"new", name="vm:7", heartbeat_ms=100)
-    with caplog.at_level(logging.WARNING, logger="zrpc.broker"):
+    with caplog.at_level(logging.INFO, logger="zrpc.broker"):
+        h.ready(b"old", name="vm:7", heartbeat_ms=100)
+        h.advance(0.2)
+        h.ready(b"new", name="vm:7", heartbeat_ms=100)
         h.advance(0.15)  # the old connection is past 3 x 100 ms of silence, the new one is not
-    expired = [r.getMessage() for r in caplog.records if "expired" in r.getMessage()]
-    assert expired == ["worker vm:7's earlier connection (it joined again since) expired: silent for 0.350s"]
+    lines = [r.getMessage() for r in caplog.records if "vm:7" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith(f"worker vm:7 joined (connection {b'old'.hex()}): ")
+    assert lines[1].startswith(f"worker vm:7 joined (connection {b'new'.hex()}): ")
+    assert lines[2] == f"worker vm:7 (connection {b'old'.hex()}) expired: silent for 0.350s"
     assert list(h.engine.workers) == [b"new"]

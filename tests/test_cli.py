@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -806,28 +808,39 @@ def test_the_cli_spells_the_silent_broker_detail_as_the_client_does():
 
 @pytest.fixture
 def offline_netns():
-    """A network namespace of our own with no interface up: a name lookup there fails at once,
-    without a packet leaving it (the machine's resolver is not on loopback)."""
+    """A network namespace of our own with no interface up, whose name lookups read only its own
+    hosts file (`ip netns exec` mounts /etc/netns/NAME/* over /etc): no packet leaves it (this
+    machine's resolver is not on loopback), and the answers are the test's."""
     name = f"zrpc-dns{os.getpid() % 100_000}"
+    config = pathlib.Path("/etc/netns", name)
     try:
         subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"network namespaces unavailable (`ip netns add` failed: {getattr(exc, 'stderr', None) or exc})")
     try:
+        config.mkdir(parents=True)
+        (config / "hosts").write_text("127.0.0.1 localhost\n2001:db8::1 v6only.test\n")  # a documentation address
+        (config / "nsswitch.conf").write_text("hosts: files\n")
         yield name
     finally:
+        shutil.rmtree(config, ignore_errors=True)
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=10)
 
 
-def test_a_broker_host_that_does_not_resolve_is_named(offline_netns):
-    result = subprocess.run(["ip", "netns", "exec", offline_netns,
-                             *zrpc_cli("call", "echo.Echo/Say", "{}", "--broker", "tcp://nosuchhost.invalid:5555")],
+def test_a_broker_host_name_that_cannot_work_is_named(offline_netns):
+    brokers = "tcp://nosuchhost.invalid:5555,tcp://v6only.test:5555,tcp://a..b:5555,tcp://localhost:5555"
+    result = subprocess.run(["ip", "netns", "exec", offline_netns, *zrpc_cli("call", "echo.Echo/Say", "{}",
+                                                                               "--broker", brokers)],
                             capture_output=True, text=True, timeout=60, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 10 + zrpc.StatusCode.UNAVAILABLE
-    line = one_line_error(result.stderr)
-    assert line.startswith("error: cannot connect to broker at tcp://nosuchhost.invalid:5555: host "
-                           "'nosuchhost.invalid' does not resolve ("), line
+    assert one_line_error(result.stderr) == (
+        f"error: cannot connect to broker at {brokers.replace(',', ', ')}: "
+        "host 'nosuchhost.invalid' does not resolve (Name or service not known); "
+        "host 'v6only.test' has no IPv4 address (zrpc connects to host names over IPv4): give its IPv6 "
+        "address, as tcp://[ADDRESS]:PORT; "
+        "host 'a..b' is not a valid host name; "
+        "nothing accepted the connection at the others")
 
 
 @pytest.mark.parametrize("endpoint, host", [

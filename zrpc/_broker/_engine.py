@@ -52,10 +52,6 @@ class BrokerEngine:
         self.started_at = now
         self.services: dict[str, ServiceState] = {}
         self.workers: dict[bytes, WorkerState] = {}
-        # The same, by name: a worker stopped and resumed registers again under its name before
-        # its old connection expires (see _named), and a scan of every worker per removal would
-        # be quadratic when thousands expire at once.
-        self._workers_named: dict[str, list[WorkerState]] = {}
         # client routing id -> {client request id -> call}: for CANCEL and per-client bounds.
         self.clients: dict[bytes, dict[int, Call]] = {}
         # client routing id -> when it last sent something, oldest first: who to tell that we
@@ -318,7 +314,6 @@ class BrokerEngine:
             batches=ready.batches,
         )
         self.workers[identity] = worker
-        self._workers_named.setdefault(worker.name, []).append(worker)
         for name in worker.services:
             service = self.services.get(name)
             if service is None:
@@ -330,8 +325,11 @@ class BrokerEngine:
             service.workers[identity] = worker
             service.no_worker_since = None
         self.counters["workers_joined"] += 1
-        log.info("worker %s joined: services=%s capacity=%d heartbeat=%.3fs",
-                 worker.name, ",".join(worker.services), worker.capacity, heartbeat,
+        # The connection's routing id tells the lines of one worker's connections apart: one
+        # stopped and resumed joins on a new connection before its old one expires, and names
+        # (host:pid) are not unique anyway (two Worker objects in one process, containers).
+        log.info("worker %s joined (connection %s): services=%s capacity=%d heartbeat=%.3fs",
+                 worker.name, identity.hex(), ",".join(worker.services), worker.capacity, heartbeat,
                  extra={"peer": worker.name, "service": ",".join(worker.services)})
         for name in worker.services:
             self._dispatch(self.services[name], now)
@@ -388,7 +386,8 @@ class BrokerEngine:
             self.refuse_queued(now, unserved_only=True)
         for worker in list(self.workers.values()):
             if now >= worker.expires_at:
-                log.warning("worker %s expired: silent for %.3fs", self._named(worker), now - worker.last_seen,
+                log.warning("worker %s (connection %s) expired: silent for %.3fs", worker.name,
+                            worker.identity.hex(), now - worker.last_seen,
                             extra={"peer": worker.name, "reason": "expired"})
                 self.counters["workers_expired"] += 1
                 self._remove_worker(worker, now, "expired")
@@ -535,28 +534,16 @@ class BrokerEngine:
             worker = self.workers[identity]
             requeued = sum(1 for dispatch_id in dispatch_ids if worker.in_flight.get(dispatch_id) is not None)
             self.counters["requeued_undelivered"] += requeued
-            log.warning("worker %s is gone (a message to it could not be sent): removed; %d call(s) it never "
-                        "received queued again", self._named(worker), requeued,
+            log.warning("worker %s (connection %s) is gone (a message to it could not be sent): removed; %d "
+                        "call(s) it never received queued again", worker.name, identity.hex(), requeued,
                         extra={"peer": worker.name, "reason": "gone"})
             self._remove_worker(worker, now, "went away", never_sent=dispatch_ids)
-
-    def _named(self, worker: WorkerState) -> str:
-        """``worker``'s name for a log line about its removal, saying so when the same worker
-        registered again since (a worker stopped and resumed reconnects with a new socket: its
-        old connection expires after its new one joined, and the two lines would read alike)."""
-        if any(other.joined_at > worker.joined_at for other in self._workers_named.get(worker.name, ())):
-            return f"{worker.name}'s earlier connection (it joined again since)"
-        return worker.name
 
     def _remove_worker(self, worker: WorkerState, now: float, why: str,
                        never_sent: Collection[int] = ()) -> None:
         """§11: re-queue what may run again, fail the rest at once. ``never_sent``: dispatch ids
         whose message could not be sent (see on_undeliverable): those go back, whatever they are."""
         del self.workers[worker.identity]
-        named = self._workers_named[worker.name]
-        named.remove(worker)
-        if not named:
-            del self._workers_named[worker.name]
         self._requests.pop(worker.identity, None)
         self._batches.pop(worker.identity, None)
         requeue: dict[str, list[Call]] = {}

@@ -10,6 +10,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 from typing import Iterator
 
 from google.protobuf import descriptor_pool
@@ -170,36 +171,52 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
 def _why_unreachable(brokers: list[str]) -> str:
     """Why nothing accepted our connections: a host name that does not resolve (a typo, say), or
     no broker listening."""
-    unresolved = []
-    for endpoint in brokers:
-        host = tcp_host_name(endpoint)
-        problem = host and _lookup_problem(host)
-        if problem:
-            unresolved.append(f"host {host!r} does not resolve ({problem})")
-    if not unresolved:
+    hosts = list(dict.fromkeys(host for host in map(tcp_host_name, brokers) if host))
+    problems = [f"host {host!r} {problem}" for host, problem in _lookup_problems(hosts).items() if problem]
+    if not problems:
         return "nothing accepted the connection (is `zrpc broker start` running there?)"
-    others = "; nothing accepted the connection at the others" if len(unresolved) < len(brokers) else ""
-    return "; ".join(unresolved) + others
+    others = "; nothing accepted the connection at the others" if len(problems) < len(brokers) else ""
+    return "; ".join(problems) + others
 
 
-def _lookup_problem(host: str, within: float = 1.0) -> str | None:
-    """Why ``host`` does not resolve, or None when it does or the lookup takes longer than
-    ``within`` seconds (a slow resolver: the error is printed without this detail)."""
-    answer: list[str | None] = []
+def _lookup_problems(hosts: list[str], within: float = 1.0) -> dict[str, str | None]:
+    """What is wrong with looking up each of ``hosts`` as libzmq does (IPv4: zrpc leaves IPv6
+    off for host names), or None when it resolves. The lookups run at once, given ``within``
+    seconds together: a hung resolver costs the command that second, not one per host."""
+    problems: dict[str, str | None] = {host: "could not be looked up within 1 s (is the resolver slow?)"
+                                       for host in hosts}
 
-    def look_up() -> None:
-        try:
-            socket.getaddrinfo(host, None)
-            answer.append(None)
-        except socket.gaierror as exc:
-            answer.append(exc.strerror or str(exc))
-        except OSError:
-            answer.append(None)
+    def look_up(host: str) -> None:
+        problems[host] = _lookup_problem(host)
 
-    thread = threading.Thread(target=look_up, name="zrpc-cli-lookup", daemon=True)
-    thread.start()
-    thread.join(within)
-    return answer[0] if answer else None
+    threads = [threading.Thread(target=look_up, args=(host,), name="zrpc-cli-lookup", daemon=True)
+               for host in hosts]
+    for thread in threads:
+        thread.start()
+    give_up = time.monotonic() + within
+    for thread in threads:
+        thread.join(max(0.0, give_up - time.monotonic()))
+    return dict(problems)
+
+
+def _lookup_problem(host: str) -> str | None:
+    try:
+        socket.getaddrinfo(host, None, socket.AF_INET)
+        return None
+    except (UnicodeError, ValueError):  # the idna codec: an empty label (a..b), one too long
+        return "is not a valid host name"
+    except socket.gaierror as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == socket.EAI_AGAIN:  # the resolver did not answer: no verdict on the name
+            return f"could not be looked up ({reason})"
+    except OSError:
+        return None
+    try:
+        socket.getaddrinfo(host, None)  # has it IPv6 addresses only?
+        return ("has no IPv4 address (zrpc connects to host names over IPv4): give its IPv6 address, "
+                "as tcp://[ADDRESS]:PORT")
+    except (OSError, UnicodeError, ValueError):
+        return f"does not resolve ({reason})"
 
 
 def list_services(client, brokers: list[str], timeout: float) -> pb.ListServicesReply:
