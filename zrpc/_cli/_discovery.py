@@ -18,8 +18,8 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from .. import broker_service_pb2 as pb
 from .._descriptors import pool_from_file_descriptor_set
-from .._endpoints import tcp_host_name
 from .._client._core import BACKEND, SILENT_DETAIL, UNREACHABLE
+from .._endpoints import tcp_host_name
 from .._errors import Error
 from .._status import StatusCode
 from ._common import EXIT_STATUS_BASE, EXIT_USAGE, CliError, call_failed, curve_settings
@@ -183,7 +183,7 @@ def _lookup_problems(hosts: list[str], within: float = 1.0) -> dict[str, str | N
     """What is wrong with looking up each of ``hosts`` as libzmq does (IPv4: zrpc leaves IPv6
     off for host names), or None when it resolves. The lookups run at once, given ``within``
     seconds together: a hung resolver costs the command that second, not one per host."""
-    problems: dict[str, str | None] = {host: "could not be looked up within 1 s (is the resolver slow?)"
+    problems: dict[str, str | None] = {host: f"could not be looked up within {within:g} s (is the resolver slow?)"
                                        for host in hosts}
 
     def look_up(host: str) -> None:
