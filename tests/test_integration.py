@@ -421,3 +421,35 @@ def test_closing_a_client_cancels_its_calls_at_the_broker_and_worker(endpoints):
         wait_for(lambda: broker.engine.calls_held == 0 and broker.engine.services["echo.Echo"].dispatched == 0, 5,
                  message="the async client's call cancelled too")
         assert broker.engine.counters["cancelled"] == 2
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no text for this one")
+
+
+class _AwkwardErrors(Echo):
+    """Echo whose Fail raises what a handler author may well write: details that are not
+    strings (code 9), an exception that cannot be printed (code 13); Say still echoes."""
+
+    def Fail(self, request, context):
+        if request.code == 9:
+            raise zrpc.Error(StatusCode.FAILED_PRECONDITION, "not yet", {"attempts": 3, b"raw": b"\xffok"})
+        raise _Unprintable()
+
+
+def test_a_handler_error_that_is_hard_to_encode_is_answered_and_the_worker_goes_on(broker, start_worker):
+    start_worker(_AwkwardErrors(), concurrency=1)
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+    with Client(broker.frontend_endpoint, timeout=5.0) as client:
+        echo = client.stub(ECHO)
+        with pytest.raises(zrpc.Error) as details:
+            echo.Fail(echo_pb2.FailRequest(code=9, message="x"))
+        assert details.value.code == StatusCode.FAILED_PRECONDITION
+        assert details.value.details == {"attempts": "3", "raw": "\ufffdok"}
+        with pytest.raises(zrpc.Error) as unprintable:
+            echo.Fail(echo_pb2.FailRequest(code=13, message="x"))
+        assert unprintable.value.code == StatusCode.INTERNAL
+        assert "could not encode" in unprintable.value.message
+        # One handler thread: it is still there, and answers.
+        assert echo.Say(echo_pb2.EchoRequest(payload=b"still here"), timeout=2.0).payload == b"still here"

@@ -16,9 +16,19 @@ class Error(Exception):
 
     def __init__(self, code: StatusCode, message: str = "", details: dict[str, str] | None = None):
         self.code = StatusCode(code)
-        self.message = message
-        self.details = dict(details or {})
+        # Strings on the wire: a handler's Error(..., {"attempts": 3}) means "3", and one that
+        # could not be encoded would leave its call unanswered.
+        self.message = _text(message)
+        self.details = {_text(key): _text(value) for key, value in (details or {}).items()}
         super().__init__(f"{self.code.name}: {message}" if message else self.code.name)
 
     def __reduce__(self):  # keep code and message when pickled (concurrent.futures, multiprocessing)
         return (type(self), (self.code, self.message, self.details))
+
+
+def _text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)

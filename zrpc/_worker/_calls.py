@@ -152,10 +152,22 @@ def run_sync(call: Call) -> Answer:
         try:
             result = call.method.handler(call.request, call.context)
         except BaseException as exc:  # noqa: BLE001 - the worker must answer whatever happened
-            return exception_pair(call, exc)
-        return result_pair(call, result)
+            return answer_of(exception_pair, call, exc)
+        return answer_of(result_pair, call, result)
     finally:
         TRACE_ID.reset(token)
+
+
+def answer_of(build: Callable[[Call, Any], Answer], call: Call, outcome: Any) -> Answer:
+    """``build(call, outcome)``, or INTERNAL when building the answer fails itself (an exception
+    whose str() raises, say): every call gets an answer, and no pool thread dies of one."""
+    try:
+        return build(call, outcome)
+    except Exception as exc:  # noqa: BLE001
+        log.error("%s/%s: could not build the answer to request %d", call.context.service, call.context.method,
+                  call.request_id, exc_info=(type(exc), exc, exc.__traceback__))
+        return error_pair(call.request_id, Error(
+            StatusCode.INTERNAL, f"the worker could not encode the handler's outcome ({type(exc).__name__})"))
 
 
 class Admission:

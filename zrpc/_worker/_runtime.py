@@ -37,6 +37,7 @@ from ._calls import (
     Answer,
     Call,
     HandlerTable,
+    answer_of,
     error_pair,
     exception_pair,
     new_call,
@@ -551,9 +552,9 @@ class Worker:
         if task.cancelled():
             answer = stopped_pair(call, self._clock())
         elif task.exception() is not None:
-            answer = exception_pair(call, task.exception())
+            answer = answer_of(exception_pair, call, task.exception())
         else:
-            answer = result_pair(call, task.result())
+            answer = answer_of(result_pair, call, task.result())
         self._finish(call, answer)
 
     def _run_inline(self, call: Call) -> None:
