@@ -491,7 +491,7 @@ def test_the_size_limit_is_per_call_not_per_message():
     h.engine.flush()
     [(_, reply, _)] = h.take_replies()
     assert (reply.request_id, reply.code) == (5, StatusCode.RESOURCE_EXHAUSTED)
-    assert reply.message.startswith("call is 20") and reply.message.endswith("bytes (limit 1000)")
+    assert reply.message.startswith("call is 20") and reply.message.endswith("bytes (limit 1000: the broker's max_message_bytes)")
     assert len(h.take_requests()) == 2  # the small calls 4 and 6, under their dispatch ids
     assert h.engine.counters["malformed_too_large"] == 1
 

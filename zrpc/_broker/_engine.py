@@ -724,7 +724,8 @@ class BrokerEngine:
         """Which size limit (§9) a call or reply breaks: its header's, or its own."""
         if len(raw_header) > p.MAX_HEADER_BYTES:
             return f"{header_name} is {len(raw_header)} bytes (limit {p.MAX_HEADER_BYTES})"
-        return f"{whole_name} is {len(raw_header) + len(payload)} bytes (limit {self.config.max_message_bytes})"
+        return (f"{whole_name} is {len(raw_header) + len(payload)} bytes (limit {self.config.max_message_bytes}: "
+                f"the broker's max_message_bytes)")
 
     def _reject_client(self, client: bytes, request_id: int, reason: str, message: str) -> None:
         """§9: count, log (rate-limited) and answer a client's bad message."""

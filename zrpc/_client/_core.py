@@ -250,7 +250,8 @@ class ClientCore:
             # 1 MiB makes ZeroMQ drop our connection instead, and every call on it with it.
             raise Error(StatusCode.RESOURCE_EXHAUSTED,
                         f"request payload is {len(payload):,} bytes, over the client's max_message_bytes "
-                        f"({self.max_message_bytes:,}); raise it with the broker's own")
+                        f"({self.max_message_bytes:,}); a larger call needs a larger limit in the client "
+                        f"(max_message_bytes=) and in the broker (`zrpc broker start --max-message-bytes`)")
         try:
             seconds = self.default_timeout if timeout is None else check_timeout(timeout)
         except ValueError as exc:
