@@ -785,3 +785,18 @@ def test_a_call_that_got_no_answer_names_the_broker_that_had_it(ipc_dir):
         finally:
             fake.stop()
             silent.close(0)
+
+
+def test_a_deadline_error_says_the_call_was_slow_when_its_broker_answers_meanwhile():
+    """Past the silence watch's 2 s, a broker that was not found silent answered something since
+    the call was sent (its Health at least): the call is slow, not the broker unreachable."""
+    broker = FakeBroker()
+    try:
+        with Client(broker.endpoint, timeout=10.0) as client:
+            with pytest.raises(Error) as slow:
+                client.call("a.S", "Hang", b"", timeout=2.6)
+    finally:
+        broker.stop()
+    assert slow.value.code == StatusCode.DEADLINE_EXCEEDED
+    assert "no answer in time, though that broker answers; the call is slow" in slow.value.message
+    assert broker.count("Health") >= 1

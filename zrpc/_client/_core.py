@@ -31,7 +31,7 @@ from .._protocol import ProtocolError
 from .._status import StatusCode
 from ._breaker import Circuit, CircuitBreaker
 from ._retry import DEFAULT_RETRY, RetryPolicy
-from ._silence import PROBE_TIMEOUT, SilenceWatch
+from ._silence import PROBE_AFTER, PROBE_TIMEOUT, SilenceWatch
 
 logger = logging.getLogger("zrpc.client")
 
@@ -66,6 +66,9 @@ _MAX_ATTEMPTS = 100
 UNREACHABLE = "cannot connect to the broker"
 # How the message of a call sent to a broker's backend begins.
 BACKEND = "not a broker's frontend"
+# A call with a longer timeout than this, sent to a broker the watch did not find silent by its
+# deadline, was slow: that broker answered something after it was sent (see deadline_error).
+_SILENCE_KNOWN_AFTER = PROBE_AFTER + PROBE_TIMEOUT + 0.5
 # What a link that owes answers is asked (see _silence): the broker answers it itself (spec §13).
 _PROBE_SERVICE, _PROBE_METHOD = "zrpc.Broker", "Health"
 
@@ -676,9 +679,9 @@ class ClientCore:
         """Do what is due by ``now``: expired calls fail, and calls whose backoff is over go
         back to the send queue (or fail with their last error if their circuit refuses them),
         and links that owe answers are probed (see :meth:`take_link_messages`) or found silent."""
-        outcomes = self.expire(now)
-        if now >= self._silence.due:
+        if now >= self._silence.due:  # first: a deadline error due now says whether its broker is silent
             self._watch_silence(now)
+        outcomes = self.expire(now)
         while self._backoffs and self._backoffs[0][0] <= now:
             _, request_id = heapq.heappop(self._backoffs)
             call = self._pending.get(request_id)
@@ -804,6 +807,12 @@ class ClientCore:
                 why = (f" (request {call.request_id}, sent to the broker{held_by}): that broker has answered "
                        f"nothing for {silent_for:.1f}s, not even a Health call; is it stuck, or starved of CPU?")
                 details[SILENT_DETAIL] = f"{silent_for:.1f}"
+            elif call.timeout > _SILENCE_KNOWN_AFTER:
+                # Long enough for the watch to have found that broker silent, and it did not: it
+                # answered since the call was sent (a Health call at least). The call is slow.
+                why = (f" (request {call.request_id}, sent to the broker{held_by}): no answer in time, though "
+                       f"that broker answers; the call is slow at its worker or waits in its queue: pass a "
+                       f"larger timeout= if it may take that long")
             else:
                 why = (f" (request {call.request_id}, sent to the broker{held_by}): no answer in time; pass a "
                        f"larger timeout= if the call is slow, or check that that broker is reachable")
