@@ -66,8 +66,8 @@ _MAX_ATTEMPTS = 100
 UNREACHABLE = "cannot connect to the broker"
 # How the message of a call sent to a broker's backend begins.
 BACKEND = "not a broker's frontend"
-# A call with a longer timeout than this, sent to a broker the watch did not find silent by its
-# deadline, was slow: that broker answered something after it was sent (see deadline_error).
+# A call sent longer ago than this to a broker the watch did not find silent by its deadline was
+# slow: that broker answered something after it was sent (see deadline_error).
 _SILENCE_KNOWN_AFTER = PROBE_AFTER + PROBE_TIMEOUT + 0.5
 # What a link that owes answers is asked (see _silence): the broker answers it itself (spec §13).
 _PROBE_SERVICE, _PROBE_METHOD = "zrpc.Broker", "Health"
@@ -94,8 +94,9 @@ class Call:
     # policy's max_attempts counts only the others, that may have run.
     refused: int = 0
     sent: bool = False
-    # The broker connection this attempt was sent over (see ClientCore.next_request).
+    # The broker connection this attempt was sent over (see ClientCore.next_request), and when.
     connection: int = 0
+    sent_at: float = 0.0
     trial: bool = False  # this attempt is its circuit's half-open trial
     last_error: Error | None = None  # of the previous attempt, while waiting out a backoff
 
@@ -450,6 +451,7 @@ class ClientCore:
             headers.append(raw)
             call.sent = True
             call.connection = connection
+            call.sent_at = now
             calls.append(call)
             carried += entry
             if alone:  # too large for a batch: in a REQUEST of its own, its payload uncopied
@@ -807,9 +809,9 @@ class ClientCore:
                 why = (f" (request {call.request_id}, sent to the broker{held_by}): that broker has answered "
                        f"nothing for {silent_for:.1f}s, not even a Health call; is it stuck, or starved of CPU?")
                 details[SILENT_DETAIL] = f"{silent_for:.1f}"
-            elif call.timeout > _SILENCE_KNOWN_AFTER:
+            elif self.clock() - call.sent_at > _SILENCE_KNOWN_AFTER:
                 # Long enough for the watch to have found that broker silent, and it did not: it
-                # answered since the call was sent (a Health call at least). The call is slow.
+                # answered since this attempt was sent (a Health call at least). The call is slow.
                 why = (f" (request {call.request_id}, sent to the broker{held_by}): no answer in time, though "
                        f"that broker answers; the call is slow at its worker or waits in its queue: pass a "
                        f"larger timeout= if it may take that long")
