@@ -26,7 +26,7 @@ def endpoint_problem(endpoint: str, connect: bool = False) -> str | None:
         return f"unknown transport {match.group(1)!r}; {EXPECTED}"
     problem = endpoint_port_problem(endpoint)
     if problem is None and connect and endpoint.strip().startswith(_PORTED_TRANSPORTS):
-        host, _, port = endpoint.strip().split("://", 1)[1].split("/", 1)[0].rpartition(":")
+        host, port = endpoint_host_port(endpoint)
         if host == "*" or port in ("*", "0"):
             # libzmq answers "Invalid argument", or connects to port 0 and waits forever.
             return ("a wildcard (* or port 0) is for binding; connect to the broker's address and port, "
@@ -34,8 +34,9 @@ def endpoint_problem(endpoint: str, connect: bool = False) -> str | None:
     return problem
 
 
-def endpoint_port(endpoint: str) -> str | None:
-    """The PORT text of a tcp/udp/ws/wss endpoint (``None`` for other transports or no port)."""
+def endpoint_host_port(endpoint: str) -> tuple[str, str] | None:
+    """The HOST and PORT texts of a tcp/udp/ws/wss endpoint, as written (``None`` for other
+    transports or no port)."""
     endpoint = endpoint.strip()
     transport = next((t for t in _PORTED_TRANSPORTS if endpoint.startswith(t)), None)
     if transport is None:
@@ -46,16 +47,22 @@ def endpoint_port(endpoint: str) -> str | None:
     host, sep, port = address.rpartition(":")
     if "]" in port:  # tcp://[::1]: the last colon is inside an IPv6 literal, and no port follows
         return None
-    return port if sep and host else None
+    return (host, port) if sep and host else None
+
+
+def endpoint_port(endpoint: str) -> str | None:
+    """The PORT text of a tcp/udp/ws/wss endpoint (``None`` for other transports or no port)."""
+    host_port = endpoint_host_port(endpoint)
+    return None if host_port is None else host_port[1]
 
 
 def tcp_host_name(endpoint: str) -> str | None:
     """The host name of a ``tcp://HOST:PORT`` endpoint, or None: another transport, no host, or
     an address (which needs no lookup)."""
-    endpoint = endpoint.strip()
-    if not endpoint.startswith("tcp://"):
+    host_port = endpoint_host_port(endpoint) if endpoint.strip().startswith("tcp://") else None
+    if host_port is None:
         return None
-    host = endpoint[len("tcp://"):].rpartition(":")[0].rpartition(";")[2]  # libzmq: [source;]host:port
+    host = host_port[0].rpartition(";")[2]  # libzmq: [source;]host:port
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not host or host == "*":
         return None

@@ -11,7 +11,7 @@ import click
 
 from .._allocator import tune_allocator
 from .._broker._config import BrokerConfig, SettingError, load_config_file
-from .._endpoints import endpoint_port
+from .._endpoints import endpoint_host_port, endpoint_port
 from .._polling import MAX_BUSY_POLL
 from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS,
                       CliError, blamed, check_endpoint, log_format_option, metrics_host_option,
@@ -238,10 +238,10 @@ _LOOPBACK_HOSTS = {"localhost", "127.0.0.1"}
 
 def _may_clash(frontend: str, backend: str) -> bool:
     """Do two tcp endpoints ask for one port of one address (or overlapping ones)?"""
-    port = endpoint_port(frontend)
-    if port in (None, "0", "*") or port != endpoint_port(backend):
+    first, second = endpoint_host_port(frontend), endpoint_host_port(backend)
+    if first is None or second is None or first[1] in ("0", "*") or first[1] != second[1]:
         return False
-    hosts = [endpoint.split("://", 1)[1].rpartition(":")[0] for endpoint in (frontend, backend)]
+    hosts = [first[0], second[0]]
     if hosts[0] == hosts[1] or any(host in _WILDCARD_HOSTS for host in hosts):
         return True
     return all(host in _LOOPBACK_HOSTS for host in hosts)
