@@ -408,10 +408,11 @@ class AsyncClient:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._core.silence_due(self._core.clock()):
+        now = self._core.clock()
+        if self._core.silence_due(now):
             for link in range(len(self._sockets)):  # a reply received in this loop turn, not yet seen
                 self._take_received(link)
-        outcomes = self._core.advance(self._core.clock())
+        outcomes = self._core.advance(now)
         if outcomes:
             self._settle(outcomes)
             sent = [o.call for o in outcomes if o.call.sent]

@@ -804,20 +804,21 @@ class ClientCore:
             held_by = f" at {self._endpoints[link]}" if link is not None and self._endpoints[link] else ""
             if held_by:
                 details["zrpc-endpoint"] = self._endpoints[link]
-            silent_for = None if link is None else self._silence.silent_for(link, self.clock())
+            now = self.clock()
+            silent_for = None if link is None else self._silence.silent_for(link, now)
+            why = f" (request {call.request_id}, sent to the broker{held_by}): "
             if silent_for is not None:
-                why = (f" (request {call.request_id}, sent to the broker{held_by}): that broker has answered "
-                       f"nothing for {silent_for:.1f}s, not even a Health call; is it stuck, or starved of CPU?")
+                why += (f"that broker has answered nothing for {silent_for:.1f}s, not even a Health call; is it "
+                        f"stuck, or starved of CPU?")
                 details[SILENT_DETAIL] = f"{silent_for:.1f}"
-            elif self.clock() - call.sent_at > _SILENCE_KNOWN_AFTER:
+            elif now - call.sent_at > _SILENCE_KNOWN_AFTER:
                 # Long enough for the watch to have found that broker silent, and it did not: it
                 # answered since this attempt was sent (a Health call at least). The call is slow.
-                why = (f" (request {call.request_id}, sent to the broker{held_by}): no answer in time, though "
-                       f"that broker answers; the call is slow at its worker or waits in its queue: pass a "
-                       f"larger timeout= if it may take that long")
+                why += ("no answer in time, though that broker answers; the call is slow at its worker or "
+                        "waits in its queue: pass a larger timeout= if it may take that long")
             else:
-                why = (f" (request {call.request_id}, sent to the broker{held_by}): no answer in time; pass a "
-                       f"larger timeout= if the call is slow, or check that that broker is reachable")
+                why += ("no answer in time; pass a larger timeout= if the call is slow, or check that that "
+                        "broker is reachable")
         else:  # calls go only over a link that is up: unsent means no broker could take it
             why = (": no broker took it in time (none connected, or shutting down, or their queues full); "
                    "check that a broker is running")

@@ -347,12 +347,12 @@ class Client:
         if core.silence_due(core.clock()):
             for link, dealer in enumerate(self._dealers):  # replies a slow callback left unread
                 self._receive(dealer, link)
-        outcomes = core.advance(core.clock())
+        outcomes = core.advance(core.clock())  # read again: a callback of _receive may have taken long
         if outcomes:
             self._settle(outcomes)
             # (spec §8) the broker drops a queued call the client gave up on.
             self._send_cancel([o.call for o in outcomes if o.call.sent])
-        self._send_best_effort(self._core.take_link_messages())  # probes, CANCELs (see _silence)
+        self._send_best_effort(core.take_link_messages())  # probes, CANCELs (see _silence)
 
     def _send_unsent(self) -> bool:
         """Send waiting calls, each REQUEST to the next broker in turn that can take it; True
