@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-import threading
 import time
 
 import click
@@ -16,6 +15,7 @@ import click
 from .. import broker_service_pb2 as pb
 from ._call_cmd import broker_option
 from ._common import EXIT_CODES_HELP, CliError, curve_options, option, split_endpoints
+from ._signals import SignalWait
 from . import _discovery
 
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: refresh in place on a terminal
@@ -43,12 +43,13 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
       zrpc status --curve-secret alice.key_secret --broker-key broker.key
     """
     endpoints = split_endpoints(brokers)
-    interrupted = threading.Event()  # Ctrl-C: set by the handler, so it never lands inside the client
     with contextlib.ExitStack() as stack:
         # Each broker has its own counters: one client each, so every snapshot of a table comes
         # from the same broker (one client would deal its questions over all of them).
         clients = {endpoint: stack.enter_context(_discovery.connect([endpoint], timeout)) for endpoint in endpoints}
-        stack.enter_context(_sigint_sets(interrupted))
+        # Ctrl-C is recorded, not raised wherever the main thread is (inside the client's lock,
+        # a KeyboardInterrupt could leave it held): --watch ends quietly at the next wait.
+        interrupted = stack.enter_context(SignalWait((signal.SIGINT,)))
 
         def snapshot(earlier: dict[str, object] | None = None) -> dict[str, object]:
             """Each broker's ListServices reply, or (several brokers, --watch) the error it gave.
@@ -68,7 +69,7 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
 
         before, taken = snapshot(), time.monotonic()
         terminal = sys.stdout.isatty()
-        while not interrupted.wait(interval):  # --watch ends with Ctrl-C, quietly
+        while interrupted.wait(interval) is None:  # --watch ends with Ctrl-C, quietly
             after, now = snapshot(before), time.monotonic()
             text = "\n\n".join(
                 f"broker {endpoint}: {reply.format_message()}" if isinstance(reply, CliError)
@@ -81,20 +82,6 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
                 return
             click.echo((_CLEAR if terminal else "") + text + ("" if terminal else "\n"))
             before, taken = after, now
-
-
-@contextlib.contextmanager
-def _sigint_sets(event: threading.Event):
-    """While inside, SIGINT sets ``event`` instead of raising KeyboardInterrupt wherever the main
-    thread happens to be (inside the client's lock, a KeyboardInterrupt could leave it held)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, seconds: float, broker: str) -> str:

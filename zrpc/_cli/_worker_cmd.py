@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 import click
 
@@ -17,6 +16,7 @@ from ._common import curve_options, curve_settings
 from ._common import (DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
                       log_format_option, metrics_host_option, metrics_port_option, option, ready_line,
                       setup_logging, split_endpoints, start_metrics)
+from ._signals import SignalWait
 
 log = logging.getLogger("zrpc.cli")
 
@@ -104,18 +104,10 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
 def _serve(worker_, drain_grace: float, ready: str) -> None:
     """Start the worker's thread; the main thread waits for a signal, then drains it.
 
-    Signal handlers only run in the main thread and must not block, so the handler only sets an
-    event; the draining ``stop(grace)`` happens here, outside the handler.
+    Signal handlers only run in the main thread and must not block or take a lock, so the
+    signal is only recorded (see _signals.py); the draining ``stop(grace)`` happens here.
     """
-    signalled: list[int] = []
-    stop_requested = threading.Event()
-
-    def on_signal(signum, frame) -> None:
-        signalled.append(signum)
-        stop_requested.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with SignalWait() as signals:
         try:
             worker_.start()
         except Exception as exc:  # zmq.ZMQError for an endpoint libzmq refuses, start-up timeout
@@ -123,17 +115,14 @@ def _serve(worker_, drain_grace: float, ready: str) -> None:
         ready_line(ready)
         # Worker has no public "wait until stopped"; its thread ending on its own is a failure.
         thread = getattr(worker_, "_thread", None)
-        while not stop_requested.wait(0.5):
+        while (signum := signals.wait(0.5)) is None:
             if thread is not None and not thread.is_alive():
                 raise CliError("worker stopped unexpectedly (see the log above)")
-        log.info("received %s; draining for up to %gs", signal.Signals(signalled[0]).name, drain_grace)
+        log.info("received %s; draining for up to %gs", signal.Signals(signum).name, drain_grace)
         try:
             worker_.stop(drain_grace)
         except RuntimeError as exc:
             raise CliError(str(exc)) from None
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     log.info("worker stopped")
 
 
