@@ -144,3 +144,31 @@ def test_recent_latency_forgets_calls_older_than_its_window():
     assert recent.quantile(0.99, now=30.0) > 1.0
     recent.observe(0.001, now=70.0)  # the 2 s call is now more than a window ago
     assert recent.quantile(0.99, now=70.0) <= 0.001
+
+
+def test_a_handler_that_finishes_past_its_deadline_counts_as_what_its_caller_saw(endpoints):
+    """A plain handler cannot be interrupted: when it returns after the deadline, the caller
+    has had DEADLINE_EXCEEDED from the broker. The worker counts (and answers) that, not OK."""
+    from ._services import HangingEcho
+
+    frontend, backend = endpoints
+    broker = Broker(BrokerConfig(frontend=frontend, backend=backend)).start()
+    worker = Worker([HangingEcho()], backend, concurrency=2, heartbeat_interval=0.2, drain_grace=0.0).start()
+    try:
+        wait_for(lambda: "echo.Echo" in broker.engine.services and broker.engine.services["echo.Echo"].workers)
+        with Client(frontend, timeout=5.0) as client:
+            with pytest.raises(Error) as late:
+                client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"x").SerializeToString(),
+                            timeout=0.3, metadata={"hang_s": "0.8"})
+            assert late.value.code == StatusCode.DEADLINE_EXCEEDED
+            wait_for(lambda: worker.running == 0 and worker.stats.handlers)
+            codes = {code for (_, method, code) in worker.stats.handlers if method == "Say"}
+            assert codes == {StatusCode.DEADLINE_EXCEEDED}
+            # A call that ends in time is still OK.
+            reply = client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"y").SerializeToString(),
+                                timeout=5.0, metadata={"hang_s": "0"})
+            assert echo_pb2.EchoReply.FromString(reply).payload.endswith(b"y")
+            assert worker.stats.handlers[("echo.Echo", "Say", StatusCode.OK)].count == 1
+    finally:
+        worker.stop(grace=0.5)
+        broker.stop()

@@ -474,7 +474,9 @@ def test_cancel_cancels_an_async_handler(broker, make_worker):
     assert probe.saw_cancel == [True] and probe.contexts[0].cancelled
 
 
-def test_cancel_marks_a_sync_handler_and_its_reply_is_still_sent(broker, make_worker):
+def test_cancel_marks_a_sync_handler_and_it_is_still_answered_as_cancelled(broker, make_worker):
+    # The reply frees the worker's slot at the broker; the handler's result came too late to
+    # matter (the broker drops it), so it is answered, and counted, as what the caller saw.
     probe = Probe()
     make_worker(probe)
     identity, _ = broker.ready()
@@ -486,7 +488,8 @@ def test_cancel_marks_a_sync_handler_and_its_reply_is_still_sent(broker, make_wo
     assert broker.replies(1)[8][0].code == StatusCode.UNIMPLEMENTED
     assert probe.contexts[0].cancelled
     probe.control.resume()
-    assert broker.replies(1)[7][0].code == StatusCode.OK
+    header, payload = broker.replies(1)[7]
+    assert header.code == StatusCode.CANCELLED and payload == b""
 
 
 def test_a_waiting_call_cancelled_is_answered_without_running(broker, make_worker):

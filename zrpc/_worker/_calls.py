@@ -138,9 +138,11 @@ def exception_pair(call: Call, exc: BaseException) -> Answer:
 
 
 def stopped_pair(call: Call, now: float) -> Answer:
-    """The answer to a call stopped before it finished: by its deadline or by a CANCEL."""
+    """The answer to a call stopped before it finished (or finished too late): by its deadline or
+    by a CANCEL. Past its deadline it is DEADLINE_EXCEEDED even if a CANCEL came first: the
+    broker cancels a call at its deadline, a little before the worker's clock says so."""
     context = call.context
-    if not context._cancelled and context.deadline is not None and now >= context.deadline:
+    if context.deadline is not None and now >= context.deadline:
         return error_pair(call.request_id, Error(StatusCode.DEADLINE_EXCEEDED, "deadline passed at the worker"))
     return error_pair(call.request_id, Error(StatusCode.CANCELLED, "call cancelled"))
 
