@@ -367,7 +367,7 @@ class Spawned:
 @click.option("--requests", "-n", type=click.IntRange(min=1), default=None, show_envvar=True, metavar="N",
               help="Calls to make [default: 20000, or unlimited with --duration].")
 @click.option("--duration", "-d", type=click.FloatRange(min=0.001), default=None, metavar="SECONDS",
-              show_envvar=True, help="Stop after this long (and after --requests, if given too).")
+              show_envvar=True, help="Stop after this long (or after --requests calls, if given too: whichever comes first).")
 @click.option("--payload-size", type=click.IntRange(min=0), default=100, show_default=True, metavar="BYTES",
               show_envvar=True, help="Size of the request's first bytes/string field (not with --data).")
 @click.option("--data", default=None, metavar="JSON", show_envvar=True,
