@@ -168,6 +168,35 @@ def test_calls_queue_when_workers_are_full_and_dispatch_as_slots_free():
     assert [r.request_id for _, r, _ in h.take_replies()] == [ids[0]]
 
 
+def test_a_heartbeat_offering_capacity_bounds_what_a_worker_is_sent():
+    # §7b: a worker serving several brokers says what this one may hold there now.
+    h = Harness()
+    h.ready(b"w", capacity=4)
+    h.backend(b"w", p.capacity_message(1))  # the other brokers hold 3 of its 4 slots
+    for _ in range(3):
+        h.call(b"c")
+    assert len(h.take_requests()) == 1 and h.engine.queue_depth() == 2
+    h.backend(b"w", p.capacity_message(2))  # one freed elsewhere: one more comes at once
+    assert len(h.take_requests()) == 1 and h.engine.queue_depth() == 1
+    h.backend(b"w", p.capacity_message(0))  # less than it holds: nothing more, nothing taken back
+    assert h.take_requests() == [] and len(h.engine.workers[b"w"].in_flight) == 2
+    h.backend(b"w", p.capacity_message(1000))  # never more than its READY announced
+    assert h.engine.workers[b"w"].capacity == 4
+    assert len(h.take_requests()) == 1 and h.engine.queue_depth() == 0
+    h.backend(b"w", p.heartbeat_message())  # a plain heartbeat changes nothing
+    assert h.engine.workers[b"w"].capacity == 4
+
+
+def test_a_heartbeat_with_a_bad_capacity_is_counted_and_changes_nothing():
+    h = Harness()
+    h.ready(b"w", capacity=3)
+    h.backend(b"w", [p.TAG, p.HEARTBEAT, b"\xff\xff"])
+    h.backend(b"w", [p.TAG, p.HEARTBEAT, p.Heartbeat(capacity=1).SerializeToString(), b"extra"])
+    assert h.engine.counters["malformed_bad_header"] == 1
+    assert h.engine.counters["malformed_bad_frame_count"] == 1
+    assert h.engine.workers[b"w"].capacity == 3  # still registered, at its READY's capacity
+
+
 def test_full_queue_answers_resource_exhausted_at_once():
     h = Harness(queue_size=2)
     h.ready(b"w", capacity=1)

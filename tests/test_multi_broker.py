@@ -286,3 +286,56 @@ def test_an_async_client_sends_no_calls_to_a_broker_that_answers_nothing(ipc_dir
                     call.cancel()
 
         asyncio.run(scenario())
+
+
+def test_a_worker_serving_two_brokers_shares_one_capacity_between_them(ipc_dir):
+    """§7b: what one broker holds at a worker is not offered to the other. Calls past the
+    worker's capacity wait in the second broker's queue, where it shows and where another
+    worker could take them, not inside the worker."""
+    with contextlib.ExitStack() as stack:
+        first, second = _broker(ipc_dir, "first"), _broker(ipc_dir, "second")
+        for broker in (first, second):
+            stack.enter_context(broker)
+        worker = stack.enter_context(Worker([Echo()], [first.backend_endpoint, second.backend_endpoint],
+                                            concurrency=2, heartbeat_interval=0.2))
+        wait_for(lambda: _serves_echo(first) and _serves_echo(second))
+        to_first = stack.enter_context(Client(first.frontend_endpoint, timeout=10.0))
+        to_second = stack.enter_context(Client(second.frontend_endpoint, timeout=10.0))
+        held = [to_first.stub(ECHO).Sleep.future(echo_pb2.SleepRequest(ms=8000)) for _ in range(2)]
+        wait_for(lambda: worker.running == 2)
+        [at_second] = second.engine.workers.values()
+        wait_for(lambda: at_second.capacity == 0)  # told: the first broker holds both slots
+        later = to_second.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"later"))
+        wait_for(lambda: second.engine.queue_depth() == 1)
+        assert not at_second.in_flight and worker.running == 2 and not worker._admission.waiting
+        for future in held:  # CANCEL: the slots free, the second broker hears of it and sends
+            future.cancel()
+        assert later.result(timeout=10.0).payload == b"later"
+        wait_for(lambda: at_second.capacity == 2)
+        [at_first] = first.engine.workers.values()
+        assert at_first.capacity == 2
+
+
+def test_a_broker_that_registers_a_busy_worker_again_hears_its_share_at_once(ipc_dir):
+    """A READY announces the whole capacity; a worker whose other broker holds calls follows it
+    with what this one may hold (a broker restarted on its endpoint, say)."""
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(_broker(ipc_dir, "first"))
+        second = _broker(ipc_dir, "second").start()
+        try:
+            worker = stack.enter_context(Worker([Echo()], [first.backend_endpoint, second.backend_endpoint],
+                                                concurrency=3, heartbeat_interval=0.2))
+            wait_for(lambda: _serves_echo(first) and _serves_echo(second))
+            client = stack.enter_context(Client(first.frontend_endpoint, timeout=10.0))
+            held = [client.stub(ECHO).Sleep.future(echo_pb2.SleepRequest(ms=8000)) for _ in range(2)]
+            wait_for(lambda: worker.running == 2)
+        finally:
+            second.stop()
+        again = stack.enter_context(_broker(ipc_dir, "second"))
+        wait_for(lambda: _serves_echo(again))
+        [worker_there] = again.engine.workers.values()
+        wait_for(lambda: worker_there.capacity == 1)
+        assert worker_there.announced_capacity == 3
+        for future in held:
+            future.cancel()
+        wait_for(lambda: worker_there.capacity == 3)

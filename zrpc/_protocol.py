@@ -73,6 +73,7 @@ ReplyHeader = wire_pb2.ReplyHeader
 Ready = wire_pb2.Ready
 Cancel = wire_pb2.Cancel
 Disconnect = wire_pb2.Disconnect
+Heartbeat = wire_pb2.Heartbeat
 RequestBatch = wire_pb2.RequestBatch  # the typed form, for peers and tests that read batches
 
 
@@ -285,6 +286,21 @@ def ready_message(ready: wire_pb2.Ready) -> list[bytes]:
 
 def heartbeat_message() -> list[bytes]:
     return [TAG, HEARTBEAT]
+
+
+def capacity_message(capacity: int) -> list[bytes]:
+    """A worker's HEARTBEAT telling a broker what it may hold there now (spec §7b)."""
+    return [TAG, HEARTBEAT, Heartbeat(capacity=capacity).SerializeToString()]
+
+
+def decode_heartbeat_capacity(body: Sequence[bytes]) -> int | None:
+    """The capacity a worker's HEARTBEAT offers (spec §7b), or None when it offers none."""
+    if not body:
+        return None
+    if len(body) != 1:
+        raise ProtocolError("bad_frame_count", f"HEARTBEAT carries at most 1 frame, got {len(body)}")
+    heartbeat = _decode(Heartbeat, body[0], "HEARTBEAT")
+    return heartbeat.capacity if heartbeat.HasField("capacity") else None
 
 
 def disconnect_message(reason: str = "", drain: bool = False) -> list[bytes]:

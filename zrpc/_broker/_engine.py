@@ -276,7 +276,23 @@ class BrokerEngine:
             log.info("worker %s disconnected: %s", worker.name, notice.reason or "no reason given",
                      extra={"peer": worker.name, "reason": "disconnected"})
             self._remove_worker(worker, now, "disconnected")
-        # HEARTBEAT: being heard from is all it says.
+        elif body:  # HEARTBEAT: being heard from is all it says, but for a capacity (§7b)
+            self._on_capacity(worker, body, now)
+
+    def _on_capacity(self, worker: WorkerState, body, now: float) -> None:
+        """§7b: a worker serving several brokers offers us part of its capacity (at most its READY's)."""
+        try:
+            capacity = p.decode_heartbeat_capacity(body)
+        except p.ProtocolError as exc:
+            return self._bad_worker_input(worker.identity, worker, exc.reason, exc.message)
+        if capacity is None:
+            return
+        capacity = min(capacity, worker.announced_capacity)
+        grew = capacity > worker.capacity
+        worker.capacity = capacity
+        if grew:
+            for name in worker.services:
+                self._dispatch(self.services[name], now)
 
     def _on_ready(self, identity: bytes, worker: WorkerState | None, body, now: float,
                   peer_key: str | None = None) -> None:
@@ -311,7 +327,7 @@ class BrokerEngine:
             # A first HEARTBEAT at the next tick: a worker that connected late in its silence
             # window would otherwise give up on us before our first one and connect again.
             next_heartbeat_at=now, joined_at=now, last_seen=now, peer_key=peer_key,
-            batches=ready.batches,
+            batches=ready.batches, announced_capacity=ready.capacity,
         )
         self.workers[identity] = worker
         for name in worker.services:

@@ -43,7 +43,7 @@ class WorkerState:
     identity: bytes
     name: str
     services: tuple[str, ...]
-    capacity: int
+    capacity: int  # calls it may hold from us now: its READY's, or less while other brokers hold some (§7b)
     heartbeat: float  # seconds, as the worker announced
     expires_at: float
     next_heartbeat_at: float
@@ -56,6 +56,7 @@ class WorkerState:
     draining: bool = False
     batches: bool = False  # it reads REQUEST_BATCH (its READY says so, spec §4b)
     peer_key: str | None = None  # its CURVE public key (z85) when the broker runs CURVE
+    announced_capacity: int = 0  # its READY's capacity: what a heartbeat may offer at most (§7b)
 
     @property
     def free(self) -> int:

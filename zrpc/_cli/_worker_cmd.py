@@ -33,8 +33,8 @@ def worker() -> None:
         show_default=True,
         help="Broker backend endpoint; repeat or separate with commas to serve several brokers.")
 @option("--concurrency", "-c", type=click.IntRange(min=1), default=16, metavar="N", show_default=True,
-        help="Calls this worker runs at once (its capacity, shared by its services). Each broker "
-             "it serves may send it that many: with several, calls past it wait in the worker.")
+        help="Calls this worker runs at once (its capacity, shared by its services and by the "
+             "brokers it serves: each is told what the others leave it).")
 @option("--heartbeat-interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
         metavar="SECONDS", help="Heartbeat interval announced to the broker.")
 @option("--liveness", type=click.IntRange(min=1), default=3, metavar="N", show_default=True,

@@ -79,6 +79,9 @@ class BrokerLink:
         # The broker that heard our last READY reads REPLY_BATCH: it has sent us a REQUEST_BATCH
         # since (spec §4b).
         self.batches = False
+        # What we last told the broker it may hold here (spec §7b); None: our READY's capacity.
+        self.offered: int | None = None
+        self.on_ready: Callable[[], None] | None = None  # called after each READY (CapacityShare)
         self._read_scheduled = False
         self._replies: list[tuple] = []  # answers (header, payload[, status code]) to send this loop turn
         # CURVE: handshake outcomes, so a refused key is said plainly instead of looking like a
@@ -235,7 +238,10 @@ class BrokerLink:
         self.ready_due = None
         self.registered = False
         self.registered_at = self.clock()
+        self.offered = None
         self.send(self.ready)
+        if self.on_ready is not None:  # the calls other brokers hold may already take our slots
+            self.on_ready()
 
     def heartbeat(self, now: float) -> None:
         """Send HEARTBEAT; counted as sent even if dropped, so a full queue cannot spin the loop."""

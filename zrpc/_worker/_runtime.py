@@ -49,6 +49,7 @@ from ._link import FINAL_LINGER_MS, FROM_BROKER, BrokerLink
 from ._metrics import HandlerStats
 from ._pool import STALL as _POOL_STALL
 from ._pool import HandlerPool
+from ._share import CapacityShare
 
 log = logging.getLogger("zrpc.worker")
 
@@ -132,6 +133,7 @@ class Worker:
         self._done_lock = threading.Lock()
         self._done_wake_pending = False
         self._links: list[BrokerLink] = []
+        self._share: CapacityShare | None = None  # with several brokers (spec §7b)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
         self._pool: HandlerPool | None = None
@@ -232,6 +234,11 @@ class Worker:
                                   max_message_bytes=self.max_message_bytes)
                 link.on_readable = functools.partial(self._receive, link)
                 self._links.append(link)
+            if len(self._links) > 1:  # spec §7b: one capacity, shared by the brokers
+                self._share = CapacityShare(self.concurrency, self._held, self._links, self._loop)
+                for link in self._links:
+                    link.on_ready = self._share.changed
+            for link in self._links:
                 link.open()
             log.info("worker %s ready: services=%s capacity=%d brokers=%s%s", self.name, ",".join(self.table.names),
                      self.concurrency, ",".join(self.brokers),
@@ -451,6 +458,8 @@ class Worker:
                 self._start(call)
         for answer in answers:
             link.reply(answer)
+        if self._share is not None:
+            self._share.changed()
 
     def _on_cancel(self, link: BrokerLink, body) -> None:
         try:
@@ -467,6 +476,8 @@ class Worker:
                 # (spec §8) answered anyway: the broker keeps the slot until we reply
                 del link.in_flight[request_id]
                 self._reply(call, stopped_pair(call, self._clock()))
+                if self._share is not None:
+                    self._share.changed()
 
     def _on_disconnect(self, link: BrokerLink, body) -> None:
         """(spec §7, §11) The broker does not know us (any more): our calls there are gone.
@@ -496,6 +507,8 @@ class Worker:
                 self._admission.withdraw(call)
         if orphans:
             log.warning("broker %s forgot %d call(s) in flight; they were cancelled", link.endpoint, len(orphans))
+            if self._share is not None:
+                self._share.changed()
 
     # ------------------------------------------------------------------ running handlers
 
@@ -612,6 +625,12 @@ class Worker:
             self._reply(waiting, stopped_pair(waiting, self._clock()))
         if self._admission.running == 0:
             self._idle.set()
+        if self._share is not None:
+            self._share.changed()
+
+    def _held(self) -> int:
+        """Calls that take a slot: running, orphans included, or waiting for one (spec §7b)."""
+        return self._admission.running + len(self._admission.waiting)
 
     def _reply(self, call: Call, answer: Answer) -> None:
         if call.epoch == call.link.epoch:
