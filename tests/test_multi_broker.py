@@ -242,6 +242,27 @@ def test_a_broker_that_answers_nothing_gets_no_calls_until_it_answers_again(ipc_
             future.cancel()
 
 
+def test_calls_kept_by_a_silent_broker_move_once_another_broker_comes_up(ipc_dir, caplog):
+    """With no other broker up when it fell silent, the idempotent call stays (nowhere else to
+    go); once a live broker connects, it moves there within its deadline."""
+    caplog.set_level(logging.INFO, logger="zrpc.client")
+    with contextlib.ExitStack() as stack:
+        stuck = _StuckFrontend(f"ipc://{ipc_dir}/stuck-front")
+        stack.callback(stuck.stop)
+        later = _broker(ipc_dir, "later")  # not started yet: its endpoint has no broker
+        client = stack.enter_context(Client([stuck.endpoint, later.config.frontend], timeout=STUCK_TIMEOUT + 6))
+        request = echo_pb2.EchoRequest(payload=b"x").SerializeToString()
+        held = client.call_future("echo.Echo", "Say", request, idempotent=True)
+        wait_for(lambda: "no other broker can take calls, so they still go to it" in caplog.text)
+        assert not held.done()
+        stack.enter_context(later)
+        stack.enter_context(Worker([Echo()], later.backend_endpoint, heartbeat_interval=0.2))
+        assert held.result(STUCK_TIMEOUT + 6) == request
+        assert "1 idempotent call(s) sent to it go to another broker, which can take calls now" in caplog.text
+        [sent] = [header.request_id for header in stuck.requests if header.method == "Say"]
+        stuck.wait_for(lambda: sent in stuck.cancels)
+
+
 def test_an_async_client_sends_no_calls_to_a_broker_that_answers_nothing(ipc_dir, caplog):
     caplog.set_level(logging.INFO, logger="zrpc.client")
     with contextlib.ExitStack() as stack:

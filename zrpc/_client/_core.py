@@ -225,6 +225,7 @@ class ClientCore:
         # Links whose broker answers nothing, not even a Health call (see _silence), and what
         # advance() decided to send them (probes, CANCELs), for the flavour (take_link_messages).
         self._silence = SilenceWatch(links)
+        self._stranded: set[int] = set()  # silent links that kept their calls: no other could take them
         self._link_messages: list[tuple[int, list[bytes]]] = []
 
     # -- making calls ------------------------------------------------------------------------
@@ -359,6 +360,8 @@ class ClientCore:
         self._link_up[link] = True
         self._link_unreachable[link] = False
         self._silence.reset(link)
+        if self._stranded:  # a silent link's calls may go here now: look at the next advance
+            self._silence.due = 0.0
 
     def connected(self, link: int) -> None:
         """A connection attempt of ``link`` was accepted (its handshake may still fail)."""
@@ -523,6 +526,8 @@ class ClientCore:
         if self._silence.heard(link):
             logger.info("zrpc client: the broker at %s answers again; it takes calls again",
                         self._endpoints[link])
+            if self._stranded:  # calls kept by another silent link may come here now
+                self._silence.due = 0.0
         if len(frames) > 1 and frames[0] == _protocol.TAG and frames[1] == _protocol.DISCONNECT:
             if _protocol.decode_disconnect_message(frames[2:]).drain:
                 # (spec §11) our broker drains: nothing more over this connection, calls wait.
@@ -706,18 +711,31 @@ class ClientCore:
 
     def _watch_silence(self, now: float) -> None:
         probes, silenced = self._silence.advance(now)
+        silent = self._silence.silent
         for link in silenced:
             endpoint, silent_for = self._endpoints[link], self._silence.silent_for(link, now)
-            silent = self._silence.silent
             # link_order() offers silent links too when no other is left: only an answering one counts.
             if any(other != link and not silent[other] for other in self.link_order()):
                 moved = self._move_off_silent(link, endpoint, silent_for, now)
                 what = "new calls go to the other brokers until it answers" + (
                     f", and {moved} idempotent call(s) sent to it go there too" if moved else "")
             else:
+                self._stranded.add(link)
                 what = "no other broker can take calls, so they still go to it"
             logger.warning("zrpc client: the broker at %s has answered nothing for %.1fs, not even a Health call "
                            "(stuck, or starved of CPU?): %s", endpoint, silent_for, what)
+        # A silent link that kept its calls for want of another: once one answers, they go there.
+        for link in [link for link in self._stranded if link not in silenced]:
+            if not silent[link]:
+                self._stranded.discard(link)  # it answered: its calls wait for their answers there
+            elif any(other != link and not silent[other] for other in self.link_order()):
+                self._stranded.discard(link)
+                endpoint, silent_for = self._endpoints[link], self._silence.silent_for(link, now) or 0.0
+                moved = self._move_off_silent(link, endpoint, silent_for, now)
+                if moved:
+                    logger.warning("zrpc client: the broker at %s still answers nothing (%.1fs): %d idempotent "
+                                   "call(s) sent to it go to another broker, which can take calls now",
+                                   endpoint, silent_for, moved)
         for link in probes:
             if not self._link_up[link]:
                 continue  # its connection closed meanwhile: the next one starts afresh
@@ -732,8 +750,8 @@ class ClientCore:
         """Send the idempotent calls held by the silent ``link`` to the other brokers, as the
         retry policy allows (a new attempt each: a late answer to the old one is dropped), and
         CANCEL them at the silent broker, for when its loop runs again. Other calls stay: they
-        may have run, and their answer may yet come. Only when the link falls silent: calls it
-        holds when another broker connects later stay with it. Returns how many moved."""
+        may have run, and their answer may yet come. When the link falls silent, or later, once
+        another broker connects or answers again (see _watch_silence). Returns how many moved."""
         connection = self._connection_of_link[link]
         error = Error(StatusCode.UNAVAILABLE,
                       f"the broker at {endpoint} answered nothing for {silent_for:.1f}s, not even a Health call",
