@@ -21,6 +21,17 @@ SVC_FDS = descriptor_pb2.FileDescriptorSet(file=[descriptor_pb2.FileDescriptorPr
 )]).SerializeToString()
 
 
+def _svc_fds(*methods: str) -> bytes:
+    """Service svc.S with these methods: another version of the one in SVC_FDS."""
+    return descriptor_pb2.FileDescriptorSet(file=[descriptor_pb2.FileDescriptorProto(
+        name="svc.proto", package="svc",
+        message_type=[descriptor_pb2.DescriptorProto(name="Req")],
+        service=[descriptor_pb2.ServiceDescriptorProto(name="S", method=[
+            descriptor_pb2.MethodDescriptorProto(name=m, input_type=".svc.Req", output_type=".svc.Req")
+            for m in methods])],
+    )]).SerializeToString()
+
+
 class Harness:
     """An engine plus helpers that speak the wire format and read its outboxes."""
 
@@ -39,9 +50,9 @@ class Harness:
 
     # -- workers
     def ready(self, worker: bytes, services=("svc.S",), capacity=1, heartbeat_ms=1000, name=None,
-              batches=False) -> None:
+              batches=False, fds=b"") -> None:
         msg = p.Ready(services=list(services), capacity=capacity, heartbeat_ms=heartbeat_ms,
-                      name=name or worker.decode(), batches=batches)
+                      name=name or worker.decode(), batches=batches, file_descriptor_set=fds)
         self.backend(worker, p.ready_message(msg))
 
     def backend(self, worker: bytes, frames) -> None:
@@ -195,6 +206,48 @@ def test_a_heartbeat_with_a_bad_capacity_is_counted_and_changes_nothing():
     assert h.engine.counters["malformed_bad_header"] == 1
     assert h.engine.counters["malformed_bad_frame_count"] == 1
     assert h.engine.workers[b"w"].capacity == 3  # still registered, at its READY's capacity
+
+
+def test_a_service_definition_follows_its_live_workers(caplog):
+    # The tester's rolling upgrade: v1 stopped, v2 (one more method) started on the same broker.
+    h = Harness()
+    v1, v2 = _svc_fds("M"), _svc_fds("M", "N")
+    h.ready(b"old", fds=v1)
+    h.backend(b"old", p.disconnect_message("stopping"))
+    h.ready(b"new", fds=v2)
+    service = h.engine.services["svc.S"]
+    assert service.methods == {"M", "N"} and service.file_descriptor_set == v2
+    h.call(b"c", method="N")
+    [(worker, header, _)] = h.take_requests()
+    assert worker == b"new" and header.method == "N"
+    # Back to v1 alone (a rollback): N is refused by the broker again.
+    h.backend(b"new", p.disconnect_message("stopping"))
+    h.take_replies()  # the N call it held: UNAVAILABLE, it may have run
+    h.ready(b"back", fds=v1)
+    assert service.methods == {"M"} and service.file_descriptor_set == v1
+    h.call(b"c", method="N")
+    [(_, refused, _)] = h.take_replies()
+    assert refused.code == StatusCode.UNIMPLEMENTED and "has no method 'N'" in refused.message
+    assert "another definition" not in caplog.text  # one version live at a time: no warning
+
+
+def test_while_workers_differ_each_call_goes_to_one_that_has_its_method(caplog):
+    h = Harness()
+    h.ready(b"v1", fds=_svc_fds("M"), capacity=5)
+    h.ready(b"v2", fds=_svc_fds("M", "N"), capacity=1)
+    assert "offers svc.S with another definition than its 1 other live worker(s) (methods added: N; gone: -)" in caplog.text
+    # N only at v2 (though v1 has more room); M by free capacity, as always.
+    h.call(b"c", method="N")
+    assert [(w, r.method) for w, r, _ in h.take_requests()] == [(b"v2", "N")]
+    h.call(b"c", method="N")  # v2 is full: it waits, and so does what comes after it
+    h.call(b"c", method="M")
+    assert h.take_requests() == [] and h.engine.queue_depth() == 2
+    # v2 leaves with the N call queued: no live worker has N now, so it fails; M goes on.
+    h.backend(b"v2", p.disconnect_message("stopping"))
+    replies = {r.request_id: r for _, r, _ in h.take_replies()}
+    assert any(r.code == StatusCode.UNIMPLEMENTED and "no method 'N' any more" in r.message for r in replies.values())
+    assert [(w, r.method) for w, r, _ in h.take_requests()] == [(b"v1", "M")]
+    assert h.engine.services["svc.S"].methods == {"M"}
 
 
 def test_full_queue_answers_resource_exhausted_at_once():

@@ -334,12 +334,9 @@ class BrokerEngine:
             service = self.services.get(name)
             if service is None:
                 service = self.services[name] = ServiceState(name)
-            if not service.offered or not service.methods:
-                service.offered = True
-                service.file_descriptor_set = ready.file_descriptor_set
-                service.methods = frozenset(method_names(ready.file_descriptor_set, name))
             service.workers[identity] = worker
             service.no_worker_since = None
+            self._adopt_definition(service, worker, ready.file_descriptor_set)
         self.counters["workers_joined"] += 1
         # The connection's routing id tells the lines of one worker's connections apart: one
         # stopped and resumed joins on a new connection before its old one expires, and names
@@ -349,6 +346,56 @@ class BrokerEngine:
                  extra={"peer": worker.name, "service": ",".join(worker.services)})
         for name in worker.services:
             self._dispatch(self.services[name], now)
+
+    def _adopt_definition(self, service: ServiceState, worker: WorkerState, definition: bytes) -> None:
+        """§7: the newest worker's definition becomes the service's; a worker that disagrees
+        with the others live is worth a warning (a rollout under way, or two services that
+        share a name by mistake). O(1) but for a definition not seen among the live workers."""
+        users = service.definition_users
+        others = len(service.workers) - 1  # the worker is in service.workers already
+        if not others:  # the first live worker: what the last one offered is history
+            service.definitions = {d: m for d, m in service.definitions.items() if d == definition}
+        known = next((d for d in service.definitions if d == definition), None)
+        worker.definition = known if known is not None else definition  # one copy per definition
+        if known is None:
+            methods = frozenset(method_names(definition, service.name))
+            if others:
+                added, removed = sorted(methods - service.methods), sorted(service.methods - methods)
+                log.warning("worker %s offers %s with another definition than its %d other live worker(s)%s: "
+                            "each call goes to a worker that has its method, but a changed message type "
+                            "would be read wrongly; finish the rollout, or give different services "
+                            "different names", worker.name, service.name, others,
+                            f" (methods added: {', '.join(added) or '-'}; gone: {', '.join(removed) or '-'})"
+                            if added or removed else " (same methods, other descriptors)",
+                            extra={"peer": worker.name, "service": service.name})
+            service.definitions[worker.definition] = methods
+            service.methods = frozenset().union(*service.definitions.values())
+        users[worker.definition] = users.get(worker.definition, 0) + 1
+        service.offered = True
+        service.file_descriptor_set = worker.definition
+
+    def _forget_definition(self, service: ServiceState, worker: WorkerState, now: float) -> None:
+        """``worker`` left ``service``: a definition no live worker offers any more goes, and the
+        newest remaining worker's becomes current. With none left, the last stays (calls wait
+        for a worker, clients can still describe it). O(1) unless a definition goes."""
+        users = service.definition_users
+        left = users.get(worker.definition, 0) - 1
+        if left > 0:
+            users[worker.definition] = left
+            return
+        users.pop(worker.definition, None)
+        if not service.workers:
+            return
+        service.definitions.pop(worker.definition, None)
+        newest = max(service.workers.values(), key=lambda w: w.joined_at)
+        service.file_descriptor_set = newest.definition
+        before, service.methods = service.methods, frozenset().union(*service.definitions.values())
+        if service.methods and service.methods != before:
+            # Calls queued for a method no live worker has now would be sent to one that has not.
+            for call in [call for call in service.queue if call.method not in service.methods]:
+                service.queue.remove(call)
+                self._fail(call, StatusCode.UNIMPLEMENTED, f"service {service.name!r} has no method "
+                           f"{call.method!r} any more (its live workers have: {', '.join(sorted(service.methods))})", now)
 
     def _on_large_reply(self, worker: WorkerState, raw_header: bytes, payload: bytes, now: float) -> None:
         """§9: a reply over the size limits ends its call with RESOURCE_EXHAUSTED (not decoded)."""
@@ -485,6 +532,8 @@ class BrokerEngine:
 
     def _dispatch(self, service: ServiceState, now: float) -> None:
         """§12: most free capacity first; ties to the least recently used worker."""
+        if len(service.definitions) > 1:
+            return self._dispatch_by_method(service, now)
         queue = service.queue
         while queue:
             best = None
@@ -497,6 +546,26 @@ class BrokerEngine:
                 return
             call = queue.popleft()
             self._send_to_worker(best, call, service, now)
+
+    def _dispatch_by_method(self, service: ServiceState, now: float) -> None:
+        """_dispatch while the live workers offer different definitions (§7, a rollout): each
+        call goes to a worker whose definition has its method. In order: a call whose method
+        only busy workers have waits, and the calls behind it with it (for the rollout's time)."""
+        queue, definitions = service.queue, service.definitions
+        while queue:
+            method = queue[0].method  # some live worker has it (see _forget_definitions)
+            best = None
+            for worker in service.workers.values():
+                methods = definitions[worker.definition]
+                if methods and method not in methods:  # (no methods: a worker that sent no descriptors)
+                    continue
+                free = worker.free
+                if free > 0 and (best is None or free > best.free or
+                                 (free == best.free and worker.last_dispatch_seq < best.last_dispatch_seq)):
+                    best = worker
+            if best is None:
+                return
+            self._send_to_worker(best, queue.popleft(), service, now)
 
     def _send_to_worker(self, worker: WorkerState, call: Call, service: ServiceState, now: float) -> None:
         dispatch_id = next(self._dispatch_ids)
@@ -586,6 +655,7 @@ class BrokerEngine:
             service.workers.pop(worker.identity, None)
             if not service.workers:
                 service.no_worker_since = now
+            self._forget_definition(service, worker, now)
             calls = requeue.get(name, [])
             service.queue.extendleft(reversed(calls))  # oldest first, ahead of newer calls
             self._dispatch(service, now)

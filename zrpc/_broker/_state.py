@@ -57,6 +57,9 @@ class WorkerState:
     batches: bool = False  # it reads REQUEST_BATCH (its READY says so, spec §4b)
     peer_key: str | None = None  # its CURVE public key (z85) when the broker runs CURVE
     announced_capacity: int = 0  # its READY's capacity: what a heartbeat may offer at most (§7b)
+    # Its READY's FileDescriptorSet: the definition of its services (one bytes object per
+    # distinct definition, shared by the workers that offer it).
+    definition: bytes = b""
 
     @property
     def free(self) -> int:
@@ -69,8 +72,14 @@ class ServiceState:
 
     name: str
     offered: bool = False  # some worker offered it since the broker started
+    # Its definition follows its live workers (§7): the newest one's descriptors, and the
+    # methods any of them has. Kept while none is live (calls wait for one, clients describe it).
     methods: frozenset[str] = frozenset()
     file_descriptor_set: bytes = b""
+    # The definitions its live workers offer (FileDescriptorSet -> its methods of this service):
+    # more than one while a rollout is under way, and dispatch then looks at methods.
+    definitions: dict[bytes, frozenset[str]] = dataclasses.field(default_factory=dict)
+    definition_users: dict[bytes, int] = dataclasses.field(default_factory=dict)  # live workers of each
     workers: dict[bytes, WorkerState] = dataclasses.field(default_factory=dict)
     queue: collections.deque = dataclasses.field(default_factory=collections.deque)
     # When the service last lost its last live worker (None while it has one).
