@@ -300,6 +300,28 @@ def test_each_pair_of_a_request_gets_its_own_reply(broker, make_worker):
     assert all(replies[i][1] == b"" for i in range(2, 9))
 
 
+def test_a_handler_cannot_fail_a_call_with_ok(broker, make_worker):
+    # The tester's handler raised zrpc.Error(OK, "not really"): its caller got an empty reply as
+    # a success. Error refuses the code; a handler that sets .code = OK after the fact gets INTERNAL.
+    class SneakyOk(Probe):
+        def Say(self, request, context):
+            error = Error(StatusCode.ABORTED, "not really")
+            error.code = StatusCode.OK
+            raise error
+
+    make_worker(SneakyOk())
+    identity, _ = broker.ready()
+    broker.request(identity, (1, "Fail", echo_pb2.FailRequest(code=0, message="not really").SerializeToString()),
+                   (2, "Say", say(b"x")))
+    replies = broker.replies(2)
+    assert replies[1][0].code == StatusCode.INTERNAL
+    assert replies[1][0].message == ("ValueError: zrpc.Error needs a failure code: OK is not an error "
+                                     "(return the reply instead)")
+    assert replies[2][0].code == StatusCode.INTERNAL and "with code OK" in replies[2][0].message
+    with pytest.raises(ValueError, match="OK is not an error"):
+        Error(StatusCode.OK, "fine")
+
+
 def test_a_worker_answers_in_batches_once_its_broker_has_sent_one(broker, make_worker):
     make_worker(Probe())
     identity, _ = broker.ready()

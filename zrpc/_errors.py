@@ -16,6 +16,8 @@ class Error(Exception):
 
     def __init__(self, code: StatusCode, message: str = "", details: dict[str, str] | None = None):
         self.code = StatusCode(code)
+        if self.code == StatusCode.OK:  # a handler raising it would answer OK with no reply
+            raise ValueError("zrpc.Error needs a failure code: OK is not an error (return the reply instead)")
         # Strings on the wire: a handler's Error(..., {"attempts": 3}) means "3", and one that
         # could not be encoded would leave its call unanswered.
         self.message = _text(message)

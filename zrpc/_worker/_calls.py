@@ -124,6 +124,8 @@ def _is_message_of(result: Any, method: Method) -> bool:
 
 def exception_pair(call: Call, exc: BaseException) -> Answer:
     """The answer to a call whose handler raised (spec §10: INTERNAL carries type and message only)."""
+    if isinstance(exc, Error) and exc.code == StatusCode.OK:  # .code set to OK after the fact
+        exc = Error(StatusCode.INTERNAL, "handler raised zrpc.Error with code OK (return the reply instead)")
     if isinstance(exc, Error):
         if p.RETRY_DETAIL in exc.details:
             # "Never ran" is the runtime's word, not a handler's: a handler that re-raises the
