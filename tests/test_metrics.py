@@ -172,3 +172,29 @@ def test_a_handler_that_finishes_past_its_deadline_counts_as_what_its_caller_saw
     finally:
         worker.stop(grace=0.5)
         broker.stop()
+
+
+def test_an_async_callers_deadline_is_counted_as_a_deadline_by_the_broker(served):
+    """The async client used to CANCEL a call at its own deadline, a moment before the broker's:
+    the broker then counted CANCELLED what its caller saw as DEADLINE_EXCEEDED (the tester's 3
+    in 24). The broker's deadline is the caller's, so it fails the call itself."""
+    import asyncio
+
+    from zrpc import AsyncClient
+
+    broker, _, broker_url, _ = served
+
+    async def late_calls() -> list[Error]:
+        async with AsyncClient(broker.frontend_endpoint) as client:
+            results = await asyncio.gather(*(client.stub(ECHO).Sleep(echo_pb2.SleepRequest(ms=1500), timeout=0.3)
+                                             for _ in range(4)), return_exceptions=True)
+        return results
+
+    errors = asyncio.run(late_calls())
+    assert all(isinstance(e, Error) and e.code == StatusCode.DEADLINE_EXCEEDED for e in errors), errors
+    assert all("reachable" not in e.message for e in errors)
+    wait_for(lambda: broker.engine.calls_held == 0)
+    samples = scrape(broker_url)
+    assert value(samples, "zrpc_broker_requests_total", service="echo.Echo", method="Sleep",
+                 code="DEADLINE_EXCEEDED") == 4
+    assert value(samples, "zrpc_broker_requests_total", service="echo.Echo", method="Sleep", code="CANCELLED") == 0

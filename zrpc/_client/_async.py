@@ -414,11 +414,10 @@ class AsyncClient:
                 self._take_received(link)
         outcomes = self._core.advance(now)
         if outcomes:
+            # Deadlines: no CANCEL. The broker's deadline for the call is ours (a little later:
+            # it counts from when the call reached it), so it fails the call and cancels it at its
+            # worker itself, counted DEADLINE_EXCEEDED, not CANCELLED, as the caller saw it.
             self._settle(outcomes)
-            sent = [o.call for o in outcomes if o.call.sent]
-            if sent:
-                self._cancels.extend(sent)  # (spec §8) the broker drops what we gave up on
-                self._wake.set()
         if self._core.has_unsent():  # retries whose backoff is over
             self._wake.set()
         self._send_best_effort(self._core.take_link_messages())  # probes, CANCELs (see _silence)

@@ -834,9 +834,9 @@ class ClientCore:
                 # answered since this attempt was sent (a Health call at least). The call is slow.
                 why += ("no answer in time, though that broker answers; the call is slow at its worker or "
                         "waits in its queue: pass a larger timeout= if it may take that long")
-            else:
-                why += ("no answer in time; pass a larger timeout= if the call is slow, or check that that "
-                        "broker is reachable")
+            else:  # its connection is up: one that closes fails its calls at once (spec §11)
+                why += ("no answer in time over a connection that is up; the call may be slow at its worker "
+                        "or wait in its queue: pass a larger timeout= if it may take that long")
         else:  # calls go only over a link that is up: unsent means no broker could take it
             why = (": no broker took it in time (none connected, or shutting down, or their queues full); "
                    "check that a broker is running")
