@@ -103,6 +103,33 @@ def test_a_client_with_one_broker_gives_up_on_a_draining_one_at_its_deadline(end
         broker.stop()
 
 
+def test_a_client_that_does_not_wait_for_brokers_gets_a_draining_refusal_at_once(endpoints):
+    """The tester's `zrpc call` at a draining broker: refused as never run, its retry waited for
+    the broker to close, then said only "nothing accepted the connection (is the broker running
+    there?)". With no other broker and wait_for_broker off, the refusal is the answer, at once."""
+    frontend, backend = endpoints
+    broker = Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0,
+                                 log_level="WARNING")).start()
+    try:
+        with Worker([SlowEcho()], brokers=backend, concurrency=1, drain_grace=0.0), \
+                Client(frontend, timeout=20.0) as holder:
+            wait_until_served(frontend, ECHO.full_name)
+            held = holder.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"a"), metadata={"sleep_ms": "1000"})
+            wait_for(lambda: broker.engine.calls_held == 1, message="the call to be held")
+            broker.drain(30.0)
+            wait_for(lambda: broker.engine.draining, message="the drain to begin")
+            with Client(frontend, timeout=10.0, wait_for_broker=False) as late_client:
+                with pytest.raises(zrpc.Error) as late:
+                    late_client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"b").SerializeToString())
+                assert not held.done() and broker._thread.is_alive()  # at once: the drain goes on
+            assert late.value.code == zrpc.StatusCode.UNAVAILABLE
+            assert late.value.message.startswith("broker is shutting down")
+            assert late.value.details["zrpc-retry"] == "draining"
+            assert held.result(timeout=10).payload.endswith(b"a")
+    finally:
+        broker.stop()
+
+
 def test_the_grace_bounds_the_drain_and_a_second_signal_ends_it_at_once(spawn, endpoints):
     broker = _start(spawn, endpoints, "0.5", "tests._services:HangingEcho")
     with Client(endpoints[0], timeout=30.0) as client:

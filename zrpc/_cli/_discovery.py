@@ -149,7 +149,9 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
                           idempotent=True)
     except Error as error:
         if error.code == StatusCode.UNAVAILABLE and error.message.startswith(UNREACHABLE):
-            raise CliError(f"cannot connect to broker at {', '.join(brokers)}: {_why_unreachable(brokers)}",
+            # A retry's earlier attempt may have met the broker (shutting down, say): keep that.
+            earlier = error.message[error.message.find("; attempt "):] if "; attempt " in error.message else ""
+            raise CliError(f"cannot connect to broker at {', '.join(brokers)}: {_why_unreachable(brokers)}{earlier}",
                            exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
         if error.code == StatusCode.UNAVAILABLE and error.message.startswith(BACKEND):
             endpoint = error.details.get("zrpc-endpoint", ", ".join(brokers))

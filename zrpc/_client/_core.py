@@ -396,7 +396,10 @@ class ClientCore:
         for call in list(self._unsent):
             if self._pending.get(call.request_id) is call:
                 del self._pending[call.request_id]
-                outcomes.append(self._finish(call, None, Error(error.code, error.message, dict(error.details)),
+                # A retry says what its last attempt met: a broker that refused it while shutting
+                # down, then was gone, is no broker that was never there.
+                message = error.message + _last_attempt(call)
+                outcomes.append(self._finish(call, None, Error(error.code, message, dict(error.details)),
                                              retry=False, record=False))
         self._unsent.clear()
         return outcomes
@@ -640,7 +643,11 @@ class ClientCore:
         # go again, to another broker or to the next one on the endpoint, idempotent or not
         # (spec §11); and such attempts do not count against max_attempts (brokers restarted
         # one after another would use them up), only the deadline and a cap bound them.
-        never_ran = never_ran or _refused_draining(error)
+        draining = _refused_draining(error)
+        never_ran = never_ran or draining
+        if draining and not self.wait_for_broker and all(
+                d or b or u for d, b, u in zip(self._link_draining, self._link_backend, self._link_unreachable)):
+            return False  # no other broker, and no waiting for one: the refusal is the answer
         if never_ran:
             call.refused += 1
         may_repeat = call.header.idempotent or never_ran
@@ -840,10 +847,7 @@ class ClientCore:
         else:  # calls go only over a link that is up: unsent means no broker could take it
             why = (": no broker took it in time (none connected, or shutting down, or their queues full); "
                    "check that a broker is running")
-        if call.last_error is not None:  # a retry, waiting since its last attempt failed
-            why += (f"; attempt {call.attempt - 1} had failed with {call.last_error.code.name}: "
-                    f"{call.last_error.message}")
-        return Error(StatusCode.DEADLINE_EXCEEDED, where + why, details)
+        return Error(StatusCode.DEADLINE_EXCEEDED, where + why + _last_attempt(call), details)
 
     def cancel(self, request_id: int) -> Call | None:
         """Forget a call the caller gave up on; returns it when it was still in flight."""
@@ -877,6 +881,13 @@ class ClientCore:
             if link is not None and call.sent:
                 by_link.setdefault(link, []).append(call.request_id)
         return [(link, _protocol.cancel_message(request_ids)) for link, request_ids in by_link.items()]
+
+
+def _last_attempt(call: Call) -> str:
+    """What a retry's last attempt failed with, for its final error ("" for a first attempt)."""
+    if call.last_error is None:
+        return ""
+    return f"; attempt {call.attempt - 1} had failed with {call.last_error.code.name}: {call.last_error.message}"
 
 
 def _backend_error(endpoint: str) -> Error:
