@@ -695,3 +695,17 @@ def test_a_worker_pointed_at_a_brokers_frontend_says_so_once(endpoints, caplog):
 def test_worker_times_that_cannot_work_are_refused(setting):
     with pytest.raises(ValueError, match=next(iter(setting))):
         Worker([Probe()], **setting)
+
+
+def test_a_broker_that_never_answered_does_not_hold_up_the_stop(ipc_dir, caplog):
+    """The tester's worker, pointed at an endpoint where nothing listens, took 2.35 s to stop:
+    its drain waited for that broker's silence limit, then its close for the messages queued
+    there. It has none of our calls: the stop does not wait for it (here the silence limit is
+    30 s and the grace 60 s, so a wait would be plain)."""
+    worker = Worker([Probe()], f"ipc://{ipc_dir}/nobody-listens", heartbeat_interval=10.0, drain_grace=60.0)
+    worker.start()
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    stopper.join(timeout=20.0)
+    assert not stopper.is_alive(), "stop() waited for a broker that never answered"
+    assert "went silent" not in caplog.text

@@ -254,7 +254,9 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for link in self._links:
-                link.close(FINAL_LINGER_MS)
+                # A broker that never answered has nothing to get: messages queued for an
+                # endpoint nobody listens on would hold the context's end for the linger.
+                link.close(FINAL_LINGER_MS if link.heard_ever else 0)
             self._links = []
             if self._rebalance_timer is not None:
                 self._rebalance_timer.cancel()
@@ -295,8 +297,9 @@ class Worker:
             # A broker silent for liveness x interval is gone (spec §11): it cannot acknowledge,
             # and waiting out the rest of the grace for it would only delay the stop.
             # Nor a client endpoint mistaken for one: it never registered us, and never will answer.
-            waiting = [link for link in self._links
-                       if not link.drain_acked and not link.silent(now) and not link.looks_like_frontend]
+            # Nor a broker that never answered us: it has none of our calls, and may not exist.
+            waiting = [link for link in self._links if not link.drain_acked and not link.silent(now)
+                       and not link.looks_like_frontend and link.heard_ever]
             if not waiting:
                 break
             left = give_up_at - now
@@ -310,7 +313,7 @@ class Worker:
                 await asyncio.wait_for(self._drain_acked.wait(), max(0.001, min(left, silent_in)))
             except TimeoutError:
                 pass
-        gone = [link.endpoint for link in self._links if not link.drain_acked]
+        gone = [link.endpoint for link in self._links if not link.drain_acked and link.heard_ever]
         if gone and self._clock() < give_up_at:
             log.warning("worker %s: broker %s went silent; not waiting for its drain acknowledgement",
                         self.name, ",".join(gone))
