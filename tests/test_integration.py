@@ -453,3 +453,23 @@ def test_a_handler_error_that_is_hard_to_encode_is_answered_and_the_worker_goes_
         assert "could not encode" in unprintable.value.message
         # One handler thread: it is still there, and answers.
         assert echo.Say(echo_pb2.EchoRequest(payload=b"still here"), timeout=2.0).payload == b"still here"
+
+
+def test_a_stopping_broker_tells_its_workers_and_they_register_with_its_successor(ipc_dir, caplog):
+    """Workers used to learn of a broker's clean stop only from its silence ("silent for 3.0s",
+    a warning), and after its restart logged one "unknown worker" DISCONNECT per heartbeat
+    queued meanwhile (the tester's 2 to 5 lines). The broker now says it stops."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="zrpc.worker")
+    config = dict(frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back", unknown_service_grace=5.0)
+    first = Broker(BrokerConfig(**config)).start()
+    with Worker([Echo()], config["backend"], heartbeat_interval=0.2) as worker:
+        wait_for(lambda: first.engine.workers)
+        first.stop()
+        wait_for(lambda: "stopped; registering again when a broker is back there" in caplog.text)
+        with Broker(BrokerConfig(**config)) as successor, Client(config["frontend"], timeout=10.0) as client:
+            reply = client.stub(echo_pb2.DESCRIPTOR.services_by_name["Echo"]).Say(echo_pb2.EchoRequest(payload=b"x"))
+            assert reply.payload == b"x"
+            assert [w.name for w in successor.engine.workers.values()] == [worker.name]
+    assert "unknown worker" not in caplog.text and "silent for" not in caplog.text

@@ -17,6 +17,10 @@ TAG = b"ZRPC1"
 # so it may be sent again (the broker re-queues it; a client may send it to another broker).
 RETRY_DETAIL = "zrpc-retry"
 DRAINING = {RETRY_DETAIL: "draining"}
+# The reason of the DISCONNECT a broker sends each worker as it stops (spec §11).
+BROKER_STOPPING = "broker stopping"
+# The reason of the DISCONNECT that answers a message from a worker the broker does not know (§11).
+UNKNOWN_WORKER = "unknown worker: send READY"
 
 # (spec §2) The second frame: one command byte.
 READY = b"\x01"

@@ -239,7 +239,7 @@ class BrokerEngine:
         if worker is None:
             if command != p.DISCONNECT:  # §11: unknown worker -> DISCONNECT, it re-registers
                 self.counters["unknown_worker"] += 1
-                self.backend_out.append((identity, p.disconnect_message("unknown worker: send READY")))
+                self.backend_out.append((identity, p.disconnect_message(p.UNKNOWN_WORKER)))
             return
         worker.last_seen = now
         worker.expires_at = now + self.config.heartbeat_liveness * worker.heartbeat

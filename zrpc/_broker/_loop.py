@@ -35,6 +35,8 @@ _recv_frame = zmq.backend.Socket.recv
 _ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 # A drained broker's frontend waits at most this long for its last answers to leave at close.
 _DRAINED_LINGER_MS = 2000
+# A stopping broker's backend waits at most this long for its DISCONNECTs to workers to leave.
+_STOPPING_LINGER_MS = 200
 # A draining broker's loop ends this long (seconds) after its last held call was answered (or its
 # grace ends first): clients answered last send their next calls within a round trip.
 _DRAIN_QUIET = 0.2
@@ -85,6 +87,7 @@ class Broker:
         self._held_at_drain = 0
         self._thread: threading.Thread | None = None
         self.undeliverable = 0  # replies to peers that are gone or not reading
+        self._told_workers = False  # the loop ended and sent each worker DISCONNECT (broker stopping)
         # CURVE: keys and allow-lists from the config; None for plain TCP.
         self.security: BrokerSecurity | None = None
         if self.config.curve_secret:
@@ -226,7 +229,13 @@ class Broker:
         for socket in (self.frontend, self.backend, self._wake_recv):
             if socket is not None:
                 # After a drain the last answers may still be queued: give them time to leave.
-                socket.close(_DRAINED_LINGER_MS if socket is self.frontend and self.engine.draining else 0)
+                if socket is self.frontend and self.engine.draining:
+                    linger = _DRAINED_LINGER_MS
+                elif socket is self.backend and self._told_workers:
+                    linger = _STOPPING_LINGER_MS  # the DISCONNECTs, to workers that read them at once
+                else:
+                    linger = 0
+                socket.close(linger)
         self.frontend = self.backend = self._wake_recv = None
         if self.security is not None:
             self.security.stop()
@@ -291,6 +300,12 @@ class Broker:
             self._send_all()
         if self._stopping.is_set() and engine.draining and engine.calls_held:
             log.warning("stopped while draining: %d calls held fail at their clients", engine.calls_held)
+        # Workers are told, so they say "stopped", not "silent", and register again as soon as a
+        # broker is back on this endpoint (their READY waits in their queue for it).
+        engine.backend_out.extend((identity, p.disconnect_message(p.BROKER_STOPPING)) for identity in engine.workers)
+        self._send(backend, engine.backend_out)
+        engine.backend_out = []
+        self._told_workers = True
 
     def _drained(self, now: float) -> bool:
         """Draining (see drain()): begin on the first call; True once the loop may end."""

@@ -337,7 +337,9 @@ class Worker:
                     if link.silent_since is None and not link.refused_here:
                         # Said once: while the broker stays down this repeats every silence limit.
                         link.silent_since = link.last_heard
-                        if link.heard_ever:
+                        if link.broker_stopped:
+                            log.info("broker %s is not back yet; reconnecting until one answers", link.endpoint)
+                        elif link.heard_ever:
                             log.warning("broker %s silent for %.1fs; reconnecting until it answers", link.endpoint,
                                         now - link.last_heard)
                         else:  # a worker may start first: not "silent", not yet there
@@ -414,6 +416,7 @@ class Worker:
             link.ready_due = None
             if not link.registered:  # "ready" only says we started: this says a broker has us
                 link.registered = True
+                link.broker_stopped = False
                 log.info("registered with broker %s", link.endpoint)
         link.schedule_read()  # a full batch: let other work run, then read on
 
@@ -498,7 +501,20 @@ class Worker:
         if self._draining:
             log.info("broker %s sent DISCONNECT (%s) while draining", link.endpoint, reason)
             return
-        log.info("broker %s sent DISCONNECT (%s); registering again", link.endpoint, reason)
+        if reason == p.BROKER_STOPPING:
+            link.broker_stopped = True  # its silence from now on is no surprise
+            log.info("broker %s stopped; registering again when a broker is back there", link.endpoint)
+            # A fresh socket: its READY waits in its queue for the next broker on this endpoint.
+            # On the old one it could go down with the closing connection, and the heartbeats
+            # queued after it would each be answered "unknown worker" by the next broker.
+            link.close()
+            link.open()
+            return
+        if reason == p.UNKNOWN_WORKER and not link.registered:
+            # Again, before the broker has our READY: one per message of ours it got first.
+            log.debug("broker %s sent DISCONNECT (%s) again; registering", link.endpoint, reason)
+        else:
+            log.info("broker %s sent DISCONNECT (%s); registering again", link.endpoint, reason)
         link.schedule_ready(self._clock())
 
     def _orphan(self, link: BrokerLink) -> None:
