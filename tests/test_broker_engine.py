@@ -1119,6 +1119,18 @@ def test_a_client_on_the_backend_is_told_and_logged_as_one(caplog):
                for r in caplog.records)
 
 
+def test_a_worker_on_the_frontend_is_logged_as_one(caplog):
+    # The tester's worker given the frontend: its heartbeats were logged "command HEARTBEAT is
+    # not allowed from this peer" with no word of the likely mistake.
+    h = Harness()
+    h.engine.on_frontend(b"lost-worker", p.heartbeat_message(), h.now)
+    h.engine.flush()
+    [(_, reply, _)] = h.take_replies()
+    assert reply.code == StatusCode.INVALID_ARGUMENT
+    assert "a worker connected to the frontend? workers use the backend" in reply.message
+    assert any("a worker connected to the frontend?" in r.getMessage() for r in caplog.records)
+
+
 def test_log_lines_tell_the_connections_of_one_worker_name_apart(caplog):
     """A worker stopped and resumed (SIGSTOP, SIGCONT) reconnects with a new socket: its new
     connection joins before its old one expires, and both lines carry its name (which is not

@@ -31,6 +31,8 @@ _DEADLINES_FLOOR = 1024
 
 # Wire code -> (StatusCode, its counter): one lookup per answered call.
 _CODES = {int(code): (code, f"code_{code.name}") for code in StatusCode}
+# Commands only a worker sends: one of them at the frontend is a worker given the wrong endpoint.
+_WORKER_ONLY = frozenset({p.READY, p.HEARTBEAT, p.REPLY, p.REPLY_BATCH})
 _UNAVAILABLE = int(StatusCode.UNAVAILABLE)
 # Bad-input reasons that are a size limit: answered RESOURCE_EXHAUSTED (§9), not INVALID_ARGUMENT.
 _TOO_MUCH = frozenset({"too_large", "too_many_frames", "too_many_calls"})
@@ -120,7 +122,10 @@ class BrokerEngine:
             else:  # CANCEL: its ids are cheap to decode, and a client sends all it has at once
                 self._on_client_cancel(client, p.decode_cancel(body), now)
         except p.ProtocolError as exc:
-            self._reject_client(client, 0, exc.reason, exc.message)
+            message = exc.message
+            if len(frames) > 1 and frames[1] in _WORKER_ONLY:
+                message += " (a worker connected to the frontend? workers use the backend, `zrpc broker start --backend`)"
+            self._reject_client(client, 0, exc.reason, message)
 
     def _on_request(self, client: bytes, raw_header: bytes, payload: bytes, now: float,
                     peer_key: str | None = None, batched: bool = False) -> None:
