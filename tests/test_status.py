@@ -55,6 +55,7 @@ def test_status_prints_one_table_when_not_watching(served):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith(f"broker {served.frontend_endpoint}: 1 service(s)")
+    assert lines[0].endswith("p99 over the last minute, errors since the broker started")
     assert lines[1].split() == ["SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99", "MS", "ERRORS"]
     name, workers, busy, queue, in_flight, rate, p99, errors = lines[2].split()
     assert (name, workers, busy, queue, in_flight, errors) == ("echo.Echo", "1", "0", "0", "0", "0")

@@ -34,6 +34,9 @@ _COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99 
 def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: float) -> None:
     """Services, workers, queue depth, calls/s, p99 and errors of a broker.
 
+    CALLS/S is counted between two snapshots --interval apart, P99 MS over the last minute
+    ("-" when no call ended in it), ERRORS (calls not OK) since the broker started.
+
     With several brokers, a table each. A broker that does not answer gets a line saying so
     instead (with --watch, until it answers again) and sets the exit status.
 
@@ -103,6 +106,8 @@ def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, sec
     def line(cells) -> str:
         return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
 
-    header = f"broker {broker}: {len(rows)} service(s), {time.strftime('%H:%M:%S')}"
+    # The columns count over different windows: say which (the tester read ERRORS as recent).
+    header = (f"broker {broker}: {len(rows)} service(s), {time.strftime('%H:%M:%S')}; calls/s over the last "
+              f"{seconds:.1f}s, p99 over the last minute, errors since the broker started")
     body = [line(_COLUMNS), *(line(row) for row in rows)] if rows else ["no services: start one with zrpc worker run MODULE:CLASS"]
     return "\n".join([header, *body])
