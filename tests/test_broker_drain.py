@@ -80,7 +80,10 @@ def test_sigterm_answers_the_calls_held_refuses_new_ones_then_exits_0(spawn, end
             assert echo_pb2.EchoReply.FromString(future.result(timeout=20)).payload.split(b":", 1)[1] == b"new"
 
 
-def test_a_client_with_one_broker_gives_up_on_a_draining_one_at_its_deadline(endpoints):
+@contextlib.contextmanager
+def _draining_with_a_held_call(endpoints, sleep_ms: int) -> Iterator[tuple[Broker, Client, concurrent.futures.Future]]:
+    """An in-process broker holding one call (SlowEcho, ``sleep_ms``), told to drain; yields it,
+    the client that made the call, and the call's future."""
     frontend, backend = endpoints
     broker = Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0,
                                  log_level="WARNING")).start()
@@ -88,46 +91,40 @@ def test_a_client_with_one_broker_gives_up_on_a_draining_one_at_its_deadline(end
         with Worker([SlowEcho()], brokers=backend, concurrency=1, drain_grace=0.0), \
                 Client(frontend, timeout=20.0) as client:
             wait_until_served(frontend, ECHO.full_name)
-            held = client.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"a"), metadata={"sleep_ms": "3000"})
+            held = client.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"a"),
+                                                metadata={"sleep_ms": str(sleep_ms)})
             wait_for(lambda: broker.engine.calls_held == 1, message="the call to be held")
             broker.drain(30.0)
-            wait_for(lambda: client._core._link_draining[0], message="the drain notice")
-            before = broker.engine.counters["requests"]
-            with pytest.raises(zrpc.Error) as late:
-                client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"b").SerializeToString(), timeout=1.0)
-            assert late.value.code == zrpc.StatusCode.DEADLINE_EXCEEDED
-            assert "no broker took it in time (none connected, or shutting down" in late.value.message
-            assert broker.engine.counters["requests"] == before  # told of the drain: "b" was never sent
+            wait_for(lambda: broker.engine.draining, message="the drain to begin")
+            yield broker, client, held
             assert held.result(timeout=10).payload.endswith(b"a")
     finally:
         broker.stop()
+
+
+def test_a_client_with_one_broker_gives_up_on_a_draining_one_at_its_deadline(endpoints):
+    with _draining_with_a_held_call(endpoints, sleep_ms=3000) as (broker, client, _):
+        wait_for(lambda: client._core._link_draining[0], message="the drain notice")
+        before = broker.engine.counters["requests"]
+        with pytest.raises(zrpc.Error) as late:
+            client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"b").SerializeToString(), timeout=1.0)
+        assert late.value.code == zrpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no broker took it in time (none connected, or shutting down" in late.value.message
+        assert broker.engine.counters["requests"] == before  # told of the drain: "b" was never sent
 
 
 def test_a_client_that_does_not_wait_for_brokers_gets_a_draining_refusal_at_once(endpoints):
     """The tester's `zrpc call` at a draining broker: refused as never run, its retry waited for
     the broker to close, then said only "nothing accepted the connection (is the broker running
     there?)". With no other broker and wait_for_broker off, the refusal is the answer, at once."""
-    frontend, backend = endpoints
-    broker = Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0,
-                                 log_level="WARNING")).start()
-    try:
-        with Worker([SlowEcho()], brokers=backend, concurrency=1, drain_grace=0.0), \
-                Client(frontend, timeout=20.0) as holder:
-            wait_until_served(frontend, ECHO.full_name)
-            held = holder.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"a"), metadata={"sleep_ms": "1000"})
-            wait_for(lambda: broker.engine.calls_held == 1, message="the call to be held")
-            broker.drain(30.0)
-            wait_for(lambda: broker.engine.draining, message="the drain to begin")
-            with Client(frontend, timeout=10.0, wait_for_broker=False) as late_client:
-                with pytest.raises(zrpc.Error) as late:
-                    late_client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"b").SerializeToString())
-                assert not held.done() and broker._thread.is_alive()  # at once: the drain goes on
-            assert late.value.code == zrpc.StatusCode.UNAVAILABLE
-            assert late.value.message.startswith("broker is shutting down")
-            assert late.value.details["zrpc-retry"] == "draining"
-            assert held.result(timeout=10).payload.endswith(b"a")
-    finally:
-        broker.stop()
+    with _draining_with_a_held_call(endpoints, sleep_ms=1000) as (broker, _, held):
+        with Client(endpoints[0], timeout=10.0, wait_for_broker=False) as late_client:
+            with pytest.raises(zrpc.Error) as late:
+                late_client.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"b").SerializeToString())
+            assert not held.done() and broker._thread.is_alive()  # at once: the drain goes on
+        assert late.value.code == zrpc.StatusCode.UNAVAILABLE
+        assert late.value.message.startswith("broker is shutting down")
+        assert late.value.details["zrpc-retry"] == "draining"
 
 
 def test_the_grace_bounds_the_drain_and_a_second_signal_ends_it_at_once(spawn, endpoints):

@@ -536,37 +536,23 @@ class BrokerEngine:
         return any(w.free > 0 for w in service.workers.values())
 
     def _dispatch(self, service: ServiceState, now: float) -> None:
-        """§12: most free capacity first; ties to the least recently used worker."""
-        if len(service.definitions) > 1:
-            return self._dispatch_by_method(service, now)
-        queue = service.queue
-        while queue:
-            best = None
-            for worker in service.workers.values():
-                free = worker.free
-                if free > 0 and (best is None or free > best.free or
-                                 (free == best.free and worker.last_dispatch_seq < best.last_dispatch_seq)):
-                    best = worker
-            if best is None:
-                return
-            call = queue.popleft()
-            self._send_to_worker(best, call, service, now)
+        """§12: most free capacity first; ties to the least recently used worker.
 
-    def _dispatch_by_method(self, service: ServiceState, now: float) -> None:
-        """_dispatch while the live workers offer different definitions (§7, a rollout): each
-        call goes to a worker whose definition has its method. In order: a call whose method
-        only busy workers have waits, and the calls behind it with it (for the rollout's time)."""
-        queue, definitions = service.queue, service.definitions
+        While the live workers offer different definitions (§7, a rollout), each call goes to a
+        worker whose definition has its method, in order: a call whose method only busy workers
+        have waits, and the calls behind it with it (for the rollout's time)."""
+        queue = service.queue
+        definitions = service.definitions if len(service.definitions) > 1 else None
         while queue:
-            method = queue[0].method  # some live worker has it (see _forget_definitions)
+            method = queue[0].method  # some live worker has it (see _forget_definition)
             best = None
             for worker in service.workers.values():
-                methods = definitions[worker.definition]
-                if methods and method not in methods:  # (no methods: a worker that sent no descriptors)
-                    continue
                 free = worker.free
                 if free > 0 and (best is None or free > best.free or
                                  (free == best.free and worker.last_dispatch_seq < best.last_dispatch_seq)):
+                    # (no methods: a worker that sent no descriptors, taken to have them all)
+                    if definitions is not None and (methods := definitions[worker.definition]) and method not in methods:
+                        continue
                     best = worker
             if best is None:
                 return
