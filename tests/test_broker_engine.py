@@ -250,6 +250,58 @@ def test_while_workers_differ_each_call_goes_to_one_that_has_its_method(caplog):
     assert h.engine.services["svc.S"].methods == {"M"}
 
 
+def test_a_rollout_never_holds_the_queue_for_a_method_no_live_worker_has(caplog):
+    # In review: v2 died holding an idempotent N call; requeued at the head, no live worker had
+    # N, and the M calls behind it waited by two idle workers.
+    h = Harness()
+    h.ready(b"a", fds=_svc_fds("M"))
+    h.ready(b"b", fds=_svc_fds("M", "O"))
+    h.ready(b"v2", fds=_svc_fds("M", "N"))
+    n_call = h.call(b"c", method="N", idempotent=True)
+    assert [w for w, _, _ in h.take_requests()] == [b"v2"]
+    h.backend(b"v2", p.disconnect_message("crash"))
+    [(_, refused, _)] = h.take_replies()
+    assert refused.request_id == n_call and refused.code == StatusCode.UNIMPLEMENTED
+    assert "no method 'N' any more" in refused.message
+    h.call(b"c", method="M")
+    h.call(b"c", method="M")
+    assert sorted(w for w, _, _ in h.take_requests()) == [b"a", b"b"]
+
+
+def test_during_a_rollout_the_queue_is_bounded_though_workers_are_free():
+    h = Harness(queue_size=2)
+    h.ready(b"a", fds=_svc_fds("M"))
+    h.ready(b"v2", fds=_svc_fds("M", "N"))
+    h.call(b"c", method="N")
+    h.take_requests()
+    for _ in range(3):  # N only at v2, which is full: they queue, and the M behind them too
+        h.call(b"c", method="N")
+    codes = [r.code for _, r, _ in h.take_replies()]
+    assert codes == [StatusCode.RESOURCE_EXHAUSTED] and h.engine.queue_depth() == 2
+
+
+def test_workers_serving_other_services_too_define_a_service_alike(caplog):
+    # In review: a worker of Echo and one of Echo and Greeter sent different descriptor sets,
+    # and Echo got two "definitions" (a warning per join, method-aware dispatch for good).
+    other = descriptor_pb2.FileDescriptorProto(name="other.proto", package="other",
+                                               service=[descriptor_pb2.ServiceDescriptorProto(name="T")])
+    both = descriptor_pb2.FileDescriptorSet.FromString(SVC_FDS)
+    both.file.append(other)
+    h = Harness()
+    h.ready(b"one", fds=SVC_FDS)
+    h.ready(b"two", services=("svc.S", "other.T"), fds=both.SerializeToString())
+    assert len(h.engine.services["svc.S"].definitions) == 1
+    assert "another definition" not in caplog.text
+
+
+def test_a_ready_whose_descriptors_do_not_decode_is_refused():
+    h = Harness()
+    h.ready(b"w", fds=b"\xff\xff\xff")
+    [(peer, frames)] = h.take_control(p.DISCONNECT)
+    assert peer == b"w" and "not a FileDescriptorSet" in p.decode_disconnect(frames[2:])
+    assert not h.engine.workers and h.engine.counters["malformed_bad_descriptors"] == 1
+
+
 def test_full_queue_answers_resource_exhausted_at_once():
     h = Harness(queue_size=2)
     h.ready(b"w", capacity=1)

@@ -62,6 +62,21 @@ def _has_file(pool: descriptor_pool.DescriptorPool, name: str) -> bool:
         return False
 
 
+def service_definitions(raw_fds: bytes) -> dict[str, tuple[bytes, frozenset[str]]]:
+    """Each service in a serialized FileDescriptorSet: (the file that defines it, serialized,
+    and its method names). Two workers define a service alike when that file is the same,
+    whatever other services they serve. Raises on bytes that are no FileDescriptorSet."""
+    services = {}
+    for file in descriptor_pb2.FileDescriptorSet.FromString(raw_fds).file:
+        if not file.service:
+            continue
+        raw_file = file.SerializeToString(deterministic=True)
+        for svc in file.service:
+            full = f"{file.package}.{svc.name}" if file.package else svc.name
+            services[full] = (raw_file, frozenset(m.name for m in svc.method))
+    return services
+
+
 def method_names(raw_fds: bytes, service: str) -> list[str]:
     """The method names of ``service`` in a serialized FileDescriptorSet (empty when absent)."""
     fds = descriptor_pb2.FileDescriptorSet.FromString(raw_fds)

@@ -13,12 +13,12 @@ import logging
 from typing import Collection, Sequence
 
 from .. import _protocol as p
-from .._descriptors import method_names
+from .._descriptors import service_definitions
 from .._status import StatusCode
 from . import _builtin
 from ._config import BrokerConfig
 from ._deadlines import Deadlines
-from ._state import Call, CallState, ServiceState, WorkerState
+from ._state import NO_DEFINITION, Call, CallState, DescriptorSet, ServiceState, WorkerState
 
 log = logging.getLogger("zrpc.broker")
 
@@ -54,6 +54,8 @@ class BrokerEngine:
         self.started_at = now
         self.services: dict[str, ServiceState] = {}
         self.workers: dict[bytes, WorkerState] = {}
+        # The FileDescriptorSets live workers sent, each held once: READY bytes -> what they define.
+        self._descriptor_sets: dict[bytes, DescriptorSet] = {}
         # client routing id -> {client request id -> call}: for CANCEL and per-client bounds.
         self.clients: dict[bytes, dict[int, Call]] = {}
         # client routing id -> when it last sent something, oldest first: who to tell that we
@@ -181,7 +183,8 @@ class BrokerEngine:
             return self._fail_new(client, request_id, header, StatusCode.UNIMPLEMENTED,
                                   f"service {service_name!r} has no method {method!r}; "
                                   f"it has: {', '.join(sorted(service.methods))}", now, reads_batches)
-        if len(service.queue) >= self.config.queue_size and not self._has_free_worker(service):
+        if len(service.queue) >= self.config.queue_size and (
+                len(service.definitions) > 1 or not self._has_free_worker(service)):
             self.counters["queue_full"] += 1
             self.bad_input_log.warn("queue_full", "queue of service %s is full (%d calls): refusing calls",
                                     service_name, self.config.queue_size, service=service_name)
@@ -208,7 +211,10 @@ class BrokerEngine:
                 continue
             self.counters["cancelled"] += 1
             if call.state is CallState.QUEUED:
-                self.services[call.service].queue.remove(call)
+                service = self.services[call.service]
+                service.queue.remove(call)
+                if len(service.definitions) > 1:  # it may have held up the calls behind it
+                    self._dispatch(service, now)
             self._finish(call, StatusCode.CANCELLED, now)
             if call.worker is not None:
                 self._abandon_at_worker(call)
@@ -324,6 +330,16 @@ class BrokerEngine:
         if len(self.services) + len(new_names) > self.config.max_services:
             return self._bad_worker_input(identity, None, "too_many_services",
                                           f"broker knows {len(self.services)} services (limit {self.config.max_services})")
+        descriptors = self._descriptor_sets.get(ready.file_descriptor_set)
+        if descriptors is None:
+            try:
+                definitions = service_definitions(ready.file_descriptor_set)
+            except Exception as exc:  # noqa: BLE001 - DecodeError, or others on some inputs
+                return self._bad_worker_input(identity, None, "bad_descriptors",
+                                              f"READY's file_descriptor_set is not a FileDescriptorSet ({exc})")
+            descriptors = self._descriptor_sets[ready.file_descriptor_set] = DescriptorSet(
+                ready.file_descriptor_set, definitions)
+        descriptors.users += 1
         heartbeat = ready.heartbeat_ms / 1000.0
         worker = WorkerState(
             identity=identity, name=ready.name or identity.hex(), services=tuple(dict.fromkeys(ready.services)),
@@ -332,7 +348,7 @@ class BrokerEngine:
             # A first HEARTBEAT at the next tick: a worker that connected late in its silence
             # window would otherwise give up on us before our first one and connect again.
             next_heartbeat_at=now, joined_at=now, last_seen=now, peer_key=peer_key,
-            batches=ready.batches, announced_capacity=ready.capacity,
+            batches=ready.batches, announced_capacity=ready.capacity, descriptors=descriptors,
         )
         self.workers[identity] = worker
         for name in worker.services:
@@ -341,7 +357,7 @@ class BrokerEngine:
                 service = self.services[name] = ServiceState(name)
             service.workers[identity] = worker
             service.no_worker_since = None
-            self._adopt_definition(service, worker, ready.file_descriptor_set)
+            self._adopt_definition(service, worker)
         self.counters["workers_joined"] += 1
         # The connection's routing id tells the lines of one worker's connections apart: one
         # stopped and resumed joins on a new connection before its old one expires, and names
@@ -352,18 +368,15 @@ class BrokerEngine:
         for name in worker.services:
             self._dispatch(self.services[name], now)
 
-    def _adopt_definition(self, service: ServiceState, worker: WorkerState, definition: bytes) -> None:
-        """§7: the newest worker's definition becomes the service's; a worker that disagrees
-        with the others live is worth a warning (a rollout under way, or two services that
-        share a name by mistake). O(1) but for a definition not seen among the live workers."""
-        users = service.definition_users
+    def _adopt_definition(self, service: ServiceState, worker: WorkerState) -> None:
+        """§7: the newest worker's descriptors describe the service; a worker whose definition of
+        it (the file that defines it) differs from the other live workers' is worth a warning (a
+        rollout under way, or two services that share a name by mistake)."""
+        key, methods = worker.descriptors.services.get(service.name, NO_DEFINITION)
         others = len(service.workers) - 1  # the worker is in service.workers already
         if not others:  # the first live worker: what the last one offered is history
-            service.definitions = {d: m for d, m in service.definitions.items() if d == definition}
-        known = next((d for d in service.definitions if d == definition), None)
-        worker.definition = known if known is not None else definition  # one copy per definition
-        if known is None:
-            methods = frozenset(method_names(definition, service.name))
+            service.definitions = {}
+        if key not in service.definitions:
             if others:
                 added, removed = sorted(methods - service.methods), sorted(service.methods - methods)
                 log.warning("worker %s offers %s with another definition than its %d other live worker(s)%s: "
@@ -371,36 +384,41 @@ class BrokerEngine:
                             "would be read wrongly; finish the rollout, or give different services "
                             "different names", worker.name, service.name, others,
                             f" (methods added: {', '.join(added) or '-'}; gone: {', '.join(removed) or '-'})"
-                            if added or removed else " (same methods, other descriptors)",
+                            if added or removed else " (same methods, other messages)",
                             extra={"peer": worker.name, "service": service.name})
-            service.definitions[worker.definition] = methods
+            service.definitions[key] = methods
             service.methods = frozenset().union(*service.definitions.values())
-        users[worker.definition] = users.get(worker.definition, 0) + 1
+        service.definition_users[key] = service.definition_users.get(key, 0) + 1
         service.offered = True
-        service.file_descriptor_set = worker.definition
+        service.file_descriptor_set = worker.descriptors.raw
 
     def _forget_definition(self, service: ServiceState, worker: WorkerState, now: float) -> None:
-        """``worker`` left ``service``: a definition no live worker offers any more goes, and the
-        newest remaining worker's becomes current. With none left, the last stays (calls wait
-        for a worker, clients can still describe it). O(1) unless a definition goes."""
+        """``worker`` left ``service``: a definition no live worker has any more goes, the newest
+        remaining worker's descriptors describe the service, and calls queued for a method no
+        live worker has are answered. With none left, the last stays (calls wait for a worker,
+        clients can still describe it). O(1) unless a definition goes."""
         users = service.definition_users
-        left = users.get(worker.definition, 0) - 1
+        key = worker.descriptors.services.get(service.name, NO_DEFINITION)[0]
+        left = users.get(key, 0) - 1
         if left > 0:
-            users[worker.definition] = left
+            users[key] = left
             return
-        users.pop(worker.definition, None)
+        users.pop(key, None)
         if not service.workers:
             return
-        service.definitions.pop(worker.definition, None)
+        del service.definitions[key]
         newest = max(service.workers.values(), key=lambda w: w.joined_at)
-        service.file_descriptor_set = newest.definition
+        service.file_descriptor_set = newest.descriptors.raw
         before, service.methods = service.methods, frozenset().union(*service.definitions.values())
         if service.methods and service.methods != before:
-            # Calls queued for a method no live worker has now would be sent to one that has not.
-            for call in [call for call in service.queue if call.method not in service.methods]:
-                service.queue.remove(call)
-                self._fail(call, StatusCode.UNIMPLEMENTED, f"service {service.name!r} has no method "
-                           f"{call.method!r} any more (its live workers have: {', '.join(sorted(service.methods))})", now)
+            # One pass: a call for a method no live worker has would wait for nothing.
+            kept = collections.deque()
+            for call in service.queue:
+                if call.method in service.methods:
+                    kept.append(call)
+                else:
+                    self._fail(call, StatusCode.UNIMPLEMENTED, _gone_method_message(service, call.method), now)
+            service.queue = kept
 
     def _on_large_reply(self, worker: WorkerState, raw_header: bytes, payload: bytes, now: float) -> None:
         """§9: a reply over the size limits ends its call with RESOURCE_EXHAUSTED (not decoded)."""
@@ -500,8 +518,11 @@ class BrokerEngine:
         while (call := self._deadlines.pop_due(now)) is not None:
             self.counters["deadline_exceeded"] += 1
             if call.state is CallState.QUEUED:  # §12: never dispatched once its deadline passed
-                self.services[call.service].queue.remove(call)
+                service = self.services[call.service]
+                service.queue.remove(call)
                 where = "while queued"
+                if len(service.definitions) > 1:  # it may have held up the calls behind it
+                    self._dispatch(service, now)
             else:
                 where = "at the worker"
                 self._abandon_at_worker(call)
@@ -540,23 +561,29 @@ class BrokerEngine:
 
         While the live workers offer different definitions (§7, a rollout), each call goes to a
         worker whose definition has its method, in order: a call whose method only busy workers
-        have waits, and the calls behind it with it (for the rollout's time)."""
-        queue = service.queue
-        definitions = service.definitions if len(service.definitions) > 1 else None
+        have waits, and the calls behind it with it (for the rollout's time); one whose method
+        no live worker has is answered UNIMPLEMENTED."""
+        queue, name = service.queue, service.name
+        by_method = len(service.definitions) > 1
         while queue:
-            method = queue[0].method  # some live worker has it (see _forget_definition)
-            best = None
+            method = queue[0].method
+            best, offered = None, not by_method
             for worker in service.workers.values():
+                if by_method:
+                    methods = worker.descriptors.services.get(name, NO_DEFINITION)[1]
+                    if methods and method not in methods:  # (none: no descriptors, taken to have all)
+                        continue
+                    offered = True
                 free = worker.free
                 if free > 0 and (best is None or free > best.free or
                                  (free == best.free and worker.last_dispatch_seq < best.last_dispatch_seq)):
-                    # (no methods: a worker that sent no descriptors, taken to have them all)
-                    if definitions is not None and (methods := definitions[worker.definition]) and method not in methods:
-                        continue
                     best = worker
-            if best is None:
+            if best is not None:
+                self._send_to_worker(best, queue.popleft(), service, now)
+            elif offered:
                 return
-            self._send_to_worker(best, queue.popleft(), service, now)
+            else:
+                self._fail(queue.popleft(), StatusCode.UNIMPLEMENTED, _gone_method_message(service, method), now)
 
     def _send_to_worker(self, worker: WorkerState, call: Call, service: ServiceState, now: float) -> None:
         dispatch_id = next(self._dispatch_ids)
@@ -646,10 +673,14 @@ class BrokerEngine:
             service.workers.pop(worker.identity, None)
             if not service.workers:
                 service.no_worker_since = now
-            self._forget_definition(service, worker, now)
             calls = requeue.get(name, [])
             service.queue.extendleft(reversed(calls))  # oldest first, ahead of newer calls
+            self._forget_definition(service, worker, now)  # after: it answers calls no one can take
             self._dispatch(service, now)
+        descriptors = worker.descriptors
+        descriptors.users -= 1
+        if not descriptors.users:
+            self._descriptor_sets.pop(descriptors.raw, None)
 
     # ------------------------------------------------------------------ answers
 
@@ -869,6 +900,11 @@ def _request_ids_in(frames: Sequence[bytes], command: bytes = p.REQUEST) -> list
 
 
 _BATCH_OF = {p.REQUEST: p.REQUEST_BATCH, p.REPLY: p.REPLY_BATCH}
+
+
+def _gone_method_message(service: ServiceState, method: str) -> str:
+    return (f"service {service.name!r} has no method {method!r} any more (its live workers have: "
+            f"{', '.join(sorted(service.methods))})")
 
 
 def _not_found_message(service: str) -> str:

@@ -37,6 +37,20 @@ class Call:
 
 
 @dataclasses.dataclass(slots=True, eq=False)
+class DescriptorSet:
+    """A FileDescriptorSet that live workers sent in READY, held once however many sent it."""
+
+    raw: bytes
+    # service -> (the file defining it, serialized: its definition's key; its method names)
+    services: dict[str, tuple[bytes, frozenset[str]]]
+    users: int = 0  # live workers that sent it
+
+
+NO_DESCRIPTORS = DescriptorSet(b"", {})
+NO_DEFINITION = (b"", frozenset())  # a service a worker sent no descriptors for: any method goes
+
+
+@dataclasses.dataclass(slots=True, eq=False)
 class WorkerState:
     """A registered worker connection (one ROUTER routing id)."""
 
@@ -57,9 +71,7 @@ class WorkerState:
     batches: bool = False  # it reads REQUEST_BATCH (its READY says so, spec §4b)
     peer_key: str | None = None  # its CURVE public key (z85) when the broker runs CURVE
     announced_capacity: int = 0  # its READY's capacity: what a heartbeat may offer at most (§7b)
-    # Its READY's FileDescriptorSet: the definition of its services (one bytes object per
-    # distinct definition, shared by the workers that offer it).
-    definition: bytes = b""
+    descriptors: DescriptorSet = NO_DESCRIPTORS  # its READY's, shared with the workers that sent the same
 
     @property
     def free(self) -> int:
@@ -76,8 +88,8 @@ class ServiceState:
     # methods any of them has. Kept while none is live (calls wait for one, clients describe it).
     methods: frozenset[str] = frozenset()
     file_descriptor_set: bytes = b""
-    # The definitions its live workers offer (FileDescriptorSet -> its methods of this service):
-    # more than one while a rollout is under way, and dispatch then looks at methods.
+    # The definitions its live workers offer (the defining file -> its methods): more than one
+    # while a rollout is under way, and dispatch then looks at methods.
     definitions: dict[bytes, frozenset[str]] = dataclasses.field(default_factory=dict)
     definition_users: dict[bytes, int] = dataclasses.field(default_factory=dict)  # live workers of each
     workers: dict[bytes, WorkerState] = dataclasses.field(default_factory=dict)
