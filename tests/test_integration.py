@@ -473,3 +473,20 @@ def test_a_stopping_broker_tells_its_workers_and_they_register_with_its_successo
             assert reply.payload == b"x"
             assert [w.name for w in successor.engine.workers.values()] == [worker.name]
     assert "unknown worker" not in caplog.text and "silent for" not in caplog.text
+
+
+def test_a_worker_whose_broker_said_it_stopped_does_not_wait_for_it_when_stopping(ipc_dir, caplog):
+    """In review: after DISCONNECT('broker stopping') a worker's own stop still waited up to the
+    silence limit (here 30 s) for a drain acknowledgement from nobody."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="zrpc.worker")
+    broker = Broker(BrokerConfig(frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back")).start()
+    worker = Worker([Echo()], broker.backend_endpoint, heartbeat_interval=10.0, drain_grace=60.0).start()
+    wait_for(lambda: broker.engine.workers)
+    broker.stop()
+    wait_for(lambda: "stopped; registering again" in caplog.text)
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    stopper.join(timeout=20.0)
+    assert not stopper.is_alive(), "stop() waited for a broker that said it stopped"

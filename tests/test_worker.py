@@ -709,3 +709,56 @@ def test_a_broker_that_never_answered_does_not_hold_up_the_stop(ipc_dir, caplog)
     stopper.join(timeout=20.0)
     assert not stopper.is_alive(), "stop() waited for a broker that never answered"
     assert "went silent" not in caplog.text
+
+
+def test_a_capacity_offer_that_could_not_be_sent_is_offered_again():
+    """§7b, in review: an offer dropped by a full queue was recorded as told, so the broker kept
+    its old (maybe 0) figure until the calls held changed again."""
+    from zrpc._worker._share import CapacityShare
+
+    class Link:
+        def __init__(self, held: int, accepts: bool):
+            self.in_flight = dict.fromkeys(range(held))
+            self.offered = None
+            self.accepts = accepts
+            self.sent = []
+
+        def send(self, frames) -> bool:
+            self.sent.append(p.decode_heartbeat_capacity(frames[2:]))
+            return self.accepts
+
+    busy, full = Link(held=3, accepts=True), Link(held=0, accepts=False)
+    share = CapacityShare(4, lambda: 3, [busy, full], loop=None)
+    share._tell()
+    assert (busy.sent, busy.offered) == ([], None)  # 4 - 0 held elsewhere: READY's figure, unchanged
+    assert (full.sent, full.offered) == ([1], None)  # 4 - 3: not sent, so not recorded
+    full.accepts = True
+    share._tell()
+    assert (full.sent, full.offered) == ([1, 1], 1)
+
+
+def test_a_result_within_the_deadlines_rounding_is_still_sent():
+    """The broker sends what is left of a deadline in whole milliseconds, rounded down: the
+    worker's deadline may come up to 1 ms before the broker's. A result finished in that gap
+    still reaches the caller (in review); one later is answered DEADLINE_EXCEEDED."""
+    from zrpc._service import Context
+    from zrpc._worker._calls import Call, result_pair
+
+    class Link:
+        epoch = 1
+        max_message_bytes = 1 << 20
+
+        def __init__(self):
+            self.answers = []
+
+        def reply(self, answer):
+            self.answers.append(answer)
+
+    worker = Worker([Probe()], "ipc:///nowhere-never-started")
+    method = worker.table.methods[("echo.Echo", "Say")]
+    link = Link()
+    for finished_at in (10.0005, 10.0015):
+        context = Context._for_call(7, "echo.Echo", "Say", {}, 1, 10.0)
+        call = Call(7, method, None, context, link, 1, started=True, started_at=9.0)
+        worker._answer(call, result_pair(call, echo_pb2.EchoReply(payload=b"x")), finished_at)
+    assert [code for _, _, code in link.answers] == [StatusCode.OK, StatusCode.DEADLINE_EXCEEDED]

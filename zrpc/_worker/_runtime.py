@@ -64,6 +64,11 @@ _INLINE_STRIKES = 2
 _STRIKE_WINDOW = 60.0
 
 
+# The broker sends what is left of a deadline in whole milliseconds, rounded down (spec §5): a
+# worker's deadline may come up to that much before the broker's, and a result finished in
+# between still reaches the caller. Only one past both is answered as late (see _answer).
+_DEADLINE_ROUNDING = 0.001
+
 class Worker:
     """Serves ``services`` to the broker(s) at ``brokers``.
 
@@ -299,7 +304,7 @@ class Worker:
             # Nor a client endpoint mistaken for one: it never registered us, and never will answer.
             # Nor a broker that never answered us: it has none of our calls, and may not exist.
             waiting = [link for link in self._links if not link.drain_acked and not link.silent(now)
-                       and not link.looks_like_frontend and link.heard_ever]
+                       and not link.looks_like_frontend and link.heard_ever and not link.broker_stopped]
             if not waiting:
                 break
             left = give_up_at - now
@@ -313,7 +318,8 @@ class Worker:
                 await asyncio.wait_for(self._drain_acked.wait(), max(0.001, min(left, silent_in)))
             except TimeoutError:
                 pass
-        gone = [link.endpoint for link in self._links if not link.drain_acked and link.heard_ever]
+        gone = [link.endpoint for link in self._links
+                if not link.drain_acked and link.heard_ever and not link.broker_stopped]
         if gone and self._clock() < give_up_at:
             log.warning("worker %s: broker %s went silent; not waiting for its drain acknowledgement",
                         self.name, ",".join(gone))
@@ -620,7 +626,7 @@ class Worker:
         outcome (OK, say): the worker's metrics agree with the broker's and the client's.
         """
         context = call.context  # (context.cancelled would read the clock again: 327 ns, this 60)
-        if ((context._cancelled or (context.deadline is not None and now >= context.deadline))
+        if ((context._cancelled or (context.deadline is not None and now >= context.deadline + _DEADLINE_ROUNDING))
                 and answer[2] != StatusCode.DEADLINE_EXCEEDED and answer[2] != StatusCode.CANCELLED):
             answer = stopped_pair(call, now)
         self._reply(call, answer)

@@ -45,7 +45,7 @@ class CapacityShare:
             # What the others hold: ours may be fewer than the slots they take (orphans).
             offer = max(0, self.capacity - (held - len(link.in_flight)))
             told = self.capacity if link.offered is None else link.offered  # None: READY's
-            if offer != told and link.socket is not None:
-                link.send(p.capacity_message(offer))
+            # Recorded only once sent: one dropped (a full queue) is offered again next time.
+            if offer != told and link.send(p.capacity_message(offer)):
                 link.offered = offer
                 self.updates_sent += 1
