@@ -63,11 +63,11 @@ INLINE_LIMIT = 0.02
 _INLINE_STRIKES = 2
 _STRIKE_WINDOW = 60.0
 
-
 # The broker sends what is left of a deadline in whole milliseconds, rounded down (spec §5): a
 # worker's deadline may come up to that much before the broker's, and a result finished in
 # between still reaches the caller. Only one past both is answered as late (see _answer).
 _DEADLINE_ROUNDING = 0.001
+
 
 class Worker:
     """Serves ``services`` to the broker(s) at ``brokers``.
