@@ -762,3 +762,57 @@ def test_a_result_within_the_deadlines_rounding_is_still_sent():
         call = Call(7, method, None, context, link, 1, started=True, started_at=9.0)
         worker._answer(call, result_pair(call, echo_pb2.EchoReply(payload=b"x")), finished_at)
     assert [code for _, _, code in link.answers] == [StatusCode.OK, StatusCode.DEADLINE_EXCEEDED]
+
+
+def test_a_slot_one_broker_frees_goes_back_to_it_first():
+    """§7b, the second tester: both brokers busy, each slot that freed was offered to the other
+    broker at once, and both filled it (a worker of concurrency 2 held 4). Increases now wait
+    REFILL_WINDOW: a busy broker refills its slot within a round trip, and nothing is offered."""
+    from zrpc._worker._share import REFILL_WINDOW, CapacityShare
+
+    class Loop:  # runs what the share schedules when the test says so
+        def __init__(self):
+            self.soon, self.later = [], []
+
+        def call_soon(self, callback):
+            self.soon.append(callback)
+
+        def call_later(self, delay, callback):
+            assert delay == REFILL_WINDOW
+            self.later.append(callback)
+            return callback
+
+        def run(self, timers=False):
+            for queue in (self.soon, self.later) if timers else (self.soon,):
+                callbacks, queue[:] = list(queue), []
+                for callback in callbacks:
+                    callback()
+
+    class Link:
+        def __init__(self, held):
+            self.in_flight = dict.fromkeys(range(held))
+            self.offered = None
+            self.sent = []
+
+        def send(self, frames) -> bool:
+            self.sent.append(p.decode_heartbeat_capacity(frames[2:]))
+            return True
+
+    loop = Loop()
+    a, b = Link(held=2), Link(held=0)
+    share = CapacityShare(2, lambda: len(a.in_flight) + len(b.in_flight), [a, b], loop)
+    share.changed()
+    loop.run()
+    assert (a.sent, b.sent) == ([], [0])  # a holds both slots: b may hold none, told at once
+    del a.in_flight[0]  # a's call ends; a refills it before the window is over
+    share.changed()
+    loop.run()
+    assert b.sent == [0]  # not yet: the slot is a's first
+    a.in_flight[5] = None
+    share.changed()
+    loop.run(timers=True)
+    assert b.sent == [0]  # a took it back: b was never offered it
+    del a.in_flight[1]  # now a has nothing more to send: the window passes, b may have it
+    share.changed()
+    loop.run(timers=True)
+    assert b.sent == [0, 1]
