@@ -250,6 +250,20 @@ def test_while_workers_differ_each_call_goes_to_one_that_has_its_method(caplog):
     assert h.engine.services["svc.S"].methods == {"M"}
 
 
+def test_during_a_rollout_the_service_is_described_with_every_method_the_broker_accepts():
+    # The second tester: a v1 worker registering last (a broker restart, one more v1) made the
+    # description v1's, and `zrpc call` (which reads it) refused v2's Put that the broker took.
+    h = Harness()
+    v1, v2 = _svc_fds("M"), _svc_fds("M", "N")
+    h.ready(b"new", fds=v2)
+    h.ready(b"old", fds=v1)
+    service = h.engine.services["svc.S"]
+    assert service.methods == {"M", "N"} and service.file_descriptor_set == v2
+    h.ready(b"old2", fds=v1)
+    h.backend(b"new", p.disconnect_message("stopping"))  # v2 gone: v1 describes it again
+    assert service.methods == {"M"} and service.file_descriptor_set == v1
+
+
 def test_a_rollout_never_holds_the_queue_for_a_method_no_live_worker_has(caplog):
     # In review: v2 died holding an idempotent N call; requeued at the head, no live worker had
     # N, and the M calls behind it waited by two idle workers.

@@ -375,7 +375,7 @@ class BrokerEngine:
         key, methods = worker.descriptors.services.get(service.name, NO_DEFINITION)
         others = len(service.workers) - 1  # the worker is in service.workers already
         if not others:  # the first live worker: what the last one offered is history
-            service.definitions = {}
+            service.definitions, service.definition_sets = {}, {}
         if key not in service.definitions:
             if others:
                 added, removed = sorted(methods - service.methods), sorted(service.methods - methods)
@@ -389,8 +389,9 @@ class BrokerEngine:
             service.definitions[key] = methods
             service.methods = frozenset().union(*service.definitions.values())
         service.definition_users[key] = service.definition_users.get(key, 0) + 1
+        service.definition_sets[key] = worker.descriptors.raw
         service.offered = True
-        service.file_descriptor_set = worker.descriptors.raw
+        service.file_descriptor_set = _describing(service, key)
 
     def _forget_definition(self, service: ServiceState, worker: WorkerState, now: float) -> None:
         """``worker`` left ``service``: a definition no live worker has any more goes, the newest
@@ -407,9 +408,10 @@ class BrokerEngine:
         if not service.workers:
             return
         del service.definitions[key]
-        newest = max(service.workers.values(), key=lambda w: w.joined_at)
-        service.file_descriptor_set = newest.descriptors.raw
+        del service.definition_sets[key]
         before, service.methods = service.methods, frozenset().union(*service.definitions.values())
+        newest = max(service.workers.values(), key=lambda w: w.joined_at)
+        service.file_descriptor_set = _describing(service, newest.descriptors.services.get(service.name, NO_DEFINITION)[0])
         if service.methods and service.methods != before:
             # One pass: a call for a method no live worker has would wait for nothing.
             kept = collections.deque()
@@ -900,6 +902,18 @@ def _request_ids_in(frames: Sequence[bytes], command: bytes = p.REQUEST) -> list
 
 
 _BATCH_OF = {p.REQUEST: p.REQUEST_BATCH, p.REPLY: p.REPLY_BATCH}
+
+
+def _describing(service: ServiceState, newest: bytes) -> bytes:
+    """The descriptors that describe ``service`` (§13): the newest worker's definition (key
+    ``newest``), unless it lacks methods another live one has: then one that has them all, so
+    that a client that describes the service can call every method the broker accepts."""
+    if service.definitions[newest] >= service.methods:
+        return service.definition_sets[newest]
+    for key, methods in service.definitions.items():
+        if methods >= service.methods:
+            return service.definition_sets[key]
+    return service.definition_sets[newest]
 
 
 def _gone_method_message(service: ServiceState, method: str) -> str:

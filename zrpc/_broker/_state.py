@@ -92,6 +92,7 @@ class ServiceState:
     # while a rollout is under way, and dispatch then looks at methods.
     definitions: dict[bytes, frozenset[str]] = dataclasses.field(default_factory=dict)
     definition_users: dict[bytes, int] = dataclasses.field(default_factory=dict)  # live workers of each
+    definition_sets: dict[bytes, bytes] = dataclasses.field(default_factory=dict)  # a FileDescriptorSet of each
     workers: dict[bytes, WorkerState] = dataclasses.field(default_factory=dict)
     queue: collections.deque = dataclasses.field(default_factory=collections.deque)
     # When the service last lost its last live worker (None while it has one).
