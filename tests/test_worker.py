@@ -816,3 +816,9 @@ def test_a_slot_one_broker_frees_goes_back_to_it_first():
     share.changed()
     loop.run(timers=True)
     assert b.sent == [0, 1]
+
+
+def test_a_broker_given_twice_is_served_once():
+    # The second tester: `-b X,X` registered the worker twice, with twice its capacity.
+    worker = Worker([Probe()], ["ipc:///tmp/zrpc-x", "ipc:///tmp/zrpc-y", "ipc:///tmp/zrpc-x"])
+    assert worker.brokers == ["ipc:///tmp/zrpc-x", "ipc:///tmp/zrpc-y"]

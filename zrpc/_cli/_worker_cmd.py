@@ -94,7 +94,7 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
     metrics = start_metrics(lambda: worker_registry(worker_), metrics_host, metrics_port)
     try:
         _serve(worker_, drain_grace,
-               f"zrpc worker ready: services={','.join(names)} brokers={','.join(endpoints)} "
+               f"zrpc worker ready: services={','.join(names)} brokers={','.join(worker_.brokers)} "
                f"concurrency={concurrency}" + (f" metrics={metrics.url}" if metrics else ""))
     finally:
         if metrics is not None:

@@ -98,7 +98,9 @@ class Worker:
         self.brokers = [brokers] if isinstance(brokers, str) else list(brokers)
         if not self.brokers:
             raise ValueError("a worker needs at least one broker endpoint")
-        endpoint_list(self.brokers, "broker endpoint")  # named here, not by libzmq in the worker's thread
+        # Checked here, not by libzmq in the worker's thread; each once: the same broker twice
+        # would register the worker twice, with twice its capacity (the second tester).
+        self.brokers = endpoint_list(self.brokers, "broker endpoint")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if not 0 < heartbeat_interval < math.inf:  # NaN fails too
@@ -259,9 +261,9 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for link in self._links:
-                # A broker that never answered has nothing to get: messages queued for an
-                # endpoint nobody listens on would hold the context's end for the linger.
-                link.close(FINAL_LINGER_MS if link.heard_ever else 0)
+                # A broker that never answered, or said it stopped, has nothing to get: messages
+                # queued for an endpoint nobody listens on would hold the context's end.
+                link.close(FINAL_LINGER_MS if link.heard_ever and not link.broker_stopped else 0)
             self._links = []
             if self._rebalance_timer is not None:
                 self._rebalance_timer.cancel()
@@ -318,8 +320,8 @@ class Worker:
                 await asyncio.wait_for(self._drain_acked.wait(), max(0.001, min(left, silent_in)))
             except TimeoutError:
                 pass
-        gone = [link.endpoint for link in self._links
-                if not link.drain_acked and link.heard_ever and not link.broker_stopped]
+        gone = [link.endpoint for link in self._links if not link.drain_acked and link.heard_ever
+                and not link.broker_stopped and not link.looks_like_frontend]
         if gone and self._clock() < give_up_at:
             log.warning("worker %s: broker %s went silent; not waiting for its drain acknowledgement",
                         self.name, ",".join(gone))
