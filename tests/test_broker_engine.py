@@ -21,11 +21,12 @@ SVC_FDS = descriptor_pb2.FileDescriptorSet(file=[descriptor_pb2.FileDescriptorPr
 )]).SerializeToString()
 
 
-def _svc_fds(*methods: str) -> bytes:
-    """Service svc.S with these methods: another version of the one in SVC_FDS."""
+def _svc_fds(*methods: str, fields=()) -> bytes:
+    """Service svc.S with these methods (and Req with these FieldDescriptorProtos): another
+    version of the one in SVC_FDS."""
     return descriptor_pb2.FileDescriptorSet(file=[descriptor_pb2.FileDescriptorProto(
         name="svc.proto", package="svc",
-        message_type=[descriptor_pb2.DescriptorProto(name="Req")],
+        message_type=[descriptor_pb2.DescriptorProto(name="Req", field=list(fields))],
         service=[descriptor_pb2.ServiceDescriptorProto(name="S", method=[
             descriptor_pb2.MethodDescriptorProto(name=m, input_type=".svc.Req", output_type=".svc.Req")
             for m in methods])],
@@ -314,6 +315,31 @@ def test_a_ready_whose_descriptors_do_not_decode_is_refused():
     [(peer, frames)] = h.take_control(p.DISCONNECT)
     assert peer == b"w" and "not a FileDescriptorSet" in p.decode_disconnect(frames[2:])
     assert not h.engine.workers and h.engine.counters["malformed_bad_descriptors"] == 1
+
+
+def test_a_worker_whose_messages_cannot_be_read_by_the_live_workers_is_refused():
+    # The second tester: v3 changed Item.count from int32 to string and was served next to v1
+    # and v2; calls returned wrong data with exit 0.
+    def count(type_):
+        return descriptor_pb2.FieldDescriptorProto(name="count", number=1, type=type_,
+                                                   label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+
+    T = descriptor_pb2.FieldDescriptorProto
+    h = Harness()
+    h.ready(b"v1", fds=_svc_fds("M", fields=[count(T.TYPE_INT32)]))
+    h.ready(b"v2", fds=_svc_fds("M", "N", fields=[count(T.TYPE_INT64)]))  # int32 -> int64 reads alike
+    h.ready(b"v3", fds=_svc_fds("M", fields=[count(T.TYPE_STRING)]))
+    [(peer, frames)] = h.take_control(p.DISCONNECT)
+    assert peer == b"v3" and p.decode_disconnect(frames[2:]) == (
+        "refused: its definition of svc.S cannot be read by the live workers': field 1 of svc.Req is "
+        "string count, where the live workers' is int32 count; stop them first, or give this version "
+        "another service name")
+    assert sorted(h.engine.workers) == [b"v1", b"v2"]
+    # Once the older versions are gone, the new one registers.
+    h.backend(b"v1", p.disconnect_message("stopping"))
+    h.backend(b"v2", p.disconnect_message("stopping"))
+    h.ready(b"v3", fds=_svc_fds("M", fields=[count(T.TYPE_STRING)]))
+    assert list(h.engine.workers) == [b"v3"]
 
 
 def test_full_queue_answers_resource_exhausted_at_once():

@@ -77,6 +77,58 @@ def service_definitions(raw_fds: bytes) -> dict[str, tuple[bytes, frozenset[str]
     return services
 
 
+# Field types protobuf reads each as the other (its "Updating a message type" rules); any
+# other change of a field's type makes old and new read each other's messages wrongly.
+_T = descriptor_pb2.FieldDescriptorProto
+_WIRE_ALIKE = [
+    {_T.TYPE_INT32, _T.TYPE_UINT32, _T.TYPE_INT64, _T.TYPE_UINT64, _T.TYPE_BOOL, _T.TYPE_ENUM},
+    {_T.TYPE_SINT32, _T.TYPE_SINT64},
+    {_T.TYPE_FIXED32, _T.TYPE_SFIXED32},
+    {_T.TYPE_FIXED64, _T.TYPE_SFIXED64},
+    {_T.TYPE_STRING, _T.TYPE_BYTES},
+]
+
+
+def incompatibility(new_file: bytes, old_file: bytes) -> str | None:
+    """How two versions of one serialized FileDescriptorProto disagree on the wire, or None:
+    a field number, in a message both define, whose type changed to one protobuf does not read
+    as the other (int32 to string, say). Names, new fields and removed fields are compatible."""
+    old_messages = dict(_messages(descriptor_pb2.FileDescriptorProto.FromString(old_file)))
+    for name, message in _messages(descriptor_pb2.FileDescriptorProto.FromString(new_file)):
+        before = old_messages.get(name)
+        if before is None:
+            continue
+        was_by_number = {field.number: field for field in before.field}
+        for field in message.field:
+            was = was_by_number.get(field.number)
+            if was is not None and not _reads_as(was, field):
+                return (f"field {field.number} of {name} is {_type_name(field)} {field.name}, where the "
+                        f"live workers' is {_type_name(was)} {was.name}")
+    return None
+
+
+def _messages(file):
+    """(full name, DescriptorProto) of every message in a FileDescriptorProto, nested ones too."""
+    stack = [(file.package, message) for message in file.message_type]
+    while stack:
+        scope, message = stack.pop()
+        full = f"{scope}.{message.name}" if scope else message.name
+        yield full, message
+        stack.extend((full, nested) for nested in message.nested_type)
+
+
+def _reads_as(was, field) -> bool:
+    if was.type == field.type:
+        return was.type not in (_T.TYPE_MESSAGE, _T.TYPE_ENUM, _T.TYPE_GROUP) or was.type_name == field.type_name
+    return any(was.type in alike and field.type in alike for alike in _WIRE_ALIKE)
+
+
+def _type_name(field) -> str:
+    if field.type_name:
+        return field.type_name.lstrip(".")
+    return _T.Type.Name(field.type)[len("TYPE_"):].lower()
+
+
 def method_names(raw_fds: bytes, service: str) -> list[str]:
     """The method names of ``service`` in a serialized FileDescriptorSet (empty when absent)."""
     fds = descriptor_pb2.FileDescriptorSet.FromString(raw_fds)

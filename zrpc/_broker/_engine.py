@@ -13,7 +13,7 @@ import logging
 from typing import Collection, Sequence
 
 from .. import _protocol as p
-from .._descriptors import service_definitions
+from .._descriptors import incompatibility, service_definitions
 from .._status import StatusCode
 from . import _builtin
 from ._config import BrokerConfig
@@ -337,8 +337,15 @@ class BrokerEngine:
             except Exception as exc:  # noqa: BLE001 - DecodeError, or others on some inputs
                 return self._bad_worker_input(identity, None, "bad_descriptors",
                                               f"READY's file_descriptor_set is not a FileDescriptorSet ({exc})")
-            descriptors = self._descriptor_sets[ready.file_descriptor_set] = DescriptorSet(
-                ready.file_descriptor_set, definitions)
+            descriptors = DescriptorSet(ready.file_descriptor_set, definitions)
+        for name in ready.services:  # §7: a changed field type would be read wrongly: refused
+            problem = self._incompatible(self.services.get(name), descriptors)
+            if problem is not None:
+                return self._bad_worker_input(identity, None, "incompatible_definition",
+                                              f"its definition of {name} cannot be read by the live workers': "
+                                              f"{problem}; stop them first, or give this version another "
+                                              f"service name")
+        descriptors = self._descriptor_sets.setdefault(ready.file_descriptor_set, descriptors)
         descriptors.users += 1
         heartbeat = ready.heartbeat_ms / 1000.0
         worker = WorkerState(
@@ -368,6 +375,19 @@ class BrokerEngine:
         for name in worker.services:
             self._dispatch(self.services[name], now)
 
+    @staticmethod
+    def _incompatible(service: ServiceState | None, descriptors: DescriptorSet) -> str | None:
+        """Why a worker's definition of ``service`` cannot serve next to its live workers', or None."""
+        if service is None or not service.workers:
+            return None
+        key = descriptors.services.get(service.name, NO_DEFINITION)[0]
+        if not key or key in service.definitions:
+            return None
+        for live in service.definitions:  # a new definition: rare, so parsed here, each time
+            if live and (problem := incompatibility(key, live)) is not None:
+                return problem
+        return None
+
     def _adopt_definition(self, service: ServiceState, worker: WorkerState) -> None:
         """§7: the newest worker's descriptors describe the service; a worker whose definition of
         it (the file that defines it) differs from the other live workers' is worth a warning (a
@@ -380,9 +400,9 @@ class BrokerEngine:
             if others:
                 added, removed = sorted(methods - service.methods), sorted(service.methods - methods)
                 log.warning("worker %s offers %s with another definition than its %d other live worker(s)%s: "
-                            "each call goes to a worker that has its method, but a changed message type "
-                            "would be read wrongly; finish the rollout, or give different services "
-                            "different names", worker.name, service.name, others,
+                            "each call goes to a worker that has its method until the rollout ends (or, "
+                            "if this is no rollout, give different services different names)",
+                            worker.name, service.name, others,
                             f" (methods added: {', '.join(added) or '-'}; gone: {', '.join(removed) or '-'})"
                             if added or removed else " (same methods, other messages)",
                             extra={"peer": worker.name, "service": service.name})
