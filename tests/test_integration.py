@@ -490,3 +490,18 @@ def test_a_worker_whose_broker_said_it_stopped_does_not_wait_for_it_when_stoppin
     stopper.start()
     stopper.join(timeout=20.0)
     assert not stopper.is_alive(), "stop() waited for a broker that said it stopped"
+
+
+def test_a_refused_registration_is_said_once_and_retried(ipc_dir, caplog):
+    """A READY refused (here: the broker's worker limit; a definition the live workers cannot
+    read, a key) is retried every heartbeat interval; its reason is logged once, as an error."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="zrpc.worker")
+    config = BrokerConfig(frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back", max_workers=1)
+    with Broker(config) as broker, Worker([Echo()], config.backend, heartbeat_interval=0.05):
+        wait_for(lambda: broker.engine.workers)
+        with Worker([Echo()], config.backend, heartbeat_interval=0.05):
+            wait_for(lambda: broker.engine.counters["malformed_too_many_workers"] >= 3)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "refused: broker has 1 workers (limit 1); trying again every 0.05s" in errors[0]

@@ -72,6 +72,7 @@ class BrokerLink:
         self.silent_since: float | None = None  # when we last heard it, while it stays silent
         self.heard_ever = False  # has a broker at this endpoint ever sent us anything?
         self.broker_stopped = False  # it said it stopped (DISCONNECT, broker stopping), and none answered since
+        self.refusal: str | None = None  # why the broker refused our last READY, until it takes one
         self.poll_until = 0.0  # busy_poll: read every loop turn until then (set by calls only)
         self.ready_due: float | None = None  # a READY to send at this time (after a refusal)
         self.registered = False  # the broker has shown it took our last READY (see _receive)

@@ -261,9 +261,9 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for link in self._links:
-                # A broker that never answered, or said it stopped, has nothing to get: messages
-                # queued for an endpoint nobody listens on would hold the context's end.
-                link.close(FINAL_LINGER_MS if link.heard_ever and not link.broker_stopped else 0)
+                # A broker that does not have us registered has nothing to get: messages queued
+                # for an endpoint nobody listens on would hold the context's end.
+                link.close(FINAL_LINGER_MS if link.registered else 0)
             self._links = []
             if self._rebalance_timer is not None:
                 self._rebalance_timer.cancel()
@@ -304,9 +304,10 @@ class Worker:
             # A broker silent for liveness x interval is gone (spec §11): it cannot acknowledge,
             # and waiting out the rest of the grace for it would only delay the stop.
             # Nor a client endpoint mistaken for one: it never registered us, and never will answer.
-            # Nor a broker that never answered us: it has none of our calls, and may not exist.
+            # Nor a broker that does not have us registered (it never answered, refused our READY,
+            # said it stopped, or is a frontend): it holds none of our calls.
             waiting = [link for link in self._links if not link.drain_acked and not link.silent(now)
-                       and not link.looks_like_frontend and link.heard_ever and not link.broker_stopped]
+                       and link.registered]
             if not waiting:
                 break
             left = give_up_at - now
@@ -320,8 +321,7 @@ class Worker:
                 await asyncio.wait_for(self._drain_acked.wait(), max(0.001, min(left, silent_in)))
             except TimeoutError:
                 pass
-        gone = [link.endpoint for link in self._links if not link.drain_acked and link.heard_ever
-                and not link.broker_stopped and not link.looks_like_frontend]
+        gone = [link.endpoint for link in self._links if not link.drain_acked and link.registered]
         if gone and self._clock() < give_up_at:
             log.warning("worker %s: broker %s went silent; not waiting for its drain acknowledgement",
                         self.name, ",".join(gone))
@@ -425,6 +425,7 @@ class Worker:
             if not link.registered:  # "ready" only says we started: this says a broker has us
                 link.registered = True
                 link.broker_stopped = False
+                link.refusal = None
                 log.info("registered with broker %s", link.endpoint)
         link.schedule_read()  # a full batch: let other work run, then read on
 
@@ -521,6 +522,12 @@ class Worker:
         if reason == p.UNKNOWN_WORKER and not link.registered:
             # Again, before the broker has our READY: one per message of ours it got first.
             log.debug("broker %s sent DISCONNECT (%s) again; registering", link.endpoint, reason)
+        elif reason.startswith("refused: "):  # our READY, refused: said once per reason, retried each interval
+            if reason != link.refusal:
+                link.refusal = reason
+                log.error("broker %s %s; trying again every %gs", link.endpoint, reason, self.heartbeat_interval)
+            else:
+                log.debug("broker %s %s again", link.endpoint, reason)
         else:
             log.info("broker %s sent DISCONNECT (%s); registering again", link.endpoint, reason)
         link.schedule_ready(self._clock())
