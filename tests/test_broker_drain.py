@@ -389,3 +389,20 @@ def test_a_rolling_restart_of_the_only_broker_fails_no_call_that_did_not_run(spa
             for thread in threads:
                 thread.join(40)
     assert failed == []
+
+
+def test_services_and_status_show_a_broker_that_drains(endpoints):
+    """The second tester: during a drain, `zrpc services` and `zrpc status` printed their usual
+    tables (exit 0); only `zrpc health` said NOT_SERVING."""
+    from click.testing import CliRunner
+
+    from zrpc._cli.main import main
+
+    with _draining_with_a_held_call(endpoints, sleep_ms=1000) as _:
+        listing = CliRunner().invoke(main, ["services", "--broker", endpoints[0]], prog_name="zrpc")
+        status = CliRunner().invoke(main, ["status", "--broker", endpoints[0], "--interval", "0.05"],
+                                    prog_name="zrpc")
+        as_json = CliRunner().invoke(main, ["services", "--json", "--broker", endpoints[0]], prog_name="zrpc")
+    assert listing.exit_code == 0 and listing.output.startswith("DRAINING: this broker is shutting down")
+    assert status.exit_code == 0 and "(DRAINING: shutting down)" in status.output.splitlines()[0]
+    assert '"draining": true' in as_json.output

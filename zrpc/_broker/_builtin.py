@@ -31,7 +31,7 @@ def handle(engine: "BrokerEngine", method: str, payload: bytes, now: float) -> t
 
 
 def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now: float):
-    reply = pb.ListServicesReply()
+    reply = pb.ListServicesReply(draining=engine.draining)
     own = reply.services.add(name=SERVICE, methods=sorted(_METHODS), live_workers=1)
     own.capacity = 1
     for name in sorted(engine.services):

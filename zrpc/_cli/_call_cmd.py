@@ -122,6 +122,8 @@ def format_services(listing: pb.ListServicesReply) -> str:
         cells = [cell.ljust(width) if i < 2 else cell.rjust(width)
                  for i, (cell, width) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip() + "\n")
+    if listing.draining:  # an operator looking at a broker that is going away should see it first
+        lines.insert(0, "DRAINING: this broker is shutting down; it refuses new calls and answers the ones it holds\n")
     return "".join(lines)
 
 

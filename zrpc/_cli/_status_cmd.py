@@ -107,7 +107,8 @@ def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, sec
         return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
 
     # The columns count over different windows: say which (the tester read ERRORS as recent).
-    header = (f"broker {broker}: {len(rows)} service(s), {time.strftime('%H:%M:%S')}; calls/s over the last "
-              f"{seconds:.1f}s, p99 over the last minute, errors since the broker started")
+    header = (f"broker {broker}{' (DRAINING: shutting down)' if after.draining else ''}: {len(rows)} service(s), "
+              f"{time.strftime('%H:%M:%S')}; calls/s over the last {seconds:.1f}s, p99 over the last minute, "
+              f"errors since the broker started")
     body = [line(_COLUMNS), *(line(row) for row in rows)] if rows else ["no services: start one with zrpc worker run MODULE:CLASS"]
     return "\n".join([header, *body])
