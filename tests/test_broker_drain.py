@@ -406,3 +406,25 @@ def test_services_and_status_show_a_broker_that_drains(endpoints):
     assert listing.exit_code == 0 and listing.output.startswith("DRAINING: this broker is shutting down")
     assert status.exit_code == 0 and "(DRAINING: shutting down)" in status.output.splitlines()[0]
     assert '"draining": true' in as_json.output
+
+
+def test_a_call_cut_off_by_the_grace_says_so_when_its_retry_finds_no_broker(endpoints):
+    """The second tester: an idempotent call held past the grace lost its connection, was
+    retried, found no broker, and said only "nothing accepted the connection (is the broker
+    running there?)". It says what its first attempt met too."""
+    frontend, backend = endpoints
+    broker = Broker(BrokerConfig(frontend=frontend, backend=backend, log_level="WARNING")).start()
+    try:
+        with Worker([SlowEcho()], brokers=backend, concurrency=1, drain_grace=0.0), \
+                Client(frontend, timeout=20.0, wait_for_broker=False) as client:
+            wait_until_served(frontend, ECHO.full_name)
+            held = client.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"a"), metadata={"sleep_ms": "5000"})
+            wait_for(lambda: broker.engine.calls_held == 1, message="the call to be held")
+            broker.drain(0.2)
+            with pytest.raises(zrpc.Error) as cut:
+                held.result(timeout=15)
+    finally:
+        broker.stop()
+    assert cut.value.code == zrpc.StatusCode.UNAVAILABLE
+    assert "nothing accepted the connection" in cut.value.message
+    assert "attempt 1 had failed with UNAVAILABLE: lost the connection to the broker" in cut.value.message

@@ -706,7 +706,9 @@ class ClientCore:
                 outcomes.append(self._finish(call, None, call.last_error, retry=False, record=False))
             elif (unreachable := self._no_broker_error()) is not None:
                 del self._pending[request_id]
-                outcomes.append(self._finish(call, None, unreachable, retry=False, record=False))
+                # What the attempt before met (the broker closing the connection, say) is news.
+                error = Error(unreachable.code, unreachable.message + _last_attempt(call), unreachable.details)
+                outcomes.append(self._finish(call, None, error, retry=False, record=False))
             else:
                 self._unsent.append(call)
         return outcomes
