@@ -146,6 +146,18 @@ def test_recent_latency_forgets_calls_older_than_its_window():
     assert recent.quantile(0.99, now=70.0) <= 0.001
 
 
+def test_recent_latency_never_says_more_than_its_longest_call():
+    # The second tester: one 1.2 s call showed as P99 2485 ms (linear within the 1-2.5 s bucket).
+    recent = RecentLatency(window=60.0, slots=6)
+    recent.observe(1.2, now=5.0)
+    assert recent.quantile(0.99, now=6.0) == 1.2
+    for _ in range(99):
+        recent.observe(0.001, now=7.0)
+    assert recent.quantile(0.5, now=8.0) <= 0.001
+    recent.observe(0.5, now=80.0)  # the 1.2 s call left the window, and its slot's longest with it
+    assert recent.quantile(0.99, now=80.0) == 0.5
+
+
 def test_a_handler_that_finishes_past_its_deadline_counts_as_what_its_caller_saw(endpoints):
     """A plain handler cannot be interrupted: when it returns after the deadline, the caller
     has had DEADLINE_EXCEEDED from the broker. The worker counts (and answers) that, not OK."""
