@@ -155,7 +155,7 @@ def test_recent_latency_never_says_more_than_its_longest_call():
         recent.observe(0.001, now=7.0)
     assert recent.quantile(0.5, now=8.0) <= 0.001
     recent.observe(0.5, now=80.0)  # the 1.2 s call left the window, and its slot's longest with it
-    assert recent.quantile(0.99, now=80.0) == 0.5
+    assert 0.25 < recent.quantile(0.99, now=80.0) <= 0.5
 
 
 def test_a_handler_that_finishes_past_its_deadline_counts_as_what_its_caller_saw(endpoints):
