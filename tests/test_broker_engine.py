@@ -1239,3 +1239,43 @@ def test_log_lines_tell_the_connections_of_one_worker_name_apart(caplog):
     assert lines[1].startswith(f"worker vm:7 joined (connection {b'new'.hex()}): ")
     assert lines[2] == f"worker vm:7 (connection {b'old'.hex()}) expired: silent for 0.350s"
     assert list(h.engine.workers) == [b"new"]
+
+
+def test_which_field_changes_the_live_workers_could_not_read():
+    from zrpc._descriptors import incompatibility
+
+    T = descriptor_pb2.FieldDescriptorProto
+
+    def file(*fields, nested=(), enums=()) -> bytes:
+        req = descriptor_pb2.DescriptorProto(name="Req", field=list(fields), nested_type=list(nested))
+        return descriptor_pb2.FileDescriptorProto(name="svc.proto", package="svc", message_type=[req],
+                                                  enum_type=list(enums)).SerializeToString()
+
+    def field(type_, type_name="", label=T.LABEL_OPTIONAL, name="f"):
+        return T(name=name, number=1, type=type_, type_name=type_name, label=label)
+
+    alike = [  # (old, new): protobuf reads each as the other
+        (field(T.TYPE_INT32), field(T.TYPE_INT64, name="renamed")),
+        (field(T.TYPE_STRING), field(T.TYPE_BYTES)),
+        (field(T.TYPE_MESSAGE, ".svc.Item"), field(T.TYPE_MESSAGE, ".svc.Thing")),  # a message type renamed
+        (field(T.TYPE_MESSAGE, ".svc.Req.CountsEntry", T.LABEL_REPEATED),  # a map renamed
+         field(T.TYPE_MESSAGE, ".svc.Req.TalliesEntry", T.LABEL_REPEATED)),
+        (field(T.TYPE_ENUM, ".svc.Kind"), field(T.TYPE_ENUM, ".svc.Sort")),
+        (field(T.TYPE_MESSAGE, ".svc.Item"), field(T.TYPE_BYTES)),
+        (field(T.TYPE_STRING), field(T.TYPE_STRING, label=T.LABEL_REPEATED)),
+    ]
+    for old, new in alike:
+        assert incompatibility(file(new), file(old)) is None, (old, new)
+    apart = [
+        (field(T.TYPE_INT32), field(T.TYPE_STRING), "field 1 of svc.Req is string f, where the live workers' is int32 f"),
+        (field(T.TYPE_INT32, label=T.LABEL_REPEATED), field(T.TYPE_INT32), "is int32 f, where the live workers' is repeated int32 f"),
+        (field(T.TYPE_STRING), field(T.TYPE_MESSAGE, ".svc.Item"), "is svc.Item f"),
+        (field(T.TYPE_SINT32), field(T.TYPE_INT32), "is int32 f, where the live workers' is sint32 f"),
+    ]
+    for old, new, said in apart:
+        problem = incompatibility(file(new), file(old))
+        assert problem is not None and said in problem, (old, new, problem)
+    # Nested messages are compared too, by their full names.
+    inner_old = descriptor_pb2.DescriptorProto(name="Inner", field=[field(T.TYPE_DOUBLE)])
+    inner_new = descriptor_pb2.DescriptorProto(name="Inner", field=[field(T.TYPE_FLOAT)])
+    assert "field 1 of svc.Req.Inner" in incompatibility(file(nested=[inner_new]), file(nested=[inner_old]))

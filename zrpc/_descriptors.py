@@ -86,13 +86,19 @@ _WIRE_ALIKE = [
     {_T.TYPE_FIXED32, _T.TYPE_SFIXED32},
     {_T.TYPE_FIXED64, _T.TYPE_SFIXED64},
     {_T.TYPE_STRING, _T.TYPE_BYTES},
+    {_T.TYPE_BYTES, _T.TYPE_MESSAGE},  # a message field reads as its encoding, and back
 ]
+_NUMBERS = {_T.TYPE_INT32, _T.TYPE_UINT32, _T.TYPE_INT64, _T.TYPE_UINT64, _T.TYPE_BOOL, _T.TYPE_ENUM,
+            _T.TYPE_SINT32, _T.TYPE_SINT64, _T.TYPE_FIXED32, _T.TYPE_SFIXED32, _T.TYPE_FIXED64,
+            _T.TYPE_SFIXED64, _T.TYPE_FLOAT, _T.TYPE_DOUBLE}
 
 
 def incompatibility(new_file: bytes, old_file: bytes) -> str | None:
     """How two versions of one serialized FileDescriptorProto disagree on the wire, or None:
     a field number, in a message both define, whose type changed to one protobuf does not read
-    as the other (int32 to string, say). Names, new fields and removed fields are compatible."""
+    as the other (int32 to string, say), or a number field that became repeated or stopped
+    being so. Names (of fields and of message and enum types), new fields and removed fields
+    are compatible; a message type that was renamed or moved is not compared field by field."""
     old_messages = dict(_messages(descriptor_pb2.FileDescriptorProto.FromString(old_file)))
     for name, message in _messages(descriptor_pb2.FileDescriptorProto.FromString(new_file)):
         before = old_messages.get(name)
@@ -118,15 +124,17 @@ def _messages(file):
 
 
 def _reads_as(was, field) -> bool:
-    if was.type == field.type:
-        return was.type not in (_T.TYPE_MESSAGE, _T.TYPE_ENUM, _T.TYPE_GROUP) or was.type_name == field.type_name
+    # Numbers change encoding between one and several (proto3 packs repeated ones): [7] reads as 0.
+    if (was.label == _T.LABEL_REPEATED) != (field.label == _T.LABEL_REPEATED) and was.type in _NUMBERS:
+        return False
+    if was.type == field.type:  # a message or enum type of another name (renamed, moved) reads alike
+        return True
     return any(was.type in alike and field.type in alike for alike in _WIRE_ALIKE)
 
 
 def _type_name(field) -> str:
-    if field.type_name:
-        return field.type_name.lstrip(".")
-    return _T.Type.Name(field.type)[len("TYPE_"):].lower()
+    name = field.type_name.lstrip(".") or _T.Type.Name(field.type)[len("TYPE_"):].lower()
+    return f"repeated {name}" if field.label == _T.LABEL_REPEATED else name
 
 
 def method_names(raw_fds: bytes, service: str) -> list[str]:

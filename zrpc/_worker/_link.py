@@ -254,6 +254,7 @@ class BrokerLink:
         """The broker no longer knows our calls: start a new epoch; return the orphaned calls."""
         orphans = list(self.in_flight.values())
         self.in_flight = {}
+        self.registered = False  # it has none of our calls now: a stop does not wait for it
         self._replies = []
         self.epoch += 1
         return orphans

@@ -268,6 +268,8 @@ class Worker:
             if self._rebalance_timer is not None:
                 self._rebalance_timer.cancel()
                 self._rebalance_timer = None
+            if self._share is not None:
+                self._share.close()
             busy = self._admission.running > 0
             self._pool.close(wait=not busy, timeout=FINAL_LINGER_MS / 1000 + 5.0)
             if own_context:
@@ -509,6 +511,7 @@ class Worker:
         self._orphan(link)
         if self._draining:
             log.info("broker %s sent DISCONNECT (%s) while draining", link.endpoint, reason)
+            self._drain_acked.set()  # it has forgotten us: the drain need not wait for it
             return
         if reason == p.BROKER_STOPPING:
             link.broker_stopped = True  # its silence from now on is no surprise

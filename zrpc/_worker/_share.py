@@ -28,8 +28,8 @@ class CapacityShare:
 
     ``held()`` is how many calls the worker holds in all (running or waiting for a slot, the
     orphans of a forgotten registration included: they still take their slots); a link's own
-    are its ``in_flight``. ``changed()`` is cheap: decreases are told once per loop turn,
-    increases REFILL_WINDOW later, if the slot is still free then.
+    are its ``in_flight``. ``changed()`` is cheap: falls are told once per loop turn, rises
+    REFILL_WINDOW later, as far as they held through the whole window.
     """
 
     def __init__(self, capacity: int, held: Callable[[], int], links: Sequence, loop: asyncio.AbstractEventLoop):
@@ -38,7 +38,10 @@ class CapacityShare:
         self._links = links
         self._loop = loop
         self._scheduled = False
-        self._growth_due = None  # the timer of the increases waiting out REFILL_WINDOW
+        self._growth_due = None  # the timer of the rises waiting out REFILL_WINDOW
+        # Per link, the lowest offer since the window opened: a rise is told only as far as it
+        # held for the whole window (a slot freed and refilled meanwhile is not the other's).
+        self._floors: list[int] = []
         self.updates_sent = 0
 
     def changed(self) -> None:
@@ -47,28 +50,59 @@ class CapacityShare:
             self._scheduled = True
             self._loop.call_soon(self._tell)
 
+    def close(self) -> None:
+        """The worker stops: no rise is told after it."""
+        if self._growth_due is not None:
+            self._growth_due.cancel()
+            self._growth_due = None
+
     def _tell(self) -> None:
         self._scheduled = False
-        if self._offer(grow=False) and self._growth_due is None:
-            self._growth_due = self._loop.call_later(REFILL_WINDOW, self._grow)
+        offers = self._offers()
+        rising = False
+        for link, offer in zip(self._links, offers):
+            told = _told(self.capacity, link)
+            if offer < told:
+                self._send(link, offer)
+            elif offer > told:
+                rising = True
+        if self._growth_due is not None:  # a window is open: a rise must hold through all of it
+            self._floors = [min(floor, offer) for floor, offer in zip(self._floors, offers)]
+        elif rising:
+            self._open_window(offers)
 
     def _grow(self) -> None:
         self._growth_due = None
-        self._offer(grow=True)
+        offers = self._offers()
+        rising = False
+        for link, offer, floor in zip(self._links, offers, self._floors):
+            told = _told(self.capacity, link)
+            if offer < told:  # (a fall whose send was dropped)
+                self._send(link, offer)
+            elif min(offer, floor) > told:  # a rise, as far as it held for the whole window
+                self._send(link, min(offer, floor))
+            if offer > _told(self.capacity, link):
+                rising = True
+        if rising:  # rises that have not held a whole window yet: another one
+            self._open_window(offers)
 
-    def _offer(self, grow: bool) -> bool:
-        """Send each link its offer where it fell (and where it rose, if ``grow``); True when a
-        rise was left for later."""
+    def _open_window(self, offers: list[int]) -> None:
+        self._floors = list(offers)
+        self._growth_due = self._loop.call_later(REFILL_WINDOW, self._grow)
+
+    def _offers(self) -> list[int]:
+        """What each link may hold now: the capacity less what the others hold (what a link
+        itself holds may be fewer than the slots its calls take: orphans)."""
         held = self._held()
-        later = False
-        for link in self._links:
-            # What the others hold: ours may be fewer than the slots they take (orphans).
-            offer = max(0, self.capacity - (held - len(link.in_flight)))
-            told = self.capacity if link.offered is None else link.offered  # None: READY's
-            if offer > told and not grow:
-                later = True
-            # Recorded only once sent: one dropped (a full queue) is offered again next time.
-            elif offer != told and link.send(p.capacity_message(offer)):
-                link.offered = offer
-                self.updates_sent += 1
-        return later
+        return [max(0, self.capacity - (held - len(link.in_flight))) for link in self._links]
+
+    def _send(self, link, offer: int) -> None:
+        # Recorded only once sent: one dropped (a full queue) is offered again next time.
+        if link.send(p.capacity_message(offer)):
+            link.offered = offer
+            self.updates_sent += 1
+
+
+def _told(capacity: int, link) -> int:
+    """What ``link``'s broker was last told it may hold (None: our READY's capacity)."""
+    return capacity if link.offered is None else link.offered
