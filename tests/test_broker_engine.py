@@ -240,15 +240,14 @@ def test_while_workers_differ_each_call_goes_to_one_that_has_its_method(caplog):
     # N only at v2 (though v1 has more room); M by free capacity, as always.
     h.call(b"c", method="N")
     assert [(w, r.method) for w, r, _ in h.take_requests()] == [(b"v2", "N")]
-    h.call(b"c", method="N")  # v2 is full: it waits, and so does what comes after it
+    h.call(b"c", method="N")  # v2 is full: it waits; an M behind it goes to v1
     h.call(b"c", method="M")
-    assert h.take_requests() == [] and h.engine.queue_depth() == 2
-    # v2 leaves with the N call queued: no live worker has N now, so it fails; M goes on.
+    assert [(w, r.method) for w, r, _ in h.take_requests()] == [(b"v1", "M")]
+    # v2 leaves with an N call queued: no live worker has N now, so it fails.
     h.backend(b"v2", p.disconnect_message("stopping"))
     replies = {r.request_id: r for _, r, _ in h.take_replies()}
     assert any(r.code == StatusCode.UNIMPLEMENTED and "no method 'N' any more" in r.message for r in replies.values())
-    assert [(w, r.method) for w, r, _ in h.take_requests()] == [(b"v1", "M")]
-    assert h.engine.services["svc.S"].methods == {"M"}
+    assert h.engine.queue_depth() == 0 and h.engine.services["svc.S"].methods == {"M"}
 
 
 def test_during_a_rollout_the_service_is_described_with_every_method_the_broker_accepts():
@@ -263,6 +262,20 @@ def test_during_a_rollout_the_service_is_described_with_every_method_the_broker_
     h.ready(b"old2", fds=v1)
     h.backend(b"new", p.disconnect_message("stopping"))  # v2 gone: v1 describes it again
     assert service.methods == {"M"} and service.file_descriptor_set == v1
+
+
+def test_during_a_rollout_a_free_worker_takes_a_call_from_behind_a_waiting_one():
+    # The second tester: a quick Get waited 1 s behind a Put that only a busy v2 could take,
+    # while a v1 worker sat free.
+    h = Harness()
+    h.ready(b"v1", fds=_svc_fds("M"))
+    h.ready(b"v2", fds=_svc_fds("M", "N"))
+    h.call(b"c", method="N")
+    assert [w for w, _, _ in h.take_requests()] == [b"v2"]  # v2 is full now
+    h.call(b"c", method="N")  # waits for v2
+    h.call(b"c", method="M")  # v1 takes it from behind the waiting N
+    assert [(w, r.method) for w, r, _ in h.take_requests()] == [(b"v1", "M")]
+    assert [c.method for c in h.engine.services["svc.S"].queue] == ["N"]
 
 
 def test_a_rollout_never_holds_the_queue_for_a_method_no_live_worker_has(caplog):

@@ -31,6 +31,9 @@ _DEADLINES_FLOOR = 1024
 
 # Wire code -> (StatusCode, its counter): one lookup per answered call.
 _CODES = {int(code): (code, f"code_{code.name}") for code in StatusCode}
+# During a rollout (§7), how far behind a waiting head call dispatch looks for one a free worker
+# can take: bounded, so a long queue of calls for a busy version costs each round little.
+_LOOK_AHEAD = 64
 # Commands only a worker sends: one of them at the frontend is a worker given the wrong endpoint.
 _WORKER_ONLY = frozenset({p.READY, p.HEARTBEAT, p.REPLY, p.REPLY_BATCH})
 _UNAVAILABLE = int(StatusCode.UNAVAILABLE)
@@ -582,9 +585,9 @@ class BrokerEngine:
         """§12: most free capacity first; ties to the least recently used worker.
 
         While the live workers offer different definitions (§7, a rollout), each call goes to a
-        worker whose definition has its method, in order: a call whose method only busy workers
-        have waits, and the calls behind it with it (for the rollout's time); one whose method
-        no live worker has is answered UNIMPLEMENTED."""
+        worker whose definition has its method: a call whose method only busy workers have
+        waits, and a free worker takes the first of the calls behind it that it can (looking
+        _LOOK_AHEAD deep); one whose method no live worker has is answered UNIMPLEMENTED."""
         queue, name = service.queue, service.name
         by_method = len(service.definitions) > 1
         while queue:
@@ -602,10 +605,32 @@ class BrokerEngine:
                     best = worker
             if best is not None:
                 self._send_to_worker(best, queue.popleft(), service, now)
-            elif offered:
-                return
-            else:
+            elif not offered:
                 self._fail(queue.popleft(), StatusCode.UNIMPLEMENTED, _gone_method_message(service, method), now)
+            elif not (by_method and self._dispatch_behind_head(service, now)):
+                return
+
+    def _dispatch_behind_head(self, service: ServiceState, now: float) -> bool:
+        """During a rollout the head call waits for a busy worker of its version: send the first
+        call behind it that a free worker can take. True when one went."""
+        free = [worker for worker in service.workers.values() if worker.free > 0]
+        if not free:
+            return False
+        queue, name = service.queue, service.name
+        for index in range(1, min(len(queue), _LOOK_AHEAD)):
+            call = queue[index]
+            best = None
+            for worker in free:
+                methods = worker.descriptors.services.get(name, NO_DEFINITION)[1]
+                if (not methods or call.method in methods) and (
+                        best is None or worker.free > best.free or (worker.free == best.free and
+                                                                    worker.last_dispatch_seq < best.last_dispatch_seq)):
+                    best = worker
+            if best is not None:
+                del queue[index]
+                self._send_to_worker(best, call, service, now)
+                return True
+        return False
 
     def _send_to_worker(self, worker: WorkerState, call: Call, service: ServiceState, now: float) -> None:
         dispatch_id = next(self._dispatch_ids)
