@@ -472,7 +472,10 @@ def test_a_stopping_broker_tells_its_workers_and_they_register_with_its_successo
             reply = client.stub(echo_pb2.DESCRIPTOR.services_by_name["Echo"]).Say(echo_pb2.EchoRequest(payload=b"x"))
             assert reply.payload == b"x"
             assert [w.name for w in successor.engine.workers.values()] == [worker.name]
-    assert "unknown worker" not in caplog.text and "silent for" not in caplog.text
+    # (At debug level one "unknown worker" may show: the fresh socket can reach the stopping
+    # broker before it unbinds, and the successor then asks for a READY once.)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [line for line in said if "unknown worker" in line or "silent for" in line]
 
 
 def test_a_worker_whose_broker_said_it_stopped_does_not_wait_for_it_when_stopping(ipc_dir, caplog):
