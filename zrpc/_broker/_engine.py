@@ -18,7 +18,7 @@ from .._status import StatusCode
 from . import _builtin
 from ._config import BrokerConfig
 from ._deadlines import Deadlines
-from ._state import NO_DEFINITION, Call, CallState, DescriptorSet, ServiceState, WorkerState
+from ._state import NO_DEFINITION, Call, CallState, Definition, DescriptorSet, ServiceState, WorkerState
 
 log = logging.getLogger("zrpc.broker")
 
@@ -398,8 +398,9 @@ class BrokerEngine:
         key, methods = worker.descriptors.services.get(service.name, NO_DEFINITION)
         others = len(service.workers) - 1  # the worker is in service.workers already
         if not others:  # the first live worker: what the last one offered is history
-            service.definitions, service.definition_sets = {}, {}
-        if key not in service.definitions:
+            service.definitions = {}
+        definition = service.definitions.get(key)
+        if definition is None:
             if others:
                 added, removed = sorted(methods - service.methods), sorted(service.methods - methods)
                 log.warning("worker %s offers %s with another definition than its %d other live worker(s)%s: "
@@ -409,10 +410,10 @@ class BrokerEngine:
                             f" (methods added: {', '.join(added) or '-'}; gone: {', '.join(removed) or '-'})"
                             if added or removed else " (same methods, other messages)",
                             extra={"peer": worker.name, "service": service.name})
-            service.definitions[key] = methods
-            service.methods = frozenset().union(*service.definitions.values())
-        service.definition_users[key] = service.definition_users.get(key, 0) + 1
-        service.definition_sets[key] = worker.descriptors.raw
+            definition = service.definitions[key] = Definition(methods, worker.descriptors.raw)
+            service.methods = _all_methods(service)
+        definition.users += 1
+        definition.descriptor_set = worker.descriptors.raw
         service.offered = True
         service.file_descriptor_set = _describing(service, key)
 
@@ -421,18 +422,13 @@ class BrokerEngine:
         remaining worker's descriptors describe the service, and calls queued for a method no
         live worker has are answered. With none left, the last stays (calls wait for a worker,
         clients can still describe it). O(1) unless a definition goes."""
-        users = service.definition_users
         key = worker.descriptors.services.get(service.name, NO_DEFINITION)[0]
-        left = users.get(key, 0) - 1
-        if left > 0:
-            users[key] = left
-            return
-        users.pop(key, None)
-        if not service.workers:
+        definition = service.definitions[key]
+        definition.users -= 1
+        if definition.users or not service.workers:
             return
         del service.definitions[key]
-        del service.definition_sets[key]
-        before, service.methods = service.methods, frozenset().union(*service.definitions.values())
+        before, service.methods = service.methods, _all_methods(service)
         newest = max(service.workers.values(), key=lambda w: w.joined_at)
         service.file_descriptor_set = _describing(service, newest.descriptors.services.get(service.name, NO_DEFINITION)[0])
         if service.methods and service.methods != before:
@@ -595,10 +591,10 @@ class BrokerEngine:
             best, offered = None, not by_method
             for worker in service.workers.values():
                 if by_method:
-                    methods = worker.descriptors.services.get(name, NO_DEFINITION)[1]
-                    if methods and method not in methods:  # (none: no descriptors, taken to have all)
+                    if not _has_method(worker, name, method):
                         continue
                     offered = True
+                # _dispatch_order, written out: this loop runs for every call dispatched.
                 free = worker.free
                 if free > 0 and (best is None or free > best.free or
                                  (free == best.free and worker.last_dispatch_seq < best.last_dispatch_seq)):
@@ -619,13 +615,8 @@ class BrokerEngine:
         queue, name = service.queue, service.name
         for index in range(1, min(len(queue), _LOOK_AHEAD)):
             call = queue[index]
-            best = None
-            for worker in free:
-                methods = worker.descriptors.services.get(name, NO_DEFINITION)[1]
-                if (not methods or call.method in methods) and (
-                        best is None or worker.free > best.free or (worker.free == best.free and
-                                                                    worker.last_dispatch_seq < best.last_dispatch_seq)):
-                    best = worker
+            best = max((worker for worker in free if _has_method(worker, name, call.method)),
+                       key=_dispatch_order, default=None)
             if best is not None:
                 del queue[index]
                 self._send_to_worker(best, call, service, now)
@@ -953,12 +944,29 @@ def _describing(service: ServiceState, newest: bytes) -> bytes:
     """The descriptors that describe ``service`` (§13): the newest worker's definition (key
     ``newest``), unless it lacks methods another live one has: then one that has them all, so
     that a client that describes the service can call every method the broker accepts."""
-    if service.definitions[newest] >= service.methods:
-        return service.definition_sets[newest]
-    for key, methods in service.definitions.items():
-        if methods >= service.methods:
-            return service.definition_sets[key]
-    return service.definition_sets[newest]
+    newest_definition = service.definitions[newest]
+    if newest_definition.methods >= service.methods:
+        return newest_definition.descriptor_set
+    for definition in service.definitions.values():
+        if definition.methods >= service.methods:
+            return definition.descriptor_set
+    return newest_definition.descriptor_set
+
+
+def _dispatch_order(worker: WorkerState) -> tuple[int, int]:
+    """§12 as a key: most free capacity first; ties to the least recently used worker."""
+    return worker.free, -worker.last_dispatch_seq
+
+
+def _has_method(worker: WorkerState, service: str, method: str) -> bool:
+    """Does the worker's definition of ``service`` have ``method``? (No descriptors: taken to.)"""
+    methods = worker.descriptors.services.get(service, NO_DEFINITION)[1]
+    return not methods or method in methods
+
+
+def _all_methods(service: ServiceState) -> frozenset[str]:
+    """The methods any of the service's definitions has: what the broker accepts (§7)."""
+    return frozenset().union(*(definition.methods for definition in service.definitions.values()))
 
 
 def _gone_method_message(service: ServiceState, method: str) -> str:

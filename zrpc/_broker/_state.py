@@ -79,6 +79,16 @@ class WorkerState:
 
 
 @dataclasses.dataclass(slots=True, eq=False)
+class Definition:
+    """One definition of a service (§7): its methods, the FileDescriptorSet of the last worker
+    that offered it, and how many live workers offer it."""
+
+    methods: frozenset[str]
+    descriptor_set: bytes
+    users: int = 0
+
+
+@dataclasses.dataclass(slots=True, eq=False)
 class ServiceState:
     """A service name: the workers offering it now, and the calls waiting for one."""
 
@@ -88,11 +98,9 @@ class ServiceState:
     # methods any of them has. Kept while none is live (calls wait for one, clients describe it).
     methods: frozenset[str] = frozenset()
     file_descriptor_set: bytes = b""
-    # The definitions its live workers offer (the defining file -> its methods): more than one
-    # while a rollout is under way, and dispatch then looks at methods.
-    definitions: dict[bytes, frozenset[str]] = dataclasses.field(default_factory=dict)
-    definition_users: dict[bytes, int] = dataclasses.field(default_factory=dict)  # live workers of each
-    definition_sets: dict[bytes, bytes] = dataclasses.field(default_factory=dict)  # a FileDescriptorSet of each
+    # The definitions its live workers offer, by the file that defines it: more than one while a
+    # rollout is under way, and dispatch then looks at methods.
+    definitions: dict[bytes, "Definition"] = dataclasses.field(default_factory=dict)
     workers: dict[bytes, WorkerState] = dataclasses.field(default_factory=dict)
     queue: collections.deque = dataclasses.field(default_factory=collections.deque)
     # When the service last lost its last live worker (None while it has one).
