@@ -396,11 +396,7 @@ class ClientCore:
         for call in list(self._unsent):
             if self._pending.get(call.request_id) is call:
                 del self._pending[call.request_id]
-                # A retry says what its last attempt met: a broker that refused it while shutting
-                # down, then was gone, is no broker that was never there.
-                message = error.message + _last_attempt(call)
-                outcomes.append(self._finish(call, None, Error(error.code, message, dict(error.details)),
-                                             retry=False, record=False))
+                outcomes.append(self._finish(call, None, _with_last_attempt(error, call), retry=False, record=False))
         self._unsent.clear()
         return outcomes
 
@@ -706,9 +702,7 @@ class ClientCore:
                 outcomes.append(self._finish(call, None, call.last_error, retry=False, record=False))
             elif (unreachable := self._no_broker_error()) is not None:
                 del self._pending[request_id]
-                # What the attempt before met (the broker closing the connection, say) is news.
-                error = Error(unreachable.code, unreachable.message + _last_attempt(call), unreachable.details)
-                outcomes.append(self._finish(call, None, error, retry=False, record=False))
+                outcomes.append(self._finish(call, None, _with_last_attempt(unreachable, call), retry=False, record=False))
             else:
                 self._unsent.append(call)
         return outcomes
@@ -723,8 +717,7 @@ class ClientCore:
         silent = self._silence.silent
         for link in silenced:
             endpoint, silent_for = self._endpoints[link], self._silence.silent_for(link, now)
-            # link_order() offers silent links too when no other is left: only an answering one counts.
-            if any(other != link and not silent[other] for other in self.link_order()):
+            if self._another_answers(link):
                 moved = self._move_off_silent(link, endpoint, silent_for, now)
                 what = "new calls go to the other brokers until it answers" + (
                     f", and {moved} idempotent call(s) sent to it go there too" if moved else "")
@@ -737,7 +730,7 @@ class ClientCore:
         for link in [link for link in self._stranded if link not in silenced]:
             if not silent[link]:
                 self._stranded.discard(link)  # it answered: its calls wait for their answers there
-            elif any(other != link and not silent[other] for other in self.link_order()):
+            elif self._another_answers(link):
                 self._stranded.discard(link)
                 endpoint, silent_for = self._endpoints[link], self._silence.silent_for(link, now) or 0.0
                 moved = self._move_off_silent(link, endpoint, silent_for, now)
@@ -754,6 +747,12 @@ class ClientCore:
                                              request_id=next(self._ids), reads_batches=True,
                                              deadline_ms=int(PROBE_TIMEOUT * 1000))
             self._link_messages.append((link, _protocol.request_message([(header.SerializeToString(), b"")])))
+
+    def _another_answers(self, link: int) -> bool:
+        """Can a link other than ``link``, whose broker answers, take calls now? (link_order()
+        offers silent links too when no other is left: only an answering one counts.)"""
+        silent = self._silence.silent
+        return any(other != link and not silent[other] for other in self.link_order())
 
     def _move_off_silent(self, link: int, endpoint: str, silent_for: float, now: float) -> int:
         """Send the idempotent calls held by the silent ``link`` to the other brokers, as the
@@ -890,6 +889,12 @@ def _last_attempt(call: Call) -> str:
     if call.last_error is None:
         return ""
     return f"; attempt {call.attempt - 1} had failed with {call.last_error.code.name}: {call.last_error.message}"
+
+
+def _with_last_attempt(error: Error, call: Call) -> Error:
+    """``error`` for ``call``, a copy saying what its last attempt met: a broker that refused it
+    as it shut down, or closed the connection, then was gone, is no broker that was never there."""
+    return Error(error.code, error.message + _last_attempt(call), dict(error.details))
 
 
 def _backend_error(endpoint: str) -> Error:
