@@ -43,7 +43,11 @@ def query(base: str, expr: str) -> dict:
         with urllib.request.urlopen(url, timeout=5) as response:
             return json.load(response)
     except urllib.error.HTTPError as error:  # a bad expression: 400 with a JSON error body
-        return json.load(error)
+        body = error.read()
+        try:
+            return json.loads(body)
+        except ValueError:  # "Service Unavailable" (503, text) while Prometheus starts
+            return {"status": "starting", "http": error.code, "body": body[:200].decode(errors="replace")}
     except OSError:
         return {"status": "unreachable"}
 
@@ -108,7 +112,7 @@ def test_prometheus_scrapes_broker_and_worker_and_every_dashboard_query_returns_
 
             def answered():
                 result = query(base, concrete)
-                assert result.get("status") in ("success", "unreachable"), f"{concrete}: {result}"
+                assert result.get("status") in ("success", "unreachable", "starting"), f"{concrete}: {result}"
                 return result.get("data", {}).get("result")
             wait_for(answered, timeout=10, interval=0.25, message=f"data for {concrete}")
     finally:
