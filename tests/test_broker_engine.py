@@ -476,6 +476,22 @@ def test_known_service_without_workers_is_unavailable_after_the_wait():
     [(_, reply, _)] = h.take_replies()
     assert (reply.request_id, reply.code) == (rid, StatusCode.UNAVAILABLE)
     assert "no live worker" in reply.message
+    assert dict(reply.details) == p.NOT_RUN  # it never ran: a client may send it elsewhere
+
+
+def test_refusals_before_any_worker_had_the_call_say_it_never_ran():
+    h = Harness(queue_size=1, unknown_service_grace=0.0)
+    h.ready(b"w", capacity=1, heartbeat_ms=100)
+    held = h.call(b"c")  # at w
+    h.call(b"c")  # queued
+    full = h.call(b"c")
+    unknown = h.call(b"c", service="never.S")
+    replies = {r.request_id: r for _, r, _ in h.take_replies()}
+    assert replies[full].code == StatusCode.RESOURCE_EXHAUSTED and dict(replies[full].details) == p.NOT_RUN
+    assert replies[unknown].code == StatusCode.NOT_FOUND and dict(replies[unknown].details) == p.NOT_RUN
+    h.advance(0.5)  # w expires holding a call it may have run: that one is not marked
+    dead = {r.request_id: r for _, r, _ in h.take_replies()}[held]
+    assert dead.code == StatusCode.UNAVAILABLE and p.RETRY_DETAIL not in dead.details
 
 
 def test_unknown_method_is_unimplemented_when_the_service_declares_its_methods():

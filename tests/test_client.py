@@ -762,6 +762,41 @@ def test_core_refusals_as_never_run_do_not_use_up_the_retry_policys_attempts():
     assert failed.call is call and failed.error.details["zrpc-attempts"] == "6"
 
 
+def test_core_retries_a_call_the_broker_refused_before_a_worker_had_it_and_counts_the_attempts():
+    """UNAVAILABLE with `zrpc-retry: not-run` (no live worker there): the call never ran, so a
+    non-idempotent call goes again, within the retry policy's attempts; without the detail it
+    may have run, and fails at once."""
+    now = [100.0]
+    core = ClientCore(endpoints=["inproc://a", "inproc://b"], clock=lambda: now[0])  # 3 attempts
+    for link in (0, 1):
+        core.connection_up(link)
+    call = core.prepare("a.S", "M", b"", timeout=60.0)  # not idempotent
+    core.add(call)
+    links = []
+    for attempt in (1, 2, 3):
+        link = core.link_order()[0]
+        _, [sent] = core.next_request(now[0], link)
+        core.took(link)
+        links.append(link)
+        assert sent is call and call.attempt == attempt
+        header = _protocol.encode_reply_header(call.request_id, StatusCode.UNAVAILABLE, "no live worker",
+                                               _protocol.NOT_RUN)
+        outcomes = core.handle_message(_protocol.reply_message([(header, b"")]), link)
+        now[0] += 2.0
+        outcomes += core.advance(now[0])
+    assert links == [0, 1, 0]  # each attempt went to the next broker in turn
+    [failed] = outcomes  # the third refusal used up max_attempts
+    assert failed.error.code == StatusCode.UNAVAILABLE and failed.error.details["zrpc-attempts"] == "3"
+
+    other = core.prepare("a.S", "M", b"", timeout=60.0)
+    core.add(other)
+    link = core.link_order()[0]
+    core.next_request(now[0], link)
+    header = _protocol.encode_reply_header(other.request_id, StatusCode.UNAVAILABLE, "worker died", None)
+    [failed] = core.handle_message(_protocol.reply_message([(header, b"")]), link)
+    assert failed.call is other and other.attempt == 1  # it may have run: not sent again
+
+
 def test_a_call_that_got_no_answer_names_the_broker_that_had_it(ipc_dir):
     """Two brokers, one of which takes calls and never answers: the deadline error says which."""
     import zmq

@@ -104,6 +104,26 @@ def test_a_broker_that_stops_costs_no_later_call(ipc_dir):
         assert outcomes.count(False) <= 2, outcomes
 
 
+def test_a_broker_that_lost_its_workers_costs_a_call_a_wait_not_the_call(ipc_dir):
+    """Workers went away from one broker (its host partitioned, say) but serve the other: that
+    broker refuses each call after unavailable_wait as never run (`zrpc-retry: not-run`), and
+    the client sends it to the other broker, though Sleep is not idempotent."""
+    stranded = Broker(BrokerConfig(frontend=f"ipc://{ipc_dir}/stranded-front",
+                                   backend=f"ipc://{ipc_dir}/stranded-back", unavailable_wait=0.2))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(stranded)
+        live = stack.enter_context(_broker(ipc_dir, "live"))
+        stack.enter_context(Worker([Echo()], live.backend_endpoint, heartbeat_interval=0.2))
+        with Worker([Echo()], stranded.backend_endpoint, heartbeat_interval=0.2):
+            wait_for(lambda: _serves_echo(stranded) and _serves_echo(live))
+        wait_for(lambda: not _serves_echo(stranded), message="the stranded broker's worker gone")
+        assert "echo.Echo" in stranded.engine.services  # known, with no live worker
+        client = stack.enter_context(Client([stranded.frontend_endpoint, live.frontend_endpoint], timeout=5.0))
+        request = echo_pb2.SleepRequest(ms=0).SerializeToString()
+        for _ in range(6):  # dealt in turn: half go to the stranded broker first
+            client.call("echo.Echo", "Sleep", request, idempotent=False)
+        assert stranded.engine.counters["code_UNAVAILABLE"] >= 2  # it was tried, and refused
+
 
 def test_an_async_client_that_started_before_its_broker_goes_back_to_early_sends(ipc_dir):
     """Its first early send found no broker; once one takes a REQUEST, calls leave in batches of

@@ -17,6 +17,10 @@ TAG = b"ZRPC1"
 # so it may be sent again (the broker re-queues it; a client may send it to another broker).
 RETRY_DETAIL = "zrpc-retry"
 DRAINING = {RETRY_DETAIL: "draining"}
+# (spec §10) The reply detail of a call a broker refused before any worker had it (no live
+# worker, a full queue, a limit): it never ran either, so a client may send it again,
+# idempotent or not, if its retry policy retries that code.
+NOT_RUN = {RETRY_DETAIL: "not-run"}
 # The reason of the DISCONNECT a broker sends each worker as it stops (spec §11).
 BROKER_STOPPING = "broker stopping"
 # The reason of the DISCONNECT that answers a message from a worker the broker does not know (§11).
@@ -331,5 +335,11 @@ def decode_disconnect_message(body: Sequence[bytes]) -> wire_pb2.Disconnect:
 
 
 def refused_draining(details) -> bool:
-    """Do a reply's details (a dict or a protobuf map) say its call was refused as never run?"""
+    """Do a reply's details (a dict or a protobuf map) say its call was refused by a draining
+    broker or worker?"""
     return details.get(RETRY_DETAIL) == DRAINING[RETRY_DETAIL]
+
+
+def never_ran(details) -> bool:
+    """Do a reply's details say its call never ran (refused draining, or before a worker had it)?"""
+    return details.get(RETRY_DETAIL) in (DRAINING[RETRY_DETAIL], NOT_RUN[RETRY_DETAIL])

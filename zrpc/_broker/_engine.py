@@ -168,31 +168,34 @@ class BrokerEngine:
         if outstanding is not None and len(outstanding) >= self.config.max_outstanding_per_client:
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                   f"client has {len(outstanding)} calls outstanding "
-                                  f"(limit {self.config.max_outstanding_per_client})", now, reads_batches)
+                                  f"(limit {self.config.max_outstanding_per_client})", now, reads_batches, p.NOT_RUN)
         if self.calls_held >= self.config.max_in_flight:
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
-                                  f"broker holds {self.calls_held} calls (limit {self.config.max_in_flight})", now, reads_batches)
+                                  f"broker holds {self.calls_held} calls (limit {self.config.max_in_flight})", now, reads_batches,
+                                  p.NOT_RUN)
         service = self.services.get(service_name)
         if service is None:
             if now - self.started_at >= self.config.unknown_service_grace:
                 return self._fail_new(client, request_id, header, StatusCode.NOT_FOUND,
-                                      _not_found_message(service_name), now, reads_batches)
+                                      _not_found_message(service_name), now, reads_batches, p.NOT_RUN)
             if len(self.services) >= self.config.max_services:
                 return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
-                                      f"broker knows {len(self.services)} services (limit {self.config.max_services})", now, reads_batches)
+                                      f"broker knows {len(self.services)} services (limit {self.config.max_services})", now,
+                                      reads_batches, p.NOT_RUN)
             # §10: just after start, wait: workers re-register after a broker restart.
             service = self.services[service_name] = ServiceState(service_name, no_worker_since=now)
         elif service.offered and service.methods and method not in service.methods:
             return self._fail_new(client, request_id, header, StatusCode.UNIMPLEMENTED,
                                   f"service {service_name!r} has no method {method!r}; "
-                                  f"it has: {', '.join(sorted(service.methods))}", now, reads_batches)
+                                  f"it has: {', '.join(sorted(service.methods))}", now, reads_batches, p.NOT_RUN)
         if len(service.queue) >= self.config.queue_size and (
                 len(service.definitions) > 1 or not self._has_free_worker(service)):
             self.counters["queue_full"] += 1
             self.bad_input_log.warn("queue_full", "queue of service %s is full (%d calls): refusing calls",
                                     service_name, self.config.queue_size, service=service_name)
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
-                                  f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now, reads_batches)
+                                  f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now, reads_batches,
+                                  p.NOT_RUN)
         call = Call(client, request_id, header, service_name, method, payload, timeout_ms,
                     now + timeout_ms / 1000.0, now, reads_batches=reads_batches)
         if outstanding is None:
@@ -438,7 +441,8 @@ class BrokerEngine:
                 if call.method in service.methods:
                     kept.append(call)
                 else:
-                    self._fail(call, StatusCode.UNIMPLEMENTED, _gone_method_message(service, call.method), now)
+                    self._fail(call, StatusCode.UNIMPLEMENTED, _gone_method_message(service, call.method), now,
+                               p.NOT_RUN)
             service.queue = kept
 
     def _on_large_reply(self, worker: WorkerState, raw_header: bytes, payload: bytes, now: float) -> None:
@@ -561,7 +565,7 @@ class BrokerEngine:
                 return
             while service.queue:
                 call = service.queue.popleft()
-                self._fail(call, StatusCode.NOT_FOUND, _not_found_message(service.name), now)
+                self._fail(call, StatusCode.NOT_FOUND, _not_found_message(service.name), now, p.NOT_RUN)
             del self.services[service.name]
             return
         since = service.no_worker_since if service.no_worker_since is not None else now
@@ -570,7 +574,7 @@ class BrokerEngine:
             call = service.queue.popleft()
             self._fail(call, StatusCode.UNAVAILABLE,
                        f"no live worker for service {service.name!r} (waited {wait:g}s); "
-                       f"start one with: zrpc worker run MODULE:CLASS", now)
+                       f"start one with: zrpc worker run MODULE:CLASS", now, p.NOT_RUN)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -602,7 +606,8 @@ class BrokerEngine:
             if best is not None:
                 self._send_to_worker(best, queue.popleft(), service, now)
             elif not offered:
-                self._fail(queue.popleft(), StatusCode.UNIMPLEMENTED, _gone_method_message(service, method), now)
+                self._fail(queue.popleft(), StatusCode.UNIMPLEMENTED, _gone_method_message(service, method), now,
+                           p.NOT_RUN)
             elif not (by_method and self._dispatch_behind_head(service, now)):
                 return
 

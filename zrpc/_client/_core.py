@@ -646,7 +646,9 @@ class ClientCore:
             return False  # no other broker, and no waiting for one: the refusal is the answer
         if never_ran:
             call.refused += 1
-        may_repeat = call.header.idempotent or never_ran
+        # A broker that refused it before any worker had it (no live worker, a full queue, spec
+        # §10) says it never ran too: it may go again, but counts as an attempt.
+        may_repeat = call.header.idempotent or never_ran or _protocol.never_ran(error.details)
         if (policy is None or not may_repeat or not policy.retries(error.code, call.attempt - call.refused)
                 or call.attempt >= _MAX_ATTEMPTS):
             return False
