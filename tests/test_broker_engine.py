@@ -1308,3 +1308,71 @@ def test_which_field_changes_the_live_workers_could_not_read():
     inner_old = descriptor_pb2.DescriptorProto(name="Inner", field=[field(T.TYPE_DOUBLE)])
     inner_new = descriptor_pb2.DescriptorProto(name="Inner", field=[field(T.TYPE_FLOAT)])
     assert "field 1 of svc.Req.Inner" in incompatibility(file(nested=[inner_new]), file(nested=[inner_old]))
+
+
+def test_a_queued_call_whose_deadline_passed_before_a_late_round_is_never_dispatched():
+    """The loop reads a worker's reply in a round that comes after a queued call's deadline (a
+    GC pause, a starved CPU), before that round's tick: the freed slot must not get it (§12)."""
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    first = h.call(b"c", deadline_ms=10_000)
+    late = h.call(b"c", deadline_ms=100)
+    [(_, header, _)] = h.take_requests()
+    h.now += 0.5  # no tick in between
+    h.reply_from(b"w", header.request_id)
+    assert h.take_requests() == []  # the slot stays free
+    replies = {r.request_id: r for _, r, _ in h.take_replies()}
+    assert replies[first].code == StatusCode.OK
+    assert replies[late].code == StatusCode.DEADLINE_EXCEEDED and "while queued" in replies[late].message
+    assert h.take_control(p.CANCEL) == []
+    h.advance(0.0)  # the tick finds nothing left to expire: one answer each
+    assert h.take_replies() == [] and h.engine.calls_held == 0
+
+
+def test_queued_calls_cancelled_or_expired_by_the_thousand_leave_the_queue_in_order():
+    """Calls taken out of the middle of a long queue (a client's CANCEL of all its calls, a batch
+    of short deadlines) are counted out at once; the others keep their order and are served."""
+    h = Harness(queue_size=20_000)
+    h.ready(b"w", capacity=1)
+    h.call(b"busy", deadline_ms=600_000)  # holds the only slot
+    [(_, busy, _)] = h.take_requests()
+    kept = []
+    leaving = []
+    for i in range(3_000):
+        kept.append(h.call(b"long", deadline_ms=600_000))
+        leaving.append(h.call(b"quits", deadline_ms=600_000))
+    short = [h.call(b"short", deadline_ms=1_000) for _ in range(2_000)]
+    queue = h.engine.services["svc.S"].queue
+    assert len(queue) == 8_000
+    h.engine.on_frontend(b"quits", p.cancel_message(leaving[::-1]), h.now)
+    assert len(queue) == 5_000 and h.engine.queue_depth() == 5_000
+    h.advance(1.5)  # the short ones expire while queued
+    assert len(queue) == 3_000
+    codes = [r.code for _, r, _ in h.take_replies()]
+    assert codes == [StatusCode.DEADLINE_EXCEEDED] * len(short)  # cancelled calls get no answer (§8)
+    served = []
+    h.reply_from(b"w", busy.request_id)
+    for _ in range(3_000):
+        [(_, header, _)] = h.take_requests()
+        served.append(header.request_id)
+        h.reply_from(b"w", header.request_id)
+    assert len(served) == 3_000 and h.take_requests() == [] and len(queue) == 0
+    answered = [r.request_id for client, r, _ in h.take_replies() if client == b"long"]
+    assert answered == kept  # in arrival order
+
+
+def test_a_service_whose_only_workers_drain_is_unavailable_after_the_wait():
+    """A draining worker takes no calls (§11): with no other, queued calls get UNAVAILABLE after
+    unavailable_wait (§10) instead of waiting for it to leave or for their deadlines."""
+    h = Harness(unavailable_wait=2.0)
+    h.ready(b"w", capacity=4, heartbeat_ms=60_000)
+    h.call(b"c", deadline_ms=600_000)  # a long call it keeps running while it drains
+    h.backend(b"w", p.disconnect_message("draining", drain=True))
+    h.take_requests()
+    waiting = h.call(b"c", deadline_ms=60_000)
+    h.advance(1.0)
+    assert h.take_replies() == []
+    h.advance(1.1)
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (waiting, StatusCode.UNAVAILABLE)
+    assert dict(reply.details) == p.NOT_RUN and "no live worker" in reply.message

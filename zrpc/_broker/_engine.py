@@ -216,13 +216,14 @@ class BrokerEngine:
             if call is None:
                 continue
             self.counters["cancelled"] += 1
-            if call.state is CallState.QUEUED:
+            queued = call.state is CallState.QUEUED
+            self._finish(call, StatusCode.CANCELLED, now)
+            if queued:
                 service = self.services[call.service]
-                service.queue.remove(call)
+                service.queue.discard(call)
                 if len(service.definitions) > 1:  # it may have held up the calls behind it
                     self._dispatch(service, now)
-            self._finish(call, StatusCode.CANCELLED, now)
-            if call.worker is not None:
+            elif call.worker is not None:
                 self._abandon_at_worker(call)
 
     # ------------------------------------------------------------------ backend (workers)
@@ -286,7 +287,7 @@ class BrokerEngine:
             if notice.drain:  # §11: no more work for it; acknowledge so it knows none is coming
                 if not worker.draining:
                     log.info("worker %s is draining (%d calls in flight)", worker.name, len(worker.in_flight))
-                worker.draining = True
+                self._draining(worker, now)
                 self._flush_requests_to(identity)  # what this round gave it leaves before the answer
                 self.backend_out.append((identity, p.disconnect_message("drain acknowledged", drain=True)))
                 return
@@ -436,14 +437,10 @@ class BrokerEngine:
         service.file_descriptor_set = _describing(service, newest.descriptors.services.get(service.name, NO_DEFINITION)[0])
         if service.methods and service.methods != before:
             # One pass: a call for a method no live worker has would wait for nothing.
-            kept = collections.deque()
-            for call in service.queue:
-                if call.method in service.methods:
-                    kept.append(call)
-                else:
-                    self._fail(call, StatusCode.UNIMPLEMENTED, _gone_method_message(service, call.method), now,
-                               p.NOT_RUN)
-            service.queue = kept
+            methods = service.methods
+            for call in service.queue.remove_if(lambda call: call.method not in methods):
+                self._fail(call, StatusCode.UNIMPLEMENTED, _gone_method_message(service, call.method), now,
+                           p.NOT_RUN)
 
     def _on_large_reply(self, worker: WorkerState, raw_header: bytes, payload: bytes, now: float) -> None:
         """§9: a reply over the size limits ends its call with RESOURCE_EXHAUSTED (not decoded)."""
@@ -464,6 +461,15 @@ class BrokerEngine:
         for name in worker.services:
             self._dispatch(self.services[name], now)
 
+    def _draining(self, worker: WorkerState, now: float) -> None:
+        """``worker`` takes no more calls (§11): for a service it leaves without a live worker,
+        unavailable_wait counts from now (§10), as if it had gone."""
+        worker.draining = True
+        for name in worker.services:
+            service = self.services[name]
+            if service.no_worker_since is None and not service.live_workers():
+                service.no_worker_since = now
+
     def _on_worker_reply(self, worker: WorkerState, header: p.ReplyHeader, payload: bytes, now: float) -> None:
         dispatch_id = header.request_id
         if dispatch_id not in worker.in_flight:
@@ -478,7 +484,7 @@ class BrokerEngine:
         call.worker = None
         code = header.code
         if code == _UNAVAILABLE and p.refused_draining(header.details):
-            worker.draining = True  # it never ran the call: give it to another worker
+            self._draining(worker, now)  # it never ran the call: give it to another worker
             call.attempt -= 1
             call.state = CallState.QUEUED
             service.queue.appendleft(call)
@@ -541,24 +547,29 @@ class BrokerEngine:
 
     def _expire_deadlines(self, now: float) -> None:
         while (call := self._deadlines.pop_due(now)) is not None:
-            self.counters["deadline_exceeded"] += 1
-            if call.state is CallState.QUEUED:  # §12: never dispatched once its deadline passed
+            if self._expire(call, now):
                 service = self.services[call.service]
-                service.queue.remove(call)
-                where = "while queued"
+                service.queue.discard(call)
                 if len(service.definitions) > 1:  # it may have held up the calls behind it
                     self._dispatch(service, now)
-            else:
-                where = "at the worker"
-                self._abandon_at_worker(call)
-            # The time left when the call came, not the caller's timeout: the client sends what
-            # is left at send, rounded down (spec §5), so `--timeout 1` arrives as 999 ms.
-            self._fail(call, StatusCode.DEADLINE_EXCEEDED,
-                       f"deadline exceeded {where} ({call.timeout_ms} ms were left when the broker took the call)", now)
+
+    def _expire(self, call: Call, now: float) -> bool:
+        """Answer a call whose deadline passed DEADLINE_EXCEEDED; True if it was queued (§12: it
+        is never dispatched then; the caller takes it out of its queue)."""
+        self.counters["deadline_exceeded"] += 1
+        queued = call.state is CallState.QUEUED
+        if not queued:
+            self._abandon_at_worker(call)
+        # The time left when the call came, not the caller's timeout: the client sends what
+        # is left at send, rounded down (spec §5), so `--timeout 1` arrives as 999 ms.
+        self._fail(call, StatusCode.DEADLINE_EXCEEDED,
+                   f"deadline exceeded {'while queued' if queued else 'at the worker'} "
+                   f"({call.timeout_ms} ms were left when the broker took the call)", now)
+        return queued
 
     def _settle_waiting(self, service: ServiceState, now: float) -> None:
         """NOT_FOUND after the start-up grace; UNAVAILABLE after unavailable_wait (§10)."""
-        if service.workers:
+        if service.live_workers():  # draining ones take no calls (§10)
             return
         if not service.offered:
             if now - self.started_at < self.config.unknown_service_grace:
@@ -570,8 +581,9 @@ class BrokerEngine:
             return
         since = service.no_worker_since if service.no_worker_since is not None else now
         wait = self.config.unavailable_wait
-        while service.queue and max(since, service.queue[0].enqueued_at) + wait <= now:
-            call = service.queue.popleft()
+        queue = service.queue
+        while (call := queue.head()) is not None and max(since, call.enqueued_at) + wait <= now:
+            queue.popleft()
             self._fail(call, StatusCode.UNAVAILABLE,
                        f"no live worker for service {service.name!r} (waited {wait:g}s); "
                        f"start one with: zrpc worker run MODULE:CLASS", now, p.NOT_RUN)
@@ -590,8 +602,12 @@ class BrokerEngine:
         _LOOK_AHEAD deep); one whose method no live worker has is answered UNIMPLEMENTED."""
         queue, name = service.queue, service.name
         by_method = len(service.definitions) > 1
-        while queue:
-            method = queue[0].method
+        while (call := queue.head()) is not None:
+            if call.deadline <= now:  # §12: never dispatched once its deadline passed (a late round)
+                queue.popleft()
+                self._expire(call, now)
+                continue
+            method = call.method
             best, offered = None, not by_method
             for worker in service.workers.values():
                 if by_method:
@@ -618,12 +634,13 @@ class BrokerEngine:
         if not free:
             return False
         queue, name = service.queue, service.name
-        for index in range(1, min(len(queue), _LOOK_AHEAD)):
-            call = queue[index]
+        for index, call in queue.behind_head(_LOOK_AHEAD):
+            if call.deadline <= now:
+                continue  # expired by this round's tick, never dispatched
             best = max((worker for worker in free if _has_method(worker, name, call.method)),
                        key=_dispatch_order, default=None)
             if best is not None:
-                del queue[index]
+                queue.take(index)
                 self._send_to_worker(best, call, service, now)
                 return True
         return False
@@ -714,7 +731,7 @@ class BrokerEngine:
         for name in worker.services:
             service = self.services[name]
             service.workers.pop(worker.identity, None)
-            if not service.workers:
+            if service.no_worker_since is None and not service.live_workers():
                 service.no_worker_since = now
             calls = requeue.get(name, [])
             service.queue.extendleft(reversed(calls))  # oldest first, ahead of newer calls

@@ -14,6 +14,9 @@ class CallState(enum.Enum):
     DONE = "done"  # answered, cancelled or failed: nothing more is sent to the client
 
 
+_QUEUED = CallState.QUEUED
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class Call:
     """One client request, from arrival until its single answer."""
@@ -34,6 +37,90 @@ class Call:
     worker: "WorkerState | None" = None
     attempt: int = 0
     reads_batches: bool = False  # its client reads REPLY_BATCH (spec §4c)
+
+
+class CallQueue:
+    """A service's waiting calls, oldest first.
+
+    A call answered while it waits (cancelled, expired) leaves in O(1): it is only counted out
+    (``discard``), and its entry goes when it reaches the front, or when such entries are half
+    the deque. deque.remove() was O(n): one client cancelling 5,000 calls queued behind 5,000
+    others held the broker's thread for a second (review). Length and iteration count only the
+    calls still waiting (state QUEUED).
+    """
+
+    __slots__ = ("_calls", "_gone")
+
+    def __init__(self, calls=()) -> None:
+        self._calls: collections.deque[Call] = collections.deque(calls)
+        self._gone = 0  # entries of calls no longer waiting
+
+    def __len__(self) -> int:
+        return len(self._calls) - self._gone
+
+    def __bool__(self) -> bool:
+        return len(self._calls) > self._gone
+
+    def __iter__(self):
+        return (call for call in self._calls if call.state is _QUEUED)
+
+    def append(self, call: Call) -> None:
+        self._calls.append(call)
+
+    def appendleft(self, call: Call) -> None:
+        self._calls.appendleft(call)
+
+    def extendleft(self, calls) -> None:
+        self._calls.extendleft(calls)
+
+    def head(self) -> Call | None:
+        """The oldest waiting call, left in place (None when none waits)."""
+        calls = self._calls
+        while calls and calls[0].state is not _QUEUED:
+            calls.popleft()
+            self._gone -= 1
+        return calls[0] if calls else None
+
+    def popleft(self) -> Call:
+        """Take the oldest waiting call (IndexError when none waits)."""
+        calls = self._calls
+        call = calls.popleft()
+        while call.state is not _QUEUED:
+            self._gone -= 1
+            call = calls.popleft()
+        return call
+
+    def discard(self, call: Call) -> None:
+        """``call``, waiting here, was answered (its state is no longer QUEUED): count it out."""
+        self._gone += 1
+        calls = self._calls
+        if self._gone > 64 and 2 * self._gone > len(calls):
+            self._calls = collections.deque(c for c in calls if c.state is _QUEUED)
+            self._gone = 0
+
+    def behind_head(self, depth: int):
+        """(position, call) of the waiting calls among the ``depth`` entries after the head."""
+        calls = self._calls
+        for index in range(1, min(len(calls), depth)):
+            call = calls[index]
+            if call.state is _QUEUED:
+                yield index, call
+
+    def take(self, index: int) -> Call:
+        """Take the call at ``index`` (a position ``behind_head`` gave, before any other change)."""
+        call = self._calls[index]
+        del self._calls[index]
+        return call
+
+    def remove_if(self, condition) -> list[Call]:
+        """Take every waiting call for which ``condition(call)`` holds, in order (one pass)."""
+        taken, kept = [], collections.deque()
+        for call in self._calls:
+            if call.state is not _QUEUED:
+                continue
+            (taken if condition(call) else kept).append(call)
+        self._calls, self._gone = kept, 0
+        return taken
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -102,7 +189,7 @@ class ServiceState:
     # rollout is under way, and dispatch then looks at methods.
     definitions: dict[bytes, "Definition"] = dataclasses.field(default_factory=dict)
     workers: dict[bytes, WorkerState] = dataclasses.field(default_factory=dict)
-    queue: collections.deque = dataclasses.field(default_factory=collections.deque)
+    queue: CallQueue = dataclasses.field(default_factory=CallQueue)
     # When the service last lost its last live worker (None while it has one).
     no_worker_since: float | None = None
     dispatched: int = 0  # calls of this service held by workers now
