@@ -1376,3 +1376,23 @@ def test_a_service_whose_only_workers_drain_is_unavailable_after_the_wait():
     [(_, reply, _)] = h.take_replies()
     assert (reply.request_id, reply.code) == (waiting, StatusCode.UNAVAILABLE)
     assert dict(reply.details) == p.NOT_RUN and "no live worker" in reply.message
+
+
+def test_services_left_without_worker_or_call_make_room_for_new_ones_at_the_limit():
+    h = Harness(max_services=3)
+    for version in range(3):  # versioned names, as the README advises for a changed contract
+        h.ready(b"v%d" % version, services=(f"svc.V{version}",))
+        h.now += 1.0
+        h.backend(b"v%d" % version, p.disconnect_message("stopping"))
+    h.ready(b"new", services=("svc.New",))  # the oldest idle one, V0, is forgotten for it
+    assert b"new" in h.engine.workers and h.take_control(p.DISCONNECT) == []
+    assert set(h.engine.services) == {"svc.V1", "svc.V2", "svc.New"}
+    h.call(b"c", service="svc.V0")
+    assert [r.code for _, r, _ in h.take_replies()] == [StatusCode.NOT_FOUND]
+    waiting = h.call(b"c", service="svc.V2")  # known still: it waits for a worker
+    for name in (b"a", b"b"):  # both live now: nothing idle is left to forget
+        h.ready(name, services=(f"svc.{name.decode()}",))
+    assert b"b" not in h.engine.workers
+    [(_, refusal)] = h.take_control(p.DISCONNECT)
+    assert "limit 3" in p.decode_disconnect(refusal[2:])
+    assert "svc.V2" in h.engine.services and h.take_replies() == [] and waiting

@@ -178,7 +178,7 @@ class BrokerEngine:
             if now - self.started_at >= self.config.unknown_service_grace:
                 return self._fail_new(client, request_id, header, StatusCode.NOT_FOUND,
                                       _not_found_message(service_name), now, reads_batches, p.NOT_RUN)
-            if len(self.services) >= self.config.max_services:
+            if not self._room_for_services(1):
                 return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                       f"broker knows {len(self.services)} services (limit {self.config.max_services})", now,
                                       reads_batches, p.NOT_RUN)
@@ -334,7 +334,7 @@ class BrokerEngine:
             return self._bad_worker_input(identity, None, "too_many_workers",
                                           f"broker has {len(self.workers)} workers (limit {self.config.max_workers})")
         new_names = [s for s in ready.services if s not in self.services]
-        if len(self.services) + len(new_names) > self.config.max_services:
+        if not self._room_for_services(len(new_names)):
             return self._bad_worker_input(identity, None, "too_many_services",
                                           f"broker knows {len(self.services)} services (limit {self.config.max_services})")
         descriptors = self._descriptor_sets.get(ready.file_descriptor_set)
@@ -460,6 +460,26 @@ class BrokerEngine:
                 self._on_worker_reply(worker, header, b"", now)
         for name in worker.services:
             self._dispatch(self.services[name], now)
+
+    def _room_for_services(self, needed: int) -> bool:
+        """Whether ``needed`` more services fit under max_services, after forgetting, if it must,
+        the services left with no worker and no call, longest without one first. Without this
+        the table only grew: services once offered (versioned names, say) locked new ones out
+        for the broker's life (review). Forgotten ones are NOT_FOUND again (§10)."""
+        limit = self.config.max_services
+        over = len(self.services) + needed - limit
+        if over <= 0:
+            return True
+        idle = sorted((service for service in self.services.values()
+                       if not service.workers and not service.queue and not service.dispatched),
+                      key=lambda service: service.no_worker_since or 0.0)
+        if len(idle) < over:
+            return False
+        for service in idle[:over]:
+            del self.services[service.name]
+        log.info("forgot %d service(s) with no worker and no call, to make room (max_services %d): %s",
+                 over, limit, ", ".join(service.name for service in idle[:over]))
+        return True
 
     def _draining(self, worker: WorkerState, now: float) -> None:
         """``worker`` takes no more calls (§11): for a service it leaves without a live worker,
