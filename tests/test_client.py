@@ -762,6 +762,14 @@ def test_core_refusals_as_never_run_do_not_use_up_the_retry_policys_attempts():
     assert failed.call is call and failed.error.details["zrpc-attempts"] == "6"
 
 
+def test_core_refuses_an_idempotent_flag_that_is_not_a_bool():
+    core = ClientCore()
+    with pytest.raises(Error) as refused:
+        core.prepare("a.S", "M", b"", idempotent="false")  # truthy: it would have run twice
+    assert refused.value.code == StatusCode.INVALID_ARGUMENT and "'false'" in refused.value.message
+    assert core.prepare("a.S", "M", b"", idempotent=1).header.idempotent
+
+
 def test_core_retries_a_call_the_broker_refused_before_a_worker_had_it_and_counts_the_attempts():
     """UNAVAILABLE with `zrpc-retry: not-run` (no live worker there): the call never ran, so a
     non-idempotent call goes again, within the retry policy's attempts; without the detail it

@@ -449,6 +449,11 @@ def test_context_describes_the_call(broker, make_worker):
         42, "echo.Echo", "Say", "t-1", 2)
     assert context.metadata == {"trace_id": "t-1", "user": "ann"}
     assert 50 < context.time_remaining() <= 60 and not context.cancelled
+    # A client's third attempt, dispatched twice by the broker: it may have run four times before.
+    broker.request(identity, (43, "Say", say(b""), {"metadata": {"zrpc-attempt": "3"}, "attempt": 2}))
+    broker.request(identity, (44, "Say", say(b""), {"metadata": {"zrpc-attempt": "lots"}}))
+    assert set(broker.replies(2)) == {43, 44}
+    assert {c.request_id: c.attempt for c in probe.contexts[1:]} == {43: 4, 44: 1}
 
 
 def test_capacity_bounds_the_calls_running_at_once(broker, make_worker):

@@ -17,6 +17,8 @@ TAG = b"ZRPC1"
 # so it may be sent again (the broker re-queues it; a client may send it to another broker).
 RETRY_DETAIL = "zrpc-retry"
 DRAINING = {RETRY_DETAIL: "draining"}
+# (spec §5) The metadata a client's retry carries: its attempt's number, from 2.
+ATTEMPT_METADATA = "zrpc-attempt"
 # (spec §10) The reply detail of a call a broker refused before any worker had it (no live
 # worker, a full queue, a limit): it never ran either, so a client may send it again,
 # idempotent or not, if its retry policy retries that code.

@@ -42,9 +42,11 @@ class State(enum.Enum):
 class CircuitBreaker:
     """When the client stops sending calls to a service that keeps failing, and for how long.
 
-    After ``failure_threshold`` consecutive calls to one service end with a code in
+    After ``failure_threshold`` consecutive attempts at calls to one service end with a code in
     ``failure_codes``, its circuit opens: calls to it fail at once with UNAVAILABLE, without
-    being sent, for ``reset_timeout`` seconds. Then one trial call goes out; its success closes
+    being sent, for ``reset_timeout`` seconds. Each attempt counts, a retry's too: retries
+    multiply the load on a failing service, and a call does not retry into a circuit its own
+    failure opened (it fails with that failure). Then one trial call goes out; its success closes
     the circuit, its failure opens it again. Any other outcome (OK, NOT_FOUND, INVALID_ARGUMENT…)
     proves the service answers, and resets the count.
     """

@@ -49,7 +49,7 @@ MAX_BYTES_PER_MESSAGE = 1 << 20
 
 # Metadata key carrying the attempt number of a retried call (absent on the first attempt), and
 # error details key carrying how many attempts a call that was retried made.
-ATTEMPT_METADATA = "zrpc-attempt"
+ATTEMPT_METADATA = _protocol.ATTEMPT_METADATA
 ATTEMPTS_DETAIL = "zrpc-attempts"
 # Error details key of a call whose broker answered nothing, not even a Health call, for that
 # many seconds (see _silence): it accepted the connection, so it runs, but its loop does not.
@@ -246,6 +246,8 @@ class ClientCore:
         if not isinstance(service, str) or not service or not isinstance(method, str) or not method:
             raise Error(StatusCode.INVALID_ARGUMENT,
                         f"service and method must be non-empty strings, got {service!r}, {method!r}")
+        if not isinstance(idempotent, (bool, int)):  # "false" would be true, and run twice
+            raise Error(StatusCode.INVALID_ARGUMENT, f"idempotent must be True or False, got {idempotent!r}")
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise Error(StatusCode.INVALID_ARGUMENT,
                         f"payload must be bytes (a serialized message), got {type(payload).__name__}")

@@ -81,9 +81,17 @@ def new_call(header, payload: bytes, method: Method, link: Any, epoch: int, now:
     fields = header.metadata
     metadata = {key: fields[key] for key in fields} if fields else {}
     deadline_ms = header.deadline_ms
-    context = Context._for_call(header.request_id, method.service, method.name, metadata, header.attempt or 1,
+    attempt = header.attempt or 1  # the broker's dispatch: 2 after its worker died
+    if metadata and p.ATTEMPT_METADATA in metadata:  # and the client's retry
+        attempt += _retry_number(metadata[p.ATTEMPT_METADATA]) - 1
+    context = Context._for_call(header.request_id, method.service, method.name, metadata, attempt,
                                now + deadline_ms / 1000.0 if deadline_ms else None)
     return Call(context.request_id, method, request, context, link, epoch)
+
+
+def _retry_number(text: str) -> int:
+    """A client's attempt number from its metadata; 1 for anything that is not one."""
+    return int(text) if text.isdigit() and 1 <= len(text) <= 3 else 1
 
 
 def error_pair(request_id: int, error: Error) -> Answer:
