@@ -1396,3 +1396,58 @@ def test_services_left_without_worker_or_call_make_room_for_new_ones_at_the_limi
     [(_, refusal)] = h.take_control(p.DISCONNECT)
     assert "limit 3" in p.decode_disconnect(refusal[2:])
     assert "svc.V2" in h.engine.services and h.take_replies() == [] and waiting
+
+
+def test_the_free_index_picks_the_worker_a_scan_of_every_worker_picks():
+    """Services with many workers find the most free one in an index (§12): driven by the same
+    random joins, calls, replies, capacity offers, drains and departures, an engine that
+    always indexes sends every call to the same worker as one that always scans."""
+    import random
+
+    rng = random.Random(20261203)
+    scanning, indexing = Harness(queue_size=100_000), Harness(queue_size=100_000)
+    scanning.engine._INDEX_FROM = 10**9
+    indexing.engine._INDEX_FROM = 1
+    both = (scanning, indexing)
+    live: list[bytes] = []
+    held: dict[bytes, list[int]] = {}
+    joined = 0
+    for step in range(3_000):
+        roll = rng.random()
+        if roll < 0.05 or len(live) < 3:
+            joined += 1
+            name = b"w%d" % joined
+            capacity = rng.randint(1, 6)
+            for h in both:
+                h.ready(name, capacity=capacity, heartbeat_ms=600_000)
+            live.append(name)
+            held[name] = []
+        elif roll < 0.08:
+            name = live.pop(rng.randrange(len(live)))
+            message = rng.choice([p.disconnect_message("bye"), p.disconnect_message("draining", drain=True)])
+            for h in both:
+                h.backend(name, message)
+            if message[2:] and p.decode_disconnect_message(message[2:]).drain:
+                live.append(name)  # it stays, taking nothing new
+        elif roll < 0.10:
+            name = rng.choice(live)
+            offer = p.capacity_message(rng.randint(0, 6))
+            for h in both:
+                h.backend(name, offer)
+        elif roll < 0.55:
+            for h in both:
+                h.call(b"c", deadline_ms=600_000)
+        else:
+            busy = [name for name in live if held[name]]
+            if busy:
+                name = rng.choice(busy)
+                dispatch_id = held[name].pop(rng.randrange(len(held[name])))
+                for h in both:
+                    h.reply_from(name, dispatch_id)
+        sent = [[(worker, header.request_id) for worker, header, _ in h.take_requests()] for h in both]
+        assert sent[0] == sent[1], f"step {step}"
+        for worker, dispatch_id in sent[0]:
+            held.setdefault(worker, []).append(dispatch_id)
+        assert [r.request_id for _, r, _ in scanning.take_replies()] == \
+            [r.request_id for _, r, _ in indexing.take_replies()]
+    assert joined > 50 and indexing.engine.services["svc.S"].free_index is not None

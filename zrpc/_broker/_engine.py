@@ -8,6 +8,7 @@ clock and no sockets.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import logging
 from typing import Collection, Sequence
@@ -69,6 +70,8 @@ class BrokerEngine:
         self.draining = False
         self._dispatch_ids = itertools.count(1)
         self._dispatch_seq = itertools.count(1)
+        self._index_seq = itertools.count()  # the free indexes' tie-break: workers do not compare
+        self._indexes = 0  # services with a free index: with none, nothing need be told of changes
         # Every held call's deadline (answered ones until dropped: see next_timer).
         self._deadlines = Deadlines()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -308,6 +311,8 @@ class BrokerEngine:
         capacity = min(capacity, worker.announced_capacity)
         grew = capacity > worker.capacity
         worker.capacity = capacity
+        if self._indexes:
+            self._changed(worker)
         if grew:
             for name in worker.services:
                 self._dispatch(self.services[name], now)
@@ -371,6 +376,10 @@ class BrokerEngine:
                 service = self.services[name] = ServiceState(name)
             service.workers[identity] = worker
             service.no_worker_since = None
+            if service.free_index is None and len(service.workers) >= self._INDEX_FROM:
+                self._build_index(service)
+            elif service.free_index is not None:
+                heapq.heappush(service.free_index, (-worker.free, 0, next(self._index_seq), worker.version, worker))
             self._adopt_definition(service, worker)
         self.counters["workers_joined"] += 1
         # The connection's routing id tells the lines of one worker's connections apart: one
@@ -485,6 +494,8 @@ class BrokerEngine:
         """``worker`` takes no more calls (§11): for a service it leaves without a live worker,
         unavailable_wait counts from now (§10), as if it had gone."""
         worker.draining = True
+        if self._indexes:
+            self._changed(worker)
         for name in worker.services:
             service = self.services[name]
             if service.no_worker_since is None and not service.live_workers():
@@ -496,6 +507,8 @@ class BrokerEngine:
             return self._bad_worker_input(worker.identity, worker, "unknown_dispatch",
                                           f"reply for dispatch id {dispatch_id} this worker was not given")
         call = worker.in_flight.pop(dispatch_id)
+        if self._indexes:
+            self._changed(worker)
         if call is None:  # answered already (deadline, cancel): the late reply is dropped
             self.counters["late_replies"] += 1
             return
@@ -611,7 +624,53 @@ class BrokerEngine:
     # ------------------------------------------------------------------ dispatch
 
     def _has_free_worker(self, service: ServiceState) -> bool:
+        if service.free_index is not None:
+            return self._indexed_best(service) is not None
         return any(w.free > 0 for w in service.workers.values())
+
+    # The free-capacity index (ServiceState.free_index): kept for services with this many
+    # workers or more, dropped below half of it. Review: a scan of every worker per call cost
+    # 10 us a call with 1 worker, 32 with 100, 526 with 1,000 (engine, 5,000 single calls).
+    _INDEX_FROM = 16
+
+    def _changed(self, worker: WorkerState) -> None:
+        """``worker``'s free capacity or last dispatch changed, or it left or drains: entries of
+        it in the free indexes go stale, and a fresh one goes in where it can take a call."""
+        worker.version += 1
+        free = 0 if worker.identity not in self.workers else worker.free
+        if free <= 0:
+            return
+        entry = None
+        for name in worker.services:
+            service = self.services[name]
+            heap = service.free_index
+            if heap is None:
+                continue
+            if len(heap) > 4 * len(service.workers) + 64:  # stale entries: rebuild, O(workers)
+                self._build_index(service)
+                continue
+            if entry is None:
+                entry = (-free, worker.last_dispatch_seq, next(self._index_seq), worker.version, worker)
+            heapq.heappush(heap, entry)
+
+    def _build_index(self, service: ServiceState) -> None:
+        if service.free_index is None:
+            self._indexes += 1
+        heap = [(-worker.free, worker.last_dispatch_seq, next(self._index_seq), worker.version, worker)
+                for worker in service.workers.values() if worker.free > 0]
+        heapq.heapify(heap)
+        service.free_index = heap
+
+    @staticmethod
+    def _indexed_best(service: ServiceState) -> WorkerState | None:
+        """The worker §12 picks, from the index: its stale entries are dropped on the way."""
+        heap = service.free_index
+        while heap:
+            worker, version = heap[0][4], heap[0][3]
+            if worker.version == version:
+                return worker
+            heapq.heappop(heap)
+        return None
 
     def _dispatch(self, service: ServiceState, now: float) -> None:
         """§12: most free capacity first; ties to the least recently used worker.
@@ -626,6 +685,12 @@ class BrokerEngine:
             if call.deadline <= now:  # §12: never dispatched once its deadline passed (a late round)
                 queue.popleft()
                 self._expire(call, now)
+                continue
+            if not by_method and service.free_index is not None:
+                best = self._indexed_best(service)
+                if best is None:
+                    return
+                self._send_to_worker(best, queue.popleft(), service, now)
                 continue
             method = call.method
             best, offered = None, not by_method
@@ -674,6 +739,8 @@ class BrokerEngine:
         call.attempt += 1
         worker.in_flight[dispatch_id] = call
         worker.last_dispatch_seq = next(self._dispatch_seq)
+        if self._indexes:
+            self._changed(worker)
         worker.next_heartbeat_at = now + worker.heartbeat
         service.dispatched += 1
         # The client's header, re-addressed to the worker (the client's own values are kept in
@@ -748,9 +815,14 @@ class BrokerEngine:
             call.state = CallState.QUEUED
             requeue.setdefault(call.service, []).append(call)
         worker.in_flight.clear()
+        if self._indexes:
+            self._changed(worker)  # gone from self.workers already: its entries all go stale
         for name in worker.services:
             service = self.services[name]
             service.workers.pop(worker.identity, None)
+            if service.free_index is not None and len(service.workers) < self._INDEX_FROM // 2:
+                service.free_index = None
+                self._indexes -= 1
             if service.no_worker_since is None and not service.live_workers():
                 service.no_worker_since = now
             calls = requeue.get(name, [])

@@ -158,6 +158,9 @@ class WorkerState:
     batches: bool = False  # it reads REQUEST_BATCH (its READY says so, spec §4b)
     peer_key: str | None = None  # its CURVE public key (z85) when the broker runs CURVE
     announced_capacity: int = 0  # its READY's capacity: what a heartbeat may offer at most (§7b)
+    # Bumped whenever its free capacity or last_dispatch_seq changes, or it stops taking calls:
+    # entries of a service's free_index with an older version are stale.
+    version: int = 0
     descriptors: DescriptorSet = NO_DESCRIPTORS  # its READY's, shared with the workers that sent the same
 
     @property
@@ -193,6 +196,10 @@ class ServiceState:
     # When the service last lost its last live worker (None while it has one).
     no_worker_since: float | None = None
     dispatched: int = 0  # calls of this service held by workers now
+    # With many workers, a heap of (-free, last_dispatch_seq, push number, version, worker):
+    # its first valid entry is the worker §12 picks, found in O(log n) instead of a scan of
+    # every worker (see BrokerEngine._best_worker). None with few workers: the scan is cheaper.
+    free_index: list | None = None
 
     def live_workers(self) -> int:
         """Workers that take new calls (not draining)."""
