@@ -251,6 +251,35 @@ def test_missing_handlers_are_named_together_when_the_class_is_created():
     assert str(raised.value) == "Incomplete is missing handlers for: Sleep, Fail (service echo.Echo)"
 
 
+def test_a_service_with_streaming_rpcs_is_refused_when_the_class_is_created():
+    """zrpc calls are unary: a streaming rpc served as one would answer one message, silently
+    wrong (a tester's `returns (stream Thing)` was served and `zrpc call` printed `{}`)."""
+    from google.protobuf import descriptor_pool
+
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="streams_test.proto", package="streams", syntax="proto3",
+        message_type=[descriptor_pb2.DescriptorProto(name="Thing")],
+        service=[descriptor_pb2.ServiceDescriptorProto(name="S", method=[
+            descriptor_pb2.MethodDescriptorProto(name="One", input_type=".streams.Thing", output_type=".streams.Thing"),
+            descriptor_pb2.MethodDescriptorProto(name="Down", input_type=".streams.Thing",
+                                                 output_type=".streams.Thing", server_streaming=True),
+            descriptor_pb2.MethodDescriptorProto(name="Up", input_type=".streams.Thing",
+                                                 output_type=".streams.Thing", client_streaming=True),
+        ])])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    service = pool.FindServiceByName("streams.S")
+    with pytest.raises(TypeError) as raised:
+        class Streams(Service):
+            descriptor = service
+
+            def One(self, request, context): ...
+            def Down(self, request, context): ...
+            def Up(self, request, context): ...
+    assert str(raised.value) == ("Streams: zrpc serves unary rpcs only, and streams.S declares streaming ones: "
+                                 "Down (server-streaming), Up (client-streaming)")
+
+
 def test_missing_handlers_are_named_when_the_worker_starts(broker):
     class Late(Service):
         pass

@@ -156,8 +156,9 @@ class Method:
 def check_service(service: Service | type[Service]) -> ServiceDescriptor:
     """Validate a Service class or instance; return its descriptor.
 
-    Raises TypeError for a missing or wrong descriptor and for missing handlers (all named in one
-    message), ValueError for a service name reserved for the broker.
+    Raises TypeError for a missing or wrong descriptor, for streaming rpcs (zrpc calls are unary)
+    and for missing handlers (all named in one message), ValueError for a service name reserved
+    for the broker.
     """
     cls = service if isinstance(service, type) else type(service)
     descriptor = service.descriptor
@@ -167,6 +168,11 @@ def check_service(service: Service | type[Service]) -> ServiceDescriptor:
     if descriptor.full_name.startswith(RESERVED_PREFIX):
         raise ValueError(f"{cls.__name__}: service names starting {RESERVED_PREFIX!r} are reserved for the "
                          f"broker; rename the package of {descriptor.full_name}")
+    streaming = [f"{m.name} ({'client' if m.client_streaming else 'server'}-streaming)"
+                 for m in descriptor.methods if m.client_streaming or m.server_streaming]
+    if streaming:  # served as unary calls, they would answer with one message, silently wrong
+        raise TypeError(f"{cls.__name__}: zrpc serves unary rpcs only, and {descriptor.full_name} declares "
+                        f"streaming ones: {', '.join(streaming)}")
     missing = [m.name for m in descriptor.methods if not callable(getattr(service, m.name, None))]
     if missing:
         raise TypeError(f"{cls.__name__} is missing handlers for: {', '.join(missing)} "
