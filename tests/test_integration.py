@@ -95,6 +95,38 @@ def test_handler_errors_reach_the_caller_with_their_code(broker, start_worker):
         assert caught.value.code == StatusCode.UNIMPLEMENTED
 
 
+class _Wordy(Echo):
+    """Fails with texts past the broker's 64 KiB header limit (spec §9)."""
+
+    def Say(self, request, context):
+        raise zrpc.Error(StatusCode.FAILED_PRECONDITION, "short", {"why": "v" * 200_000, "also": "kept"})
+
+    def Sleep(self, request, context):
+        raise ValueError("e" * 200_000)
+
+
+def test_an_error_with_texts_past_the_header_limit_keeps_its_code(broker, start_worker):
+    """A tester's handler raised a 200 KB validation message: the caller got RESOURCE_EXHAUSTED
+    ("reply header is 200008 bytes") and lost the code. The worker now cuts the texts."""
+    start_worker(_Wordy())
+    wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+    with Client(broker.frontend_endpoint, timeout=5.0) as client:
+        echo = client.stub(ECHO)
+        with pytest.raises(zrpc.Error) as caught:
+            echo.Fail(echo_pb2.FailRequest(code=StatusCode.FAILED_PRECONDITION, message="m" * 200_000))
+        error = caught.value
+        assert error.code == StatusCode.FAILED_PRECONDITION
+        assert error.message.startswith("m" * 16_000) and error.message.endswith("bytes cut]")
+        with pytest.raises(zrpc.Error) as caught:
+            echo.Say(echo_pb2.EchoRequest())
+        error = caught.value
+        assert (error.code, error.message) == (StatusCode.FAILED_PRECONDITION, "short")
+        assert error.details["also"] == "kept" and error.details["why"].endswith("bytes cut]")
+        with pytest.raises(zrpc.Error) as caught:
+            echo.Sleep(echo_pb2.SleepRequest())
+        assert caught.value.code == StatusCode.INTERNAL and caught.value.message.startswith("ValueError: eee")
+
+
 def test_unknown_service_is_not_found_and_dead_broker_gives_deadline_exceeded(broker, ipc_dir):
     with Client(broker.frontend_endpoint, timeout=5.0) as client:
         with pytest.raises(zrpc.Error) as caught:

@@ -94,9 +94,44 @@ def _retry_number(text: str) -> int:
     return int(text) if text.isdigit() and 1 <= len(text) <= 3 else 1
 
 
+# A reply header over the broker's MAX_HEADER_BYTES (64 KiB, spec §9) is refused, and the caller
+# gets RESOURCE_EXHAUSTED instead of the handler's code (a tester's 200 KB validation message):
+# an error's texts are cut to fit, well inside it.
+_ERROR_MESSAGE_BYTES = 16_384
+_ERROR_DETAIL_BYTES = 1_024
+_ERROR_DETAILS_BYTES = 16_384
+
+
 def error_pair(request_id: int, error: Error) -> Answer:
-    """The answer to a call that failed with ``error``."""
-    return p.encode_reply_header(request_id, error.code, error.message, error.details), b"", error.code
+    """The answer to a call that failed with ``error`` (its texts cut to fit a reply header)."""
+    message, details = error.message, error.details
+    if 4 * (len(message) + sum(len(k) + len(v) for k, v in details.items())) > _ERROR_MESSAGE_BYTES:
+        message, details = _fitted(message, details)
+    return p.encode_reply_header(request_id, error.code, message, details), b"", error.code
+
+
+def _fitted(message: str, details: dict[str, str]) -> tuple[str, dict[str, str]]:
+    cut_message = _cut(message, _ERROR_MESSAGE_BYTES)
+    fitted, room = {}, _ERROR_DETAILS_BYTES
+    for key, value in details.items():
+        key, value = _cut(key, 256), _cut(value, _ERROR_DETAIL_BYTES)
+        size = len(key.encode()) + len(value.encode())
+        if size > room:
+            fitted["zrpc-cut"] = f"{len(details) - len(fitted)} detail(s) left out: the reply header has a size limit"
+            break
+        fitted[key], room = value, room - size
+    if cut_message is not message or fitted != details:
+        log.warning("an error's message or details were cut to fit a reply header (%d characters of message, "
+                    "%d details)", len(message), len(details))
+    return cut_message, fitted
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` if its UTF-8 form fits ``limit`` bytes, else its start and how much was cut."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore") + f"... [{len(raw) - limit:,} bytes cut]"
 
 
 def result_pair(call: Call, result: Any) -> Answer:
