@@ -440,17 +440,19 @@ def _decodes(raw: bytes) -> bool:
     return True
 
 
-def test_an_answer_with_a_large_header_keeps_its_own_frames(broker, make_worker):
+def test_an_error_whose_message_passes_the_batch_limit_is_cut_and_batched(broker, make_worker):
     make_worker(Probe())
     identity, _ = broker.ready()
     broker.request_batch(identity, (1, "Say", say(b"small")))
     broker.replies(1)
-    long_message = "x" * p.BATCH_CALL_BYTES  # the header alone is over the limit
+    long_message = "x" * p.BATCH_CALL_BYTES  # the header alone would be over the batch limit
     fail = echo_pb2.FailRequest(code=StatusCode.NOT_FOUND, message=long_message).SerializeToString()
     forms = []
     broker.request_batch(identity, (2, "Fail", fail))
     replies = broker.replies(1, forms)
-    assert forms == [p.REPLY] and replies[2][0].message == long_message
+    header = replies[2][0]
+    assert forms == [p.REPLY_BATCH] and header.code == StatusCode.NOT_FOUND
+    assert header.message == "x" * 16_384 + f"... [{p.BATCH_CALL_BYTES - 16_384:,} bytes cut]"
 
 
 def test_reply_batches_stay_within_the_batch_frame_limit(broker, make_worker):
