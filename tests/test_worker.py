@@ -893,3 +893,33 @@ def test_a_broker_that_forgets_a_draining_worker_is_not_waited_for(broker, make_
     broker.send(identity, p.disconnect_message(p.BROKER_STOPPING))
     stopper.join(timeout=8.0)
     assert not stopper.is_alive(), "stop() waited for a broker that had forgotten the worker"
+
+
+class _BlocksTheLoop(Service):
+    descriptor = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
+
+    async def Say(self, request, context):
+        time.sleep(1.5)  # the mistake: a blocking call in an async handler
+        return echo_pb2.EchoReply(payload=request.payload)
+
+    def Sleep(self, request, context):
+        return echo_pb2.EchoReply()
+
+    def Fail(self, request, context):
+        return echo_pb2.EchoReply()
+
+
+def test_a_worker_whose_loop_an_async_handler_blocks_says_so_and_names_it(broker, make_worker, caplog):
+    """A tester's `async def` handler calling time.sleep() got the worker expired with nothing in
+    its log but a second "registered": now it warns, naming the async handlers that ran."""
+    make_worker(_BlocksTheLoop())
+    identity, _ = broker.ready()
+    from .conftest import wait_for
+
+    with caplog.at_level("WARNING", logger="zrpc.worker"):
+        broker.request(identity, (7, "Say", say(b"x"), {}))
+        assert broker.replies(1)[7][0].code == StatusCode.OK
+        wait_for(lambda: any("event loop was blocked" in r.getMessage() for r in caplog.records),
+                 message="the warning")
+    [warning] = [r.getMessage() for r in caplog.records if "event loop was blocked" in r.getMessage()]
+    assert "async handlers that ran then: echo.Echo/Say (1)" in warning and "asyncio.to_thread" in warning

@@ -8,6 +8,7 @@ worker moves one that breaks the promise to the pool.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import dataclasses
 import functools
@@ -62,6 +63,10 @@ _BATCH = 256
 INLINE_LIMIT = 0.02
 _INLINE_STRIKES = 2
 _STRIKE_WINDOW = 60.0
+
+# The keep-alive task woke this much later than it meant to (and a heartbeat was missed): the
+# loop was blocked, and the worker says so (see _loop_blocked). Not less: a busy host delays it too.
+_LOOP_BLOCKED = 1.0
 
 # The broker sends what is left of a deadline in whole milliseconds, rounded down (spec §5): a
 # worker's deadline may come up to that much before the broker's, and a result finished in
@@ -145,6 +150,9 @@ class Worker:
         self._loop_thread_id: int | None = None
         self._pool: HandlerPool | None = None
         self._rebalance_timer: asyncio.TimerHandle | None = None
+        # Async handlers that ended since the keep-alive task last ran: with those still running,
+        # the suspects when it finds the loop was blocked (see _loop_blocked).
+        self._async_ended: collections.Counter[str] = collections.Counter()
         self._stop_event: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._stop_grace: float | None = None
@@ -372,7 +380,25 @@ class Worker:
                     if link.heartbeat_due(now):
                         link.heartbeat(now)
                 timers.append(link.next_timer(now))
-            await asyncio.sleep(min(timers))
+            wait = min(timers)
+            await asyncio.sleep(wait)
+            late = clock() - now - wait
+            if late >= max(_LOOP_BLOCKED, self.heartbeat_interval):
+                self._loop_blocked(late)
+            self._async_ended.clear()
+
+    def _loop_blocked(self, late: float) -> None:
+        """Say that the loop did not run for ``late`` seconds, and which async handlers ran then:
+        a tester's `async def` handler calling time.sleep() got the worker expired by its broker
+        ("silent") with nothing in the worker's log."""
+        ran = self._async_ended + collections.Counter(
+            f"{call.method.service}/{call.method.name}" for link in self._links
+            for call in link.in_flight.values() if call.started and call.method.is_async)
+        suspects = ", ".join(f"{name} ({count})" for name, count in sorted(ran.items()))
+        log.warning("worker %s: its event loop was blocked for %.2fs, so no heartbeat left (brokers expire a worker "
+                    "silent for %d heartbeats); async handlers that ran then: %s. An async handler must await, "
+                    "not block: use a plain def (it runs in the handler pool) or await asyncio.to_thread(...)",
+                    self.name, late, self.liveness, suspects or "none")
 
     def _receive(self, link: BrokerLink) -> None:
         """Read what the broker sent until none is left (the FD only signals a change)."""
@@ -599,6 +625,7 @@ class Worker:
             self._finish(call, answer)
 
     def _async_done(self, call: Call, task: asyncio.Task) -> None:
+        self._async_ended[f"{call.method.service}/{call.method.name}"] += 1
         if task.cancelled():
             answer = stopped_pair(call, self._clock())
         elif task.exception() is not None:
