@@ -39,7 +39,7 @@ from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
 from zrpc import AsyncClient, Client, Error, StatusCode, tune_allocator  # noqa: E402
 from zrpc._cli import _discovery  # noqa: E402
-from zrpc._cli._common import curve_options, curve_settings, split_endpoints  # noqa: E402
+from zrpc._cli._common import FiniteRange, curve_options, curve_settings, split_endpoints  # noqa: E402
 from zrpc._descriptors import is_idempotent, message_class  # noqa: E402
 
 STARTUP_TIMEOUT = 20.0  # bound on the spawned broker printing its ready line, workers registering
@@ -366,13 +366,13 @@ class Spawned:
               show_envvar=True, help="Calls kept in flight.")
 @click.option("--requests", "-n", type=click.IntRange(min=1), default=None, show_envvar=True, metavar="N",
               help="Calls to make [default: 20000, or unlimited with --duration].")
-@click.option("--duration", "-d", type=click.FloatRange(min=0.001), default=None, metavar="SECONDS",
+@click.option("--duration", "-d", type=FiniteRange(min=0.001), default=None, metavar="SECONDS",
               show_envvar=True, help="Stop after this long (or after --requests calls, if given too: whichever comes first).")
 @click.option("--payload-size", type=click.IntRange(min=0), default=100, show_default=True, metavar="BYTES",
               show_envvar=True, help="Size of the request's first bytes/string field (not with --data).")
 @click.option("--data", default=None, metavar="JSON", show_envvar=True,
               help="Request as JSON instead of a generated payload; the summary gives its serialized size.")
-@click.option("--timeout", "-t", type=click.FloatRange(min=0.001), default=10.0, show_default=True,
+@click.option("--timeout", "-t", type=FiniteRange(min=0.001), default=10.0, show_default=True,
               metavar="SECONDS", show_envvar=True, help="Deadline of each call.")
 @click.option("--spawn", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               show_envvar=True, help="Start a broker (or --spawn-brokers K) and N worker processes (ipc://, temp dir) for the run.")
@@ -383,7 +383,7 @@ class Spawned:
               envvar="ZRPC_LOADTEST_WORKER", help="What --spawn runs (from the repository root).")
 @click.option("--worker-concurrency", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
               show_envvar=True, help="--concurrency of each spawned worker.")
-@click.option("--max-errors", type=click.FloatRange(min=0.0, max=1.0), default=0.0, show_default=True,
+@click.option("--max-errors", type=FiniteRange(min=0.0, max=1.0), default=0.0, show_default=True,
               metavar="FRACTION", help="Exit with status 1 when more than this fraction of the calls failed "
               "(0: any failed call; 1: never, for a method that fails by design). A first call failing "
               "UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED or PERMISSION_DENIED still stops the run: "

@@ -158,6 +158,20 @@ def test_unknown_flag_is_a_usage_error(cli):
     assert "No such option" in result.stderr
 
 
+@pytest.mark.parametrize("args, problem", [
+    (("call", "-t", "nan", "a.B/C"), "'nan' is not a finite number"),
+    (("status", "--timeout", "inf"), "'inf' is not a finite number"),
+    (("worker", "run", "--heartbeat-interval", "inf", "workers.echo:Echo"), "'inf' is not a finite number"),
+    (("broker", "start", "--drain-grace", "nan"), "'nan' is not a finite number"),
+    (("broker", "start", "--max-message-bytes", "9223372036854775807"), "is not in the range 1<=x<=1099511627776"),
+])
+def test_nan_inf_and_huge_limits_are_usage_errors(cli, args, problem):
+    """A tester's `-t nan` read "cannot connect" (exit 1), a huge --max-message-bytes "cannot
+    bind broker: Python int too large to convert to C long"."""
+    result = cli(*args)
+    assert result.exit_code == 2 and problem in result.stderr
+
+
 @pytest.mark.parametrize("request_json, problem", [
     ("{", "request is not valid JSON"),
     ("[1, 2]", "request must be a JSON object"),

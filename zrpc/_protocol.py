@@ -77,6 +77,9 @@ MAX_HEADER_BYTES = 65_536
 # (spec §9) The default bound on one call or reply (header + payload), the broker's
 # max_message_bytes; clients check their payloads against their own copy of it.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The largest max_message_bytes a broker or worker accepts (1 TiB): ZeroMQ's own limit, set 1 MiB
+# above it, is a signed 64-bit number, and no message of that size fits in memory anyway.
+MAX_MESSAGE_BYTES_LIMIT = 1 << 40
 
 RequestHeader = wire_pb2.RequestHeader
 ReplyHeader = wire_pb2.ReplyHeader

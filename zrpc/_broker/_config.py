@@ -117,6 +117,9 @@ class BrokerConfig:
                      "max_services", "max_message_bytes", "max_frames"):
             if getattr(self, name) < 1:
                 raise SettingError(f"{name} must be at least 1", name)
+        if self.max_message_bytes > p.MAX_MESSAGE_BYTES_LIMIT:
+            raise SettingError(f"max_message_bytes must be at most {p.MAX_MESSAGE_BYTES_LIMIT} (1 TiB)",
+                               "max_message_bytes")
         if self.max_frames < p.MIN_FRAMES_LIMIT:
             # Lower, a client's request or a worker's replies would be refused whole.
             raise SettingError(f"max_frames must be at least {p.MIN_FRAMES_LIMIT}: clients and workers send up "

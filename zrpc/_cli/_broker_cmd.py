@@ -9,11 +9,12 @@ import tomllib
 
 import click
 
+from .. import _protocol as p
 from .._allocator import tune_allocator
 from .._broker._config import BrokerConfig, SettingError, load_config_file
 from .._endpoints import endpoint_host_port, endpoint_port
 from .._polling import MAX_BUSY_POLL
-from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS,
+from ._common import (FiniteRange, DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS,
                       CliError, blamed, check_endpoint, log_format_option, metrics_host_option,
                       metrics_port_option, option, ready_line, setup_logging, start_metrics,
                       variables_not_read)
@@ -38,22 +39,22 @@ def broker() -> None:
         help="Calls each service may queue before callers get RESOURCE_EXHAUSTED.")
 @option("--heartbeat-liveness", type=click.IntRange(min=1), metavar="N", show_default="3",
         help="A worker silent for N of its heartbeat intervals is expired.")
-@option("--unavailable-wait", type=click.FloatRange(min=0), metavar="SECONDS", show_default="5.0",
+@option("--unavailable-wait", type=FiniteRange(min=0), metavar="SECONDS", show_default="5.0",
         help="How long calls wait for a worker of a known service that has none alive.")
-@option("--unknown-service-grace", type=click.FloatRange(min=0), metavar="SECONDS",
+@option("--unknown-service-grace", type=FiniteRange(min=0), metavar="SECONDS",
         show_default="3.0",
         help="After start, calls to a service never offered wait this long before NOT_FOUND.")
 @option("--max-in-flight", type=click.IntRange(min=1), metavar="N", show_default="100000",
         help="Calls the broker holds at once (queued + dispatched), all services together.")
-@option("--max-message-bytes", type=click.IntRange(min=1), metavar="BYTES", show_default="67108864",
+@option("--max-message-bytes", type=click.IntRange(min=1, max=p.MAX_MESSAGE_BYTES_LIMIT), metavar="BYTES", show_default="67108864",
         help="Largest call (header and payload) accepted from a client, or reply from a worker.")
 @option("--max-connections", type=click.IntRange(min=0), metavar="N", show_default="0 (automatic)",
         help="Connections each endpoint holds at once; more are refused as they arrive. "
              "0: min(10000, (file descriptor limit - 512) / 2).")
-@option("--drain-grace", type=click.FloatRange(min=0), metavar="SECONDS", show_default="10.0",
+@option("--drain-grace", type=FiniteRange(min=0), metavar="SECONDS", show_default="10.0",
         help="On SIGTERM or SIGINT, answer the calls held for up to this long, refusing new ones "
              "(UNAVAILABLE, zrpc-retry: draining); a second signal stops at once.")
-@option("--busy-poll", type=click.FloatRange(min=0, max=MAX_BUSY_POLL), metavar="SECONDS", show_default="0 (off)",
+@option("--busy-poll", type=FiniteRange(min=0, max=MAX_BUSY_POLL), metavar="SECONDS", show_default="0 (off)",
         help="After a call's message, poll without sleeping this long (0: off): lower latency at "
              "light load, for a core kept busy while calls come.")
 @option("--curve-secret", metavar="FILE", type=click.Path(exists=True, dir_okay=False),

@@ -11,7 +11,7 @@ from .. import broker_service_pb2 as pb
 from .._descriptors import is_idempotent, message_class
 from .._errors import Error
 from ._common import curve_options
-from ._common import (DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_NOT_SERVING, EXIT_USAGE, CliError,
+from ._common import (FiniteRange, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_NOT_SERVING, EXIT_USAGE, CliError,
                       call_failed, option, split_endpoints)
 from . import _discovery
 
@@ -27,7 +27,7 @@ broker_option = option(
 @click.argument("request_json", metavar="[JSON]", default="{}")
 @broker_option
 @curve_options
-@option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
+@option("--timeout", "-t", type=FiniteRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="Deadline of the call (and of fetching its description).")
 @option("--metadata", "-m", multiple=True, metavar="KEY=VALUE",
         help="Request metadata, repeatable (e.g. -m trace_id=abc).")
@@ -79,7 +79,7 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
 @click.command(epilog=EXIT_CODES_HELP)
 @broker_option
 @curve_options
-@option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
+@option("--timeout", "-t", type=FiniteRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="How long to wait for the broker.")
 @option("--json", "as_json", is_flag=True, default=False, envvar="ZRPC_SERVICES_JSON",
         help="Print the ListServices reply as JSON; with several brokers, an object by endpoint.")
@@ -131,7 +131,7 @@ def format_services(listing: pb.ListServicesReply) -> str:
 @click.argument("service", required=False, default="")
 @broker_option
 @curve_options
-@option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
+@option("--timeout", "-t", type=FiniteRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="How long to wait for the broker.")
 def health(service: str, brokers: tuple[str, ...], timeout: float) -> None:
     """Health of SERVICE, or of the broker itself when SERVICE is omitted.

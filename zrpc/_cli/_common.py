@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import sys
@@ -12,6 +13,17 @@ import click
 from .._endpoints import endpoint_problem
 from .._errors import Error
 from .._status import StatusCode
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: nan passes every comparison, and a
+    tester's `-t nan` came back as "cannot connect" (exit 1) instead of a usage error."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"

@@ -14,7 +14,7 @@ import click
 
 from .. import broker_service_pb2 as pb
 from ._call_cmd import broker_option
-from ._common import EXIT_CODES_HELP, CliError, curve_options, option, split_endpoints
+from ._common import FiniteRange, EXIT_CODES_HELP, CliError, curve_options, option, split_endpoints
 from ._signals import SignalWait
 from . import _discovery
 
@@ -25,11 +25,11 @@ _COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99 
 @click.command(epilog=EXIT_CODES_HELP)
 @broker_option
 @curve_options
-@option("--timeout", "-t", type=click.FloatRange(min=0.001), default=5.0, show_default=True,
+@option("--timeout", "-t", type=FiniteRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="Deadline of each question to the broker.")
 @option("--watch", "-w", is_flag=True, default=False,
         help="Refresh every --interval until Ctrl-C (in place on a terminal).")
-@option("--interval", "-n", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+@option("--interval", "-n", type=FiniteRange(min=0.05), default=1.0, show_default=True,
         metavar="SECONDS", help="Time between the two snapshots that give calls/s (and between refreshes).")
 def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: float) -> None:
     """Services, workers, queue depth, calls/s, p99 and errors of a broker.

@@ -13,7 +13,7 @@ from .. import _protocol as p
 from .._allocator import tune_allocator
 from .._polling import MAX_BUSY_POLL
 from ._common import curve_options, curve_settings
-from ._common import (DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
+from ._common import (FiniteRange, DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
                       log_format_option, metrics_host_option, metrics_port_option, option, ready_line,
                       setup_logging, split_endpoints, start_metrics)
 from ._signals import SignalWait
@@ -35,16 +35,16 @@ def worker() -> None:
 @option("--concurrency", "-c", type=click.IntRange(min=1), default=16, metavar="N", show_default=True,
         help="Calls this worker runs at once (its capacity, shared by its services and by the "
              "brokers it serves: each is told what the others leave it).")
-@option("--heartbeat-interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+@option("--heartbeat-interval", type=FiniteRange(min=0.01), default=1.0, show_default=True,
         metavar="SECONDS", help="Heartbeat interval announced to the broker.")
 @option("--liveness", type=click.IntRange(min=1), default=3, metavar="N", show_default=True,
         help="Reconnect after this many heartbeat intervals without hearing from a broker.")
-@option("--drain-grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@option("--drain-grace", type=FiniteRange(min=0), default=10.0, show_default=True,
         metavar="SECONDS", help="On SIGTERM/SIGINT, how long calls in flight may take to finish.")
 @option("--name", default=None, help="Name shown by `zrpc services` and in broker logs [default: host:pid].")
-@option("--max-message-bytes", type=click.IntRange(min=1), default=p.DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
+@option("--max-message-bytes", type=click.IntRange(min=1, max=p.MAX_MESSAGE_BYTES_LIMIT), default=p.DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
         show_default=True, help="A larger reply is answered RESOURCE_EXHAUSTED; match the broker's setting.")
-@option("--busy-poll", type=click.FloatRange(min=0, max=MAX_BUSY_POLL), default=0.0, metavar="SECONDS", show_default=True,
+@option("--busy-poll", type=FiniteRange(min=0, max=MAX_BUSY_POLL), default=0.0, metavar="SECONDS", show_default=True,
         help="After a request, poll without sleeping this long (0: off): lower latency at light "
              "load, for a core kept busy while calls come.")
 @curve_options
