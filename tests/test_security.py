@@ -257,6 +257,39 @@ def test_wrong_broker_key_gets_unauthenticated_fast(keys, running):
     assert time.monotonic() - started < 2.0
 
 
+def test_a_plain_client_or_worker_at_a_curve_broker_is_told_it_may_need_keys(keys, running, caplog):
+    """A tester's plain client waited out its deadline, then read "is a broker running?", and a
+    plain worker said only "no answer". ZeroMQ mostly reports just a connection closed during
+    the handshake (a broker at its connection cap does that too): after two, both say what it
+    may mean. When it reports the mechanism mismatch itself, the client's calls fail at once."""
+    broker = start_broker(running, keys.config())
+    caplog.set_level(logging.WARNING)
+    plain = running(Client(broker.frontend_endpoint, timeout=10.0))
+    with pytest.raises(Error) as info:
+        say(plain, timeout=1.0)
+    assert info.value.code in (StatusCode.UNAUTHENTICATED, StatusCode.DEADLINE_EXCEEDED)
+    if info.value.code == StatusCode.UNAUTHENTICATED:
+        assert "requires CURVE: give its public key (--broker-key)" in info.value.message
+    else:
+        wait_for(lambda: any(r.name == "zrpc.client" and "closed our connection during the handshake 2 times"
+                             in r.getMessage() for r in caplog.records), 10, message="the client's hint")
+    running(Worker([Echo()], brokers=broker.backend_endpoint, heartbeat_interval=0.05).start())
+    hints = lambda: [r.getMessage() for r in caplog.records if r.name == "zrpc.worker" and "CURVE" in r.getMessage()]
+    wait_for(hints, 10, message="the plain worker's hint")
+    assert "its worker keys, then SIGHUP" not in hints()[0]  # not the broker's to fix
+
+
+def test_a_curve_client_at_a_plain_broker_is_told_it_uses_no_keys(keys, running, ipc_dir):
+    broker = start_broker(running, BrokerConfig(frontend=f"ipc://{ipc_dir}/plain-front",
+                                                backend=f"ipc://{ipc_dir}/plain-back"))
+    keyed = client(running, keys, broker)
+    with pytest.raises(Error) as info:
+        say(keyed, timeout=10.0)
+    assert info.value.code == StatusCode.UNAUTHENTICATED
+    # The mismatch when ZeroMQ reports it; else the connection closed during the handshake.
+    assert "does not use CURVE" in info.value.message or "is CURVE on at the broker?" in info.value.message
+
+
 def test_client_key_cannot_register_as_a_worker(keys, running):
     broker = start_broker(running, keys.config())
     start_worker(running, keys, broker, key="alice")

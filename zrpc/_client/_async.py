@@ -198,8 +198,7 @@ class AsyncClient:
         # when the broker refuses our handshake (issue 5). Plain sockets read with NOBLOCK: a
         # loop reader drains them, and so does every send (see _send_one), which a pending
         # asyncio recv would race for the events.
-        if self._curve is not None:
-            self._watch = HandshakeWatch(self.endpoints)
+        self._watch = HandshakeWatch(self.endpoints, curve=self._curve is not None)
         self._loop = loop
         self._wake = asyncio.Event()
         for link in range(len(self._sockets)):

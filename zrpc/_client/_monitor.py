@@ -29,8 +29,16 @@ _READ_LEFT_MAX = 100 * 1000
 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-def refusal_reason(event: int, value: int) -> str | None:
-    """Why a handshake failed, for a person; None for an event that is not a refusal."""
+def refusal_reason(event: int, value: int, curve: bool = True) -> str | None:
+    """Why a handshake failed, for a person; None for an event that is not a refusal. ``curve``:
+    we use CURVE (without it, only a broker that requires CURVE refuses us)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        if curve:
+            return "the broker there does not use CURVE: drop --broker-key and --curve-secret"
+        # A tester's plain client waited out its whole deadline, then read "is a broker running?"
+        return "the broker there requires CURVE: give its public key (--broker-key) and a secret key (--curve-secret)"
+    if not curve:
+        return None
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return f"our key is not allowed (ZAP status {value})"
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
@@ -38,6 +46,19 @@ def refusal_reason(event: int, value: int) -> str | None:
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         return "handshake failed (is --broker-key the broker's public key, and is CURVE on at the broker?)"
     return None
+
+
+# A plain peer at a broker that requires CURVE mostly sees only its connection closed during
+# the handshake (EVENT_HANDSHAKE_FAILED_NO_DETAIL; the explicit mechanism mismatch came 1 time
+# in 29 here). A broker at its connection cap closes connections that way too, so this is only
+# a hint, said once, after this many in a row with none accepted.
+CLOSED_IN_HANDSHAKE_HINT_AFTER = 2
+
+
+def closed_in_handshake_hint(endpoint: str, times: int) -> str:
+    return (f"the broker at {endpoint} closed our connection during the handshake {times} times: if it "
+            f"requires CURVE, give its public key (--broker-key) and a secret key (--curve-secret); "
+            f"or it is at its connection limit")
 
 
 class HandshakeWatch:
@@ -48,11 +69,22 @@ class HandshakeWatch:
     picked up. Once every broker has refused us, the calls in flight fail UNAUTHENTICATED.
     """
 
-    def __init__(self, endpoints: list[str]):
+    def __init__(self, endpoints: list[str], curve: bool = True):
+        self.curve = curve
         self.refused: dict[str, str] = {}  # endpoint -> why, while disconnected after a refusal
         self.retrying: dict[str, str] = {}  # endpoint -> why it was refused last, connected again
         self.accepted: set[str] = set()
         self._endpoints = list(endpoints)
+        self._closed_in_handshake: dict[str, int] = {}  # plain: see CLOSED_IN_HANDSHAKE_HINT_AFTER
+
+    def hint(self, event: int, endpoint: str) -> str | None:
+        """Once per run of them: the hint a plain client's handshakes closed by the broker give."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._closed_in_handshake.pop(endpoint, None)
+        if self.curve or event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            return None
+        times = self._closed_in_handshake[endpoint] = self._closed_in_handshake.get(endpoint, 0) + 1
+        return closed_in_handshake_hint(endpoint, times) if times == CLOSED_IN_HANDSHAKE_HINT_AFTER else None
 
     def on_event(self, event: int, value: int, endpoint: str) -> Error | None:
         """Record one monitor event; returns the error for pending calls when no endpoint is left."""
@@ -64,7 +96,7 @@ class HandshakeWatch:
         if event == zmq.EVENT_DISCONNECTED:
             self.accepted.discard(endpoint)  # another broker's refusal may now leave none
             return None
-        reason = refusal_reason(event, value)
+        reason = refusal_reason(event, value, self.curve)
         if reason is None:
             return None
         self.accepted.discard(endpoint)
@@ -150,8 +182,11 @@ def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, wa
         outcomes += core.connection_closed(link, endpoint)
     if watch is None:
         return Drained(outcomes, replace)
+    hint = watch.hint(event, endpoint)
+    if hint is not None:
+        logger.warning("zrpc client: %s", hint)
     error = watch.on_event(event, value, endpoint)
-    if refusal_reason(event, value) is not None and endpoint in watch.refused:  # said once, not at each event
+    if refusal_reason(event, value, watch.curve) is not None and endpoint in watch.refused:  # said once, not at each event
         logger.warning("zrpc client: handshake refused by broker at %s: %s", endpoint, watch.refused[endpoint])
         try:  # stops ZeroMQ retrying the handshake until new calls come (HandshakeWatch.to_retry)
             socket.disconnect(endpoint)

@@ -119,7 +119,7 @@ class Client:
             # (CURVE) when the broker refuses our handshake (issue 5).
             self._dealers, self._monitors = open_dealers(context, self.endpoints, curve)
             sockets.extend(self._dealers + self._monitors)
-            self._watch = HandshakeWatch(self.endpoints) if curve is not None else None
+            self._watch = HandshakeWatch(self.endpoints, curve=curve is not None)
             address = f"inproc://zrpc-client-wake-{uuid.uuid4().hex}"
             self._wake_in = context.socket(zmq.PAIR)
             sockets.append(self._wake_in)

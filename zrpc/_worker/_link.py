@@ -9,7 +9,8 @@ import zmq
 
 from .. import _protocol as p
 from .. import _security
-from .._client._monitor import HANDSHAKE_EVENTS, parse_event, refusal_reason
+from .._client._monitor import (CLOSED_IN_HANDSHAKE_HINT_AFTER, HANDSHAKE_EVENTS, closed_in_handshake_hint,
+                                parse_event, refusal_reason)
 
 log = logging.getLogger("zrpc.worker")
 
@@ -89,6 +90,7 @@ class BrokerLink:
         # CURVE: handshake outcomes, so a refused key is said plainly instead of looking like a
         # silent broker (ZeroMQ retries a refused handshake forever, quietly).
         self._monitor: zmq.Socket | None = None
+        self._closed_in_handshake = 0  # in a row, without CURVE (see _read_handshakes)
         self.refused: str | None = None  # why the broker refused our last handshake (said once)
         self.refused_here = False  # ... on this socket: its silence is that refusal, not a dead broker
         self.looks_like_frontend = False  # REPLYs came back: this is a broker's client endpoint
@@ -104,8 +106,9 @@ class BrokerLink:
         _security.allow_ipv6_for(socket, [self.endpoint])
         monitor = None
         try:
-            if self.curve is not None:  # before connecting: the first handshake is watched too
-                monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
+            # Before connecting: the first handshake is watched too (a plain worker at a broker
+            # that requires CURVE is refused at once, and says so).
+            monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
             socket.connect(self.endpoint)
         except zmq.ZMQError:
             if monitor is not None:
@@ -147,15 +150,22 @@ class BrokerLink:
                 if self.refused is not None:
                     log.info("broker %s accepted our key now", self.endpoint)
                 self.refused, self.refused_here = None, False
+                self._closed_in_handshake = 0
                 continue
-            reason = refusal_reason(event, value)
+            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.curve is None:
+                self._closed_in_handshake += 1
+                if self._closed_in_handshake == CLOSED_IN_HANDSHAKE_HINT_AFTER:
+                    log.warning("%s", closed_in_handshake_hint(self.endpoint, self._closed_in_handshake))
+            reason = refusal_reason(event, value, self.curve is not None)
             if reason is not None:
                 self.refused_here = True
             if reason is not None and reason != self.refused:
                 self.refused = reason
-                log.error("broker %s refused our handshake: %s; until it accepts our key (its worker "
-                          "keys, then SIGHUP or a restart) this worker serves nothing there; retrying",
-                          self.endpoint, reason)
+                # Only a refused key is the broker's to fix; a wrong broker key or mode is ours.
+                fix = ("until it accepts our key (its worker keys, then SIGHUP or a restart) this worker "
+                       "serves nothing there" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                       else "this worker serves nothing there until that is fixed")
+                log.error("broker %s refused our handshake: %s; %s; retrying", self.endpoint, reason, fix)
 
     def schedule_read(self) -> None:
         """Read on the next loop turn (once, however often this is asked before then)."""
