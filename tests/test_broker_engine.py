@@ -1451,3 +1451,21 @@ def test_the_free_index_picks_the_worker_a_scan_of_every_worker_picks():
         assert [r.request_id for _, r, _ in scanning.take_replies()] == \
             [r.request_id for _, r, _ in indexing.take_replies()]
     assert joined > 50 and indexing.engine.services["svc.S"].free_index is not None
+
+
+def test_one_proto_generated_from_two_include_paths_is_one_definition(caplog):
+    """protoc -I. names the file mysvc/calc.proto, -Imysvc calc.proto (and its imports alike):
+    the same service, no warning, one definition (a tester was warned of another)."""
+    def generated(path: str, imports: list[str]) -> bytes:
+        return descriptor_pb2.FileDescriptorSet(file=[descriptor_pb2.FileDescriptorProto(
+            name=path, package="svc", dependency=imports,
+            message_type=[descriptor_pb2.DescriptorProto(name="Req")],
+            service=[descriptor_pb2.ServiceDescriptorProto(name="S", method=[
+                descriptor_pb2.MethodDescriptorProto(name="M", input_type=".svc.Req", output_type=".svc.Req")])],
+        )]).SerializeToString()
+
+    h = Harness()
+    h.ready(b"a", fds=generated("mysvc/calc.proto", ["mysvc/common.proto"]))
+    h.ready(b"b", fds=generated("calc.proto", ["common.proto"]))
+    assert "another definition" not in caplog.text
+    assert len(h.engine.services["svc.S"].definitions) == 1

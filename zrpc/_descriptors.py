@@ -65,11 +65,16 @@ def _has_file(pool: descriptor_pool.DescriptorPool, name: str) -> bool:
 def service_definitions(raw_fds: bytes) -> dict[str, tuple[bytes, frozenset[str]]]:
     """Each service in a serialized FileDescriptorSet: (the file that defines it, serialized,
     and its method names). Two workers define a service alike when that file is the same,
-    whatever other services they serve. Raises on bytes that are no FileDescriptorSet."""
+    whatever other services they serve, and wherever protoc found it: the file's path and those
+    of its imports are left out (types are named in full; a tester generated one .proto with
+    -I. and with -Imysvc and was warned of "another definition"). Raises on bytes that are no
+    FileDescriptorSet."""
     services = {}
     for file in descriptor_pb2.FileDescriptorSet.FromString(raw_fds).file:
         if not file.service:
             continue
+        for paths in ("name", "dependency", "public_dependency", "weak_dependency"):
+            file.ClearField(paths)
         raw_file = file.SerializeToString(deterministic=True)
         for svc in file.service:
             full = f"{file.package}.{svc.name}" if file.package else svc.name
