@@ -280,6 +280,19 @@ def test_a_service_with_streaming_rpcs_is_refused_when_the_class_is_created():
                                  "Down (server-streaming), Up (client-streaming)")
 
 
+def test_handlers_that_cannot_take_request_and_context_are_named_when_the_class_is_created():
+    """A tester's `def Divide(self, request)` started, then failed every call INTERNAL."""
+    with pytest.raises(TypeError) as raised:
+        class Careless(Service):
+            descriptor = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
+
+            def Say(self, request): ...
+            def Sleep(self, request, context): ...
+            Fail = staticmethod(lambda request, context, extra: None)
+    assert str(raised.value) == ("Careless: handlers are called with (request, context), and these cannot take "
+                                 "that: Say(self, request), Fail(request, context, extra) (service echo.Echo)")
+
+
 def test_missing_handlers_are_named_when_the_worker_starts(broker):
     class Late(Service):
         pass

@@ -177,7 +177,32 @@ def check_service(service: Service | type[Service]) -> ServiceDescriptor:
     if missing:
         raise TypeError(f"{cls.__name__} is missing handlers for: {', '.join(missing)} "
                         f"(service {descriptor.full_name})")
+    # A handler that cannot take (request, context) would fail every call INTERNAL (a tester's
+    # `def Divide(self, request)`): said now, with the others.
+    wrong = [f"{m.name}{signature}" for m in descriptor.methods
+             if (signature := _unfit_signature(service, m.name)) is not None]
+    if wrong:
+        raise TypeError(f"{cls.__name__}: handlers are called with (request, context), and these cannot take "
+                        f"that: {', '.join(wrong)} (service {descriptor.full_name})")
     return descriptor
+
+
+def _unfit_signature(service: Any, name: str) -> str | None:
+    """The signature of handler ``name`` of a Service class or instance if it cannot be called
+    with (request, context), else None."""
+    handler = getattr(service, name)
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # a builtin or callable object without one: trust it
+        return None
+    # Looked up on a class, a plain function still takes self (a staticmethod does not).
+    takes_self = isinstance(service, type) and inspect.isfunction(inspect.getattr_static(service, name))
+    arguments = (None, None, None) if takes_self else (None, None)
+    try:
+        signature.bind(*arguments)
+    except TypeError:
+        return str(signature)
+    return None
 
 
 def methods_of(service: Service) -> dict[str, Method]:
