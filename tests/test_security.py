@@ -123,6 +123,17 @@ def test_generated_secret_key_is_0600_and_loads(tmp_path):
         security.load_keypair(public)
 
 
+def test_a_secret_key_others_may_read_is_loaded_with_a_warning(tmp_path, caplog):
+    _, secret = security.generate_keys("node", tmp_path / "k")
+    with caplog.at_level(logging.WARNING, logger="zrpc.security"):
+        security.load_keypair(secret)
+        assert caplog.records == []
+        os.chmod(secret, 0o644)  # a tester's chmod: the broker started without a word
+        security.load_keypair(secret)
+    [warning] = caplog.records
+    assert "has mode 644: other users may read it; `chmod 600" in warning.getMessage()
+
+
 @pytest.mark.parametrize("endpoint, loopback", [
     ("tcp://127.0.0.1:5555", True), ("tcp://127.9.0.1:1", True), ("tcp://[::1]:5555", True),
     ("tcp://localhost:5555", True), ("ipc:///tmp/x", True), ("inproc://x", True),

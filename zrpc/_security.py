@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import ipaddress
+import logging
 import os
 import pathlib
 import tomllib
@@ -24,6 +25,7 @@ BACKEND_DOMAIN = "zrpc-backend"
 ALWAYS_CALLABLE = ("zrpc.Broker",)
 
 _Z85_KEY_LENGTH = 40
+_log = logging.getLogger("zrpc.security")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,7 +70,19 @@ def load_keypair(source: KeySource) -> KeyPair:
     public, secret = _load_certificate(source)
     if secret is None:
         raise ValueError(f"{os.fspath(source)} holds no secret key (pass the NAME.key_secret file)")
+    _warn_if_readable_by_others(source)
     return KeyPair(public, secret)
+
+
+def _warn_if_readable_by_others(path: str | os.PathLike) -> None:
+    """A secret key others may read is a key others may hold: say so (it is written 0600)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        _log.warning("secret key file %s has mode %o: other users may read it; `chmod 600 %s`",
+                     os.fspath(path), mode & 0o777, os.fspath(path))
 
 
 def load_public_key(source: str | os.PathLike | bytes) -> bytes:
