@@ -16,10 +16,15 @@ from ._common import (FiniteRange, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_NOT_S
 from . import _discovery
 
 # --broker of every client command reads ZRPC_BROKER, so one export serves them all.
-broker_option = option(
-    "--broker", "-b", "brokers", multiple=True, envvar="ZRPC_BROKER", default=[DEFAULT_FRONTEND],
-    show_default=True, metavar="ENDPOINT",
-    help="Broker frontend endpoint; repeat or separate with commas to spread over several.")
+def _broker_option(several: str):
+    return option("--broker", "-b", "brokers", multiple=True, envvar="ZRPC_BROKER", default=[DEFAULT_FRONTEND],
+                  show_default=True, metavar="ENDPOINT",
+                  help=f"Broker frontend endpoint; repeat or separate with commas to {several}.")
+
+
+broker_option = _broker_option("spread calls over several")
+# services, health and status ask every broker given (each has its own registry).
+each_broker_option = _broker_option("ask each of several")
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -77,7 +82,7 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@broker_option
+@each_broker_option
 @curve_options
 @option("--timeout", "-t", type=FiniteRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="How long to wait for the broker.")
@@ -129,7 +134,7 @@ def format_services(listing: pb.ListServicesReply) -> str:
 
 @click.command(epilog=EXIT_CODES_HELP)
 @click.argument("service", required=False, default="")
-@broker_option
+@each_broker_option
 @curve_options
 @option("--timeout", "-t", type=FiniteRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="How long to wait for the broker.")

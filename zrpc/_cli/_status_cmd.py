@@ -13,7 +13,7 @@ import time
 import click
 
 from .. import broker_service_pb2 as pb
-from ._call_cmd import broker_option
+from ._call_cmd import each_broker_option
 from ._common import FiniteRange, EXIT_CODES_HELP, CliError, curve_options, option, split_endpoints
 from ._signals import SignalWait
 from . import _discovery
@@ -23,7 +23,7 @@ _COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99 
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@broker_option
+@each_broker_option
 @curve_options
 @option("--timeout", "-t", type=FiniteRange(min=0.001), default=5.0, show_default=True,
         metavar="SECONDS", help="Deadline of each question to the broker.")

@@ -41,7 +41,7 @@ def worker() -> None:
         help="Reconnect after this many heartbeat intervals without hearing from a broker.")
 @option("--drain-grace", type=FiniteRange(min=0), default=10.0, show_default=True,
         metavar="SECONDS", help="On SIGTERM/SIGINT, how long calls in flight may take to finish.")
-@option("--name", default=None, help="Name shown by `zrpc services` and in broker logs [default: host:pid].")
+@option("--name", default=None, help="Added to host:pid in the name `zrpc services` and broker logs show (host:pid:NAME).")
 @option("--max-message-bytes", type=click.IntRange(min=1, max=p.MAX_MESSAGE_BYTES_LIMIT), default=p.DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES",
         show_default=True, help="A larger reply is answered RESOURCE_EXHAUSTED; match the broker's setting.")
 @option("--busy-poll", type=FiniteRange(min=0, max=MAX_BUSY_POLL), default=0.0, metavar="SECONDS", show_default=True,
