@@ -128,6 +128,8 @@ def format_summary(s: dict) -> str:
 
 def _request_text(s: dict) -> str:
     size = s.get("request_bytes")
+    if s.get("empty_request"):  # no field to fill (a tester read "0 bytes (generated 100-byte payload)")
+        return "empty request (its type has no bytes or string field; give one with --data)"
     if s.get("payload_size") is None:  # --data: the user's own request
         return "request from --data" + ("" if size is None else f", {size} bytes serialized")
     generated = f"generated {s['payload_size']}-byte payload"
@@ -200,8 +202,11 @@ async def _tick(progress, result: Result, started: float, by_time: bool) -> None
         progress.update(min(done, progress.length) - progress.pos)
 
 
-def build_request(method_descriptor, payload_size: int, data: str | None) -> bytes:
-    """``data`` as JSON if given; else fill the first bytes/string field with ``payload_size`` bytes."""
+def build_request(method_descriptor, payload_size: int, data: str | None, size_given: bool = False) -> bytes:
+    """``data`` as JSON if given; else fill the first bytes/string field with ``payload_size`` bytes.
+
+    A request type without such a field is sent empty, unless ``size_given`` (--payload-size on
+    the command line): then it is a usage error, as a size that cannot be applied."""
     request = message_class(method_descriptor.input_type)()
     if data is not None:
         try:
@@ -216,7 +221,17 @@ def build_request(method_descriptor, payload_size: int, data: str | None) -> byt
         if field_.type == FieldDescriptor.TYPE_STRING and not _repeated(field_):
             setattr(request, field_.name, "x" * payload_size)
             break
+    else:
+        if size_given:
+            raise click.UsageError(f"{method_descriptor.input_type.full_name} has no bytes or string field for "
+                                   f"--payload-size to fill: give the request as JSON with --data")
     return request.SerializeToString()
+
+
+def has_payload_field(method_descriptor) -> bool:
+    """Whether build_request can fill a field of the request with the generated payload."""
+    return any(f.type in (FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_STRING) and not _repeated(f)
+               for f in method_descriptor.input_type.fields)
 
 
 def _repeated(field_) -> bool:
@@ -263,7 +278,10 @@ class Spawned:
     def _zrpc(self, *args: str, log_name: str, stdout) -> subprocess.Popen:
         log = open(os.path.join(self.directory, log_name), "wb")
         self._logs.append(log)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        # --worker is imported as `zrpc worker run` would from here: the current directory first
+        # (a tester's own service), then the repository root (workers.echo).
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), str(REPO_ROOT),
+                                                                         os.environ.get("PYTHONPATH")])))
         process = subprocess.Popen([sys.executable, "-m", "zrpc", *args], cwd=REPO_ROOT, env=env,
                                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=log)
         self.processes.append(process)
@@ -312,6 +330,12 @@ class Spawned:
                     live = max((s.live_workers for s in listing.services if s.name == service), default=0)
                     if live >= self.count:
                         break
+                    others = {s.name: s.live_workers for s in listing.services if s.live_workers and s.name != service
+                              and not s.name.startswith("zrpc.")}
+                    if not live and sum(others.values()) >= self.count:  # they are up, serving something else
+                        raise click.ClickException(f"the spawned workers ({self.worker_target}) offer "
+                                                   f"{', '.join(sorted(others))}, not {service}: give --service "
+                                                   f"one of theirs")
                     if time.monotonic() >= deadline:
                         raise click.ClickException(
                             f"only {live} of {self.count} spawned workers offered {service} at {frontend} "
@@ -380,7 +404,8 @@ class Spawned:
               show_envvar=True, help="With --spawn: start K brokers; every worker serves all, calls spread over them.")
 @click.option("--worker", "worker_target", default="workers.echo:Echo", show_default=True,
               metavar="MODULE:CLASS", show_envvar=True,
-              envvar="ZRPC_LOADTEST_WORKER", help="What --spawn runs (from the repository root).")
+              envvar="ZRPC_LOADTEST_WORKER", help="What --spawn runs (imported from the current directory, "
+              "then the repository root).")
 @click.option("--worker-concurrency", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
               show_envvar=True, help="--concurrency of each spawned worker.")
 @click.option("--max-errors", type=FiniteRange(min=0.0, max=1.0), default=0.0, show_default=True,
@@ -406,6 +431,10 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
     tune_allocator()  # large payloads are reused, as in the broker and workers it drives
     if requests is None and duration is None:
         requests = 20_000
+    source = click.get_current_context().get_parameter_source("payload_size")
+    size_given = source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    if data is not None and size_given:
+        raise click.UsageError("--payload-size sizes a generated request; with --data the request is yours")
     service, method = _discovery.split_target(target)
     with contextlib.ExitStack() as stack:
         if spawn:
@@ -417,7 +446,8 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         with _discovery.connect(endpoints, timeout) as client:
             _, service_descriptor = _discovery.describe(client, endpoints, service, min(timeout, 5.0))
         method_descriptor = _discovery.find_method(service_descriptor, method)
-        payload = build_request(method_descriptor, payload_size, data)
+        payload = build_request(method_descriptor, payload_size, data, size_given)
+        empty_request = data is None and not has_payload_field(method_descriptor)
 
         show_progress = not as_json and sys.stderr.isatty()
         progress = None
@@ -428,8 +458,11 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         result = asyncio.run(run_load(endpoints, service, method, payload, is_idempotent(method_descriptor),
                                       concurrency, requests, duration, timeout, progress, curve,
                                       errors_allowed=max_errors >= 1))
-    report = summary(result, concurrency=concurrency, payload_size=None if data is not None else payload_size,
+    report = summary(result, concurrency=concurrency,
+                     payload_size=None if data is not None or empty_request else payload_size,
                      target=target, brokers=endpoints, spawned_workers=spawn, request_bytes=len(payload))
+    if empty_request:
+        report["empty_request"] = True
     if as_json:
         click.echo(json.dumps(report, separators=(",", ":")))
     else:

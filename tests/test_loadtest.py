@@ -72,6 +72,24 @@ def test_generated_request_fills_the_first_bytes_field_with_payload_size_bytes()
     assert echo_pb2.EchoRequest.FromString(raw).payload == b"hi"
 
 
+def test_a_request_type_without_a_bytes_or_string_field_is_sent_empty_and_said_so():
+    """A tester's calc Divide read "request 0 bytes serialized (generated 100-byte payload)"."""
+    import types
+
+    import click
+    from google.protobuf import duration_pb2
+
+    method = types.SimpleNamespace(input_type=duration_pb2.Duration.DESCRIPTOR)  # int fields only
+    assert loadtest.build_request(method, 100, None) == b"" and not loadtest.has_payload_field(method)
+    with pytest.raises(click.UsageError, match="has no bytes or string field for --payload-size"):
+        loadtest.build_request(method, 100, None, size_given=True)
+    report = loadtest.summary(loadtest.Result(elapsed_s=1.0), concurrency=1, payload_size=None, target="a.B/C",
+                              brokers=["x"], spawned_workers=0, request_bytes=0)
+    report["empty_request"] = True
+    assert "empty request (its type has no bytes or string field; give one with --data)" in \
+        loadtest.format_summary(report)
+
+
 def test_spawned_run_makes_every_call_and_reports_one_json_line():
     result = run_loadtest("--spawn", "1", "--requests", "300", "--concurrency", "8", "--json")
     assert result.returncode == 0, result.stderr
