@@ -259,8 +259,8 @@ def test_oversized_message_is_refused_explicitly_and_the_sender_keeps_working(en
 
 
 def test_a_payload_over_the_clients_limit_is_refused_unsent_and_costs_no_other_call(endpoints):
-    """Past the broker's limit + 1 MiB, ZeroMQ would drop the client's connection (spec §9) and
-    every call on it; the client's own max_message_bytes refuses such a payload before that."""
+    """Past the broker's frame cap, ZeroMQ would drop the client's connection (spec §9) and every
+    call on it; the client's own max_message_bytes refuses such a payload before it leaves."""
     frontend, backend = endpoints
     config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
     release = threading.Event()
@@ -284,8 +284,8 @@ def test_a_payload_over_the_clients_limit_is_refused_unsent_and_costs_no_other_c
 
 
 def test_a_reply_over_the_workers_limit_is_refused_and_its_connection_survives(endpoints):
-    """Past the broker's limit + 1 MiB, ZeroMQ would drop the worker's connection and every call
-    it holds; the worker's own max_message_bytes answers RESOURCE_EXHAUSTED instead."""
+    """Past the broker's frame cap, ZeroMQ would drop the worker's connection and every call it
+    holds; the worker's own max_message_bytes answers RESOURCE_EXHAUSTED before that."""
     frontend, backend = endpoints
     config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
     release = threading.Event()
@@ -309,6 +309,37 @@ def test_a_reply_over_the_workers_limit_is_refused_and_its_connection_survives(e
             assert pending.result(5).payload == b"slept"
             assert echo.Say(echo_pb2.EchoRequest(payload=b"small")).payload == b"small"
         assert broker.engine.counters["workers_joined"] == 1  # the same registration throughout
+
+
+def test_a_broker_with_a_low_limit_answers_peers_left_at_their_defaults_and_keeps_their_connections(endpoints):
+    """A tester's broker at 4,000 bytes dropped the connection of a client (default limit, 64 MiB)
+    that sent 3 MB, failing the client's other calls as "lost the connection", and the big
+    call's retries did it again. Frames up to the default limit are now read and refused."""
+    frontend, backend = endpoints
+    config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
+    release = threading.Event()
+
+    class Bloated(BlockingEcho):
+        def Say(self, request, context):
+            return echo_pb2.EchoReply(payload=b"x" * (2 << 20) if request.payload == b"big" else request.payload)
+
+    with Broker(config) as broker, Worker([Bloated(release)], backend, heartbeat_interval=0.2):
+        wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
+        with Client(frontend, timeout=5.0) as client:  # both at the default 64 MiB
+            echo = client.stub(ECHO)
+            pending = echo.Sleep.future(echo_pb2.SleepRequest())
+            wait_for(lambda: broker.engine.calls_held == 1)
+            with pytest.raises(zrpc.Error) as caught:
+                echo.Say(echo_pb2.EchoRequest(payload=b"x" * (3 << 20)))  # idempotent: not retried
+            assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED and "limit 10000" in caught.value.message
+            assert "zrpc-attempts" not in caught.value.details
+            with pytest.raises(zrpc.Error) as caught:
+                echo.Say(echo_pb2.EchoRequest(payload=b"big"))  # a 2 MiB reply
+            assert caught.value.code == StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+            assert pending.result(5).payload == b"slept"  # the connection and its call survived
+            assert echo.Say(echo_pb2.EchoRequest(payload=b"small")).payload == b"small"
+        assert broker.engine.counters["workers_joined"] == 1  # the worker's connection too
 
 
 def test_the_message_limit_applies_to_each_call_not_to_calls_a_client_coalesced(endpoints):

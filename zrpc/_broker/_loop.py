@@ -147,8 +147,12 @@ class Broker:
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         socket.sndhwm = 100_000
         socket.rcvhwm = 100_000
-        # The engine answers oversize messages itself; this frame cap is the last line.
-        socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + (1 << 20))
+        # The engine answers oversize messages itself; this frame cap is the last line. Never
+        # under what clients and workers send by default (64 MiB): a tester's broker at 4,000
+        # bytes dropped the connection of a client that sent 3 MB, with every call on it (and
+        # its retries did it again); the engine answers such a call RESOURCE_EXHAUSTED instead.
+        frame_cap = max(self.config.max_message_bytes, p.DEFAULT_MAX_MESSAGE_BYTES) + (1 << 20)
+        socket.setsockopt(zmq.MAXMSGSIZE, frame_cap)
         socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         socket.setsockopt(zmq.HANDSHAKE_IVL, max(1, round(self.config.handshake_timeout * 1000)))

@@ -253,8 +253,8 @@ class ClientCore:
                         f"payload must be bytes (a serialized message), got {type(payload).__name__}")
         payload = bytes(payload)  # the same object for bytes; a memoryview's len() may count items
         if len(payload) > self.max_message_bytes:
-            # (spec §9) The broker would answer this itself, but one frame past its limit plus
-            # 1 MiB makes ZeroMQ drop our connection instead, and every call on it with it.
+            # (spec §9) The broker would answer this itself, but one frame past its frame cap
+            # makes ZeroMQ drop our connection instead, and every call on it with it.
             raise Error(StatusCode.RESOURCE_EXHAUSTED,
                         f"request payload is {len(payload):,} bytes, over the client's max_message_bytes "
                         f"({self.max_message_bytes:,}); a larger call needs a larger limit in the client "

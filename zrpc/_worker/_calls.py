@@ -147,7 +147,7 @@ def result_pair(call: Call, result: Any) -> Answer:
     except Exception as exc:  # noqa: BLE001 - e.g. a proto2 reply missing a required field
         return exception_pair(call, exc)
     if len(payload) > call.link.max_message_bytes:
-        # (spec §9) Past the broker's limit + 1 MiB ZeroMQ would drop our connection, and with it
+        # (spec §9) Past the broker's frame cap ZeroMQ would drop our connection, and with it
         # every call we hold; below that the broker would refuse it anyway.
         log.error("%s/%s returned a reply of %d bytes, over max_message_bytes (%d)", call.context.service,
                   call.context.method, len(payload), call.link.max_message_bytes)
