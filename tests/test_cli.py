@@ -259,8 +259,11 @@ def test_a_plain_client_of_a_curve_broker_is_told_it_may_need_keys(cli, tmp_path
         result = cli("services", "--broker", broker.frontend_endpoint, "--timeout", "0.3")
     finally:
         broker.stop()
-    assert result.exit_code == 10 + zrpc.StatusCode.UNAVAILABLE
     line = one_line_error(result.stderr)
+    if result.exit_code == 10 + zrpc.StatusCode.UNAUTHENTICATED:  # ZeroMQ reported the mismatch
+        assert line.endswith("requires CURVE: give its public key (--broker-key) and a secret key (--curve-secret)")
+        return
+    assert result.exit_code == 10 + zrpc.StatusCode.UNAVAILABLE  # it saw only connections closed
     assert line.endswith("(is `zrpc broker start` running? If it requires CURVE keys, "
                          "pass --broker-key and --curve-secret.)")
 

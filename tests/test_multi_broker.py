@@ -125,6 +125,28 @@ def test_a_broker_that_lost_its_workers_costs_a_call_a_wait_not_the_call(ipc_dir
         assert stranded.engine.counters["code_UNAVAILABLE"] >= 2  # it was tried, and refused
 
 
+def test_a_service_only_one_of_two_brokers_knows_is_found_by_every_call(ipc_dir):
+    """A tester's greeter worker served one of two brokers (as while a worker registers): the
+    calls dealt to the other failed NOT_FOUND. That refusal never ran (`zrpc-retry: not-run`),
+    so the client tries each other broker once; a service none has stays NOT_FOUND."""
+    from workers.greeter import Greeter, helloworld_pb2
+
+    with contextlib.ExitStack() as stack:
+        knows, other = _broker(ipc_dir, "knows"), _broker(ipc_dir, "other")
+        for broker in (knows, other):
+            stack.enter_context(broker)
+        stack.enter_context(Worker([Greeter()], knows.backend_endpoint, heartbeat_interval=0.2))
+        wait_for(lambda: "helloworld.Greeter" in knows.engine.services)
+        client = stack.enter_context(Client([other.frontend_endpoint, knows.frontend_endpoint], timeout=5.0))
+        greeter = client.stub(helloworld_pb2.DESCRIPTOR.services_by_name["Greeter"])
+        for i in range(6):  # dealt in turn: half reach the broker without it first
+            assert greeter.SayHello(helloworld_pb2.HelloRequest(name=str(i))).message == f"Hello, {i}!"
+        assert other.engine.counters["code_NOT_FOUND"] >= 2
+        with pytest.raises(zrpc.Error) as caught:
+            client.call("nowhere.S", "M", b"")
+        assert caught.value.code == zrpc.StatusCode.NOT_FOUND and caught.value.details["zrpc-attempts"] == "2"
+
+
 def test_an_async_client_that_started_before_its_broker_goes_back_to_early_sends(ipc_dir):
     """Its first early send found no broker; once one takes a REQUEST, calls leave in batches of
     PIPELINE_PAIRS again instead of only at the end of each loop turn."""

@@ -62,6 +62,8 @@ CANCEL_ON_CLOSE_LINGER_MS = 200
 _ONE_LINK = (0,)
 # Attempts of one call at most, those refused as never run included (see _retry_later).
 _MAX_ATTEMPTS = 100
+# Codes of a broker's not-run refusal that another broker may not give (see _retry_later).
+_SERVED_ELSEWHERE = frozenset({StatusCode.NOT_FOUND, StatusCode.UNIMPLEMENTED})
 # How the message of a call failed because no broker could be reached begins (wait_for_broker off).
 UNREACHABLE = "cannot connect to the broker"
 # How the message of a call sent to a broker's backend begins.
@@ -650,9 +652,14 @@ class ClientCore:
             call.refused += 1
         # A broker that refused it before any worker had it (no live worker, a full queue, spec
         # §10) says it never ran too: it may go again, but counts as an attempt.
-        may_repeat = call.header.idempotent or never_ran or _protocol.never_ran(error.details)
-        if (policy is None or not may_repeat or not policy.retries(error.code, call.attempt - call.refused)
-                or call.attempt >= _MAX_ATTEMPTS):
+        not_run = _protocol.never_ran(error.details)
+        may_repeat = call.header.idempotent or never_ran or not_run
+        # Brokers share nothing: a service or method one of them does not know (yet) another may
+        # serve. Each of the others is tried once, whatever codes the policy retries (a tester's
+        # calls to a service on one of two brokers failed NOT_FOUND half the time).
+        elsewhere = (not_run and error.code in _SERVED_ELSEWHERE and call.attempt < len(self._endpoints))
+        if (policy is None or not may_repeat or call.attempt >= _MAX_ATTEMPTS
+                or not (elsewhere or policy.retries(error.code, call.attempt - call.refused))):
             return False
         delay = policy.backoff(call.attempt, self._uniform)
         if now + delay >= call.deadline:
