@@ -871,3 +871,11 @@ def test_only_tcp_host_names_are_looked_up(endpoint, host):
     from zrpc._endpoints import tcp_host_name
 
     assert tcp_host_name(endpoint) == host
+
+
+def test_no_answer_within_a_very_short_timeout_names_the_timeout_too():
+    """A tester's `zrpc call -t 0.005` at a running broker was told to check the broker."""
+    from zrpc._cli import _discovery
+
+    assert "Or is --timeout 0.005s too short to connect and ask?" in _discovery.no_answer(["ipc:///x"], 0.005).message
+    assert "too short" not in _discovery.no_answer(["ipc:///x"], 5.0).message

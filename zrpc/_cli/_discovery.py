@@ -130,14 +130,21 @@ def raise_first_failure(answers: dict[str, object], said: bool = False) -> None:
     sys.exit(failures[0].exit_code)
 
 
+# Below this a "no answer" may be the timeout itself (connecting and one call through a broker).
+_SHORT_TIMEOUT = 0.1
+
+
 def no_answer(brokers: list[str], timeout: float) -> CliError:
     # A CURVE broker refuses a plain client's handshake, and a plain client does not watch for
     # that: it only sees silence, which may then mean "keys needed" as well as "not running".
     keys_hint = "" if curve_settings()["curve_secret"] else (
         " If it requires CURVE keys, pass --broker-key and --curve-secret.")
+    # A tester's `-t 0.005` was told to check the broker, which was running: a connection and a
+    # first call take longer than that.
+    short_hint = f" Or is --timeout {timeout:g}s too short to connect and ask?" if timeout < _SHORT_TIMEOUT else ""
     return CliError(
         f"no answer from broker at {', '.join(brokers)} within {timeout:g}s "
-        f"(is `zrpc broker start` running?{keys_hint})",
+        f"(is `zrpc broker start` running?{keys_hint}{short_hint})",
         exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE),
     )
 
