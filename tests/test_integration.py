@@ -225,6 +225,13 @@ class BlockingEcho(Echo):
         return echo_pb2.EchoReply(payload=b"slept")
 
 
+class BloatedEcho(BlockingEcho):
+    """BlockingEcho whose Say answers b"big" with a 2 MiB reply."""
+
+    def Say(self, request, context):
+        return echo_pb2.EchoReply(payload=b"x" * (2 << 20) if request.payload == b"big" else request.payload)
+
+
 def test_full_queue_gives_resource_exhausted_and_others_still_succeed(endpoints):
     frontend, backend = endpoints
     config = BrokerConfig(frontend=frontend, backend=backend, queue_size=5, unknown_service_grace=0.0)
@@ -290,11 +297,7 @@ def test_a_reply_over_the_workers_limit_is_refused_and_its_connection_survives(e
     config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
     release = threading.Event()
 
-    class Bloated(BlockingEcho):
-        def Say(self, request, context):
-            return echo_pb2.EchoReply(payload=b"x" * (2 << 20) if request.payload == b"big" else request.payload)
-
-    with Broker(config) as broker, Worker([Bloated(release)], backend, heartbeat_interval=0.2,
+    with Broker(config) as broker, Worker([BloatedEcho(release)], backend, heartbeat_interval=0.2,
                                           max_message_bytes=10_000):
         wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
         with Client(frontend, timeout=5.0) as client:
@@ -319,11 +322,7 @@ def test_a_broker_with_a_low_limit_answers_peers_left_at_their_defaults_and_keep
     config = BrokerConfig(frontend=frontend, backend=backend, max_message_bytes=10_000, unknown_service_grace=0.0)
     release = threading.Event()
 
-    class Bloated(BlockingEcho):
-        def Say(self, request, context):
-            return echo_pb2.EchoReply(payload=b"x" * (2 << 20) if request.payload == b"big" else request.payload)
-
-    with Broker(config) as broker, Worker([Bloated(release)], backend, heartbeat_interval=0.2):
+    with Broker(config) as broker, Worker([BloatedEcho(release)], backend, heartbeat_interval=0.2):
         wait_for(lambda: live_workers(broker, "echo.Echo") == 1)
         with Client(frontend, timeout=5.0) as client:  # both at the default 64 MiB
             echo = client.stub(ECHO)
