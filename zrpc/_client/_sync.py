@@ -349,9 +349,11 @@ class Client:
                 self._receive(dealer, link)
         outcomes = core.advance(core.clock())  # read again: a callback of _receive may have taken long
         if outcomes:
+            # Deadlines: no CANCEL (as the async client). The broker's deadline for the call is
+            # ours, a little later, so it fails the call and cancels it at its worker itself,
+            # counted DEADLINE_EXCEEDED as the caller saw it; a CANCEL got it counted CANCELLED
+            # (a tester: 30 of 336 deadlines, and 12 at the workers).
             self._settle(outcomes)
-            # (spec §8) the broker drops a queued call the client gave up on.
-            self._send_cancel([o.call for o in outcomes if o.call.sent])
         self._send_best_effort(core.take_link_messages())  # probes, CANCELs (see _silence)
 
     def _send_unsent(self) -> bool:
