@@ -1469,3 +1469,57 @@ def test_one_proto_generated_from_two_include_paths_is_one_definition(caplog):
     h.ready(b"b", fds=generated("calc.proto", ["common.proto"]))
     assert "another definition" not in caplog.text
     assert len(h.engine.services["svc.S"].definitions) == 1
+
+
+def test_a_worker_serving_two_services_that_leaves_is_never_chosen_again():
+    """Review: removing X (services A and B) dispatched A's requeued call before X left B, and a
+    rebuild of B's free index then held X; the next B call went to the departed worker."""
+    h = Harness()
+    h.ready(b"X", services=("svc.A", "svc.B"), capacity=10, heartbeat_ms=600_000)
+    h.ready(b"w2", services=("svc.A", "svc.B"), capacity=3, heartbeat_ms=600_000)
+    for i in range(15):
+        h.ready(b"b%d" % i, services=("svc.B",), capacity=1, heartbeat_ms=600_000)
+    assert h.engine.services["svc.B"].free_index is not None
+    h.call(b"c", service="svc.A", idempotent=True)
+    assert [w for w, _, _ in h.take_requests()] == [b"X"]
+    index = h.engine.services["svc.B"].free_index
+    while len(index) <= 4 * 17 + 64:  # at the rebuild threshold: w2's next entry rebuilds it
+        h.backend(b"b0", p.capacity_message(1))
+        index = h.engine.services["svc.B"].free_index
+    h.backend(b"X", p.disconnect_message("bye"))
+    assert [w for w, _, _ in h.take_requests()] == [b"w2"]  # the A call again
+    for _ in range(20):
+        h.call(b"c", service="svc.B")
+    assert b"X" not in {w for w, _, _ in h.take_requests()}
+
+
+def test_a_free_index_stays_bounded_while_workers_come_and_go_without_calls():
+    h = Harness()
+    for i in range(16):
+        h.ready(b"w%d" % i, capacity=2, heartbeat_ms=600_000)
+    for i in range(500):
+        h.ready(b"flap%d" % i, capacity=2, heartbeat_ms=600_000)
+        h.backend(b"flap%d" % i, p.disconnect_message("bye"))
+    assert len(h.engine.services["svc.S"].free_index) <= 4 * 17 + 65
+
+
+def test_a_ready_naming_an_idle_service_at_the_limit_keeps_it_and_forgets_another():
+    h = Harness(max_services=2)
+    for name in ("A", "B"):
+        h.ready(name.encode(), services=(f"svc.{name}",))
+        h.now += 1.0
+        h.backend(name.encode(), p.disconnect_message("stopping"))
+    h.ready(b"ac", services=("svc.A", "svc.C"))  # review: A was forgotten and made again: 3 services
+    assert set(h.engine.services) == {"svc.A", "svc.C"} and b"ac" in h.engine.workers
+
+
+def test_a_requeued_call_that_finds_no_worker_is_not_marked_as_never_run():
+    """It was at a worker that died: it may have run there (§10 marks only calls no worker had)."""
+    h = Harness(unavailable_wait=1.0)
+    h.ready(b"w", heartbeat_ms=100)
+    h.call(b"c", idempotent=True)
+    h.take_requests()
+    h.advance(0.5)  # w expires; the call goes back to the queue, and no worker is left
+    h.advance(1.1)
+    [(_, reply, _)] = h.take_replies()
+    assert reply.code == StatusCode.UNAVAILABLE and p.RETRY_DETAIL not in reply.details

@@ -765,6 +765,20 @@ def test_core_refusals_as_never_run_do_not_use_up_the_retry_policys_attempts():
     assert failed.call is call and failed.error.details["zrpc-attempts"] == "6"
 
 
+def test_core_with_one_broker_answers_its_not_run_refusal_at_once():
+    """Review: the one broker that waited unavailable_wait for a worker would be asked again,
+    and wait again; with no other broker to send it to, its refusal is the answer."""
+    now = [100.0]
+    core = ClientCore(endpoints=["inproc://a"], clock=lambda: now[0])
+    call = core.prepare("a.S", "M", b"", timeout=60.0)  # not idempotent
+    core.add(call)
+    core.next_request(now[0], 0)
+    header = _protocol.encode_reply_header(call.request_id, StatusCode.UNAVAILABLE, "no live worker",
+                                           _protocol.NOT_RUN)
+    [failed] = core.handle_message(_protocol.reply_message([(header, b"")]), 0)
+    assert failed.call is call and failed.error.message == "no live worker" and call.attempt == 1
+
+
 def test_core_refuses_an_idempotent_flag_that_is_not_a_bool():
     core = ClientCore()
     with pytest.raises(Error) as refused:

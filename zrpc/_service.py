@@ -190,14 +190,21 @@ def check_service(service: Service | type[Service]) -> ServiceDescriptor:
 def _unfit_signature(service: Any, name: str) -> str | None:
     """The signature of handler ``name`` of a Service class or instance if it cannot be called
     with (request, context), else None."""
+    arguments = (None, None)
     handler = getattr(service, name)
+    if isinstance(service, type):
+        # On a class, judge only what binds plainly: a function takes self too; a staticmethod
+        # or classmethod is called as it is. Other descriptors (functools.partialmethod, a
+        # decorator class) bind in their own way: judged on the instance when a worker starts.
+        raw = inspect.getattr_static(service, name)
+        if inspect.isfunction(raw):
+            arguments = (None, None, None)
+        elif not isinstance(raw, (staticmethod, classmethod)):
+            return None
     try:
         signature = inspect.signature(handler)
     except (TypeError, ValueError):  # a builtin or callable object without one: trust it
         return None
-    # Looked up on a class, a plain function still takes self (a staticmethod does not).
-    takes_self = isinstance(service, type) and inspect.isfunction(inspect.getattr_static(service, name))
-    arguments = (None, None, None) if takes_self else (None, None)
     try:
         signature.bind(*arguments)
     except TypeError:

@@ -181,7 +181,7 @@ class BrokerEngine:
             if now - self.started_at >= self.config.unknown_service_grace:
                 return self._fail_new(client, request_id, header, StatusCode.NOT_FOUND,
                                       _not_found_message(service_name), now, reads_batches, p.NOT_RUN)
-            if not self._room_for_services(1):
+            if not self._room_for_services([service_name]):
                 return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                       f"broker knows {len(self.services)} services (limit {self.config.max_services})", now,
                                       reads_batches, p.NOT_RUN)
@@ -339,7 +339,7 @@ class BrokerEngine:
             return self._bad_worker_input(identity, None, "too_many_workers",
                                           f"broker has {len(self.workers)} workers (limit {self.config.max_workers})")
         new_names = [s for s in ready.services if s not in self.services]
-        if not self._room_for_services(len(new_names)):
+        if not self._room_for_services(new_names, ready.services):
             return self._bad_worker_input(identity, None, "too_many_services",
                                           f"broker knows {len(self.services)} services (limit {self.config.max_services})")
         descriptors = self._descriptor_sets.get(ready.file_descriptor_set)
@@ -379,7 +379,7 @@ class BrokerEngine:
             if service.free_index is None and len(service.workers) >= self._INDEX_FROM:
                 self._build_index(service)
             elif service.free_index is not None:
-                heapq.heappush(service.free_index, (-worker.free, 0, next(self._index_seq), worker.version, worker))
+                self._index_push(service, (-worker.free, 0, next(self._index_seq), worker.version, worker))
             self._adopt_definition(service, worker)
         self.counters["workers_joined"] += 1
         # The connection's routing id tells the lines of one worker's connections apart: one
@@ -449,7 +449,7 @@ class BrokerEngine:
             methods = service.methods
             for call in service.queue.remove_if(lambda call: call.method not in methods):
                 self._fail(call, StatusCode.UNIMPLEMENTED, _gone_method_message(service, call.method), now,
-                           p.NOT_RUN)
+                           _not_run_if_never_sent(call))
 
     def _on_large_reply(self, worker: WorkerState, raw_header: bytes, payload: bytes, now: float) -> None:
         """§9: a reply over the size limits ends its call with RESOURCE_EXHAUSTED (not decoded)."""
@@ -470,17 +470,19 @@ class BrokerEngine:
         for name in worker.services:
             self._dispatch(self.services[name], now)
 
-    def _room_for_services(self, needed: int) -> bool:
-        """Whether ``needed`` more services fit under max_services, after forgetting, if it must,
-        the services left with no worker and no call, longest without one first. Without this
-        the table only grew: services once offered (versioned names, say) locked new ones out
-        for the broker's life (review). Forgotten ones are NOT_FOUND again (§10)."""
+    def _room_for_services(self, new: Sequence[str], keep: Sequence[str] = ()) -> bool:
+        """Whether the ``new`` services fit under max_services, after forgetting, if it must,
+        the services left with no worker and no call (none of ``keep``, which is about to be
+        offered), longest without one first. Without this the table only grew: services once
+        offered (versioned names, say) locked new ones out for the broker's life (review).
+        Forgotten ones are NOT_FOUND again (§10)."""
         limit = self.config.max_services
-        over = len(self.services) + needed - limit
+        over = len(self.services) + len(new) - limit
         if over <= 0:
             return True
         idle = sorted((service for service in self.services.values()
-                       if not service.workers and not service.queue and not service.dispatched),
+                       if not service.workers and not service.queue and not service.dispatched
+                       and service.name not in keep),
                       key=lambda service: service.no_worker_since or 0.0)
         if len(idle) < over:
             return False
@@ -498,7 +500,7 @@ class BrokerEngine:
             self._changed(worker)
         for name in worker.services:
             service = self.services[name]
-            if service.no_worker_since is None and not service.live_workers():
+            if service.no_worker_since is None and not service.has_live_worker():
                 service.no_worker_since = now
 
     def _on_worker_reply(self, worker: WorkerState, header: p.ReplyHeader, payload: bytes, now: float) -> None:
@@ -602,7 +604,7 @@ class BrokerEngine:
 
     def _settle_waiting(self, service: ServiceState, now: float) -> None:
         """NOT_FOUND after the start-up grace; UNAVAILABLE after unavailable_wait (§10)."""
-        if service.live_workers():  # draining ones take no calls (§10)
+        if service.has_live_worker():  # draining ones take no calls (§10)
             return
         if not service.offered:
             if now - self.started_at < self.config.unknown_service_grace:
@@ -619,7 +621,7 @@ class BrokerEngine:
             queue.popleft()
             self._fail(call, StatusCode.UNAVAILABLE,
                        f"no live worker for service {service.name!r} (waited {wait:g}s); "
-                       f"start one with: zrpc worker run MODULE:CLASS", now, p.NOT_RUN)
+                       f"start one with: zrpc worker run MODULE:CLASS", now, _not_run_if_never_sent(call))
 
     # ------------------------------------------------------------------ dispatch
 
@@ -643,21 +645,25 @@ class BrokerEngine:
         entry = None
         for name in worker.services:
             service = self.services[name]
-            heap = service.free_index
-            if heap is None:
-                continue
-            if len(heap) > 4 * len(service.workers) + 64:  # stale entries: rebuild, O(workers)
-                self._build_index(service)
+            if service.free_index is None:
                 continue
             if entry is None:
                 entry = (-free, worker.last_dispatch_seq, next(self._index_seq), worker.version, worker)
+            self._index_push(service, entry)
+
+    def _index_push(self, service: ServiceState, entry: tuple) -> None:
+        heap = service.free_index
+        if len(heap) > 4 * len(service.workers) + 64:  # stale entries: rebuild, O(workers)
+            self._build_index(service)  # it holds the fresh entry's worker too
+        else:
             heapq.heappush(heap, entry)
 
     def _build_index(self, service: ServiceState) -> None:
         if service.free_index is None:
             self._indexes += 1
+        workers = self.workers
         heap = [(-worker.free, worker.last_dispatch_seq, next(self._index_seq), worker.version, worker)
-                for worker in service.workers.values() if worker.free > 0]
+                for worker in service.workers.values() if worker.free > 0 and worker.identity in workers]
         heapq.heapify(heap)
         service.free_index = heap
 
@@ -708,7 +714,7 @@ class BrokerEngine:
                 self._send_to_worker(best, queue.popleft(), service, now)
             elif not offered:
                 self._fail(queue.popleft(), StatusCode.UNIMPLEMENTED, _gone_method_message(service, method), now,
-                           p.NOT_RUN)
+                           _not_run_if_never_sent(call))
             elif not (by_method and self._dispatch_behind_head(service, now)):
                 return
 
@@ -817,14 +823,18 @@ class BrokerEngine:
         worker.in_flight.clear()
         if self._indexes:
             self._changed(worker)  # gone from self.workers already: its entries all go stale
+        # Out of every service before any dispatch: a dispatch for one service must not see it in
+        # another's workers (review: a free index rebuilt meanwhile held it, and took calls).
         for name in worker.services:
             service = self.services[name]
             service.workers.pop(worker.identity, None)
             if service.free_index is not None and len(service.workers) < self._INDEX_FROM // 2:
                 service.free_index = None
                 self._indexes -= 1
-            if service.no_worker_since is None and not service.live_workers():
+            if service.no_worker_since is None and not service.has_live_worker():
                 service.no_worker_since = now
+        for name in worker.services:
+            service = self.services[name]
             calls = requeue.get(name, [])
             service.queue.extendleft(reversed(calls))  # oldest first, ahead of newer calls
             self._forget_definition(service, worker, now)  # after: it answers calls no one can take
@@ -855,7 +865,7 @@ class BrokerEngine:
         those of services no live worker offers. Returns how many."""
         refused = 0
         for service in self.services.values():
-            if not service.queue or (unserved_only and service.live_workers()):
+            if not service.queue or (unserved_only and service.has_live_worker()):
                 continue
             while service.queue:
                 call = service.queue.popleft()
@@ -1065,6 +1075,12 @@ def _describing(service: ServiceState, newest: bytes) -> bytes:
         if definition.methods >= service.methods:
             return definition.descriptor_set
     return newest_definition.descriptor_set
+
+
+def _not_run_if_never_sent(call: Call) -> dict[str, str] | None:
+    """`zrpc-retry: not-run` (§10) for a queued call no worker ever had; none for one requeued
+    after its worker died (review: it may have run there)."""
+    return p.NOT_RUN if call.attempt == 0 else None
 
 
 def _dispatch_order(worker: WorkerState) -> tuple[int, int]:

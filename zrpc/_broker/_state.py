@@ -198,9 +198,13 @@ class ServiceState:
     dispatched: int = 0  # calls of this service held by workers now
     # With many workers, a heap of (-free, last_dispatch_seq, push number, version, worker):
     # its first valid entry is the worker §12 picks, found in O(log n) instead of a scan of
-    # every worker (see BrokerEngine._best_worker). None with few workers: the scan is cheaper.
+    # every worker (see BrokerEngine._indexed_best). None with few workers: the scan is cheaper.
     free_index: list | None = None
 
     def live_workers(self) -> int:
         """Workers that take new calls (not draining)."""
         return sum(1 for w in self.workers.values() if not w.draining)
+
+    def has_live_worker(self) -> bool:
+        """live_workers() > 0, stopping at the first (every tick asks, for every service)."""
+        return any(not w.draining for w in self.workers.values())

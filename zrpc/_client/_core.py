@@ -652,7 +652,9 @@ class ClientCore:
             call.refused += 1
         # A broker that refused it before any worker had it (no live worker, a full queue, spec
         # §10) says it never ran too: it may go again, but counts as an attempt.
-        not_run = _protocol.never_ran(error.details)
+        # Only where another broker may take it: the one broker that refused it would wait its
+        # unavailable_wait again, and again (review), instead of answering UNAVAILABLE once.
+        not_run = _protocol.never_ran(error.details) and len(self._endpoints) > 1
         may_repeat = call.header.idempotent or never_ran or not_run
         # Brokers share nothing: a service or method one of them does not know (yet) another may
         # serve. Each of the others is tried once, whatever codes the policy retries (a tester's

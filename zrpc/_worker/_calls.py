@@ -91,12 +91,14 @@ def new_call(header, payload: bytes, method: Method, link: Any, epoch: int, now:
 
 def _retry_number(text: str) -> int:
     """A client's attempt number from its metadata; 1 for anything that is not one."""
-    return int(text) if text.isdigit() and 1 <= len(text) <= 3 else 1
+    # isascii: "²".isdigit() is true, and int() refuses it (review: it escaped the worker's loop).
+    return int(text) if text.isascii() and text.isdigit() and 1 <= len(text) <= 3 else 1
 
 
 # A reply header over the broker's MAX_HEADER_BYTES (64 KiB, spec §9) is refused, and the caller
 # gets RESOURCE_EXHAUSTED instead of the handler's code (a tester's 200 KB validation message):
 # an error's texts are cut to fit, well inside it.
+_ERROR_HEADER_BYTES = 40_960  # above it, texts are cut
 _ERROR_MESSAGE_BYTES = 16_384
 _ERROR_DETAIL_BYTES = 1_024
 _ERROR_DETAILS_BYTES = 16_384
@@ -104,10 +106,14 @@ _ERROR_DETAILS_BYTES = 16_384
 
 def error_pair(request_id: int, error: Error) -> Answer:
     """The answer to a call that failed with ``error`` (its texts cut to fit a reply header)."""
-    message, details = error.message, error.details
-    if 4 * (len(message) + sum(len(k) + len(v) for k, v in details.items())) > _ERROR_MESSAGE_BYTES:
-        message, details = _fitted(message, details)
-    return p.encode_reply_header(request_id, error.code, message, details), b"", error.code
+    raw = p.encode_reply_header(request_id, error.code, error.message, error.details)
+    if len(raw) > _ERROR_HEADER_BYTES:
+        message, details = _fitted(error.message, error.details)
+        raw = p.encode_reply_header(request_id, error.code, message, details)
+        if len(raw) > _ERROR_HEADER_BYTES:  # many tiny details: each map entry costs bytes too (review)
+            raw = p.encode_reply_header(request_id, error.code, message, {
+                "zrpc-cut": f"{len(error.details)} detail(s) left out: the reply header has a size limit"})
+    return raw, b"", error.code
 
 
 def _fitted(message: str, details: dict[str, str]) -> tuple[str, dict[str, str]]:

@@ -65,8 +65,10 @@ _INLINE_STRIKES = 2
 _STRIKE_WINDOW = 60.0
 
 # The keep-alive task woke this much later than it meant to (and a heartbeat was missed): the
-# loop was blocked, and the worker says so (see _loop_blocked). Not less: a busy host delays it too.
+# loop did not run, and the worker says so (see _loop_blocked). Not less, as a busy host delays
+# it too; but less when brokers would expire us sooner (_EXPIRY_SHARE of liveness x interval).
 _LOOP_BLOCKED = 1.0
+_EXPIRY_SHARE = 0.9
 
 # The broker sends what is left of a deadline in whole milliseconds, rounded down (spec §5): a
 # worker's deadline may come up to that much before the broker's, and a result finished in
@@ -152,7 +154,8 @@ class Worker:
         self._rebalance_timer: asyncio.TimerHandle | None = None
         # Async handlers that ended since the keep-alive task last ran: with those still running,
         # the suspects when it finds the loop was blocked (see _loop_blocked).
-        self._async_ended: collections.Counter[str] = collections.Counter()
+        self._async_ended: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._blocked_after = min(max(_LOOP_BLOCKED, heartbeat_interval), _EXPIRY_SHARE * liveness * heartbeat_interval)
         self._stop_event: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._stop_grace: float | None = None
@@ -383,21 +386,25 @@ class Worker:
             wait = min(timers)
             await asyncio.sleep(wait)
             late = clock() - now - wait
-            if late >= max(_LOOP_BLOCKED, self.heartbeat_interval):
+            if late >= self._blocked_after:
                 self._loop_blocked(late)
-            self._async_ended.clear()
+            if self._async_ended:
+                self._async_ended.clear()
 
     def _loop_blocked(self, late: float) -> None:
         """Say that the loop did not run for ``late`` seconds, and which async handlers ran then:
         a tester's `async def` handler calling time.sleep() got the worker expired by its broker
         ("silent") with nothing in the worker's log."""
         ran = self._async_ended + collections.Counter(
-            f"{call.method.service}/{call.method.name}" for link in self._links
+            (call.method.service, call.method.name) for link in self._links
             for call in link.in_flight.values() if call.started and call.method.is_async)
-        suspects = ", ".join(f"{name} ({count})" for name, count in sorted(ran.items()))
-        log.warning("worker %s: its event loop was blocked for %.2fs, so no heartbeat left (brokers expire a worker "
-                    "silent for %d heartbeats); async handlers that ran then: %s. An async handler must await, "
-                    "not block: use a plain def (it runs in the handler pool) or await asyncio.to_thread(...)",
+        # Not blamed on them alone: a stopped process (SIGSTOP, a paused VM) or a starved CPU
+        # looks the same from here (a tester's SIGSTOP was blamed on an awaiting handler).
+        suspects = ", ".join(f"{service}/{method} ({count})" for (service, method), count in sorted(ran.items()))
+        log.warning("worker %s: its event loop did not run for %.2fs, so no heartbeat left (brokers expire a worker "
+                    "silent for %d heartbeats). Either the process was stopped or starved of CPU, or a handler "
+                    "blocked the loop; async handlers that ran then: %s. An async handler must await, not block: "
+                    "use a plain def (it runs in the handler pool) or await asyncio.to_thread(...)",
                     self.name, late, self.liveness, suspects or "none")
 
     def _receive(self, link: BrokerLink) -> None:
@@ -625,7 +632,7 @@ class Worker:
             self._finish(call, answer)
 
     def _async_done(self, call: Call, task: asyncio.Task) -> None:
-        self._async_ended[f"{call.method.service}/{call.method.name}"] += 1
+        self._async_ended[call.method.service, call.method.name] += 1
         if task.cancelled():
             answer = stopped_pair(call, self._clock())
         elif task.exception() is not None:
