@@ -263,6 +263,8 @@ def test_oversized_message_is_refused_explicitly_and_the_sender_keeps_working(en
             assert "limit 10000" in caught.value.message
             assert echo.Say(echo_pb2.EchoRequest(payload=b"small")).payload == b"small"
         assert broker.engine.counters["malformed_too_large"] == 1
+        # Counted by its method too, as the caller saw it (zrpc status, requests_total).
+        assert broker.engine.stats.service_summary("echo.Echo", time.monotonic())[:2] == (2, 1)
 
 
 def test_a_payload_over_the_clients_limit_is_refused_unsent_and_costs_no_other_call(endpoints):
