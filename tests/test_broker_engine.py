@@ -1503,6 +1503,15 @@ def test_a_free_index_stays_bounded_while_workers_come_and_go_without_calls():
     assert len(h.engine.services["svc.S"].free_index) <= 4 * 17 + 65
 
 
+def test_a_refused_ready_is_logged_as_such_under_the_workers_name(caplog):
+    h = Harness(max_services=1)
+    h.ready(b"w1", services=("svc.A",))
+    with caplog.at_level("WARNING", logger="zrpc.broker"):
+        h.ready(b"w2", services=("svc.B",), name="host:42:kv")
+    assert "refused worker host:42:kv (connection 7732) offering svc.B: broker knows 1 services (limit 1)" \
+        in caplog.text
+
+
 def test_a_ready_naming_an_idle_service_at_the_limit_keeps_it_and_forgets_another():
     h = Harness(max_services=2)
     for name in ("A", "B"):

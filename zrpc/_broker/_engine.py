@@ -328,27 +328,31 @@ class BrokerEngine:
         reserved = [s for s in ready.services if s.startswith(RESERVED_PREFIX)]
         if reserved:
             return self._bad_worker_input(identity, None, "reserved_service",
-                                          f"service names starting {RESERVED_PREFIX!r} are reserved: {', '.join(reserved)}")
+                                          f"service names starting {RESERVED_PREFIX!r} are reserved: "
+                                          f"{', '.join(reserved)}", ready=ready)
         if self.policy is not None:
             forbidden = [name for name in ready.services if not self.policy.may_offer(peer_key, name)]
             if forbidden:
                 return self._bad_worker_input(identity, None, "forbidden_service",
                                               f"key {self.policy.name(peer_key)!r} may not offer "
-                                              f"{', '.join(forbidden)} (broker access rules)")
+                                              f"{', '.join(forbidden)} (broker access rules)", ready=ready)
         if len(self.workers) >= self.config.max_workers:
             return self._bad_worker_input(identity, None, "too_many_workers",
-                                          f"broker has {len(self.workers)} workers (limit {self.config.max_workers})")
+                                          f"broker has {len(self.workers)} workers (limit {self.config.max_workers})",
+                                          ready=ready)
         new_names = [s for s in ready.services if s not in self.services]
         if not self._room_for_services(new_names, ready.services):
             return self._bad_worker_input(identity, None, "too_many_services",
-                                          f"broker knows {len(self.services)} services (limit {self.config.max_services})")
+                                          f"broker knows {len(self.services)} services (limit "
+                                          f"{self.config.max_services})", ready=ready)
         descriptors = self._descriptor_sets.get(ready.file_descriptor_set)
         if descriptors is None:
             try:
                 definitions = service_definitions(ready.file_descriptor_set)
             except Exception as exc:  # noqa: BLE001 - DecodeError, or others on some inputs
                 return self._bad_worker_input(identity, None, "bad_descriptors",
-                                              f"READY's file_descriptor_set is not a FileDescriptorSet ({exc})")
+                                              f"READY's file_descriptor_set is not a FileDescriptorSet ({exc})",
+                                              ready=ready)
             descriptors = DescriptorSet(ready.file_descriptor_set, definitions)
         for name in ready.services:  # §7: a changed field type would be read wrongly: refused
             problem = self._incompatible(self.services.get(name), descriptors)
@@ -356,7 +360,7 @@ class BrokerEngine:
                 return self._bad_worker_input(identity, None, "incompatible_definition",
                                               f"its definition of {name} cannot be read by the live workers': "
                                               f"{problem}; stop them first, or give this version another "
-                                              f"service name")
+                                              f"service name", ready=ready)
         descriptors = self._descriptor_sets.setdefault(ready.file_descriptor_set, descriptors)
         descriptors.users += 1
         heartbeat = ready.heartbeat_ms / 1000.0
@@ -1022,11 +1026,19 @@ class BrokerEngine:
         for request_id in request_ids[1:]:
             self._reply(client, request_id, StatusCode.RESOURCE_EXHAUSTED, message, b"")
 
-    def _bad_worker_input(self, identity: bytes, worker: WorkerState | None, reason: str, message: str) -> None:
-        """§9: count and log; an unregistered sender is told why with DISCONNECT."""
+    def _bad_worker_input(self, identity: bytes, worker: WorkerState | None, reason: str, message: str,
+                          ready: p.Ready | None = None) -> None:
+        """§9: count and log; an unregistered sender is told why with DISCONNECT. A READY refused
+        is said as such, under the name it gave (a tester read "bad message from worker
+        00f4b0dc53" for a worker refused at max_services)."""
         self.counters[f"malformed_{reason}"] += 1
         name = worker.name if worker is not None else identity.hex()
-        self.bad_input_log.warn(reason, "bad message from worker %s: %s", name, message, peer=name)
+        if ready is not None:
+            name = f"{ready.name or '?'} (connection {identity.hex()})"
+            self.bad_input_log.warn(reason, "refused worker %s offering %s: %s", name, ",".join(ready.services),
+                                    message, peer=name)
+        else:
+            self.bad_input_log.warn(reason, "bad message from worker %s: %s", name, message, peer=name)
         if worker is None:
             self.backend_out.append((identity, p.disconnect_message(f"refused: {message}")))
 
