@@ -1532,3 +1532,16 @@ def test_a_requeued_call_that_finds_no_worker_is_not_marked_as_never_run():
     h.advance(1.1)
     [(_, reply, _)] = h.take_replies()
     assert reply.code == StatusCode.UNAVAILABLE and p.RETRY_DETAIL not in reply.details
+
+
+def test_a_full_queue_is_said_once_per_service_not_once_per_refused_call(caplog):
+    h = Harness(queue_size=1)
+    h.ready(b"w", services=("svc.S", "svc.T"), capacity=1)
+    with caplog.at_level("WARNING", logger="zrpc.broker"):
+        for service in ("svc.S", "svc.T"):
+            for _ in range(7):
+                h.call(b"c", service=service)
+    said = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
+    assert said == ["queue of service svc.S is full (1 calls): refusing calls",
+                    "queue of service svc.T is full (1 calls): refusing calls"]
+    assert h.engine.counters["queue_full"] == 11  # 5 for S (w took one); 6 for T (w was busy)

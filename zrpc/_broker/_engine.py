@@ -194,8 +194,10 @@ class BrokerEngine:
         if len(service.queue) >= self.config.queue_size and (
                 len(service.definitions) > 1 or not self._has_free_worker(service)):
             self.counters["queue_full"] += 1
+            # One line when it fills (per 10 s), not one per call refused (a tester saw five in 1 ms).
             self.bad_input_log.warn("queue_full", "queue of service %s is full (%d calls): refusing calls",
-                                    service_name, self.config.queue_size, service=service_name)
+                                    service_name, self.config.queue_size, burst=1, key=f"queue_full:{service_name}",
+                                    service=service_name)
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                   f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now, reads_batches,
                                   p.NOT_RUN)
@@ -1141,18 +1143,21 @@ class _RateLimitedWarnings:
         self._burst = burst
         self._window = window
         self._clock = clock or time.monotonic
-        self._state: dict[str, list] = {}  # reason -> [window start, emitted, suppressed]
+        self._state: dict[str, list] = {}  # key -> [window start, emitted, suppressed]
 
-    def warn(self, reason: str, fmt: str, *args, **fields) -> None:
-        """Log ``fmt % args`` with ``reason`` and ``fields`` (peer, service) as structured fields."""
+    def warn(self, reason: str, fmt: str, *args, burst: int | None = None, key: str | None = None,
+             **fields) -> None:
+        """Log ``fmt % args`` with ``reason`` and ``fields`` (peer, service) as structured fields;
+        ``burst``: this reason's own limit per window, counted per ``key`` (the reason by default)."""
         now = self._clock()
-        state = self._state.get(reason)
+        key = reason if key is None else key
+        state = self._state.get(key)
         if state is None or now - state[0] >= self._window:
             if state is not None and state[2]:
                 self._log.warning("%d more %s messages suppressed in the last %.0fs", state[2], reason, self._window,
                                   extra={"reason": reason, "suppressed": state[2]})
-            state = self._state[reason] = [now, 0, 0]
-        if state[1] < self._burst:
+            state = self._state[key] = [now, 0, 0]
+        if state[1] < (self._burst if burst is None else burst):
             state[1] += 1
             self._log.warning(fmt, *args, extra={"reason": reason, **fields})
         else:
