@@ -1508,8 +1508,16 @@ def test_a_refused_ready_is_logged_as_such_under_the_workers_name(caplog):
     h.ready(b"w1", services=("svc.A",))
     with caplog.at_level("WARNING", logger="zrpc.broker"):
         h.ready(b"w2", services=("svc.B",), name="host:42:kv")
-    assert "refused worker host:42:kv (connection 7732) offering svc.B: broker knows 1 services (limit 1)" \
+    assert "refused worker 'host:42:kv' (connection 7732) offering 'svc.B': broker knows 1 services (limit 1)" \
         in caplog.text
+    # Its words are quoted and bounded (review: a name with a newline forged log lines, and
+    # 200,000 services made one line of 2.6 MB); the same service twice counts once.
+    h.ready(b"w3", services=[f"svc.X{i}" for i in range(10_000)], name="evil\nINFO forged")
+    line = caplog.records[-1].getMessage()
+    assert "\n" not in line and "'evil\\nINFO forged'" in line and "and 9995 more" in line and len(line) < 2_000
+    h.backend(b"w1", p.disconnect_message("bye"))
+    h.ready(b"w4", services=("svc.C", "svc.C"))
+    assert b"w4" in h.engine.workers
 
 
 def test_a_ready_naming_an_idle_service_at_the_limit_keeps_it_and_forgets_another():

@@ -12,7 +12,7 @@ import pytest
 
 from workers.echo import Echo
 from zrpc import CircuitBreaker, Worker, _protocol, broker_service_pb2
-from zrpc._client import AsyncClient, Client
+from zrpc._client import AsyncClient, Client, RetryPolicy
 from zrpc._client._core import MAX_PAIRS_PER_MESSAGE, ClientCore
 from zrpc._client._stub import UnaryMethod
 from zrpc._errors import Error
@@ -777,6 +777,42 @@ def test_core_with_one_broker_answers_its_not_run_refusal_at_once():
                                            _protocol.NOT_RUN)
     [failed] = core.handle_message(_protocol.reply_message([(header, b"")]), 0)
     assert failed.call is call and failed.error.message == "no live worker" and call.attempt == 1
+    # A full queue at that one broker is another matter: it answered at once, and a policy that
+    # retries RESOURCE_EXHAUSTED sends the call again after its backoff (PROTOCOL §10).
+    core = ClientCore(endpoints=["inproc://a"], clock=lambda: now[0],
+                      retry=RetryPolicy(retryable_status_codes={StatusCode.RESOURCE_EXHAUSTED}))
+    call = core.prepare("a.S", "M", b"", timeout=60.0)
+    core.add(call)
+    core.next_request(now[0], 0)
+    header = _protocol.encode_reply_header(call.request_id, StatusCode.RESOURCE_EXHAUSTED, "queue full",
+                                           _protocol.NOT_RUN)
+    assert core.handle_message(_protocol.reply_message([(header, b"")]), 0) == [] and call.attempt == 2
+
+
+def test_core_tries_other_brokers_for_an_unknown_service_within_the_policy_and_the_circuit_learns_nothing():
+    """Review: the failover ignored max_attempts=1 (retries off), and a broker's not knowing the
+    service reset the circuit's count of the service's failures at the other broker."""
+    from zrpc._client._breaker import State
+
+    now = [100.0]
+    not_found = lambda rid: _protocol.reply_message([(_protocol.encode_reply_header(
+        rid, StatusCode.NOT_FOUND, "no worker offers it", _protocol.NOT_RUN), b"")])
+    failed = lambda rid: _protocol.reply_message([(_protocol.encode_reply_header(
+        rid, StatusCode.UNAVAILABLE, "worker died"), b"")])
+    core = ClientCore(endpoints=["inproc://a", "inproc://b"], clock=lambda: now[0], retry=RetryPolicy(max_attempts=1))
+    call = core.prepare("a.S", "M", b"", timeout=60.0)
+    core.add(call)
+    core.next_request(now[0], 0)
+    [outcome] = core.handle_message(not_found(call.request_id), 0)
+    assert outcome.error.code == StatusCode.NOT_FOUND and call.attempt == 1
+    core = ClientCore(endpoints=["inproc://a", "inproc://b"], clock=lambda: now[0], retry=None,
+                      circuit_breaker=CircuitBreaker(failure_threshold=2))
+    for answer in (failed, not_found, failed):
+        call = core.prepare("a.S", "M", b"", timeout=60.0)
+        core.add(call)
+        core.next_request(now[0], 0)
+        core.handle_message(answer(call.request_id), 0)
+    assert core.circuit("a.S").state is State.OPEN  # two failures; the NOT_FOUND between said nothing
 
 
 def test_core_refuses_an_idempotent_flag_that_is_not_a_bool():

@@ -321,6 +321,18 @@ def test_handlers_that_bind_their_own_way_are_judged_as_the_worker_calls_them():
     methods = methods_of(Fine())
     assert methods["Say"].handler(echo_pb2.EchoRequest(payload=b"x"), None).payload == b">x"
 
+    def with_prefix(function):  # functools.wraps: the signature seen must be the wrapper's (review)
+        @functools.wraps(function)
+        def wrapper(self, request, context):
+            return function(self, request, context, b"+")
+        return wrapper
+
+    class Decorated(Fine):
+        @with_prefix
+        def Say(self, request, context, prefix):
+            return echo_pb2.EchoReply(payload=prefix + request.payload)
+    assert methods_of(Decorated())["Say"].handler(echo_pb2.EchoRequest(payload=b"x"), None).payload == b"+x"
+
     class Wrong(Service):  # accepted at class creation, refused when a worker would serve it
         descriptor = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
         Say = functools.partialmethod(answer, b">", None)

@@ -202,7 +202,8 @@ def _unfit_signature(service: Any, name: str) -> str | None:
         elif not isinstance(raw, (staticmethod, classmethod)):
             return None
     try:
-        signature = inspect.signature(handler)
+        # Not through __wrapped__: a decorator may call its function with more (a db, say).
+        signature = inspect.signature(handler, follow_wrapped=False)
     except (TypeError, ValueError):  # a builtin or callable object without one: trust it
         return None
     try:

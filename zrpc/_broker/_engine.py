@@ -342,7 +342,7 @@ class BrokerEngine:
             return self._bad_worker_input(identity, None, "too_many_workers",
                                           f"broker has {len(self.workers)} workers (limit {self.config.max_workers})",
                                           ready=ready)
-        new_names = [s for s in ready.services if s not in self.services]
+        new_names = [s for s in dict.fromkeys(ready.services) if s not in self.services]  # each once
         if not self._room_for_services(new_names, ready.services):
             return self._bad_worker_input(identity, None, "too_many_services",
                                           f"broker knows {len(self.services)} services (limit "
@@ -1035,10 +1035,12 @@ class BrokerEngine:
         00f4b0dc53" for a worker refused at max_services)."""
         self.counters[f"malformed_{reason}"] += 1
         name = worker.name if worker is not None else identity.hex()
-        if ready is not None:
-            name = f"{ready.name or '?'} (connection {identity.hex()})"
-            self.bad_input_log.warn(reason, "refused worker %s offering %s: %s", name, ",".join(ready.services),
-                                    message, peer=name)
+        if ready is not None:  # its name and services are the peer's words: quoted, and bounded
+            name = f"{ready.name[:128]!r} (connection {identity.hex()})"
+            offered = ", ".join(repr(s[:128]) for s in ready.services[:5])
+            more = f" and {len(ready.services) - 5} more" if len(ready.services) > 5 else ""
+            self.bad_input_log.warn(reason, "refused worker %s offering %s%s: %s", name, offered, more,
+                                    message[:1024], peer=name)
         else:
             self.bad_input_log.warn(reason, "bad message from worker %s: %s", name, message, peer=name)
         if worker is None:

@@ -624,8 +624,9 @@ class ClientCore:
         now = self.clock()
         circuit = self.circuit(call.service)
         if circuit is not None:
-            # A draining broker's refusal says nothing of the service either (spec §11).
-            if record and call.sent and not _refused_draining(error):
+            # A draining broker's refusal says nothing of the service either (spec §11), nor does
+            # a broker's not knowing it (another may: review, it reset the failure count).
+            if record and call.sent and not _refused_draining(error) and not _unknown_there(error):
                 circuit.record(StatusCode.OK if error is None else error.code, now, call.trial)
             elif call.trial:
                 circuit.abandon_trial()
@@ -652,14 +653,16 @@ class ClientCore:
             call.refused += 1
         # A broker that refused it before any worker had it (no live worker, a full queue, spec
         # §10) says it never ran too: it may go again, but counts as an attempt.
-        # Only where another broker may take it: the one broker that refused it would wait its
-        # unavailable_wait again, and again (review), instead of answering UNAVAILABLE once.
-        not_run = _protocol.never_ran(error.details) and len(self._endpoints) > 1
+        # "No live worker" only where another broker may take it: the one broker that refused it
+        # would wait its unavailable_wait again, and again (review), instead of answering once.
+        not_run = _protocol.never_ran(error.details) and (
+            len(self._endpoints) > 1 or error.code != StatusCode.UNAVAILABLE)
         may_repeat = call.header.idempotent or never_ran or not_run
         # Brokers share nothing: a service or method one of them does not know (yet) another may
         # serve. Each of the others is tried once, whatever codes the policy retries (a tester's
         # calls to a service on one of two brokers failed NOT_FOUND half the time).
-        elsewhere = (not_run and error.code in _SERVED_ELSEWHERE and call.attempt < len(self._endpoints))
+        elsewhere = (not_run and error.code in _SERVED_ELSEWHERE and call.attempt < len(self._endpoints)
+                     and policy is not None and call.attempt - call.refused < policy.max_attempts)
         if (policy is None or not may_repeat or call.attempt >= _MAX_ATTEMPTS
                 or not (elsewhere or policy.retries(error.code, call.attempt - call.refused))):
             return False
@@ -920,6 +923,12 @@ def closed_error(in_flight: bool = False) -> Error:
     if in_flight:
         return Error(StatusCode.CANCELLED, "the client was closed with the call in flight")
     return Error(StatusCode.CANCELLED, "the client is closed; create a new client to make calls")
+
+
+def _unknown_there(error: Error | None) -> bool:
+    """Did a broker refuse the call, unrun, as a service or method it does not know (§10)?"""
+    return (error is not None and error.code in _SERVED_ELSEWHERE
+            and error.details.get(_protocol.RETRY_DETAIL) == _protocol.NOT_RUN[_protocol.RETRY_DETAIL])
 
 
 def _refused_draining(error: Error | None) -> bool:
