@@ -32,6 +32,7 @@ class FakeFrontend:
         self.times: list[float] = []  # when each arrived (time.monotonic)
         self.request_messages = 0
         self.cancels: list[int] = []
+        self.cancel_deadlines: list[bool] = []  # each CANCEL's `deadline` flag (spec §8)
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self.thread_name)
@@ -50,8 +51,10 @@ class FakeFrontend:
             peer, *frames = self.router.recv_multipart()
             command, body = _protocol.split(frames, _protocol.CLIENT_COMMANDS)
             if command == _protocol.CANCEL:
+                cancel = _protocol.decode_cancel(body)
                 with self._changed:
-                    self.cancels.extend(_protocol.decode_cancel(body).request_ids)
+                    self.cancel_deadlines.append(cancel.deadline)
+                    self.cancels.extend(cancel.request_ids)
                     self._changed.notify_all()
                 continue
             with self._changed:

@@ -1542,6 +1542,21 @@ def test_a_requeued_call_that_finds_no_worker_is_not_marked_as_never_run():
     assert reply.code == StatusCode.UNAVAILABLE and p.RETRY_DETAIL not in reply.details
 
 
+def test_a_clients_cancel_at_its_deadlines_is_counted_deadline_exceeded_and_passed_on_so():
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    at_worker, queued, cancelled = h.call(b"c"), h.call(b"c"), h.call(b"c")
+    h.take_requests()
+    h.engine.on_frontend(b"c", p.cancel_message([at_worker, queued], deadline=True), h.now)
+    h.engine.on_frontend(b"c", p.cancel_message([cancelled]), h.now)
+    h.engine.flush()
+    assert h.take_replies() == []  # the client has given them up: no answer (§8)
+    counters = h.engine.counters
+    assert (counters["deadline_exceeded"], counters["code_DEADLINE_EXCEEDED"], counters["cancelled"]) == (2, 2, 1)
+    [(_, frames)] = h.take_control(p.CANCEL)
+    assert p.decode_cancel(frames[2:]).deadline  # the worker answers DEADLINE_EXCEEDED too
+
+
 def test_a_full_queue_is_said_once_per_service_not_once_per_refused_call(caplog):
     h = Harness(queue_size=1)
     h.ready(b"w", services=("svc.S", "svc.T"), capacity=1)

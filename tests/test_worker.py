@@ -624,6 +624,19 @@ def test_cancel_marks_a_sync_handler_and_it_is_still_answered_as_cancelled(broke
     assert header.code == StatusCode.CANCELLED and payload == b""
 
 
+def test_a_cancel_at_the_deadline_is_answered_deadline_exceeded(broker, make_worker):
+    """(spec §8) A CANCEL that says `deadline` came at the broker's deadline (or its client's),
+    a moment before this worker's clock says so: answered, and counted, DEADLINE_EXCEEDED."""
+    probe = Probe()
+    make_worker(probe)
+    identity, _ = broker.ready()
+    broker.request(identity, (7, "Sleep", sleep(ms=60_000), {"deadline_ms": 60_000}))
+    wait_until(lambda: probe.started == 1, "the handler to start")
+    broker.send(identity, p.cancel_message([7], deadline=True))
+    assert broker.replies(1)[7][0].code == StatusCode.DEADLINE_EXCEEDED
+    assert probe.contexts[0].cancelled and probe.contexts[0].time_remaining() == 0
+
+
 def test_a_waiting_call_cancelled_is_answered_without_running(broker, make_worker):
     probe = Probe()
     make_worker(probe, concurrency=1)

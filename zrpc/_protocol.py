@@ -320,8 +320,9 @@ def disconnect_message(reason: str = "", drain: bool = False) -> list[bytes]:
     return [TAG, DISCONNECT, Disconnect(reason=reason, drain=drain).SerializeToString()]
 
 
-def cancel_message(request_ids: Iterable[int]) -> list[bytes]:
-    return [TAG, CANCEL, Cancel(request_ids=list(request_ids)).SerializeToString()]
+def cancel_message(request_ids: Iterable[int], deadline: bool = False) -> list[bytes]:
+    """A CANCEL (spec §8); ``deadline``: a client gave the calls up at their deadlines."""
+    return [TAG, CANCEL, Cancel(request_ids=list(request_ids), deadline=deadline).SerializeToString()]
 
 
 def decode_disconnect(body: Sequence[bytes]) -> str:

@@ -212,24 +212,26 @@ class BrokerEngine:
         self._dispatch(service, now)
 
     def _on_client_cancel(self, client: bytes, cancel, now: float) -> None:
-        """§8: drop queued calls silently; cancel dispatched ones at their worker."""
+        """§8: drop queued calls silently; cancel dispatched ones at their worker. Calls their
+        client gave up at their deadlines are counted DEADLINE_EXCEEDED, as it saw them."""
         outstanding = self.clients.get(client)
         if not outstanding:
             return
+        code = StatusCode.DEADLINE_EXCEEDED if cancel.deadline else StatusCode.CANCELLED
         for request_id in cancel.request_ids:
             call = outstanding.get(request_id)
             if call is None:
                 continue
-            self.counters["cancelled"] += 1
+            self.counters["deadline_exceeded" if cancel.deadline else "cancelled"] += 1
             queued = call.state is CallState.QUEUED
-            self._finish(call, StatusCode.CANCELLED, now)
+            self._finish(call, code, now)
             if queued:
                 service = self.services[call.service]
                 service.queue.discard(call)
                 if len(service.definitions) > 1:  # it may have held up the calls behind it
                     self._dispatch(service, now)
             elif call.worker is not None:
-                self._abandon_at_worker(call)
+                self._abandon_at_worker(call, cancel.deadline)
 
     # ------------------------------------------------------------------ backend (workers)
 
@@ -600,7 +602,7 @@ class BrokerEngine:
         self.counters["deadline_exceeded"] += 1
         queued = call.state is CallState.QUEUED
         if not queued:
-            self._abandon_at_worker(call)
+            self._abandon_at_worker(call, deadline=True)
         # The time left when the call came, not the caller's timeout: the client sends what
         # is left at send, rounded down (spec §5), so `--timeout 1` arrives as 999 ms.
         self._fail(call, StatusCode.DEADLINE_EXCEEDED,
@@ -768,8 +770,9 @@ class BrokerEngine:
         else:
             _add_pair(self._requests, worker.identity, p.REQUEST, raw, payload)
 
-    def _abandon_at_worker(self, call: Call) -> None:
-        """The call was answered without its worker: keep the slot, tell the worker (§8)."""
+    def _abandon_at_worker(self, call: Call, deadline: bool = False) -> None:
+        """The call was answered without its worker: keep the slot, tell the worker (§8);
+        ``deadline``: at its deadline (the worker answers DEADLINE_EXCEEDED, not CANCELLED)."""
         worker = call.worker
         if worker is None or call.dispatch_id not in worker.in_flight:
             return
@@ -777,7 +780,7 @@ class BrokerEngine:
         self.services[call.service].dispatched -= 1
         call.worker = None
         self._flush_requests_to(worker.identity)  # a call dispatched this round: REQUEST first
-        self.backend_out.append((worker.identity, p.cancel_message([call.dispatch_id])))
+        self.backend_out.append((worker.identity, p.cancel_message([call.dispatch_id], deadline)))
 
     def on_undeliverable(self, messages: Sequence[tuple[bytes, Sequence[bytes]]], now: float) -> None:
         """Messages to workers could not be sent: a worker's connection is gone (EHOSTUNREACH),

@@ -341,10 +341,10 @@ class AsyncClient:
         else:
             await asyncio.sleep(min(_RETRY_SEND_MAX, _RETRY_SEND_FIRST * 2 ** waited))
 
-    def _send_cancel(self, calls: list[Call]) -> None:
+    def _send_cancel(self, calls: list[Call], deadline: bool = False) -> None:
         """Best effort, to the broker holding each call: the brokers drop these calls anyway
         when their deadlines pass."""
-        self._send_best_effort(self._core.cancel_messages(calls))
+        self._send_best_effort(self._core.cancel_messages(calls, deadline))
 
     def _send_best_effort(self, messages: list[tuple[int, list[bytes]]]) -> None:
         """Send each (link, message) now, or never: a CANCEL or a probe is not worth a wait."""
@@ -413,10 +413,10 @@ class AsyncClient:
                 self._take_received(link)
         outcomes = self._core.advance(now)
         if outcomes:
-            # Deadlines: no CANCEL. The broker's deadline for the call is ours (a little later:
-            # it counts from when the call reached it), so it fails the call and cancels it at its
-            # worker itself, counted DEADLINE_EXCEEDED, not CANCELLED, as the caller saw it.
             self._settle(outcomes)
+            # (spec §8) A CANCEL marked `deadline`: counted DEADLINE_EXCEEDED, as the caller saw
+            # it; and a call that waited unread at a stopped broker does not run after that.
+            self._send_cancel([o.call for o in outcomes if o.call.sent], deadline=True)
         if self._core.has_unsent():  # retries whose backoff is over
             self._wake.set()
         self._send_best_effort(self._core.take_link_messages())  # probes, CANCELs (see _silence)

@@ -889,15 +889,16 @@ class ClientCore:
         """Calls in flight that a broker has been sent (CANCEL them when closing)."""
         return [call for call in self._pending.values() if call.sent]
 
-    def cancel_messages(self, calls: Iterable[Call]) -> list[tuple[int, list[bytes]]]:
+    def cancel_messages(self, calls: Iterable[Call], deadline: bool = False) -> list[tuple[int, list[bytes]]]:
         """(link, CANCEL) for each broker holding some of ``calls`` (spec §8); calls whose
-        connection has closed since are left out (their broker has forgotten them)."""
+        connection has closed since are left out (their broker has forgotten them).
+        ``deadline``: the calls reached their deadlines (the broker counts them so)."""
         by_link: dict[int, list[int]] = {}
         for call in calls:
             link = self._link_of_connection.get(call.connection)
             if link is not None and call.sent:
                 by_link.setdefault(link, []).append(call.request_id)
-        return [(link, _protocol.cancel_message(request_ids)) for link, request_ids in by_link.items()]
+        return [(link, _protocol.cancel_message(request_ids, deadline)) for link, request_ids in by_link.items()]
 
 
 def _last_attempt(call: Call) -> str:

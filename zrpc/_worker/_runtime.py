@@ -517,15 +517,19 @@ class Worker:
         except p.ProtocolError as exc:
             log.warning("bad CANCEL from broker %s: %s", link.endpoint, exc.message)
             return
+        now = self._clock()
         for request_id in cancel.request_ids:
             call = link.in_flight.get(request_id)
             if call is None:
                 continue
+            if cancel.deadline:  # the broker's deadline passed (ours is rounded down from it)
+                if call.context.deadline is None or call.context.deadline > now:
+                    call.context.deadline = now
             call.context.cancel()
             if not call.started and self._admission.withdraw(call):
                 # (spec §8) answered anyway: the broker keeps the slot until we reply
                 del link.in_flight[request_id]
-                self._reply(call, stopped_pair(call, self._clock()))
+                self._reply(call, stopped_pair(call, now))
                 if self._share is not None:
                     self._share.changed()
 
