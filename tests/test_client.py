@@ -826,6 +826,30 @@ def test_core_tries_other_brokers_for_an_unknown_service_within_the_policy_and_t
     assert core.circuit("a.S").state is State.OPEN  # two failures; the NOT_FOUND between said nothing
 
 
+def test_core_sends_a_retry_for_an_unknown_service_to_a_broker_it_has_not_tried():
+    """Review: the retry followed the client's turn, which other calls had moved back to the
+    broker that refused it; it failed NOT_FOUND without reaching the one that knows it."""
+    now = [100.0]
+    core = ClientCore(endpoints=["inproc://a", "inproc://b"], clock=lambda: now[0])
+    x, y = core.prepare("a.S", "M", b"x", timeout=60.0), core.prepare("a.S", "M", b"y", timeout=60.0)
+    core.add(x)
+    core.next_request(now[0], 0)
+    core.took(0)
+    core.add(y)
+    core.next_request(now[0], 1)
+    core.took(1)  # the turn is back at link 0
+    header = _protocol.encode_reply_header(x.request_id, StatusCode.NOT_FOUND, "unknown here", _protocol.NOT_RUN)
+    assert core.handle_message(_protocol.reply_message([(header, b"")]), 0) == []
+    now[0] += 1.0
+    core.advance(now[0])
+    z = core.prepare("a.S", "M", b"z", timeout=60.0)  # a newer call behind it goes where it may
+    core.add(z)
+    order = core.link_order()
+    assert order[0] == 1
+    _, sent = core.next_request(now[0], order[0])
+    assert sent[0] is x and x.attempt == 2
+
+
 def test_core_refuses_an_idempotent_flag_that_is_not_a_bool():
     core = ClientCore()
     with pytest.raises(Error) as refused:

@@ -142,6 +142,17 @@ def test_a_service_only_one_of_two_brokers_knows_is_found_by_every_call(ipc_dir)
         for i in range(6):  # dealt in turn: half reach the broker without it first
             assert greeter.SayHello(helloworld_pb2.HelloRequest(name=str(i))).message == f"Hello, {i}!"
         assert other.engine.counters["code_NOT_FOUND"] >= 2
+
+        async def rounds() -> list[str]:  # concurrent: other calls move the turn between (review)
+            async with AsyncClient([other.frontend_endpoint, knows.frontend_endpoint], timeout=5.0) as client:
+                stub = client.stub(helloworld_pb2.DESCRIPTOR.services_by_name["Greeter"])
+                replies = []
+                for _ in range(5):
+                    replies += await asyncio.gather(*(stub.SayHello(helloworld_pb2.HelloRequest(name=str(i)))
+                                                      for i in range(8)))
+                return [reply.message for reply in replies]
+
+        assert asyncio.run(rounds()) == [f"Hello, {i}!" for _ in range(5) for i in range(8)]
         with pytest.raises(zrpc.Error) as caught:
             client.call("nowhere.S", "M", b"")
         assert caught.value.code == zrpc.StatusCode.NOT_FOUND and caught.value.details["zrpc-attempts"] == "2"

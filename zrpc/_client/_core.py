@@ -100,6 +100,9 @@ class Call:
     connection: int = 0
     sent_at: float = 0.0
     trial: bool = False  # this attempt is its circuit's half-open trial
+    # Links (bits) whose brokers did not know the call's service or method: its retries go to
+    # the others first (see _retry_later, link_order and next_request).
+    avoid: int = 0
     last_error: Error | None = None  # of the previous attempt, while waiting out a backoff
 
     @property
@@ -348,7 +351,11 @@ class ClientCore:
                  if up[link] and not draining[link] and not backend[link]]
         if self._silence.silent_links:
             silent = self._silence.silent
-            return [link for link in order if not silent[link]] or order
+            order = [link for link in order if not silent[link]] or order
+        unsent = self._unsent
+        if unsent and unsent[0].avoid:  # a retry for the brokers that did not know its service
+            avoid = unsent[0].avoid
+            order = sorted(order, key=lambda link: avoid >> link & 1)  # stable: the others first
         return order
 
     def took(self, link: int) -> None:
@@ -444,8 +451,8 @@ class ClientCore:
                 self._unsent.popleft()  # expired ones stay pending: expire() answers them
                 continue
             payload = call.payload
-            if calls and carried + len(payload) > limit:
-                break
+            if calls and (carried + len(payload) > limit or call.avoid >> link & 1):
+                break  # (a retry this link's broker refused heads the next REQUEST: see link_order)
             millis = int((call.deadline - now) * 1000)
             call.header.deadline_ms = min(max(millis, 1), _MAX_DEADLINE_MS)
             raw = call.header.SerializeToString()
@@ -666,6 +673,8 @@ class ClientCore:
         if (policy is None or not may_repeat or call.attempt >= _MAX_ATTEMPTS
                 or not (elsewhere or policy.retries(error.code, call.attempt - call.refused))):
             return False
+        if elsewhere and (link := self._link_of_connection.get(call.connection)) is not None:
+            call.avoid |= 1 << link
         delay = policy.backoff(call.attempt, self._uniform)
         if now + delay >= call.deadline:
             return False  # never past the deadline: fail now with this error
