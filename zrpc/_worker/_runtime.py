@@ -401,11 +401,11 @@ class Worker:
         # Not blamed on them alone: a stopped process (SIGSTOP, a paused VM) or a starved CPU
         # looks the same from here (a tester's SIGSTOP was blamed on an awaiting handler).
         suspects = ", ".join(f"{service}/{method} ({count})" for (service, method), count in sorted(ran.items()))
-        log.warning("worker %s: its event loop did not run for %.2fs, so no heartbeat left (brokers expire a worker "
-                    "silent for %d heartbeats). Either the process was stopped or starved of CPU, or a handler "
-                    "blocked the loop; async handlers that ran then: %s. An async handler must await, not block: "
-                    "use a plain def (it runs in the handler pool) or await asyncio.to_thread(...)",
-                    self.name, late, self.liveness, suspects or "none")
+        log.warning("worker %s: its event loop did not run for %.2fs, so no heartbeat left (a broker expires a "
+                    "worker silent for its heartbeat_liveness heartbeats, 3 by default). Either the process was "
+                    "stopped or starved of CPU, or a handler blocked the loop; async handlers that ran then: %s. "
+                    "An async handler must await, not block: use a plain def (it runs in the handler pool) or "
+                    "await asyncio.to_thread(...)", self.name, late, suspects or "none")
 
     def _receive(self, link: BrokerLink) -> None:
         """Read what the broker sent until none is left (the FD only signals a change)."""
