@@ -590,6 +590,7 @@ def test_services_lists_the_worker(greeter):
     listing = json.loads(run_cli("services", "--broker", frontend, "--json").stdout)
     greeter_info = next(s for s in listing["services"] if s["name"] == "helloworld.Greeter")
     assert greeter_info["live_workers"] == 1 and greeter_info["capacity"] == 4
+    assert greeter_info["calls_total"] == 0  # a number, not proto3 JSON's "0" (a tester's jq)
 
 
 def test_health_exit_status_tells_serving_from_not(greeter):

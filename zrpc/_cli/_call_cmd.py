@@ -6,6 +6,7 @@ import sys
 
 import click
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from .. import broker_service_pb2 as pb
 from .._descriptors import is_idempotent, message_class
@@ -81,6 +82,34 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
                                          always_print_fields_with_no_presence=emit_defaults))
 
 
+# proto3's JSON mapping writes 64-bit integers as strings; in a listing for scripts they are
+# counters, and jq compares strings as text (a tester's "calls_total": "6").
+_INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64})
+
+
+def _numeric_json(message) -> dict:
+    """MessageToDict (field names as in the .proto, every field), 64-bit integers as numbers."""
+    document = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+    _int64_as_numbers(message.DESCRIPTOR, document)
+    return document
+
+
+def _int64_as_numbers(descriptor, document: dict) -> None:
+    for field in descriptor.fields:
+        value = document.get(field.name)
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if field.type in _INT64_TYPES:
+            numbers = [int(item) for item in items]
+            document[field.name] = numbers if isinstance(value, list) else numbers[0]
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            for item in items:
+                _int64_as_numbers(field.message_type, item)
+
+
 @click.command(epilog=EXIT_CODES_HELP)
 @each_broker_option
 @curve_options
@@ -99,8 +128,7 @@ def services(brokers: tuple[str, ...], timeout: float, as_json: bool) -> None:
         client, broker, timeout))
     if as_json:
         documents = {endpoint: {"error": listing.format_message()} if isinstance(listing, CliError)
-                     else json_format.MessageToDict(listing, preserving_proto_field_name=True,
-                                                    always_print_fields_with_no_presence=True)
+                     else _numeric_json(listing)
                      for endpoint, listing in listings.items()}
         document = documents[endpoints[0]] if len(endpoints) == 1 else {"brokers": documents}
         click.echo(json.dumps(document, indent=2))
