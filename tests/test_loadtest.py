@@ -230,3 +230,16 @@ def test_the_scripts_worker_and_profile_concurrency_options_have_help_texts(scri
     text = " ".join(result.stdout.split())  # click wraps lines
     described = text[text.index(option + " "):]
     assert described.split("[default:")[0].count(words) == 1, described[:200]
+
+
+def test_a_duration_run_ends_a_grace_after_it_and_reports_the_calls_it_cancelled():
+    """A tester's `-d 8` ran 34.5 s, its calls waiting out a 30 s timeout; now calls still in
+    flight a second after --duration are cancelled and reported, not waited for (the uncounted
+    first call takes its 4 s; the calls of the run cannot end before the run does)."""
+    result = run_loadtest("--spawn", "1", "--service", "echo.Echo/Sleep", "--data", '{"ms": 4000}',
+                          "--duration", "0.5", "--timeout", "30", "--concurrency", "2", "--max-errors", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["unfinished"] == 2 and report["calls"] == 0
+    text = loadtest.format_summary(report)
+    assert "unfinished   2 call(s) still in flight 1 s after --duration: cancelled, not counted" in text
