@@ -880,3 +880,14 @@ def test_no_answer_within_a_very_short_timeout_names_the_timeout_too():
 
     assert "Or is --timeout 0.005s too short to connect and ask?" in _discovery.no_answer(["ipc:///x"], 0.005).message
     assert "too short" not in _discovery.no_answer(["ipc:///x"], 5.0).message
+
+
+def test_a_misspelt_variable_of_a_client_command_is_said_with_the_likely_one(cli):
+    """A tester's ZRPC_CALL_TIMEUOT=1 was ignored without a word (the broker says so of its own)."""
+    result = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", "[",
+                 env={"ZRPC_CALL_TIMEUOT": "1", "ZRPC_CALL_TIMEOUT": None})
+    assert ("warning: ZRPC_CALL_TIMEUOT is not read by `zrpc call` and is ignored (did you mean "
+            "ZRPC_CALL_TIMEOUT?)") in result.stderr
+    assert result.exit_code == 2  # and the command goes on: here, to refuse its bad JSON
+    quiet = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", "[", env={"ZRPC_CALL_TIMEOUT": "1"})
+    assert "warning" not in quiet.stderr

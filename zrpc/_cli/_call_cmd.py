@@ -12,7 +12,7 @@ from .. import broker_service_pb2 as pb
 from .._descriptors import is_idempotent, message_class
 from .._errors import Error
 from ._common import curve_options
-from ._common import (FiniteRange, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_NOT_SERVING, EXIT_USAGE, CliError,
+from ._common import (warn_unread_variables, FiniteRange, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_NOT_SERVING, EXIT_USAGE, CliError,
                       call_failed, option, split_endpoints)
 from . import _discovery
 
@@ -54,6 +54,7 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
     A failed call prints `error: CODE: message` on stderr, then its details (if any) one
     `  key: value` line each, and exits 10 + code.
     """
+    warn_unread_variables()
     endpoints = split_endpoints(brokers)
     service_name, method_name = _discovery.split_target(target)
     fields = _parse_json(sys.stdin.read() if request_json == "-" else request_json)
@@ -123,6 +124,7 @@ def services(brokers: tuple[str, ...], timeout: float, as_json: bool) -> None:
     With several brokers, each is asked on its own and gets its own table; one that does not
     answer is said on stderr after the others, and sets the exit status.
     """
+    warn_unread_variables()
     endpoints = split_endpoints(brokers)
     listings = _discovery.ask_each(endpoints, timeout, lambda client, broker: _discovery.list_services(
         client, broker, timeout))
@@ -174,6 +176,7 @@ def health(service: str, brokers: tuple[str, ...], timeout: float) -> None:
     (UNAVAILABLE), as any call that fails exits 10 + its code. With several brokers, each is
     asked and every one must serve; one that does not answer decides the exit status.
     """
+    warn_unread_variables()
     endpoints = split_endpoints(brokers)
     serving = True
     replies = _discovery.ask_each(endpoints, timeout, lambda client, broker: _discovery.health(

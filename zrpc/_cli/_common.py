@@ -1,6 +1,7 @@
 """What every zrpc command shares: option style, endpoint checks, one-line errors, exit codes."""
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import os
@@ -79,6 +80,20 @@ def variables_not_read(ctx: click.Context) -> list[str]:
     read = {name for param in ctx.command.params for name in _variables_of(param, ctx)}
     prefix = f"{ctx.auto_envvar_prefix}_"
     return sorted(name for name in os.environ if name.startswith(prefix) and name not in read)
+
+
+def warn_unread_variables() -> None:
+    """Say on stderr which ZRPC_<COMMAND>_* variables the running command does not read (a
+    tester's ZRPC_CALL_TIMEUOT=1 was ignored without a word; the broker already said so)."""
+    ctx = click.get_current_context()
+    unread = variables_not_read(ctx)
+    if not unread:
+        return
+    read = sorted({name for param in ctx.command.params for name in _variables_of(param, ctx)})
+    for variable in unread:
+        close = difflib.get_close_matches(variable, read, n=1)
+        click.echo(f"warning: {variable} is not read by `{ctx.command_path}` and is ignored"
+                   + (f" (did you mean {close[0]}?)" if close else ""), err=True)
 
 
 def blamed(message: str, *names: str) -> str:

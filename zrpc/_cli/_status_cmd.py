@@ -14,7 +14,7 @@ import click
 
 from .. import broker_service_pb2 as pb
 from ._call_cmd import each_broker_option
-from ._common import FiniteRange, EXIT_CODES_HELP, CliError, curve_options, option, split_endpoints
+from ._common import warn_unread_variables, FiniteRange, EXIT_CODES_HELP, CliError, curve_options, option, split_endpoints
 from ._signals import SignalWait
 from . import _discovery
 
@@ -45,6 +45,7 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
       zrpc status --watch --interval 2
       zrpc status --curve-secret alice.key_secret --broker-key broker.key
     """
+    warn_unread_variables()
     endpoints = split_endpoints(brokers)
     with contextlib.ExitStack() as stack:
         # Each broker has its own counters: one client each, so every snapshot of a table comes

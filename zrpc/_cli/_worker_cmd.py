@@ -13,7 +13,7 @@ from .. import _protocol as p
 from .._allocator import tune_allocator
 from .._polling import MAX_BUSY_POLL
 from ._common import curve_options, curve_settings
-from ._common import (FiniteRange, DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
+from ._common import (warn_unread_variables, FiniteRange, DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
                       log_format_option, metrics_host_option, metrics_port_option, option, ready_line,
                       setup_logging, split_endpoints, start_metrics)
 from ._signals import SignalWait
@@ -72,6 +72,7 @@ def run(targets: tuple[str, ...], brokers: tuple[str, ...], concurrency: int,
     SIGTERM or SIGINT stops taking new calls, lets calls in flight finish for up to
     --drain-grace seconds, then exits 0.
     """
+    warn_unread_variables()
     endpoints = split_endpoints(brokers)
     setup_logging(log_level, log_format)
     tune_allocator()  # payloads of a megabyte are reused, not mapped and faulted in each time
