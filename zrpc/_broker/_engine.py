@@ -226,10 +226,7 @@ class BrokerEngine:
             queued = call.state is CallState.QUEUED
             self._finish(call, code, now)
             if queued:
-                service = self.services[call.service]
-                service.queue.discard(call)
-                if len(service.definitions) > 1:  # it may have held up the calls behind it
-                    self._dispatch(service, now)
+                self._answered_in_queue(call, now)
             elif call.worker is not None:
                 self._abandon_at_worker(call, cancel.deadline)
 
@@ -387,7 +384,7 @@ class BrokerEngine:
             if service.free_index is None and len(service.workers) >= self._INDEX_FROM:
                 self._build_index(service)
             elif service.free_index is not None:
-                self._index_push(service, (-worker.free, 0, next(self._index_seq), worker.version, worker))
+                self._index_push(service, self._index_entry(worker))
             self._adopt_definition(service, worker)
         self.counters["workers_joined"] += 1
         # The connection's routing id tells the lines of one worker's connections apart: one
@@ -507,9 +504,7 @@ class BrokerEngine:
         if self._indexes:
             self._changed(worker)
         for name in worker.services:
-            service = self.services[name]
-            if service.no_worker_since is None and not service.has_live_worker():
-                service.no_worker_since = now
+            self.services[name].note_if_unserved(now)
 
     def _on_worker_reply(self, worker: WorkerState, header: p.ReplyHeader, payload: bytes, now: float) -> None:
         dispatch_id = header.request_id
@@ -591,10 +586,15 @@ class BrokerEngine:
     def _expire_deadlines(self, now: float) -> None:
         while (call := self._deadlines.pop_due(now)) is not None:
             if self._expire(call, now):
-                service = self.services[call.service]
-                service.queue.discard(call)
-                if len(service.definitions) > 1:  # it may have held up the calls behind it
-                    self._dispatch(service, now)
+                self._answered_in_queue(call, now)
+
+    def _answered_in_queue(self, call: Call, now: float) -> None:
+        """``call`` was answered (cancelled, expired) where it waited: its queue counts it out,
+        and during a rollout the calls it held up behind it may go now."""
+        service = self.services[call.service]
+        service.queue.discard(call)
+        if len(service.definitions) > 1:
+            self._dispatch(service, now)
 
     def _expire(self, call: Call, now: float) -> bool:
         """Answer a call whose deadline passed DEADLINE_EXCEEDED; True if it was queued (§12: it
@@ -656,8 +656,13 @@ class BrokerEngine:
             if service.free_index is None:
                 continue
             if entry is None:
-                entry = (-free, worker.last_dispatch_seq, next(self._index_seq), worker.version, worker)
+                entry = self._index_entry(worker)
             self._index_push(service, entry)
+
+    def _index_entry(self, worker: WorkerState) -> tuple:
+        """(-free, last_dispatch_seq, push number, version, worker): §12's order, then a tie-break
+        (workers do not compare); valid while the worker's version is that one."""
+        return -worker.free, worker.last_dispatch_seq, next(self._index_seq), worker.version, worker
 
     def _index_push(self, service: ServiceState, entry: tuple) -> None:
         heap = service.free_index
@@ -670,8 +675,8 @@ class BrokerEngine:
         if service.free_index is None:
             self._indexes += 1
         workers = self.workers
-        heap = [(-worker.free, worker.last_dispatch_seq, next(self._index_seq), worker.version, worker)
-                for worker in service.workers.values() if worker.free > 0 and worker.identity in workers]
+        heap = [self._index_entry(worker) for worker in service.workers.values()
+                if worker.free > 0 and worker.identity in workers]
         heapq.heapify(heap)
         service.free_index = heap
 
@@ -840,8 +845,7 @@ class BrokerEngine:
             if service.free_index is not None and len(service.workers) < self._INDEX_FROM // 2:
                 service.free_index = None
                 self._indexes -= 1
-            if service.no_worker_since is None and not service.has_live_worker():
-                service.no_worker_since = now
+            service.note_if_unserved(now)
         for name in worker.services:
             service = self.services[name]
             calls = requeue.get(name, [])
@@ -858,10 +862,14 @@ class BrokerEngine:
     def _fail_new(self, client: bytes, request_id: int, header, code: StatusCode, message: str, now: float,
                   reads_batches: bool, details: dict[str, str] | None = None) -> None:
         """Answer a call that was never held."""
+        self._count_unheld(header, code, now)
+        self._reply(client, request_id, code, message, b"", reads_batches, details)
+
+    def _count_unheld(self, header, code: StatusCode, now: float) -> None:
+        """Count a call answered without being held, by its method (metrics, zrpc status)."""
         self.counters[f"code_{code.name}"] += 1
         if self.on_call_done is not None:
             self.on_call_done(header.service, header.method, code, None, now)
-        self._reply(client, request_id, code, message, b"", reads_batches, details)
 
     def _fail(self, call: Call, code: StatusCode, message: str, now: float,
               details: dict[str, str] | None = None) -> None:
@@ -1005,9 +1013,7 @@ class BrokerEngine:
                 header = p.decode_request_header(raw_header)
             except p.ProtocolError:
                 return
-            self.counters["code_RESOURCE_EXHAUSTED"] += 1
-            if self.on_call_done is not None:
-                self.on_call_done(header.service, header.method, StatusCode.RESOURCE_EXHAUSTED, None, now)
+            self._count_unheld(header, StatusCode.RESOURCE_EXHAUSTED, now)
 
     def _size_refusal(self, header_name: str, whole_name: str, raw_header: bytes, payload: bytes) -> str:
         """Which size limit (§9) a call or reply breaks: its header's, or its own."""

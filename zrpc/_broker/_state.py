@@ -208,3 +208,9 @@ class ServiceState:
     def has_live_worker(self) -> bool:
         """live_workers() > 0, stopping at the first (every tick asks, for every service)."""
         return any(not w.draining for w in self.workers.values())
+
+    def note_if_unserved(self, now: float) -> None:
+        """A worker left or began draining: with no live worker left, unavailable_wait counts
+        from now (§10), unless it already counts."""
+        if self.no_worker_since is None and not self.has_live_worker():
+            self.no_worker_since = now

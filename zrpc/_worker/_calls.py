@@ -111,8 +111,7 @@ def error_pair(request_id: int, error: Error) -> Answer:
         message, details = _fitted(error.message, error.details)
         raw = p.encode_reply_header(request_id, error.code, message, details)
         if len(raw) > _ERROR_HEADER_BYTES:  # many tiny details: each map entry costs bytes too (review)
-            raw = p.encode_reply_header(request_id, error.code, message, {
-                "zrpc-cut": f"{len(error.details)} detail(s) left out: the reply header has a size limit"})
+            raw = p.encode_reply_header(request_id, error.code, message, _left_out(len(error.details)))
     return raw, b"", error.code
 
 
@@ -123,13 +122,17 @@ def _fitted(message: str, details: dict[str, str]) -> tuple[str, dict[str, str]]
         key, value = _cut(key, 256), _cut(value, _ERROR_DETAIL_BYTES)
         size = len(key.encode()) + len(value.encode())
         if size > room:
-            fitted["zrpc-cut"] = f"{len(details) - len(fitted)} detail(s) left out: the reply header has a size limit"
+            fitted.update(_left_out(len(details) - len(fitted)))
             break
         fitted[key], room = value, room - size
     if cut_message is not message or fitted != details:
         log.warning("an error's message or details were cut to fit a reply header (%d characters of message, "
                     "%d details)", len(message), len(details))
     return cut_message, fitted
+
+
+def _left_out(count: int) -> dict[str, str]:
+    return {"zrpc-cut": f"{count} detail(s) left out: the reply header has a size limit"}
 
 
 def _cut(text: str, limit: int) -> str:
