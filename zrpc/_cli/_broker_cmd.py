@@ -14,8 +14,8 @@ from .._allocator import tune_allocator
 from .._broker._config import BrokerConfig, SettingError, load_config_file
 from .._endpoints import endpoint_host_port, endpoint_port
 from .._polling import MAX_BUSY_POLL
-from ._common import (FiniteRange, DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS,
-                      CliError, blamed, check_endpoint, log_format_option, metrics_host_option,
+from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
+                      FiniteRange, blamed, check_endpoint, log_format_option, metrics_host_option,
                       metrics_port_option, option, ready_line, setup_logging, start_metrics,
                       variables_not_read)
 

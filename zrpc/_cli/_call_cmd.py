@@ -12,8 +12,8 @@ from .. import broker_service_pb2 as pb
 from .._descriptors import is_idempotent, message_class
 from .._errors import Error
 from ._common import curve_options
-from ._common import (warn_unread_variables, FiniteRange, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_NOT_SERVING, EXIT_USAGE, CliError,
-                      call_failed, option, split_endpoints)
+from ._common import (DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_NOT_SERVING, EXIT_USAGE, CliError, FiniteRange,
+                      call_failed, option, split_endpoints, warn_unread_variables)
 from . import _discovery
 
 # --broker of every client command reads ZRPC_BROKER, so one export serves them all.

@@ -14,7 +14,8 @@ import click
 
 from .. import broker_service_pb2 as pb
 from ._call_cmd import each_broker_option
-from ._common import warn_unread_variables, FiniteRange, EXIT_CODES_HELP, CliError, curve_options, option, split_endpoints
+from ._common import (EXIT_CODES_HELP, CliError, FiniteRange, curve_options, option, split_endpoints,
+                      warn_unread_variables)
 from ._signals import SignalWait
 from . import _discovery
 

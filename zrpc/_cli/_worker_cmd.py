@@ -13,9 +13,9 @@ from .. import _protocol as p
 from .._allocator import tune_allocator
 from .._polling import MAX_BUSY_POLL
 from ._common import curve_options, curve_settings
-from ._common import (warn_unread_variables, FiniteRange, DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
+from ._common import (DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError, FiniteRange,
                       log_format_option, metrics_host_option, metrics_port_option, option, ready_line,
-                      setup_logging, split_endpoints, start_metrics)
+                      setup_logging, split_endpoints, start_metrics, warn_unread_variables)
 from ._signals import SignalWait
 
 log = logging.getLogger("zrpc.cli")
