@@ -346,6 +346,11 @@ def refused_draining(details) -> bool:
     return details.get(RETRY_DETAIL) == DRAINING[RETRY_DETAIL]
 
 
+def refused_not_run(details) -> bool:
+    """Do a reply's details say a broker refused its call before any worker had it (§10)?"""
+    return details.get(RETRY_DETAIL) == NOT_RUN[RETRY_DETAIL]
+
+
 def never_ran(details) -> bool:
     """Do a reply's details say its call never ran (refused draining, or before a worker had it)?"""
-    return details.get(RETRY_DETAIL) in (DRAINING[RETRY_DETAIL], NOT_RUN[RETRY_DETAIL])
+    return refused_draining(details) or refused_not_run(details)

@@ -937,8 +937,7 @@ def closed_error(in_flight: bool = False) -> Error:
 
 def _unknown_there(error: Error | None) -> bool:
     """Did a broker refuse the call, unrun, as a service or method it does not know (§10)?"""
-    return (error is not None and error.code in _SERVED_ELSEWHERE
-            and error.details.get(_protocol.RETRY_DETAIL) == _protocol.NOT_RUN[_protocol.RETRY_DETAIL])
+    return error is not None and error.code in _SERVED_ELSEWHERE and _protocol.refused_not_run(error.details)
 
 
 def _refused_draining(error: Error | None) -> bool:
