@@ -696,29 +696,62 @@ def test_async_deadline_is_exceeded_on_time_with_no_broker(ipc_dir):
     run(main())
 
 
-def test_async_sends_to_a_full_queue_wait_in_the_writer_not_in_pyzmq(ipc_dir):
-    """Calls sent early (every PIPELINE_PAIRS) never pile up in pyzmq behind a send that waits
-    for room: the writer takes over, one awaited send at a time."""
+def test_async_calls_wait_in_the_writer_while_the_queue_is_full_and_leave_once_there_is_room(ipc_dir):
+    """A broker that stops reading fills the client's queue: the calls wait unsent in the core
+    (no send ever waits), fail DEADLINE_EXCEEDED on time, and once the broker reads again the
+    writer finds room (the DEALER's FD, or its pause) and the next call leaves."""
+    import zmq
     import zmq.asyncio
 
+    endpoint = f"ipc://{ipc_dir}/stalled"
+    broker_context = zmq.Context()
+    router = broker_context.socket(zmq.ROUTER)
+    router.linger = 0
+    router.rcvhwm = 10
+    router.bind(endpoint)
+
+    def read_until(service: str) -> bool:
+        """The broker reads again: every message queued, until a call to ``service``."""
+        for _ in range(10_000):
+            if not router.poll(5000):
+                return False
+            frames = router.recv_multipart()
+            command, body = _protocol.split(frames[1:], _protocol.CLIENT_COMMANDS)
+            pairs = _protocol.batch_pairs(body) if command == _protocol.REQUEST_BATCH else _protocol.pairs(body)
+            if any(_protocol.decode_request_header(raw).service == service for raw, _ in pairs):
+                return True
+        return False
+
     async def main():
-        context = zmq.asyncio.Context()
-        context.setsockopt(zmq.SNDHWM, 10)  # the client's queue fills after 10 messages
+        context = zmq.asyncio.Context()  # an asyncio context gives plain sockets, with its options
+        context.setsockopt(zmq.SNDHWM, 10)
         try:
-            async with AsyncClient(f"ipc://{ipc_dir}/nobody", context=context, retry=None) as ac:
+            async with AsyncClient(endpoint, context=context, retry=None) as ac:
                 async def one():
                     with pytest.raises(Error) as raised:
-                        await ac.call("test.Svc", "Echo", b"x" * 100, timeout=0.3)
+                        await ac.call("test.Svc", "Echo", b"x" * 60_000, timeout=1.0)
                     return raised.value.code
-                codes = await asyncio.gather(*(one() for _ in range(3000)))
-                assert set(codes) == {StatusCode.DEADLINE_EXCEEDED}
-                # pyzmq's own queue of sends waiting for room: at most one early send and the
-                # writer's (before, one per 8 calls made after the queue filled: 366 here).
-                assert len(getattr(ac._sockets[0], "_send_futures", [])) <= 2
+                started = time.monotonic()
+                calls = [asyncio.ensure_future(one()) for _ in range(300)]  # 18 MB: far over the pipes' room
+                for _ in range(500):
+                    if ac._send_blocked:
+                        break
+                    await asyncio.sleep(0.01)
+                assert ac._send_blocked
+                assert set(await asyncio.gather(*calls)) == {StatusCode.DEADLINE_EXCEEDED}
+                assert time.monotonic() - started < 1.0 + 1.0
+                later = asyncio.ensure_future(ac.call("test.Later", "Echo", b"", timeout=10.0))
+                assert await asyncio.to_thread(read_until, "test.Later")
+                later.cancel()
+                await asyncio.gather(later, return_exceptions=True)
         finally:
             context.term()
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        router.close(0)
+        broker_context.term()
 
 
 def test_async_cancelling_the_task_sends_cancel(broker):

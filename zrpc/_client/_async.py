@@ -1,20 +1,26 @@
 """The asyncio client: the same core, waited on with asyncio futures, tasks and timers.
 
-Everything runs on the event loop of the first call: a reader task per broker settles futures as
-replies arrive, a loop reader per broker watches its connection (see _monitor), a writer task
-coalesces the calls made since it last ran into one REQUEST (spec §4), and one timer, re-armed
-to the nearest deadline or end of a retry backoff, fails calls DEADLINE_EXCEEDED on time and
-hands retries back to the writer.
+Everything runs on the event loop of the first call: a loop reader per broker reads its DEALER
+and settles futures as replies arrive, another watches its connection (see _monitor), a writer
+task coalesces the calls made since it last ran into one REQUEST (spec §4), and one timer,
+re-armed to the nearest deadline or end of a retry backoff, fails calls DEADLINE_EXCEEDED on time
+and hands retries back to the writer.
+
+The DEALERs are plain zmq sockets used only without waiting, as the worker's (see _frames):
+zmq.asyncio's future per message, its loop lookups (a getpid() system call each, in Python
+3.11) and its Enum flags cost more than the rest of a call (bench.py's system c: the client's
+CPU per call fell from 60 to 49 µs, medians of four alternating runs).
 """
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import zmq
-import zmq.asyncio
 from google.protobuf.descriptor import ServiceDescriptor
 
+from .. import _frames
 from .._protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .._endpoints import endpoint_list
 from .._security import client_security
@@ -34,18 +40,22 @@ from ._stub import AsyncUnaryMethod, Stub
 # that stands out of this machine's noise).
 PIPELINE_PAIRS = 8
 
-# With several brokers and none able to take a REQUEST (none connected, or every queue full), the
-# writer tries again after a pause that doubles from the first to the most (see _writable).
+# With no broker able to take a REQUEST (none connected, or every queue full), the writer tries
+# again when a DEALER says it has room, or after a pause that doubles from the first to the most
+# (see _writable).
 _RETRY_SEND_FIRST = 0.001
 _RETRY_SEND_MAX = 0.02
+
+# Messages read from one DEALER per loop turn before the loop's other work gets a turn.
+_READ_BATCH = 256
 
 
 class AsyncClient:
     """An asyncio zrpc client; many tasks may call at once, over one socket per broker.
 
     Arguments are those of :class:`zrpc.Client` (``retry`` on by default for idempotent calls,
-    ``circuit_breaker`` off, for the reasons given there); ``context`` may be a
-    ``zmq.asyncio.Context`` or a plain ``zmq.Context`` (shadowed); ``curve_secret``,
+    ``circuit_breaker`` off, for the reasons given there); ``context`` may be a plain
+    ``zmq.Context`` or a ``zmq.asyncio.Context`` (its sockets are made plain); ``curve_secret``,
     ``broker_key`` and ``wait_for_broker`` are as for the sync client. The sockets are opened
     in the running loop at the first call, and the client then belongs to that loop. Close it
     with ``await client.close()`` or ``async with``.
@@ -72,15 +82,14 @@ class AsyncClient:
         self._curve = client_security(curve_secret, broker_key)
         self._watch: HandshakeWatch | None = None
         self._context_arg = context
-        self._context: zmq.asyncio.Context | None = None
-        self._sockets: list[zmq.asyncio.Socket] = []  # one DEALER per broker (see ClientCore)
-        self._monitors: list[zmq.Socket] = []  # plain sockets, read by loop readers and before sends
+        self._context: zmq.Context | None = None
+        self._sockets: list[zmq.Socket] = []  # one DEALER per broker (see ClientCore)
+        self._monitors: list[zmq.Socket] = []  # each DEALER's monitor, read by loop readers and before sends
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._readers: list[asyncio.Task] = []  # one per broker, reading its DEALER
-        # Per broker: the reader's recv, and the last one whose message _take_received handled.
-        self._receiving: list[asyncio.Future | None] = []
-        self._taken: list[asyncio.Future | None] = []
+        self._loop_thread = 0  # the thread that runs it
+        self._read_scheduled: list[bool] = []  # per DEALER: a read is due in the next loop turn
         self._writer: asyncio.Task | None = None
+        self._room: asyncio.Future | None = None  # the writer waits on it for a DEALER with room
         self._wake: asyncio.Event | None = None
         self._cancels: list[Call] = []
         self._send_blocked = False  # no broker could take a REQUEST: the writer waits for room
@@ -123,14 +132,14 @@ class AsyncClient:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for monitor in self._monitors:  # before any await: no reconnection starts while closing
+        for socket, monitor in zip(self._sockets, self._monitors):
+            # Before any await: no reconnection starts and no reply is read while closing.
             self._loop.remove_reader(monitor.FD)
-        tasks = self._readers + ([self._writer] if self._writer is not None else [])
-        self._readers, self._writer = [], None
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._loop.remove_reader(socket.FD)
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
         for socket, monitor in zip(self._sockets, self._monitors):
             close_dealer(socket, monitor, linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
         self._sockets, self._monitors = [], []
@@ -176,6 +185,10 @@ class AsyncClient:
             raise
 
     def _start(self) -> None:
+        # Our loop, running in this thread, is the running loop (one loop runs per thread at a
+        # time): asyncio.get_running_loop() costs a getpid() system call in Python 3.11.
+        if self._loop_thread == threading.get_ident() and self._loop is not None and self._loop.is_running():
+            return
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
@@ -184,9 +197,7 @@ class AsyncClient:
                                "create one client per event loop")
         context = self._context_arg
         if context is None:
-            context = zmq.asyncio.Context()
-        elif not isinstance(context, zmq.asyncio.Context):
-            context = zmq.asyncio.Context.shadow(context.underlying)
+            context = zmq.Context()
         try:
             self._sockets, self._monitors = open_dealers(context, self.endpoints, self._curve)
         except BaseException:
@@ -195,24 +206,23 @@ class AsyncClient:
             raise
         self._context = context
         # Each DEALER's monitor tells us when its broker connection opens and closes, and (CURVE)
-        # when the broker refuses our handshake (issue 5). Plain sockets read with NOBLOCK: a
-        # loop reader drains them, and so does every send (see _send_one), which a pending
-        # asyncio recv would race for the events.
+        # when the broker refuses our handshake (issue 5). A loop reader drains each, and so does
+        # every send (see _send_one).
         self._watch = HandshakeWatch(self.endpoints, curve=self._curve is not None)
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
+        self._read_scheduled = [False] * len(self._sockets)
         for link in range(len(self._sockets)):
-            self._readers.append(None)
-            self._receiving.append(None)
-            self._taken.append(None)
             self._watch_link(link)
         self._writer = loop.create_task(self._write(), name="zrpc-client-writer")
 
     def _watch_link(self, link: int) -> None:
         """Start reading the DEALER of ``link`` and its monitor."""
         loop = self._loop
-        self._readers[link] = loop.create_task(self._read(self._sockets[link], link), name=f"zrpc-client-reader-{link}")
-        # The FD is edge-triggered: drain once now, then at each edge.
+        # Both FDs are edge-triggered: drain once now, then at each edge.
+        loop.add_reader(self._sockets[link].FD, self._on_readable, link)
+        self._schedule_read(link)
         loop.add_reader(self._monitors[link].FD, self._on_monitor_events, link)
         loop.call_soon(self._on_monitor_events, link)
 
@@ -223,17 +233,12 @@ class AsyncClient:
         except Exception as exc:  # out of file descriptors, say: this link would be dead for good
             self._fail(f"reconnect to {self.endpoints[link]}", exc)
             return
-        self._readers[link].cancel()
+        self._loop.remove_reader(self._sockets[link].FD)
         self._loop.remove_reader(self._monitors[link].FD)
         close_dealer(self._sockets[link], self._monitors[link])
         self._sockets[link], self._monitors[link] = fresh
         self._watch_link(link)
-        # The writer may be waiting for the old socket's POLLOUT (see _writable), which will never
-        # come now: a new writer takes over (it keeps nothing: the calls are in the core). This
-        # may run inside the writer itself (a send reads the monitors first): that one is
-        # cancelled at its next suspension, or sees it is no longer the writer (see _write).
-        self._writer.cancel()
-        self._writer = self._loop.create_task(self._write(), name="zrpc-client-writer")
+        self._room_found()  # the writer may be waiting for room in the old socket (see _writable)
         self._wake.set()
 
     def _abandon(self, call: Call) -> None:
@@ -246,46 +251,47 @@ class AsyncClient:
 
     # -- tasks and timer ---------------------------------------------------------------------
 
-    async def _read(self, socket: zmq.asyncio.Socket, link: int) -> None:
+    def _schedule_read(self, link: int) -> None:
+        """Read ``link``'s DEALER in the next loop turn (once, however often this is asked)."""
+        if not self._read_scheduled[link]:
+            self._read_scheduled[link] = True
+            self._loop.call_soon(self._on_readable, link)
+
+    def _on_readable(self, link: int) -> None:
+        """Handle the messages ``link``'s DEALER holds (its FD signalled, or a read was due).
+
+        The FD only says something changed, and a send may take its signal: a reader reads until
+        the socket has nothing left, and each send looks at ZMQ_EVENTS after it (see _send)."""
+        self._read_scheduled[link] = False
+        if self._closed or link >= len(self._sockets):
+            return
+        socket = self._sockets[link]
         try:
-            while True:
-                receiving = self._receiving[link] = socket.recv_multipart()
-                frames = await receiving
-                if self._taken[link] is receiving:
-                    continue  # the monitor's turn came first and handled it (see _take_received)
+            for _ in range(_READ_BATCH):
+                frames = _frames.receive(socket)
+                if frames is None:
+                    if self._room is not None and _frames.writable(socket):
+                        self._room_found()
+                    break
                 self._settle(self._core.handle_message(frames, link))
-                self._arm_timer()  # a failed call may now wait out a retry backoff
-        except asyncio.CancelledError:
-            raise
+            else:
+                self._schedule_read(link)  # more may wait: after the loop's other work
+            self._arm_timer()  # a failed call may now wait out a retry backoff
         except Exception as exc:
-            self._fail("reader task", exc)
-
-    def _take_received(self, link: int) -> None:
-        """Handle a message the reader of ``link`` has received but not yet seen.
-
-        The DEALER's data and its monitor's DISCONNECTED can come in one loop turn, the data
-        first: the reader's recv then holds a reply whose call the close would fail, and
-        replacing the DEALER would cancel the reader with the reply in it. A poll-then-read
-        reader avoids this too, but costs the client about 6 µs per call more (bench.py).
-        """
-        receiving = self._receiving[link]
-        if (receiving is not None and receiving.done() and not receiving.cancelled()
-                and receiving.exception() is None and self._taken[link] is not receiving):
-            self._taken[link] = receiving
-            self._settle(self._core.handle_message(receiving.result(), link))
+            self._fail("reader", exc)
 
     def _on_monitor_events(self, link: int) -> None:
         """Connections that opened or closed (the calls of a closed one fail at once), and CURVE
         refusals (calls fail UNAUTHENTICATED when every broker refused us)."""
         if self._closed or link >= len(self._monitors):
             return  # closed meanwhile
-        self._take_received(link)
         drained = drain(self._monitors[link], self._core, link, self.endpoints[link], self._watch, self._sockets[link])
         if drained is None:
             return
         if drained.replace:
             self._replace_dealer(link)
         self._settle(drained.outcomes)
+        self._room_found()  # a connection came up, say: the writer need not wait out its pause
         if not self._closed:
             self._arm_timer()  # lost idempotent calls wait out a retry backoff
             if self._core.has_unsent():
@@ -316,30 +322,51 @@ class AsyncClient:
             if batch is None:
                 return True  # nothing (left) to send
             frames, calls = batch
-            sent = self._sockets[link].send_multipart(frames, zmq.NOBLOCK)
-            if not sent.done():  # pyzmq queued it behind another send (none is ever left waiting)
-                core.took(link)
-                sent.add_done_callback(self._check_sent)
-                return True
-            if not sent.cancelled() and isinstance(sent.exception(), zmq.Again):
+            if not self._send(link, frames):
                 core.unsend(calls)
                 continue
             core.took(link)
             self._send_blocked = False  # a broker took it: early sends may go again
-            self._check_sent(sent)
             return True
         self._send_blocked = True
         return False
 
     async def _writable(self, waited: int) -> None:
-        """Until one broker may take a REQUEST: its socket's POLLOUT with one broker; with several,
-        a pause that grows with ``waited`` (how many pauses came before), as pyzmq has no poll of
-        several sockets that can be given up: a cancelled poll stays queued on its socket, and a
-        send there would then wait behind it, with its calls counted as sent."""
-        if len(self._sockets) == 1:
-            await self._sockets[0].poll(None, zmq.POLLOUT)
-        else:
-            await asyncio.sleep(min(_RETRY_SEND_MAX, _RETRY_SEND_FIRST * 2 ** waited))
+        """Until a DEALER may have room for a REQUEST (its FD signalled and ZMQ_EVENTS says
+        POLLOUT, see _on_readable) or a pause that grows with ``waited`` (how many pauses came
+        before) is over: a DEALER with no connection up says it has room, so the pause bounds
+        the wait for a connection too."""
+        room = self._room = self._loop.create_future()
+        timer = self._loop.call_later(min(_RETRY_SEND_MAX, _RETRY_SEND_FIRST * 2 ** waited), self._room_found)
+        try:
+            await room
+        finally:
+            timer.cancel()
+            if self._room is room:
+                self._room = None
+
+    def _room_found(self) -> None:
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    def _send(self, link: int, frames: list[bytes]) -> bool:
+        """Send one message on ``link`` without waiting; False when its queue is full (EAGAIN).
+        Any other failure closes the client."""
+        socket = self._sockets[link]
+        try:
+            _frames.send(socket, frames)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if not self._closed:
+                self._fail("send", exc)
+            return True
+        finally:
+            # The FD is edge-triggered, and this send may have taken the signal of a reply.
+            if not self._closed and _frames.readable(socket):
+                self._schedule_read(link)
+        return True
 
     def _send_cancel(self, calls: list[Call], deadline: bool = False) -> None:
         """Best effort, to the broker holding each call: the brokers drop these calls anyway
@@ -349,25 +376,13 @@ class AsyncClient:
     def _send_best_effort(self, messages: list[tuple[int, list[bytes]]]) -> None:
         """Send each (link, message) now, or never: a CANCEL or a probe is not worth a wait."""
         for link, message in messages:
-            sent = self._sockets[link].send_multipart(message, zmq.NOBLOCK)
-            if sent.done() and not sent.cancelled() and isinstance(sent.exception(), zmq.Again):
-                continue  # its queue is full, or the broker is gone
-            self._check_sent(sent)
-
-    def _check_sent(self, sent: asyncio.Future) -> None:
-        if not sent.done() or sent.cancelled():
-            return
-        error = sent.exception()
-        if error is not None and not self._closed:
-            self._fail("send", error)
+            self._send(link, message)  # its queue full, or the broker gone: it is dropped
 
     async def _write(self) -> None:
         core = self._core
         try:
             while True:
                 await self._wake.wait()
-                if asyncio.current_task() is not self._writer:
-                    return  # replaced (see _replace_dealer)
                 self._wake.clear()
                 if self._cancels:
                     calls, self._cancels = self._cancels, []
@@ -409,8 +424,8 @@ class AsyncClient:
         self._timer = None
         now = self._core.clock()
         if self._core.silence_due(now):
-            for link in range(len(self._sockets)):  # a reply received in this loop turn, not yet seen
-                self._take_received(link)
+            for link in range(len(self._sockets)):  # a reply received, its FD not yet looked at
+                self._on_readable(link)
         outcomes = self._core.advance(now)
         if outcomes:
             self._settle(outcomes)
@@ -432,3 +447,4 @@ class AsyncClient:
                 future.set_exception(error)
             else:
                 future.set_result(value)
+

@@ -48,7 +48,7 @@ def open_dealers(context: zmq.Context, endpoints: Sequence[str], curve: tuple[_s
 def open_dealer(context: zmq.Context, endpoint: str, curve: tuple[_security.KeyPair, bytes] | None = None
                 ) -> tuple[zmq.Socket, zmq.Socket]:
     """One DEALER connected to ``endpoint``, and its monitor (see open_dealers)."""
-    socket = context.socket(zmq.DEALER)
+    socket = context.socket(zmq.DEALER, socket_class=zmq.Socket)  # plain, whatever the context
     try:
         monitor = open_monitor(socket)  # before connect: an event missed is a link lost
     except BaseException:

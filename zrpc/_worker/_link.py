@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import zmq
 
+from .. import _frames
 from .. import _protocol as p
 from .. import _security
 from .._client._monitor import (CLOSED_IN_HANDSHAKE_HINT_AFTER, HANDSHAKE_EVENTS, closed_in_handshake_hint,
@@ -16,18 +17,6 @@ log = logging.getLogger("zrpc.worker")
 
 # (spec §2, §3) What a broker may send a worker.
 FROM_BROKER = frozenset({p.REQUEST, p.REQUEST_BATCH, p.HEARTBEAT, p.CANCEL, p.DISCONNECT})
-
-# Frames move one at a time through the backend's send/recv with plain int flags, as in the
-# broker's loop: send_multipart/recv_multipart pay an Enum operation or a getsockopt(RCVMORE) per
-# frame and a Python wrapper per call; a copy=False frame knows whether more follow (Frame.more).
-_NOBLOCK = int(zmq.NOBLOCK)
-_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_send_frame = zmq.backend.Socket.send
-_recv_frame = zmq.backend.Socket.recv
-_get_option = zmq.backend.Socket.get
-_ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 
 # Replies gathered in one loop turn leave as one REPLY or REPLY_BATCH (spec §4, §4b); a message
 # carries at most this many, which every broker's frame limit lets through.
@@ -180,17 +169,7 @@ class BrokerLink:
 
     def recv(self) -> list[bytes] | None:
         """The next message, or None when none is waiting."""
-        socket = self.socket
-        try:
-            frame = _recv_frame(socket, _NOBLOCK, False)
-        except zmq.Again:
-            return None
-        frames = [frame.bytes]
-        while frame.more:  # the rest of a message is there already: it arrives whole
-            frame = _recv_frame(socket, _NOBLOCK, False)
-            # A large payload stays in the zmq message (protobuf decodes from a view).
-            frames.append(frame.buffer if len(frame) >= _ZERO_COPY_BYTES else frame.bytes)
-        return frames
+        return _frames.receive(self.socket)
 
     def send(self, frames: list) -> bool:
         """Queue a message without ever waiting; False when it was dropped (queue full, closed)."""
@@ -198,17 +177,13 @@ class BrokerLink:
         if socket is None:
             return False
         try:
-            # A DEALER refuses a message at its first frame (queue full), never midway.
-            for frame in frames[:-1]:
-                _send_frame(socket, frame, _MORE_NOBLOCK, len(frame) < _ZERO_COPY_BYTES)
-            last = frames[-1]
-            _send_frame(socket, last, _NOBLOCK, len(last) < _ZERO_COPY_BYTES)
+            _frames.send(socket, frames)
         except zmq.ZMQError as error:  # EAGAIN: the queue to a broker that is not reading is full
             self.dropped += 1
             log.debug("message to %s dropped: %s", self.endpoint, error)
             return False
         finally:
-            if _get_option(socket, _EVENTS) & _POLLIN:
+            if _frames.readable(socket):
                 self.schedule_read()
         self.last_sent = self.clock()
         return True
