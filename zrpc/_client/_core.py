@@ -277,7 +277,9 @@ class ClientCore:
         try:
             header = _protocol.RequestHeader(service=service, method=method, idempotent=bool(idempotent),
                                              reads_batches=True)
-            header.metadata.update(merged)
+            fields = header.metadata
+            for key, value in merged.items():  # not .update(): the Mapping ABC's costs 3x (timeit)
+                fields[key] = value
         except (TypeError, ValueError) as exc:
             raise Error(StatusCode.INVALID_ARGUMENT, f"metadata must map str to str: {exc}") from None
         header.request_id = next(self._ids)
@@ -576,8 +578,9 @@ class ClientCore:
                 # call sent over it says so: a closed connection's batch, read late, says nothing
                 # of the broker that took the endpoint since (its calls were failed already).
                 self._link_batches[link] = True
-            code = StatusCode.from_wire(header.code)
-            if code != StatusCode.OK:
+            code = header.code
+            if code:
+                code = StatusCode.from_wire(code)
                 error = Error(code, header.message, dict(header.details))
                 if _refused_draining(error) and call.connection == self._connection_of_link[link]:
                     self._link_draining[link] = True  # before _finish: its retry goes elsewhere
@@ -628,6 +631,8 @@ class ClientCore:
         (if ``record`` and it was sent: an unsent call says nothing of the service); a failure
         the retry policy allows is re-queued and None returned (if ``retry``). ``never_ran``:
         the attempt is known not to have run, so it may be repeated, idempotent or not."""
+        if self.circuit_breaker is None and error is None:  # a plain answer: nothing to record or retry
+            return Outcome(call, value, None)
         now = self.clock()
         circuit = self.circuit(call.service)
         if circuit is not None:
