@@ -754,6 +754,50 @@ def test_async_calls_wait_in_the_writer_while_the_queue_is_full_and_leave_once_t
         broker_context.term()
 
 
+def test_an_async_client_closed_by_its_own_failure_stops_watching_its_sockets(caplog):
+    """A client that failed (here its reader, on a bug) stops watching its DEALER and monitor:
+    left unread, their FDs would stay readable and the loop would call it every turn."""
+    fake = FakeBroker()
+    stopped = False
+
+    async def main():
+        nonlocal stopped
+        ac = AsyncClient(fake.endpoint, retry=None)
+        looks = 0
+
+        def counted(look):
+            def wrapper(link):
+                nonlocal looks
+                looks += 1
+                look(link)
+            return wrapper
+
+        ac._on_readable = counted(ac._on_readable)
+        ac._on_monitor_events = counted(ac._on_monitor_events)
+
+        def broken(frames, link):
+            raise RuntimeError("a bug in the reader")
+
+        ac._core.handle_message = broken
+        with pytest.raises(Error) as raised:
+            await ac.call("test.Svc", "Echo", b"x", timeout=5.0)
+        assert raised.value.code == StatusCode.CANCELLED
+        fake.stop()  # its connection closes: both FDs signal, and nobody reads them
+        stopped = True
+        before = looks
+        await asyncio.sleep(0.3)
+        assert looks - before <= 4  # once per FD and per scheduled read, not every loop turn
+        await ac.close()
+
+    with caplog.at_level(logging.ERROR, logger="zrpc.client"):
+        try:
+            run(main())
+        finally:
+            if not stopped:
+                fake.stop()
+    assert "reader failed; the client is closed" in caplog.text
+
+
 def test_async_cancelling_the_task_sends_cancel(broker):
     async def main():
         async with AsyncClient(broker.endpoint) as ac:
