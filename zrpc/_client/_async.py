@@ -176,7 +176,8 @@ class AsyncClient:
             self._send_early()
         else:
             self._wake.set()
-        self._arm_timer()
+        if self._timer is None or call.deadline < self._timer_at:
+            self._arm_timer()  # else the timer fires first, and re-arms for what is due then
         try:
             return await future
         except asyncio.CancelledError:
@@ -309,6 +310,7 @@ class AsyncClient:
             return  # the writer sends them once a broker can take them
         if not self._send_one():
             self._wake.set()
+        self._arm_timer()  # as the writer does: a link that owes answers is looked at in time
 
     def _send_one(self) -> bool:
         """Send one REQUEST at once to the next broker in turn that takes it; False (its calls

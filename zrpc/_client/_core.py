@@ -276,13 +276,12 @@ class ClientCore:
         # can never reach the I/O thread.
         try:
             header = _protocol.RequestHeader(service=service, method=method, idempotent=bool(idempotent),
-                                             reads_batches=True)
+                                             reads_batches=True, request_id=next(self._ids))
             fields = header.metadata
             for key, value in merged.items():  # not .update(): the Mapping ABC's costs 3x (timeit)
                 fields[key] = value
         except (TypeError, ValueError) as exc:
             raise Error(StatusCode.INVALID_ARGUMENT, f"metadata must map str to str: {exc}") from None
-        header.request_id = next(self._ids)
         return Call(header.request_id, header, payload, seconds, self.clock() + seconds, decode)
 
     def add(self, call: Call) -> Outcome | None:
@@ -311,6 +310,8 @@ class ClientCore:
         return circuit
 
     def _admit(self, call: Call, now: float) -> Error | None:
+        if self.circuit_breaker is None:
+            return None
         circuit = self.circuit(call.service)
         if circuit is None:
             return None
