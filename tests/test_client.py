@@ -800,6 +800,44 @@ def test_an_async_client_closed_by_its_own_failure_stops_watching_its_sockets(ca
     assert "reader failed; the client is closed" in caplog.text
 
 
+def test_an_async_client_refuses_a_second_loop_while_its_own_runs_in_another_thread(broker):
+    """The loop check must not take "our first call's thread" for "our loop's" (review: with
+    the first loop moved to another thread, a call from a new loop in the first thread was
+    taken in, then failed with asyncio's "Future attached to a different loop")."""
+    client = AsyncClient(broker.endpoint, timeout=5.0)
+    first = asyncio.new_event_loop()
+    elsewhere = threading.Thread(target=first.run_forever, daemon=True)
+    try:
+        assert first.run_until_complete(client.call("test.Svc", "Echo", b"1")) == b"1"
+        elsewhere.start()
+        wait_for(first.is_running, 5)
+        with pytest.raises(RuntimeError, match="belongs to the event loop of its first call"):
+            asyncio.run(client.call("test.Svc", "Echo", b"2"))
+        assert broker.count("Echo") == 1
+        # its own loop, in its new thread, still has it
+        assert asyncio.run_coroutine_threadsafe(client.call("test.Svc", "Echo", b"3"), first).result(5) == b"3"
+        asyncio.run_coroutine_threadsafe(client.close(), first).result(5)
+    finally:
+        first.call_soon_threadsafe(first.stop)
+        elsewhere.join(5)
+        first.close()
+
+
+def test_an_async_writer_that_waits_long_for_room_does_not_overflow_its_pause(broker):
+    """Each wake-up of a writer with no room counts towards its next pause, and a reply on
+    another link wakes it early: thousands of waits must not overflow (review: 2 ** 1024 raised
+    OverflowError in the writer, which closed the client)."""
+    async def main():
+        async with AsyncClient(broker.endpoint, timeout=5.0) as ac:
+            assert await ac.call("test.Svc", "Echo", b"x") == b"x"
+            started = time.monotonic()
+            await ac._writable(5000)  # the longest pause, not an exception
+            assert time.monotonic() - started < 1.0
+            assert await ac.call("test.Svc", "Echo", b"y") == b"y"
+
+    run(main())
+
+
 def test_async_cancelling_the_task_sends_cancel(broker):
     async def main():
         async with AsyncClient(broker.endpoint) as ac:

@@ -18,8 +18,8 @@ from ._protocol import ZERO_COPY_BYTES
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_POLLOUT = int(zmq.POLLOUT)
+POLLIN = int(zmq.POLLIN)
+POLLOUT = int(zmq.POLLOUT)
 _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 _get_option = zmq.backend.Socket.get
@@ -48,11 +48,12 @@ def send(socket: zmq.Socket, frames: list) -> None:
     _send_frame(socket, last, _NOBLOCK, len(last) < ZERO_COPY_BYTES)
 
 
+def events(socket: zmq.Socket) -> int:
+    """ZMQ_EVENTS of ``socket``: POLLIN when a message waits, POLLOUT when a message fits,
+    whatever its FD said. Asking clears the FD's signal: act on both bits of one answer."""
+    return _get_option(socket, _EVENTS)
+
+
 def readable(socket: zmq.Socket) -> bool:
-    """A message waits on ``socket`` (ZMQ_EVENTS), whatever its FD said."""
-    return bool(_get_option(socket, _EVENTS) & _POLLIN)
-
-
-def writable(socket: zmq.Socket) -> bool:
-    """``socket`` has room for a message (ZMQ_EVENTS)."""
-    return bool(_get_option(socket, _EVENTS) & _POLLOUT)
+    """A message waits on ``socket`` (see events)."""
+    return bool(_get_option(socket, _EVENTS) & POLLIN)

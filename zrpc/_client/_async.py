@@ -86,7 +86,6 @@ class AsyncClient:
         self._sockets: list[zmq.Socket] = []  # one DEALER per broker (see ClientCore)
         self._monitors: list[zmq.Socket] = []  # each DEALER's monitor, read by loop readers and before sends
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0  # the thread that runs it
         self._read_scheduled: list[bool] = []  # per DEALER: a read is due in the next loop turn
         self._writer: asyncio.Task | None = None
         self._room: asyncio.Future | None = None  # the writer waits on it for a DEALER with room
@@ -186,9 +185,11 @@ class AsyncClient:
             raise
 
     def _start(self) -> None:
-        # Our loop, running in this thread, is the running loop (one loop runs per thread at a
-        # time): asyncio.get_running_loop() costs a getpid() system call in Python 3.11.
-        if self._loop_thread == threading.get_ident() and self._loop is not None and self._loop.is_running():
+        # Our loop, running in this thread, is the running loop (one loop runs in a thread at a
+        # time, and in one thread): asyncio.get_running_loop() costs a getpid() system call in
+        # Python 3.11. The thread a loop runs in is asyncio's own attribute; a loop without it
+        # takes the long way. (Not the thread of our first call: that loop may run elsewhere now.)
+        if self._loop is not None and getattr(self._loop, "_thread_id", None) == threading.get_ident():
             return
         loop = asyncio.get_running_loop()
         if self._loop is loop:
@@ -211,7 +212,6 @@ class AsyncClient:
         # every send (see _send_one).
         self._watch = HandshakeWatch(self.endpoints, curve=self._curve is not None)
         self._loop = loop
-        self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
         self._read_scheduled = [False] * len(self._sockets)
         for link in range(len(self._sockets)):
@@ -274,8 +274,8 @@ class AsyncClient:
             for _ in range(_READ_BATCH):
                 frames = _frames.receive(socket)
                 if frames is None:
-                    if self._room is not None and _frames.writable(socket):
-                        self._room_found()
+                    if self._room is not None:  # the writer waits: has this DEALER room?
+                        self._look_at_events(link, socket)
                     break
                 self._settle(self._core.handle_message(frames, link))
             else:
@@ -345,7 +345,9 @@ class AsyncClient:
         before) is over: a DEALER with no connection up says it has room, so the pause bounds
         the wait for a connection too."""
         room = self._room = self._loop.create_future()
-        timer = self._loop.call_later(min(_RETRY_SEND_MAX, _RETRY_SEND_FIRST * 2 ** waited), self._room_found)
+        # (The exponent capped: every early wake-up counts, and 2 ** 1024 overflows a float.)
+        pause = min(_RETRY_SEND_MAX, _RETRY_SEND_FIRST * 2 ** min(waited, 16))
+        timer = self._loop.call_later(pause, self._room_found)
         try:
             await room
         finally:
@@ -371,10 +373,20 @@ class AsyncClient:
                 self._fail("send", exc)
             return True
         finally:
-            # The FD is edge-triggered, and this send may have taken the signal of a reply.
-            if not self._closed and _frames.readable(socket):
-                self._schedule_read(link)
+            if not self._closed:
+                self._look_at_events(link, socket)
         return True
+
+    def _look_at_events(self, link: int, socket: zmq.Socket) -> None:
+        """Act on ZMQ_EVENTS, whose asking clears the FD's signal (edge-triggered): a reply that
+        arrived meanwhile is read next turn, and room in a DEALER that takes calls ends the
+        writer's wait (review: a reply arrived between a read's end and a look for room only, and
+        waited for another wake-up)."""
+        events = _frames.events(socket)
+        if events & _frames.POLLIN:
+            self._schedule_read(link)
+        if events & _frames.POLLOUT and self._room is not None and link in self._core.link_order():
+            self._room_found()
 
     def _send_cancel(self, calls: list[Call], deadline: bool = False) -> None:
         """Best effort, to the broker holding each call: the brokers drop these calls anyway
