@@ -340,10 +340,9 @@ class AsyncClient:
         return False
 
     async def _writable(self, waited: int) -> None:
-        """Until a DEALER may have room for a REQUEST (its FD signalled and ZMQ_EVENTS says
-        POLLOUT, see _on_readable) or a pause that grows with ``waited`` (how many pauses came
-        before) is over: a DEALER with no connection up says it has room, so the pause bounds
-        the wait for a connection too."""
+        """Until a DEALER that takes calls may have room for a REQUEST (ZMQ_EVENTS said POLLOUT
+        after its FD signalled or a send, see _look_at_events), a connection event came, or a
+        pause that grows with ``waited`` (how many waits came before) is over."""
         room = self._room = self._loop.create_future()
         # (The exponent capped: every early wake-up counts, and 2 ** 1024 overflows a float.)
         pause = min(_RETRY_SEND_MAX, _RETRY_SEND_FIRST * 2 ** min(waited, 16))
