@@ -838,6 +838,48 @@ def test_an_async_writer_that_waits_long_for_room_does_not_overflow_its_pause(br
     run(main())
 
 
+def test_an_async_client_on_a_loop_that_cannot_watch_sockets_says_so_at_every_call(broker):
+    """(review) A loop without add_reader (asyncio's Proactor loop on Windows) failed the first
+    call and left the client half set up: every later call waited out its deadline."""
+    class NoReaders(asyncio.SelectorEventLoop):
+        def add_reader(self, fd, callback, *args):
+            raise NotImplementedError
+
+    loop = NoReaders()
+    client = AsyncClient(broker.endpoint, timeout=5.0)
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match="needs an event loop that can watch file descriptors"):
+                loop.run_until_complete(client.call("test.Svc", "Echo", b"x"))
+            assert time.monotonic() - started < 2.0
+        assert broker.count() == 0
+    finally:
+        loop.close()
+    # the same client on a loop that can watch its sockets works
+    async def on_a_selector_loop():
+        try:
+            return await client.call("test.Svc", "Echo", b"y")
+        finally:
+            await client.close()
+
+    assert asyncio.run(on_a_selector_loop()) == b"y"
+
+
+def test_calls_failed_together_each_get_their_own_error():
+    """(review) fail_all gave every call one Error object, and _finish wrote the attempt count of
+    a retried call into it: a first attempt then read zrpc-attempts 3."""
+    core = ClientCore(5.0, None, endpoints=["ipc:///nowhere"])
+    retried, fresh = core.prepare("s.S", "M", b""), core.prepare("s.S", "M", b"")
+    retried.attempt = 3
+    for call in (retried, fresh):
+        assert core.add(call) is None
+    errors = {outcome.call.request_id: outcome.error for outcome in core.fail_all(Error(StatusCode.CANCELLED, "closing"))}
+    assert errors[retried.request_id] is not errors[fresh.request_id]
+    assert errors[retried.request_id].details.get("zrpc-attempts") == "3"
+    assert "zrpc-attempts" not in errors[fresh.request_id].details
+
+
 def test_async_cancelling_the_task_sends_cancel(broker):
     async def main():
         async with AsyncClient(broker.endpoint) as ac:

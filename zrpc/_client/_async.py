@@ -206,7 +206,6 @@ class AsyncClient:
             if self._context_arg is None:  # ours, as close() terms it: a bad endpoint leaks nothing
                 context.term()
             raise
-        self._context = context
         # Each DEALER's monitor tells us when its broker connection opens and closes, and (CURVE)
         # when the broker refuses our handshake (issue 5). A loop reader drains each, and so does
         # every send (see _send_one).
@@ -214,8 +213,28 @@ class AsyncClient:
         self._loop = loop
         self._wake = asyncio.Event()
         self._read_scheduled = [False] * len(self._sockets)
-        for link in range(len(self._sockets)):
-            self._watch_link(link)
+        try:
+            for link in range(len(self._sockets)):
+                self._watch_link(link)
+        except BaseException as exc:
+            # A loop without add_reader (asyncio's Proactor loop, say): the client is not half
+            # set up, with no writer, and later calls waiting out their deadlines (review).
+            for socket, monitor in zip(self._sockets, self._monitors):
+                for fd in (socket.FD, monitor.FD):
+                    try:
+                        loop.remove_reader(fd)
+                    except Exception:  # noqa: BLE001 - the same loop's refusal again
+                        pass
+                close_dealer(socket, monitor)
+            self._sockets, self._monitors, self._loop = [], [], None
+            if self._context_arg is None:
+                context.term()
+            if isinstance(exc, NotImplementedError):
+                raise RuntimeError(f"zrpc.AsyncClient needs an event loop that can watch file descriptors "
+                                   f"(add_reader); {type(loop).__name__} cannot (on Windows, use "
+                                   f"asyncio.WindowsSelectorEventLoopPolicy)") from exc
+            raise
+        self._context = context
         self._writer = loop.create_task(self._write(), name="zrpc-client-writer")
 
     def _watch_link(self, link: int) -> None:

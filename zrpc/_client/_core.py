@@ -898,7 +898,9 @@ class ClientCore:
         self._deadlines.clear()
         self._backoffs.clear()
         # The client is closing: no retry, and its own CANCELLED says nothing of the services.
-        return [self._finish(call, None, error, retry=False, record=False) for call in calls]
+        # Each call its own copy: _finish adds a call's attempt count to its error (review).
+        return [self._finish(call, None, Error(error.code, error.message, dict(error.details)), retry=False,
+                             record=False) for call in calls]
 
     def sent_in_flight(self) -> list[Call]:
         """Calls in flight that a broker has been sent (CANCEL them when closing)."""
