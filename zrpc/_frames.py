@@ -7,7 +7,7 @@ a future per message besides. A frame received with copy=False knows whether mor
 
 A socket used this way is watched through its ZMQ_FD, which is edge-triggered and which any
 operation on the socket may reset: a reader reads until ``receive`` says nothing is left, and a
-sender looks at ``readable`` after each send (as pyzmq's ZMQStream does).
+sender looks at ZMQ_EVENTS (``events``, ``readable``) after each send (as pyzmq's ZMQStream does).
 """
 from __future__ import annotations
 
