@@ -56,10 +56,25 @@ def refusal_reason(event: int, value: int, curve: bool = True) -> str | None:
 CLOSED_IN_HANDSHAKE_HINT_AFTER = 2
 
 
-def closed_in_handshake_hint(endpoint: str, times: int) -> str:
-    return (f"the broker at {endpoint} closed our connection during the handshake {times} times: if it "
-            f"requires CURVE, give its public key (--broker-key) and a secret key (--curve-secret); "
-            f"or it is at its connection limit")
+class HandshakeCloses:
+    """A plain peer's handshakes that its brokers closed, in a row per endpoint (the client's
+    HandshakeWatch and the worker's BrokerLink both feed it their monitor's events)."""
+
+    def __init__(self) -> None:
+        self._in_a_row: dict[str, int] = {}
+
+    def hint(self, event: int, endpoint: str) -> str | None:
+        """The hint, once per run of closes (when it reaches CLOSED_IN_HANDSHAKE_HINT_AFTER)."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._in_a_row.pop(endpoint, None)
+        if event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            return None
+        times = self._in_a_row[endpoint] = self._in_a_row.get(endpoint, 0) + 1
+        if times != CLOSED_IN_HANDSHAKE_HINT_AFTER:
+            return None
+        return (f"the broker at {endpoint} closed our connection during the handshake {times} times: if it "
+                f"requires CURVE, give its public key (--broker-key) and a secret key (--curve-secret); "
+                f"or it is at its connection limit")
 
 
 class HandshakeWatch:
@@ -76,16 +91,11 @@ class HandshakeWatch:
         self.retrying: dict[str, str] = {}  # endpoint -> why it was refused last, connected again
         self.accepted: set[str] = set()
         self._endpoints = list(endpoints)
-        self._closed_in_handshake: dict[str, int] = {}  # plain: see CLOSED_IN_HANDSHAKE_HINT_AFTER
+        self._closes = HandshakeCloses()  # plain: see CLOSED_IN_HANDSHAKE_HINT_AFTER
 
     def hint(self, event: int, endpoint: str) -> str | None:
         """Once per run of them: the hint a plain client's handshakes closed by the broker give."""
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._closed_in_handshake.pop(endpoint, None)
-        if self.curve or event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            return None
-        times = self._closed_in_handshake[endpoint] = self._closed_in_handshake.get(endpoint, 0) + 1
-        return closed_in_handshake_hint(endpoint, times) if times == CLOSED_IN_HANDSHAKE_HINT_AFTER else None
+        return None if self.curve else self._closes.hint(event, endpoint)
 
     def on_event(self, event: int, value: int, endpoint: str) -> Error | None:
         """Record one monitor event; returns the error for pending calls when no endpoint is left."""

@@ -10,8 +10,7 @@ import zmq
 from .. import _frames
 from .. import _protocol as p
 from .. import _security
-from .._client._monitor import (CLOSED_IN_HANDSHAKE_HINT_AFTER, HANDSHAKE_EVENTS, closed_in_handshake_hint,
-                                parse_event, refusal_reason)
+from .._client._monitor import HANDSHAKE_EVENTS, HandshakeCloses, parse_event, refusal_reason
 
 log = logging.getLogger("zrpc.worker")
 
@@ -79,7 +78,7 @@ class BrokerLink:
         # CURVE: handshake outcomes, so a refused key is said plainly instead of looking like a
         # silent broker (ZeroMQ retries a refused handshake forever, quietly).
         self._monitor: zmq.Socket | None = None
-        self._closed_in_handshake = 0  # in a row, without CURVE (see _read_handshakes)
+        self._closes = HandshakeCloses()  # without CURVE (see _read_handshakes)
         self.refused: str | None = None  # why the broker refused our last handshake (said once)
         self.refused_here = False  # ... on this socket: its silence is that refusal, not a dead broker
         self.looks_like_frontend = False  # REPLYs came back: this is a broker's client endpoint
@@ -135,16 +134,13 @@ class BrokerLink:
             except zmq.Again:
                 return
             event, value, _ = parse_event(frames)
+            if self.curve is None and (hint := self._closes.hint(event, self.endpoint)) is not None:
+                log.warning("%s", hint)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if self.refused is not None:
                     log.info("broker %s accepted our key now", self.endpoint)
                 self.refused, self.refused_here = None, False
-                self._closed_in_handshake = 0
                 continue
-            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.curve is None:
-                self._closed_in_handshake += 1
-                if self._closed_in_handshake == CLOSED_IN_HANDSHAKE_HINT_AFTER:
-                    log.warning("%s", closed_in_handshake_hint(self.endpoint, self._closed_in_handshake))
             reason = refusal_reason(event, value, self.curve is not None)
             if reason is not None:
                 self.refused_here = True
