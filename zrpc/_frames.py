@@ -6,8 +6,12 @@ Enum operation or a getsockopt(RCVMORE) per frame and a Python wrapper per call,
 a future per message besides. A frame received with copy=False knows whether more follow.
 
 A socket used this way is watched through its ZMQ_FD, which is edge-triggered and which any
-operation on the socket may reset: a reader reads until ``receive`` says nothing is left, and a
-sender looks at ZMQ_EVENTS (``events``, ``readable``) after each send (as pyzmq's ZMQStream does).
+operation on the socket may reset: a reader reads until nothing is left, and a sender looks at
+ZMQ_EVENTS (``events``, ``readable``) after each send (as pyzmq's ZMQStream does). A reader
+calls ``receive`` once on the FD's signal, then asks ``readable`` before each further read: a
+recv that finds nothing raises zmq.Again, and making that exception costs over twice a look at
+ZMQ_EVENTS (5 against 2 µs with warm caches, 66-93 against 29-43 µs with cold ones, as they
+are after a wake-up at light load), while a wake-up at light load finds one message.
 """
 from __future__ import annotations
 

@@ -290,8 +290,13 @@ class AsyncClient:
             self._loop.remove_reader(socket.FD)
             return
         try:
-            for _ in range(_READ_BATCH):
-                frames = _frames.receive(socket)
+            for index in range(_READ_BATCH):
+                if index:  # another message? ZMQ_EVENTS costs less than a recv raising zmq.Again
+                    events = _frames.events(socket)
+                    if not events & _frames.POLLIN:
+                        self._act_on_events(link, events)
+                        break
+                frames = _frames.receive(socket)  # the first: the FD signalled, one usually waits
                 if frames is None:
                     if self._room is not None:  # the writer waits: has this DEALER room?
                         self._look_at_events(link, socket)
@@ -400,7 +405,10 @@ class AsyncClient:
         arrived meanwhile is read next turn, and room in a DEALER that takes calls ends the
         writer's wait (review: a reply arrived between a read's end and a look for room only, and
         waited for another wake-up)."""
-        events = _frames.events(socket)
+        self._act_on_events(link, _frames.events(socket))
+
+    def _act_on_events(self, link: int, events: int) -> None:
+        """What ``link``'s ZMQ_EVENTS (``events``) say: read it next turn, or the writer may go on."""
         if events & _frames.POLLIN:
             self._schedule_read(link)
         if events & _frames.POLLOUT and self._room is not None and link in self._core.link_order():

@@ -167,6 +167,10 @@ class BrokerLink:
         """The next message, or None when none is waiting."""
         return _frames.receive(self.socket)
 
+    def readable(self) -> bool:
+        """A message waits (ZMQ_EVENTS; asking takes the FD's signal, as a recv does)."""
+        return _frames.readable(self.socket)
+
     def send(self, frames: list) -> bool:
         """Queue a message without ever waiting; False when it was dropped (queue full, closed)."""
         socket = self.socket

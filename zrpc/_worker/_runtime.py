@@ -409,10 +409,12 @@ class Worker:
 
     def _receive(self, link: BrokerLink) -> None:
         """Read what the broker sent until none is left (the FD only signals a change)."""
-        for _ in range(_BATCH):
+        for index in range(_BATCH):
             if link.socket is None:
                 return
-            frames = link.recv()
+            # The first read follows the FD's signal and usually finds a message; after it,
+            # ZMQ_EVENTS says whether another waits, cheaper than a recv raising zmq.Again.
+            frames = link.recv() if index == 0 or link.readable() else None
             if frames is None:
                 # The answers of inline (@nonblocking) handlers leave now, not a loop turn later.
                 link.flush_replies()
