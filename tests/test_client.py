@@ -1090,3 +1090,22 @@ def test_a_deadline_error_says_the_call_was_slow_when_its_broker_answers_meanwhi
     assert slow.value.code == StatusCode.DEADLINE_EXCEEDED
     assert "no answer in time, though that broker answers; the call is slow" in slow.value.message
     assert broker.count("Health") >= 1
+
+
+def test_an_async_client_closed_from_a_new_loop_after_its_own_ended_releases_its_sockets(broker):
+    """(review) Closed in a second asyncio.run after the first had ended, close() raised "Event
+    loop is closed" (it awaited the old loop's writer) and left its DEALER open: a context the
+    caller passed in could then never be terminated."""
+    import zmq
+
+    context = zmq.Context()
+    client = AsyncClient(broker.endpoint, timeout=5.0, context=context)
+    assert asyncio.run(client.call("test.Svc", "Echo", b"1")) == b"1"
+    asyncio.run(client.close())  # a loop of its own, the first one closed
+    terminated = threading.Thread(target=context.term, daemon=True)
+    terminated.start()
+    terminated.join(WAIT)  # term() returns once every socket of the context is closed
+    assert not terminated.is_alive()
+    with pytest.raises(Error) as failed:  # and the client says it is closed
+        asyncio.run(client.call("test.Svc", "Echo", b"2"))
+    assert failed.value.code == StatusCode.CANCELLED

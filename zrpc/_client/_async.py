@@ -136,9 +136,14 @@ class AsyncClient:
             self._loop.remove_reader(monitor.FD)
             self._loop.remove_reader(socket.FD)
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+        if writer is not None and not writer.done():
+            # Closed from another loop after ours ended (a second asyncio.run, say): that loop
+            # cancelled the writer already, or closed without, and awaiting it from here raised
+            # and left the sockets open (review). A loop that is closed runs nothing again.
+            if not self._loop.is_closed():
+                writer.cancel()
+                if writer.get_loop() is asyncio.get_running_loop():
+                    await asyncio.gather(writer, return_exceptions=True)
         for socket, monitor in zip(self._sockets, self._monitors):
             close_dealer(socket, monitor, linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
         self._sockets, self._monitors = [], []
