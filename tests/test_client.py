@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import zmq
 
 from workers.echo import Echo
 from zrpc import CircuitBreaker, Worker, _protocol, broker_service_pb2
@@ -1096,8 +1097,6 @@ def test_an_async_client_closed_from_a_new_loop_after_its_own_ended_releases_its
     """(review) Closed in a second asyncio.run after the first had ended, close() raised "Event
     loop is closed" (it awaited the old loop's writer) and left its DEALER open: a context the
     caller passed in could then never be terminated."""
-    import zmq
-
     context = zmq.Context()
     client = AsyncClient(broker.endpoint, timeout=5.0, context=context)
     assert asyncio.run(client.call("test.Svc", "Echo", b"1")) == b"1"
@@ -1109,3 +1108,36 @@ def test_an_async_client_closed_from_a_new_loop_after_its_own_ended_releases_its
     with pytest.raises(Error) as failed:  # and the client says it is closed
         asyncio.run(client.call("test.Svc", "Echo", b"2"))
     assert failed.value.code == StatusCode.CANCELLED
+
+
+def test_an_async_writer_refused_while_room_came_tries_again_without_a_pause(broker, monkeypatch):
+    """(review) Room that came between a refused send and the look at ZMQ_EVENTS after it was
+    seen by no one (the writer was not waiting yet) and its FD signal was taken by that look:
+    the writer waited out a pause (up to 20 ms) for a signal that would not come."""
+    from zrpc._client import _async
+
+    async def main():
+        async with AsyncClient(broker.endpoint, timeout=WAIT) as ac:
+            assert await ac.call("test.Svc", "Echo", b"up") == b"up"  # connected, plenty of room
+            real_send, refusals = _async._frames.send, []
+
+            def refuse_once(socket, frames):  # a full queue that drained just after refusing
+                if not refusals:
+                    refusals.append(frames)
+                    raise zmq.Again()
+                real_send(socket, frames)
+
+            loop, pauses = asyncio.get_running_loop(), []
+            real_call_later = loop.call_later
+
+            def call_later(delay, callback, *args, **kwargs):
+                if getattr(callback, "__name__", "") == "_room_found":  # the writer's pause
+                    pauses.append(delay)
+                return real_call_later(delay, callback, *args, **kwargs)
+
+            monkeypatch.setattr(_async._frames, "send", refuse_once)
+            monkeypatch.setattr(loop, "call_later", call_later)
+            assert await ac.call("test.Svc", "Echo", b"again") == b"again"
+            assert len(refusals) == 1 and pauses == []
+
+    run(main())

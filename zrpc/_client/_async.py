@@ -92,6 +92,10 @@ class AsyncClient:
         self._wake: asyncio.Event | None = None
         self._cancels: list[Call] = []
         self._send_blocked = False  # no broker could take a REQUEST: the writer waits for room
+        # A refused send's look at ZMQ_EVENTS said POLLOUT: room came in between, and that look
+        # took the FD's signal for it (see _send, _writable).
+        self._room_after_refusal = False
+        self._retried_at_once = False  # the writer's last wait was such a retry, not a pause
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closed = False
@@ -363,7 +367,7 @@ class AsyncClient:
                 core.unsend(calls)
                 continue
             core.took(link)
-            self._send_blocked = False  # a broker took it: early sends may go again
+            self._send_blocked = self._retried_at_once = False  # a broker took it: early sends may go again
             return True
         self._send_blocked = True
         return False
@@ -372,6 +376,15 @@ class AsyncClient:
         """Until a DEALER that takes calls may have room for a REQUEST (ZMQ_EVENTS said POLLOUT
         after its FD signalled or a send, see _look_at_events), a connection event came, or a
         pause that grows with ``waited`` (how many waits came before) is over."""
+        if self._room_after_refusal and not self._retried_at_once:
+            # Room came between a refusal and its look, which took the FD's signal: try again
+            # after one loop turn rather than wait out a pause (up to _RETRY_SEND_MAX) for a
+            # signal that will not come (review). Never twice in a row: a DEALER that said
+            # POLLOUT and refused anyway would make that a spin; it waits out its pauses.
+            self._room_after_refusal, self._retried_at_once = False, True
+            await asyncio.sleep(0)
+            return
+        self._room_after_refusal = self._retried_at_once = False
         room = self._room = self._loop.create_future()
         # (The exponent capped: every early wake-up counts, and 2 ** 1024 overflows a float.)
         pause = min(_RETRY_SEND_MAX, _RETRY_SEND_FIRST * 2 ** min(waited, 16))
@@ -392,9 +405,11 @@ class AsyncClient:
         """Send one message on ``link`` without waiting; False when its queue is full (EAGAIN).
         Any other failure closes the client."""
         socket = self._sockets[link]
+        refused = False
         try:
             _frames.send(socket, frames)
         except zmq.Again:
+            refused = True
             return False
         except zmq.ZMQError as exc:
             if not self._closed:
@@ -402,7 +417,10 @@ class AsyncClient:
             return True
         finally:
             if not self._closed:
-                self._look_at_events(link, socket)
+                events = _frames.events(socket)
+                self._act_on_events(link, events)
+                if refused and events & _frames.POLLOUT:
+                    self._room_after_refusal = True
         return True
 
     def _look_at_events(self, link: int, socket: zmq.Socket) -> None:
