@@ -1141,3 +1141,53 @@ def test_an_async_writer_refused_while_room_came_tries_again_without_a_pause(bro
             assert len(refusals) == 1 and pauses == []
 
     run(main())
+
+
+def test_an_async_client_closed_after_its_loop_was_closed_with_a_call_awaited_releases_its_sockets(broker):
+    """(review) A loop closed without cancelling its tasks (run_until_complete, then close())
+    left a call's future pending: close() from a new loop settled it, which scheduled on the
+    closed loop, raised "Event loop is closed" and left the DEALER open."""
+    context = zmq.Context()
+    client = AsyncClient(broker.endpoint, timeout=30.0, context=context)
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(client.call("test.Svc", "Echo", b"1")) == b"1"
+        hung = loop.create_task(client.call("test.Svc", "Hang", b"h"))
+        # the loop runs (and sends the call) while a thread waits for the broker to have it
+        sent = loop.run_in_executor(None, broker.wait_for, lambda: broker.count("Hang") == 1)
+        loop.run_until_complete(sent)
+        assert not hung.done()
+    finally:
+        loop.close()  # the call is still awaited
+    asyncio.run(client.close())
+    terminated = threading.Thread(target=context.term, daemon=True)
+    terminated.start()
+    terminated.join(WAIT)
+    assert not terminated.is_alive()
+
+
+def test_an_async_client_closed_from_another_threads_loop_closes_on_its_own(broker):
+    """(review) close() awaited in a loop of another thread, while the client's own loop ran:
+    it settled that loop's futures and closed its sockets from the wrong thread (a caller there
+    learnt of it only at its loop's next timer; its reader found a socket closed under it).
+    The own loop, in debug mode, raises at any scheduling from another thread."""
+    own = asyncio.new_event_loop()
+    own.set_debug(True)  # call_soon from another thread raises instead of going unnoticed
+    thread = threading.Thread(target=own.run_forever, daemon=True)
+    thread.start()
+    client = AsyncClient(broker.endpoint, timeout=30.0)
+    try:
+        assert asyncio.run_coroutine_threadsafe(client.call("test.Svc", "Echo", b"1"), own).result(WAIT) == b"1"
+        hung = asyncio.run_coroutine_threadsafe(client.call("test.Svc", "Hang", b"x"), own)
+        broker.wait_for(lambda: broker.count("Hang") == 1)
+        asyncio.run(client.close())
+        with pytest.raises(Error) as failed:
+            hung.result(WAIT)
+        assert failed.value.code == StatusCode.CANCELLED
+        with pytest.raises(Error) as refused:  # closed for every loop
+            asyncio.run_coroutine_threadsafe(client.call("test.Svc", "Echo", b"2"), own).result(WAIT)
+        assert refused.value.code == StatusCode.CANCELLED
+    finally:
+        own.call_soon_threadsafe(own.stop)
+        thread.join(WAIT)
+        own.close()

@@ -125,13 +125,26 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Fail calls in flight with CANCELLED (and cancel them at the broker), stop the tasks,
-        release the sockets. Idempotent."""
+        release the sockets. Idempotent; from any loop (the client's own does the work)."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and loop is not asyncio.get_running_loop():
+            # Our loop runs in another thread: its sockets, futures and writer are that thread's,
+            # and none of them may be touched from here (review: a caller there learnt of the
+            # close only at its loop's next timer, and its reader found a socket closed under it).
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.close(), loop))
+            return
+        # A closed loop (its asyncio.run returned, or it was closed with calls awaited) runs
+        # nothing again: anything scheduled on it raises "Event loop is closed", and before the
+        # sockets were closed that left them open (review).
+        ended = loop is not None and loop.is_closed()
         # (spec §8) Calls the broker holds for us are stopped there, not left to their deadlines.
         cancelled = self._core.sent_in_flight() if self._sockets and not self._closed else []
+        self._closed = True  # before the CANCEL: a closing client schedules no read after it
         if cancelled:  # best effort: a full queue loses it, and the deadlines still apply
             self._send_cancel(cancelled)
-        self._closed = True
-        self._settle(self._core.fail_all(closed_error(in_flight=True)))
+        outcomes = self._core.fail_all(closed_error(in_flight=True))
+        if not ended:  # an ended loop's futures wake no one
+            self._settle(outcomes)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -140,14 +153,12 @@ class AsyncClient:
             self._loop.remove_reader(monitor.FD)
             self._loop.remove_reader(socket.FD)
         writer, self._writer = self._writer, None
-        if writer is not None and not writer.done():
-            # Closed from another loop after ours ended (a second asyncio.run, say): that loop
-            # cancelled the writer already, or closed without, and awaiting it from here raised
-            # and left the sockets open (review). A loop that is closed runs nothing again.
-            if not self._loop.is_closed():
-                writer.cancel()
-                if writer.get_loop() is asyncio.get_running_loop():
-                    await asyncio.gather(writer, return_exceptions=True)
+        if writer is not None and not writer.done() and not ended:
+            writer.cancel()
+            # Closed from a new loop while ours is stopped (run_until_complete returned): the
+            # writer ends when ours runs again; awaited from here, it would raise.
+            if writer.get_loop() is asyncio.get_running_loop():
+                await asyncio.gather(writer, return_exceptions=True)
         for socket, monitor in zip(self._sockets, self._monitors):
             close_dealer(socket, monitor, linger=CANCEL_ON_CLOSE_LINGER_MS if cancelled else 0)
         self._sockets, self._monitors = [], []
@@ -367,7 +378,8 @@ class AsyncClient:
                 core.unsend(calls)
                 continue
             core.took(link)
-            self._send_blocked = self._retried_at_once = False  # a broker took it: early sends may go again
+            # A broker took it: early sends may go again, and no earlier refusal's room is news.
+            self._send_blocked = self._retried_at_once = self._room_after_refusal = False
             return True
         self._send_blocked = True
         return False
