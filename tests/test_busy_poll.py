@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
-import zmq
 
 import zrpc
 from workers.echo import Echo, echo_pb2
 from zrpc import Broker, BrokerConfig, Worker
+from zrpc._broker._poller import SocketPoller
 from zrpc._worker import _runtime
 
 from ._services import HangingEcho
@@ -21,22 +21,19 @@ ECHO = echo_pb2.DESCRIPTOR.services_by_name["Echo"]
 HELLO = echo_pb2.EchoRequest(payload=b"hello")
 
 
-class RecordingPoller(zmq.Poller):
-    """zmq.Poller that records the timeout of every poll made by the broker's loop thread."""
-
-    timeouts: list[tuple[float, int]] = []
-
-    def poll(self, timeout=None):
-        if threading.current_thread().name == "zrpc-broker":
-            RecordingPoller.timeouts.append((time.monotonic(), timeout))
-        return super().poll(timeout)
-
-
 @pytest.fixture
 def recorded_polls(monkeypatch):
-    RecordingPoller.timeouts = []
-    monkeypatch.setattr(zmq, "Poller", RecordingPoller)  # the broker makes its poller at run()
-    return RecordingPoller.timeouts
+    """The timeout of every wait of the broker's loop thread, with when it began."""
+    timeouts: list[tuple[float, int]] = []
+    poll = SocketPoller.poll
+
+    def recording(self, timeout_ms):
+        if threading.current_thread().name == "zrpc-broker":
+            timeouts.append((time.monotonic(), timeout_ms))
+        return poll(self, timeout_ms)
+
+    monkeypatch.setattr(SocketPoller, "poll", recording)
+    return timeouts
 
 
 def _broker(endpoints, busy_poll: float) -> Broker:

@@ -218,6 +218,10 @@ class ConnectionLimits:
         """What the loop polls for us: each monitor, and the ZAP handler when gating."""
         return [guard.monitor for guard in self.guards.values()] + ([self.zap] if self.zap is not None else [])
 
+    def answering(self) -> bool:
+        """ZAP requests wait for their answer: the next drain sends on the handler."""
+        return bool(self._zap_pending)
+
     def drain(self, ready) -> None:
         """Read the events of each monitor in ``ready`` (the poll's result), then answer the
         ZAP requests waiting, once every event they could follow has been handled."""

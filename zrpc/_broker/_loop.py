@@ -16,6 +16,7 @@ from ._auth import BrokerSecurity
 from ._config import BrokerConfig
 from ._connections import ConnectionLimits, connection_cap, fd_limit
 from ._engine import BrokerEngine
+from ._poller import SocketPoller
 from ._stats import CallStats
 
 log = logging.getLogger("zrpc.broker")
@@ -89,6 +90,7 @@ class Broker:
         self._thread: threading.Thread | None = None
         self.undeliverable = 0  # replies to peers that are gone or not reading
         self._told_workers = False  # the loop ended and sent each worker DISCONNECT (broker stopping)
+        self._poller: SocketPoller | None = None  # the loop's, while it runs
         # CURVE: keys and allow-lists from the config; None for plain TCP.
         self.security: BrokerSecurity | None = None
         if self.config.curve_secret:
@@ -252,16 +254,17 @@ class Broker:
     def _serve(self) -> None:
         engine, clock = self.engine, self._clock
         frontend, backend = self.frontend, self.backend
-        poller = zmq.Poller()
-        poller.register(frontend, zmq.POLLIN)
-        poller.register(backend, zmq.POLLIN)
+        poller = self._poller = SocketPoller()
+        poller.register(frontend)
+        poller.register(backend)
         wake = self._wake_recv
-        poller.register(wake, zmq.POLLIN)
+        poller.register(wake)
         # The monitors are read every round they have events: one left unread blocks libzmq's
         # I/O thread, and the connection cap acts only as fast as we read them.
         connections = self.connections
-        for socket in connections.sockets():
-            poller.register(socket, zmq.POLLIN)
+        watched = connections.sockets()
+        for socket in watched:
+            poller.register(socket)
         tick_interval = self.config.tick_interval
         busy_poll = self.config.busy_poll
         next_tick = clock()
@@ -282,11 +285,16 @@ class Broker:
                 # Whole milliseconds, rounded up: pyzmq truncates, and a timer less than 1 ms away
                 # would make every poll return at once until it is due (a spin before each tick).
                 ready = poller.poll(math.ceil(timeout * 1000))
-            ready = dict(ready)
             now = clock()
             if wake in ready:  # drain() or stop(): read, or poll would return at once for ever
                 _read_all(wake)
+                poller.used(wake)
+            # A drain reads a bounded number of events and may answer ZAP: ask all again after one.
+            touched = connections.answering() or not ready.isdisjoint(watched)
             connections.drain(ready)
+            if touched:
+                for socket in watched:
+                    poller.used(socket)
             if frontend in ready:
                 self._read_messages(frontend, engine.on_frontend, now)
                 polling_until = now + busy_poll
@@ -366,6 +374,7 @@ class Broker:
             # Asked, not learnt from a recv raising zmq.Again: that costs twice as much (_frames).
             if not readable(socket):
                 return
+        self._poller.used(socket)  # more may wait: the next round reads on before any sleep
 
     def reload_keys(self) -> None:
         """Read the allow-lists and rules again (SIGHUP; safe from any thread or a signal handler).
@@ -399,6 +408,7 @@ class Broker:
                 self.engine.counters["internal_errors"] += 1
             if not readable(socket):  # as in _read_messages
                 return
+        self._poller.used(socket)
 
     def _send_all(self) -> None:
         engine = self.engine
@@ -419,6 +429,8 @@ class Broker:
 
     def _send(self, socket: zmq.Socket, messages: list) -> list:
         """Send each ``(routing id, frames)``; returns those that could not be sent."""
+        if self._poller is not None:
+            self._poller.used(socket)  # a send may take the FD's signal of a message come meanwhile
         send = _send_frame
         sent_bytes = 0  # the metrics' bytes out: sizes we read anyway to choose copy or not
         undelivered = []
