@@ -319,6 +319,7 @@ class Broker:
         self._send(backend, engine.backend_out)
         engine.backend_out = []
         self._told_workers = True
+        self._poller = None  # it holds the sockets, closed next
 
     def _drained(self, now: float) -> bool:
         """Draining (see drain()): begin on the first call; True once the loop may end."""
