@@ -282,8 +282,8 @@ class Broker:
                     ready = poller.poll(0)
             else:
                 timeout = max(0.0, min(next_tick - now, engine.next_timer(now)))
-                # Whole milliseconds, rounded up: pyzmq truncates, and a timer less than 1 ms away
-                # would make every poll return at once until it is due (a spin before each tick).
+                # Whole milliseconds, rounded up: a timer less than 1 ms away, truncated to 0, would
+                # make every poll return at once until it is due (a spin before each tick).
                 ready = poller.poll(math.ceil(timeout * 1000))
             now = clock()
             if wake in ready:  # drain() or stop(): read, or poll would return at once for ever

@@ -428,19 +428,18 @@ class AsyncClient:
                 self._fail("send", exc)
             return True
         finally:
-            if not self._closed:
-                events = _frames.events(socket)
-                self._act_on_events(link, events)
-                if refused and events & _frames.POLLOUT:
-                    self._room_after_refusal = True
+            if not self._closed and self._look_at_events(link, socket) & _frames.POLLOUT and refused:
+                self._room_after_refusal = True
         return True
 
-    def _look_at_events(self, link: int, socket: zmq.Socket) -> None:
+    def _look_at_events(self, link: int, socket: zmq.Socket) -> int:
         """Act on ZMQ_EVENTS, whose asking clears the FD's signal (edge-triggered): a reply that
         arrived meanwhile is read next turn, and room in a DEALER that takes calls ends the
         writer's wait (review: a reply arrived between a read's end and a look for room only, and
-        waited for another wake-up)."""
-        self._act_on_events(link, _frames.events(socket))
+        waited for another wake-up). Returns the events."""
+        events = _frames.events(socket)
+        self._act_on_events(link, events)
+        return events
 
     def _act_on_events(self, link: int, events: int) -> None:
         """What ``link``'s ZMQ_EVENTS (``events``) say: read it next turn, or the writer may go on."""
