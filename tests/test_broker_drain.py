@@ -289,6 +289,29 @@ def test_an_in_process_broker_drained_with_nothing_held_ends_its_loop(endpoints)
         broker.stop()
 
 
+@pytest.mark.parametrize("held", [0, 1], ids=["nothing held", "a call held past the grace"])
+def test_a_drain_ends_on_time_whatever_the_tick_interval(endpoints, held):
+    """The loop wakes for the drain's own steps (the quiet window, the grace's end): with a 60 s
+    tick, a drain of 0.3 s grace ends long before the loop would next tick."""
+    frontend, backend = endpoints
+    broker = Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0,
+                                 tick_interval=60.0, log_level="ERROR")).start()
+    try:
+        with Worker([SlowEcho()], brokers=backend, drain_grace=0.0, heartbeat_interval=30.0), \
+                Client(frontend, timeout=30.0, retry=None) as client:
+            wait_until_served(frontend, ECHO.full_name)
+            calls = [client.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"a"), metadata={"sleep_ms": "20000"})
+                     for _ in range(held)]
+            wait_for(lambda: broker.engine.calls_held == held, message=f"the broker to hold {held} calls")
+            broker.drain(0.3)
+            wait_for(lambda: not broker._thread.is_alive(), timeout=10.0, message="the loop to end")
+            for call in calls:
+                with pytest.raises(zrpc.Error):  # cut off by the grace: its connection closed
+                    call.result(timeout=10)
+    finally:
+        broker.stop()
+
+
 def test_signals_that_keep_coming_while_the_broker_exits_do_not_kill_it(spawn, endpoints):
     """Ctrl-C twice, or a unit's stop signal repeated: the exit stays 0 (status -15 before)."""
     broker = _start(spawn, endpoints, "10", served=False)

@@ -269,9 +269,12 @@ class Broker:
         busy_poll = self.config.busy_poll
         next_tick = clock()
         polling_until = 0.0  # busy_poll: when the last message's polling window closes
+        drain_due = math.inf  # while draining: when its next step falls due (see _drain_due)
         while not self._stopping.is_set():
-            if self._drain_requested.is_set() and self._drained(clock()):
-                break
+            if self._drain_requested.is_set():
+                if self._drained(clock()):
+                    break
+                drain_due = self._drain_due()
             now = clock()
             if now < polling_until:
                 ready = poller.poll(0)
@@ -281,7 +284,7 @@ class Broker:
                     yield_core()
                     ready = poller.poll(0)
             else:
-                timeout = max(0.0, min(next_tick - now, engine.next_timer(now)))
+                timeout = max(0.0, min(min(next_tick, drain_due) - now, engine.next_timer(now)))
                 # Whole milliseconds, rounded up: a timer less than 1 ms away, truncated to 0, would
                 # make every poll return at once until it is due (a spin before each tick).
                 ready = poller.poll(math.ceil(timeout * 1000))
@@ -354,6 +357,15 @@ class Broker:
                  "(they never ran)", now - self._drain_began, self._held_at_drain, engine.calls_held,
                  engine.counters["refused_draining"])
         return True
+
+    def _drain_due(self) -> float:
+        """When ``_drained`` may next say yes with no message to wake the loop (clock time): at
+        the end of the grace, or of the quiet window once no call is held. Not the next tick's
+        business: a broker with a long tick_interval would overstay its drain by up to a tick."""
+        due = self._drain_began + self._drain_grace
+        if self._none_held_since is not None:
+            due = min(due, self._none_held_since + _DRAIN_QUIET)
+        return due
 
     def _read_messages(self, socket: zmq.Socket, handle, now: float) -> None:
         recv = _recv_frame
