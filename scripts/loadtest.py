@@ -67,6 +67,7 @@ class Result:
     errors: collections.Counter = field(default_factory=collections.Counter)
     elapsed_s: float = 0.0
     unfinished: int = 0  # calls still in flight when a --duration run ended: cancelled, not counted
+    warmup_calls: int = 0  # made before the run, not counted (the broker's metrics count them)
 
     @property
     def ok(self) -> int:
@@ -103,6 +104,7 @@ def summary(result: Result, *, concurrency: int, payload_size: int | None, targe
         "request_bytes": request_bytes,
         "calls": result.calls,
         "ok": result.ok,
+        "warmup_calls": result.warmup_calls,
         "errors": dict(sorted(result.errors.items())),
         "elapsed_s": round(result.elapsed_s, 3),
         "calls_per_s": round(result.calls / result.elapsed_s, 1) if result.elapsed_s > 0 else 0.0,
@@ -124,7 +126,8 @@ def format_summary(s: dict) -> str:
         f"service      {s['service']} via {', '.join(s['brokers'])}"
         + (f" ({s['spawned_workers']} spawned worker(s))" if s["spawned_workers"] else ""),
         f"load         concurrency {s['concurrency']}, {_request_text(s)}",
-        f"calls        {s['calls']} ({s['ok']} ok) in {s['elapsed_s']:.3f} s",
+        f"calls        {s['calls']} ({s['ok']} ok) in {s['elapsed_s']:.3f} s"
+        + (f", after {s['warmup_calls']} warm-up call(s), not counted" if s.get("warmup_calls") else ""),
         f"throughput   {s['calls_per_s']:.1f} calls/s",
         f"latency ms   p50 {ms(s['p50_us'])}  p90 {ms(s['p90_us'])}  p99 {ms(s['p99_us'])}  "
         f"max {ms(s['max_us'])}" + (" (of the ok calls)" if s["ok"] < s["calls"] else ""),
@@ -157,6 +160,7 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
         # One call first, not counted: it connects, and a broker or worker that cannot serve
         # fails here, once (describing the service already checked the target exists).
         try:
+            result.warmup_calls += 1
             await client.call(service, method, payload, timeout=timeout, idempotent=idempotent)
         except Error as error:
             if error.code in SETUP_ERRORS:

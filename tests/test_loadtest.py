@@ -12,10 +12,10 @@ import zmq
 
 from workers.echo import Echo, echo_pb2
 from zrpc import Client, StatusCode
-from zrpc._broker import Broker
+from zrpc._broker import Broker, BrokerConfig
 from zrpc._worker import Worker
 
-from .conftest import REPO, wait_for, zrpc_cli
+from .conftest import REPO, wait_for, wait_until_served, zrpc_cli
 from .test_security import Keys, served
 
 SCRIPT = REPO / "scripts" / "loadtest.py"
@@ -166,6 +166,23 @@ def test_run_against_a_running_broker_for_a_duration_prints_a_readable_summary(c
     for label in ("calls", "throughput", "calls/s", "p50", "p90", "p99", "max", "errors       none"):
         assert label in result.stdout
     assert result.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def test_the_broker_counts_the_calls_reported_and_the_warm_up_call_the_report_names(endpoints):
+    """A user checks the report against the broker's metrics: they differ by the warm-up call."""
+    frontend, backend = endpoints
+    with Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0, log_level="WARNING")) as broker, \
+            Worker([Echo()], brokers=backend):
+        wait_until_served(frontend, "echo.Echo")
+        result = run_loadtest("--broker", frontend, "--requests", "120", "--concurrency", "6", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["calls"] == 120 and report["warmup_calls"] == 1
+        served = broker.stats.methods["echo.Echo", "Say"].codes
+        assert served == {"OK": report["calls"] + report["warmup_calls"]}
+        text = run_loadtest("--broker", frontend, "--requests", "10", "--concurrency", "2")
+        assert "calls        10 (10 ok) in " in text.stdout
+        assert ", after 1 warm-up call(s), not counted\n" in text.stdout
 
 
 def test_unknown_service_fails_in_one_line(cli_broker):
