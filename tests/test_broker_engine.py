@@ -355,6 +355,34 @@ def test_a_worker_whose_messages_cannot_be_read_by_the_live_workers_is_refused()
     assert list(h.engine.workers) == [b"v3"]
 
 
+def test_a_deadline_passed_waiting_for_a_worker_says_the_service_has_none():
+    """A caller whose deadline comes before unavailable_wait learns why its call waited (a
+    tester's `zrpc call` said only "pass a larger --timeout")."""
+    h = Harness(unknown_service_grace=10.0)
+    h.ready(b"w", capacity=1)
+    h.backend(b"w", p.disconnect_message("stopping"))
+    h.advance(1.0)
+    gone = h.call(b"c", deadline_ms=500)
+    never = h.call(b"c", service="new.S", deadline_ms=500)  # in the start-up grace: may yet come
+    h.advance(0.6)
+    replies = {reply.request_id: reply for _, reply, _ in h.take_replies()}
+    assert replies[gone].code == StatusCode.DEADLINE_EXCEEDED
+    assert replies[gone].message == ("deadline exceeded while queued (500 ms were left when the broker took the "
+                                     "call): service 'svc.S' has had no live worker for 1.6s; start one with: "
+                                     "zrpc worker run MODULE:CLASS")
+    assert replies[never].message.endswith("): no worker has offered service 'new.S' yet; start one with: "
+                                           "zrpc worker run MODULE:CLASS")
+    assert all(reply.details[p.UNSERVED_DETAIL] == "1" for reply in replies.values())
+    # A call that waited behind busy workers says nothing of the kind.
+    h.ready(b"w2", capacity=1)
+    h.call(b"c", deadline_ms=10_000)
+    busy = h.call(b"c", deadline_ms=500)
+    h.advance(0.6)
+    [(_, reply, _)] = h.take_replies()
+    assert reply.request_id == busy and reply.message.endswith("took the call)")
+    assert p.UNSERVED_DETAIL not in reply.details
+
+
 def test_full_queue_answers_resource_exhausted_at_once():
     h = Harness(queue_size=2)
     h.ready(b"w", capacity=1)

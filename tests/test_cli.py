@@ -520,6 +520,19 @@ class SilentEchoBroker(FakeFrontend):
         return None
 
 
+def test_a_deadline_error_of_a_service_with_no_live_worker_gets_no_timeout_hint():
+    from zrpc._cli import _common
+
+    assert _common._UNSERVED_DETAIL == protocol.UNSERVED_DETAIL
+    unserved = zrpc.Error(zrpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued (500 ms were left "
+                          "when the broker took the call): service 'a.S' has had no live worker for 3.0s",
+                          {protocol.UNSERVED_DETAIL: "1"})
+    failed = _common.call_failed(unserved)
+    assert str(failed).endswith("no live worker for 3.0s") and failed.details == {protocol.UNSERVED_DETAIL: "1"}
+    slow = zrpc.Error(zrpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded at the worker")
+    assert str(_common.call_failed(slow)).endswith("; pass a larger --timeout if the call is slow")
+
+
 def test_call_deadline_error_names_the_timeout_flag():
     broker = SilentEchoBroker()
     try:
@@ -551,6 +564,39 @@ def test_a_slow_call_says_to_pass_a_larger_timeout_whichever_deadline_fires_firs
         assert result.returncode == 10 + zrpc.StatusCode.DEADLINE_EXCEEDED
         line = one_line_error(result.stderr)
         assert line.startswith("error: DEADLINE_EXCEEDED: ") and "pass a larger --timeout" in line, line
+
+
+def test_a_call_to_a_service_whose_workers_are_gone_says_so_whichever_answer_comes_first(spawn, endpoints):
+    """A tester stopped the only worker: `zrpc call` (5 s timeout, the broker's unavailable_wait
+    too) said DEADLINE_EXCEEDED "pass a larger --timeout", and with a larger one the idempotent
+    call was retried at the same broker, to wait again and end the same way."""
+    frontend, backend = endpoints
+    spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
+                    "--unknown-service-grace", "0", "--unavailable-wait", "2")).wait_line("zrpc broker ready")
+    worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", backend, "--drain-grace", "0"))
+    worker.wait_line("zrpc worker ready:")
+    wait_until_served(frontend, "echo.Echo")
+    worker.stop()
+    with zrpc.Client(frontend, timeout=5.0) as client:
+        wait_for(lambda: not any(s.live_workers for s in bpb.ListServicesReply.FromString(
+            client.call("zrpc.Broker", "ListServices", b"", timeout=2.0)).services if s.name == "echo.Echo"),
+            message="the worker to leave")
+    # Its deadline first: the broker's expiry says why the call waited, without the hint. (The
+    # client's own deadline may fire first: it knows no more than that the call got no answer.)
+    result = run_cli("call", "--broker", frontend, "--timeout", "0.5", "echo.Echo/Say", "{}")
+    assert result.returncode == 10 + zrpc.StatusCode.DEADLINE_EXCEEDED
+    line = one_line_error(result.stderr)
+    if line.startswith("error: DEADLINE_EXCEEDED: deadline exceeded while queued"):
+        assert "service 'echo.Echo' has had no live worker for" in line and "zrpc worker run" in line
+        assert "--timeout" not in line and "zrpc-no-live-worker" not in result.stderr
+    else:
+        assert line.startswith("error: DEADLINE_EXCEEDED: deadline of 0.500s exceeded calling echo.Echo/Say"), line
+    # unavailable_wait first: its refusal, once, though Say is idempotent.
+    result = run_cli("call", "--broker", frontend, "--timeout", "30", "echo.Echo/Say", "{}")
+    assert result.returncode == 10 + zrpc.StatusCode.UNAVAILABLE
+    assert result.stderr.splitlines() == [
+        "error: UNAVAILABLE: no live worker for service 'echo.Echo' (waited 2s); start one with: zrpc worker run MODULE:CLASS",
+        "  zrpc-retry: not-run"]  # and no zrpc-attempts: it was not retried
 
 
 def test_call_greeter_with_an_empty_name_is_invalid_argument(greeter):

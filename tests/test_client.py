@@ -948,6 +948,14 @@ def test_core_with_one_broker_answers_its_not_run_refusal_at_once():
                                            _protocol.NOT_RUN)
     [failed] = core.handle_message(_protocol.reply_message([(header, b"")]), 0)
     assert failed.call is call and failed.error.message == "no live worker" and call.attempt == 1
+    # Idempotent too (a tester: the retry waited there again and ended DEADLINE_EXCEEDED).
+    idempotent = core.prepare("a.S", "M", b"", timeout=60.0, idempotent=True)
+    core.add(idempotent)
+    core.next_request(now[0], 0)
+    header = _protocol.encode_reply_header(idempotent.request_id, StatusCode.UNAVAILABLE, "no live worker",
+                                           _protocol.NOT_RUN)
+    [failed] = core.handle_message(_protocol.reply_message([(header, b"")]), 0)
+    assert failed.call is idempotent and failed.error.code == StatusCode.UNAVAILABLE and idempotent.attempt == 1
     # A full queue at that one broker is another matter: it answered at once, and a policy that
     # retries RESOURCE_EXHAUSTED sends the call again after its backoff (PROTOCOL §10).
     core = ClientCore(endpoints=["inproc://a"], clock=lambda: now[0],

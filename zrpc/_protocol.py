@@ -23,6 +23,8 @@ ATTEMPT_METADATA = "zrpc-attempt"
 # worker, a full queue, a limit): it never ran either, so a client may send it again,
 # idempotent or not, if its retry policy retries that code.
 NOT_RUN = {RETRY_DETAIL: "not-run"}
+# A call's deadline passed while it waited for a worker of a service that has none alive.
+UNSERVED_DETAIL = "zrpc-no-live-worker"
 # The reason of the DISCONNECT a broker sends each worker as it stops (spec §11).
 BROKER_STOPPING = "broker stopping"
 # The reason of the DISCONNECT that answers a message from a worker the broker does not know (§11).

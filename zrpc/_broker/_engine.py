@@ -605,10 +605,26 @@ class BrokerEngine:
             self._abandon_at_worker(call, deadline=True)
         # The time left when the call came, not the caller's timeout: the client sends what
         # is left at send, rounded down (spec §5), so `--timeout 1` arrives as 999 ms.
+        unserved = self._unserved(call.service, now) if queued else None
         self._fail(call, StatusCode.DEADLINE_EXCEEDED,
                    f"deadline exceeded {'while queued' if queued else 'at the worker'} "
-                   f"({call.timeout_ms} ms were left when the broker took the call)", now)
+                   f"({call.timeout_ms} ms were left when the broker took the call)"
+                   + (f": {unserved}" if unserved else ""), now,
+                   {p.UNSERVED_DETAIL: "1"} if unserved else None)
         return queued
+
+    def _unserved(self, name: str, now: float) -> str | None:
+        """Why a call of service ``name`` waits, when it is for want of a worker: a caller whose
+        deadline is shorter than unavailable_wait is told that, not to wait longer (a tester's
+        `zrpc call` saw only DEADLINE_EXCEEDED and "pass a larger --timeout")."""
+        service = self.services.get(name)
+        if service is None or service.has_live_worker():
+            return None
+        if not service.offered:
+            return f"no worker has offered service {name!r} yet; start one with: zrpc worker run MODULE:CLASS"
+        since = service.no_worker_since if service.no_worker_since is not None else now
+        return (f"service {name!r} has had no live worker for {now - since:.1f}s; "
+                f"start one with: zrpc worker run MODULE:CLASS")
 
     def _settle_waiting(self, service: ServiceState, now: float) -> None:
         """NOT_FOUND after the start-up grace; UNAVAILABLE after unavailable_wait (§10)."""

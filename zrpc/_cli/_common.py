@@ -130,8 +130,10 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", file=file, err=True)
 
 
-# _client._core.SILENT_DETAIL, spelt here so that `zrpc --help` need not import the client.
+# _client._core.SILENT_DETAIL and _protocol.UNSERVED_DETAIL, spelt here so that `zrpc --help`
+# need not import the client.
 _SILENT_DETAIL = "zrpc-broker-silent"
+_UNSERVED_DETAIL = "zrpc-no-live-worker"
 
 
 class CallFailed(CliError):
@@ -144,7 +146,7 @@ class CallFailed(CliError):
     def show(self, file=None) -> None:
         super().show(file)
         for key, value in sorted(self.details.items()):
-            if key in ("zrpc-endpoint", _SILENT_DETAIL):  # the error line says these already
+            if key in ("zrpc-endpoint", _SILENT_DETAIL, _UNSERVED_DETAIL):  # the error line says these already
                 continue
             # One line each, whatever the handler put in them.
             click.echo(f"  {key}: {' '.join(str(value).split())}", file=file, err=True)
@@ -156,7 +158,7 @@ def call_failed(error: Error, prefix: str = "") -> CallFailed:
     # The client's deadline message speaks to Python callers; here the setting is a flag.
     message = message.replace("pass a larger timeout=", "pass a larger --timeout")
     if (error.code == StatusCode.DEADLINE_EXCEEDED and "--timeout" not in message
-            and _SILENT_DETAIL not in error.details):
+            and _SILENT_DETAIL not in error.details and _UNSERVED_DETAIL not in error.details):
         # The broker's or the worker's own words (whichever deadline fired first): the same hint.
         message += "; pass a larger --timeout if the call is slow"
     return CallFailed(prefix + message, EXIT_STATUS_BASE + int(error.code), error.details)

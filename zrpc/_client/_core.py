@@ -667,9 +667,12 @@ class ClientCore:
         # A broker that refused it before any worker had it (no live worker, a full queue, spec
         # §10) says it never ran too: it may go again, but counts as an attempt.
         # "No live worker" only where another broker may take it: the one broker that refused it
-        # would wait its unavailable_wait again, and again (review), instead of answering once.
-        not_run = _protocol.never_ran(error.details) and (
-            len(self._endpoints) > 1 or error.code != StatusCode.UNAVAILABLE)
+        # would wait its unavailable_wait again, and again (review), instead of answering once
+        # (a tester's idempotent `zrpc call -t 10` saw DEADLINE_EXCEEDED, not that refusal).
+        if (error.code == StatusCode.UNAVAILABLE and len(self._endpoints) == 1
+                and _protocol.refused_not_run(error.details)):
+            return False  # idempotent or not: a retry would wait for a worker there once more
+        not_run = _protocol.never_ran(error.details)
         may_repeat = call.header.idempotent or never_ran or not_run
         # Brokers share nothing: a service or method one of them does not know (yet) another may
         # serve. Each of the others is tried once, whatever codes the policy retries (a tester's
