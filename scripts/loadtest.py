@@ -397,7 +397,7 @@ class Spawned:
 
 @click.command(context_settings={"auto_envvar_prefix": "ZRPC_LOADTEST", "help_option_names": ["-h", "--help"]})
 @click.option("--broker", "-b", "brokers", multiple=True, default=["tcp://127.0.0.1:5555"], show_default=True,
-              metavar="ENDPOINT", show_envvar=True, envvar="ZRPC_LOADTEST_BROKER",
+              metavar="ENDPOINT", show_envvar=True, envvar=["ZRPC_LOADTEST_BROKER", "ZRPC_BROKER"],
               help="Broker frontend; repeat or comma-separate for several (ignored with --spawn).")
 @click.option("--service", "target", default="echo.Echo/Say", show_default=True, metavar="SERVICE/METHOD",
               show_envvar=True, envvar="ZRPC_LOADTEST_SERVICE", help="Method to call.")

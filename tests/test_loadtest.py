@@ -33,8 +33,8 @@ def _load_script():
 loadtest = _load_script()
 
 
-def run_loadtest(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def run_loadtest(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env or {}))
     env.pop("PYTHONPATH", None)  # the script finds the checkout by itself
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=RUN_TIMEOUT)
@@ -183,6 +183,15 @@ def test_the_broker_counts_the_calls_reported_and_the_warm_up_call_the_report_na
         text = run_loadtest("--broker", frontend, "--requests", "10", "--concurrency", "2")
         assert "calls        10 (10 ok) in " in text.stdout
         assert ", after 1 warm-up call(s), not counted\n" in text.stdout
+
+
+def test_the_broker_comes_from_ZRPC_BROKER_as_for_the_cli_commands(ipc_dir):
+    """README: one ZRPC_BROKER export serves the client commands (a tester's load test ignored it)."""
+    dead = f"ipc://{ipc_dir}/nobody-here"
+    result = run_loadtest("--requests", "5", env={"ZRPC_BROKER": dead})
+    assert result.returncode == 24 and f"cannot connect to broker at {dead}:" in result.stderr
+    own = run_loadtest("--requests", "5", env={"ZRPC_BROKER": dead, "ZRPC_LOADTEST_BROKER": dead + "-own"})
+    assert f"cannot connect to broker at {dead}-own:" in own.stderr  # the script's own variable first
 
 
 def test_unknown_service_fails_in_one_line(cli_broker):
