@@ -16,7 +16,7 @@ import zmq
 from click.testing import CliRunner
 
 import zrpc
-from workers.echo import echo_pb2
+from workers.echo import Echo, echo_pb2
 from zrpc import _protocol as protocol
 from zrpc import broker_service_pb2 as bpb
 from zrpc._descriptors import file_descriptor_set
@@ -489,6 +489,30 @@ def test_call_unknown_service_is_not_found_with_its_exit_status(greeter):
     assert result.returncode == 10 + zrpc.StatusCode.NOT_FOUND
     assert one_line_error(result.stderr).startswith("error: NOT_FOUND: ")
     assert result.stdout == ""
+
+
+def test_call_right_after_the_broker_started_waits_for_a_worker_still_registering(endpoints):
+    """A tester's script: start the broker, start a worker, call at once. The call asked for the
+    service's description before the worker had registered and failed NOT_FOUND, though the
+    broker was in its start-up grace, when calls to an unknown service wait for one."""
+    frontend, backend = endpoints
+    broker = zrpc.Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=30.0,
+                                      log_level="WARNING")).start()
+    call = subprocess.Popen(zrpc_cli("call", "--broker", frontend, "--timeout", "20", "echo.Echo/Say",
+                                     '{"payload": "aGk="}'), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        # Its first DescribeService is answered NOT_FOUND (no worker yet); then the worker comes.
+        wait_for(lambda: broker.engine.counters["requests"] >= 1, message="the call to ask the broker")
+        with zrpc.Worker([Echo()], brokers=backend):
+            stdout, stderr = call.communicate(timeout=30)
+        assert call.returncode == 0, stderr
+        assert json.loads(stdout) == {"payload": "aGk="}
+    finally:
+        call.kill()
+        call.wait(timeout=10)
+        broker.stop()
+    assert broker.engine.services["echo.Echo"].offered
 
 
 def test_call_unknown_method_and_unknown_field_name_the_problem(greeter):

@@ -15,18 +15,24 @@ _OWN_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["Broker"]
 _OWN_FDS = file_descriptor_set([_OWN_DESCRIPTOR])
 
 
-def handle(engine: "BrokerEngine", method: str, payload: bytes, now: float) -> tuple[StatusCode, str, bytes]:
-    """Run one built-in method; returns (code, message, reply payload)."""
+# The detail of a NOT_FOUND from DescribeService in the broker's start-up grace: the seconds of it
+# left, during which a worker may still register the service (calls to it wait meanwhile, §10).
+GRACE_DETAIL = "zrpc-registration-grace"
+
+
+def handle(engine: "BrokerEngine", method: str, payload: bytes, now: float
+           ) -> tuple[StatusCode, str, bytes, dict[str, str] | None]:
+    """Run one built-in method; returns (code, message, reply payload, details)."""
     entry = _METHODS.get(method)
     if entry is None:
         return (StatusCode.UNIMPLEMENTED,
-                f"service {SERVICE!r} has no method {method!r}; it has: {', '.join(sorted(_METHODS))}", b"")
+                f"service {SERVICE!r} has no method {method!r}; it has: {', '.join(sorted(_METHODS))}", b"", None)
     request_type, function = entry
     request = request_type()
     try:
         request.ParseFromString(payload)
     except Exception:
-        return StatusCode.INVALID_ARGUMENT, f"payload is not a valid {request_type.DESCRIPTOR.full_name}", b""
+        return StatusCode.INVALID_ARGUMENT, f"payload is not a valid {request_type.DESCRIPTOR.full_name}", b"", None
     return function(engine, request, now)
 
 
@@ -48,7 +54,7 @@ def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now:
         for worker in service.workers.values():
             info.workers.add(name=worker.name, capacity=worker.capacity, in_flight=len(worker.in_flight),
                              last_seen_ms=int((now - worker.last_seen) * 1000))
-    return StatusCode.OK, "", reply.SerializeToString()
+    return StatusCode.OK, "", reply.SerializeToString(), None
 
 
 def _describe_service(engine: "BrokerEngine", request: pb.DescribeServiceRequest, now: float):
@@ -57,25 +63,27 @@ def _describe_service(engine: "BrokerEngine", request: pb.DescribeServiceRequest
     else:
         service = engine.services.get(request.service)
         if service is None or not service.offered:
-            return StatusCode.NOT_FOUND, f"no worker has offered service {request.service!r}", b""
+            left = engine.config.unknown_service_grace - (now - engine.started_at)
+            return (StatusCode.NOT_FOUND, f"no worker has offered service {request.service!r}", b"",
+                    {GRACE_DETAIL: f"{left:.3f}"} if left > 0 else None)
         fds = service.file_descriptor_set
     reply = pb.DescribeServiceReply(service=request.service, file_descriptor_set=fds)
-    return StatusCode.OK, "", reply.SerializeToString()
+    return StatusCode.OK, "", reply.SerializeToString(), None
 
 
 def _health(engine: "BrokerEngine", request: pb.HealthRequest, now: float):
     status = pb.HealthReply
     if engine.draining:  # shutting down: send new calls elsewhere
-        return StatusCode.OK, "", status(status=status.NOT_SERVING).SerializeToString()
+        return StatusCode.OK, "", status(status=status.NOT_SERVING).SerializeToString(), None
     if not request.service or request.service == SERVICE:
-        return StatusCode.OK, "", status(status=status.SERVING).SerializeToString()
+        return StatusCode.OK, "", status(status=status.SERVING).SerializeToString(), None
     service = engine.services.get(request.service)
     if service is None or not service.offered:
-        return StatusCode.OK, "", status(status=status.SERVICE_UNKNOWN).SerializeToString()
+        return StatusCode.OK, "", status(status=status.SERVICE_UNKNOWN).SerializeToString(), None
     live = service.live_workers()
     reply = status(status=status.SERVING if live else status.NOT_SERVING,
                    live_workers=live, queue_depth=len(service.queue))
-    return StatusCode.OK, "", reply.SerializeToString()
+    return StatusCode.OK, "", reply.SerializeToString(), None
 
 
 _METHODS = {

@@ -160,8 +160,8 @@ class BrokerEngine:
                                   f"key {self.policy.name(peer_key)!r} may not call service "
                                   f"{service_name!r} (broker access rules)", now, reads_batches)
         if service_name == _builtin.SERVICE:
-            code, message, reply = _builtin.handle(self, method, payload, now)
-            self._reply(client, request_id, code, message, reply, reads_batches)
+            code, message, reply, details = _builtin.handle(self, method, payload, now)
+            self._reply(client, request_id, code, message, reply, reads_batches, details)
             return
         if self.draining:  # it never ran: any call may go again, to another broker (§11)
             self.counters["refused_draining"] += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import sys
 import threading
@@ -22,9 +23,13 @@ from .._client._core import BACKEND, SILENT_DETAIL, UNREACHABLE
 from .._endpoints import tcp_host_name
 from .._errors import Error
 from .._status import StatusCode
-from ._common import EXIT_STATUS_BASE, EXIT_USAGE, CliError, call_failed, curve_settings
+from ._common import EXIT_STATUS_BASE, EXIT_USAGE, CallFailed, CliError, call_failed, curve_settings
 
 BROKER_SERVICE = "zrpc.Broker"
+# The broker's _builtin.GRACE_DETAIL, spelt here so that `zrpc --help` need not import the broker.
+GRACE_DETAIL = "zrpc-registration-grace"
+_GRACE_LOOK_INTERVAL = 0.1  # seconds between DescribeService calls while a broker's grace lasts
+_GRACE_LOOKS = 1000  # a bound on them (a grace is seconds long: 3 by default)
 
 
 _REFUSED = "handshake refused"
@@ -240,14 +245,39 @@ def health(client, brokers: list[str], service: str, timeout: float) -> pb.Healt
 
 def describe(client, brokers: list[str], service: str, timeout: float
              ) -> tuple[descriptor_pool.DescriptorPool, ServiceDescriptor]:
-    """The pool holding ``service``'s files and the service's descriptor."""
-    reply = builtin_call(client, brokers, "DescribeService", pb.DescribeServiceRequest(service=service),
-                         pb.DescribeServiceReply, timeout)
+    """The pool holding ``service``'s files and the service's descriptor.
+
+    A broker that started moments ago says NOT_FOUND with the seconds left of its start-up grace
+    (GRACE_DETAIL): its workers may still be registering, and calls to the service would wait
+    for them meanwhile, so the description is asked again until then (or ``timeout``). A tester's
+    "start the broker, start a worker, call" script failed NOT_FOUND in 0.25 s."""
+    give_up_at = time.monotonic() + timeout
+    request = pb.DescribeServiceRequest(service=service)
+    for _ in range(_GRACE_LOOKS):
+        try:
+            reply = builtin_call(client, brokers, "DescribeService", request, pb.DescribeServiceReply, timeout)
+            break
+        except CallFailed as failed:
+            wait = min(_float_or_zero(failed.details.get(GRACE_DETAIL)), give_up_at - time.monotonic())
+            if wait <= 0:
+                raise
+            threading.Event().wait(min(wait, _GRACE_LOOK_INTERVAL))
+    else:
+        raise no_answer(brokers, timeout)
     try:
         pool = pool_from_file_descriptor_set(reply.file_descriptor_set)
         return pool, pool.FindServiceByName(service)
     except (KeyError, ValueError, TypeError) as exc:
         raise CliError(f"the broker's description of {service!r} is unusable: {exc}") from None
+
+
+def _float_or_zero(text: str | None) -> float:
+    """A detail's seconds; 0.0 for none, or for anything that is not a finite number."""
+    try:
+        value = float(text) if text else 0.0
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 def find_method(service: ServiceDescriptor, name: str) -> MethodDescriptor:
