@@ -127,7 +127,7 @@ def format_summary(s: dict) -> str:
         + (f" ({s['spawned_workers']} spawned worker(s))" if s["spawned_workers"] else ""),
         f"load         concurrency {s['concurrency']}, {_request_text(s)}",
         f"calls        {s['calls']} ({s['ok']} ok) in {s['elapsed_s']:.3f} s"
-        + (f", after {s['warmup_calls']} warm-up call(s), not counted" if s.get("warmup_calls") else ""),
+        + (", after a warm-up call (not counted)" if s.get("warmup_calls") else ""),
         f"throughput   {s['calls_per_s']:.1f} calls/s",
         f"latency ms   p50 {ms(s['p50_us'])}  p90 {ms(s['p90_us'])}  p99 {ms(s['p99_us'])}  "
         f"max {ms(s['max_us'])}" + (" (of the ok calls)" if s["ok"] < s["calls"] else ""),

@@ -289,10 +289,12 @@ def test_an_in_process_broker_drained_with_nothing_held_ends_its_loop(endpoints)
         broker.stop()
 
 
-@pytest.mark.parametrize("held", [0, 1], ids=["nothing held", "a call held past the grace"])
-def test_a_drain_ends_on_time_whatever_the_tick_interval(endpoints, held):
-    """The loop wakes for the drain's own steps (the quiet window, the grace's end): with a 60 s
-    tick, a drain of 0.3 s grace ends long before the loop would next tick."""
+@pytest.mark.parametrize("held, grace", [(0, 30.0), (1, 0.3), ("unserved", 30.0)],
+                         ids=["nothing held", "a call held past the grace", "a call no worker can take"])
+def test_a_drain_ends_on_time_whatever_the_tick_interval(endpoints, held, grace):
+    """The loop wakes for the drain's own steps, not at its next tick (60 s here): the quiet
+    window after the last held call, the grace's end, and the refusal of calls queued for a
+    service with no worker (which would hold the drain to its grace)."""
     frontend, backend = endpoints
     broker = Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0,
                                  tick_interval=60.0, log_level="ERROR")).start()
@@ -300,13 +302,18 @@ def test_a_drain_ends_on_time_whatever_the_tick_interval(endpoints, held):
         with Worker([SlowEcho()], brokers=backend, drain_grace=0.0, heartbeat_interval=30.0), \
                 Client(frontend, timeout=30.0, retry=None) as client:
             wait_until_served(frontend, ECHO.full_name)
-            calls = [client.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"a"), metadata={"sleep_ms": "20000"})
-                     for _ in range(held)]
+            if held == "unserved":  # a service no worker offered, waited for in the start-up grace
+                broker.engine.config.unknown_service_grace = 60.0
+                calls = [client.call_future("nobody.Offers", "This", b"")]
+                held = 1
+            else:
+                calls = [client.stub(ECHO).Say.future(echo_pb2.EchoRequest(payload=b"a"),
+                                                      metadata={"sleep_ms": "20000"}) for _ in range(held)]
             wait_for(lambda: broker.engine.calls_held == held, message=f"the broker to hold {held} calls")
-            broker.drain(0.3)
+            broker.drain(grace)
             wait_for(lambda: not broker._thread.is_alive(), timeout=10.0, message="the loop to end")
             for call in calls:
-                with pytest.raises(zrpc.Error):  # cut off by the grace: its connection closed
+                with pytest.raises(zrpc.Error):  # refused, or cut off by the grace
                     call.result(timeout=10)
     finally:
         broker.stop()

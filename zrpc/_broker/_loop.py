@@ -335,6 +335,11 @@ class Broker:
             log.info("draining: refusing new calls (%d recent clients told); %d held, answered within %.1fs "
                      "or failed", told, engine.calls_held, self._drain_grace)
         grace_over = now >= self._drain_began + self._drain_grace
+        if engine.calls_held and engine.refuse_queued(now, unserved_only=True):
+            # Calls no worker can take would hold the drain to its grace; the tick refuses them
+            # too, but a long tick_interval would leave them until then (review).
+            engine.flush()
+            self._send_all()
         if engine.calls_held and not grace_over:
             return False
         if not grace_over:
@@ -360,8 +365,8 @@ class Broker:
 
     def _drain_due(self) -> float:
         """When ``_drained`` may next say yes with no message to wake the loop (clock time): at
-        the end of the grace, or of the quiet window once no call is held. Not the next tick's
-        business: a broker with a long tick_interval would overstay its drain by up to a tick."""
+        the end of the grace, or of the quiet window once no call is held. The tick must not
+        decide this: a broker with a long tick_interval would overstay its drain by up to a tick."""
         due = self._drain_began + self._drain_grace
         if self._none_held_since is not None:
             due = min(due, self._none_held_since + _DRAIN_QUIET)
