@@ -1596,3 +1596,28 @@ def test_a_full_queue_is_said_once_per_service_not_once_per_refused_call(caplog)
     assert said == ["queue of service svc.S is full (1 calls): refusing calls",
                     "queue of service svc.T is full (1 calls): refusing calls"]
     assert h.engine.counters["queue_full"] == 11  # 5 for S (w took one); 6 for T (w was busy)
+
+
+def test_suppressed_warnings_are_counted_when_their_window_ends_not_at_the_next_one(caplog):
+    """A tester's 57,710 suppressed too_large warnings were reported 20 s late, by the next
+    oversized call, as "in the last 10s" (and without one, never): the tick reports them."""
+    from zrpc._broker._engine import _RateLimitedWarnings
+
+    clock = [100.0]
+    warnings = _RateLimitedWarnings(logging.getLogger("zrpc.test.ratelimit"), burst=2, window=10.0,
+                                    clock=lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger="zrpc.test.ratelimit"):
+        for n in range(5):
+            warnings.warn("too_large", "message %d too large", n)
+        clock[0] = 105.0
+        warnings.flush()  # the window has not ended
+        assert [r.getMessage() for r in caplog.records] == ["message 0 too large", "message 1 too large"]
+        clock[0] = 110.5
+        warnings.flush()
+        assert caplog.records[-1].getMessage() == "3 more too_large messages suppressed in the last 10s"
+        assert caplog.records[-1].suppressed == 3
+        clock[0] = 125.0
+        warnings.flush()
+        warnings.warn("too_large", "message %d too large", 5)  # a new window, nothing left to report
+    assert [r.getMessage() for r in caplog.records][2:] == ["3 more too_large messages suppressed in the last 10s",
+                                                            "message 5 too large"]
