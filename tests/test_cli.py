@@ -894,6 +894,13 @@ def test_the_cli_spells_the_silent_broker_detail_as_the_client_does():
     assert _common._SILENT_DETAIL == _core.SILENT_DETAIL
 
 
+def test_the_cli_spells_the_registration_grace_detail_as_the_broker_does():
+    from zrpc._broker import _builtin
+    from zrpc._cli import _discovery
+
+    assert _discovery.GRACE_DETAIL == _builtin.GRACE_DETAIL
+
+
 @pytest.fixture
 def offline_netns():
     """A network namespace of our own with no interface up, whose name lookups read only its own
