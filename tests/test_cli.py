@@ -557,6 +557,25 @@ def test_a_deadline_error_of_a_service_with_no_live_worker_gets_no_timeout_hint(
     assert str(_common.call_failed(slow)).endswith("; pass a larger --timeout if the call is slow")
 
 
+def test_ctrl_c_during_a_call_exits_130():
+    """A tester's Ctrl-C printed "Aborted!" and exited 1, the status of file and bind errors."""
+    broker = SilentEchoBroker()
+    try:
+        call = subprocess.Popen(zrpc_cli("call", "--broker", broker.endpoint, "--timeout", "60", "echo.Echo/Say", "{}"),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: broker.request_messages >= 2, message="the call to be sent")  # after DescribeService
+            call.send_signal(signal.SIGINT)
+            _, stderr = call.communicate(timeout=20)
+        finally:
+            call.kill()
+            call.wait(timeout=10)
+    finally:
+        broker.stop()
+    assert call.returncode == 130
+    assert stderr == "interrupted\n"
+
+
 def test_call_deadline_error_names_the_timeout_flag():
     broker = SilentEchoBroker()
     try:
