@@ -68,6 +68,7 @@ class Result:
     elapsed_s: float = 0.0
     unfinished: int = 0  # calls still in flight when a --duration run ended: cancelled, not counted
     warmup_calls: int = 0  # made before the run, not counted (the broker's metrics count them)
+    interrupted: bool = False  # Ctrl-C ended the run: the report covers the calls made until then
 
     @property
     def ok(self) -> int:
@@ -133,7 +134,8 @@ def format_summary(s: dict) -> str:
         f"max {ms(s['max_us'])}" + (" (of the ok calls)" if s["ok"] < s["calls"] else ""),
         f"errors       {errors}",
     ] + ([f"unfinished   {s['unfinished']} call(s) still in flight {END_GRACE:g} s after --duration: cancelled, "
-          f"not counted"] if s.get("unfinished") else [])) + "\n"
+          f"not counted"] if s.get("unfinished") else [])
+        + (["interrupted  by Ctrl-C: these are the calls made until then"] if s.get("interrupted") else [])) + "\n"
 
 
 def _request_text(s: dict) -> str:
@@ -194,6 +196,8 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
             else:  # each caller still running holds one call
                 _, unfinished = await asyncio.wait(callers, timeout=duration + min(timeout, END_GRACE))
                 result.unfinished = len(unfinished)
+        except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels us): report what was measured
+            result.interrupted = True
         finally:
             result.elapsed_s = time.perf_counter() - started
             ticker.cancel()
@@ -481,6 +485,8 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         report["empty_request"] = True
     if result.unfinished:
         report["unfinished"] = result.unfinished
+    if result.interrupted:
+        report["interrupted"] = True
     if as_json:
         click.echo(json.dumps(report, separators=(",", ":")))
     else:
@@ -490,6 +496,8 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         click.echo(f"error: {failed} of {result.calls} calls failed ({100 * failed / result.calls:.1f} %), "
                    f"more than --max-errors {max_errors:g} allows", err=True)
         sys.exit(1)
+    if result.interrupted:
+        sys.exit(130)  # 128 + SIGINT, as `zrpc` commands exit on Ctrl-C
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -183,6 +184,31 @@ def test_the_broker_counts_the_calls_reported_and_the_warm_up_call_the_report_na
         text = run_loadtest("--broker", frontend, "--requests", "10", "--concurrency", "2")
         assert "calls        10 (10 ok) in " in text.stdout
         assert ", after a warm-up call (not counted)\n" in text.stdout
+
+
+def test_ctrl_c_ends_the_run_with_a_report_of_the_calls_made_and_exit_130(endpoints):
+    """A tester's Ctrl-C printed only "Aborted!" (exit 1): what was measured was lost."""
+    frontend, backend = endpoints
+    with Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0, log_level="WARNING")) as broker, \
+            Worker([Echo()], brokers=backend):
+        wait_until_served(frontend, "echo.Echo")
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        run = subprocess.Popen([sys.executable, str(SCRIPT), "--broker", frontend, "--duration", "60", "--json"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def calls_made() -> bool:
+                counted = broker.stats.methods.get(("echo.Echo", "Say"))
+                return counted is not None and counted.codes.get("OK", 0) >= 200
+            wait_for(calls_made, message="the load test to make calls")
+            run.send_signal(signal.SIGINT)
+            stdout, stderr = run.communicate(timeout=30)
+        finally:
+            run.kill()
+            run.wait(timeout=10)
+    assert run.returncode == 130, stderr
+    report = json.loads(stdout)
+    assert report["interrupted"] is True and report["calls"] >= 199 and report["errors"] == {}
 
 
 def test_the_broker_comes_from_ZRPC_BROKER_as_for_the_cli_commands(ipc_dir):
