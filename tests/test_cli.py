@@ -1,6 +1,7 @@
 """The zrpc command line: usage errors in-process (CliRunner), the rest with real processes."""
 from __future__ import annotations
 
+import base64
 import importlib
 import json
 import os
@@ -555,6 +556,22 @@ def test_a_deadline_error_of_a_service_with_no_live_worker_gets_no_timeout_hint(
     assert str(failed).endswith("no live worker for 3.0s") and failed.details == {protocol.UNSERVED_DETAIL: "1"}
     slow = zrpc.Error(zrpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded at the worker")
     assert str(_common.call_failed(slow)).endswith("; pass a larger --timeout if the call is slow")
+
+
+def test_call_max_message_bytes_is_a_flag_and_its_error_names_it():
+    """A tester's oversized request was told to raise max_message_bytes=, which the CLI had no
+    flag for."""
+    broker = SilentEchoBroker()  # describes echo.Echo; the request never leaves the client
+    payload = base64.b64encode(b"x" * 2000).decode()
+    try:
+        small = run_cli("call", "--broker", broker.endpoint, "--max-message-bytes", "1000", "echo.Echo/Say",
+                        json.dumps({"payload": payload}))
+    finally:
+        broker.stop()
+    assert small.returncode == 10 + zrpc.StatusCode.RESOURCE_EXHAUSTED
+    line = one_line_error(small.stderr)
+    assert "over the client's max_message_bytes (1,000)" in line and "in the client (--max-message-bytes)" in line
+    assert broker.request_messages == 1  # DescribeService only
 
 
 def test_ctrl_c_during_a_call_exits_130():

@@ -8,6 +8,7 @@ import click
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
+from .. import _protocol as p
 from .. import broker_service_pb2 as pb
 from .._descriptors import is_idempotent, message_class
 from .._errors import Error
@@ -39,8 +40,12 @@ each_broker_option = _broker_option("ask each of several")
         help="Request metadata, repeatable (e.g. -m trace_id=abc).")
 @option("--emit-defaults", is_flag=True, default=False,
         help="Print fields that hold their default value too.")
+@option("--max-message-bytes", type=click.IntRange(min=1, max=p.MAX_MESSAGE_BYTES_LIMIT),
+        default=p.DEFAULT_MAX_MESSAGE_BYTES, metavar="BYTES", show_default=True,
+        help="Larger requests are refused before sending, larger replies RESOURCE_EXHAUSTED; "
+             "the broker has its own limit.")
 def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: float,
-         metadata: tuple[str, ...], emit_defaults: bool) -> None:
+         metadata: tuple[str, ...], emit_defaults: bool, max_message_bytes: int) -> None:
     """Call SERVICE/METHOD with a JSON request; print the JSON reply.
 
     JSON is the request message in protobuf's JSON mapping ('{}' when omitted; '-' reads
@@ -59,7 +64,7 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
     service_name, method_name = _discovery.split_target(target)
     fields = _parse_json(sys.stdin.read() if request_json == "-" else request_json)
     metadata_map = _parse_metadata(metadata)
-    with _discovery.connect(endpoints, timeout) as client:
+    with _discovery.connect(endpoints, timeout, max_message_bytes) as client:
         pool, service = _discovery.describe(client, endpoints, service_name, timeout)
         method = _discovery.find_method(service, method_name)
         request = message_class(method.input_type)()

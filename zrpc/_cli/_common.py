@@ -158,6 +158,7 @@ def call_failed(error: Error, prefix: str = "") -> CallFailed:
     message = f"{error.code.name}: {error.message}" if error.message else error.code.name
     # The client's deadline message speaks to Python callers; here the setting is a flag.
     message = message.replace("pass a larger timeout=", "pass a larger --timeout")
+    message = message.replace("in the client (max_message_bytes=)", "in the client (--max-message-bytes)")
     if (error.code == StatusCode.DEADLINE_EXCEEDED and "--timeout" not in message
             and _SILENT_DETAIL not in error.details and _UNSERVED_DETAIL not in error.details):
         # The broker's or the worker's own words (whichever deadline fired first): the same hint.

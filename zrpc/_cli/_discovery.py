@@ -77,7 +77,7 @@ def _repeats(record: logging.LogRecord, error_message: str) -> bool:
 
 
 @contextlib.contextmanager
-def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
+def connect(brokers: list[str], timeout: float, max_message_bytes: int | None = None) -> Iterator["object"]:
     """A sync zrpc Client on ``brokers``, closed on exit; connection errors become CliError.
 
     It does not wait for a broker that is not there: a command's call fails as soon as every
@@ -86,8 +86,9 @@ def connect(brokers: list[str], timeout: float) -> Iterator["object"]:
     from .._client import Client  # imported late: `zrpc --help` must not need a socket
 
     try:
+        limit = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
         client = Client(brokers if len(brokers) > 1 else brokers[0], timeout=timeout, wait_for_broker=False,
-                        **curve_settings())
+                        **limit, **curve_settings())
     except CliError:
         raise
     except Exception as exc:  # zmq.ZMQError for an endpoint libzmq refuses, ValueError from ours
