@@ -49,6 +49,10 @@ _MAX_RECENT_CLIENTS = 100_000
 _FORGET_PER_TICK = 1000
 
 
+# The hint of every answer that a service has no worker (NOT_FOUND, UNAVAILABLE, a deadline).
+_START_A_WORKER = "start one with: zrpc worker run MODULE:CLASS"
+
+
 class BrokerEngine:
     """Registry, queues and dispatch policy of one broker, as a plain object."""
 
@@ -622,10 +626,9 @@ class BrokerEngine:
         if service is None or service.has_live_worker():
             return None
         if not service.offered:
-            return f"no worker has offered service {name!r} yet; start one with: zrpc worker run MODULE:CLASS"
+            return f"no worker has offered service {name!r} yet; {_START_A_WORKER}"
         since = service.no_worker_since if service.no_worker_since is not None else now
-        return (f"service {name!r} has had no live worker for {now - since:.1f}s; "
-                f"start one with: zrpc worker run MODULE:CLASS")
+        return f"service {name!r} has had no live worker for {now - since:.1f}s; {_START_A_WORKER}"
 
     def _settle_waiting(self, service: ServiceState, now: float) -> None:
         """NOT_FOUND after the start-up grace; UNAVAILABLE after unavailable_wait (§10)."""
@@ -645,8 +648,8 @@ class BrokerEngine:
         while (call := queue.head()) is not None and max(since, call.enqueued_at) + wait <= now:
             queue.popleft()
             self._fail(call, StatusCode.UNAVAILABLE,
-                       f"no live worker for service {service.name!r} (waited {wait:g}s); "
-                       f"start one with: zrpc worker run MODULE:CLASS", now, _not_run_if_never_sent(call))
+                       f"no live worker for service {service.name!r} (waited {wait:g}s); {_START_A_WORKER}",
+                       now, _not_run_if_never_sent(call))
 
     # ------------------------------------------------------------------ dispatch
 
@@ -1157,8 +1160,7 @@ def _gone_method_message(service: ServiceState, method: str) -> str:
 
 
 def _not_found_message(service: str) -> str:
-    return (f"no worker offers service {service!r}; start one with: "
-            f"zrpc worker run MODULE:CLASS --broker <backend endpoint>")
+    return f"no worker offers service {service!r}; {_START_A_WORKER} --broker <backend endpoint>"
 
 
 class _RateLimitedWarnings:
