@@ -430,7 +430,7 @@ class Spawned:
               show_envvar=True, help="--concurrency of each spawned worker.")
 @click.option("--max-errors", type=FiniteRange(min=0.0, max=1.0), default=0.0, show_default=True,
               metavar="FRACTION", help="Exit with status 1 when more than this fraction of the calls failed "
-              "(0: any failed call; 1: never, for a method that fails by design). A first call failing "
+              "or were unfinished after --duration (0: any failed call; 1: never, for a method that fails by design). A first call failing "
               "UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED or PERMISSION_DENIED still stops the run: "
               "no call can reach a handler.")
 @click.option("--json", "as_json", is_flag=True, default=False, show_envvar=True, envvar="ZRPC_LOADTEST_JSON",
@@ -440,7 +440,8 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
          worker_target, worker_concurrency, max_errors, as_json) -> None:
     """Keep CONCURRENCY calls in flight and report calls/s and latency percentiles.
 
-    Exits 1 when more calls failed than --max-errors allows (the report is printed first).
+    Exits 1 when more calls failed than --max-errors allows (the report is printed first); a call
+    still unanswered a second after --duration counts as failed.
     """
     if spawn_brokers > 1 and not spawn:
         raise click.UsageError("--spawn-brokers starts brokers for --spawn N workers: give --spawn too")
@@ -491,13 +492,26 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         click.echo(json.dumps(report, separators=(",", ":")))
     else:
         click.echo(format_summary(report), nl=False)
-    failed = result.calls - result.ok
-    if failed and failed > max_errors * result.calls:
-        click.echo(f"error: {failed} of {result.calls} calls failed ({100 * failed / result.calls:.1f} %), "
-                   f"more than --max-errors {max_errors:g} allows", err=True)
+    # A call cancelled unanswered a grace after --duration counts as failed: a broker or workers
+    # that stopped mid-run leave every call in flight unanswered, and that run did not pass.
+    failed = result.calls - result.ok + result.unfinished
+    if failed and failed > max_errors * (result.calls + result.unfinished):
+        click.echo(f"error: {_failed_text(result)}, more than --max-errors {max_errors:g} allows", err=True)
         sys.exit(1)
     if result.interrupted:
         sys.exit(130)  # 128 + SIGINT, as `zrpc` commands exit on Ctrl-C
+
+
+def _failed_text(result: Result) -> str:
+    failed, unfinished = result.calls - result.ok, result.unfinished
+    total = result.calls + unfinished
+    share = f"({100 * (failed + unfinished) / total:.1f} %)"
+    left = f"unfinished (no answer {END_GRACE:g} s after --duration)"
+    if not unfinished:
+        return f"{failed} of {total} calls failed {share}"
+    if not failed:
+        return f"{unfinished} of {total} calls {left} {share}"
+    return f"{failed} of {total} calls failed and {unfinished} {left} {share}"
 
 
 if __name__ == "__main__":

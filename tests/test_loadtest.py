@@ -295,3 +295,17 @@ def test_a_duration_run_ends_a_grace_after_it_and_reports_the_calls_it_cancelled
     assert report["unfinished"] == 2 and report["calls"] == 0
     text = loadtest.format_summary(report)
     assert "unfinished   2 call(s) still in flight 1 s after --duration: cancelled, not counted" in text
+
+
+def test_calls_left_unanswered_after_the_duration_fail_the_run_unless_errors_are_allowed():
+    """A tester stopped the broker mid-run: every call in flight went unanswered, was cancelled
+    after the grace, and the run exited 0. Unfinished calls now count as failed (each call here
+    sleeps 2 s, so none can end within --duration 0.2 and its 1 s grace)."""
+    args = ("--spawn", "1", "--service", "echo.Echo/Sleep", "--data", '{"ms": 2000}', "--duration", "0.2",
+            "--timeout", "30", "--concurrency", "3")
+    result = run_loadtest(*args)
+    assert result.returncode == 1, result.stderr
+    assert "unfinished   3 call(s) still in flight" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: 3 of 3 calls unfinished (no answer 1 s after --duration) (100.0 %), "
+        "more than --max-errors 0 allows")
