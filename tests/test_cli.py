@@ -1004,3 +1004,14 @@ def test_a_misspelt_variable_of_a_client_command_is_said_with_the_likely_one(cli
     assert result.exit_code == 2  # and the command goes on: here, to refuse its bad JSON
     quiet = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", "[", env={"ZRPC_CALL_TIMEOUT": "1"})
     assert "warning" not in quiet.stderr
+
+
+def test_worker_run_at_a_brokers_frontend_exits_1_naming_the_backend_option(cli_broker, spawn):
+    _, frontend, _ = cli_broker
+    worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", frontend,
+                             "--heartbeat-interval", "0.2", "--drain-grace", "60"))
+    assert worker.popen.wait(20) == 1
+    last = wait_for(lambda: next((line for line in worker.errors if line.startswith("error:")), None), 5,
+                    message="the worker's error line")
+    assert last.startswith(f"error: worker stopped: {frontend} answers like a broker's frontend")
+    assert "workers connect to its backend (`zrpc broker start --backend`" in last

@@ -789,28 +789,64 @@ def test_stop_leaves_calls_past_the_grace_to_the_broker(broker, make_worker):
     assert probe.saw_cancel == [True]
 
 
-def test_a_worker_pointed_at_a_brokers_frontend_says_so_once(endpoints, caplog):
-    """The client port answers READY as a client's bad request: the worker names the mistake."""
+def test_a_worker_pointed_only_at_a_brokers_frontend_stops_and_says_why(endpoints, caplog):
+    """The client port answers READY as a client's bad request. A tester's worker logged one
+    ERROR and ran on, idle, its heartbeats warned about by the broker; it now stops, and
+    ``error`` (and the CLI's exit status) says what to fix."""
     import logging
 
     from zrpc import Broker, BrokerConfig
-
-    from .conftest import wait_for
+    from zrpc._worker._runtime import NotABrokerBackend
 
     frontend, backend = endpoints
     caplog.set_level(logging.INFO, logger="zrpc.worker")
+    with Broker(BrokerConfig(frontend=frontend, backend=backend)):
+        worker = Worker([Greeter()], frontend, heartbeat_interval=0.05, drain_grace=60.0).start()
+        try:
+            assert worker.wait(10), "the worker did not stop"
+        finally:
+            worker.stop(timeout=10)
+    assert isinstance(worker.error, NotABrokerBackend)
+    assert str(worker.error).startswith(f"{frontend} answers like a broker's frontend")
+    assert "--backend" in str(worker.error)
+    assert [r.levelname for r in caplog.records if "answers like a broker's frontend" in r.message] == ["ERROR"]
+    assert not [r for r in caplog.records if "bad message from broker" in r.message]
+
+
+def test_a_worker_given_a_frontend_among_its_brokers_drops_it_and_serves_the_others(endpoints, monkeypatch,
+                                                                                   caplog):
+    import logging
+
+    from zrpc import Broker, BrokerConfig, Client
+    from zrpc._worker._link import BrokerLink
+
+    from .conftest import wait_for
+
+    sent_to: dict[str, int] = {}
+    heartbeat = BrokerLink.heartbeat
+
+    def counted(link, now):
+        sent_to[link.endpoint] = sent_to.get(link.endpoint, 0) + 1
+        heartbeat(link, now)
+
+    monkeypatch.setattr(BrokerLink, "heartbeat", counted)
+    frontend, backend = endpoints
+    caplog.set_level(logging.INFO, logger="zrpc.worker")
     with Broker(BrokerConfig(frontend=frontend, backend=backend)) as broker:
-        with Worker([Greeter()], frontend, heartbeat_interval=0.05):
+        with Worker([Greeter()], [frontend, backend], heartbeat_interval=0.05) as worker:
             hint = lambda: [r for r in caplog.records if "answers like a broker's frontend" in r.message]
             wait_for(hint, 10, message="the worker's hint")
-            wait_for(lambda: broker.engine.counters["malformed_bad_command"] >= 2, 10,
-                     message="a second message refused by the frontend")
-            stopping = time.monotonic()
-        # The drain waits for no acknowledgement from a frontend (10 s of grace by default).
-        assert time.monotonic() - stopping < 5
+            refused = broker.engine.counters["malformed_bad_command"]
+            with Client(frontend, timeout=10) as client:
+                hello = client.call("helloworld.Greeter", "SayHello", b"\n\x03Ada", timeout=10)
+                assert b"Hello, Ada!" in hello
+            # Ten heartbeats later the backend heard them all, the frontend none of them.
+            seen = sent_to.get(backend, 0)
+            wait_for(lambda: sent_to.get(backend, 0) >= seen + 10, 10, message="ten more heartbeats")
+            assert broker.engine.counters["malformed_bad_command"] == refused
+            assert sent_to.get(frontend, 0) == 0 and worker.error is None
         [record] = hint()
-        assert record.levelname == "ERROR" and frontend in record.message and "--backend" in record.message
-        assert not [r for r in caplog.records if "bad message from broker" in r.message]
+        assert record.levelname == "ERROR" and f"not connecting there again, serving {backend}" in record.message
 
 
 @pytest.mark.parametrize("setting", [{"heartbeat_interval": float("inf")}, {"heartbeat_interval": float("nan")},

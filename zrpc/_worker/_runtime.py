@@ -54,6 +54,12 @@ from ._share import CapacityShare
 
 log = logging.getLogger("zrpc.worker")
 
+
+class NotABrokerBackend(RuntimeError):
+    """Every endpoint the worker was given answers as a broker's frontend (the clients' side):
+    the worker can serve nobody there, so it stops with this error instead of running idle."""
+
+
 # Messages taken from a socket in one go before the loop looks at anything else.
 _BATCH = 256
 
@@ -166,6 +172,12 @@ class Worker:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._misdirected: NotABrokerBackend | None = None  # set when no link is a broker's backend
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the worker on its own (a NotABrokerBackend, or an error of its loop)."""
+        return self._error
 
     @property
     def draining(self) -> bool:
@@ -198,7 +210,9 @@ class Worker:
         try:
             self.run()
         except BaseException as exc:  # reported by start(), or logged when it comes later
-            if self._started.is_set():
+            if isinstance(exc, NotABrokerBackend):
+                log.error("worker stopped: %s", exc)
+            elif self._started.is_set():
                 log.exception("worker stopped by an error")
             self._error = exc
             self._started.set()
@@ -267,6 +281,8 @@ class Worker:
                 self._stop_event.set()
             await self._stop_event.wait()
             await self._drain(self._stop_grace if self._stop_grace is not None else self.drain_grace)
+            if self._misdirected is not None:
+                raise self._misdirected
         finally:
             for task in tasks:
                 task.cancel()
@@ -286,6 +302,8 @@ class Worker:
             if own_context:
                 context.term()
             self._loop_thread_id = None
+            if self._misdirected is not None:  # known before wait() returns
+                self._error = self._misdirected
             self._stopped.set()
             log.info("worker %s stopped", self.name)
 
@@ -352,6 +370,8 @@ class Worker:
             now = clock()
             timers = [self.heartbeat_interval]
             for link in self._links:
+                if link.looks_like_frontend:  # closed for good (see _drop_frontend)
+                    continue
                 if link.silent(now):
                     if self._draining:  # we are leaving: _drain stops waiting for this broker
                         continue
@@ -436,12 +456,8 @@ class Worker:
             except p.ProtocolError as exc:
                 if len(frames) > 1 and frames[1] == p.REPLY:
                     # A broker's frontend answers our READY as a client's bad request.
-                    if not link.looks_like_frontend:
-                        link.looks_like_frontend = True
-                        log.error("%s answers like a broker's frontend (the endpoint for clients): workers "
-                                  "connect to its backend (`zrpc broker start --backend`, port 5556 by default)",
-                                  link.endpoint)
-                    continue
+                    self._drop_frontend(link)
+                    return
                 log.warning("bad message from broker %s (%s): %s", link.endpoint, exc.reason, exc.message)
                 continue
             if command == p.REQUEST or command == p.REQUEST_BATCH:
@@ -465,6 +481,22 @@ class Worker:
                 link.refusal = None
                 log.info("registered with broker %s", link.endpoint)
         link.schedule_read()  # a full batch: let other work run, then read on
+
+    def _drop_frontend(self, link: BrokerLink) -> None:
+        """Stop talking to a broker's frontend: it will never send a call, and each heartbeat of
+        ours made its broker warn (a tester's worker ran on, idle, logging one ERROR). With no
+        other broker left, the worker stops with NotABrokerBackend."""
+        link.looks_like_frontend = True
+        link.close()
+        problem = (f"{link.endpoint} answers like a broker's frontend (the endpoint for clients): workers "
+                   f"connect to its backend (`zrpc broker start --backend`, port 5556 by default)")
+        serving = [other.endpoint for other in self._links if not other.looks_like_frontend]
+        if serving:
+            log.error("%s; not connecting there again, serving %s", problem, ",".join(serving))
+            return
+        self._misdirected = NotABrokerBackend(problem)
+        self._stop_grace = 0.0  # no broker has us registered: nothing to drain
+        self._stop_event.set()
 
     # ------------------------------------------------------------------ commands
 
