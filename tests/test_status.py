@@ -91,6 +91,25 @@ def test_watch_refreshes_until_interrupted(spawn, served):
     assert not any("Traceback" in line for line in watcher.errors)
 
 
+def test_watch_of_a_broker_that_does_not_answer_ends_with_its_failure_status(spawn, ipc_dir):
+    """A tester's watch of a broker that never answered exited 0 on Ctrl-C."""
+    nobody = f"ipc://{ipc_dir}/nobody-home"
+    watcher = spawn(*zrpc_cli("status", "--broker", nobody, "--watch", "--interval", "0.05", "--timeout", "0.2"))
+    wait_for(lambda: sum(line.startswith(f"broker {nobody}: ") for line in watcher.lines) >= 2,
+             message="two refreshes saying the broker does not answer")
+    watcher.signal(signal.SIGINT)
+    assert watcher.popen.wait(10) == 24  # 10 + UNAVAILABLE, as without --watch
+    assert not any("Traceback" in line for line in watcher.errors)
+
+
+def test_ctrl_c_before_the_second_snapshot_exits_130(spawn, served):
+    once = spawn(*zrpc_cli("status", "--broker", served.frontend_endpoint, "--interval", "60"))
+    # Its requests: DescribeService is not asked; ListServices is the first snapshot.
+    wait_for(lambda: served.engine.counters["requests"] >= 1, message="the first snapshot")
+    once.signal(signal.SIGINT)
+    assert once.popen.wait(10) == 130
+
+
 @pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
 def test_status_reaches_a_curve_broker_with_the_keys_it_is_given(tmp_path):
     keys = Keys(tmp_path)

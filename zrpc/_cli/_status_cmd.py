@@ -39,7 +39,8 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
     ("-" when no call ended in it), ERRORS (calls not OK) since the broker started.
 
     With several brokers, a table each. A broker that does not answer gets a line saying so
-    instead (with --watch, until it answers again) and sets the exit status.
+    instead (with --watch, until it answers again) and sets the exit status; --watch ends with
+    Ctrl-C, with the status of its last refresh.
 
     \b
       zrpc status --broker tcp://127.0.0.1:5555
@@ -53,7 +54,7 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
         # from the same broker (one client would deal its questions over all of them).
         clients = {endpoint: stack.enter_context(_discovery.connect([endpoint], timeout)) for endpoint in endpoints}
         # Ctrl-C is recorded, not raised wherever the main thread is (inside the client's lock,
-        # a KeyboardInterrupt could leave it held): --watch ends quietly at the next wait.
+        # a KeyboardInterrupt could leave it held): --watch ends at the next wait.
         interrupted = stack.enter_context(SignalWait((signal.SIGINT,)))
 
         def snapshot(earlier: dict[str, object] | None = None) -> dict[str, object]:
@@ -87,6 +88,11 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
                 return
             click.echo((_CLEAR if terminal else "") + text + ("" if terminal else "\n"))
             before, taken = after, now
+        if not watch:  # Ctrl-C before the second snapshot: nothing was printed
+            raise KeyboardInterrupt
+        # Ctrl-C ends --watch: its status is that of the last view (a tester's watch of a broker
+        # that never answered exited 0).
+        _discovery.raise_first_failure(before, said=True)
 
 
 def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, seconds: float, broker: str) -> str:
