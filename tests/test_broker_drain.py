@@ -353,6 +353,8 @@ def test_a_call_sent_as_the_last_held_answer_arrives_is_refused_not_lost(endpoin
             with pytest.raises(zrpc.Error) as next_call:
                 newcomer.call("echo.Echo", "Say", echo_pb2.EchoRequest(payload=b"next").SerializeToString())
             assert next_call.value.details.get("zrpc-retry") == "draining", next_call.value
+            # Not "calls it holds are still answered", which a tester read as about this call.
+            assert "shutting down and takes no new calls (this one did not run)" in next_call.value.message
     finally:
         broker.stop()
 

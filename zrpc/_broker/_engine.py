@@ -170,7 +170,7 @@ class BrokerEngine:
         if self.draining:  # it never ran: any call may go again, to another broker (§11)
             self.counters["refused_draining"] += 1
             return self._fail_new(client, request_id, header, StatusCode.UNAVAILABLE,
-                                  "broker is shutting down; calls it holds are still answered", now,
+                                  "broker is shutting down and takes no new calls (this one did not run)", now,
                                   reads_batches, p.DRAINING)
         if outstanding is not None and len(outstanding) >= self.config.max_outstanding_per_client:
             return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
