@@ -427,14 +427,19 @@ def test_deadline_at_worker_answers_caller_cancels_worker_and_keeps_the_slot():
     assert len(h.take_requests()) == 1  # the freed slot takes the queued call
 
 
-def test_dead_worker_requests_are_redispatched_once_if_idempotent_else_unavailable():
+def test_dead_worker_requests_are_redispatched_once_if_idempotent_else_unavailable(caplog):
     h = Harness()
     h.ready(b"w1", capacity=2, heartbeat_ms=100)
     idem = h.call(b"c", idempotent=True, payload=b"idem")
     other = h.call(b"c", idempotent=False, payload=b"other")
     assert len(h.take_requests()) == 2
     h.ready(b"w2", capacity=2, heartbeat_ms=100_000)
-    h.advance(0.31)  # w1 silent for more than 3 x 100 ms
+    with caplog.at_level(logging.INFO, logger="zrpc.broker"):
+        h.advance(0.31)  # w1 silent for more than 3 x 100 ms
+    # The log says what the loss cost, as the callers' errors do (a tester had only "expired").
+    [cost] = [r for r in caplog.records if "call(s) in flight" in r.message]
+    assert cost.levelname == "WARNING" and cost.message.startswith("worker w1 expired with 2 call(s) in flight: "
+                                                                   "1 queued again for another worker, 1 failed")
     [(_, reply, _)] = h.take_replies()
     assert (reply.request_id, reply.code) == (other, StatusCode.UNAVAILABLE)
     assert "w1 expired" in reply.message

@@ -837,6 +837,7 @@ class BrokerEngine:
         self._requests.pop(worker.identity, None)
         self._batches.pop(worker.identity, None)
         requeue: dict[str, list[Call]] = {}
+        failed = 0
         for dispatch_id, call in worker.in_flight.items():
             if call is None:
                 continue
@@ -851,10 +852,18 @@ class BrokerEngine:
                 self._fail(call, StatusCode.UNAVAILABLE,
                            f"worker {worker.name} {why} with the call in flight; it may or may not have run",
                            now)
+                failed += 1
                 continue
             call.state = CallState.QUEUED
             requeue.setdefault(call.service, []).append(call)
         worker.in_flight.clear()
+        if failed or requeue:
+            # What it cost: a tester's "worker expired" line left the callers' errors unexplained.
+            queued = sum(map(len, requeue.values()))
+            (log.warning if failed else log.info)(
+                "worker %s %s with %d call(s) in flight: %d queued again for another worker, %d failed "
+                "UNAVAILABLE (they may have run: not idempotent, sent twice already or past their deadline)",
+                worker.name, why, queued + failed, queued, failed, extra={"peer": worker.name, "reason": "worker_gone"})
         if self._indexes:
             self._changed(worker)  # gone from self.workers already: its entries all go stale
         # Out of every service before any dispatch: a dispatch for one service must not see it in
