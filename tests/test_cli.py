@@ -434,10 +434,13 @@ def test_services_table_columns_are_aligned():
     listing.services.add(name="a.B", methods=["X"], live_workers=12, in_flight=3, capacity=160, queue_depth=0)
     listing.services.add(name="helloworld.Greeter", methods=["SayHello", "Other"], live_workers=1,
                          in_flight=0, capacity=16, queue_depth=250)
+    listing.services.add(name="zrpc.Broker", methods=["Health"], live_workers=1, in_flight=0, capacity=1)
     lines = format_services(listing).splitlines()
     assert lines[0].split() == ["SERVICE", "METHODS", "WORKERS", "IN-FLIGHT/CAPACITY", "QUEUED"]
     assert lines[1].split() == ["a.B", "X", "12", "3/160", "0"]
     assert lines[2].split() == ["helloworld.Greeter", "SayHello,Other", "1", "0/16", "250"]
+    # The broker answers its own service: no worker, capacity or queue to count.
+    assert lines[3].split() == ["zrpc.Broker", "Health", "-", "built", "in", "-"]
     assert len({len(line) for line in lines}) == 1  # numbers right-aligned to one width
 
 

@@ -149,11 +149,14 @@ def services(brokers: tuple[str, ...], timeout: float, as_json: bool) -> None:
 
 
 def format_services(listing: pb.ListServicesReply) -> str:
-    """An aligned plain-text table, one service per row (methods comma-separated)."""
+    """An aligned plain-text table, one service per row (methods comma-separated).
+
+    The broker's own service has no workers, capacity or queue: a tester read its "1" and "0/1"
+    as a worker of it somewhere."""
     header = ("SERVICE", "METHODS", "WORKERS", "IN-FLIGHT/CAPACITY", "QUEUED")
     rows = [header] + [
-        (s.name, ",".join(s.methods), str(s.live_workers), f"{s.in_flight}/{s.capacity}",
-         str(s.queue_depth))
+        (s.name, ",".join(s.methods), "-", "built in", "-") if s.name == _discovery.BROKER_SERVICE else
+        (s.name, ",".join(s.methods), str(s.live_workers), f"{s.in_flight}/{s.capacity}", str(s.queue_depth))
         for s in listing.services
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
