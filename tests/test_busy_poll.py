@@ -218,6 +218,8 @@ def test_the_cli_flags_reach_broker_and_worker_and_both_rest_when_calls_stop(spa
     broker = spawn(*zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend,
                              "--unknown-service-grace", "0", "--busy-poll", "1"))
     broker.wait_line("zrpc broker ready")
+    wait_for(lambda: any("broker bound: " in line and line.endswith(" busy_poll=1s") for line in broker.errors),
+             message="the broker's log of its endpoints and busy polling")
     worker = spawn(*zrpc_cli("worker", "run", "workers.echo:Echo", "--broker", backend, "--busy-poll", "1"))
     worker.wait_line("zrpc worker ready")
     wait_until_served(frontend, ECHO.full_name)

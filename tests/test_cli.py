@@ -288,11 +288,11 @@ def test_a_config_file_sets_the_process_settings_too_and_flags_still_win(spawn, 
     broker = spawn(*zrpc_cli("broker", "start", "--config", str(path)))
     ready = broker.wait_line("zrpc broker ready")
     assert " metrics=http://127.0.0.1:" in ready
-    wait_for(lambda: any(line.startswith("{") and '"broker serving' in line for line in broker.errors))
+    wait_for(lambda: any(line.startswith("{") and '"broker bound' in line for line in broker.errors))
     broker.stop()
     flagged = spawn(*zrpc_cli("broker", "start", "--config", str(path), "--log-format", "text"))
     flagged.wait_line("zrpc broker ready")
-    wait_for(lambda: any("broker serving" in line for line in flagged.errors))
+    wait_for(lambda: any("broker bound" in line for line in flagged.errors))
     assert not any(line.startswith("{") for line in flagged.errors)
 
 

@@ -124,8 +124,9 @@ class Broker:
         self._wake_recv.bind(self._wake_endpoint)
         # Calls to unknown services wait out the grace from when we can first be reached.
         self.engine.started_at = self._clock()
-        log.info("broker bound: frontend=%s backend=%s%s", self.frontend_endpoint, self.backend_endpoint,
-                 " (CURVE)" if self.security is not None else "")
+        log.info("broker bound: frontend=%s backend=%s%s%s", self.frontend_endpoint, self.backend_endpoint,
+                 " (CURVE)" if self.security is not None else "",
+                 f" busy_poll={self.config.busy_poll:g}s" if self.config.busy_poll else "")
         log.info("connections: at most %d per endpoint (file descriptor limit %d)",
                  self.max_connections, fd_limit())
         if self.security is None:

@@ -147,8 +147,6 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
     previous_hangup = signal.signal(signal.SIGHUP, on_hangup)
     ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}"
                + (f" metrics={metrics.url}" if metrics else ""))
-    log.info("broker serving: frontend=%s backend=%s%s", frontend, backend,
-             f" busy_poll={config.busy_poll:g}s" if config.busy_poll else "")
     try:
         broker_.run()
     finally:
