@@ -4,6 +4,7 @@ before libzmq does (its ``Invalid argument`` names neither the problem nor the f
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Sequence
 
@@ -101,3 +102,31 @@ def endpoint_list(endpoints: str | Sequence[str], what: str = "broker endpoint",
         if problem:
             raise ValueError(f"bad {what} {endpoint!r}: {problem}")
     return list(dict.fromkeys(found))
+
+
+def ipc_socket_file(endpoint: str) -> tuple[str, tuple[int, int]] | None:
+    """The file a bound ``ipc://`` endpoint made, with its (device, inode); None for any other
+    endpoint, the abstract namespace (``ipc://@name``) or a file that is not there."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return None
+    path = endpoint[len("ipc://"):]
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return path, (status.st_dev, status.st_ino)
+
+
+def remove_ipc_socket_file(bound: tuple[str, tuple[int, int]] | None) -> None:
+    """Remove a socket file ``ipc_socket_file`` found at bind time, once its socket is closed:
+    libzmq 4.3 leaves it behind (a tester found them after every clean stop). Only if it is
+    still the same file: a process that bound the path since owns the one there now."""
+    if bound is None:
+        return
+    path, identity = bound
+    try:
+        status = os.stat(path)
+        if (status.st_dev, status.st_ino) == identity:
+            os.unlink(path)
+    except OSError:  # gone already, or not ours to remove
+        pass

@@ -10,6 +10,7 @@ import zmq
 
 from .. import _protocol as p
 from .. import _security
+from .._endpoints import ipc_socket_file, remove_ipc_socket_file
 from .._frames import readable
 from .._polling import yield_core
 from ._auth import BrokerSecurity
@@ -79,6 +80,7 @@ class Broker:
         self.backend: zmq.Socket | None = None
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
+        self._socket_files: list = []  # ipc:// files bound, removed at close (see remove_ipc_socket_file)
         self._wake_endpoint = f"inproc://zrpc-broker-wake-{id(self):x}"
         self._wake_recv: zmq.Socket | None = None
         self._stopping = threading.Event()
@@ -119,6 +121,7 @@ class Broker:
             raise
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._socket_files = [ipc_socket_file(self.frontend_endpoint), ipc_socket_file(self.backend_endpoint)]
         self._wake_recv = self._context.socket(zmq.PULL)
         self._wake_recv.linger = 0
         self._wake_recv.bind(self._wake_endpoint)
@@ -249,6 +252,9 @@ class Broker:
             self.security.stop()
         if self._own_context:
             self._context.term()
+        for bound in self._socket_files:
+            remove_ipc_socket_file(bound)
+        self._socket_files = []
 
     # ------------------------------------------------------------------ the loop
 
