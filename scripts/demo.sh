@@ -5,8 +5,6 @@
 # (e.g. `scripts/demo.sh --concurrency 64`, `scripts/demo.sh --duration 30`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-# setuptools warns on every editable install of a flat layout (harmless here): keep the output readable.
-PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install -q -e .
+source scripts/_venv.sh
+ensure_venv . demo
 exec .venv/bin/python scripts/loadtest.py --spawn 2 --concurrency 32 --requests 20000 --duration 10 --payload-size 100 "$@"

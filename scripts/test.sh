@@ -14,8 +14,6 @@ if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/n
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-# setuptools warns on every editable install of a flat layout (harmless here): keep the output readable.
-PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install -q -e '.[test]'
+source scripts/_venv.sh
+ensure_venv '.[test]' test
 exec .venv/bin/python -m pytest "$@"
