@@ -39,7 +39,8 @@ from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
 from zrpc import AsyncClient, Client, Error, StatusCode, tune_allocator  # noqa: E402
 from zrpc._cli import _discovery  # noqa: E402
-from zrpc._cli._common import FiniteRange, curve_options, curve_settings, split_endpoints  # noqa: E402
+from zrpc._cli._common import (ExitOnInterrupt, FiniteRange, curve_options, curve_settings,  # noqa: E402
+                              split_endpoints)
 from zrpc._descriptors import is_idempotent, message_class  # noqa: E402
 
 STARTUP_TIMEOUT = 20.0  # bound on the spawned broker printing its ready line, workers registering
@@ -399,7 +400,13 @@ class Spawned:
 
 # ----------------------------------------------------------------------------- the command
 
-@click.command(context_settings={"auto_envvar_prefix": "ZRPC_LOADTEST", "help_option_names": ["-h", "--help"]})
+class _Command(ExitOnInterrupt, click.Command):
+    """Ctrl-C before the run (spawning, the warm-up call) exits 130 as in `zrpc`; during the run
+    the report of the calls made so far comes first (see run_load)."""
+
+
+@click.command(cls=_Command,
+               context_settings={"auto_envvar_prefix": "ZRPC_LOADTEST", "help_option_names": ["-h", "--help"]})
 @click.option("--broker", "-b", "brokers", multiple=True, default=["tcp://127.0.0.1:5555"], show_default=True,
               metavar="ENDPOINT", show_envvar=True, envvar=["ZRPC_LOADTEST_BROKER", "ZRPC_BROKER"],
               help="Broker frontend; repeat or comma-separate for several (ignored with --spawn).")

@@ -211,6 +211,28 @@ def test_ctrl_c_ends_the_run_with_a_report_of_the_calls_made_and_exit_130(endpoi
     assert report["interrupted"] is True and report["calls"] >= 199 and report["errors"] == {}
 
 
+def test_ctrl_c_during_the_warm_up_call_exits_130_without_a_report(endpoints):
+    """Nothing was measured yet: "interrupted", as the zrpc commands say, not click's "Aborted!"."""
+    frontend, backend = endpoints
+    with Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0, log_level="WARNING")) as broker, \
+            Worker([Echo()], brokers=backend, drain_grace=0.0):
+        wait_until_served(frontend, "echo.Echo")
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        run = subprocess.Popen([sys.executable, str(SCRIPT), "--broker", frontend, "--service", "echo.Echo/Sleep",
+                                "--data", '{"ms": 60000}', "--timeout", "90", "--json"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: broker.engine.calls_held == 1, message="the warm-up call to be held")
+            run.send_signal(signal.SIGINT)
+            stdout, stderr = run.communicate(timeout=30)
+        finally:
+            run.kill()
+            run.wait(timeout=10)
+    assert run.returncode == 130, stderr
+    assert stdout == "" and stderr.strip().splitlines()[-1] == "interrupted"
+
+
 def test_the_broker_comes_from_ZRPC_BROKER_as_for_the_cli_commands(ipc_dir):
     """README: one ZRPC_BROKER export serves the client commands (a tester's load test ignored it)."""
     dead = f"ipc://{ipc_dir}/nobody-here"

@@ -43,6 +43,19 @@ EXIT_CODES_HELP = (
 )
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command Ctrl-C ended
 
+
+class ExitOnInterrupt:
+    """For a click command or group (as its first base): Ctrl-C exits 130, the shells'
+    convention for SIGINT (click says "Aborted!" and exits 1, which zrpc's table gives to file,
+    import and bind errors)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
 class _Option(click.Option):
     """An option whose bad value, when it came from an environment variable, is blamed on that
     variable: click's own message names the flag, which the user never typed."""

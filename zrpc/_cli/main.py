@@ -6,7 +6,7 @@ import click
 from .. import __version__
 from ._broker_cmd import broker
 from ._call_cmd import call, health, services
-from ._common import EXIT_CODES_HELP, EXIT_INTERRUPTED
+from ._common import EXIT_CODES_HELP, ExitOnInterrupt
 from ._keys_cmd import keys
 from ._status_cmd import status
 from ._worker_cmd import worker
@@ -21,16 +21,8 @@ CONTEXT_SETTINGS = {
 }
 
 
-class _Group(click.Group):
-    """The zrpc group: Ctrl-C in a command exits 130, the shells' convention for SIGINT (click
-    says "Aborted!" and exits 1, which zrpc's table gives to file, import and bind errors)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+class _Group(ExitOnInterrupt, click.Group):
+    """The zrpc group: Ctrl-C in any of its commands exits 130."""
 
 
 @click.group(cls=_Group, context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
