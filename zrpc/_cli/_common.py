@@ -56,6 +56,7 @@ class ExitOnInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
 
+
 class _Option(click.Option):
     """An option whose bad value, when it came from an environment variable, is blamed on that
     variable: click's own message names the flag, which the user never typed."""
