@@ -17,16 +17,14 @@ class Recorder:
         self.lock = threading.Lock()
         self.answers: dict[int, object] = {}
         self.threads: set[str] = set()
-        self.batches = 0
 
     def deliver(self, done: list) -> None:
         with self.lock:
-            self.batches += 1
             for call, answer in done:
                 self.answers[call] = answer
 
 
-def test_fast_calls_are_run_by_one_thread_and_handed_back_in_batches():
+def test_fast_calls_are_run_by_one_thread():
     recorder = Recorder()
 
     def run(call: int) -> int:
@@ -41,8 +39,34 @@ def test_fast_calls_are_run_by_one_thread_and_handed_back_in_batches():
         assert recorder.answers == {call: call * 2 for call in range(200)}
         # Nobody called rebalance(): no call waited long enough to need a second thread.
         assert len(recorder.threads) == 1
-        assert recorder.batches < 200
     finally:
+        pool.close(wait=True, timeout=5)
+
+
+def test_an_answer_is_handed_back_before_the_same_thread_runs_a_call_that_blocks():
+    """A thread that held finished answers to hand them back together held them while it ran
+    the next call: behind a handler that hung, an answered call timed out at its client."""
+    recorder = Recorder()
+    second_queued, release = threading.Event(), threading.Event()
+
+    def run(call: int) -> int:
+        if call == 1:
+            assert second_queued.wait(10), "the second call was never queued"
+        else:  # the thread took call 2 right after call 1: it blocks
+            assert release.wait(10), "never released"
+        return call
+
+    pool = HandlerPool(4, run, recorder.deliver)
+    try:
+        pool.submit(1)
+        pool.submit(2)
+        second_queued.set()
+        wait_for(lambda: 1 in recorder.answers, 5, message="the answer of call 1 while call 2 blocks")
+        assert 2 not in recorder.answers
+        release.set()
+        wait_for(lambda: 2 in recorder.answers, 5, message="the answer of call 2")
+    finally:
+        release.set()
         pool.close(wait=True, timeout=5)
 
 

@@ -22,14 +22,11 @@ from typing import Any
 # How long the oldest queued call may wait before another thread is woken for it. The loop's
 # timers resolve milliseconds (epoll), so less would only look more precise.
 STALL = 0.001
-# Finished calls a thread hands back at once at most, and how long it may hold them.
-_HAND_BACK_COUNT = 64
-_HAND_BACK_AFTER = 0.001
 
 
 class HandlerPool:
     """Runs ``run(call)`` for each submitted call on up to ``size`` threads; hands the answers to
-    ``deliver([(call, answer), ...])`` (from a pool thread) in batches."""
+    ``deliver([(call, answer)])`` (from a pool thread) as each call ends."""
 
     def __init__(self, size: int, run: Callable[[Any], Any], deliver: Callable[[list], None],
                  clock: Callable[[], float] = time.monotonic, name: str = "zrpc-handler"):
@@ -109,12 +106,9 @@ class HandlerPool:
             thread.start()
 
     def _serve(self) -> None:
-        done: list = []
-        held_since = 0.0
         while True:
             with self._lock:
-                item = self._queue.popleft() if self._queue else None
-                if item is None and not done:
+                if not self._queue:
                     self._active -= 1
                     if self._closed:
                         return
@@ -122,15 +116,8 @@ class HandlerPool:
                     if self._closed:
                         return
                     continue
-            if item is None:  # the queue is empty: hand back what this thread finished
-                self._deliver(done)
-                done = []
-                continue
-            call, _ = item
-            done.append((call, self._run(call)))
-            now = self._clock()
-            if len(done) == 1:
-                held_since = now
-            if len(done) >= _HAND_BACK_COUNT or now - held_since >= _HAND_BACK_AFTER:
-                self._deliver(done)
-                done = []
+                call, _ = self._queue.popleft()
+            # Hand each answer back before taking the next call: the next handler may block, and
+            # an answer held for it waited with it (a stalled handler held a finished call's
+            # reply until its deadline). ``deliver`` batches the loop's wake-ups itself.
+            self._deliver([(call, self._run(call))])
