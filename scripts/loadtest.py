@@ -56,6 +56,10 @@ SETUP_ERRORS = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED,
 # the rest are cancelled and reported. A tester's `-d 8` ran 34.5 s: its calls waited out a
 # 30 s timeout for a draining broker's successor.
 END_GRACE = 1.0
+# A call cancelled at the end is "stuck", and counts as failed, when it had been in flight this
+# many times as long as the slowest call that finished: a slow method's last calls are merely
+# cut short, but the calls of a broker or worker that stopped answering mid-run were lost.
+STUCK_FACTOR = 2
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -67,7 +71,9 @@ class Result:
     latencies_ns: list[int] = field(default_factory=list)
     errors: collections.Counter = field(default_factory=collections.Counter)
     elapsed_s: float = 0.0
-    unfinished: int = 0  # calls still in flight when a --duration run ended: cancelled, not counted
+    unfinished: int = 0  # calls still in flight when a --duration run ended: cancelled
+    stuck: int = 0  # of those, the ones in flight STUCK_FACTOR times the slowest finished call: failed
+    end_grace_s: float = 0.0  # how long the unfinished calls were given after --duration
     warmup_calls: int = 0  # made before the run, not counted (the broker's metrics count them)
     interrupted: bool = False  # Ctrl-C ended the run: the report covers the calls made until then
 
@@ -134,9 +140,18 @@ def format_summary(s: dict) -> str:
         f"latency ms   p50 {ms(s['p50_us'])}  p90 {ms(s['p90_us'])}  p99 {ms(s['p99_us'])}  "
         f"max {ms(s['max_us'])}" + (" (of the ok calls)" if s["ok"] < s["calls"] else ""),
         f"errors       {errors}",
-    ] + ([f"unfinished   {s['unfinished']} call(s) still in flight {END_GRACE:g} s after --duration: cancelled, "
-          f"not counted"] if s.get("unfinished") else [])
+    ] + ([_unfinished_text(s)] if s.get("unfinished") else [])
         + (["interrupted  by Ctrl-C: these are the calls made until then"] if s.get("interrupted") else [])) + "\n"
+
+
+def _unfinished_text(s: dict) -> str:
+    text = f"unfinished   {s['unfinished']} call(s) still in flight {s['end_grace_s']:g} s after --duration: cancelled"
+    stuck = s.get("stuck", 0)
+    if not stuck:
+        return text + ", not counted"
+    cut_short = s["unfinished"] - stuck
+    return (text + f"; {stuck} stuck (in flight over {STUCK_FACTOR} x the slowest finished call), counted as failed"
+            + (f", {cut_short} not counted" if cut_short else ""))
 
 
 def _request_text(s: dict) -> str:
@@ -162,6 +177,8 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
     try:
         # One call first, not counted: it connects, and a broker or worker that cannot serve
         # fails here, once (describing the service already checked the target exists).
+        slowest_ns = 0  # of the calls that finished, ok or not: what "stuck" is measured against
+        warmup_begin = time.perf_counter_ns()
         try:
             result.warmup_calls += 1
             await client.call(service, method, payload, timeout=timeout, idempotent=idempotent)
@@ -171,32 +188,40 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
             hint = "" if errors_allowed else " (--max-errors 1 to exit 0 all the same)"
             click.echo(f"note: first call to {service}/{method} failed with {error.code.name}; "
                        f"going on, its errors are counted{hint}", err=True)
+        slowest_ns = time.perf_counter_ns() - warmup_begin
         issued = 0
         started = time.perf_counter()
         stop_at = None if duration is None else started + duration
         latencies, errors = result.latencies_ns, result.errors
         clock = time.perf_counter_ns
 
-        async def caller() -> None:
-            nonlocal issued
+        began = [0] * concurrency  # when each caller's current call began
+
+        async def caller(index: int) -> None:
+            nonlocal issued, slowest_ns
             while (requests is None or issued < requests) and (stop_at is None or time.perf_counter() < stop_at):
                 issued += 1
-                begin = clock()
+                began[index] = begin = clock()
                 try:
                     await client.call(service, method, payload, timeout=timeout, idempotent=idempotent)
                 except Error as error:
                     errors[error.code.name] += 1
+                    slowest_ns = max(slowest_ns, clock() - begin)
                 else:
                     latencies.append(clock() - begin)
 
-        callers = [asyncio.ensure_future(caller()) for _ in range(concurrency)]
+        callers = [asyncio.ensure_future(caller(index)) for index in range(concurrency)]
         ticker = asyncio.ensure_future(_tick(progress, result, started, requests is None))
         try:
             if stop_at is None:
                 await asyncio.gather(*callers)
             else:  # each caller still running holds one call
-                _, unfinished = await asyncio.wait(callers, timeout=duration + min(timeout, END_GRACE))
+                result.end_grace_s = min(timeout, END_GRACE)
+                _, unfinished = await asyncio.wait(callers, timeout=duration + result.end_grace_s)
                 result.unfinished = len(unfinished)
+                now, slowest_ns = clock(), max(slowest_ns, max(latencies, default=0))
+                result.stuck = sum(now - began[index] > STUCK_FACTOR * slowest_ns
+                                   for index, task in enumerate(callers) if task in unfinished)
         except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels us): report what was measured
             result.interrupted = True
         finally:
@@ -437,7 +462,8 @@ class _Command(ExitOnInterrupt, click.Command):
               show_envvar=True, help="--concurrency of each spawned worker.")
 @click.option("--max-errors", type=FiniteRange(min=0.0, max=1.0), default=0.0, show_default=True,
               metavar="FRACTION", help="Exit with status 1 when more than this fraction of the calls failed "
-              "or were unfinished after --duration (0: any failed call; 1: never, for a method that fails by design). A first call failing "
+              "or were stuck after --duration (unanswered and in flight twice as long as the slowest call that "
+              "finished) (0: any failed call; 1: never, for a method that fails by design). A first call failing "
               "UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED or PERMISSION_DENIED still stops the run: "
               "no call can reach a handler.")
 @click.option("--json", "as_json", is_flag=True, default=False, show_envvar=True, envvar="ZRPC_LOADTEST_JSON",
@@ -492,17 +518,17 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
     if empty_request:
         report["empty_request"] = True
     if result.unfinished:
-        report["unfinished"] = result.unfinished
+        report.update(unfinished=result.unfinished, stuck=result.stuck, end_grace_s=result.end_grace_s)
     if result.interrupted:
         report["interrupted"] = True
     if as_json:
         click.echo(json.dumps(report, separators=(",", ":")))
     else:
         click.echo(format_summary(report), nl=False)
-    # A call cancelled unanswered a grace after --duration counts as failed: a broker or workers
-    # that stopped mid-run leave every call in flight unanswered, and that run did not pass.
-    failed = result.calls - result.ok + result.unfinished
-    if failed and failed > max_errors * (result.calls + result.unfinished):
+    # A stuck call counts as failed: a broker or workers that stopped mid-run leave every call in
+    # flight unanswered, and that run did not pass. Calls merely cut short by the end are not.
+    failed = result.calls - result.ok + result.stuck
+    if failed and failed > max_errors * (result.calls + result.stuck):
         click.echo(f"error: {_failed_text(result)}, more than --max-errors {max_errors:g} allows", err=True)
         sys.exit(1)
     if result.interrupted:
@@ -510,15 +536,15 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
 
 
 def _failed_text(result: Result) -> str:
-    failed, unfinished = result.calls - result.ok, result.unfinished
-    total = result.calls + unfinished
-    share = f"({100 * (failed + unfinished) / total:.1f} %)"
-    left = f"unfinished (no answer {END_GRACE:g} s after --duration)"
-    if not unfinished:
+    failed, stuck = result.calls - result.ok, result.stuck
+    total = result.calls + stuck
+    share = f"({100 * (failed + stuck) / total:.1f} %)"
+    left = f"stuck (no answer {result.end_grace_s:g} s after --duration)"
+    if not stuck:
         return f"{failed} of {total} calls failed {share}"
     if not failed:
-        return f"{unfinished} of {total} calls {left} {share}"
-    return f"{failed} of {total} calls failed and {unfinished} {left} {share}"
+        return f"{stuck} of {total} calls {left} {share}"
+    return f"{failed} of {total} calls failed and {stuck} {left} {share}"
 
 
 if __name__ == "__main__":

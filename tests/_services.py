@@ -52,3 +52,22 @@ class DetailedFailEcho(Echo):
     def Fail(self, request, context):
         raise zrpc.Error(zrpc.StatusCode(request.code or zrpc.StatusCode.INVALID_ARGUMENT),
                          request.message, {"field": "b", "hint": request.message})
+
+
+class StallingEcho(Echo):
+    """echo.Echo whose Say answers its first ``ANSWERED`` calls at once, then stops answering (a
+    worker that hangs mid-run), each later call held until cancelled or for at most 30 s."""
+
+    ANSWERED = 20
+    _lock = threading.Lock()
+    _calls = 0
+
+    def Say(self, request, context):
+        with StallingEcho._lock:
+            StallingEcho._calls += 1
+            stall = StallingEcho._calls > self.ANSWERED
+        held = threading.Event()
+        for _ in range(3000 if stall else 0):  # 10 ms steps: bounded, and wakes on cancellation
+            if context.cancelled or held.wait(0.01):
+                break
+        return echo_pb2.EchoReply(payload=request.payload)
