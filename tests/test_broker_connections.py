@@ -210,3 +210,41 @@ def test_a_stopped_broker_removes_its_ipc_files_but_not_a_successors(ipc_dir):
         if successor is not None:
             successor.stop()
     assert not os.path.exists(f"{ipc_dir}/files-frontend")
+
+
+def test_a_broker_that_fails_to_bind_its_backend_removes_its_frontends_ipc_file(ipc_dir):
+    import os
+
+    import zmq
+
+    from zrpc._broker import Broker, BrokerConfig
+
+    broker = Broker(BrokerConfig(frontend=f"ipc://{ipc_dir}/bound-frontend",
+                                 backend=f"ipc://{ipc_dir}/no-such-dir/backend", log_level="WARNING"))
+    with pytest.raises(zmq.ZMQError):
+        broker.bind()
+    assert os.listdir(ipc_dir) == []
+
+
+def test_a_wildcard_ipc_endpoint_leaves_neither_file_nor_directory(ipc_dir, monkeypatch):
+    """For ``ipc://*`` libzmq makes a directory under $TMPDIR and removes it with its file, but
+    only if the file is still there: the broker must leave that one to libzmq."""
+    import os
+
+    from zrpc._broker import Broker, BrokerConfig
+
+    import zmq
+
+    monkeypatch.setenv("TMPDIR", ipc_dir)
+    context = zmq.Context()  # shared: libzmq closes the listener later, in its I/O thread
+    broker = Broker(BrokerConfig(frontend="ipc://*", backend=f"ipc://{ipc_dir}/named-backend",
+                                 log_level="WARNING"), context=context).start()
+    try:
+        made = sorted(os.listdir(ipc_dir))  # libzmq's directory, and the backend's file
+        assert len(made) == 2 and broker.frontend_endpoint.startswith(f"ipc://{ipc_dir}/"), made
+    finally:
+        broker.stop()
+    try:
+        wait_for(lambda: os.listdir(ipc_dir) == [], 5, message=f"libzmq's directory in {ipc_dir} removed")
+    finally:
+        context.term()

@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -722,6 +723,22 @@ def test_sigterm_stops_worker_and_broker_with_exit_status_0(greeter, cli_broker)
     assert not any("Traceback" in line for line in broker.errors + worker.errors)
     # Its ipc socket files go with it (libzmq 4.3 leaves them; a tester found them after stops).
     assert [path for path in files if os.path.exists(path)] == []
+
+
+def test_broker_start_with_its_metrics_port_taken_exits_1_and_leaves_no_ipc_file(ipc_dir):
+    """The broker had bound its ipc:// paths when the metrics port failed: their files stayed."""
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_cli("broker", "start", "--frontend", f"ipc://{ipc_dir}/f", "--backend", f"ipc://{ipc_dir}/b",
+                         "--metrics-port", str(port))
+    finally:
+        taken.close()
+    assert result.returncode == 1, result.stderr
+    assert f"error: cannot serve metrics on 127.0.0.1:{port}: " in result.stderr
+    assert os.listdir(ipc_dir) == []
 
 
 def test_broker_start_reads_the_config_file_and_prints_resolved_endpoints(spawn, ipc_dir, tmp_path):

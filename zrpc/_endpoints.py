@@ -118,9 +118,9 @@ def ipc_socket_file(endpoint: str) -> tuple[str, tuple[int, int]] | None:
 
 
 def remove_ipc_socket_file(bound: tuple[str, tuple[int, int]] | None) -> None:
-    """Remove a socket file ``ipc_socket_file`` found at bind time, once its socket is closed:
-    libzmq 4.3 leaves it behind (a tester found them after every clean stop). Only if it is
-    still the same file: a process that bound the path since owns the one there now."""
+    """Remove a socket file ``ipc_socket_file`` found at bind time, as its socket closes: libzmq
+    4.3 leaves it behind (a tester found them after every clean stop). Only if it is still the
+    same file: a process that bound the path since owns the one there now."""
     if bound is None:
         return
     path, identity = bound

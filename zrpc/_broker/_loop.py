@@ -121,7 +121,6 @@ class Broker:
             raise
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._socket_files = [ipc_socket_file(self.frontend_endpoint), ipc_socket_file(self.backend_endpoint)]
         self._wake_recv = self._context.socket(zmq.PULL)
         self._wake_recv.linger = 0
         self._wake_recv.bind(self._wake_endpoint)
@@ -171,6 +170,10 @@ class Broker:
             self.connections.unwatch(side)
             socket.close(0)
             raise
+        # Recorded now, so a failure binding the other side still removes it. Not a wildcard:
+        # libzmq made that path in a directory of its own, and cleans both up itself.
+        if endpoint != "ipc://*":
+            self._socket_files.append(ipc_socket_file(socket.getsockopt_string(zmq.LAST_ENDPOINT)))
         return socket
 
     def run(self) -> None:
@@ -188,6 +191,13 @@ class Broker:
         self._thread = threading.Thread(target=self.run, name="zrpc-broker", daemon=True)
         self._thread.start()
         return self
+
+    def close(self) -> None:
+        """Unbind a broker that bound but will not serve (what was to run around it failed to
+        start): closes its sockets, removes its ipc:// files. ``run()`` does so when it ends."""
+        if self._thread is not None:
+            raise RuntimeError("this broker was started: stop() it")
+        self._close_sockets()
 
     def drain(self, grace: float) -> None:
         """Begin shutting down (safe from any thread or a signal handler); returns at once.
@@ -236,6 +246,11 @@ class Broker:
         self.stop()
 
     def _close_sockets(self) -> None:
+        # The socket files go first: while their sockets are bound, no other file can take their
+        # inode, so the identity check in remove_ipc_socket_file cannot be fooled.
+        for bound in self._socket_files:
+            remove_ipc_socket_file(bound)
+        self._socket_files = []
         self.connections.close()
         for socket in (self.frontend, self.backend, self._wake_recv):
             if socket is not None:
@@ -252,9 +267,6 @@ class Broker:
             self.security.stop()
         if self._own_context:
             self._context.term()
-        for bound in self._socket_files:
-            remove_ipc_socket_file(bound)
-        self._socket_files = []
 
     # ------------------------------------------------------------------ the loop
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import tomllib
@@ -12,7 +11,7 @@ import click
 from .. import _protocol as p
 from .._allocator import tune_allocator
 from .._broker._config import BrokerConfig, SettingError, load_config_file
-from .._endpoints import endpoint_host_port, endpoint_port
+from .._endpoints import endpoint_host_port, endpoint_port, ipc_socket_file
 from .._polling import MAX_BUSY_POLL
 from ._common import (DEFAULT_BACKEND, DEFAULT_FRONTEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, CliError,
                       FiniteRange, blamed, check_endpoint, log_format_option, metrics_host_option,
@@ -131,7 +130,11 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
 
     from .._broker._metrics import broker_registry
 
-    metrics = start_metrics(lambda: broker_registry(broker_), metrics_host, metrics_port)
+    try:
+        metrics = start_metrics(lambda: broker_registry(broker_), metrics_host, metrics_port)
+    except CliError:
+        broker_.close()  # its ipc:// files too: a stale one looks like a broker to a client
+        raise
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     def on_hangup(signum, frame) -> None:
@@ -252,11 +255,10 @@ def _refuse_live_ipc(endpoint: str) -> None:
     libzmq unlinks an existing ipc socket file and binds anew, so a second broker would
     silently steal the path from a running one; tcp reports "Address already in use" itself.
     """
-    if not endpoint.startswith("ipc://"):
+    found = ipc_socket_file(endpoint)  # None: not ipc://, the abstract namespace, or nothing there
+    if found is None:
         return
-    path = endpoint[len("ipc://"):]
-    if path.startswith("@") or not os.path.exists(path):  # abstract namespace, or nothing there
-        return
+    path, _ = found
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
