@@ -13,7 +13,7 @@ def test_public_api_is_pinned_and_sorted():
     assert zrpc.__all__ == sorted(zrpc.__all__)
     assert zrpc.__all__ == [
         "AsyncClient", "Broker", "BrokerConfig", "CircuitBreaker", "Client", "Context", "Error",
-        "RetryPolicy", "Service", "StatusCode", "Worker", "nonblocking", "tune_allocator",
+        "NotABrokerBackend", "RetryPolicy", "Service", "StatusCode", "Worker", "nonblocking", "tune_allocator",
     ]
     for name in zrpc.__all__:
         assert getattr(zrpc, name).__module__.startswith("zrpc._"), name

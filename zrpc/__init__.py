@@ -9,7 +9,7 @@ from ._client import AsyncClient, CircuitBreaker, Client, RetryPolicy
 from ._errors import Error
 from ._service import Context, Service, nonblocking
 from ._status import StatusCode
-from ._worker import Worker
+from ._worker import NotABrokerBackend, Worker
 
 __all__ = [
     "AsyncClient",
@@ -19,6 +19,7 @@ __all__ = [
     "Client",
     "Context",
     "Error",
+    "NotABrokerBackend",
     "RetryPolicy",
     "Service",
     "StatusCode",

@@ -118,7 +118,7 @@ def _serve(worker_, drain_grace: float, ready: str) -> None:
         thread = getattr(worker_, "_thread", None)
         while (signum := signals.wait(0.5)) is None:
             if thread is not None and not thread.is_alive():
-                from .._worker._runtime import NotABrokerBackend
+                from .._worker import NotABrokerBackend
 
                 if isinstance(worker_.error, NotABrokerBackend):
                     raise CliError(f"worker stopped: {worker_.error}")

@@ -454,7 +454,7 @@ class Worker:
             try:
                 command, body = p.split(frames, FROM_BROKER)
             except p.ProtocolError as exc:
-                if len(frames) > 1 and frames[1] == p.REPLY:
+                if len(frames) > 1 and frames[0] == p.TAG and frames[1] == p.REPLY:
                     # A broker's frontend answers our READY as a client's bad request.
                     self._drop_frontend(link)
                     return
@@ -487,6 +487,7 @@ class Worker:
         ours made its broker warn (a tester's worker ran on, idle, logging one ERROR). With no
         other broker left, the worker stops with NotABrokerBackend."""
         link.looks_like_frontend = True
+        self._orphan(link)  # none in flight, unless a broker sent calls before this answer
         link.close()
         problem = (f"{link.endpoint} answers like a broker's frontend (the endpoint for clients): workers "
                    f"connect to its backend (`zrpc broker start --backend`, port 5556 by default)")
