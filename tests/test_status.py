@@ -102,6 +102,25 @@ def test_watch_of_a_broker_that_does_not_answer_ends_with_its_failure_status(spa
     assert not any("Traceback" in line for line in watcher.errors)
 
 
+def test_watch_interrupted_before_its_first_view_says_why_it_fails(spawn, ipc_dir):
+    """Ctrl-C before the first refresh of a broker that did not answer exited 24, silently."""
+    silent = zmq.Context.instance().socket(zmq.ROUTER)
+    silent.linger = 0
+    try:
+        endpoint = f"ipc://{ipc_dir}/silent"
+        silent.bind(endpoint)
+        watcher = spawn(*zrpc_cli("status", "--broker", endpoint, "--watch", "--interval", "60", "--timeout", "0.5"))
+        # The first snapshot asks ListServices once Ctrl-C is being watched for.
+        wait_for(lambda: silent.poll(100) and b"ListServices" in b"".join(silent.recv_multipart()), 20,
+                 message="the watcher's first question")
+        watcher.signal(signal.SIGINT)
+        assert watcher.popen.wait(10) == 24
+    finally:
+        silent.close()
+    assert any(line.startswith(f"error: no answer from broker at {endpoint}") for line in watcher.errors), \
+        watcher.errors
+
+
 def test_ctrl_c_before_the_second_snapshot_exits_130(spawn, served):
     once = spawn(*zrpc_cli("status", "--broker", served.frontend_endpoint, "--interval", "60"))
     # Its requests: DescribeService is not asked; ListServices is the first snapshot.

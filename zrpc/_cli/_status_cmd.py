@@ -75,7 +75,8 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
 
         before, taken = snapshot(), time.monotonic()
         terminal = sys.stdout.isatty()
-        while interrupted.wait(interval) is None:  # --watch ends with Ctrl-C, quietly
+        shown = False  # whether a view said which brokers failed
+        while interrupted.wait(interval) is None:  # --watch ends with Ctrl-C
             after, now = snapshot(before), time.monotonic()
             text = "\n\n".join(
                 f"broker {endpoint}: {reply.format_message()}" if isinstance(reply, CliError)
@@ -87,12 +88,12 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
                 _discovery.raise_first_failure(after, said=True)  # the table says which broker
                 return
             click.echo((_CLEAR if terminal else "") + text + ("" if terminal else "\n"))
-            before, taken = after, now
+            before, taken, shown = after, now, True
         if not watch:  # Ctrl-C before the second snapshot: nothing was printed
             raise KeyboardInterrupt
         # Ctrl-C ends --watch: its status is that of the last view (a tester's watch of a broker
-        # that never answered exited 0).
-        _discovery.raise_first_failure(before, said=True)
+        # that never answered exited 0), said on stderr if no view was printed.
+        _discovery.raise_first_failure(before, said=shown)
 
 
 def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, seconds: float, broker: str) -> str:
