@@ -15,5 +15,5 @@ if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/n
 fi
 
 source scripts/_venv.sh
-ensure_venv '.[test]' test
+ensure_venv '.[test]' test pytest
 exec .venv/bin/python -m pytest "$@"
