@@ -39,7 +39,7 @@ from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
 from zrpc import AsyncClient, Client, Error, StatusCode, tune_allocator  # noqa: E402
 from zrpc._cli import _discovery  # noqa: E402
-from zrpc._cli._common import (ExitOnInterrupt, FiniteRange, curve_options, curve_settings,  # noqa: E402
+from zrpc._cli._common import (EXIT_INTERRUPTED, ExitOnInterrupt, FiniteRange, curve_options, curve_settings,  # noqa: E402
                               split_endpoints)
 from zrpc._descriptors import is_idempotent, message_class  # noqa: E402
 
@@ -532,7 +532,7 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         click.echo(f"error: {_failed_text(result)}, more than --max-errors {max_errors:g} allows", err=True)
         sys.exit(1)
     if result.interrupted:
-        sys.exit(130)  # 128 + SIGINT, as `zrpc` commands exit on Ctrl-C
+        sys.exit(EXIT_INTERRUPTED)  # as `zrpc` commands exit on Ctrl-C
 
 
 def _failed_text(result: Result) -> str:

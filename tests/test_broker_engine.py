@@ -607,7 +607,8 @@ def test_per_client_outstanding_and_total_in_flight_are_bounded():
     assert (reply.request_id, reply.code) == (refused, StatusCode.RESOURCE_EXHAUSTED)
 
 
-def test_calls_in_a_message_a_worker_never_got_go_to_another_worker_and_the_rest_fail():
+def test_calls_in_a_message_a_worker_never_got_go_to_another_worker_and_the_rest_fail(caplog):
+    caplog.set_level(logging.INFO, logger="zrpc.broker")
     h = Harness()
     h.ready(b"w1", capacity=2)
     ran = h.call(b"c1")  # not idempotent, delivered: it may have run
@@ -621,7 +622,12 @@ def test_calls_in_a_message_a_worker_never_got_go_to_another_worker_and_the_rest
     assert [(who, header.attempt, payload) for who, header, payload in h.take_requests()] == [(b"w2", 1, b"lost")]
     (failed,) = h.take_replies()
     assert (failed[1].request_id, failed[1].code) == (ran, StatusCode.UNAVAILABLE)
-    assert "went away" in failed[1].message
+    assert "w1 is gone (connection 7731: a message to it could not be sent) with the call in flight" in \
+        failed[1].message
+    # One line says what happened and what it cost (there were two).
+    [said] = [r.getMessage() for r in caplog.records if "w1" in r.getMessage() and "joined" not in r.getMessage()]
+    assert said.startswith("worker w1 is gone (connection 7731: a message to it could not be sent) with 2 call(s) "
+                           "in flight: 1 queued again for another worker, 1 failed UNAVAILABLE")
     assert set(h.engine.workers) == {b"w2"}
     assert h.engine.counters["requeued_undelivered"] == 1
     h.engine.on_undeliverable([undelivered], h.now)  # a worker removed already: nothing to do

@@ -441,7 +441,7 @@ def test_services_table_columns_are_aligned():
     assert lines[1].split() == ["a.B", "X", "12", "3/160", "0"]
     assert lines[2].split() == ["helloworld.Greeter", "SayHello,Other", "1", "0/16", "250"]
     # The broker answers its own service: no worker, capacity or queue to count.
-    assert lines[3].split() == ["zrpc.Broker", "Health", "-", "built", "in", "-"]
+    assert lines[3].split() == ["zrpc.Broker", "Health", "-", "built-in", "-"]
     assert len({len(line) for line in lines}) == 1  # numbers right-aligned to one width
 
 

@@ -822,12 +822,12 @@ class BrokerEngine:
                 undelivered.setdefault(identity, set()).update(_request_ids_in(frames))
         for identity, dispatch_ids in undelivered.items():
             worker = self.workers[identity]
-            requeued = sum(1 for dispatch_id in dispatch_ids if worker.in_flight.get(dispatch_id) is not None)
-            self.counters["requeued_undelivered"] += requeued
-            log.warning("worker %s (connection %s) is gone (a message to it could not be sent): removed; %d "
-                        "call(s) it never received queued again", worker.name, identity.hex(), requeued,
-                        extra={"peer": worker.name, "reason": "gone"})
-            self._remove_worker(worker, now, "went away", never_sent=dispatch_ids)
+            self.counters["requeued_undelivered"] += sum(
+                1 for dispatch_id in dispatch_ids if worker.in_flight.get(dispatch_id) is not None)
+            why = f"is gone (connection {identity.hex()}: a message to it could not be sent)"
+            if not any(call is not None for call in worker.in_flight.values()):  # else _remove_worker says it
+                log.warning("worker %s %s: removed", worker.name, why, extra={"peer": worker.name, "reason": "gone"})
+            self._remove_worker(worker, now, why, never_sent=dispatch_ids)
 
     def _remove_worker(self, worker: WorkerState, now: float, why: str,
                        never_sent: Collection[int] = ()) -> None:

@@ -155,7 +155,7 @@ def format_services(listing: pb.ListServicesReply) -> str:
     as a worker of it somewhere."""
     header = ("SERVICE", "METHODS", "WORKERS", "IN-FLIGHT/CAPACITY", "QUEUED")
     rows = [header] + [
-        (s.name, ",".join(s.methods), "-", "built in", "-") if s.name == _discovery.BROKER_SERVICE else
+        (s.name, ",".join(s.methods), "-", "built-in", "-") if s.name == _discovery.BROKER_SERVICE else
         (s.name, ",".join(s.methods), str(s.live_workers), f"{s.in_flight}/{s.capacity}", str(s.queue_depth))
         for s in listing.services
     ]
