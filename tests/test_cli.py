@@ -711,6 +711,22 @@ def test_health_exit_status_tells_serving_from_not(greeter):
     assert unknown.returncode == 4 and "SERVICE_UNKNOWN" in unknown.stdout
 
 
+def test_ctrl_c_on_call_cancels_the_call(greeter, spawn):
+    """A tester's Ctrl-C ended `zrpc call`, and the call ran on at its worker to its end."""
+    _, _, frontend = greeter
+
+    def in_flight() -> int:
+        with zrpc.Client(frontend, timeout=5.0) as client:
+            raw = client.call("zrpc.Broker", "ListServices", b"", timeout=5.0)
+        return next(s.in_flight for s in bpb.ListServicesReply.FromString(raw).services if s.name == "echo.Echo")
+
+    caller = spawn(*zrpc_cli("call", "--broker", frontend, "--timeout", "120", "echo.Echo/Sleep", '{"ms": 120000}'))
+    wait_for(lambda: in_flight() == 1, 15.0, message="the call to reach the worker")
+    caller.signal(signal.SIGINT)
+    assert caller.popen.wait(10) == 130
+    wait_for(lambda: in_flight() == 0, 10.0, message="the call to be cancelled at its broker")
+
+
 def test_sigterm_stops_worker_and_broker_with_exit_status_0(greeter, cli_broker):
     broker, worker, _ = greeter
     _, frontend, backend = cli_broker

@@ -603,6 +603,32 @@ def test_cancelling_a_future_sends_cancel_with_its_request_id(client, broker):
     assert client.call("test.Svc", "Echo", b"still works") == b"still works"
 
 
+def test_a_call_cancelled_right_before_close_is_cancelled_at_the_broker(broker):
+    """Ctrl-C on `zrpc call`: the interrupted call is cancelled, then the `with` block closes the
+    client. When the I/O thread took both at once, the call was out of the core before the close
+    sent CANCELs for the calls in flight: its handler ran on. The I/O thread is held here (a
+    done-callback) until both wait for it."""
+    from zrpc._client._sync import _CLOSE
+
+    c = Client(broker.endpoint, timeout=WAIT)
+    hanging = c.call_future("test.Svc", "Hang", b"")
+    broker.wait_for(lambda: broker.requests)
+    request_id = broker.requests[0].request_id
+    held, release = threading.Event(), threading.Event()
+    c.call_future("test.Svc", "Echo", b"x").add_done_callback(lambda _: (held.set(), release.wait(WAIT)))
+    assert held.wait(WAIT), "the echo call was not answered"
+    assert hanging.cancel()
+    closing = threading.Thread(target=c.close)
+    closing.start()
+    try:
+        wait_for(lambda: _CLOSE in c._outbox, WAIT, message="close() queued behind the cancellation")
+    finally:
+        release.set()
+        closing.join(WAIT)
+    broker.wait_for(lambda: request_id in broker.cancels)
+    assert not closing.is_alive()
+
+
 def test_close_is_prompt_fails_calls_in_flight_and_is_idempotent(broker):
     c = Client(broker.endpoint)
     future = c.call_future("test.Svc", "Hang", b"", timeout=WAIT)

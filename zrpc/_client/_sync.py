@@ -111,6 +111,7 @@ class Client:
         self._context = context
         self._lock = threading.Lock()
         self._outbox: deque[Any] = deque()
+        self._cancelled_at_close: list[Call] = []  # see _take_outbox
         self._wake_sent = False
         self._closed = False
         sockets: list[zmq.Socket] = []
@@ -282,9 +283,11 @@ class Client:
             self._wake_sent = False
         cancelled = []
         refused = []
+        closing = False
         for op in ops:
             if op is _CLOSE:
-                return False
+                closing = True
+                break
             if isinstance(op, Call):
                 outcome = self._core.add(op)
                 if outcome is not None:  # its service's circuit is open, or no broker can be reached
@@ -295,6 +298,11 @@ class Client:
                 if call is not None and call.sent:
                     cancelled.append(call)
         self._settle(refused)
+        if closing:
+            # A call cancelled just before (Ctrl-C, then the `with` block closing the client) is
+            # out of the core already: _shut_down CANCELs it with the calls in flight, and lingers.
+            self._cancelled_at_close = cancelled
+            return False
         self._send_cancel(cancelled)
         if self._watch is not None and self._watch.refused and self._core.in_flight:
             self._retry_refused()
@@ -412,7 +420,7 @@ class Client:
             self._outbox.clear()
         # (spec §8) Calls the broker holds for us are stopped there, not left to their deadlines
         # (a program interrupted mid-call, Ctrl-C on `zrpc call`).
-        cancelled = self._core.sent_in_flight()
+        cancelled = self._core.sent_in_flight() + self._cancelled_at_close
         self._send_cancel(cancelled)
         error = closed_error(in_flight=True)
         outcomes = self._core.fail_all(error) + [Outcome(call, None, error) for call in leftover]
