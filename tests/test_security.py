@@ -380,6 +380,35 @@ def test_access_rules_deny_services_with_permission_denied_and_refuse_registrati
              message="re-registration refused")
 
 
+def test_access_rules_hide_the_services_a_key_may_not_call_from_the_built_in_service(keys, running):
+    """A tester's key denied every service listed them all with ListServices, workers and all,
+    and described them; the broker now answers as for a call to them."""
+    from zrpc import broker_service_pb2 as bpb
+
+    rules = keys.root / "rules.toml"
+    rules.write_text('[clients]\nalice = ["echo.*"]\n"*" = []\n')
+    broker = start_broker(running, keys.config(access_rules=str(rules)))
+    start_worker(running, keys, broker)
+    wait_for(lambda: served(broker), 10, message="worker registered")
+
+    def listed(key: str) -> list[str]:
+        raw = client(running, keys, broker, key=key).call("zrpc.Broker", "ListServices", b"")
+        return [s.name for s in bpb.ListServicesReply.FromString(raw).services]
+
+    assert listed("alice") == ["zrpc.Broker", "echo.Echo"]
+    assert listed("bob") == ["zrpc.Broker"]
+    bob = client(running, keys, broker, key="bob")
+    for method, request in [("DescribeService", bpb.DescribeServiceRequest(service="echo.Echo")),
+                            ("Health", bpb.HealthRequest(service="echo.Echo"))]:
+        with pytest.raises(Error) as info:
+            bob.call("zrpc.Broker", method, request.SerializeToString())
+        assert info.value.code == StatusCode.PERMISSION_DENIED, method
+        assert info.value.message == "key 'bob' may not call service 'echo.Echo' (broker access rules)"
+    health = bpb.HealthReply.FromString(bob.call("zrpc.Broker", "Health", b""))  # the broker's own
+    assert health.status == bpb.HealthReply.SERVING
+    assert broker.engine.counters["permission_denied"] == 2
+
+
 def test_revoked_client_with_a_live_connection_is_refused_after_reload(keys, running):
     broker = start_broker(running, keys.config())
     start_worker(running, keys, broker)

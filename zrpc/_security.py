@@ -150,6 +150,12 @@ class AccessPolicy:
             return True
         return self._permits("clients", key, self.clients.get(key, ""), service)
 
+    def call_refusal(self, key: str | None, service: str) -> str:
+        """Why ``key`` may not call ``service`` (PERMISSION_DENIED's message), or "" if it may."""
+        if self.may_call(key, service):
+            return ""
+        return f"key {self.name(key)!r} may not call service {service!r} (broker access rules)"
+
     def may_offer(self, key: str | None, service: str) -> bool:
         return self._permits("workers", key, self.workers.get(key, ""), service)
 

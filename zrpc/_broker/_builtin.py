@@ -20,9 +20,15 @@ _OWN_FDS = file_descriptor_set([_OWN_DESCRIPTOR])
 GRACE_DETAIL = "zrpc-registration-grace"
 
 
-def handle(engine: "BrokerEngine", method: str, payload: bytes, now: float
+def handle(engine: "BrokerEngine", method: str, payload: bytes, now: float, peer_key: str | None = None
            ) -> tuple[StatusCode, str, bytes, dict[str, str] | None]:
-    """Run one built-in method; returns (code, message, reply payload, details)."""
+    """Run one built-in method for the client with ``peer_key`` (its CURVE key, or None);
+    returns (code, message, reply payload, details).
+
+    Under access rules a client learns nothing of the services it may not call: ListServices
+    leaves them out (and their workers), DescribeService and Health answer PERMISSION_DENIED, as
+    a call would. A tester's key denied every service still listed them all, workers included.
+    """
     entry = _METHODS.get(method)
     if entry is None:
         return (StatusCode.UNIMPLEMENTED,
@@ -33,16 +39,26 @@ def handle(engine: "BrokerEngine", method: str, payload: bytes, now: float
         request.ParseFromString(payload)
     except Exception:
         return StatusCode.INVALID_ARGUMENT, f"payload is not a valid {request_type.DESCRIPTOR.full_name}", b"", None
-    return function(engine, request, now)
+    if method != "ListServices" and request.service and request.service != SERVICE:
+        denied = _denied(engine, peer_key, request.service)
+        if denied:
+            engine.counters["permission_denied"] += 1
+            return StatusCode.PERMISSION_DENIED, denied, b"", None
+    return function(engine, request, now, peer_key)
 
 
-def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now: float):
+def _denied(engine: "BrokerEngine", peer_key: str | None, service: str) -> str:
+    """Why the client may not call ``service`` under the broker's access rules ("" if it may)."""
+    return "" if engine.policy is None else engine.policy.call_refusal(peer_key, service)
+
+
+def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now: float, peer_key: str | None):
     reply = pb.ListServicesReply(draining=engine.draining)
     own = reply.services.add(name=SERVICE, methods=sorted(_METHODS), live_workers=1)
     own.capacity = 1
     for name in sorted(engine.services):
         service = engine.services[name]
-        if not service.offered:
+        if not service.offered or _denied(engine, peer_key, name):
             continue
         info = reply.services.add(
             name=name, methods=sorted(service.methods), live_workers=len(service.workers),
@@ -57,7 +73,7 @@ def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now:
     return StatusCode.OK, "", reply.SerializeToString(), None
 
 
-def _describe_service(engine: "BrokerEngine", request: pb.DescribeServiceRequest, now: float):
+def _describe_service(engine: "BrokerEngine", request: pb.DescribeServiceRequest, now: float, peer_key: str | None):
     if request.service == SERVICE:
         fds = _OWN_FDS
     else:
@@ -71,7 +87,7 @@ def _describe_service(engine: "BrokerEngine", request: pb.DescribeServiceRequest
     return StatusCode.OK, "", reply.SerializeToString(), None
 
 
-def _health(engine: "BrokerEngine", request: pb.HealthRequest, now: float):
+def _health(engine: "BrokerEngine", request: pb.HealthRequest, now: float, peer_key: str | None):
     status = pb.HealthReply
     if engine.draining:  # shutting down: send new calls elsewhere
         return StatusCode.OK, "", status(status=status.NOT_SERVING).SerializeToString(), None

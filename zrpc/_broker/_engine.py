@@ -158,13 +158,12 @@ class BrokerEngine:
             return self._reject_client(client, request_id, "duplicate_request_id",
                                        f"request id {request_id} is already in flight")
         self.counters["requests"] += 1
-        if self.policy is not None and not self.policy.may_call(peer_key, service_name):
+        if self.policy is not None and (refusal := self.policy.call_refusal(peer_key, service_name)):
             self.counters["permission_denied"] += 1
-            return self._fail_new(client, request_id, header, StatusCode.PERMISSION_DENIED,
-                                  f"key {self.policy.name(peer_key)!r} may not call service "
-                                  f"{service_name!r} (broker access rules)", now, reads_batches)
+            return self._fail_new(client, request_id, header, StatusCode.PERMISSION_DENIED, refusal, now,
+                                  reads_batches)
         if service_name == _builtin.SERVICE:
-            code, message, reply, details = _builtin.handle(self, method, payload, now)
+            code, message, reply, details = _builtin.handle(self, method, payload, now, peer_key)
             self._reply(client, request_id, code, message, reply, reads_batches, details)
             return
         if self.draining:  # it never ran: any call may go again, to another broker (§11)
