@@ -559,16 +559,49 @@ def test_a_worker_whose_broker_said_it_stopped_does_not_wait_for_it_when_stoppin
     assert not stopper.is_alive(), "stop() waited for a broker that said it stopped"
 
 
-def test_a_refused_registration_is_said_once_and_retried(ipc_dir, caplog):
+def test_a_refused_registration_is_said_once_and_retried_less_and_less_often(ipc_dir, caplog, monkeypatch):
     """A READY refused (here: the broker's worker limit; a definition the live workers cannot
-    read, a key) is retried every heartbeat interval; its reason is logged once, as an error."""
+    read, a key) is retried, each time twice as long after the last (up to 30 s): a tester's
+    refused worker made its broker log the refusal every second. Its reason is logged once, as
+    an error; once the broker takes it, it registers."""
     import logging
+
+    from zrpc._worker._link import BrokerLink
+
+    sent = {"ready": 0, "heartbeat": 0}
+    send_ready, heartbeat = BrokerLink.send_ready, BrokerLink.heartbeat
+
+    def counted_ready(link):
+        sent["ready"] += 1
+        send_ready(link)
+
+    def counted_heartbeat(link, now):
+        sent["heartbeat"] += 1
+        heartbeat(link, now)
 
     caplog.set_level(logging.DEBUG, logger="zrpc.worker")
     config = BrokerConfig(frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back", max_workers=1)
-    with Broker(config) as broker, Worker([Echo()], config.backend, heartbeat_interval=0.05):
-        wait_for(lambda: broker.engine.workers)
-        with Worker([Echo()], config.backend, heartbeat_interval=0.05):
-            wait_for(lambda: broker.engine.counters["malformed_too_many_workers"] >= 3)
+    with Broker(config) as broker:
+        first = Worker([Echo()], config.backend, heartbeat_interval=0.05).start()
+        try:
+            wait_for(lambda: broker.engine.workers)
+            monkeypatch.setattr(BrokerLink, "send_ready", counted_ready)
+            monkeypatch.setattr(BrokerLink, "heartbeat", counted_heartbeat)
+            with Worker([Echo()], config.backend, heartbeat_interval=0.05):
+                # Both go by the clock: READYs at 0, 0.1, 0.3, 0.7, 1.5, 3.1 s, heartbeats every
+                # 0.05 s. Retried each interval, as before, READYs kept up with the heartbeats.
+                wait_for(lambda: sent["heartbeat"] >= 40, 20, message="40 heartbeats")
+                assert 4 <= sent["ready"] <= 8, sent
+                assert broker.engine.counters["malformed_too_many_workers"] <= sent["ready"]
+                first.stop()
+                first = None
+                registered = lambda: [r for r in caplog.records if r.getMessage().startswith("registered with")]
+                wait_for(lambda: len(registered()) == 2, 15, message="the refused worker registered once the "
+                         "slot was free")
+        finally:
+            if first is not None:
+                first.stop()
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "refused: broker has 1 workers (limit 1); trying again every 0.05s" in errors[0]
+    assert len(errors) == 1, errors
+    assert ("refused: broker has 1 workers (limit 1); trying again in 0.1s, then less often (every 30s at most)"
+            in errors[0])

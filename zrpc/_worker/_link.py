@@ -26,6 +26,10 @@ MAX_PAIRS_PER_REPLY = p.MAX_CALLS_PER_MESSAGE
 FINAL_LINGER_MS = 1000
 
 
+# The longest a refused worker waits between READYs (see BrokerLink.ready_backoff).
+READY_BACKOFF_MAX = 30.0
+
+
 class BrokerLink:
     """The DEALER to one broker endpoint, with when we last sent and last heard.
 
@@ -62,6 +66,7 @@ class BrokerLink:
         self.heard_ever = False  # has a broker at this endpoint ever sent us anything?
         self.broker_stopped = False  # it said it stopped (DISCONNECT, broker stopping), and none answered since
         self.refusal: str | None = None  # why the broker refused our last READY, until it takes one
+        self.refusals = 0  # READYs refused in a row: each waits longer for the next (see ready_backoff)
         self.poll_until = 0.0  # busy_poll: read every loop turn until then (set by calls only)
         self.ready_due: float | None = None  # a READY to send at this time (after a refusal)
         self.registered = False  # the broker has shown it took our last READY (see _receive)
@@ -245,11 +250,22 @@ class BrokerLink:
         return orphans
 
     def schedule_ready(self, now: float) -> None:
-        """READY again after a DISCONNECT: at once, or one interval after a READY just refused."""
-        if now - self.registered_at >= self.heartbeat_interval:
+        """READY again after a DISCONNECT: at once, or when ``ready_backoff`` has passed since
+        the last one (a READY just sent may be what the broker refused)."""
+        due = self.registered_at + self.ready_backoff()
+        if now >= due:
             self.send_ready()
         else:
-            self.ready_due = self.registered_at + self.heartbeat_interval
+            self.ready_due = due
+
+    def ready_backoff(self) -> float:
+        """How long after a READY another may go: one heartbeat interval, doubled per refusal in a
+        row up to READY_BACKOFF_MAX. A broker's rules change only by an operator's reload, and a
+        tester's refused worker made its broker log the refusal every second, for ever."""
+        if not self.refusals:
+            return self.heartbeat_interval
+        cap = max(READY_BACKOFF_MAX, self.heartbeat_interval)
+        return min(self.heartbeat_interval * 2.0 ** min(self.refusals, 16), cap)
 
     # ------------------------------------------------------------------ timers
 

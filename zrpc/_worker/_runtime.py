@@ -46,7 +46,7 @@ from ._calls import (
     run_sync,
     stopped_pair,
 )
-from ._link import FINAL_LINGER_MS, FROM_BROKER, BrokerLink
+from ._link import FINAL_LINGER_MS, FROM_BROKER, READY_BACKOFF_MAX, BrokerLink
 from ._metrics import HandlerStats
 from ._pool import STALL as _POOL_STALL
 from ._pool import HandlerPool
@@ -478,7 +478,7 @@ class Worker:
             if not link.registered:  # "ready" only says we started: this says a broker has us
                 link.registered = True
                 link.broker_stopped = False
-                link.refusal = None
+                link.refusal, link.refusals = None, 0
                 log.info("registered with broker %s", link.endpoint)
         link.schedule_read()  # a full batch: let other work run, then read on
 
@@ -597,12 +597,14 @@ class Worker:
         if reason == p.UNKNOWN_WORKER and not link.registered:
             # Again, before the broker has our READY: one per message of ours it got first.
             log.debug("broker %s sent DISCONNECT (%s) again; registering", link.endpoint, reason)
-        elif reason.startswith("refused: "):  # our READY, refused: said once per reason, retried each interval
+        elif reason.startswith("refused: "):  # our READY, refused: said once per reason, retried less and less
+            link.refusals += 1
             if reason != link.refusal:
                 link.refusal = reason
-                log.error("broker %s %s; trying again every %gs", link.endpoint, reason, self.heartbeat_interval)
+                log.error("broker %s %s; trying again in %gs, then less often (every %gs at most)", link.endpoint,
+                          reason, link.ready_backoff(), max(READY_BACKOFF_MAX, self.heartbeat_interval))
             else:
-                log.debug("broker %s %s again", link.endpoint, reason)
+                log.debug("broker %s %s again; next try in %gs", link.endpoint, reason, link.ready_backoff())
         else:
             log.info("broker %s sent DISCONNECT (%s); registering again", link.endpoint, reason)
         link.schedule_ready(self._clock())
