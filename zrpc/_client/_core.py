@@ -40,6 +40,13 @@ _FROM_BROKER = frozenset({_protocol.REPLY, _protocol.REPLY_BATCH})
 
 # deadline_ms is a uint32 on the wire (spec §5); a longer timeout is sent as the largest value.
 _MAX_DEADLINE_MS = 2**32 - 1
+# deadline_ms is sent this fraction short of what is left, by at most _DEADLINE_MARGIN_MAX_MS, so
+# the broker's DEADLINE_EXCEEDED, which says where the call was ("while queued: service 'x' has
+# had no live worker"), arrives before the client's own timer fires. The client's timer won the
+# race by the time the request took to arrive: a tester's call to a service with no worker was
+# told "the call is slow at its worker or waits in its queue: pass a larger --timeout".
+_DEADLINE_MARGIN = 0.01
+_DEADLINE_MARGIN_MAX_MS = 20
 
 # Coalescing limits for one REQUEST message (spec §4 allows several pairs). Every broker's frame
 # limit lets the protocol's most calls per message through, and the byte limit keeps one message
@@ -436,8 +443,8 @@ class ClientCore:
         """One REQUEST, or REQUEST_BATCH, carrying as many unsent calls as fit (spec §4, §4c)
         for ``link``, or None when none is left.
 
-        ``deadline_ms`` is measured now, at send (spec §5), rounded down so the broker never
-        waits longer than the client. Calls already cancelled, answered or expired are skipped.
+        ``deadline_ms`` is measured now, at send (spec §5), rounded down and a margin short, so
+        the broker never waits longer than the client (see _DEADLINE_MARGIN). Calls already cancelled, answered or expired are skipped.
         A link whose broker reads batches gets one; a call too large for a batch goes alone, in
         a REQUEST, so that its payload is not copied.
         """
@@ -457,6 +464,7 @@ class ClientCore:
             if calls and (carried + len(payload) > limit or call.avoid >> link & 1):
                 break  # (a retry this link's broker refused heads the next REQUEST: see link_order)
             millis = int((call.deadline - now) * 1000)
+            millis -= min(int(millis * _DEADLINE_MARGIN), _DEADLINE_MARGIN_MAX_MS)
             call.header.deadline_ms = min(max(millis, 1), _MAX_DEADLINE_MS)
             raw = call.header.SerializeToString()
             alone = batched and len(raw) + len(payload) >= _protocol.BATCH_CALL_BYTES
