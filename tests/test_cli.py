@@ -1044,6 +1044,10 @@ def test_a_misspelt_variable_of_a_client_command_is_said_with_the_likely_one(cli
     assert result.exit_code == 2  # and the command goes on: here, to refuse its bad JSON
     quiet = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", "[", env={"ZRPC_CALL_TIMEOUT": "1"})
     assert "warning" not in quiet.stderr
+    # The variable --help shows, not the automatic one click reads too (ZRPC_CALL_BROKERS), and
+    # compared without prefixes: ZRPC_CALL_BROKER_KEY is closer as a whole name.
+    misspelt = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", "[", env={"ZRPC_CALL_BROKR": "x"})
+    assert "is ignored (did you mean ZRPC_BROKER?)" in misspelt.stderr
 
 
 def test_worker_run_at_a_brokers_frontend_exits_1_naming_the_backend_option(cli_broker, spawn):

@@ -104,11 +104,20 @@ def warn_unread_variables() -> None:
     unread = variables_not_read(ctx)
     if not unread:
         return
-    read = sorted({name for param in ctx.command.params for name in _variables_of(param, ctx)})
+    # Suggested from the variables --help shows: an option with its own (ZRPC_BROKER) reads the
+    # automatic one too (ZRPC_CALL_BROKERS), but a tester was pointed to that undocumented name.
+    # Compared without their prefixes, so ZRPC_CALL_BROKR finds ZRPC_BROKER, not ZRPC_CALL_BROKER_KEY.
+    documented = {_variables_of(param, ctx)[0] for param in ctx.command.params if _variables_of(param, ctx)}
+    prefix = f"{ctx.auto_envvar_prefix}_"
+
+    def setting(name: str) -> str:
+        return name[len(prefix):] if name.startswith(prefix) else name.removeprefix("ZRPC_")
+
+    by_setting = {setting(name): name for name in sorted(documented)}
     for variable in unread:
-        close = difflib.get_close_matches(variable, read, n=1)
+        close = difflib.get_close_matches(setting(variable), list(by_setting), n=1)
         click.echo(f"warning: {variable} is not read by `{ctx.command_path}` and is ignored"
-                   + (f" (did you mean {close[0]}?)" if close else ""), err=True)
+                   + (f" (did you mean {by_setting[close[0]]}?)" if close else ""), err=True)
 
 
 def blamed(message: str, *names: str) -> str:
