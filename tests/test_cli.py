@@ -121,6 +121,30 @@ def test_keys_generate_reads_its_directory_from_ZRPC_KEYS_GENERATE_DIR(cli, tmp_
     assert (tmp_path / "k" / "node.key").exists() and (tmp_path / "k" / "node.key_secret").exists()
 
 
+@pytest.mark.parametrize("command", [("call", "zrpc.Broker/Health"), ("services",), ("status",),
+                                     ("worker", "run", "workers.echo:Echo")])
+def test_a_key_file_that_holds_no_usable_key_is_a_bad_value_exit_2(cli, tmp_path, command):
+    """A tester's wrong key file got "error: cannot connect to ...: cannot read CURVE key", exit
+    1 (a missing one, exit 2): both are bad values of the option, said before connecting."""
+    assert cli("keys", "generate", "alice", "--dir", str(tmp_path)).exit_code == 0
+    junk = tmp_path / "junk.key"
+    junk.write_text("not a key\n")
+    public, secret = str(tmp_path / "alice.key"), str(tmp_path / "alice.key_secret")
+    broker = ("--broker", "ipc:///nonexistent/zrpc")
+    for options, words in [
+        (("--curve-secret", str(junk), "--broker-key", public),
+         f"Invalid value for '--curve-secret': cannot read CURVE key from {junk}"),
+        (("--curve-secret", public, "--broker-key", public),
+         f"Invalid value for '--curve-secret': {public} holds no secret key (pass the NAME.key_secret file)"),
+        (("--curve-secret", secret, "--broker-key", str(junk)),
+         f"Invalid value for '--broker-key': cannot read CURVE key from {junk}"),
+        (("--curve-secret", secret, "--broker-key", "~" * 40), "Invalid value for '--broker-key': bad public key: not z85"),
+    ]:
+        result = cli(*command, *broker, *options)
+        assert result.exit_code == 2, (options, result.output)
+        assert words in " ".join(result.stderr.split()), result.stderr
+
+
 def test_keys_generate_refuses_to_replace_a_key_pair_unless_forced(cli, tmp_path):
     first = cli("keys", "generate", "alice", "--dir", str(tmp_path))
     assert first.exit_code == 0, first.output

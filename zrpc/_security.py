@@ -74,6 +74,14 @@ def load_keypair(source: KeySource) -> KeyPair:
     return KeyPair(public, secret)
 
 
+def check_key_files(curve_secret: str | None, broker_key: str | None) -> None:
+    """Raise ValueError, as connecting would, for a key file (or z85 key) that cannot be read."""
+    if curve_secret is not None and _load_certificate(curve_secret)[1] is None:
+        raise ValueError(f"{os.fspath(curve_secret)} holds no secret key (pass the NAME.key_secret file)")
+    if broker_key is not None:
+        load_public_key(broker_key)
+
+
 def _warn_if_readable_by_others(path: str | os.PathLike) -> None:
     """A secret key others may read is a key others may hold: say so (it is written 0600)."""
     try:

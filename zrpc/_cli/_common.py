@@ -222,6 +222,16 @@ def curve_options(command):
     without a parameter each.
     """
     def remember(ctx: click.Context, param: click.Parameter, value):
+        # Read now: a file that holds no key is a bad value, exit 2 as for a missing file (a
+        # tester's got "error: cannot connect to ...: cannot read CURVE key", exit 1).
+        if value is not None:
+            from .._security import check_key_files
+
+            try:
+                check_key_files(value if param.name == "curve_secret" else None,
+                                value if param.name == "broker_key" else None)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
         ctx.meta[f"zrpc.{param.name}"] = value
         return value
 
