@@ -876,7 +876,8 @@ def test_builtin_list_services_reports_workers_and_queue():
     listing = {s.name: s for s in bpb.ListServicesReply.FromString(payload).services}
     assert listing["svc.S"].live_workers == 1
     assert listing["svc.S"].queue_depth == 1 and listing["svc.S"].in_flight == 1
-    assert SERVICE in listing
+    own = listing[SERVICE]  # served by the broker: no workers of it anywhere
+    assert (own.live_workers, own.capacity, list(own.methods)) == (0, 0, ["DescribeService", "Health", "ListServices"])
 
 
 def test_builtin_describe_and_health():

@@ -54,8 +54,9 @@ def _denied(engine: "BrokerEngine", peer_key: str | None, service: str) -> str:
 
 def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now: float, peer_key: str | None):
     reply = pb.ListServicesReply(draining=engine.draining)
-    own = reply.services.add(name=SERVICE, methods=sorted(_METHODS), live_workers=1)
-    own.capacity = 1
+    # Served by the broker itself: no workers, no capacity (a tester read the 1 and 1 this
+    # said as a worker of it somewhere).
+    reply.services.add(name=SERVICE, methods=sorted(_METHODS))
     for name in sorted(engine.services):
         service = engine.services[name]
         if not service.offered or _denied(engine, peer_key, name):
