@@ -555,11 +555,12 @@ def test_call_unknown_method_and_unknown_field_name_the_problem(greeter):
     assert "helloworld.HelloRequest" in line and '"nam"' in line
 
 
-def test_call_takes_grpcurls_dotted_method_form_too(greeter):
+def test_call_takes_grpcurls_dotted_method_form_and_grpcs_full_method_name_too(greeter):
     _, _, frontend = greeter
-    result = run_cli("call", "--broker", frontend, "helloworld.Greeter.SayHello", '{"name": "Ada"}')
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"message": "Hello, Ada!"}
+    for target in ("helloworld.Greeter.SayHello", "/helloworld.Greeter/SayHello"):
+        result = run_cli("call", "--broker", frontend, target, '{"name": "Ada"}')
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"message": "Hello, Ada!"}
 
 
 class SilentEchoBroker(FakeFrontend):

@@ -48,7 +48,8 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
          metadata: tuple[str, ...], emit_defaults: bool, max_message_bytes: int) -> None:
     """Call SERVICE/METHOD with a JSON request; print the JSON reply.
 
-    JSON is the request message in protobuf's JSON mapping ('{}' when omitted; '-' reads
+    SERVICE/METHOD may also be written SERVICE.METHOD (as grpcurl does) or /SERVICE/METHOD
+    (gRPC's full method name). JSON is the request message in protobuf's JSON mapping ('{}' when omitted; '-' reads
     stdin). The broker describes the service (zrpc.Broker/DescribeService), so no .proto
     file is needed. Idempotent methods (idempotency_level option) are sent as such.
 

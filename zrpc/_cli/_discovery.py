@@ -291,7 +291,10 @@ def find_method(service: ServiceDescriptor, name: str) -> MethodDescriptor:
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """``pkg.Service/Method`` (or grpcurl's ``pkg.Service.Method``) → (service, method)."""
+    """``pkg.Service/Method`` (or grpcurl's ``pkg.Service.Method``, or gRPC's full method name
+    ``/pkg.Service/Method``, as logs and traces print it) → (service, method)."""
+    if target.startswith("/") and target.count("/") == 2:
+        target = target[1:]
     if "/" in target:
         service, _, method = target.rpartition("/")
     else:
