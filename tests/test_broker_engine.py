@@ -891,11 +891,14 @@ def test_builtin_describe_and_health():
     h.call(b"c", service=SERVICE, method="Health",
            payload=bpb.HealthRequest(service="svc.S").SerializeToString())
     h.call(b"c", service=SERVICE, method="Health", payload=b"\xff")
-    described, missing, health, bad = h.take_replies()
+    h.call(b"c", service=SERVICE, method="DescribeService", payload=b"")
+    described, missing, health, bad, nameless = h.take_replies()
     assert bpb.DescribeServiceReply.FromString(described[2]).file_descriptor_set == b"\x0a\x00"
     assert missing[1].code == StatusCode.NOT_FOUND
     assert bpb.HealthReply.FromString(health[2]).status == bpb.HealthReply.SERVING
     assert bad[1].code == StatusCode.INVALID_ARGUMENT
+    assert (nameless[1].code, nameless[1].message) == (
+        StatusCode.INVALID_ARGUMENT, "DescribeService needs the name of a service (ListServices lists them)")
 
 
 def test_duplicate_request_id_in_flight_is_refused_without_touching_the_first():

@@ -230,6 +230,8 @@ def test_json_from_stdin_is_read_with_dash(cli):
     (["call", "--broker", "tcp://127.0.0.1:65536", "a.B/C"], "port '65536' is not a number"),
     (["services", "--broker", "tcp://*:5555"], "a wildcard (* or port 0) is for binding"),
     (["worker", "run", "workers.echo"], "expected MODULE:CLASS"),
+    (["worker", "run", "workers.echo:Echo,workers.kv:KeyValue"],
+     "give each MODULE:CLASS as an argument of its own, e.g. zrpc worker run workers.echo:Echo workers.kv:KeyValue"),
 ])
 def test_user_mistakes_are_one_line_usage_errors(cli, args, problem):
     result = cli(*args)

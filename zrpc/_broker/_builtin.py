@@ -75,6 +75,9 @@ def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now:
 
 
 def _describe_service(engine: "BrokerEngine", request: pb.DescribeServiceRequest, now: float, peer_key: str | None):
+    if not request.service:  # a tester's '{}' was told "no worker has offered service ''"
+        return (StatusCode.INVALID_ARGUMENT, "DescribeService needs the name of a service (ListServices lists them)",
+                b"", None)
     if request.service == SERVICE:
         fds = _OWN_FDS
     else:

@@ -136,6 +136,10 @@ def load_service(target: str):
     from .._service import Service
 
     module_name, sep, class_name = target.partition(":")
+    if "," in target:  # a tester's `a:A,b:B` was told module a has no attribute 'A,b:B'
+        listed = " ".join(part for part in target.split(",") if part)
+        raise CliError(f"bad service {target!r}: give each MODULE:CLASS as an argument of its own, "
+                       f"e.g. zrpc worker run {listed}", exit_code=EXIT_USAGE)
     if not sep or not module_name or not class_name:
         raise CliError(f"bad service {target!r}: expected MODULE:CLASS, e.g. workers.echo:Echo",
                        exit_code=EXIT_USAGE)
