@@ -305,7 +305,8 @@ class Worker:
             if self._misdirected is not None:  # known before wait() returns
                 self._error = self._misdirected
             self._stopped.set()
-            log.info("worker %s stopped", self.name)
+            if self._misdirected is None:  # else its error says it stopped, and why
+                log.info("worker %s stopped", self.name)
 
     async def _drain(self, grace: float) -> None:
         """(spec §11) Stop taking work, finish calls in flight within ``grace``, then DISCONNECT.
@@ -315,7 +316,9 @@ class Worker:
         """
         self._draining = True
         self._drain_acked = asyncio.Event()
-        log.info("worker %s draining: %d call(s) running, grace %.3gs", self.name, self._admission.running, grace)
+        if self._misdirected is None:  # no broker had us: nothing to drain, nothing to say
+            log.info("worker %s draining: %d call(s) running, grace %.3gs", self.name, self._admission.running,
+                     grace)
         for link in self._links:
             link.drain_acked = False
             link.send(p.disconnect_message("worker draining", drain=True))
