@@ -737,8 +737,11 @@ def test_health_exit_status_tells_serving_from_not(greeter):
     assert unknown.returncode == 4 and "SERVICE_UNKNOWN" in unknown.stdout
 
 
-def test_ctrl_c_on_call_cancels_the_call(greeter, spawn):
-    """A tester's Ctrl-C ended `zrpc call`, and the call ran on at its worker to its end."""
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_on_call_cancels_the_call(greeter, spawn, signum, status, said):
+    """A tester's Ctrl-C ended `zrpc call`, and the call ran on at its worker to its end; so did
+    `timeout 5 zrpc call ...` (SIGTERM killed the process, no CANCEL sent)."""
     _, _, frontend = greeter
 
     def in_flight() -> int:
@@ -748,9 +751,10 @@ def test_ctrl_c_on_call_cancels_the_call(greeter, spawn):
 
     caller = spawn(*zrpc_cli("call", "--broker", frontend, "--timeout", "120", "echo.Echo/Sleep", '{"ms": 120000}'))
     wait_for(lambda: in_flight() == 1, 15.0, message="the call to reach the worker")
-    caller.signal(signal.SIGINT)
-    assert caller.popen.wait(10) == 130
+    caller.signal(signum)
+    assert caller.popen.wait(10) == status
     wait_for(lambda: in_flight() == 0, 10.0, message="the call to be cancelled at its broker")
+    assert said in caller.errors
 
 
 def test_sigterm_stops_worker_and_broker_with_exit_status_0(greeter, cli_broker):

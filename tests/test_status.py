@@ -83,10 +83,11 @@ def test_calls_per_second_is_the_difference_of_two_snapshots():
     assert "no services" in format_status(pb.ListServicesReply(), pb.ListServicesReply(), 1.0, "x")
 
 
-def test_watch_refreshes_until_interrupted(spawn, served):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_watch_refreshes_until_interrupted(spawn, served, signum):
     watcher = spawn(*zrpc_cli("status", "--broker", served.frontend_endpoint, "--watch", "--interval", "0.05"))
     wait_for(lambda: sum(line.startswith("broker ") for line in watcher.lines) >= 2, message="two refreshes")
-    watcher.signal(signal.SIGINT)
+    watcher.signal(signum)
     assert watcher.popen.wait(10) == 0
     assert not any("Traceback" in line for line in watcher.errors)
 

@@ -6,7 +6,9 @@ import functools
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Iterable
 
 import click
@@ -39,22 +41,45 @@ EXIT_STATUS_BASE = 10  # a call failed with status code C: exit 10 + C (NOT_FOUN
 EXIT_CODES_HELP = (
     "Exit status: 0 success; 1 error (file, import, bind); 2 usage or bad JSON; "
     "4 `health` not serving; 10+code when a call fails with a status code "
-    "(DEADLINE_EXCEEDED 14, NOT_FOUND 15, UNIMPLEMENTED 22, UNAVAILABLE 24); 130 interrupted (Ctrl-C)."
+    "(DEADLINE_EXCEEDED 14, NOT_FOUND 15, UNIMPLEMENTED 22, UNAVAILABLE 24); 130 interrupted (Ctrl-C); "
+    "143 terminated (SIGTERM)."
 )
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command Ctrl-C ended
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, as Ctrl-C is: a call waited for is cancelled at
+    its broker (a tester's `timeout 5 zrpc call ...` left the call running at its worker)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 class ExitOnInterrupt:
     """For a click command or group (as its first base): Ctrl-C exits 130, the shells'
     convention for SIGINT (click says "Aborted!" and exits 1, which zrpc's table gives to file,
-    import and bind errors)."""
+    import and bind errors), and SIGTERM exits 143 the same way. Commands that handle SIGTERM
+    themselves (broker start, worker run) install their own handler over this one."""
 
     def invoke(self, ctx: click.Context):
+        previous = None
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return super().invoke(ctx)
+        except Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        finally:
+            # Only ours: `zrpc broker start` ignores SIGTERM once stopped, until the process ends.
+            if previous is not None and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+                signal.signal(signal.SIGTERM, previous)
 
 
 class _Option(click.Option):

@@ -14,8 +14,8 @@ import click
 
 from .. import broker_service_pb2 as pb
 from ._call_cmd import each_broker_option
-from ._common import (EXIT_CODES_HELP, CliError, FiniteRange, curve_options, option, split_endpoints,
-                      warn_unread_variables)
+from ._common import (EXIT_CODES_HELP, CliError, FiniteRange, Terminated, curve_options, option,
+                      split_endpoints, warn_unread_variables)
 from ._signals import SignalWait
 from . import _discovery
 
@@ -53,9 +53,9 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
         # Each broker has its own counters: one client each, so every snapshot of a table comes
         # from the same broker (one client would deal its questions over all of them).
         clients = {endpoint: stack.enter_context(_discovery.connect([endpoint], timeout)) for endpoint in endpoints}
-        # Ctrl-C is recorded, not raised wherever the main thread is (inside the client's lock,
-        # a KeyboardInterrupt could leave it held): --watch ends at the next wait.
-        interrupted = stack.enter_context(SignalWait((signal.SIGINT,)))
+        # Ctrl-C (and SIGTERM) is recorded, not raised wherever the main thread is (inside the
+        # client's lock, a KeyboardInterrupt could leave it held): --watch ends at the next wait.
+        interrupted = stack.enter_context(SignalWait((signal.SIGINT, signal.SIGTERM)))
 
         def snapshot(earlier: dict[str, object] | None = None) -> dict[str, object]:
             """Each broker's ListServices reply, or (several brokers, --watch) the error it gave.
@@ -76,7 +76,7 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
         before, taken = snapshot(), time.monotonic()
         terminal = sys.stdout.isatty()
         shown = False  # whether a view said which brokers failed
-        while interrupted.wait(interval) is None:  # --watch ends with Ctrl-C
+        while (signum := interrupted.wait(interval)) is None:  # --watch ends with Ctrl-C
             after, now = snapshot(before), time.monotonic()
             text = "\n\n".join(
                 f"broker {endpoint}: {reply.format_message()}" if isinstance(reply, CliError)
@@ -90,7 +90,7 @@ def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: floa
             click.echo((_CLEAR if terminal else "") + text + ("" if terminal else "\n"))
             before, taken, shown = after, now, True
         if not watch:  # Ctrl-C before the second snapshot: nothing was printed
-            raise KeyboardInterrupt
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         # Ctrl-C ends --watch: its status is that of the last view (a tester's watch of a broker
         # that never answered exited 0), said on stderr if no view was printed.
         _discovery.raise_first_failure(before, said=shown)
