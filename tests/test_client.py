@@ -922,6 +922,27 @@ def test_async_cancelling_the_task_sends_cancel(broker):
     run(main())
 
 
+def test_async_a_call_cancelled_right_before_close_is_cancelled_at_the_broker(broker):
+    """(review) A caller's timeout cancels the call, then ``async with`` closes the client before
+    the writer ran: the call was out of the core, so close() sent no CANCEL for it. The timeout
+    is expired by hand once the broker holds the call; close() follows with no await between."""
+    async def main():
+        ac = AsyncClient(broker.endpoint)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(None) as scope:
+                def expire_when_held() -> None:
+                    broker.wait_for(lambda: broker.requests)
+                    loop.call_soon_threadsafe(scope.reschedule, loop.time())
+                threading.Thread(target=expire_when_held, daemon=True).start()
+                await ac.call("test.Svc", "Hang", b"")
+        await ac.close()
+        request_id = broker.requests[0].request_id
+        await asyncio.to_thread(broker.wait_for, lambda: request_id in broker.cancels)
+
+    run(main())
+
+
 def test_async_close_fails_calls_in_flight_and_is_idempotent(broker):
     async def main():
         ac = AsyncClient(broker.endpoint)

@@ -138,7 +138,10 @@ class AsyncClient:
         # sockets were closed that left them open (review).
         ended = loop is not None and loop.is_closed()
         # (spec §8) Calls the broker holds for us are stopped there, not left to their deadlines.
-        cancelled = self._core.sent_in_flight() if self._sockets and not self._closed else []
+        # With the calls cancelled just before and not yet sent by the writer (a caller's timeout,
+        # then the `async with` closing the client): they are out of the core already.
+        cancelled = self._core.sent_in_flight() + self._cancels if self._sockets and not self._closed else []
+        self._cancels = []
         self._closed = True  # before the CANCEL: a closing client schedules no read after it
         if cancelled:  # best effort: a full queue loses it, and the deadlines still apply
             self._send_cancel(cancelled)
