@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -130,12 +131,17 @@ def test_a_key_file_that_holds_no_usable_key_is_a_bad_value_exit_2(cli, tmp_path
     junk = tmp_path / "junk.key"
     junk.write_text("not a key\n")
     public, secret = str(tmp_path / "alice.key"), str(tmp_path / "alice.key_secret")
+    broken = tmp_path / "broken.key_secret"  # its secret-key line damaged: "Invalid argument", exit 1
+    broken.write_text(re.sub(r'secret-key = ".*"', 'secret-key = "' + "~" * 40 + '"',
+                             (tmp_path / "alice.key_secret").read_text()))
     broker = ("--broker", "ipc:///nonexistent/zrpc")
     for options, words in [
         (("--curve-secret", str(junk), "--broker-key", public),
          f"Invalid value for '--curve-secret': cannot read CURVE key from {junk}"),
         (("--curve-secret", public, "--broker-key", public),
          f"Invalid value for '--curve-secret': {public} holds no secret key (pass the NAME.key_secret file)"),
+        (("--curve-secret", str(broken), "--broker-key", public),
+         f"Invalid value for '--curve-secret': bad secret key in {broken}: not z85"),
         (("--curve-secret", secret, "--broker-key", str(junk)),
          f"Invalid value for '--broker-key': cannot read CURVE key from {junk}"),
         (("--curve-secret", secret, "--broker-key", "~" * 40), "Invalid value for '--broker-key': bad public key: not z85"),
@@ -1079,6 +1085,9 @@ def test_a_misspelt_variable_of_a_client_command_is_said_with_the_likely_one(cli
     # compared without prefixes: ZRPC_CALL_BROKER_KEY is closer as a whole name.
     misspelt = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", "[", env={"ZRPC_CALL_BROKR": "x"})
     assert "is ignored (did you mean ZRPC_BROKER?)" in misspelt.stderr
+    # Arguments read no variable: nothing to suggest for a name close to one (ZRPC_CALL_TARGET).
+    argument = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", "[", env={"ZRPC_CALL_TARGT": "x"})
+    assert "warning: ZRPC_CALL_TARGT is not read by `zrpc call` and is ignored\n" in argument.stderr
 
 
 def test_worker_run_at_a_brokers_frontend_exits_1_naming_the_backend_option(cli_broker, spawn):

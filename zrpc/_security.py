@@ -60,8 +60,9 @@ def generate_keys(name: str, directory: str | os.PathLike = ".") -> tuple[pathli
     return pathlib.Path(public), pathlib.Path(secret)
 
 
-def load_keypair(source: KeySource) -> KeyPair:
-    """A key pair from a ``.key_secret`` file path, a ``KeyPair`` or a ``(public, secret)`` tuple."""
+def load_keypair(source: KeySource, warn: bool = True) -> KeyPair:
+    """A key pair from a ``.key_secret`` file path, a ``KeyPair`` or a ``(public, secret)`` tuple.
+    ``warn``: log when the file is readable by other users."""
     if isinstance(source, KeyPair):
         return source
     if isinstance(source, tuple):
@@ -70,14 +71,15 @@ def load_keypair(source: KeySource) -> KeyPair:
     public, secret = _load_certificate(source)
     if secret is None:
         raise ValueError(f"{os.fspath(source)} holds no secret key (pass the NAME.key_secret file)")
-    _warn_if_readable_by_others(source)
-    return KeyPair(public, secret)
+    if warn:
+        _warn_if_readable_by_others(source)
+    return KeyPair(public, _check_z85(secret, f"secret key in {os.fspath(source)}"))
 
 
 def check_key_files(curve_secret: str | None, broker_key: str | None) -> None:
     """Raise ValueError, as connecting would, for a key file (or z85 key) that cannot be read."""
-    if curve_secret is not None and _load_certificate(curve_secret)[1] is None:
-        raise ValueError(f"{os.fspath(curve_secret)} holds no secret key (pass the NAME.key_secret file)")
+    if curve_secret is not None:
+        load_keypair(curve_secret, warn=False)  # connecting warns, once
     if broker_key is not None:
         load_public_key(broker_key)
 
@@ -108,7 +110,7 @@ def _load_certificate(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read CURVE key from {os.fspath(path)}: {exc}") from None
-    return _check_z85(public, "public key"), secret
+    return _check_z85(public, f"public key in {os.fspath(path)}"), secret
 
 
 def _check_z85(key: bytes, what: str) -> bytes:

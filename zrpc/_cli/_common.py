@@ -100,9 +100,10 @@ class _Option(click.Option):
 
 
 def _variables_of(option: click.Parameter, ctx: click.Context) -> list[str]:
-    """The environment variables ``option`` reads: its own, then the automatic one."""
+    """The environment variables ``option`` reads: its own, then the automatic one (click reads
+    that for options only: a tester was pointed to ZRPC_CALL_TARGET, which no one reads)."""
     names = [option.envvar] if isinstance(option.envvar, str) else list(option.envvar or ())
-    if ctx.auto_envvar_prefix is not None and option.name is not None:
+    if isinstance(option, click.Option) and ctx.auto_envvar_prefix is not None and option.name is not None:
         names.append(f"{ctx.auto_envvar_prefix}_{option.name.upper()}")
     return names
 
