@@ -39,8 +39,8 @@ from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
 from zrpc import AsyncClient, Client, Error, StatusCode, tune_allocator  # noqa: E402
 from zrpc._cli import _discovery  # noqa: E402
-from zrpc._cli._common import (EXIT_INTERRUPTED, ExitOnInterrupt, FiniteRange, curve_options, curve_settings,  # noqa: E402
-                              split_endpoints)
+from zrpc._cli._common import (EXIT_INTERRUPTED, EXIT_TERMINATED, ExitOnInterrupt, FiniteRange,  # noqa: E402
+                              curve_options, curve_settings, split_endpoints)
 from zrpc._descriptors import is_idempotent, message_class  # noqa: E402
 
 STARTUP_TIMEOUT = 20.0  # bound on the spawned broker printing its ready line, workers registering
@@ -76,6 +76,7 @@ class Result:
     end_grace_s: float = 0.0  # how long the unfinished calls were given after --duration
     warmup_calls: int = 0  # made before the run, not counted (the broker's metrics count them)
     interrupted: bool = False  # Ctrl-C ended the run: the report covers the calls made until then
+    terminated: bool = False  # ... SIGTERM did (interrupted is set too)
 
     @property
     def ok(self) -> int:
@@ -141,7 +142,8 @@ def format_summary(s: dict) -> str:
         f"max {ms(s['max_us'])}" + (" (of the ok calls)" if s["ok"] < s["calls"] else ""),
         f"errors       {errors}",
     ] + ([_unfinished_text(s)] if s.get("unfinished") else [])
-        + (["interrupted  by Ctrl-C: these are the calls made until then"] if s.get("interrupted") else [])) + "\n"
+        + ([f"interrupted  by {'SIGTERM' if s.get('terminated') else 'Ctrl-C'}: these are the calls made until then"]
+           if s.get("interrupted") else [])) + "\n"
 
 
 def _unfinished_text(s: dict) -> str:
@@ -212,6 +214,15 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
 
         callers = [asyncio.ensure_future(caller(index)) for index in range(concurrency)]
         ticker = asyncio.ensure_future(_tick(progress, result, started, requests is None))
+        # SIGTERM ends the run as Ctrl-C does (asyncio.run cancels us on SIGINT), with its report;
+        # before the run, the zrpc commands' handler ends the script without one (ExitOnInterrupt).
+        loop, this_task = asyncio.get_running_loop(), asyncio.current_task()
+
+        def on_sigterm() -> None:
+            result.terminated = True
+            this_task.cancel()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         try:
             if stop_at is None:
                 await asyncio.gather(*callers)
@@ -225,6 +236,8 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
         except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels us): report what was measured
             result.interrupted = True
         finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGTERM)
             result.elapsed_s = time.perf_counter() - started
             ticker.cancel()
             for task in callers:
@@ -521,6 +534,8 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         report.update(unfinished=result.unfinished, stuck=result.stuck, end_grace_s=result.end_grace_s)
     if result.interrupted:
         report["interrupted"] = True
+    if result.terminated:
+        report["terminated"] = True
     if as_json:
         click.echo(json.dumps(report, separators=(",", ":")))
     else:
@@ -532,7 +547,7 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
         click.echo(f"error: {_failed_text(result)}, more than --max-errors {max_errors:g} allows", err=True)
         sys.exit(1)
     if result.interrupted:
-        sys.exit(EXIT_INTERRUPTED)  # as `zrpc` commands exit on Ctrl-C
+        sys.exit(EXIT_TERMINATED if result.terminated else EXIT_INTERRUPTED)  # as `zrpc` commands exit
 
 
 def _failed_text(result: Result) -> str:

@@ -186,8 +186,10 @@ def test_the_broker_counts_the_calls_reported_and_the_warm_up_call_the_report_na
         assert ", after a warm-up call (not counted)\n" in text.stdout
 
 
-def test_ctrl_c_ends_the_run_with_a_report_of_the_calls_made_and_exit_130(endpoints):
-    """A tester's Ctrl-C printed only "Aborted!" (exit 1): what was measured was lost."""
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_ends_the_run_with_a_report_of_the_calls_made(endpoints, signum, status):
+    """A tester's Ctrl-C printed only "Aborted!" (exit 1): what was measured was lost. SIGTERM
+    (review: `timeout 60 loadtest.py ...`) ends the run the same way, exit 143."""
     frontend, backend = endpoints
     with Broker(BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0, log_level="WARNING")) as broker, \
             Worker([Echo()], brokers=backend):
@@ -201,14 +203,17 @@ def test_ctrl_c_ends_the_run_with_a_report_of_the_calls_made_and_exit_130(endpoi
                 counted = broker.stats.methods.get(("echo.Echo", "Say"))
                 return counted is not None and counted.codes.get("OK", 0) >= 200
             wait_for(calls_made, message="the load test to make calls")
-            run.send_signal(signal.SIGINT)
+            run.send_signal(signum)
             stdout, stderr = run.communicate(timeout=30)
         finally:
             run.kill()
             run.wait(timeout=10)
-    assert run.returncode == 130, stderr
+    assert run.returncode == status, stderr
     report = json.loads(stdout)
     assert report["interrupted"] is True and report["calls"] >= 199 and report["errors"] == {}
+    assert report.get("terminated", False) is (signum == signal.SIGTERM)
+    said = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    assert f"interrupted  by {said}: these are the calls made until then" in loadtest.format_summary(report)
 
 
 def test_ctrl_c_during_the_warm_up_call_exits_130_without_a_report(endpoints):
