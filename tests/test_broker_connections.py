@@ -226,6 +226,29 @@ def test_a_broker_that_fails_to_bind_its_backend_removes_its_frontends_ipc_file(
     assert os.listdir(ipc_dir) == []
 
 
+def test_close_is_idempotent_and_a_closed_or_stopped_broker_says_it_cannot_bind_again(ipc_dir):
+    """(review) close() after stop() raised, and bind() after close() said only libzmq's
+    "Operation not supported"."""
+    from zrpc._broker import Broker, BrokerConfig
+
+    def config(name: str) -> BrokerConfig:
+        return BrokerConfig(frontend=f"ipc://{ipc_dir}/{name}-f", backend=f"ipc://{ipc_dir}/{name}-b",
+                            log_level="WARNING")
+
+    bound = Broker(config("bound"))
+    bound.bind()
+    bound.close()
+    bound.close()
+    stopped = Broker(config("stopped")).start()
+    with pytest.raises(RuntimeError, match="is running: stop"):
+        stopped.close()
+    stopped.stop()
+    stopped.close()
+    for broker in (bound, stopped):
+        with pytest.raises(RuntimeError, match="has stopped .or was closed.: create a new Broker"):
+            broker.bind()
+
+
 def test_a_wildcard_ipc_endpoint_leaves_neither_file_nor_directory(ipc_dir, monkeypatch):
     """For ``ipc://*`` libzmq makes a directory under $TMPDIR and removes it with its file, but
     only if the file is still there: the broker must leave that one to libzmq."""

@@ -81,6 +81,7 @@ class Broker:
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self._socket_files: list = []  # ipc:// files bound, removed at close (see remove_ipc_socket_file)
+        self._closed = False  # its sockets were closed after a bind: it cannot bind again
         self._wake_endpoint = f"inproc://zrpc-broker-wake-{id(self):x}"
         self._wake_recv: zmq.Socket | None = None
         self._stopping = threading.Event()
@@ -105,6 +106,8 @@ class Broker:
         """Bind both endpoints; returns them resolved (a tcp port 0 becomes the real port)."""
         if self.frontend is not None:
             return self.frontend_endpoint, self.backend_endpoint
+        if self._closed:  # its context may be terminated: libzmq would say "Operation not supported"
+            raise RuntimeError("this broker has stopped (or was closed): create a new Broker")
         if self.security is not None:
             # Before binding: a peer that connects before the ZAP handler runs is let in and stays.
             self.security.start(self._context)
@@ -194,10 +197,12 @@ class Broker:
 
     def close(self) -> None:
         """Unbind a broker that bound but will not serve (what was to run around it failed to
-        start): closes its sockets, removes its ipc:// files. ``run()`` does so when it ends."""
-        if self._thread is not None:
-            raise RuntimeError("this broker was started: stop() it")
-        self._close_sockets()
+        start): closes its sockets, removes its ipc:// files. ``run()`` does so when it ends;
+        after that, and after a first close(), this does nothing."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("this broker is running: stop() it")
+        if not self._closed:
+            self._close_sockets()
 
     def drain(self, grace: float) -> None:
         """Begin shutting down (safe from any thread or a signal handler); returns at once.
@@ -251,6 +256,7 @@ class Broker:
         for bound in self._socket_files:
             remove_ipc_socket_file(bound)
         self._socket_files = []
+        self._closed = True
         self.connections.close()
         for socket in (self.frontend, self.backend, self._wake_recv):
             if socket is not None:

@@ -128,15 +128,6 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
             log.info("received %s; stopping", signal.Signals(signum).name)
             broker_.stop()
 
-    from .._broker._metrics import broker_registry
-
-    try:
-        metrics = start_metrics(lambda: broker_registry(broker_), metrics_host, metrics_port)
-    except CliError:
-        broker_.close()  # its ipc:// files too: a stale one looks like a broker to a client
-        raise
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
     def on_hangup(signum, frame) -> None:
         if broker_.security is None:  # SIGHUP's default action would kill the broker
             log.warning("received SIGHUP: this broker runs without CURVE, there are no keys to reload")
@@ -146,10 +137,19 @@ def start(config_file: str | None, log_level: str | None, log_format: str, metri
         except (OSError, ValueError) as exc:
             log.error("reload on SIGHUP failed, keeping the previous keys: %s", exc)
 
-    # Always handled: `systemctl reload` (zrpc-broker.service) sends it to any broker.
-    previous_hangup = signal.signal(signal.SIGHUP, on_hangup)
-    ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}"
-               + (f" metrics={metrics.url}" if metrics else ""))
+    from .._broker._metrics import broker_registry
+
+    try:  # until run(): a failure here (the metrics port taken, a SIGTERM) closes the bound broker
+        metrics = start_metrics(lambda: broker_registry(broker_), metrics_host, metrics_port)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
+        # Always handled: `systemctl reload` (zrpc-broker.service) sends it to any broker.
+        previous_hangup = signal.signal(signal.SIGHUP, on_hangup)
+        ready_line(f"zrpc broker ready: frontend={frontend} backend={backend}"
+                   + (f" metrics={metrics.url}" if metrics else ""))
+    except BaseException:
+        broker_.close()  # its ipc:// files too: a stale one looks like a broker to a client
+        raise
     try:
         broker_.run()
     finally:
