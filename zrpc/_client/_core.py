@@ -40,13 +40,13 @@ _FROM_BROKER = frozenset({_protocol.REPLY, _protocol.REPLY_BATCH})
 
 # deadline_ms is a uint32 on the wire (spec §5); a longer timeout is sent as the largest value.
 _MAX_DEADLINE_MS = 2**32 - 1
-# deadline_ms is sent this fraction short of what is left, by at most _DEADLINE_MARGIN_MAX_MS, so
+# deadline_ms is sent _DEADLINE_MARGIN_MS short of what is left (a tenth of it for short ones), so
 # the broker's DEADLINE_EXCEEDED, which says where the call was ("while queued: service 'x' has
 # had no live worker"), arrives before the client's own timer fires. The client's timer won the
 # race by the time the request took to arrive: a tester's call to a service with no worker was
 # told "the call is slow at its worker or waits in its queue: pass a larger --timeout".
-_DEADLINE_MARGIN = 0.01
-_DEADLINE_MARGIN_MAX_MS = 20
+_DEADLINE_MARGIN_MS = 20
+_DEADLINE_MARGIN_SHARE = 0.1
 
 # Coalescing limits for one REQUEST message (spec §4 allows several pairs). Every broker's frame
 # limit lets the protocol's most calls per message through, and the byte limit keeps one message
@@ -444,9 +444,9 @@ class ClientCore:
         for ``link``, or None when none is left.
 
         ``deadline_ms`` is measured now, at send (spec §5), rounded down and a margin short, so
-        the broker never waits longer than the client (see _DEADLINE_MARGIN). Calls already cancelled, answered or expired are skipped.
-        A link whose broker reads batches gets one; a call too large for a batch goes alone, in
-        a REQUEST, so that its payload is not copied.
+        the broker never waits longer than the client (see _DEADLINE_MARGIN_MS). Calls already
+        cancelled, answered or expired are skipped. A link whose broker reads batches gets one;
+        a call too large for a batch goes alone, in a REQUEST, so that its payload is not copied.
         """
         batched = self._link_batches[link]
         # Bytes the message may carry: a batch's frame limit counts headers and entry overheads too.
@@ -464,7 +464,7 @@ class ClientCore:
             if calls and (carried + len(payload) > limit or call.avoid >> link & 1):
                 break  # (a retry this link's broker refused heads the next REQUEST: see link_order)
             millis = int((call.deadline - now) * 1000)
-            millis -= min(int(millis * _DEADLINE_MARGIN), _DEADLINE_MARGIN_MAX_MS)
+            millis -= min(int(millis * _DEADLINE_MARGIN_SHARE), _DEADLINE_MARGIN_MS)
             call.header.deadline_ms = min(max(millis, 1), _MAX_DEADLINE_MS)
             raw = call.header.SerializeToString()
             alone = batched and len(raw) + len(payload) >= _protocol.BATCH_CALL_BYTES
