@@ -149,6 +149,8 @@ def format_summary(s: dict) -> str:
 def _unfinished_text(s: dict) -> str:
     text = f"unfinished   {s['unfinished']} call(s) still in flight {s['end_grace_s']:g} s after --duration: cancelled"
     stuck = s.get("stuck", 0)
+    if not s["calls"] and not stuck:  # a tester's Sleep 3000 at -d 2 read only "calls 0 ... errors none"
+        return text + ", not counted: no call finished; each takes longer than --duration, lengthen it"
     if not stuck:
         return text + ", not counted"
     cut_short = s["unfinished"] - stuck
@@ -179,7 +181,6 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
     try:
         # One call first, not counted: it connects, and a broker or worker that cannot serve
         # fails here, once (describing the service already checked the target exists).
-        slowest_ns = 0  # of the calls that finished, ok or not: what "stuck" is measured against
         warmup_begin = time.perf_counter_ns()
         try:
             result.warmup_calls += 1
@@ -190,7 +191,9 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
             hint = "" if errors_allowed else " (--max-errors 1 to exit 0 all the same)"
             click.echo(f"note: first call to {service}/{method} failed with {error.code.name}; "
                        f"going on, its errors are counted{hint}", err=True)
-        slowest_ns = time.perf_counter_ns() - warmup_begin
+        warmup_ns = time.perf_counter_ns() - warmup_begin  # includes connecting
+        slowest_ns = 0  # of the run's calls that finished with an error (ok ones: latencies)
+        last_done_ns = 0  # when the run's last call finished
         issued = 0
         started = time.perf_counter()
         stop_at = None if duration is None else started + duration
@@ -200,7 +203,7 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
         began = [0] * concurrency  # when each caller's current call began
 
         async def caller(index: int) -> None:
-            nonlocal issued, slowest_ns
+            nonlocal issued, slowest_ns, last_done_ns
             while (requests is None or issued < requests) and (stop_at is None or time.perf_counter() < stop_at):
                 issued += 1
                 began[index] = begin = clock()
@@ -208,9 +211,11 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
                     await client.call(service, method, payload, timeout=timeout, idempotent=idempotent)
                 except Error as error:
                     errors[error.code.name] += 1
-                    slowest_ns = max(slowest_ns, clock() - begin)
+                    last_done_ns = clock()
+                    slowest_ns = max(slowest_ns, last_done_ns - begin)
                 else:
-                    latencies.append(clock() - begin)
+                    last_done_ns = clock()
+                    latencies.append(last_done_ns - begin)
 
         callers = [asyncio.ensure_future(caller(index)) for index in range(concurrency)]
         ticker = asyncio.ensure_future(_tick(progress, result, started, requests is None))
@@ -230,7 +235,8 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
                 result.end_grace_s = min(timeout, END_GRACE)
                 _, unfinished = await asyncio.wait(callers, timeout=duration + result.end_grace_s)
                 result.unfinished = len(unfinished)
-                now, slowest_ns = clock(), max(slowest_ns, max(latencies, default=0))
+                # Against the run's calls; the warm-up's (which connected too) only if none finished.
+                now, slowest_ns = clock(), max(slowest_ns, max(latencies, default=0)) or warmup_ns
                 result.stuck = sum(now - began[index] > STUCK_FACTOR * slowest_ns
                                    for index, task in enumerate(callers) if task in unfinished)
         except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels us): report what was measured
@@ -239,6 +245,8 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGTERM)
             result.elapsed_s = time.perf_counter() - started
+            if result.unfinished:  # calls/s over --duration, or to the last answer in the grace
+                result.elapsed_s = max(duration, last_done_ns / 1e9 - started)
             ticker.cancel()
             for task in callers:
                 task.cancel()
@@ -474,9 +482,9 @@ class _Command(ExitOnInterrupt, click.Command):
 @click.option("--worker-concurrency", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
               show_envvar=True, help="--concurrency of each spawned worker.")
 @click.option("--max-errors", type=FiniteRange(min=0.0, max=1.0), default=0.0, show_default=True,
-              metavar="FRACTION", help="Exit with status 1 when more than this fraction of the calls failed "
-              "or were stuck after --duration (unanswered and in flight twice as long as the slowest call that "
-              "finished) (0: any failed call; 1: never, for a method that fails by design). A first call failing "
+              metavar="FRACTION", show_envvar=True, help="Exit with status 1 when more than this fraction of the calls failed "
+              f"or were stuck after --duration (unanswered and in flight {STUCK_FACTOR} times as long as the slowest "
+              "call that finished) (0: any failed call; 1: never, for a method that fails by design). A first call failing "
               "UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED or PERMISSION_DENIED still stops the run: "
               "no call can reach a handler.")
 @click.option("--json", "as_json", is_flag=True, default=False, show_envvar=True, envvar="ZRPC_LOADTEST_JSON",
@@ -487,10 +495,16 @@ def main(brokers, target, concurrency, requests, duration, payload_size, data, t
     """Keep CONCURRENCY calls in flight and report calls/s and latency percentiles.
 
     Exits 1 when more calls failed than --max-errors allows (the report is printed first); a call
-    still unanswered a second after --duration counts as failed.
+    stuck at the end of --duration counts as failed.
     """
     if spawn_brokers > 1 and not spawn:
         raise click.UsageError("--spawn-brokers starts brokers for --spawn N workers: give --spawn too")
+    ctx = click.get_current_context()
+    for name, flag in (("worker_target", "--worker"), ("worker_concurrency", "--worker-concurrency")):
+        given = ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+        if given and not spawn:  # a tester's --worker workers.kv:KeyValue load-tested echo.Echo/Say instead
+            raise click.UsageError(f"{flag} is for the workers --spawn N starts: give --spawn too, or "
+                                   f"--service for a method of the workers at --broker")
     curve = curve_settings()  # both or neither; describing the service uses them too
     if spawn and curve["curve_secret"]:
         raise click.UsageError("--spawn starts brokers without CURVE: --broker-key and --curve-secret "

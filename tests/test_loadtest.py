@@ -311,6 +311,23 @@ def test_the_scripts_worker_and_profile_concurrency_options_have_help_texts(scri
     assert described.split("[default:")[0].count(words) == 1, described[:200]
 
 
+def test_a_run_in_which_no_call_finished_says_to_lengthen_the_duration():
+    """A tester's Sleep 3000 at -d 2 read "calls 0 (0 ok) ... errors none", exit 0, and a rate
+    taken over the duration and its grace."""
+    report = {"unfinished": 8, "stuck": 0, "end_grace_s": 1.0, "calls": 0}
+    assert loadtest._unfinished_text(report) == (
+        "unfinished   8 call(s) still in flight 1 s after --duration: cancelled, not counted: no call finished; "
+        "each takes longer than --duration, lengthen it")
+
+
+@pytest.mark.parametrize("option", [("--worker", "workers.kv:KeyValue"), ("--worker-concurrency", "4")])
+def test_worker_options_without_spawn_are_usage_errors(option):
+    """A tester's --worker workers.kv:KeyValue without --spawn load-tested echo.Echo/Say."""
+    result = run_loadtest(*option, "--requests", "1")
+    assert result.returncode == 2
+    assert f"{option[0]} is for the workers --spawn N starts: give --spawn too" in result.stderr
+
+
 def test_a_duration_run_ends_a_grace_after_it_and_cuts_a_slow_methods_last_calls_short():
     """A tester's `-d 8` ran 34.5 s, its calls waiting out a 30 s timeout; now calls still in
     flight a second after --duration are cancelled and reported, not waited for. Calls of a
@@ -320,6 +337,7 @@ def test_a_duration_run_ends_a_grace_after_it_and_cuts_a_slow_methods_last_calls
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["unfinished"], report["stuck"], report["calls"]) == (2, 0, 0)
+    assert report["elapsed_s"] == 0.5  # calls/s over --duration, not over its grace too
     text = loadtest.format_summary(report)
     assert "unfinished   2 call(s) still in flight 1 s after --duration: cancelled, not counted" in text
 

@@ -264,8 +264,11 @@ class BrokerLink:
         tester's refused worker made its broker log the refusal every second, for ever."""
         if not self.refusals:
             return self.heartbeat_interval
-        cap = max(READY_BACKOFF_MAX, self.heartbeat_interval)
-        return min(self.heartbeat_interval * 2.0 ** min(self.refusals, 16), cap)
+        return min(self.heartbeat_interval * 2.0 ** min(self.refusals, 16), self.ready_backoff_max)
+
+    @property
+    def ready_backoff_max(self) -> float:
+        return max(READY_BACKOFF_MAX, self.heartbeat_interval)
 
     # ------------------------------------------------------------------ timers
 

@@ -46,7 +46,7 @@ from ._calls import (
     run_sync,
     stopped_pair,
 )
-from ._link import FINAL_LINGER_MS, FROM_BROKER, READY_BACKOFF_MAX, BrokerLink
+from ._link import FINAL_LINGER_MS, FROM_BROKER, BrokerLink
 from ._metrics import HandlerStats
 from ._pool import STALL as _POOL_STALL
 from ._pool import HandlerPool
@@ -605,7 +605,7 @@ class Worker:
             if reason != link.refusal:
                 link.refusal = reason
                 log.error("broker %s %s; trying again in %gs, then less often (every %gs at most)", link.endpoint,
-                          reason, link.ready_backoff(), max(READY_BACKOFF_MAX, self.heartbeat_interval))
+                          reason, link.ready_backoff(), link.ready_backoff_max)
             else:
                 log.debug("broker %s %s again; next try in %gs", link.endpoint, reason, link.ready_backoff())
         else:
