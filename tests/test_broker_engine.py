@@ -923,6 +923,12 @@ def test_drain_notice_stops_new_work_keeps_calls_in_flight_and_is_acknowledged()
     assert identity == b"old" and p.decode_disconnect_message(frames[2:]).drain
     h.call(b"c")
     assert h.take_requests() == []  # nothing new for a draining worker
+    # ListServices tells it apart (a tester's listing counted it live, as Health did not).
+    h.call(b"c", service=SERVICE, method="ListServices", payload=b"")
+    [(_, _, payload)] = h.take_replies()
+    [service] = [s for s in bpb.ListServicesReply.FromString(payload).services if s.name == "svc.S"]
+    assert (service.live_workers, service.capacity, service.queue_depth, service.in_flight) == (0, 0, 1, 1)
+    assert [(w.name, w.draining, w.in_flight) for w in service.workers] == [("old", True, 1)]
     h.reply_from(b"old", header.request_id, payload=b"finished")
     assert [(r.request_id, r.code) for _, r, _ in h.take_replies()] == [(rid, StatusCode.OK)]
     h.backend(b"old", p.disconnect_message("bye"))

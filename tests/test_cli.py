@@ -468,12 +468,17 @@ def test_services_table_columns_are_aligned():
     listing.services.add(name="helloworld.Greeter", methods=["SayHello", "Other"], live_workers=1,
                          in_flight=0, capacity=16, queue_depth=250)
     listing.services.add(name="zrpc.Broker", methods=["Health"], live_workers=1, in_flight=0, capacity=1)
+    rolling = listing.services.add(name="kv.KeyValue", methods=["Get"], live_workers=1, in_flight=3, capacity=8)
+    rolling.workers.add(name="kv-1", capacity=8, in_flight=1)
+    rolling.workers.add(name="kv-2", capacity=8, in_flight=2, draining=True)
     lines = format_services(listing).splitlines()
     assert lines[0].split() == ["SERVICE", "METHODS", "WORKERS", "IN-FLIGHT/CAPACITY", "QUEUED"]
     assert lines[1].split() == ["a.B", "X", "12", "3/160", "0"]
     assert lines[2].split() == ["helloworld.Greeter", "SayHello,Other", "1", "0/16", "250"]
     # The broker answers its own service: no worker, capacity or queue to count.
     assert lines[3].split() == ["zrpc.Broker", "Health", "-", "built-in", "-"]
+    # A rolling upgrade: the draining worker is not live, and its calls still count.
+    assert lines[4].split() == ["kv.KeyValue", "Get", "1", "+1", "draining", "3/8", "0"]
     assert len({len(line) for line in lines}) == 1  # numbers right-aligned to one width
 
 

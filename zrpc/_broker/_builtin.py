@@ -62,15 +62,15 @@ def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now:
         if not service.offered or _denied(engine, peer_key, name):
             continue
         info = reply.services.add(
-            name=name, methods=sorted(service.methods), live_workers=len(service.workers),
+            name=name, methods=sorted(service.methods), live_workers=service.live_workers(),
             queue_depth=len(service.queue), in_flight=service.dispatched,
-            capacity=sum(w.capacity for w in service.workers.values()),
+            capacity=sum(w.capacity for w in service.workers.values() if not w.draining),
         )
         if engine.stats is not None:  # CallStats, installed by the Broker (zrpc status reads these)
             info.calls_total, info.errors_total, info.p99_ms = engine.stats.service_summary(name, now)
         for worker in service.workers.values():
             info.workers.add(name=worker.name, capacity=worker.capacity, in_flight=len(worker.in_flight),
-                             last_seen_ms=int((now - worker.last_seen) * 1000))
+                             last_seen_ms=int((now - worker.last_seen) * 1000), draining=worker.draining)
     return StatusCode.OK, "", reply.SerializeToString(), None
 
 

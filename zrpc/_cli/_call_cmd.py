@@ -149,6 +149,12 @@ def services(brokers: tuple[str, ...], timeout: float, as_json: bool) -> None:
     _discovery.raise_first_failure(listings)
 
 
+def _workers_cell(service: pb.ServiceInfo) -> str:
+    """Live workers, and those draining (their calls still count in IN-FLIGHT)."""
+    draining = sum(1 for worker in service.workers if worker.draining)
+    return f"{service.live_workers}" + (f" +{draining} draining" if draining else "")
+
+
 def format_services(listing: pb.ListServicesReply) -> str:
     """An aligned plain-text table, one service per row (methods comma-separated).
 
@@ -157,7 +163,7 @@ def format_services(listing: pb.ListServicesReply) -> str:
     header = ("SERVICE", "METHODS", "WORKERS", "IN-FLIGHT/CAPACITY", "QUEUED")
     rows = [header] + [
         (s.name, ",".join(s.methods), "-", "built-in", "-") if s.name == _discovery.BROKER_SERVICE else
-        (s.name, ",".join(s.methods), str(s.live_workers), f"{s.in_flight}/{s.capacity}", str(s.queue_depth))
+        (s.name, ",".join(s.methods), _workers_cell(s), f"{s.in_flight}/{s.capacity}", str(s.queue_depth))
         for s in listing.services
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
