@@ -782,6 +782,32 @@ def test_sigterm_stops_worker_and_broker_with_exit_status_0(greeter, cli_broker)
     assert [path for path in files if os.path.exists(path)] == []
 
 
+def test_a_second_signal_stops_a_draining_worker_at_once(cli_broker, spawn):
+    """A tester's worker, draining a call that hung (grace 60 s), ignored every later Ctrl-C and
+    SIGTERM; the broker stops at once on a second signal, and now so does the worker."""
+    _, frontend, backend = cli_broker
+    worker = spawn(*zrpc_cli("worker", "run", "tests._services:HangingEcho", "--broker", backend,
+                             "--drain-grace", "60", "--heartbeat-interval", "0.2"))
+    worker.wait_line("zrpc worker ready:")
+    wait_until_served(frontend, "echo.Echo")
+    with zrpc.Client(frontend, timeout=60.0) as client:
+        hung = client.call_future("echo.Echo", "Say", b"", metadata={"hang_s": "30"})
+        wait_for(lambda: _in_flight(client) == 1, 15.0, message="the call to reach the worker")
+        worker.signal(signal.SIGTERM)
+        wait_for(lambda: any("draining: 1 call(s) running" in line for line in worker.errors), 15.0,
+                 message="the drain to begin")
+        worker.signal(signal.SIGINT)
+        assert worker.popen.wait(15) == 0  # not after the hung call's 30 s, or the grace's 60
+        assert any("received another signal; stopping now" in line for line in worker.errors)
+        assert any("1 call(s) still running when asked to stop now" in line for line in worker.errors)
+        hung.cancel()
+
+
+def _in_flight(client) -> int:
+    raw = client.call("zrpc.Broker", "ListServices", b"", timeout=5.0)
+    return sum(s.in_flight for s in bpb.ListServicesReply.FromString(raw).services)
+
+
 def test_broker_start_with_its_metrics_port_taken_exits_1_and_leaves_no_ipc_file(ipc_dir):
     """The broker had bound its ipc:// paths when the metrics port failed: their files stayed."""
     taken = socket.socket()

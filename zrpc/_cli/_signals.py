@@ -28,6 +28,7 @@ class SignalWait:
     def __init__(self, signals=STOP_SIGNALS):
         self._signals = tuple(signals)
         self.received: list[int] = []
+        self.count = 0  # every one of ``signals`` received, repeats included (see wait_for_another)
         self._read_fd = self._write_fd = -1
         self._previous_handlers: dict[int, object] = {}
         self._previous_wakeup_fd: int | None = None
@@ -56,14 +57,27 @@ class SignalWait:
     def wait(self, timeout: float) -> int | None:
         """The first signal received, waiting up to ``timeout`` seconds for one; else None."""
         if not self.received:
-            readable, _, _ = select.select([self._read_fd], [], [], timeout)
-            if readable:
-                # The pipe holds each signal's number, written before the Python handler runs.
-                # Several, other signals too: see what is ours, never wait on an empty pipe.
-                for number in _read_available(self._read_fd):
-                    if number in self._signals and number not in self.received:
-                        self.received.append(number)
+            select.select([self._read_fd], [], [], timeout)
+        # Also when the handler recorded it first: its number is in the pipe already (written by
+        # the C handler), and ``count`` must hold it before a wait_for_another.
+        self._read_pipe()
         return self.received[0] if self.received else None
+
+    def wait_for_another(self, seen: int, timeout: float) -> bool:
+        """Whether more than ``seen`` signals came (``count`` then), waiting up to ``timeout``."""
+        if self.count <= seen:
+            select.select([self._read_fd], [], [], timeout)
+            self._read_pipe()
+        return self.count > seen
+
+    def _read_pipe(self) -> None:
+        # The pipe holds each signal's number, written before the Python handler runs. Several,
+        # other signals too: see what is ours, never wait on an empty pipe.
+        for number in _read_available(self._read_fd):
+            if number in self._signals:
+                self.count += 1
+                if number not in self.received:
+                    self.received.append(number)
 
 
 def _read_available(fd: int) -> bytes:

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import click
 
@@ -17,6 +18,10 @@ from ._common import (DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, 
                       log_format_option, metrics_host_option, metrics_port_option, option, ready_line,
                       setup_logging, split_endpoints, start_metrics, warn_unread_variables)
 from ._signals import SignalWait
+
+# How long past its drain grace a stopping worker may take: its last messages' linger and the
+# end of its loop (Worker.stop allows as much).
+_STOP_MARGIN = 6.0
 
 log = logging.getLogger("zrpc.cli")
 
@@ -123,11 +128,20 @@ def _serve(worker_, drain_grace: float, ready: str) -> None:
                 if isinstance(worker_.error, NotABrokerBackend):
                     raise CliError(f"worker stopped: {worker_.error}")
                 raise CliError("worker stopped unexpectedly (see the log above)")
-        log.info("received %s; draining for up to %gs", signal.Signals(signum).name, drain_grace)
-        try:
-            worker_.stop(drain_grace)
-        except RuntimeError as exc:
-            raise CliError(str(exc)) from None
+        log.info("received %s; draining for up to %gs (a second signal stops at once)", signal.Signals(signum).name,
+                 drain_grace)
+        worker_.request_stop(drain_grace)
+        seen, hurried = signals.count, False
+        give_up_at = time.monotonic() + drain_grace + _STOP_MARGIN
+        # The drain waits for the calls running; a second signal (Ctrl-C again, on a handler that
+        # hangs) ends it now, as it does the broker's. A tester's repeated signals did nothing.
+        while not worker_.wait(0):
+            if time.monotonic() > give_up_at:
+                raise CliError(f"worker did not stop within {drain_grace + _STOP_MARGIN:.1f}s")
+            if signals.wait_for_another(seen, 0.1) and not hurried:
+                seen, hurried = signals.count, True
+                log.info("received another signal; stopping now")
+                worker_.request_stop(0.0)
     log.info("worker stopped")
 
 

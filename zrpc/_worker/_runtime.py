@@ -167,6 +167,7 @@ class Worker:
         self._stop_grace: float | None = None
         self._stop_requested = False
         self._draining = False
+        self._drain_ends_at = math.inf  # when the drain under way gives up (see request_stop)
         self._drain_acked: asyncio.Event | None = None  # set while draining (spec §11)
         self._started = threading.Event()
         self._stopped = threading.Event()
@@ -220,14 +221,7 @@ class Worker:
     def stop(self, grace: float | None = None, timeout: float | None = None) -> None:
         """Drain and stop; waits for that unless called from the worker's own thread (or a signal
         handler interrupting it), where it only asks."""
-        self._stop_grace = self.drain_grace if grace is None else grace
-        self._stop_requested = True
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._stop_event.set)
-            except RuntimeError:  # the loop closed meanwhile: it is stopped already
-                pass
+        self.request_stop(grace)
         if self._loop_thread_id == threading.get_ident() or not self._started.is_set():
             return
         limit = (self._stop_grace + FINAL_LINGER_MS / 1000 + 5.0) if timeout is None else timeout
@@ -235,6 +229,29 @@ class Worker:
             raise RuntimeError(f"worker did not stop within {limit:.1f}s")
         if self._thread is not None:
             self._thread.join(limit)
+
+    def request_stop(self, grace: float | None = None) -> None:
+        """Ask the worker to drain within ``grace`` seconds and stop; returns at once. Asked again
+        while it drains, the drain ends by the sooner of the two ends (``0``: now): a second
+        Ctrl-C to `zrpc worker run` stops a worker whose handler hangs."""
+        grace = self.drain_grace if grace is None else grace
+        again = self._stop_requested
+        self._stop_grace = grace if not again or self._stop_grace is None else min(grace, self._stop_grace)
+        self._stop_requested = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._stop_event.set)
+                if again:
+                    loop.call_soon_threadsafe(self._hurry_drain, grace)
+            except RuntimeError:  # the loop closed meanwhile: it is stopped already
+                pass
+
+    def _hurry_drain(self, grace: float) -> None:
+        """(on the loop) End a drain under way within ``grace`` seconds from now."""
+        if self._draining:
+            self._drain_ends_at = min(self._drain_ends_at, self._clock() + grace)
+            self._drain_hurried.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the worker has stopped (by ``stop()`` or an error); False on timeout."""
@@ -316,6 +333,7 @@ class Worker:
         """
         self._draining = True
         self._drain_acked = asyncio.Event()
+        self._drain_hurried = asyncio.Event()  # request_stop() again: _drain_ends_at moved closer
         if self._misdirected is None:  # no broker had us: nothing to drain, nothing to say
             log.info("worker %s draining: %d call(s) running, grace %.3gs", self.name, self._admission.running,
                      grace)
@@ -325,14 +343,15 @@ class Worker:
         for call in self._admission.withdraw_all():  # never started: another worker can run them
             call.link.in_flight.pop(call.request_id, None)
             self._reply(call, error_pair(call.request_id, Error(StatusCode.UNAVAILABLE, "worker is draining", DRAINING)))
-        give_up_at = self._clock() + grace
+        self._drain_ends_at = planned_end = self._clock() + grace
         if self._admission.running:
             self._idle.clear()
-            try:
-                await asyncio.wait_for(self._idle.wait(), grace)
-            except TimeoutError:
-                log.warning("worker %s: %d call(s) still running after the %.3gs grace; leaving them to the broker",
-                            self.name, self._admission.running, grace)
+            while self._admission.running and (left := self._drain_ends_at - self._clock()) > 0:
+                await self._first_of(self._idle, left)
+            if self._admission.running:
+                when = f"after the {grace:.3g}s grace" if self._drain_ends_at >= planned_end else "when asked to stop now"
+                log.warning("worker %s: %d call(s) still running %s; leaving them to the broker",
+                            self.name, self._admission.running, when)
         while True:
             now = self._clock()
             # A broker silent for liveness x interval is gone (spec §11): it cannot acknowledge,
@@ -344,19 +363,16 @@ class Worker:
                        and link.registered]
             if not waiting:
                 break
-            left = give_up_at - now
+            left = self._drain_ends_at - now
             if left <= 0:
                 log.warning("worker %s: no drain acknowledgement from %s within the grace", self.name,
                             ",".join(link.endpoint for link in waiting))
                 break
             self._drain_acked.clear()
             silent_in = min(link.last_heard + link.silence_limit for link in waiting) - now
-            try:
-                await asyncio.wait_for(self._drain_acked.wait(), max(0.001, min(left, silent_in)))
-            except TimeoutError:
-                pass
+            await self._first_of(self._drain_acked, max(0.001, min(left, silent_in)))
         gone = [link.endpoint for link in self._links if not link.drain_acked and link.registered]
-        if gone and self._clock() < give_up_at:
+        if gone and self._clock() < self._drain_ends_at:
             log.warning("worker %s: broker %s went silent; not waiting for its drain acknowledgement",
                         self.name, ",".join(gone))
         for link in self._links:
@@ -365,6 +381,16 @@ class Worker:
             for call in link.forget_registration():
                 call.context.cancel()
             link.send(p.disconnect_message("worker stopping"))
+
+    async def _first_of(self, event: asyncio.Event, timeout: float) -> None:
+        """Wait until ``event`` is set, the drain is hurried, or ``timeout`` seconds have passed."""
+        self._drain_hurried.clear()
+        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._drain_hurried.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _keep_alive(self) -> None:
         """Heartbeat each broker, reconnect to a silent one, resend a delayed READY (spec §11)."""
