@@ -225,6 +225,7 @@ def test_json_from_stdin_is_read_with_dash(cli):
     (["call", "echo.Echo", "{}"], "bad method 'echo.Echo': expected SERVICE/METHOD"),
     (["call", "a.B/C", "-m", "novalue"], "expected KEY=VALUE"),
     (["call", "--broker", "localhost:5555", "a.B/C"], "bad broker endpoint 'localhost:5555'"),
+    (["worker", "run", "workers.echo:Echo", "--broker", "127.0.0.1:17556"], "(did you mean tcp://127.0.0.1:17556?)"),
     (["services", "--broker", "tcp:/x"], "bad broker endpoint"),
     (["broker", "start", "--frontend", "5555"], "bad frontend endpoint"),
     (["broker", "start", "--frontend", "tcp://127.0.0.1:99999"],

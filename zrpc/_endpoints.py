@@ -22,6 +22,10 @@ def endpoint_problem(endpoint: str, connect: bool = False) -> str | None:
     (a broker's address), so the wildcards only a bind understands are wrong too."""
     match = _FORM.match(endpoint.strip())
     if match is None:
+        # HOST:PORT without a transport: say the endpoint meant, not an example of the other side's
+        # (a tester's worker given 127.0.0.1:17556 was shown the clients' tcp://127.0.0.1:5555).
+        if re.fullmatch(r"[\w.\-]+:[0-9]{1,5}|\[[0-9a-fA-F:.]+\]:[0-9]{1,5}", endpoint.strip()):
+            return f"{EXPECTED} (did you mean tcp://{endpoint.strip()}?)"
         return EXPECTED
     if match.group(1) not in TRANSPORTS:
         return f"unknown transport {match.group(1)!r}; {EXPECTED}"
