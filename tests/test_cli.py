@@ -569,6 +569,17 @@ def test_call_unknown_method_and_unknown_field_name_the_problem(greeter):
     assert "helloworld.HelloRequest" in line and '"nam"' in line
 
 
+def test_a_service_named_without_its_package_is_answered_with_the_one_meant(greeter):
+    """A tester's `zrpc call Greeter/SayHello` was told only NOT_FOUND."""
+    _, _, frontend = greeter
+    for target in ("Greeter/SayHello", "helloworld.greeter/SayHello"):
+        result = run_cli("call", "--broker", frontend, target, '{"name": "Ada"}')
+        assert result.returncode == 10 + zrpc.StatusCode.NOT_FOUND
+        assert one_line_error(result.stderr).endswith("(did you mean 'helloworld.Greeter'?)"), result.stderr
+    unlike = run_cli("call", "--broker", frontend, "nothing.Like/This", "{}")
+    assert "did you mean" not in unlike.stderr
+
+
 def test_call_takes_grpcurls_dotted_method_form_and_grpcs_full_method_name_too(greeter):
     _, _, frontend = greeter
     for target in ("helloworld.Greeter.SayHello", "/helloworld.Greeter/SayHello"):

@@ -6,6 +6,7 @@ one-line :class:`CliError`, so no command prints a traceback for a user mistake.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import math
 import socket
@@ -261,6 +262,8 @@ def describe(client, brokers: list[str], service: str, timeout: float
         except CallFailed as failed:
             wait = min(_float_or_zero(failed.details.get(GRACE_DETAIL)), give_up_at - time.monotonic())
             if wait <= 0:
+                if failed.exit_code == EXIT_STATUS_BASE + int(StatusCode.NOT_FOUND):
+                    failed.message += _did_you_mean(client, brokers, service, give_up_at - time.monotonic())
                 raise
             threading.Event().wait(min(wait, _GRACE_LOOK_INTERVAL))
     else:
@@ -270,6 +273,21 @@ def describe(client, brokers: list[str], service: str, timeout: float
         return pool, pool.FindServiceByName(service)
     except (KeyError, ValueError, TypeError) as exc:
         raise CliError(f"the broker's description of {service!r} is unusable: {exc}") from None
+
+
+def _did_you_mean(client, brokers: list[str], service: str, timeout: float) -> str:
+    """`` (did you mean 'echo.Echo'?)`` for a service named without its package or in another
+    case (a tester's Greeter/SayHello was only told NOT_FOUND), from the broker's list; else ""."""
+    if timeout <= 0:
+        return ""
+    try:
+        names = [s.name for s in list_services(client, brokers, timeout).services if s.name != BROKER_SERVICE]
+    except CliError:
+        return ""
+    wanted = service.lower()
+    close = [name for name in names if name.lower() == wanted or name.lower().rsplit(".", 1)[-1] == wanted]
+    close = close or difflib.get_close_matches(service, names, n=1)
+    return f" (did you mean {' or '.join(repr(name) for name in close[:3])}?)" if close else ""
 
 
 def _float_or_zero(text: str | None) -> float:
