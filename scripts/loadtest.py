@@ -39,8 +39,8 @@ from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
 from zrpc import AsyncClient, Client, Error, StatusCode, tune_allocator  # noqa: E402
 from zrpc._cli import _discovery  # noqa: E402
-from zrpc._cli._common import (EXIT_INTERRUPTED, EXIT_TERMINATED, ExitOnInterrupt, FiniteRange,  # noqa: E402
-                              curve_options, curve_settings, split_endpoints)
+from zrpc._cli._common import (EXIT_INTERRUPTED, EXIT_STATUS_BASE, EXIT_TERMINATED, CliError,  # noqa: E402
+                              ExitOnInterrupt, FiniteRange, curve_options, curve_settings, split_endpoints)
 from zrpc._descriptors import is_idempotent, message_class  # noqa: E402
 
 STARTUP_TIMEOUT = 20.0  # bound on the spawned broker printing its ready line, workers registering
@@ -187,7 +187,10 @@ async def run_load(brokers: list[str], service: str, method: str, payload: bytes
             await client.call(service, method, payload, timeout=timeout, idempotent=idempotent)
         except Error as error:
             if error.code in SETUP_ERRORS:
-                raise click.ClickException(f"first call to {service}/{method} failed: {error}") from None
+                # Exit 10 + code, as `zrpc call` (a tester's UNAVAILABLE said "Error: ...", exit 1,
+                # where NOT_FOUND, found while describing the service, said "error: ...", exit 15).
+                raise CliError(f"first call to {service}/{method} failed: {error}",
+                               exit_code=EXIT_STATUS_BASE + int(error.code)) from None
             hint = "" if errors_allowed else " (--max-errors 1 to exit 0 all the same)"
             click.echo(f"note: first call to {service}/{method} failed with {error.code.name}; "
                        f"going on, its errors are counted{hint}", err=True)
@@ -372,10 +375,10 @@ class Spawned:
             try:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise click.ClickException(f"spawned broker printed no ready line within {STARTUP_TIMEOUT:g}s"
+                raise CliError(f"spawned broker printed no ready line within {STARTUP_TIMEOUT:g}s"
                                            + self._log_tail(log_name)) from None
             if line is None:
-                raise click.ClickException(f"spawned broker exited with status {broker.wait()}"
+                raise CliError(f"spawned broker exited with status {broker.wait()}"
                                            + self._log_tail(log_name))
             if line.startswith("zrpc broker ready:"):
                 return
@@ -399,11 +402,11 @@ class Spawned:
                     others = {s.name: s.live_workers for s in listing.services if s.live_workers and s.name != service
                               and not s.name.startswith("zrpc.")}
                     if not live and sum(others.values()) >= self.count:  # they are up, serving something else
-                        raise click.ClickException(f"the spawned workers ({self.worker_target}) offer "
+                        raise CliError(f"the spawned workers ({self.worker_target}) offer "
                                                    f"{', '.join(sorted(others))}, not {service}: give --service "
                                                    f"one of theirs")
                     if time.monotonic() >= deadline:
-                        raise click.ClickException(
+                        raise CliError(
                             f"only {live} of {self.count} spawned workers offered {service} at {frontend} "
                             f"within {STARTUP_TIMEOUT:g}s" + self._log_tail("worker-0.log"))
                     time.sleep(0.05)  # polling a condition, bounded by the deadline
@@ -413,7 +416,7 @@ class Spawned:
             if process.poll() is not None:
                 name = f"broker-{self.brokers.index(process)}.log" if process in self.brokers else \
                     f"worker-{self.workers.index(process)}.log"
-                raise click.ClickException(f"spawned process {process.pid} exited with status "
+                raise CliError(f"spawned process {process.pid} exited with status "
                                            f"{process.returncode}" + self._log_tail(name))
 
     def stop(self) -> None:
@@ -486,7 +489,7 @@ class _Command(ExitOnInterrupt, click.Command):
               f"or were stuck after --duration (unanswered and in flight {STUCK_FACTOR} times as long as the slowest "
               "call that finished) (0: any failed call; 1: never, for a method that fails by design). A first call failing "
               "UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED or PERMISSION_DENIED still stops the run: "
-              "no call can reach a handler.")
+              "no call can reach a handler (exit 10 + its code, as in `zrpc call`).")
 @click.option("--json", "as_json", is_flag=True, default=False, show_envvar=True, envvar="ZRPC_LOADTEST_JSON",
               help="Print one line of JSON instead of the summary (and no progress bar).")
 @curve_options

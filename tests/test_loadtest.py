@@ -126,6 +126,12 @@ def test_a_method_that_fails_is_load_tested_and_the_summary_describes_the_reques
     assert json.loads(strict.stdout)["errors"] == {"INVALID_ARGUMENT": 40}
     assert strict.stderr.strip().endswith("error: 40 of 40 calls failed (100.0 %), more than --max-errors 0 allows")
     assert "(--max-errors 1 to exit 0 all the same)" in strict.stderr
+    # A first call failing as no handler could (UNAVAILABLE) stops the run: exit 10 + its code, as
+    # `zrpc call` and as NOT_FOUND found while describing the service (a tester's said "Error:", 1).
+    setup = run_loadtest("--spawn", "1", "--service", "echo.Echo/Fail", "--data",
+                         '{"code": 14, "message": "by design"}', "--requests", "4")
+    assert setup.returncode == 10 + StatusCode.UNAVAILABLE
+    assert setup.stderr.strip().splitlines()[-1] == "error: first call to echo.Echo/Fail failed: UNAVAILABLE: by design"
 
 
 def test_summary_text_gives_the_serialized_size_of_a_generated_request():
