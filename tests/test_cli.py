@@ -149,6 +149,11 @@ def test_a_key_file_that_holds_no_usable_key_is_a_bad_value_exit_2(cli, tmp_path
         result = cli(*command, *broker, *options)
         assert result.exit_code == 2, (options, result.output)
         assert words in " ".join(result.stderr.split()), result.stderr
+    # A secret key file where the broker's public key goes works (its public half is read), but
+    # the broker's secret has left its host: said (a tester handed it to a client).
+    handed = cli(*command, *broker, "--curve-secret", secret, "--broker-key", secret)
+    assert f"warning: {secret} holds the broker's secret key: clients and workers need only its public" in \
+        handed.stderr
 
 
 def test_keys_generate_refuses_to_replace_a_key_pair_unless_forced(cli, tmp_path):

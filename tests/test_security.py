@@ -409,6 +409,24 @@ def test_access_rules_hide_the_services_a_key_may_not_call_from_the_built_in_ser
     assert broker.engine.counters["permission_denied"] == 2
 
 
+def test_rule_names_that_match_no_key_and_secret_keys_in_an_allow_list_are_warned_of(keys, running, caplog):
+    """A tester's rules file named `alcie` (for alice): loaded without a word, found only when
+    alice's calls were denied. And an allow-list holding *.key_secret files (the directory keys
+    were generated in) admitted every key made there."""
+    caplog.set_level(logging.WARNING, logger="zrpc")
+    rules = keys.root / "rules.toml"
+    alice_key = security.load_public_key(keys.clients / "alice.key").decode()
+    rules.write_text(f'[clients]\nalcie = ["echo.*"]\n"{alice_key}" = ["kv.*"]\n"*" = []\n\n'
+                     f'[workers]\nw1 = ["echo.Echo"]\n')
+    start_broker(running, keys.config(access_rules=str(rules), client_keys=str(keys.secrets)))
+    said = [r.getMessage() for r in caplog.records]
+    assert [line for line in said if "match no key" in line] == [
+        f"access rules {rules}: [clients] names 'alcie', which match no key in the client allow-list "
+        f"(it holds: alice, bob, broker, w1)"]
+    assert any(line.startswith(f"client allow-list {keys.secrets} holds secret keys (alice.key_secret, ")
+               for line in said), said
+
+
 def test_revoked_client_with_a_live_connection_is_refused_after_reload(keys, running):
     broker = start_broker(running, keys.config())
     start_worker(running, keys, broker)

@@ -76,12 +76,19 @@ def load_keypair(source: KeySource, warn: bool = True) -> KeyPair:
     return KeyPair(public, _check_z85(secret, f"secret key in {os.fspath(source)}"))
 
 
-def check_key_files(curve_secret: str | None, broker_key: str | None) -> None:
-    """Raise ValueError, as connecting would, for a key file (or z85 key) that cannot be read."""
+def check_key_files(curve_secret: str | None, broker_key: str | None) -> list[str]:
+    """Raise ValueError, as connecting would, for a key file (or z85 key) that cannot be read;
+    return what is usable but suspect (a secret key where the broker's public one goes)."""
     if curve_secret is not None:
         load_keypair(curve_secret, warn=False)  # connecting warns, once
-    if broker_key is not None:
-        load_public_key(broker_key)
+    if broker_key is None:
+        return []
+    load_public_key(broker_key)
+    if os.path.isfile(broker_key) and _load_certificate(broker_key)[1] is not None:
+        # It works (its public half is read), but the broker's secret key has left the broker.
+        return [f"{os.fspath(broker_key)} holds the broker's secret key: clients and workers need only its "
+                f"public NAME.key file; keep the secret one on the broker's host"]
+    return []
 
 
 def _warn_if_readable_by_others(path: str | os.PathLike) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import pathlib
 import threading
 
 import zmq
@@ -77,6 +78,22 @@ class BrokerSecurity:
             if not admitted:
                 log.warning("%s allow-list %s holds no *.key files: every %s will be refused; "
                             "copy their NAME.key files there and send SIGHUP", side, directory, side)
+            # Secret keys in an allow-list: a tester gave the directory `zrpc keys generate` wrote
+            # into, and every key made there (the broker's, the workers') was admitted as a client.
+            secrets = sorted(path.name for path in pathlib.Path(directory).glob("*.key_secret"))
+            if secrets:
+                log.warning("%s allow-list %s holds secret keys (%s): it admits every key made there; keep "
+                            "secret keys elsewhere and only the peers' NAME.key files here", side, directory,
+                            ", ".join(secrets[:5]) + (" ..." if len(secrets) > 5 else ""))
+        # A rule's name that matches no key admits or forbids nobody: a tester's typo `alcie` was
+        # found only when alice's calls were denied.
+        for side, names in (("clients", policy.clients), ("workers", policy.workers)):
+            unknown = [name for name in (rules or {}).get(side, {})
+                       if name != "*" and name not in names.values() and name not in names]
+            if unknown:
+                log.warning("access rules %s: [%s] names %s, which match no key in the %s allow-list (it holds: %s)",
+                            self.rules_file, side, ", ".join(repr(n) for n in unknown), side[:-1],
+                            ", ".join(sorted(names.values())) or "none")
         return policy
 
     def reload(self) -> s.AccessPolicy:

@@ -254,10 +254,12 @@ def curve_options(command):
             from .._security import check_key_files
 
             try:
-                check_key_files(value if param.name == "curve_secret" else None,
-                                value if param.name == "broker_key" else None)
+                suspect = check_key_files(value if param.name == "curve_secret" else None,
+                                          value if param.name == "broker_key" else None)
             except ValueError as exc:
                 raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+            for warning in suspect:  # a tester handed the broker's secret file to a client
+                click.echo(f"warning: {warning}", err=True)
         ctx.meta[f"zrpc.{param.name}"] = value
         return value
 
