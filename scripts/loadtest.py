@@ -485,9 +485,10 @@ class _Command(ExitOnInterrupt, click.Command):
 @click.option("--worker-concurrency", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
               show_envvar=True, help="--concurrency of each spawned worker.")
 @click.option("--max-errors", type=FiniteRange(min=0.0, max=1.0), default=0.0, show_default=True,
-              metavar="FRACTION", show_envvar=True, help="Exit with status 1 when more than this fraction of the calls failed "
-              f"or were stuck after --duration (unanswered and in flight {STUCK_FACTOR} times as long as the slowest "
-              "call that finished) (0: any failed call; 1: never, for a method that fails by design). A first call failing "
+              metavar="FRACTION", show_envvar=True,
+              help="Exit with status 1 when more than this fraction of the calls failed or were stuck after "
+              f"--duration (unanswered and in flight {STUCK_FACTOR} times as long as the slowest call that "
+              "finished) (0: any failed call; 1: never, for a method that fails by design). A first call failing "
               "UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED or PERMISSION_DENIED still stops the run: "
               "no call can reach a handler (exit 10 + its code, as in `zrpc call`).")
 @click.option("--json", "as_json", is_flag=True, default=False, show_envvar=True, envvar="ZRPC_LOADTEST_JSON",

@@ -349,7 +349,8 @@ class Worker:
             while self._admission.running and (left := self._drain_ends_at - self._clock()) > 0:
                 await self._first_of(self._idle, left)
             if self._admission.running:
-                when = f"after the {grace:.3g}s grace" if self._drain_ends_at >= planned_end else "when asked to stop now"
+                hurried = self._drain_ends_at < planned_end
+                when = "when asked to stop now" if hurried else f"after the {grace:.3g}s grace"
                 log.warning("worker %s: %d call(s) still running %s; leaving them to the broker",
                             self.name, self._admission.running, when)
         while True:
