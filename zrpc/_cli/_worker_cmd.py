@@ -19,10 +19,6 @@ from ._common import (DEFAULT_BACKEND, EXIT_CODES_HELP, EXIT_USAGE, LOG_LEVELS, 
                       setup_logging, split_endpoints, start_metrics, warn_unread_variables)
 from ._signals import SignalWait
 
-# How long past its drain grace a stopping worker may take: its last messages' linger and the
-# end of its loop (Worker.stop allows as much).
-_STOP_MARGIN = 6.0
-
 log = logging.getLogger("zrpc.cli")
 
 
@@ -111,8 +107,11 @@ def _serve(worker_, drain_grace: float, ready: str) -> None:
     """Start the worker's thread; the main thread waits for a signal, then drains it.
 
     Signal handlers only run in the main thread and must not block or take a lock, so the
-    signal is only recorded (see _signals.py); the draining ``stop(grace)`` happens here.
+    signal is only recorded (see _signals.py); the drain is asked for here (``request_stop``),
+    and cut short here when another signal comes.
     """
+    from .._worker._runtime import STOP_MARGIN
+
     with SignalWait() as signals:
         try:
             worker_.start()
@@ -131,15 +130,15 @@ def _serve(worker_, drain_grace: float, ready: str) -> None:
         log.info("received %s; draining for up to %gs (a second signal stops at once)", signal.Signals(signum).name,
                  drain_grace)
         worker_.request_stop(drain_grace)
-        seen, hurried = signals.count, False
-        give_up_at = time.monotonic() + drain_grace + _STOP_MARGIN
+        seen = signals.count
+        give_up_at = time.monotonic() + drain_grace + STOP_MARGIN
         # The drain waits for the calls running; a second signal (Ctrl-C again, on a handler that
         # hangs) ends it now, as it does the broker's. A tester's repeated signals did nothing.
         while not worker_.wait(0):
             if time.monotonic() > give_up_at:
-                raise CliError(f"worker did not stop within {drain_grace + _STOP_MARGIN:.1f}s")
-            if signals.wait_for_another(seen, 0.1) and not hurried:
-                seen, hurried = signals.count, True
+                raise CliError(f"worker did not stop within {drain_grace + STOP_MARGIN:.1f}s")
+            if signals.wait_for_another(seen, 0.1):
+                seen = signals.count  # else a third signal would make every later look return at once
                 log.info("received another signal; stopping now")
                 worker_.request_stop(0.0)
     log.info("worker stopped")

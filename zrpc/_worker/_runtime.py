@@ -60,6 +60,10 @@ class NotABrokerBackend(RuntimeError):
     the worker can serve nobody there, so it stops with this error instead of running idle."""
 
 
+# How long past its drain grace a stop may take: the last messages' linger, the handler threads'
+# ends. stop() waits that long, and `zrpc worker run` too.
+STOP_MARGIN = FINAL_LINGER_MS / 1000 + 5.0
+
 # Messages taken from a socket in one go before the loop looks at anything else.
 _BATCH = 256
 
@@ -224,7 +228,7 @@ class Worker:
         self.request_stop(grace)
         if self._loop_thread_id == threading.get_ident() or not self._started.is_set():
             return
-        limit = (self._stop_grace + FINAL_LINGER_MS / 1000 + 5.0) if timeout is None else timeout
+        limit = (self._stop_grace + STOP_MARGIN) if timeout is None else timeout
         if not self._stopped.wait(limit):
             raise RuntimeError(f"worker did not stop within {limit:.1f}s")
         if self._thread is not None:
@@ -315,7 +319,7 @@ class Worker:
             if self._share is not None:
                 self._share.close()
             busy = self._admission.running > 0
-            self._pool.close(wait=not busy, timeout=FINAL_LINGER_MS / 1000 + 5.0)
+            self._pool.close(wait=not busy, timeout=STOP_MARGIN)
             if own_context:
                 context.term()
             self._loop_thread_id = None
