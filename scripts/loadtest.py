@@ -376,10 +376,10 @@ class Spawned:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise CliError(f"spawned broker printed no ready line within {STARTUP_TIMEOUT:g}s"
-                                           + self._log_tail(log_name)) from None
+                               + self._log_tail(log_name)) from None
             if line is None:
                 raise CliError(f"spawned broker exited with status {broker.wait()}"
-                                           + self._log_tail(log_name))
+                               + self._log_tail(log_name))
             if line.startswith("zrpc broker ready:"):
                 return
 
@@ -403,8 +403,8 @@ class Spawned:
                               and not s.name.startswith("zrpc.")}
                     if not live and sum(others.values()) >= self.count:  # they are up, serving something else
                         raise CliError(f"the spawned workers ({self.worker_target}) offer "
-                                                   f"{', '.join(sorted(others))}, not {service}: give --service "
-                                                   f"one of theirs")
+                                       f"{', '.join(sorted(others))}, not {service}: give --service "
+                                       f"one of theirs")
                     if time.monotonic() >= deadline:
                         raise CliError(
                             f"only {live} of {self.count} spawned workers offered {service} at {frontend} "
@@ -417,7 +417,7 @@ class Spawned:
                 name = f"broker-{self.brokers.index(process)}.log" if process in self.brokers else \
                     f"worker-{self.workers.index(process)}.log"
                 raise CliError(f"spawned process {process.pid} exited with status "
-                                           f"{process.returncode}" + self._log_tail(name))
+                               f"{process.returncode}" + self._log_tail(name))
 
     def stop(self) -> None:
         """SIGTERM every process (workers before the brokers), SIGKILL what is left after a bound."""

@@ -83,8 +83,10 @@ def check_key_files(curve_secret: str | None, broker_key: str | None) -> list[st
         load_keypair(curve_secret, warn=False)  # connecting warns, once
     if broker_key is None:
         return []
-    load_public_key(broker_key)
-    if os.path.isfile(broker_key) and _load_certificate(broker_key)[1] is not None:
+    if not os.path.isfile(broker_key):  # a z85 key, or what load_public_key will say is wrong
+        load_public_key(broker_key)
+        return []
+    if _load_certificate(broker_key)[1] is not None:  # read once: load_public_key reads it so too
         # It works (its public half is read), but the broker's secret key has left the broker.
         return [f"{os.fspath(broker_key)} holds the broker's secret key: clients and workers need only its "
                 f"public NAME.key file; keep the secret one on the broker's host"]

@@ -49,9 +49,10 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
     """Call SERVICE/METHOD with a JSON request; print the JSON reply.
 
     SERVICE/METHOD may also be written SERVICE.METHOD (as grpcurl does) or /SERVICE/METHOD
-    (gRPC's full method name). JSON is the request message in protobuf's JSON mapping ('{}' when omitted; '-' reads
-    stdin). The broker describes the service (zrpc.Broker/DescribeService), so no .proto
-    file is needed. Idempotent methods (idempotency_level option) are sent as such.
+    (gRPC's full method name). JSON is the request message in protobuf's JSON mapping ('{}'
+    when omitted; '-' reads stdin). The broker describes the service
+    (zrpc.Broker/DescribeService), so no .proto file is needed. Idempotent methods
+    (idempotency_level option) are sent as such.
 
     \b
       zrpc call helloworld.Greeter/SayHello '{"name": "Ada"}'

@@ -133,7 +133,7 @@ def warn_unread_variables() -> None:
     # Suggested from the variables --help shows: an option with its own (ZRPC_BROKER) reads the
     # automatic one too (ZRPC_CALL_BROKERS), but a tester was pointed to that undocumented name.
     # Compared without their prefixes, so ZRPC_CALL_BROKR finds ZRPC_BROKER, not ZRPC_CALL_BROKER_KEY.
-    documented = {_variables_of(param, ctx)[0] for param in ctx.command.params if _variables_of(param, ctx)}
+    documented = {names[0] for param in ctx.command.params if (names := _variables_of(param, ctx))}
     prefix = f"{ctx.auto_envvar_prefix}_"
 
     def setting(name: str) -> str:
