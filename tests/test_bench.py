@@ -45,3 +45,16 @@ def test_bench_measures_zrpc_and_the_c_proxy():
     assert report["machine"]["cpu_count"] >= 1
     assert report["queued_rss"]["queue_depth_seen"] == 999  # one of the 1000 is at the stuck worker
     assert all(row["calls_per_s"] > 0 for row in report["large_payload_rows"])
+
+
+def test_bench_engine_drives_the_engine_and_counts_every_answer():
+    """scripts/bench_engine.py: the engine alone; it checks that every call of a round was
+    dispatched and answered, so a short run that prints a figure served them all."""
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_engine.py"), "--rounds", "20", "--runs", "2",
+         "--in-flight", "12", "--per-message", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.startswith("broker engine: ")
+    assert "12 calls in flight, 5 per client message" in completed.stdout

@@ -194,7 +194,8 @@ class BrokerEngine:
             return self._fail_new(client, request_id, header, StatusCode.UNIMPLEMENTED,
                                   f"service {service_name!r} has no method {method!r}; "
                                   f"it has: {', '.join(sorted(service.methods))}", now, reads_batches, p.NOT_RUN)
-        if len(service.queue) >= self.config.queue_size and (
+        queued = len(service.queue)
+        if queued >= self.config.queue_size and (
                 len(service.definitions) > 1 or not self._has_free_worker(service)):
             self.counters["queue_full"] += 1
             # One line when it fills (per 10 s), not one per call refused (a tester saw five in 1 ms).
@@ -211,8 +212,11 @@ class BrokerEngine:
         outstanding[request_id] = call
         self.calls_held += 1
         self._deadlines.add(call)
-        service.queue.append(call)
-        self._dispatch(service, now)
+        if not queued and len(service.definitions) <= 1 and (worker := self._best_worker(service)) is not None:
+            self._send_to_worker(worker, call, service, now)  # none waits ahead of it: the queue is skipped
+        else:
+            service.queue.append(call)
+            self._dispatch(service, now)
 
     def _on_client_cancel(self, client: bytes, cancel, now: float) -> None:
         """§8: drop queued calls silently; cancel dispatched ones at their worker. Calls their
@@ -724,31 +728,29 @@ class BrokerEngine:
                 queue.popleft()
                 self._expire(call, now)
                 continue
-            if not by_method and service.free_index is not None:
-                best = self._indexed_best(service)
+            if not by_method:
+                best = self._best_worker(service)
                 if best is None:
                     return
                 self._send_to_worker(best, queue.popleft(), service, now)
                 continue
             method = call.method
-            best, offered = None, not by_method
-            for worker in service.workers.values():
-                if by_method:
-                    if not _has_method(worker, name, method):
-                        continue
-                    offered = True
-                # _dispatch_order, written out: this loop runs for every call dispatched.
-                free = worker.free
-                if free > 0 and (best is None or free > best.free or
-                                 (free == best.free and worker.last_dispatch_seq < best.last_dispatch_seq)):
-                    best = worker
+            offering = [worker for worker in service.workers.values() if _has_method(worker, name, method)]
+            best = _most_free(offering)
             if best is not None:
                 self._send_to_worker(best, queue.popleft(), service, now)
-            elif not offered:
+            elif not offering:
                 self._fail(queue.popleft(), StatusCode.UNIMPLEMENTED, _gone_method_message(service, method), now,
                            _not_run_if_never_sent(call))
-            elif not (by_method and self._dispatch_behind_head(service, now)):
+            elif not self._dispatch_behind_head(service, now):
                 return
+
+    def _best_worker(self, service: ServiceState) -> WorkerState | None:
+        """§12 among workers that share one definition: the most free capacity, ties to the
+        least recently used; None when every one is busy."""
+        if service.free_index is not None:
+            return self._indexed_best(service)
+        return _most_free(service.workers.values())
 
     def _dispatch_behind_head(self, service: ServiceState, now: float) -> bool:
         """During a rollout the head call waits for a busy worker of its version: send the first
@@ -1144,6 +1146,18 @@ def _not_run_if_never_sent(call: Call) -> dict[str, str] | None:
     """`zrpc-retry: not-run` (§10) for a queued call no worker ever had; none for one requeued
     after its worker died (review: it may have run there)."""
     return p.NOT_RUN if call.attempt == 0 else None
+
+
+def _most_free(workers) -> WorkerState | None:
+    """§12: the worker with the most free capacity, ties to the least recently used; None when
+    none is free. (_dispatch_order, written out: this runs for every call dispatched.)"""
+    best = None
+    for worker in workers:
+        free = worker.free
+        if free > 0 and (best is None or free > best.free or
+                         (free == best.free and worker.last_dispatch_seq < best.last_dispatch_seq)):
+            best = worker
+    return best
 
 
 def _dispatch_order(worker: WorkerState) -> tuple[int, int]:
