@@ -442,10 +442,28 @@ def test_revoked_client_with_a_live_connection_is_refused_after_reload(keys, run
     assert say(client(running, keys, broker, key="bob")) == b"hi"  # others are unaffected
 
 
-def test_revoked_worker_with_a_live_connection_is_dropped_after_reload(keys, running):
+def test_revoked_worker_with_a_live_connection_is_dropped_after_reload(keys, running, monkeypatch):
+    """And it then sends the broker only its READYs, less and less often: a tester's revoked
+    worker kept heartbeating, and the broker refused and logged each heartbeat (every 0.1 s
+    here), which also counted as a refusal and lengthened the wait for the next READY."""
+    from zrpc._worker._link import BrokerLink
+
+    sent = {"ready": 0, "heartbeat": 0}
+    send_ready, heartbeat = BrokerLink.send_ready, BrokerLink.heartbeat
+
+    def counted_ready(link):
+        sent["ready"] += 1
+        send_ready(link)
+
+    def counted_heartbeat(link, now):
+        sent["heartbeat"] += 1
+        heartbeat(link, now)
+
     broker = start_broker(running, keys.config())
     start_worker(running, keys, broker)
     wait_for(lambda: served(broker), 10, message="worker registered")
+    monkeypatch.setattr(BrokerLink, "send_ready", counted_ready)
+    monkeypatch.setattr(BrokerLink, "heartbeat", counted_heartbeat)
     (keys.workers / "w1.key").unlink()
     broker.reload_keys()
     wait_for(lambda: not broker.engine.workers, 10, message="revoked worker removed")
@@ -453,6 +471,11 @@ def test_revoked_worker_with_a_live_connection_is_dropped_after_reload(keys, run
     with pytest.raises(Error) as info:
         say(client(running, keys, broker), timeout=3.0)
     assert info.value.code == StatusCode.UNAVAILABLE
+    # READYs 0.2, 0.6 and 1.4 s after the first refusal (heartbeats every 0.1 s).
+    wait_for(lambda: sent["ready"] >= 3, 15, message="three READYs, each refused")
+    # One heartbeat may leave after each READY before its refusal is read; none in between.
+    assert sent["heartbeat"] <= sent["ready"] + 1, sent
+    assert broker.engine.counters["refused_unauthenticated"] <= sent["ready"] + sent["heartbeat"] + 1
 
 
 def test_flood_of_unauthenticated_handshakes_does_not_hurt_authorised_calls(keys, running):

@@ -272,17 +272,30 @@ class BrokerLink:
 
     # ------------------------------------------------------------------ timers
 
+    def waiting_out_refusal(self) -> bool:
+        """A refused READY's wait runs (see ready_backoff). The broker holds no registration of
+        ours, has nothing to tell us, and refuses all we send but a READY: a worker whose key
+        was revoked had each heartbeat refused and logged, and each refusal lengthened its
+        wait. Heartbeats and the silence limit wait for the next READY."""
+        return self.ready_due is not None and self.refusals > 0
+
     def silent(self, now: float) -> bool:
-        """The broker has said nothing for liveness x interval: it is gone (spec §11)."""
-        return now - self.last_heard >= self.silence_limit
+        """The broker has said nothing for liveness x interval since our last READY: it is gone
+        (spec §11)."""
+        if self.waiting_out_refusal():
+            return False
+        return now - max(self.last_heard, self.registered_at) >= self.silence_limit
 
     def heartbeat_due(self, now: float) -> bool:
         """We have sent nothing for an interval (spec §11)."""
-        return now - self.last_sent >= self.heartbeat_interval
+        return now - self.last_sent >= self.heartbeat_interval and not self.waiting_out_refusal()
 
     def next_timer(self, now: float) -> float:
         """Seconds until something is due: a heartbeat, the liveness limit or a delayed READY."""
-        due = min(self.last_sent + self.heartbeat_interval, self.last_heard + self.silence_limit)
+        if self.waiting_out_refusal():
+            return max(0.0, self.ready_due - now)
+        due = min(self.last_sent + self.heartbeat_interval,
+                  max(self.last_heard, self.registered_at) + self.silence_limit)
         if self.ready_due is not None:
             due = min(due, self.ready_due)
         return max(0.0, due - now)
