@@ -756,9 +756,13 @@ def test_async_calls_wait_in_the_writer_while_the_queue_is_full_and_leave_once_t
         context.setsockopt(zmq.SNDHWM, 10)
         try:
             async with AsyncClient(endpoint, context=context, retry=None) as ac:
+                # Time enough to fill the pipes before the calls expire, on a loaded machine too:
+                # with 1 s, a run beside two other test suites saw them expire first (never blocked).
+                timeout = 3.0
+
                 async def one():
                     with pytest.raises(Error) as raised:
-                        await ac.call("test.Svc", "Echo", b"x" * 60_000, timeout=1.0)
+                        await ac.call("test.Svc", "Echo", b"x" * 60_000, timeout=timeout)
                     return raised.value.code
                 started = time.monotonic()
                 calls = [asyncio.ensure_future(one()) for _ in range(300)]  # 18 MB: far over the pipes' room
@@ -766,9 +770,9 @@ def test_async_calls_wait_in_the_writer_while_the_queue_is_full_and_leave_once_t
                     if ac._send_blocked:
                         break
                     await asyncio.sleep(0.01)
-                assert ac._send_blocked
+                assert ac._send_blocked, f"the writer was never refused in {time.monotonic() - started:.1f}s"
                 assert set(await asyncio.gather(*calls)) == {StatusCode.DEADLINE_EXCEEDED}
-                assert time.monotonic() - started < 1.0 + 1.0
+                assert time.monotonic() - started < timeout + 1.0
                 later = asyncio.ensure_future(ac.call("test.Later", "Echo", b"", timeout=10.0))
                 assert await asyncio.to_thread(read_until, "test.Later")
                 later.cancel()
