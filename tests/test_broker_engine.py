@@ -622,12 +622,12 @@ def test_calls_in_a_message_a_worker_never_got_go_to_another_worker_and_the_rest
     assert [(who, header.attempt, payload) for who, header, payload in h.take_requests()] == [(b"w2", 1, b"lost")]
     (failed,) = h.take_replies()
     assert (failed[1].request_id, failed[1].code) == (ran, StatusCode.UNAVAILABLE)
-    assert "w1 is gone (connection 7731: a message to it could not be sent) with the call in flight" in \
-        failed[1].message
-    # One line says what happened and what it cost (there were two).
+    # Not its routing id (7731): a peer that learns them can make libzmq abort the broker (_unnamed).
+    assert "w1 is gone (a message to it could not be sent) with the call in flight" in failed[1].message
+    # One line says what happened and what it cost (there were two), with the connection.
     [said] = [r.getMessage() for r in caplog.records if "w1" in r.getMessage() and "joined" not in r.getMessage()]
-    assert said.startswith("worker w1 is gone (connection 7731: a message to it could not be sent) with 2 call(s) "
-                           "in flight: 1 queued again for another worker, 1 failed UNAVAILABLE")
+    assert said.startswith("worker w1 (connection 7731) is gone (a message to it could not be sent) with 2 "
+                           "call(s) in flight: 1 queued again for another worker, 1 failed UNAVAILABLE")
     assert set(h.engine.workers) == {b"w2"}
     assert h.engine.counters["requeued_undelivered"] == 1
     h.engine.on_undeliverable([undelivered], h.now)  # a worker removed already: nothing to do
@@ -1642,3 +1642,27 @@ def test_suppressed_warnings_are_counted_when_their_window_ends_not_at_the_next_
         warnings.warn("too_large", "message %d too large", 5)  # a new window, nothing left to report
     assert [r.getMessage() for r in caplog.records][2:] == ["3 more too_large messages suppressed in the last 10s",
                                                             "message 5 too large"]
+
+
+def test_no_routing_id_reaches_a_peer_a_worker_without_a_name_is_listed_by_number():
+    """libzmq gives connections routing ids in sequence and does not check a peer's own id
+    against the ones it will give: an adversarial tester read a worker's id in a client's error
+    message, connected with the next ids, and libzmq aborted the broker at the next worker's
+    connection. A worker whose READY has no name was listed under its routing id."""
+    from zrpc import broker_service_pb2 as bpb
+
+    h = Harness()
+    for identity in (b"\x00\x12\x34\x56\x78", b"\x00\x12\x34\x56\x79"):  # routing ids as libzmq makes them
+        h.backend(identity, p.ready_message(p.Ready(services=["svc.S"], capacity=1, heartbeat_ms=1000)))
+    h.call(b"c1", service=SERVICE, method="ListServices", payload=b"")
+    (_, header, payload), = h.take_replies()
+    listed = bpb.ListServicesReply.FromString(payload)
+    [service] = [s for s in listed.services if s.name == "svc.S"]
+    assert sorted(w.name for w in service.workers) == ["unnamed-1", "unnamed-2"]
+    ran = h.call(b"c1")  # delivered: then its worker is found gone, and the call fails
+    (worker, _, _), = h.take_requests()
+    h.engine.on_undeliverable([(worker, [p.TAG, p.HEARTBEAT])], h.now)
+    h.engine.flush()
+    (_, reply, _), = h.take_replies()
+    assert reply.request_id == ran and reply.code == StatusCode.UNAVAILABLE
+    assert reply.message.startswith("worker unnamed-") and worker.hex() not in reply.message, reply.message

@@ -74,6 +74,7 @@ class BrokerEngine:
         self.draining = False
         self._dispatch_ids = itertools.count(1)
         self._dispatch_seq = itertools.count(1)
+        self._unnamed_seq = itertools.count(1)  # names of workers whose READY gave none (see _unnamed)
         self._index_seq = itertools.count()  # the free indexes' tie-break: workers do not compare
         self._indexes = 0  # services with a free index: with none, nothing need be told of changes
         # Every held call's deadline (answered ones until dropped: see next_timer).
@@ -373,7 +374,7 @@ class BrokerEngine:
         descriptors.users += 1
         heartbeat = ready.heartbeat_ms / 1000.0
         worker = WorkerState(
-            identity=identity, name=ready.name or identity.hex(), services=tuple(dict.fromkeys(ready.services)),
+            identity=identity, name=ready.name or self._unnamed(), services=tuple(dict.fromkeys(ready.services)),
             capacity=ready.capacity, heartbeat=heartbeat,
             expires_at=now + self.config.heartbeat_liveness * heartbeat,
             # A first HEARTBEAT at the next tick: a worker that connected late in its silence
@@ -503,6 +504,14 @@ class BrokerEngine:
         log.info("forgot %d service(s) with no worker and no call, to make room (max_services %d): %s",
                  over, limit, ", ".join(service.name for service in idle[:over]))
         return True
+
+    def _unnamed(self) -> str:
+        """A name for a worker whose READY gave none. Not its routing id: libzmq numbers the
+        connections it names in sequence, and does not check that a peer's own id (which it may
+        choose) is not one it will give a later connection: a peer that knows the sequence can
+        take the next id, and libzmq aborts the broker when that connection comes (an
+        adversarial tester's did). So routing ids appear in logs, never in what peers read."""
+        return f"unnamed-{next(self._unnamed_seq)}"
 
     def _draining(self, worker: WorkerState, now: float) -> None:
         """``worker`` takes no more calls (§11): for a service it leaves without a live worker,
@@ -825,15 +834,18 @@ class BrokerEngine:
             worker = self.workers[identity]
             self.counters["requeued_undelivered"] += sum(
                 1 for dispatch_id in dispatch_ids if worker.in_flight.get(dispatch_id) is not None)
-            why = f"is gone (connection {identity.hex()}: a message to it could not be sent)"
+            why = "is gone (a message to it could not be sent)"
+            logged_why = f"(connection {identity.hex()}) {why}"
             if not any(call is not None for call in worker.in_flight.values()):  # else _remove_worker says it
-                log.warning("worker %s %s: removed", worker.name, why, extra={"peer": worker.name, "reason": "gone"})
-            self._remove_worker(worker, now, why, never_sent=dispatch_ids)
+                log.warning("worker %s %s: removed", worker.name, logged_why, extra={"peer": worker.name, "reason": "gone"})
+            self._remove_worker(worker, now, why, never_sent=dispatch_ids, logged_why=logged_why)
 
     def _remove_worker(self, worker: WorkerState, now: float, why: str,
-                       never_sent: Collection[int] = ()) -> None:
+                       never_sent: Collection[int] = (), logged_why: str = "") -> None:
         """§11: re-queue what may run again, fail the rest at once. ``never_sent``: dispatch ids
-        whose message could not be sent (see on_undeliverable): those go back, whatever they are."""
+        whose message could not be sent (see on_undeliverable): those go back, whatever they are.
+        ``why`` goes to the callers that fail; ``logged_why``, when given, to the log instead
+        (a routing id may be said there, never to a peer: see _unnamed)."""
         del self.workers[worker.identity]
         self._requests.pop(worker.identity, None)
         self._batches.pop(worker.identity, None)
@@ -864,7 +876,8 @@ class BrokerEngine:
             (log.warning if failed else log.info)(
                 "worker %s %s with %d call(s) in flight: %d queued again for another worker, %d failed "
                 "UNAVAILABLE (they may have run: not idempotent, sent twice already or past their deadline)",
-                worker.name, why, queued + failed, queued, failed, extra={"peer": worker.name, "reason": "worker_gone"})
+                worker.name, logged_why or why, queued + failed, queued, failed,
+                extra={"peer": worker.name, "reason": "worker_gone"})
         if self._indexes:
             self._changed(worker)  # gone from self.workers already: its entries all go stale
         # Out of every service before any dispatch: a dispatch for one service must not see it in
