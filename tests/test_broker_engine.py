@@ -1024,9 +1024,8 @@ def test_a_worker_that_does_not_announce_batches_is_sent_pairs():
     ([p.TAG, p.REPLY_BATCH, b"\xff\xff\xff"], "bad_batch"),
     ([p.TAG, p.REPLY_BATCH, b"\x0a" * (p.MAX_BATCH_BYTES + 1)], "too_large"),  # refused undecoded
     ([p.TAG, p.REPLY_BATCH, b""], "bad_batch"),
-    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)], []), "bad_batch"),
-    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)] * 3, [b""] * 2), "bad_batch"),
-    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(1)] * 258, [b""] * 258), "too_many_calls"),
+    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(99)], []), "bad_batch"),
+    (p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(99)] * 258, [b""] * 258), "too_many_calls"),
 ])
 def test_a_malformed_reply_batch_is_counted_and_costs_the_worker_nothing(frames, reason):
     h = Harness(max_frames=p.MIN_FRAMES_LIMIT + 1)  # at most 257 calls per batch
@@ -1040,6 +1039,34 @@ def test_a_malformed_reply_batch_is_counted_and_costs_the_worker_nothing(frames,
     [(_, reply, payload)] = h.take_replies()
     assert (reply.request_id, payload) == (rid, b"late but fine")
     h.assert_baseline()
+
+
+@pytest.mark.parametrize("make, reason, code", [
+    (lambda ids: p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(i) for i in ids], [b""]), "bad_batch",
+     StatusCode.INTERNAL),
+    (lambda ids: p.batch_message(p.REPLY_BATCH, [p.encode_reply_header(i) for i in ids * 129], [b""] * 258),
+     "too_many_calls", StatusCode.RESOURCE_EXHAUSTED),
+    (lambda ids: [p.TAG, p.REPLY, p.encode_reply_header(ids[0]), b"", p.encode_reply_header(ids[1])],
+     "bad_frame_count", StatusCode.INTERNAL),
+    # Each header alone: its id reads, the rest does not (a message that is not UTF-8).
+    (lambda ids: p.batch_message(p.REPLY_BATCH, [bytes((0x08, i, 0x1a, 0x02, 0xff, 0xfe)) for i in ids], [b"", b""]),
+     "bad_header", StatusCode.INTERNAL),
+])
+def test_each_call_of_a_malformed_reply_whose_id_reads_ends_at_once_and_frees_its_slot(make, reason, code):
+    """An adversarial tester's worker answered with malformed replies: the broker dropped them,
+    the callers waited out their deadlines (and were told the worker ran out of time), and the
+    slots stayed taken, so the next call waited in the queue. As for a REPLY over max_frames."""
+    h = Harness(max_frames=p.MIN_FRAMES_LIMIT + 1)  # at most 257 calls per batch
+    h.ready(b"w", capacity=2, batches=True)
+    calls = [h.call(b"c"), h.call(b"c")]
+    ids = [header.request_id for _, header, _ in h.take_requests()]
+    h.backend(b"w", make(ids))
+    assert h.engine.counters[f"malformed_{reason}"] >= 1
+    replies = sorted((reply.request_id, reply.code) for _, reply, _ in h.take_replies())
+    assert replies == [(call, code) for call in calls]
+    assert h.engine.workers[b"w"].free == 2  # the slots are free again: the next call goes at once
+    h.call(b"c")
+    assert len(h.take_requests()) == 1
 
 
 def test_a_client_that_sends_a_batch_is_answered_in_one():

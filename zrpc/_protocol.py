@@ -149,6 +149,18 @@ def batch_pairs(body: Sequence[bytes], max_calls: int | None = None) -> list[tup
     return list(zip(headers, payloads))
 
 
+def readable_batch_headers(body: Sequence[bytes]) -> list[bytes]:
+    """The encoded headers of a batch refused as bad input (headers and payloads of different
+    counts, too many calls), as far as they can be read, so that each call can be answered
+    (§9); none when its frame cannot be read, or is over MAX_BATCH_BYTES. Never raises."""
+    if len(body) != 1 or len(body[0]) > MAX_BATCH_BYTES:
+        return []
+    try:
+        return list(wire_pb2.EncodedBatch.FromString(body[0]).headers)
+    except Exception:  # protobuf raises DecodeError, or others on some inputs
+        return []
+
+
 def batch_messages(command: bytes, headers: list[bytes], payloads: list[bytes], max_calls: int) -> list[list[bytes]]:
     """REQUEST_BATCH or REPLY_BATCH messages (``command``) carrying encoded headers and their
     payloads (spec §4b): as few as fit ``max_calls`` calls and MAX_BATCH_BYTES bytes each

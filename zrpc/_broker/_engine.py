@@ -280,7 +280,11 @@ class BrokerEngine:
                 else:
                     replies = p.pairs(body)
             except p.ProtocolError as exc:
-                return self._bad_worker_input(identity, worker, exc.reason, exc.message)
+                self._bad_worker_input(identity, worker, exc.reason, exc.message)
+                # §9: each call of it whose id can be read still ends now, and frees its slot (a
+                # tester's callers waited out their deadlines, and the slots stayed taken).
+                code = StatusCode.RESOURCE_EXHAUSTED if exc.reason == "too_many_calls" else StatusCode.INTERNAL
+                return self._end_refused_replies(worker, _request_ids_in(frames, p.REPLY), exc.message, now, code)
             limit = self.config.max_message_bytes
             for raw_header, payload in replies:
                 if len(raw_header) + len(payload) > limit or len(raw_header) > p.MAX_HEADER_BYTES:
@@ -290,6 +294,8 @@ class BrokerEngine:
                     header = p.decode_reply_header(raw_header)
                 except p.ProtocolError as exc:
                     self._bad_worker_input(identity, worker, exc.reason, exc.message)
+                    self._end_unread_replies(worker, [p.request_id_of(raw_header)], exc.message, now,
+                                             StatusCode.INTERNAL)
                     continue
                 self._on_worker_reply(worker, header, payload, now)
             for name in worker.services:
@@ -472,16 +478,23 @@ class BrokerEngine:
                                message=message)
         self._on_worker_reply(worker, header, b"", now)
 
-    def _end_refused_replies(self, worker: WorkerState, dispatch_ids: list[int], message: str, now: float) -> None:
-        """§9: a REPLY refused whole still ends each of its calls, RESOURCE_EXHAUSTED, and frees
-        the worker's slots (its calls would otherwise wait for their deadlines)."""
-        for dispatch_id in dispatch_ids:
-            if dispatch_id in worker.in_flight:
-                header = p.ReplyHeader(request_id=dispatch_id, code=StatusCode.RESOURCE_EXHAUSTED,
-                                       message=f"the worker's reply was refused: {message}")
-                self._on_worker_reply(worker, header, b"", now)
+    def _end_refused_replies(self, worker: WorkerState, dispatch_ids: list[int], message: str, now: float,
+                             code: StatusCode = StatusCode.RESOURCE_EXHAUSTED) -> None:
+        """§9: a REPLY refused whole still ends each of its calls (``code``: RESOURCE_EXHAUSTED
+        for one too large, INTERNAL for one malformed) and frees the worker's slots: its calls
+        would otherwise wait for their deadlines."""
+        self._end_unread_replies(worker, dispatch_ids, message, now, code)
         for name in worker.services:
             self._dispatch(self.services[name], now)
+
+    def _end_unread_replies(self, worker: WorkerState, dispatch_ids: list[int], message: str, now: float,
+                            code: StatusCode) -> None:
+        """End the calls of replies the broker could not take, as answered ``code``."""
+        for dispatch_id in dispatch_ids:
+            if dispatch_id in worker.in_flight:
+                header = p.ReplyHeader(request_id=dispatch_id, code=code,
+                                       message=f"the worker's reply was refused: {message}")
+                self._on_worker_reply(worker, header, b"", now)
 
     def _room_for_services(self, new: Sequence[str], keep: Sequence[str] = ()) -> bool:
         """Whether the ``new`` services fit under max_services, after forgetting, if it must,
@@ -1130,10 +1143,7 @@ def _request_ids_in(frames: Sequence[bytes], command: bytes = p.REQUEST) -> list
     if frames[1] == command:
         raw_headers = frames[2::2]
     elif frames[1] == _BATCH_OF[command]:
-        try:
-            raw_headers = [raw for raw, _ in p.batch_pairs(frames[2:])]
-        except p.ProtocolError:
-            return []
+        raw_headers = p.readable_batch_headers(frames[2:])
     else:
         return []
     return [request_id for raw in raw_headers if (request_id := p.request_id_of(raw))]
