@@ -706,6 +706,21 @@ def test_malformed_client_messages_get_invalid_argument_and_are_counted(frames, 
     assert h.engine.counters[f"malformed_{reason}"] == 1
 
 
+@pytest.mark.parametrize("raw_header", [
+    p.RequestHeader(request_id=12, service="echo.Echo", deadline_ms=1000).SerializeToString(),  # no method
+    b"\x08\x0c\xff\xff",  # id 12, then bytes that do not decode
+])
+def test_a_bad_request_header_whose_id_reads_is_answered_under_that_id(raw_header):
+    """§9: under the request id when the header could be read. A tester's two such headers were
+    answered under id 0: their callers heard nothing."""
+    h = Harness()
+    h.engine.on_frontend(b"c", [p.TAG, p.REQUEST, raw_header, b""], h.now)
+    h.engine.flush()
+    [(_, reply, _)] = h.take_replies()
+    assert (reply.request_id, reply.code) == (12, StatusCode.INVALID_ARGUMENT)
+    assert h.engine.counters["malformed_bad_header"] == 1
+
+
 def test_oversized_message_gets_resource_exhausted():
     h = Harness(max_message_bytes=1000, max_frames=p.MIN_FRAMES_LIMIT)
     h.call(b"c", payload=b"x" * 2000)

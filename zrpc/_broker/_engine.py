@@ -144,8 +144,8 @@ class BrokerEngine:
                     peer_key: str | None = None, batched: bool = False) -> None:
         try:
             header = p.decode_request_header(raw_header)
-        except p.ProtocolError as exc:
-            return self._reject_client(client, 0, exc.reason, exc.message)
+        except p.ProtocolError as exc:  # §9: under its id when that much reads (a tester's was 0)
+            return self._reject_client(client, p.request_id_of(raw_header), exc.reason, exc.message)
         # Each read of a protobuf field costs an attribute lookup and a new object: read once.
         request_id, service_name, method = header.request_id, header.service, header.method
         reads_batches = batched or header.reads_batches
