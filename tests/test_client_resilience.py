@@ -685,3 +685,41 @@ def test_async_circuit_open_fails_fast_without_sending(make_broker):
 
     run(main())
     assert broker.count() == 2
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_client_whose_socket_connects_to_itself_drops_that_connection(flavour, caplog):
+    """A new-user tester's client, reconnecting to a loopback port where no broker listened
+    (inside the kernel's local port range), was connected to itself by TCP: it read its own
+    REQUEST back ("dropped a message from the broker (bad_command)"), its call hung, and no
+    broker could bind the port. Here the connection is made to itself on purpose (libzmq's
+    "tcp://SOURCE;DESTINATION" form): each one is dropped, and the call ends at its deadline."""
+    import socket
+
+    from zrpc._client._monitor import connected_to_itself
+
+    caplog.set_level(logging.INFO, logger="zrpc")
+    with socket.socket() as probe, socket.socket() as other:
+        probe.bind(("127.0.0.1", 0))
+        probe.connect(probe.getsockname())  # TCP's simultaneous open, with itself
+        assert connected_to_itself(probe.fileno())
+        other.bind(("127.0.0.1", 0))  # a port of its own: the probe's stays in TIME_WAIT a while
+        port = other.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port};127.0.0.1:{port}"
+
+    async def call_async() -> Error:
+        async with AsyncClient(endpoint, retry=None) as client:
+            with pytest.raises(Error) as raised:
+                await client.call("echo.Echo", "Say", b"", timeout=0.5)
+        return raised.value
+
+    if flavour == "sync":
+        with Client(endpoint, timeout=0.5, retry=None) as client, pytest.raises(Error) as raised:
+            client.call("echo.Echo", "Say", b"")
+        error = raised.value
+    else:
+        error = asyncio.run(call_async())
+    assert error.code == StatusCode.DEADLINE_EXCEEDED
+    said = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"zrpc client: connected to itself at {endpoint}") for line in said), said
+    assert not any("bad_command" in line for line in said), said

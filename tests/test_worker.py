@@ -1053,3 +1053,32 @@ def test_a_blocked_loop_is_said_before_brokers_would_expire_the_worker(interval,
     before it expires the worker (review: at 0.2 s x 3 the worker expired unsaid)."""
     worker = Worker([Greeter()], "ipc:///nonexistent/zrpc", heartbeat_interval=interval, liveness=liveness)
     assert worker._blocked_after == pytest.approx(after)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_worker_whose_socket_connects_to_itself_drops_that_connection(caplog):
+    """A new-user tester's worker, reconnecting to a loopback port where no broker listened (one
+    inside the kernel's local port range), was given that port as its own: TCP connected it to
+    itself, it took its own heartbeats for a broker's ("registered with broker"), never
+    reconnected, and held the port so that no broker could bind it. Here the connection is made
+    to itself on purpose: libzmq's "tcp://SOURCE;DESTINATION" form, with both the same."""
+    import logging
+
+    from .conftest import wait_for
+
+    caplog.set_level(logging.INFO, logger="zrpc.worker")
+    port = _free_loopback_port()
+    endpoint = f"tcp://127.0.0.1:{port};127.0.0.1:{port}"
+    worker = Worker([Probe()], brokers=endpoint, heartbeat_interval=0.1).start()
+    try:
+        said = lambda: [r.getMessage() for r in caplog.records if "connected to itself" in r.getMessage()]
+        wait_for(lambda: len(said()) >= 3, 10, message="three connections to itself, each dropped")
+        assert said()[0].startswith(f"connected to itself at {endpoint}: nothing listens there")
+        assert not [r for r in caplog.records if r.getMessage().startswith("registered with")]
+    finally:
+        worker.stop(grace=0)

@@ -15,6 +15,8 @@ message to :func:`on_event`.
 """
 from __future__ import annotations
 
+import os
+import socket as _os_socket
 from typing import NamedTuple
 
 import zmq
@@ -30,6 +32,36 @@ _READ_LEFT_MAX = 100 * 1000
 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def connected_to_itself(fd: int) -> bool:
+    """Whether the TCP connection on ``fd`` (the value of a monitor's EVENT_CONNECTED) is one
+    from a socket to itself.
+
+    A DEALER that reconnects to a loopback port where nothing listens may be given that very
+    port as its own (one inside the kernel's ip_local_port_range, 32768-60999 on Linux), and TCP
+    then connects it to itself. A new-user tester's worker so heard its own heartbeats, took
+    them for a broker's, and held the port: no broker could bind it again. Its client hung so.
+    """
+    try:
+        connection = _os_socket.socket(fileno=os.dup(fd))  # a copy: libzmq's stays open
+    except OSError:  # closed meanwhile, or not a socket
+        return False
+    try:
+        return (connection.family in (_os_socket.AF_INET, _os_socket.AF_INET6)
+                and connection.getsockname() == connection.getpeername())
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def self_connection_warning(endpoint: str) -> str:
+    return (f"connected to itself at {endpoint}: nothing listens there, and the kernel gave our end that "
+            f"same port; reconnecting. A broker port below the local port range "
+            f"(/proc/sys/net/ipv4/ip_local_port_range: 32768 and up on Linux) cannot be taken so")
+
+
 def refusal_reason(event: int, value: int, curve: bool = True) -> str | None:
     """Why a handshake failed, for a person; None for an event that is not a refusal. ``curve``:
     we use CURVE (without it, only a broker that requires CURVE refuses us)."""
@@ -186,6 +218,9 @@ def on_event(frames: list[bytes], core: ClientCore, link: int, endpoint: str, wa
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
         core.connection_up(link)
     elif event == zmq.EVENT_CONNECTED:
+        if connected_to_itself(value):  # no call went over it: it never had a handshake event
+            logger.warning("zrpc client: %s", self_connection_warning(endpoint))
+            return Drained(outcomes, True)
         core.connected(link)
     elif event == zmq.EVENT_CONNECT_RETRIED:
         outcomes = core.reconnect_scheduled(link)

@@ -10,7 +10,8 @@ import zmq
 from .. import _frames
 from .. import _protocol as p
 from .. import _security
-from .._client._monitor import HANDSHAKE_EVENTS, HandshakeCloses, parse_event, refusal_reason
+from .._client._monitor import (HANDSHAKE_EVENTS, HandshakeCloses, connected_to_itself, parse_event, refusal_reason,
+                                self_connection_warning)
 
 log = logging.getLogger("zrpc.worker")
 
@@ -78,6 +79,8 @@ class BrokerLink:
         # What we last told the broker it may hold here (spec §7b); None: our READY's capacity.
         self.offered: int | None = None
         self.on_ready: Callable[[], None] | None = None  # called after each READY (CapacityShare)
+        # Called when the socket connected to itself (see connected_to_itself): start afresh.
+        self.on_self_connection: Callable[[], None] | None = None
         self._read_scheduled = False
         self._replies: list[tuple] = []  # answers (header, payload[, status code]) to send this loop turn
         # CURVE: handshake outcomes, so a refused key is said plainly instead of looking like a
@@ -101,7 +104,7 @@ class BrokerLink:
         try:
             # Before connecting: the first handshake is watched too (a plain worker at a broker
             # that requires CURVE is refused at once, and says so).
-            monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
+            monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS | zmq.EVENT_CONNECTED)
             socket.connect(self.endpoint)
         except zmq.ZMQError:
             if monitor is not None:
@@ -139,6 +142,12 @@ class BrokerLink:
             except zmq.Again:
                 return
             event, value, _ = parse_event(frames)
+            if event == zmq.EVENT_CONNECTED:
+                if connected_to_itself(value) and self.on_self_connection is not None:
+                    log.warning("%s", self_connection_warning(self.endpoint))
+                    self.on_self_connection()  # a new socket: its monitor's events are its own
+                    return
+                continue
             if self.curve is None and (hint := self._closes.hint(event, self.endpoint)) is not None:
                 log.warning("%s", hint)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:

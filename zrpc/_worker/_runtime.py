@@ -286,6 +286,7 @@ class Worker:
                                   self.liveness, self._clock, curve=self._curve,
                                   max_message_bytes=self.max_message_bytes)
                 link.on_readable = functools.partial(self._receive, link)
+                link.on_self_connection = functools.partial(self._drop_self_connection, link)
                 self._links.append(link)
             if len(self._links) > 1:  # spec §7b: one capacity, shared by the brokers
                 self._share = CapacityShare(self.concurrency, self._held, self._links, self._loop)
@@ -406,6 +407,8 @@ class Worker:
             for link in self._links:
                 if link.looks_like_frontend:  # closed for good (see _drop_frontend)
                     continue
+                if link.socket is None:  # closed after it connected to itself (_drop_self_connection)
+                    link.open()
                 if link.silent(now):
                     if self._draining:  # we are leaving: _drain stops waiting for this broker
                         continue
@@ -426,11 +429,7 @@ class Worker:
                     else:  # said once already, as an error (see BrokerLink._read_handshakes)
                         log.debug("broker %s still refuses our handshake (%s); reconnecting", link.endpoint,
                                   link.refused)
-                    self._orphan(link)
-                    # Linger 0: what the old socket still queues (a READY, heartbeats) must not
-                    # reach a broker that comes up now, or it would register us twice.
-                    link.close()
-                    link.open()
+                    self._reconnect(link)
                 else:
                     if link.ready_due is not None and now >= link.ready_due:
                         link.send_ready()
@@ -642,6 +641,21 @@ class Worker:
         else:
             log.info("broker %s sent DISCONNECT (%s); registering again", link.endpoint, reason)
         link.schedule_ready(self._clock())
+
+    def _drop_self_connection(self, link: BrokerLink) -> None:
+        """The link's socket connected to itself (see connected_to_itself): close it now, which
+        frees the port for the broker; _keep_alive opens a new one at its next turn, within a
+        heartbeat interval (libzmq itself pauses 100 ms between reconnections)."""
+        self._orphan(link)
+        link.close()
+
+    def _reconnect(self, link: BrokerLink) -> None:
+        """A new socket to the broker (after its silence, or a connection to ourselves). The old
+        one closes with linger 0: what it still queues (a READY, heartbeats) must not reach a
+        broker that comes up now, or it would register us twice."""
+        self._orphan(link)
+        link.close()
+        link.open()
 
     def _orphan(self, link: BrokerLink) -> None:
         """The broker forgot this link's calls: stop them and never answer them."""
