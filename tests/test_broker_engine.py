@@ -1708,3 +1708,29 @@ def test_no_routing_id_reaches_a_peer_a_worker_without_a_name_is_listed_by_numbe
     (_, reply, _), = h.take_replies()
     assert reply.request_id == ran and reply.code == StatusCode.UNAVAILABLE
     assert reply.message.startswith("worker unnamed-") and worker.hex() not in reply.message, reply.message
+
+
+def test_list_services_counts_the_slots_held_by_calls_answered_without_their_worker():
+    """An adversarial tester's worker hung in its handlers: its calls were answered at their
+    deadlines, their slots stayed taken (§8), and ListServices said 0 in flight of 2, as if
+    it were free. The slots now show as held until the worker replies."""
+    from zrpc import broker_service_pb2 as bpb
+
+    h = Harness()
+    h.ready(b"w", capacity=2)
+    h.call(b"c", deadline_ms=100)
+    h.call(b"c", deadline_ms=100)
+    ids = [header.request_id for _, header, _ in h.take_requests()]
+
+    def listed() -> tuple[int, int, int]:
+        h.call(b"c2", service=SERVICE, method="ListServices", payload=b"")
+        (_, _, payload), = h.take_replies()
+        info = {s.name: s for s in bpb.ListServicesReply.FromString(payload).services}["svc.S"]
+        return info.in_flight, info.held_by_answered, info.workers[0].in_flight
+
+    assert listed() == (2, 0, 2)
+    h.advance(0.2)  # both answered DEADLINE_EXCEEDED by the broker; the worker has not replied
+    assert sorted(reply.code for _, reply, _ in h.take_replies()) == [StatusCode.DEADLINE_EXCEEDED] * 2
+    assert listed() == (0, 2, 2)
+    h.reply_from(b"w", ids[0], code=StatusCode.DEADLINE_EXCEEDED)
+    assert listed() == (0, 1, 1)

@@ -480,8 +480,11 @@ def test_services_table_columns_are_aligned():
     rolling = listing.services.add(name="kv.KeyValue", methods=["Get"], live_workers=1, in_flight=3, capacity=8)
     rolling.workers.add(name="kv-1", capacity=8, in_flight=1)
     rolling.workers.add(name="kv-2", capacity=8, in_flight=2, draining=True)
+    listing.services.add(name="hung.H", methods=["M"], live_workers=1, in_flight=0, capacity=2, held_by_answered=2)
     lines = format_services(listing).splitlines()
     assert lines[0].split() == ["SERVICE", "METHODS", "WORKERS", "IN-FLIGHT/CAPACITY", "QUEUED"]
+    # Its two slots are held by calls answered without it (a hung handler): not "0/2", free.
+    assert lines[5].split() == ["hung.H", "M", "1", "0", "+2", "held/2", "0"]
     assert lines[1].split() == ["a.B", "X", "12", "3/160", "0"]
     assert lines[2].split() == ["helloworld.Greeter", "SayHello,Other", "1", "0/16", "250"]
     # The broker answers its own service: no worker, capacity or queue to count.

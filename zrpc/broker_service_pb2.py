@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19zrpc/broker_service.proto\x12\x04zrpc\"\x15\n\x13ListServicesRequest\"g\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x14\n\x0clast_seen_ms\x18\x04 \x01(\r\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\"\xda\x01\n\x0bServiceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07methods\x18\x02 \x03(\t\x12\x14\n\x0clive_workers\x18\x03 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12!\n\x07workers\x18\x07 \x03(\x0b\x32\x10.zrpc.WorkerInfo\x12\x13\n\x0b\x63\x61lls_total\x18\x08 \x01(\x04\x12\x14\n\x0c\x65rrors_total\x18\t \x01(\x04\x12\x0e\n\x06p99_ms\x18\n \x01(\x01\"J\n\x11ListServicesReply\x12#\n\x08services\x18\x01 \x03(\x0b\x32\x11.zrpc.ServiceInfo\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\")\n\x16\x44\x65scribeServiceRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"D\n\x14\x44\x65scribeServiceReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x1b\n\x13\x66ile_descriptor_set\x18\x02 \x01(\x0c\" \n\rHealthRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xac\x01\n\x0bHealthReply\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.zrpc.HealthReply.Status\x12\x14\n\x0clive_workers\x18\x02 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\"H\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x12\x13\n\x0fSERVICE_UNKNOWN\x10\x03\x32\xda\x01\n\x06\x42roker\x12G\n\x0cListServices\x12\x19.zrpc.ListServicesRequest\x1a\x17.zrpc.ListServicesReply\"\x03\x90\x02\x01\x12P\n\x0f\x44\x65scribeService\x12\x1c.zrpc.DescribeServiceRequest\x1a\x1a.zrpc.DescribeServiceReply\"\x03\x90\x02\x01\x12\x35\n\x06Health\x12\x13.zrpc.HealthRequest\x1a\x11.zrpc.HealthReply\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19zrpc/broker_service.proto\x12\x04zrpc\"\x15\n\x13ListServicesRequest\"g\n\nWorkerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x14\n\x0clast_seen_ms\x18\x04 \x01(\r\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\"\xf4\x01\n\x0bServiceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07methods\x18\x02 \x03(\t\x12\x14\n\x0clive_workers\x18\x03 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12!\n\x07workers\x18\x07 \x03(\x0b\x32\x10.zrpc.WorkerInfo\x12\x13\n\x0b\x63\x61lls_total\x18\x08 \x01(\x04\x12\x14\n\x0c\x65rrors_total\x18\t \x01(\x04\x12\x0e\n\x06p99_ms\x18\n \x01(\x01\x12\x18\n\x10held_by_answered\x18\x0b \x01(\r\"J\n\x11ListServicesReply\x12#\n\x08services\x18\x01 \x03(\x0b\x32\x11.zrpc.ServiceInfo\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\")\n\x16\x44\x65scribeServiceRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"D\n\x14\x44\x65scribeServiceReply\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x1b\n\x13\x66ile_descriptor_set\x18\x02 \x01(\x0c\" \n\rHealthRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xac\x01\n\x0bHealthReply\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.zrpc.HealthReply.Status\x12\x14\n\x0clive_workers\x18\x02 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\"H\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x12\x13\n\x0fSERVICE_UNKNOWN\x10\x03\x32\xda\x01\n\x06\x42roker\x12G\n\x0cListServices\x12\x19.zrpc.ListServicesRequest\x1a\x17.zrpc.ListServicesReply\"\x03\x90\x02\x01\x12P\n\x0f\x44\x65scribeService\x12\x1c.zrpc.DescribeServiceRequest\x1a\x1a.zrpc.DescribeServiceReply\"\x03\x90\x02\x01\x12\x35\n\x06Health\x12\x13.zrpc.HealthRequest\x1a\x11.zrpc.HealthReply\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,19 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO']._serialized_start=58
   _globals['_WORKERINFO']._serialized_end=161
   _globals['_SERVICEINFO']._serialized_start=164
-  _globals['_SERVICEINFO']._serialized_end=382
-  _globals['_LISTSERVICESREPLY']._serialized_start=384
-  _globals['_LISTSERVICESREPLY']._serialized_end=458
-  _globals['_DESCRIBESERVICEREQUEST']._serialized_start=460
-  _globals['_DESCRIBESERVICEREQUEST']._serialized_end=501
-  _globals['_DESCRIBESERVICEREPLY']._serialized_start=503
-  _globals['_DESCRIBESERVICEREPLY']._serialized_end=571
-  _globals['_HEALTHREQUEST']._serialized_start=573
-  _globals['_HEALTHREQUEST']._serialized_end=605
-  _globals['_HEALTHREPLY']._serialized_start=608
-  _globals['_HEALTHREPLY']._serialized_end=780
-  _globals['_HEALTHREPLY_STATUS']._serialized_start=708
-  _globals['_HEALTHREPLY_STATUS']._serialized_end=780
-  _globals['_BROKER']._serialized_start=783
-  _globals['_BROKER']._serialized_end=1001
+  _globals['_SERVICEINFO']._serialized_end=408
+  _globals['_LISTSERVICESREPLY']._serialized_start=410
+  _globals['_LISTSERVICESREPLY']._serialized_end=484
+  _globals['_DESCRIBESERVICEREQUEST']._serialized_start=486
+  _globals['_DESCRIBESERVICEREQUEST']._serialized_end=527
+  _globals['_DESCRIBESERVICEREPLY']._serialized_start=529
+  _globals['_DESCRIBESERVICEREPLY']._serialized_end=597
+  _globals['_HEALTHREQUEST']._serialized_start=599
+  _globals['_HEALTHREQUEST']._serialized_end=631
+  _globals['_HEALTHREPLY']._serialized_start=634
+  _globals['_HEALTHREPLY']._serialized_end=806
+  _globals['_HEALTHREPLY_STATUS']._serialized_start=734
+  _globals['_HEALTHREPLY_STATUS']._serialized_end=806
+  _globals['_BROKER']._serialized_start=809
+  _globals['_BROKER']._serialized_end=1027
 # @@protoc_insertion_point(module_scope)

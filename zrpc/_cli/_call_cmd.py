@@ -156,6 +156,13 @@ def _workers_cell(service: pb.ServiceInfo) -> str:
     return f"{service.live_workers}" + (f" +{draining} draining" if draining else "")
 
 
+def in_flight_cell(service: pb.ServiceInfo) -> str:
+    """Calls at its workers, and the slots calls answered without them still hold there (an
+    adversarial tester's hung worker showed 0/2 while its two slots were taken)."""
+    held = service.held_by_answered
+    return f"{service.in_flight}" + (f" +{held} held" if held else "")
+
+
 def format_services(listing: pb.ListServicesReply) -> str:
     """An aligned plain-text table, one service per row (methods comma-separated).
 
@@ -164,7 +171,7 @@ def format_services(listing: pb.ListServicesReply) -> str:
     header = ("SERVICE", "METHODS", "WORKERS", "IN-FLIGHT/CAPACITY", "QUEUED")
     rows = [header] + [
         (s.name, ",".join(s.methods), "-", "built-in", "-") if s.name == _discovery.BROKER_SERVICE else
-        (s.name, ",".join(s.methods), _workers_cell(s), f"{s.in_flight}/{s.capacity}", str(s.queue_depth))
+        (s.name, ",".join(s.methods), _workers_cell(s), f"{in_flight_cell(s)}/{s.capacity}", str(s.queue_depth))
         for s in listing.services
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

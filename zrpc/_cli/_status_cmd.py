@@ -13,7 +13,7 @@ import time
 import click
 
 from .. import broker_service_pb2 as pb
-from ._call_cmd import each_broker_option
+from ._call_cmd import each_broker_option, in_flight_cell
 from ._common import (EXIT_CODES_HELP, CliError, FiniteRange, Terminated, curve_options, option,
                       split_endpoints, warn_unread_variables)
 from ._signals import SignalWait
@@ -107,7 +107,7 @@ def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, sec
         calls = service.calls_total - (earlier.calls_total if earlier is not None else 0)
         busy = sum(1 for w in service.workers if w.capacity and w.in_flight >= w.capacity)
         rows.append((service.name, str(service.live_workers), str(busy), str(service.queue_depth),
-                     str(service.in_flight), f"{max(calls, 0) / seconds:.1f}" if seconds > 0 else "-",
+                     in_flight_cell(service), f"{max(calls, 0) / seconds:.1f}" if seconds > 0 else "-",
                      # No call answered in the last minute: no p99 (a real one is never 0).
                      f"{service.p99_ms:.1f}" if service.p99_ms > 0 else "-", str(service.errors_total)))
     widths = [max(len(row[i]) for row in (_COLUMNS, *rows)) for i in range(len(_COLUMNS))]
