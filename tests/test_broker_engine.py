@@ -1734,3 +1734,29 @@ def test_list_services_counts_the_slots_held_by_calls_answered_without_their_wor
     assert listed() == (0, 2, 2)
     h.reply_from(b"w", ids[0], code=StatusCode.DEADLINE_EXCEEDED)
     assert listed() == (0, 1, 1)
+
+
+def test_a_request_whose_headers_come_to_more_than_a_mebibyte_is_refused_before_any_is_decoded():
+    """An adversarial tester's REQUESTs of 1,000 headers, each 64 KiB of metadata entries (0.6 ms
+    to decode), held the broker's loop 0.5 s each: another client's calls ran out of time. Such
+    a REQUEST is refused whole, each of its calls answered under its id; zrpc's clients put at
+    most 1 MiB of calls in one."""
+    h = Harness()
+    h.ready(b"w", capacity=100)
+    heavy = p.RequestHeader(service="svc.S", method="M", deadline_ms=5000,
+                            metadata={"k%05d" % i: "" for i in range(5400)})
+    pairs = []
+    for request_id in range(1, 18):  # 17 of about 64,815 bytes: just over 1 MiB
+        heavy.request_id = request_id
+        pairs.append((heavy.SerializeToString(), b""))
+    h.engine.on_frontend(b"c", p.request_message(pairs), h.now)
+    h.engine.flush()
+    replies = h.take_replies()
+    assert sorted(reply.request_id for _, reply, _ in replies) == list(range(1, 18))
+    assert {reply.code for _, reply, _ in replies} == {StatusCode.RESOURCE_EXHAUSTED}
+    assert "the headers of one REQUEST come to 1101855 bytes (limit 1048576)" in replies[0][1].message
+    assert h.take_requests() == [] and h.engine.counters["malformed_too_large"] == 1
+    # One fewer fits: those run (a zrpc client's REQUEST never carries more than 1 MiB).
+    h.engine.on_frontend(b"c", p.request_message(pairs[1:]), h.now)
+    h.engine.flush()
+    assert len(h.take_requests()) == 16

@@ -120,6 +120,11 @@ class BrokerEngine:
             if command == p.REQUEST or command == p.REQUEST_BATCH:
                 if command == p.REQUEST:
                     calls, batched = p.pairs(body), False
+                    headers_size = sum(map(len, body[0::2]))
+                    if headers_size > p.MAX_REQUEST_HEADER_BYTES:  # §9: refused before any is decoded
+                        return self._refuse_calls(client, [p.request_id_of(raw) for raw, _ in calls], "too_large",
+                                                  f"the headers of one REQUEST come to {headers_size} bytes "
+                                                  f"(limit {p.MAX_REQUEST_HEADER_BYTES})")
                 else:  # §4c: a client that sends batches reads them too
                     calls, batched = p.batch_pairs(body), True
                     if len(calls) > self.config.max_frames // 2:  # §9: as a REQUEST over max_frames
