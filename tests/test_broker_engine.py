@@ -1760,3 +1760,23 @@ def test_a_request_whose_headers_come_to_more_than_a_mebibyte_is_refused_before_
     h.engine.on_frontend(b"c", p.request_message(pairs[1:]), h.now)
     h.engine.flush()
     assert len(h.take_requests()) == 16
+
+
+def test_a_worker_takes_the_place_of_names_no_worker_offered_when_the_table_is_full():
+    """Just after a broker started, an adversarial tester's calls to 1,100 made-up names held all
+    of max_services until the grace ended: the real worker was refused ("broker knows 1000
+    services") and retried later and later. Its READY now wins: a made-up name's calls are
+    answered NOT_FOUND at once, as the grace's end would have."""
+    h = Harness(max_services=3, unknown_service_grace=30.0)
+    made_up = [h.call(b"c", service=f"junk.S{i}", deadline_ms=60_000) for i in range(3)]
+    assert h.take_replies() == [] and len(h.engine.services) == 3  # they wait out the grace
+    assert h.call(b"c", service="junk.S4", deadline_ms=60_000)
+    [(_, refused, _)] = h.take_replies()
+    assert refused.code == StatusCode.RESOURCE_EXHAUSTED  # calls do not push each other out
+    h.ready(b"w", services=("svc.S",))
+    assert b"w" in h.engine.workers and h.take_control(p.DISCONNECT) == []
+    [(_, gone, _)] = h.take_replies()
+    assert (gone.request_id, gone.code) == (made_up[0], StatusCode.NOT_FOUND)
+    assert "no worker offers service 'junk.S0'" in gone.message
+    h.call(b"c")
+    assert len(h.take_requests()) == 1

@@ -361,7 +361,7 @@ class BrokerEngine:
                                           f"broker has {len(self.workers)} workers (limit {self.config.max_workers})",
                                           ready=ready)
         new_names = [s for s in dict.fromkeys(ready.services) if s not in self.services]  # each once
-        if not self._room_for_services(new_names, ready.services):
+        if not self._room_for_services(new_names, ready.services, now=now):
             return self._bad_worker_input(identity, None, "too_many_services",
                                           f"broker knows {len(self.services)} services (limit "
                                           f"{self.config.max_services})", ready=ready)
@@ -501,12 +501,17 @@ class BrokerEngine:
                                        message=f"the worker's reply was refused: {message}")
                 self._on_worker_reply(worker, header, b"", now)
 
-    def _room_for_services(self, new: Sequence[str], keep: Sequence[str] = ()) -> bool:
+    def _room_for_services(self, new: Sequence[str], keep: Sequence[str] = (), now: float | None = None) -> bool:
         """Whether the ``new`` services fit under max_services, after forgetting, if it must,
         the services left with no worker and no call (none of ``keep``, which is about to be
         offered), longest without one first. Without this the table only grew: services once
         offered (versioned names, say) locked new ones out for the broker's life (review).
-        Forgotten ones are NOT_FOUND again (§10)."""
+        Forgotten ones are NOT_FOUND again (§10).
+
+        For a worker's READY (``now`` given), the names no worker ever offered, whose calls wait
+        out the start-up grace, go too if they must, their calls answered NOT_FOUND now, as the
+        grace's end would: an adversarial tester's calls to 1,100 made-up names, just after a
+        broker started, filled its table and kept the real workers out past the grace."""
         limit = self.config.max_services
         over = len(self.services) + len(new) - limit
         if over <= 0:
@@ -515,12 +520,21 @@ class BrokerEngine:
                        if not service.workers and not service.queue and not service.dispatched
                        and service.name not in keep),
                       key=lambda service: service.no_worker_since or 0.0)
-        if len(idle) < over:
+        guessed = [] if now is None else [service for service in self.services.values()
+                                          if not service.offered and service.queue and service.name not in keep]
+        if len(idle) + len(guessed) < over:
             return False
-        for service in idle[:over]:
+        gone = idle[:over]
+        for service in gone:
             del self.services[service.name]
-        log.info("forgot %d service(s) with no worker and no call, to make room (max_services %d): %s",
-                 over, limit, ", ".join(service.name for service in idle[:over]))
+        for service in guessed[:over - len(gone)]:
+            while service.queue:
+                self._fail(service.queue.popleft(), StatusCode.NOT_FOUND, _not_found_message(service.name), now,
+                           p.NOT_RUN)
+            del self.services[service.name]
+            gone.append(service)
+        log.info("forgot %d service(s) with no worker, to make room (max_services %d): %s",
+                 over, limit, ", ".join(service.name for service in gone))
         return True
 
     def _unnamed(self) -> str:
