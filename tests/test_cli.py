@@ -520,6 +520,10 @@ def test_call_prints_the_json_reply(greeter):
     assert result.returncode == 0, result.stderr
     assert '"message": "Hello, Ada!"' in result.stdout
     assert json.loads(result.stdout) == {"message": "Hello, Ada!"}
+    # Text as it is, not as \u escapes (a tester's "\u0410\u0434\u0430 \ud83d\ude00").
+    result = run_cli("call", "--broker", frontend, "helloworld.Greeter/SayHello", '{"name":"Ада 😀"}',
+                     env={"PYTHONIOENCODING": "utf-8"})
+    assert '"message": "Hello, Ада 😀!"' in result.stdout, result.stdout
 
 
 def test_call_reads_the_broker_from_ZRPC_BROKER_and_the_request_from_stdin(greeter):

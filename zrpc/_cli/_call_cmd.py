@@ -86,7 +86,8 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
         reply.ParseFromString(raw)
     except Exception as exc:  # DecodeError: the worker sent something else
         raise CliError(f"reply is not a valid {method.output_type.full_name}: {exc}") from None
-    click.echo(json_format.MessageToJson(reply, indent=2, descriptor_pool=pool,
+    # Text as it is ("Hello, Ада"), not as \u escapes (a tester's non-ASCII reply was unreadable).
+    click.echo(json_format.MessageToJson(reply, indent=2, descriptor_pool=pool, ensure_ascii=False,
                                          always_print_fields_with_no_presence=emit_defaults))
 
 
@@ -118,7 +119,7 @@ def _int64_as_numbers(descriptor, document: dict) -> None:
                 _int64_as_numbers(field.message_type, item)
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EXIT_CODES_HELP, short_help="List services: methods, workers, load and queue.")
 @each_broker_option
 @curve_options
 @option("--timeout", "-t", type=FiniteRange(min=0.001), default=5.0, show_default=True,
@@ -185,7 +186,7 @@ def format_services(listing: pb.ListServicesReply) -> str:
     return "".join(lines)
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EXIT_CODES_HELP, short_help="Is SERVICE (or the broker) serving? For health checks.")
 @click.argument("service", required=False, default="")
 @each_broker_option
 @curve_options

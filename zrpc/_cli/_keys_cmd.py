@@ -8,7 +8,7 @@ import click
 from ._common import EXIT_CODES_HELP, EXIT_USAGE, CliError, option
 
 
-@click.group()
+@click.group(short_help="Make CURVE keys for brokers, clients and workers.")
 def keys() -> None:
     """Make CURVE keys for brokers, clients and workers (README: Security)."""
 

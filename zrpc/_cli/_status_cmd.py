@@ -23,7 +23,7 @@ _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: refresh in place on a ter
 _COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99 MS", "ERRORS")
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EXIT_CODES_HELP, short_help="Per service: workers, queue, calls/s, p99, errors.")
 @each_broker_option
 @curve_options
 @option("--timeout", "-t", type=FiniteRange(min=0.001), default=5.0, show_default=True,
