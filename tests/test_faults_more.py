@@ -400,6 +400,10 @@ def test_a_thousand_clients_that_call_and_vanish_leave_the_broker_tables_at_base
           f"internal_errors {engine.counters['internal_errors']}")
     assert answered == kinds["wait_for_reply"]
     assert dropped >= 1, "replies to vanished clients should be counted as undeliverable"
+    # Their calls were cancelled when their connections closed (_clients.py), and the broker's
+    # record of which connection each client sends on holds only the steady client's now.
+    assert engine.counters["client_disconnected"] >= 1
+    wait_for(lambda: len(broker.client_connections) <= 1, 10, message="client connections forgotten")
     assert steady["ok"] > 0 and not steady["errors"]
     assert engine.counters["internal_errors"] == 0
 
@@ -629,3 +633,40 @@ def test_peers_that_flood_the_frontend_and_disconnect_do_not_take_the_broker_dow
         assert "zrpc.Broker" in list_services(frontend)
         if time.monotonic() >= answered_until:
             break
+
+
+def test_a_client_that_dies_leaves_no_call_to_run_its_queued_ones_never_start(thread_broker, spawn):
+    """A new-user tester killed a client (kill -9) holding five 1 s calls at a worker of
+    capacity 1: the broker kept all five, and the worker ran them one after another for
+    nobody. The frontend's monitor reports the connection's close: the broker now cancels the
+    running call at its worker and drops the queued ones."""
+    broker = thread_broker()
+    start_worker(spawn, broker.backend_endpoint, "--concurrency", "1")
+    wait_workers(broker, 1)
+    engine = broker.engine
+    dying = spawn(sys.executable, "-c", _DYING_CLIENT, broker.frontend_endpoint)
+    dying.wait_line("sent 5")
+    wait_for(lambda: engine.calls_held == 5 and engine.queue_depth() == 4, 10, message="1 running, 4 queued")
+    dying.popen.kill()  # SIGKILL: no CANCEL, no goodbye
+    dying.popen.wait(10)
+    wait_for(lambda: engine.calls_held == 0, 10, message="the dead client's calls ended")
+    assert engine.counters["client_disconnected"] == 5
+    assert engine.queue_depth() == 0 and not engine.clients
+    # The running one was cancelled at the worker, which answers it (its slot comes back).
+    wait_for(lambda: all(not w.in_flight for w in engine.workers.values()), 10, message="the worker's slot freed")
+    assert engine.counters["requests"] == 5  # none was dispatched again or queued anew
+
+
+_DYING_CLIENT = """
+import sys, time, zmq
+from zrpc import _protocol as p
+from workers.echo import echo_pb2
+socket = zmq.Context().socket(zmq.DEALER)
+socket.connect(sys.argv[1])
+body = echo_pb2.SleepRequest(ms=5000).SerializeToString()
+for request_id in range(1, 6):
+    header = p.RequestHeader(request_id=request_id, service="echo.Echo", method="Sleep", deadline_ms=60_000)
+    socket.send_multipart(p.request_message([(header.SerializeToString(), body)]))
+print("sent 5", flush=True)
+time.sleep(60)  # until killed
+"""

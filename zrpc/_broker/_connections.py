@@ -52,6 +52,8 @@ RESERVE_FDS = 512
 DEFAULT_CAP = 10_000
 # How many monitor events one round of the loop reads per endpoint before serving messages.
 _EVENTS_PER_ROUND = 1024
+# drain_side reads at most this many rounds of _EVENTS_PER_ROUND (a monitor's pipe holds ~2,000).
+_DRAIN_ROUNDS = 8
 # At the cap, look for stale entries (an fd closed without an event) at most this often.
 _AUDIT_INTERVAL = 5.0
 # How often the loop checks that the process still has a free file descriptor.
@@ -206,8 +208,21 @@ class ConnectionLimits:
         self.zap = handler
         return True
 
-    def watch(self, side: str, router: zmq.Socket) -> None:
-        self.guards[side] = ConnectionGuard(router, side, self.cap, self._counters, self._warn, self._clock)
+    def watch(self, side: str, router: zmq.Socket, on_accepted=None, on_disconnected=None) -> None:
+        """Guard ``router``; ``on_accepted(fd)`` and ``on_disconnected(fd)`` hear of each of its
+        connections as well, in the monitor's order."""
+        self.guards[side] = ConnectionGuard(router, side, self.cap, self._counters, self._warn, self._clock,
+                                            on_accepted, on_disconnected)
+
+    def drain_side(self, side: str) -> None:
+        """Read every event waiting on ``side``'s monitor now (bounded): what happened to its
+        connections up to the message just read (see _clients.py)."""
+        guard = self.guards.get(side)
+        if guard is None:
+            return
+        for _ in range(_DRAIN_ROUNDS):
+            if guard.drain():
+                return
 
     def unwatch(self, side: str) -> None:
         guard = self.guards.pop(side, None)
@@ -273,8 +288,11 @@ class ConnectionLimits:
 class ConnectionGuard:
     """Enforces a ConnectionCount on one ROUTER, from its socket monitor, in the broker loop."""
 
-    def __init__(self, router: zmq.Socket, side: str, cap: int, counters, warn, clock):
+    def __init__(self, router: zmq.Socket, side: str, cap: int, counters, warn, clock, on_accepted=None,
+                 on_disconnected=None):
         self.side = side
+        self._on_accepted = on_accepted
+        self._on_disconnected = on_disconnected
         self.count = ConnectionCount(cap)
         self._router = router
         self._counters = counters
@@ -305,10 +323,14 @@ class ConnectionGuard:
                 return True
             event, value = _EVENT_HEADER.unpack_from(frames[0])
             if event == _ACCEPTED:
+                if self._on_accepted is not None:
+                    self._on_accepted(value)
                 if not count.accepted(value):
                     self._refuse(value)
             elif event == _DISCONNECTED:
                 count.disconnected(value)
+                if self._on_disconnected is not None:
+                    self._on_disconnected(value)
         return False
 
     def _refuse(self, fd: int) -> None:

@@ -224,6 +224,26 @@ class BrokerEngine:
             service.queue.append(call)
             self._dispatch(service, now)
 
+    def client_disconnected(self, client: bytes, now: float) -> None:
+        """The client's connection closed (its process died, say: it sent no CANCEL). Its calls
+        end: queued ones are never dispatched, dispatched ones are cancelled at their workers,
+        and each is answered CANCELLED, which its client reads only if it is in fact still
+        there on another connection under the same routing id (libzmq drops a reply to a
+        routing id it no longer has, and counts it undeliverable)."""
+        outstanding = self.clients.get(client)
+        if not outstanding:
+            return
+        calls = list(outstanding.values())
+        self.counters["client_disconnected"] += len(calls)
+        for call in calls:
+            queued = call.state is CallState.QUEUED
+            self._fail(call, StatusCode.CANCELLED, "the client's connection to the broker closed", now)
+            if queued:
+                self._answered_in_queue(call, now)
+            elif call.worker is not None:
+                self._abandon_at_worker(call)
+        log.info("client %s disconnected: %d call(s) it left were cancelled", client.hex(), len(calls))
+
     def _on_client_cancel(self, client: bytes, cancel, now: float) -> None:
         """§8: drop queued calls silently; cancel dispatched ones at their worker. Calls their
         client gave up at their deadlines are counted DEADLINE_EXCEEDED, as it saw them."""

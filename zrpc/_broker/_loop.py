@@ -14,6 +14,7 @@ from .._endpoints import ipc_socket_file, remove_ipc_socket_file
 from .._frames import readable
 from .._polling import yield_core
 from ._auth import BrokerSecurity
+from ._clients import ClientConnections
 from ._config import BrokerConfig
 from ._connections import ConnectionLimits, connection_cap, fd_limit
 from ._engine import BrokerEngine
@@ -34,6 +35,8 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
+_SRCFD = int(zmq.SRCFD)  # the file descriptor a message came on (see _clients.py)
+_FD_TRANSPORTS = ("tcp://", "ipc://")  # whose messages know it (inproc's refuse to say)
 # Payloads pass through without being copied from this size on (they are never decoded, §4).
 _ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 # TCP keepalive of the broker's connections (see _router): probes after this many idle seconds,
@@ -79,6 +82,9 @@ class Broker:
         # The socket monitors that enforce max_connections (see _connections.py).
         self.connections = ConnectionLimits(self.max_connections, self.engine.counters,
                                             self.engine.bad_input_log.warn, clock)
+        # Which connection each client sends on, so a closed one ends its calls (_clients.py).
+        # None for a frontend whose transport has no descriptors (inproc): bind() decides.
+        self.client_connections: ClientConnections | None = None
         # Per-call statistics for /metrics and `zrpc status`, observed through the engine's hook.
         self.stats = CallStats(self.engine).install()
         self.frontend: zmq.Socket | None = None
@@ -179,7 +185,13 @@ class Broker:
         socket.setsockopt(zmq.TCP_KEEPALIVE_CNT, _KEEPALIVE_PROBES)
         socket.setsockopt(zmq.HANDSHAKE_IVL, max(1, round(self.config.handshake_timeout * 1000)))
         _security.allow_ipv6_for(socket, [endpoint])
-        self.connections.watch(side, socket)  # before binding: every accepted connection is seen
+        # Before binding: every accepted connection is seen. The frontend's also end the calls of
+        # a client whose connection closes (see _clients.py).
+        if side == "frontend" and endpoint.startswith(_FD_TRANSPORTS):
+            self.client_connections = ClientConnections()
+            self.connections.watch(side, socket, self.client_connections.accepted, self._client_connection_closed)
+        else:
+            self.connections.watch(side, socket)
         try:
             socket.bind(endpoint)
         except zmq.ZMQError:
@@ -412,18 +424,23 @@ class Broker:
 
     def _read_messages(self, socket: zmq.Socket, handle, now: float) -> None:
         recv = _recv_frame
+        clients = self.client_connections if socket is self.frontend else None
         for _ in range(_BATCH):
             try:
                 frame = recv(socket, _NOBLOCK, False)
             except zmq.Again:  # not after the poll's POLLIN: messages arrive whole
                 return
             identity = frame.bytes
+            gone = (clients is not None and clients.fd_of(identity) != (fd := frame.get(_SRCFD))
+                    and not self._client_sends_on(identity, fd))
             frames = []
             while frame.more:  # the rest of a message is there already: it arrives whole
                 frame = recv(socket, _NOBLOCK, False)
                 frames.append(frame.buffer if len(frame) >= _ZERO_COPY_BYTES else frame.bytes)
             try:
                 handle(identity, frames, now)
+                if gone:  # its connection closed before we read this: nothing can reach it
+                    self.engine.client_disconnected(identity, now)
             except Exception:  # a bug must not take the broker down for everyone
                 log.exception("internal error handling a message from %s", identity.hex())
                 self.engine.counters["internal_errors"] += 1
@@ -431,6 +448,18 @@ class Broker:
             if not readable(socket):
                 return
         self._poller.used(socket)  # more may wait: the next round reads on before any sleep
+
+    def _client_sends_on(self, client: bytes, fd: int) -> bool:
+        """A client's message came on a connection other than the one it was last seen on (or it
+        is new): read the monitor's news first, so the record is of this connection (_clients.py).
+        False when that connection has closed already."""
+        self.connections.drain_side("frontend")
+        return self.client_connections.sent_on(client, fd)
+
+    def _client_connection_closed(self, fd: int) -> None:
+        """(the frontend monitor's DISCONNECTED) The clients last seen on ``fd`` are gone."""
+        for client in self.client_connections.disconnected(fd):
+            self.engine.client_disconnected(client, self._clock())
 
     def reload_keys(self) -> None:
         """Read the allow-lists and rules again (SIGHUP; safe from any thread or a signal handler).
@@ -456,9 +485,14 @@ class Broker:
             except zmq.Again:
                 return
             identity = parts[0].bytes
+            clients = self.client_connections if socket is self.frontend else None
+            gone = (clients is not None and clients.fd_of(identity) != (fd := parts[0].get(_SRCFD))
+                    and not self._client_sends_on(identity, fd))
             try:
                 peer_key = parts[1].get("User-Id") if len(parts) > 1 else None
                 handle(identity, [part.bytes for part in parts[1:]], now, peer_key=peer_key)
+                if gone:  # as in _read_messages
+                    self.engine.client_disconnected(identity, now)
             except Exception:  # a bug must not take the broker down for everyone
                 log.exception("internal error handling a message from %s", identity.hex())
                 self.engine.counters["internal_errors"] += 1
