@@ -633,3 +633,25 @@ def test_a_rules_file_that_is_not_toml_is_named_in_the_error(tmp_path):
     path.write_text("[clients]\nalice = [\n")
     with pytest.raises(ValueError, match=f"{path}: not valid TOML"):
         security.load_rules(path)
+
+
+def test_a_refusal_that_says_why_is_not_replaced_by_a_closed_handshake_that_does_not():
+    """A CURVE client at a plain broker: ZeroMQ first reports the mechanism mismatch, and after
+    the client connects again for its next call, often only a handshake the broker closed. A
+    tester read "drop --broker-key" in the log, then a final error asking "is CURVE on at the
+    broker?"."""
+    import zmq
+
+    from zrpc._client._monitor import HandshakeWatch
+
+    endpoint = "tcp://127.0.0.1:5555"
+    watch = HandshakeWatch([endpoint], curve=True)
+    error = watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH, endpoint)
+    assert "does not use CURVE: drop --broker-key" in error.message
+    assert watch.to_retry() == [endpoint]  # the next call connects again
+    error = watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 0, endpoint)
+    assert error.message == (f"handshake refused by broker at {endpoint}: the broker there does not use CURVE: "
+                             f"drop --broker-key and --curve-secret")
+    # With nothing said before, a closed handshake says what it can.
+    fresh = HandshakeWatch([endpoint], curve=True)
+    assert "is CURVE on at the broker?" in fresh.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 0, endpoint).message

@@ -142,6 +142,10 @@ class HandshakeWatch:
         reason = refusal_reason(event, value, self.curve)
         if reason is None:
             return None
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and endpoint in self.retrying:
+            # A closed handshake says less than the refusal before it (a tester's CURVE client at
+            # a plain broker read "drop --broker-key", then failed "is CURVE on at the broker?").
+            reason = self.retrying[endpoint]
         self.accepted.discard(endpoint)
         self.retrying.pop(endpoint, None)
         self.refused[endpoint] = reason
