@@ -215,6 +215,7 @@ def test_nan_inf_and_huge_limits_are_usage_errors(cli, args, problem):
 @pytest.mark.parametrize("request_json, problem", [
     ("{", "request is not valid JSON"),
     ("[1, 2]", "request must be a JSON object"),
+    (" \n", "the request is empty: give a JSON object ('{}' for a request of defaults)"),
 ])
 def test_bad_json_is_a_one_line_error_before_any_connection(cli, request_json, problem):
     result = cli("call", "--broker", "ipc:///nonexistent/zrpc", "a.B/C", request_json)
@@ -524,6 +525,20 @@ def test_call_prints_the_json_reply(greeter):
     result = run_cli("call", "--broker", frontend, "helloworld.Greeter/SayHello", '{"name":"Ада 😀"}',
                      env={"PYTHONIOENCODING": "utf-8"})
     assert '"message": "Hello, Ада 😀!"' in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("request_json, problem", [
+    ('{"paylod": "aGk="}', "bad request for echo.EchoRequest: it has no field 'paylod' (did you mean 'payload'? "
+                           "fields: payload)"),
+    ('{"payload": "hello"}', 'bytes fields take base64 in protobuf\'s JSON: "aGVsbG8=" for hello'),
+])
+def test_a_request_with_a_misspelt_field_or_bytes_not_in_base64_says_so(greeter, request_json, problem):
+    """A new-user tester read protobuf's 'Available Fields(except extensions): "['payload']"', and
+    a base64 error with no word that bytes fields take base64."""
+    _, _, frontend = greeter
+    result = run_cli("call", "--broker", frontend, "echo.Echo/Say", request_json)
+    assert result.returncode == 2
+    assert problem in one_line_error(result.stderr)
 
 
 def test_call_reads_the_broker_from_ZRPC_BROKER_and_the_request_from_stdin(greeter):

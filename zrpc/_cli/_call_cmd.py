@@ -1,6 +1,7 @@
 """``zrpc call``, ``zrpc services`` and ``zrpc health``: the client side, from the shell."""
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 
@@ -70,10 +71,14 @@ def call(target: str, request_json: str, brokers: tuple[str, ...], timeout: floa
         pool, service = _discovery.describe(client, endpoints, service_name, timeout)
         method = _discovery.find_method(service, method_name)
         request = message_class(method.input_type)()
+        _check_field_names(fields, method.input_type)
         try:
             json_format.ParseDict(fields, request, descriptor_pool=pool)
         except json_format.ParseError as exc:
-            raise CliError(f"bad request for {method.input_type.full_name}: {exc}",
+            hint = ""
+            if "base64" in str(exc):  # a tester's {"payload": "hello"} for a bytes field
+                hint = " (bytes fields take base64 in protobuf's JSON: \"aGVsbG8=\" for hello)"
+            raise CliError(f"bad request for {method.input_type.full_name}: {exc}{hint}",
                            exit_code=EXIT_USAGE) from None
         try:
             raw = client.call(service_name, method_name, request.SerializeToString(),
@@ -222,7 +227,24 @@ def health(service: str, brokers: tuple[str, ...], timeout: float) -> None:
         sys.exit(EXIT_NOT_SERVING)
 
 
+def _check_field_names(fields: dict, message_type) -> None:
+    """Name a misspelt top-level field, with the closest one (protobuf's own error lists the
+    fields as a Python list: a tester's "paylod" read 'Available Fields(except extensions):
+    "['payload']"')."""
+    known = {name for field in message_type.fields for name in (field.name, field.json_name)}
+    for name in fields:
+        if name not in known:
+            names = sorted(field.name for field in message_type.fields)
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            suggestion = f"did you mean {close[0]!r}? " if close else ""
+            raise CliError(f"bad request for {message_type.full_name}: it has no field {name!r} ({suggestion}"
+                           f"fields: {', '.join(names) or 'none'})", exit_code=EXIT_USAGE)
+
+
 def _parse_json(text: str) -> dict:
+    if not text.strip():  # a tester's empty stdin read "Expecting value: line 1 column 1 (char 0)"
+        raise CliError("the request is empty: give a JSON object ('{}' for a request of defaults)",
+                       exit_code=EXIT_USAGE)
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as exc:
