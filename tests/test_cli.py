@@ -1172,3 +1172,39 @@ def test_worker_run_at_a_brokers_frontend_exits_1_naming_the_backend_option(cli_
                     message="the worker's error line")
     assert last.startswith(f"error: worker stopped: {frontend} answers like a broker's frontend")
     assert "workers connect to its backend (`zrpc broker start --backend`" in last
+
+
+def test_call_at_a_port_where_another_program_listens_says_no_handshake_came():
+    """A new-user tester's `zrpc call` at an HTTP server's port read "no answer from broker ...
+    (is `zrpc broker start` running?)": something did accept the connection."""
+    import socket
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        accepted = []
+        stop = threading.Event()
+
+        def accept_and_say_nothing() -> None:
+            listener.settimeout(0.2)
+            while not stop.is_set():  # bounded: the test sets stop, and each wait is 0.2 s
+                try:
+                    accepted.append(listener.accept()[0])
+                except OSError:
+                    continue
+
+        thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+        thread.start()
+        try:
+            result = run_cli("call", "--broker", endpoint, "echo.Echo/Say", "{}", "--timeout", "1")
+        finally:
+            stop.set()
+            thread.join(5)
+            for connection in accepted:
+                connection.close()
+    assert result.returncode == 10 + zrpc.StatusCode.UNAVAILABLE
+    assert one_line_error(result.stderr) == (
+        f"error: something accepted a connection at {endpoint}, but no ZeroMQ handshake completed within 1s: "
+        f"is a zrpc broker's frontend what listens there (not another program), and is that broker not stuck?")

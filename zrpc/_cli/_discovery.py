@@ -20,7 +20,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from .. import broker_service_pb2 as pb
 from .._descriptors import pool_from_file_descriptor_set
-from .._client._core import BACKEND, SILENT_DETAIL, UNREACHABLE
+from .._client._core import BACKEND, HANDSHAKE_PENDING_DETAIL, SILENT_DETAIL, UNREACHABLE
 from .._endpoints import tcp_host_name
 from .._errors import Error
 from .._status import StatusCode
@@ -176,6 +176,11 @@ def builtin_call(client, brokers: list[str], method: str, request, reply_type, t
             raise CliError(f"the broker at {error.details.get('zrpc-endpoint', ', '.join(brokers))} accepted the "
                            f"connection but has answered nothing for {error.details[SILENT_DETAIL]}s, not "
                            f"even a Health call: is it stuck, or starved of CPU?",
+                           exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
+        if HANDSHAKE_PENDING_DETAIL in error.details:  # something accepted the connection, and said nothing
+            raise CliError(f"something accepted a connection at {error.details[HANDSHAKE_PENDING_DETAIL]}, but no "
+                           f"ZeroMQ handshake completed within {timeout:g}s: is a zrpc broker's frontend what listens "
+                           f"there (not another program), and is that broker not stuck?",
                            exit_code=EXIT_STATUS_BASE + int(StatusCode.UNAVAILABLE)) from None
         if error.code in (StatusCode.DEADLINE_EXCEEDED, StatusCode.UNAVAILABLE):
             held_by = error.details.get("zrpc-endpoint")  # the broker that had the call, if it was sent

@@ -61,6 +61,8 @@ ATTEMPTS_DETAIL = "zrpc-attempts"
 # Error details key of a call whose broker answered nothing, not even a Health call, for that
 # many seconds (see _silence): it accepted the connection, so it runs, but its loop does not.
 SILENT_DETAIL = "zrpc-broker-silent"
+# Details key of a deadline error: the endpoint a connection is open to, with no handshake done.
+HANDSHAKE_PENDING_DETAIL = "zrpc-handshake-pending"
 
 # How long closing a client with calls in flight lets their CANCEL leave (spec §8), so that the
 # broker stops them at their workers instead of letting them run to their deadlines.
@@ -887,6 +889,15 @@ class ClientCore:
             else:  # its connection is up: one that closes fails its calls at once (spec §11)
                 why += ("no answer in time over a connection that is up; the call may be slow at its worker "
                         "or wait in its queue: pass a larger timeout= if it may take that long")
+        elif (shaking := next((endpoint for endpoint, accepted, up in zip(self._endpoints, self._link_accepted,
+                                                                           self._link_up)
+                               if accepted and not up), None)) is not None:
+            # A connection, but no handshake: a new-user tester's HTTP server on the port read as
+            # "check that a broker is running". (libzmq's I/O thread answers handshakes even for
+            # a broker whose loop is stuck, unless that broker holds them: zrpc broker start does.)
+            why = (f": no broker took it in time: a connection to {shaking} is open, but no ZeroMQ handshake "
+                   f"completed on it; is a zrpc broker what listens there, and is it not stuck?")
+            details[HANDSHAKE_PENDING_DETAIL] = shaking
         else:  # calls go only over a link that is up: unsent means no broker could take it
             why = (": no broker took it in time (none connected, or shutting down, or their queues full); "
                    "check that a broker is running")

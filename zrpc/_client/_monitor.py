@@ -106,7 +106,7 @@ class HandshakeCloses:
             return None
         return (f"the broker at {endpoint} closed our connection during the handshake {times} times: if it "
                 f"requires CURVE, give its public key (--broker-key) and a secret key (--curve-secret); "
-                f"or it is at its connection limit")
+                f"or it is at its connection limit; or what listens there is not a zrpc broker")
 
 
 class HandshakeWatch:
