@@ -214,15 +214,16 @@ class ConnectionLimits:
         self.guards[side] = ConnectionGuard(router, side, self.cap, self._counters, self._warn, self._clock,
                                             on_accepted, on_disconnected)
 
-    def drain_side(self, side: str) -> None:
+    def drain_side(self, side: str) -> bool:
         """Read every event waiting on ``side``'s monitor now (bounded): what happened to its
-        connections up to the message just read (see _clients.py)."""
+        connections up to the message just read (see _clients.py). False when some were left."""
         guard = self.guards.get(side)
         if guard is None:
-            return
+            return True
         for _ in range(_DRAIN_ROUNDS):
             if guard.drain():
-                return
+                return True
+        return False
 
     def unwatch(self, side: str) -> None:
         guard = self.guards.pop(side, None)

@@ -37,6 +37,11 @@ _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 _SRCFD = int(zmq.SRCFD)  # the file descriptor a message came on (see _clients.py)
 _FD_TRANSPORTS = ("tcp://", "ipc://")  # whose messages know it (inproc's refuse to say)
+
+
+def _made_by_libzmq(identity: bytes) -> bool:
+    """A routing id libzmq made for a peer that named none: a zero byte and a 32-bit counter."""
+    return len(identity) == 5 and identity[0] == 0
 # Payloads pass through without being copied from this size on (they are never decoded, §4).
 _ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 # TCP keepalive of the broker's connections (see _router): probes after this many idle seconds,
@@ -431,16 +436,14 @@ class Broker:
             except zmq.Again:  # not after the poll's POLLIN: messages arrive whole
                 return
             identity = frame.bytes
-            gone = (clients is not None and clients.fd_of(identity) != (fd := frame.get(_SRCFD))
-                    and not self._client_sends_on(identity, fd))
+            fd = frame.get(_SRCFD) if clients is not None else -1
             frames = []
             while frame.more:  # the rest of a message is there already: it arrives whole
                 frame = recv(socket, _NOBLOCK, False)
                 frames.append(frame.buffer if len(frame) >= _ZERO_COPY_BYTES else frame.bytes)
             try:
-                handle(identity, frames, now)
-                if gone:  # its connection closed before we read this: nothing can reach it
-                    self.engine.client_disconnected(identity, now)
+                if clients is None or not self._from_closed_connection(clients, identity, fd, now):
+                    handle(identity, frames, now)
             except Exception:  # a bug must not take the broker down for everyone
                 log.exception("internal error handling a message from %s", identity.hex())
                 self.engine.counters["internal_errors"] += 1
@@ -449,12 +452,24 @@ class Broker:
                 return
         self._poller.used(socket)  # more may wait: the next round reads on before any sleep
 
-    def _client_sends_on(self, client: bytes, fd: int) -> bool:
-        """A client's message came on a connection other than the one it was last seen on (or it
-        is new): read the monitor's news first, so the record is of this connection (_clients.py).
-        False when that connection has closed already."""
-        self.connections.drain_side("frontend")
-        return self.client_connections.sent_on(client, fd)
+    def _from_closed_connection(self, clients: ClientConnections, client: bytes, fd: int, now: float) -> bool:
+        """Record the connection ``client``'s message came on (_clients.py); True when that
+        connection has closed already: the message is dropped unread (a call in it must not
+        start at a worker for nobody, as it did when it was dispatched and then cancelled).
+
+        The monitor's news is read first when the message came on another descriptor than the
+        client's last, or from a routing id libzmq did not make: a peer that names itself may
+        reconnect under its name on the very descriptor its last connection had (the lowest
+        free one), and its new connection must not be taken for the old one (review)."""
+        if clients.fd_of(client) == fd and _made_by_libzmq(client):
+            return False
+        if not self.connections.drain_side("frontend") and self._poller is not None:
+            self._poller.used(self.connections.guards["frontend"].monitor)  # more events wait
+        if clients.sent_on(client, fd):
+            return False
+        self.engine.counters["from_closed_connections"] += 1
+        self.engine.client_disconnected(client, now)  # calls it sent before, read meanwhile
+        return True
 
     def _client_connection_closed(self, fd: int) -> None:
         """(the frontend monitor's DISCONNECTED) The clients last seen on ``fd`` are gone."""
@@ -486,13 +501,11 @@ class Broker:
                 return
             identity = parts[0].bytes
             clients = self.client_connections if socket is self.frontend else None
-            gone = (clients is not None and clients.fd_of(identity) != (fd := parts[0].get(_SRCFD))
-                    and not self._client_sends_on(identity, fd))
             try:
+                if clients is not None and self._from_closed_connection(clients, identity, parts[0].get(_SRCFD), now):
+                    continue
                 peer_key = parts[1].get("User-Id") if len(parts) > 1 else None
                 handle(identity, [part.bytes for part in parts[1:]], now, peer_key=peer_key)
-                if gone:  # as in _read_messages
-                    self.engine.client_disconnected(identity, now)
             except Exception:  # a bug must not take the broker down for everyone
                 log.exception("internal error handling a message from %s", identity.hex())
                 self.engine.counters["internal_errors"] += 1
