@@ -650,8 +650,9 @@ def test_a_refusal_that_says_why_is_not_replaced_by_a_closed_handshake_that_does
     assert "does not use CURVE: drop --broker-key" in error.message
     assert watch.to_retry() == [endpoint]  # the next call connects again
     error = watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 0, endpoint)
-    assert error.message == (f"handshake refused by broker at {endpoint}: the broker there does not use CURVE: "
-                             f"drop --broker-key and --curve-secret")
+    assert error.message == (f"handshake refused by broker at {endpoint}: the broker closed the handshake; the "
+                             f"attempt before was refused: the broker there does not use CURVE: drop --broker-key "
+                             f"and --curve-secret")
     # With nothing said before, a closed handshake says what it can.
     fresh = HandshakeWatch([endpoint], curve=True)
     assert "is CURVE on at the broker?" in fresh.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 0, endpoint).message

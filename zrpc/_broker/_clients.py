@@ -13,8 +13,11 @@ when the connection it last sent on, that same acceptance of the descriptor, clo
 Order makes that sound. libzmq reports DISCONNECTED before it closes the descriptor, so before a
 later connection can be given it, and reports ACCEPTED before that connection's handshake, so
 before its first message. The broker reads all waiting monitor events before it records a
-client's connection (``ConnectionLimits.drain_frontend``): the record then carries the
-acceptance its message came on, never an earlier one.
+client's connection (``ConnectionLimits.drain_side``), and reads them before each message of a
+peer that named itself (it may reconnect under its name on the same descriptor): the record
+then carries the acceptance its message came on, never an earlier one. It may carry a later
+one: a client that sent and went, whose descriptor a new connection took before its message
+was read, is recorded on that connection, and its calls end when that one closes.
 """
 from __future__ import annotations
 

@@ -381,7 +381,9 @@ class BrokerEngine:
                                           f"broker has {len(self.workers)} workers (limit {self.config.max_workers})",
                                           ready=ready)
         new_names = [s for s in dict.fromkeys(ready.services) if s not in self.services]  # each once
-        if not self._room_for_services(new_names, ready.services, now=now):
+        # Room is looked for here, and made only once the READY is taken (below): a refused one
+        # must not end the waits of names no worker offered (review).
+        if not self._room_for_services(new_names, ready.services, now=now, make=False):
             return self._bad_worker_input(identity, None, "too_many_services",
                                           f"broker knows {len(self.services)} services (limit "
                                           f"{self.config.max_services})", ready=ready)
@@ -401,6 +403,7 @@ class BrokerEngine:
                                               f"its definition of {name} cannot be read by the live workers': "
                                               f"{problem}; stop them first, or give this version another "
                                               f"service name", ready=ready)
+        self._room_for_services(new_names, ready.services, now=now)  # as found above: it fits
         descriptors = self._descriptor_sets.setdefault(ready.file_descriptor_set, descriptors)
         descriptors.users += 1
         heartbeat = ready.heartbeat_ms / 1000.0
@@ -521,7 +524,8 @@ class BrokerEngine:
                                        message=f"the worker's reply was refused: {message}")
                 self._on_worker_reply(worker, header, b"", now)
 
-    def _room_for_services(self, new: Sequence[str], keep: Sequence[str] = (), now: float | None = None) -> bool:
+    def _room_for_services(self, new: Sequence[str], keep: Sequence[str] = (), now: float | None = None,
+                           make: bool = True) -> bool:
         """Whether the ``new`` services fit under max_services, after forgetting, if it must,
         the services left with no worker and no call (none of ``keep``, which is about to be
         offered), longest without one first. Without this the table only grew: services once
@@ -531,7 +535,8 @@ class BrokerEngine:
         For a worker's READY (``now`` given), the names no worker ever offered, whose calls wait
         out the start-up grace, go too if they must, their calls answered NOT_FOUND now, as the
         grace's end would: an adversarial tester's calls to 1,100 made-up names, just after a
-        broker started, filled its table and kept the real workers out past the grace."""
+        broker started, filled its table and kept the real workers out past the grace.
+        ``make=False``: only say whether there would be room."""
         limit = self.config.max_services
         over = len(self.services) + len(new) - limit
         if over <= 0:
@@ -544,6 +549,8 @@ class BrokerEngine:
                                           if not service.offered and service.queue and service.name not in keep]
         if len(idle) + len(guessed) < over:
             return False
+        if not make:
+            return True
         gone = idle[:over]
         for service in gone:
             del self.services[service.name]

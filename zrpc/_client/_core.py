@@ -471,7 +471,9 @@ class ClientCore:
             raw = call.header.SerializeToString()
             alone = batched and len(raw) + len(payload) >= _protocol.BATCH_CALL_BYTES
             entry = len(raw) + len(payload) + _protocol.BATCH_ENTRY_OVERHEAD
-            if calls and (alone or (batched and carried + entry > limit)):
+            # Headers count too, pairs or batch: a broker refuses a REQUEST whose headers pass
+            # MAX_REQUEST_HEADER_BYTES (review: 18 calls of 60 KB metadata came to 1,081,350).
+            if calls and (alone or carried + entry > limit):
                 break  # (a first call always fits a batch: it is under BATCH_CALL_BYTES)
             self._unsent.popleft()
             headers.append(raw)

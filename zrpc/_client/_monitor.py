@@ -145,7 +145,8 @@ class HandshakeWatch:
         if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and endpoint in self.retrying:
             # A closed handshake says less than the refusal before it (a tester's CURVE client at
             # a plain broker read "drop --broker-key", then failed "is CURVE on at the broker?").
-            reason = self.retrying[endpoint]
+            # Said as the earlier attempt's: the reason may have changed since (review).
+            reason = f"the broker closed the handshake; the attempt before was refused: {self.retrying[endpoint]}"
         self.accepted.discard(endpoint)
         self.retrying.pop(endpoint, None)
         self.refused[endpoint] = reason

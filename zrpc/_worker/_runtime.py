@@ -408,6 +408,8 @@ class Worker:
                 if link.looks_like_frontend:  # closed for good (see _drop_frontend)
                     continue
                 if link.socket is None:  # closed after it connected to itself (_drop_self_connection)
+                    if self._draining:  # leaving: a new READY would register us again (review)
+                        continue
                     link.open()
                 if link.silent(now):
                     if self._draining:  # we are leaving: _drain stops waiting for this broker
