@@ -235,6 +235,9 @@ class BrokerEngine:
             return
         calls = list(outstanding.values())
         self.counters["client_disconnected"] += len(calls)
+        # Cancelled by their client, as its CANCEL would have: a closing client's CANCEL may be
+        # read after its connection's close, and is then dropped unread.
+        self.counters["cancelled"] += len(calls)
         for call in calls:
             queued = call.state is CallState.QUEUED
             self._fail(call, StatusCode.CANCELLED, "the client's connection to the broker closed", now)
