@@ -671,3 +671,51 @@ for request_id in range(1, 6):
 print("sent 5", flush=True)
 time.sleep(60)  # until killed
 """
+
+
+def test_a_client_that_never_reads_gets_its_new_calls_refused_not_run(endpoints, spawn):
+    """An adversarial tester's client sent a 1 MiB call every 2.5 ms and never read: each was
+    run, and its answers queued at the broker without bound (3.4 GB in 12 s; answered calls no
+    longer count against max_outstanding_per_client). Once its queue at the broker is full
+    (client_queue_messages, 50 here), its new calls are refused unrun."""
+    frontend, backend = endpoints
+    broker = zrpc.Broker(zrpc.BrokerConfig(frontend=frontend, backend=backend, unknown_service_grace=0.0,
+                                           client_queue_messages=50)).start()
+    try:
+        start_worker(spawn, backend, "--concurrency", "8")
+        wait_workers(broker, 1)
+        engine = broker.engine
+        peer = Peer(frontend, rcvhwm=1)
+        body = echo_pb2.EchoRequest(payload=b"x" * 100_000).SerializeToString()  # answers of 100 KB
+        request_ids = iter(range(1, 1_000_000))
+
+        def send(count: int) -> int:
+            sent = 0
+            for _ in range(count):  # bounded
+                header = p.RequestHeader(request_id=next(request_ids), service="echo.Echo", method="Say",
+                                         deadline_ms=30_000).SerializeToString()
+                try:
+                    peer.socket.send_multipart(p.request_message([(header, body)]), zmq.NOBLOCK)
+                    sent += 1
+                except zmq.Again:
+                    time.sleep(0.001)  # (pacing the sender, not waiting for a condition)
+            return sent
+
+        try:
+            send(3000)  # fills its queue at the broker: the answers past it are lost to it
+            wait_for(lambda: engine.counters["refused_not_reading"] > 0 and engine.calls_held == 0, 30,
+                     message="the non-reader's calls refused")
+            ran, refused = engine.counters["code_OK"], engine.counters["refused_not_reading"]
+            sent = send(500)  # still not reading: none of these runs
+            wait_for(lambda: engine.counters["refused_not_reading"] + engine.counters["code_OK"] >= ran + refused + sent
+                     and engine.calls_held == 0, 30, message="the second round answered")
+            assert engine.counters["code_OK"] == ran, (ran, engine.counters["code_OK"])
+            assert engine.counters["refused_not_reading"] == refused + sent
+            # A client that reads is served meanwhile.
+            with zrpc.Client(frontend, timeout=5.0) as client:
+                assert client.stub(echo_pb2.DESCRIPTOR.services_by_name["Echo"]).Say(
+                    echo_pb2.EchoRequest(payload=b"ok")).payload.endswith(b"ok")
+        finally:
+            peer.close()
+    finally:
+        broker.stop()

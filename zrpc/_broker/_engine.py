@@ -35,6 +35,8 @@ _CODES = {int(code): (code, f"code_{code.name}") for code in StatusCode}
 # During a rollout (§7), how far behind a waiting head call dispatch looks for one a free worker
 # can take: bounded, so a long queue of calls for a busy version costs each round little.
 _LOOK_AHEAD = 64
+# A client whose answers could not be queued has its new calls refused this long (seconds) after.
+_NOT_READING_SECONDS = 1.0
 # Commands only a worker sends: one of them at the frontend is a worker given the wrong endpoint.
 _WORKER_ONLY = frozenset({p.READY, p.HEARTBEAT, p.REPLY, p.REPLY_BATCH})
 _UNAVAILABLE = int(StatusCode.UNAVAILABLE)
@@ -69,6 +71,10 @@ class BrokerEngine:
         # client routing id -> when it last sent something, oldest first: who to tell that we
         # drain (notify_draining). A ROUTER cannot list its peers; these are the ones that matter.
         self.recent_clients: dict[bytes, float] = {}
+        # Clients whose answers could not be queued (they do not read them) -> until when their
+        # new calls are refused (see client_not_reading).
+        self._not_reading: dict[bytes, float] = {}
+        self._forget_readers_at = 0.0
         self.calls_held = 0  # queued + dispatched, bounded by max_in_flight
         # Shutting down (Broker.drain): new calls are refused, held ones still answered.
         self.draining = False
@@ -163,6 +169,11 @@ class BrokerEngine:
         if outstanding is not None and request_id in outstanding:
             return self._reject_client(client, request_id, "duplicate_request_id",
                                        f"request id {request_id} is already in flight")
+        if self._not_reading and self._not_reading.get(client, 0.0) > now:
+            self.counters["refused_not_reading"] += 1
+            return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
+                                  "the broker cannot queue more answers for this client: it does not read them",
+                                  now, reads_batches, p.NOT_RUN)
         self.counters["requests"] += 1
         if self.policy is not None and (refusal := self.policy.call_refusal(peer_key, service_name)):
             self.counters["permission_denied"] += 1
@@ -223,6 +234,21 @@ class BrokerEngine:
         else:
             service.queue.append(call)
             self._dispatch(service, now)
+
+    def client_not_reading(self, client: bytes, now: float) -> None:
+        """An answer to ``client`` could not be queued: its queue at the broker is full (it does
+        not read). Its new calls are refused for _NOT_READING_SECONDS after the last such answer,
+        so that it costs no more work, and no more memory than that queue: an adversarial
+        tester's client that never read grew a broker to 3.4 GB in 12 s."""
+        if not self._not_reading:
+            self._forget_readers_at = now + _NOT_READING_SECONDS
+        elif now >= self._forget_readers_at:  # bounded: entries of clients that read again go
+            self._not_reading = {c: until for c, until in self._not_reading.items() if until > now}
+            self._forget_readers_at = now + _NOT_READING_SECONDS
+        if client not in self._not_reading:
+            self.bad_input_log.warn("not_reading", "client %s does not read its answers (its queue is full): "
+                                    "refusing its new calls", client.hex(), peer=client.hex())
+        self._not_reading[client] = now + _NOT_READING_SECONDS
 
     def client_disconnected(self, client: bytes, now: float) -> None:
         """The client's connection closed (its process died, say: it sent no CANCEL). Its calls

@@ -171,7 +171,10 @@ class Broker:
             socket.zap_domain = zap_domain.encode()  # NULL: ZAP is asked, and always says yes
         # Replies to a vanished or stalled peer raise instead of vanishing silently (counted).
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        socket.sndhwm = 100_000
+        # Messages queued to one peer (config client_queue_messages for a client). Past it,
+        # sends to that client fail (EAGAIN) and the engine refuses its new calls for a while
+        # (client_not_reading).
+        socket.sndhwm = self.config.client_queue_messages if side == "frontend" else 100_000
         socket.rcvhwm = 100_000
         # The engine answers oversize messages itself; this frame cap is the last line. Never
         # under what clients and workers send by default (64 MiB): a tester's broker at 4,000
@@ -557,7 +560,9 @@ class Broker:
                 # EHOSTUNREACH: the peer is gone; EAGAIN: it stopped reading. Only it loses.
                 self.undeliverable += 1
                 self.engine.counters["undeliverable"] += 1
-                if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                if exc.errno == zmq.EAGAIN and socket is self.frontend:
+                    self.engine.client_not_reading(identity, self._clock())
+                elif exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                     log.warning("send to %s failed: %s", identity.hex(), exc)
                 undelivered.append((identity, frames))
         self.engine.counters["bytes_out"] += sent_bytes
