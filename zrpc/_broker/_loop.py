@@ -37,11 +37,6 @@ _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 _SRCFD = int(zmq.SRCFD)  # the file descriptor a message came on (see _clients.py)
 _FD_TRANSPORTS = ("tcp://", "ipc://")  # whose messages know it (inproc's refuse to say)
-
-
-def _made_by_libzmq(identity: bytes) -> bool:
-    """A routing id libzmq made for a peer that named none: a zero byte and a 32-bit counter."""
-    return len(identity) == 5 and identity[0] == 0
 # Payloads pass through without being copied from this size on (they are never decoded, §4).
 _ZERO_COPY_BYTES = p.ZERO_COPY_BYTES
 # TCP keepalive of the broker's connections (see _router): probes after this many idle seconds,
@@ -567,6 +562,11 @@ class Broker:
                 undelivered.append((identity, frames))
         self.engine.counters["bytes_out"] += sent_bytes
         return undelivered
+
+
+def _made_by_libzmq(identity: bytes) -> bool:
+    """A routing id libzmq made for a peer that named none: a zero byte and a 32-bit counter."""
+    return len(identity) == 5 and identity[0] == 0
 
 
 def _read_all(socket: zmq.Socket) -> None:
