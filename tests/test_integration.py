@@ -596,11 +596,13 @@ def test_a_refused_registration_is_said_once_and_retried_less_and_less_often(ipc
                 # READYs at 0, 0.1, 0.3, 0.7, 1.5 s by the refused link's clock; retried each
                 # interval, as before, there would have been 30 by then. No heartbeats between
                 # them: the broker holds no registration of ours, and answered each "unknown
-                # worker" (one may leave after a READY, before its refusal is read).
+                # worker".
                 started = time.monotonic()
                 wait_for(lambda: sent["ready"] >= 5, 20, message="5 READYs")
                 assert time.monotonic() - started >= 1.4, sent
-                assert sent["heartbeat"] <= sent["ready"], sent
+                # Heartbeats every interval until a READY's refusal is read: on a loaded machine one
+                # or two may leave after each READY (before the fix: 26 with 5 READYs).
+                assert sent["heartbeat"] <= 2 * sent["ready"], sent
                 assert broker.engine.counters["malformed_too_many_workers"] <= sent["ready"]
                 first.stop()
                 first = None

@@ -473,8 +473,9 @@ def test_revoked_worker_with_a_live_connection_is_dropped_after_reload(keys, run
     assert info.value.code == StatusCode.UNAVAILABLE
     # READYs 0.2, 0.6 and 1.4 s after the first refusal (heartbeats every 0.1 s).
     wait_for(lambda: sent["ready"] >= 3, 15, message="three READYs, each refused")
-    # One heartbeat may leave after each READY before its refusal is read; none in between.
-    assert sent["heartbeat"] <= sent["ready"] + 1, sent
+    # Heartbeats leave after a READY only until its refusal is read: one or two on a loaded
+    # machine, none in between (before the fix: every 0.1 s, and the READYs came ever later).
+    assert sent["heartbeat"] <= 2 * sent["ready"] + 1, sent
     assert broker.engine.counters["refused_unauthenticated"] <= sent["ready"] + sent["heartbeat"] + 1
 
 
