@@ -128,6 +128,9 @@ class Harness:
         assert engine.calls_held == 0
         assert engine.queue_depth() == 0
         assert all(s.dispatched == 0 for s in engine.services.values())
+        # The count ListServices reads is the table's (a worker's slots held by answered calls).
+        for worker in engine.workers.values():
+            assert worker.held_by_answered == sum(1 for call in worker.in_flight.values() if call is None)
 
 
 def test_request_goes_to_worker_and_reply_back_to_caller_under_its_own_id():

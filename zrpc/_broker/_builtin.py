@@ -65,7 +65,7 @@ def _list_services(engine: "BrokerEngine", request: pb.ListServicesRequest, now:
             name=name, methods=sorted(service.methods), live_workers=service.live_workers(),
             queue_depth=len(service.queue), in_flight=service.dispatched,
             capacity=sum(w.capacity for w in service.workers.values() if not w.draining),
-            held_by_answered=sum(1 for w in service.workers.values() for call in w.in_flight.values() if call is None),
+            held_by_answered=sum(w.held_by_answered for w in service.workers.values()),
         )
         if engine.stats is not None:  # CallStats, installed by the Broker (zrpc status reads these)
             info.calls_total, info.errors_total, info.p99_ms = engine.stats.service_summary(name, now)

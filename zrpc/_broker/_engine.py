@@ -619,6 +619,7 @@ class BrokerEngine:
         if self._indexes:
             self._changed(worker)
         if call is None:  # answered already (deadline, cancel): the late reply is dropped
+            worker.held_by_answered -= 1
             self.counters["late_replies"] += 1
             return
         service = self.services[call.service]
@@ -900,6 +901,7 @@ class BrokerEngine:
         if worker is None or call.dispatch_id not in worker.in_flight:
             return
         worker.in_flight[call.dispatch_id] = None
+        worker.held_by_answered += 1
         self.services[call.service].dispatched -= 1
         call.worker = None
         self._flush_requests_to(worker.identity)  # a call dispatched this round: REQUEST first
@@ -958,6 +960,7 @@ class BrokerEngine:
             call.state = CallState.QUEUED
             requeue.setdefault(call.service, []).append(call)
         worker.in_flight.clear()
+        worker.held_by_answered = 0
         if failed or requeue:
             # What it cost: a tester's "worker expired" line left the callers' errors unexplained.
             queued = sum(map(len, requeue.values()))

@@ -153,6 +153,7 @@ class WorkerState:
     # dispatch id -> the call it carries, or None once the call was answered without this
     # worker (deadline, cancel): the slot stays taken until the worker replies (spec §8).
     in_flight: dict[int, "Call | None"] = dataclasses.field(default_factory=dict)
+    held_by_answered: int = 0  # the None entries of in_flight, counted (ListServices reads it)
     last_dispatch_seq: int = 0
     draining: bool = False
     batches: bool = False  # it reads REQUEST_BATCH (its READY says so, spec §4b)
