@@ -267,10 +267,7 @@ class BrokerEngine:
         for call in calls:
             queued = call.state is CallState.QUEUED
             self._fail(call, StatusCode.CANCELLED, "the client's connection to the broker closed", now)
-            if queued:
-                self._answered_in_queue(call, now)
-            elif call.worker is not None:
-                self._abandon_at_worker(call)
+            self._withdraw(call, queued, now)
         log.info("client %s disconnected: %d call(s) it left were cancelled", client.hex(), len(calls))
 
     def _on_client_cancel(self, client: bytes, cancel, now: float) -> None:
@@ -287,10 +284,16 @@ class BrokerEngine:
             self.counters["deadline_exceeded" if cancel.deadline else "cancelled"] += 1
             queued = call.state is CallState.QUEUED
             self._finish(call, code, now)
-            if queued:
-                self._answered_in_queue(call, now)
-            elif call.worker is not None:
-                self._abandon_at_worker(call, cancel.deadline)
+            self._withdraw(call, queued, now, cancel.deadline)
+
+    def _withdraw(self, call: Call, queued: bool, now: float, deadline: bool = False) -> None:
+        """Take a call its client gave up on (just answered) out of where it was: its queue
+        (``queued``: its state before the answer), or its worker, which is told CANCEL and
+        keeps the slot until it replies (§8); ``deadline``: given up at its deadline."""
+        if queued:
+            self._answered_in_queue(call, now)
+        elif call.worker is not None:
+            self._abandon_at_worker(call, deadline)
 
     # ------------------------------------------------------------------ backend (workers)
 

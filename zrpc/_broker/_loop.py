@@ -496,13 +496,13 @@ class Broker:
         if policy is not self.engine.policy:
             self.engine.set_policy(policy, now)
         recv = socket.recv_multipart
+        clients = self.client_connections if socket is self.frontend else None
         for _ in range(_BATCH):
             try:
                 parts = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             identity = parts[0].bytes
-            clients = self.client_connections if socket is self.frontend else None
             try:
                 if clients is not None and self._from_closed_connection(clients, identity, parts[0].get(_SRCFD), now):
                     continue

@@ -652,9 +652,9 @@ class Worker:
         link.close()
 
     def _reconnect(self, link: BrokerLink) -> None:
-        """A new socket to the broker (after its silence, or a connection to ourselves). The old
-        one closes with linger 0: what it still queues (a READY, heartbeats) must not reach a
-        broker that comes up now, or it would register us twice."""
+        """A new socket to the broker, after its silence. The old one closes with linger 0: what
+        it still queues (a READY, heartbeats) must not reach a broker that comes up now, or it
+        would register us twice."""
         self._orphan(link)
         link.close()
         link.open()
