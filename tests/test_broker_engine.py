@@ -395,6 +395,86 @@ def test_full_queue_answers_resource_exhausted_at_once():
     assert "queue" in reply.message and h.engine.counters["queue_full"] == 1
 
 
+def test_clients_take_turns_in_a_queue_one_call_each():
+    """A client that queued ten calls does not hold another's two behind all ten (§12)."""
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    for _ in range(10):
+        h.call(b"a")  # one goes to w, nine wait
+    for _ in range(2):
+        h.call(b"b")
+    for _ in range(12):
+        [(_, header, _)] = h.take_requests()
+        h.reply_from(b"w", header.request_id)
+    answered = [client for client, _, _ in h.take_replies()]
+    assert answered == [b"a", b"a", b"b", b"a", b"b"] + [b"a"] * 7
+
+
+def test_a_full_queue_sheds_the_newest_call_of_the_client_holding_most_of_it():
+    """One client filling a service's queue does not lock every other client out of it: a
+    newcomer's call takes the place of the newest of the biggest holder's, answered
+    RESOURCE_EXHAUSTED unrun, until the two hold about as many."""
+    h = Harness(queue_size=4)
+    h.ready(b"w", capacity=1)
+    greedy = [h.call(b"a") for _ in range(5)]  # 1 at w, 4 waiting: the queue is full
+    assert h.take_replies() == []
+    polite = [h.call(b"b")]
+    [(client, reply, _)] = h.take_replies()
+    assert (client, reply.request_id, reply.code) == (b"a", greedy[-1], StatusCode.RESOURCE_EXHAUSTED)
+    assert "gave way to another client's" in reply.message and dict(reply.details) == p.NOT_RUN
+    refused = h.call(b"a")  # a still holds the most: its own call is refused, nobody's pushed
+    [(client, reply, _)] = h.take_replies()
+    assert (client, reply.request_id) == (b"a", refused) and reply.message.endswith("is full (4 calls)")
+    polite.append(h.call(b"b"))  # a 3, b 1: a's newest gives way again
+    assert [(c, r.request_id) for c, r, _ in h.take_replies()] == [(b"a", greedy[-2])]
+    refused = h.call(b"b")  # a 2, b 2: now b's own is refused
+    assert [(c, r.request_id) for c, r, _ in h.take_replies()] == [(b"b", refused)]
+    assert (h.engine.counters["queue_full_pushed_out"], h.engine.counters["queue_full"]) == (2, 2)
+    for _ in range(5):  # what stayed runs: a's first three and both of b's, in turns
+        [(_, header, _)] = h.take_requests()
+        h.reply_from(b"w", header.request_id)
+    answered = [(c, r.request_id) for c, r, _ in h.take_replies()]
+    assert answered == [(b"a", greedy[0]), (b"a", greedy[1]), (b"b", polite[0]), (b"a", greedy[2]),
+                        (b"b", polite[1])]
+    assert h.engine.calls_held == 0
+
+
+def test_a_call_given_back_goes_first_among_its_clients_and_turns_go_on():
+    h = Harness()
+    h.ready(b"old", capacity=1)
+    first = h.call(b"a")
+    later = [h.call(b"a"), h.call(b"b"), h.call(b"a")]
+    [(_, header, _)] = h.take_requests()
+    h.reply_from(b"old", header.request_id, code=StatusCode.UNAVAILABLE, details={"zrpc-retry": "draining"})
+    h.ready(b"new", capacity=1)
+    for _ in range(4):
+        [(worker, header, _)] = h.take_requests()
+        assert worker == b"new"
+        h.reply_from(b"new", header.request_id)
+    assert [r.request_id for _, r, _ in h.take_replies()] == [first, later[1], later[0], later[2]]
+
+
+def test_calls_wait_out_unavailable_wait_by_their_age_whatever_their_turn():
+    """§10's wait counts for each call from its arrival (or from when the last worker left):
+    one whose client's turn comes after a younger call's is answered when its own wait ends."""
+    h = Harness(unavailable_wait=1.0)
+    h.ready(b"w", capacity=1, heartbeat_ms=60_000)
+    h.call(b"x", deadline_ms=600_000)  # keeps w busy
+    first = h.call(b"a", deadline_ms=60_000)
+    h.backend(b"w", p.disconnect_message("draining", drain=True))  # no live worker from now
+    h.now += 0.2
+    older = h.call(b"b", deadline_ms=60_000)
+    h.now += 0.3
+    younger = h.call(b"a", deadline_ms=60_000)  # a's turn: ahead of b's older call
+    h.take_requests()
+    h.advance(0.55)
+    assert [(r.request_id, r.code) for _, r, _ in h.take_replies()] == [(first, StatusCode.UNAVAILABLE)]
+    h.advance(0.2)  # older has waited 1.05 s, younger 0.75 s
+    assert [(r.request_id, r.code) for _, r, _ in h.take_replies()] == [(older, StatusCode.UNAVAILABLE)]
+    h.advance(0.3)
+    assert [(r.request_id, r.code) for _, r, _ in h.take_replies()] == [(younger, StatusCode.UNAVAILABLE)]
+
+
 def test_deadline_in_queue_answers_deadline_exceeded_and_is_never_dispatched():
     h = Harness()
     h.ready(b"w", capacity=1)

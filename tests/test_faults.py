@@ -127,6 +127,42 @@ def test_kill_9_worker_in_flight_calls_are_redispatched_or_fail_fast_none_lost_o
           f"UNAVAILABLE {others[StatusCode.UNAVAILABLE]}, lost 0, duplicated 0")
 
 
+def test_a_client_with_200_calls_queued_does_not_hold_another_clients_call_behind_them(cli_broker, spawn):
+    """A batch job's client queues 200 calls at a worker of capacity 1; an interactive client
+    then sends one. With one FIFO queue per service it waited for all 200 (2 s here, 20 s at
+    100 ms a call); the clients now take turns, so it waits for at most one call of each."""
+    _, frontend, backend = cli_broker
+    start_worker(spawn, backend, "--concurrency", "1")
+    wait_for_workers(frontend, "echo.Echo", 1)
+    greedy, polite = RawClient(frontend), RawClient(frontend)
+    try:
+        body = echo_pb2.SleepRequest(ms=10).SerializeToString()
+        for request_id in range(1, 201):
+            greedy.send(request_id, "echo.Echo", "Sleep", body, deadline_ms=60_000)
+        wait_for(lambda: list_services(frontend)["echo.Echo"].queue_depth >= 150, 10,
+                 message="the batch client's calls queued at the broker")
+        polite.send(1, "echo.Echo", "Sleep", body, deadline_ms=60_000)
+        poller = zmq.Poller()
+        poller.register(greedy.socket, zmq.POLLIN)
+        poller.register(polite.socket, zmq.POLLIN)
+        greedy_answered = 0
+        limit = time.monotonic() + 10
+        while not polite.replies and time.monotonic() < limit:
+            ready = dict(poller.poll(100))
+            if greedy.socket in ready:
+                greedy._read(0.001)
+                greedy_answered = sum(len(answers) for answers in greedy.replies.values())
+            if polite.socket in ready:
+                polite._read(0.001)
+        [(header, _, _)] = polite.replies[1]
+        assert header.code == StatusCode.OK
+        # The batch's running call, perhaps the one whose turn came first, then this one.
+        assert greedy_answered <= 3, greedy_answered
+    finally:
+        greedy.close()
+        polite.close()
+
+
 def test_broker_restart_workers_re_register_and_calls_succeed_again(spawn, endpoints):
     frontend, backend = endpoints
     args = zrpc_cli("broker", "start", "--frontend", frontend, "--backend", backend, "--unknown-service-grace", "3")

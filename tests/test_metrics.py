@@ -81,7 +81,8 @@ def test_scraped_counts_add_up_after_real_traffic(served):
     assert value(samples, "zrpc_broker_workers", service="echo.Echo", state="busy") == 0
     assert value(samples, "zrpc_broker_worker_expiries_total") == 0
     assert value(samples, "zrpc_broker_redispatches_total") == 0
-    assert ("zrpc_broker_rejected_total", frozenset({("reason", "queue_full")})) in samples
+    for reason in ("queue_full", "queue_full_pushed_out", "client_not_reading"):
+        assert ("zrpc_broker_rejected_total", frozenset({("reason", reason)})) in samples
     # Every payload went in from the client and out to the worker, then back: bytes add up.
     payload = sum(range(CALLS))
     assert value(samples, "zrpc_broker_bytes_total", direction="in") >= 2 * payload

@@ -214,14 +214,19 @@ class BrokerEngine:
         queued = len(service.queue)
         if queued >= self.config.queue_size and (
                 len(service.definitions) > 1 or not self._has_free_worker(service)):
-            self.counters["queue_full"] += 1
-            # One line when it fills (per 10 s), not one per call refused (a tester saw five in 1 ms).
-            self.bad_input_log.warn("queue_full", "queue of service %s is full (%d calls): refusing calls",
-                                    service_name, self.config.queue_size, burst=1, key=f"queue_full:{service_name}",
-                                    service=service_name)
-            return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
-                                  f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now, reads_batches,
-                                  p.NOT_RUN)
+            if (pushed := service.queue.push_out(client)) is not None:
+                # A full queue sheds the client that holds the most of it, not every other one.
+                self.counters["queue_full_pushed_out"] += 1
+                self.bad_input_log.warn("queue_full_pushed_out", "queue of service %s is full (%d calls): the newest "
+                                        "calls of client %s, which holds the most, give way to other clients'",
+                                        service_name, self.config.queue_size, pushed.client.hex(), burst=1,
+                                        key=f"queue_full_pushed_out:{service_name}", service=service_name)
+                self._fail(pushed, StatusCode.RESOURCE_EXHAUSTED,
+                           f"queue of service {service_name!r} is full ({self.config.queue_size} calls): this call, "
+                           f"the newest of its client's (which holds the most of them), gave way to another client's",
+                           now, p.NOT_RUN)
+            else:
+                return self._refuse_queue_full(client, request_id, header, service_name, now, reads_batches)
         call = Call(client, request_id, header, service_name, method, payload, timeout_ms,
                     now + timeout_ms / 1000.0, now, reads_batches=reads_batches)
         if outstanding is None:
@@ -234,6 +239,17 @@ class BrokerEngine:
         else:
             service.queue.append(call)
             self._dispatch(service, now)
+
+    def _refuse_queue_full(self, client: bytes, request_id: int, header, service_name: str, now: float,
+                           reads_batches: bool) -> None:
+        self.counters["queue_full"] += 1
+        # One line when it fills (per 10 s), not one per call refused (a tester saw five in 1 ms).
+        self.bad_input_log.warn("queue_full", "queue of service %s is full (%d calls): refusing calls",
+                                service_name, self.config.queue_size, burst=1, key=f"queue_full:{service_name}",
+                                service=service_name)
+        self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
+                       f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now, reads_batches,
+                       p.NOT_RUN)
 
     def client_not_reading(self, client: bytes, now: float) -> None:
         """An answer to ``client`` could not be queued: its queue at the broker is full (it does
@@ -748,9 +764,9 @@ class BrokerEngine:
             return
         since = service.no_worker_since if service.no_worker_since is not None else now
         wait = self.config.unavailable_wait
-        queue = service.queue
-        while (call := queue.head()) is not None and max(since, call.enqueued_at) + wait <= now:
-            queue.popleft()
+        if since + wait > now:
+            return
+        for call in service.queue.take_enqueued_by(now - wait):
             self._fail(call, StatusCode.UNAVAILABLE,
                        f"no live worker for service {service.name!r} (waited {wait:g}s); {_START_A_WORKER}",
                        now, _not_run_if_never_sent(call))

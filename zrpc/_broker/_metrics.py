@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from ._loop import Broker
 
 # Engine counters that refuse a message or a call, beyond the malformed_* ones, by reason.
-_REJECT_COUNTERS = {"queue_full": "queue_full", "unknown_worker": "unknown_worker",
-                    "refused_draining": "draining"}
+_REJECT_COUNTERS = {"queue_full": "queue_full", "queue_full_pushed_out": "queue_full_pushed_out",
+                    "unknown_worker": "unknown_worker", "refused_draining": "draining",
+                    "refused_not_reading": "client_not_reading"}
 
 
 class BrokerCollector:
@@ -73,7 +74,8 @@ class BrokerCollector:
         yield CounterMetricFamily("zrpc_broker_workers_joined", "Worker registrations (READY accepted).",
                                   value=counters.get("workers_joined", 0))
         rejected = CounterMetricFamily("zrpc_broker_rejected", "Messages and calls refused, by reason "
-                                       "(malformed input, queue full, unknown worker, draining).", labels=["reason"])
+                                       "(malformed input, queue full, unknown worker, draining, a client not reading).",
+                                       labels=["reason"])
         for counter, reason in _REJECT_COUNTERS.items():
             rejected.add_metric([reason], counters.get(counter, 0))  # always present, 0 included
         for counter, count in counters.items():

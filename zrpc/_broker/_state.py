@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import itertools
 
 from .. import wire_pb2
 
@@ -39,88 +40,225 @@ class Call:
     reads_batches: bool = False  # its client reads REPLY_BATCH (spec §4c)
 
 
-class CallQueue:
-    """A service's waiting calls, oldest first.
+class _ClientCalls:
+    """One client's calls waiting in one queue, oldest first (a call given back first)."""
 
-    A call answered while it waits (cancelled, expired) leaves in O(1): it is only counted out
-    (``discard``), and its entry goes when it reaches the front, or when such entries are half
-    the deque. deque.remove() was O(n): one client cancelling 5,000 calls queued behind 5,000
-    others held the broker's thread for a second (review). Length and iteration count only the
-    calls still waiting (state QUEUED).
-    """
+    __slots__ = ("client", "calls", "gone")
 
-    __slots__ = ("_calls", "_gone")
+    def __init__(self, client: bytes) -> None:
+        self.client = client
+        self.calls: collections.deque[Call] = collections.deque()
+        self.gone = 0  # entries of calls no longer waiting
 
-    def __init__(self, calls=()) -> None:
-        self._calls: collections.deque[Call] = collections.deque(calls)
-        self._gone = 0  # entries of calls no longer waiting
+    def waiting(self) -> int:
+        return len(self.calls) - self.gone
 
-    def __len__(self) -> int:
-        return len(self._calls) - self._gone
-
-    def __bool__(self) -> bool:
-        return len(self._calls) > self._gone
-
-    def __iter__(self):
-        return (call for call in self._calls if call.state is _QUEUED)
-
-    def append(self, call: Call) -> None:
-        self._calls.append(call)
-
-    def appendleft(self, call: Call) -> None:
-        self._calls.appendleft(call)
-
-    def extendleft(self, calls) -> None:
-        self._calls.extendleft(calls)
-
-    def head(self) -> Call | None:
-        """The oldest waiting call, left in place (None when none waits)."""
-        calls = self._calls
+    def front(self) -> Call | None:
+        calls = self.calls
         while calls and calls[0].state is not _QUEUED:
             calls.popleft()
-            self._gone -= 1
+            self.gone -= 1
         return calls[0] if calls else None
 
-    def popleft(self) -> Call:
-        """Take the oldest waiting call (IndexError when none waits)."""
-        calls = self._calls
-        call = calls.popleft()
+    def pop_newest(self) -> Call:
+        calls = self.calls
+        call = calls.pop()
         while call.state is not _QUEUED:
-            self._gone -= 1
-            call = calls.popleft()
+            self.gone -= 1
+            call = calls.pop()
         return call
+
+
+class CallQueue:
+    """A service's waiting calls: its clients take turns, one call each, and each client's
+    calls go oldest first (a call given back by its worker, §11, before its client's others).
+
+    A plain FIFO let one client that queued 10,000 calls hold every other client's next call
+    behind all of them; with turns, a client's call waits for at most one call of each client
+    ahead of it. A client is its connection (routing id).
+
+    A call answered while it waits (cancelled, expired) leaves in O(1): it is only counted out
+    (``discard``), and its entry goes when it reaches its client's front, or when such entries
+    are half its client's (deque.remove() was O(n): one client cancelling 5,000 calls held the
+    broker's thread for a second). Length and iteration count only the calls still waiting.
+    """
+
+    __slots__ = ("_by_client", "_turns", "_size", "_largest")
+
+    def __init__(self) -> None:
+        self._by_client: dict[bytes, _ClientCalls] = {}
+        self._turns: collections.deque[_ClientCalls] = collections.deque()  # whose turn first
+        self._size = 0
+        # The client with the most calls waiting, or one close to it (see push_out): kept as
+        # calls arrive, so that a full queue finds it without a scan of every client.
+        self._largest: _ClientCalls | None = None
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def __iter__(self):
+        return (call for waiting in self._turns for call in waiting.calls if call.state is _QUEUED)
+
+    def append(self, call: Call) -> None:
+        waiting = self._by_client.get(call.client)
+        if waiting is None:
+            waiting = self._by_client[call.client] = _ClientCalls(call.client)
+            self._turns.append(waiting)
+        waiting.calls.append(call)
+        self._size += 1
+        largest = self._largest
+        if largest is not waiting and (largest is None or len(waiting.calls) > len(largest.calls)):
+            self._largest = waiting
+
+    def appendleft(self, call: Call) -> None:
+        """A call given back (its worker never ran it): first among its client's calls, and
+        its client's turn next if it had none waiting."""
+        waiting = self._by_client.get(call.client)
+        if waiting is None:
+            waiting = self._by_client[call.client] = _ClientCalls(call.client)
+            self._turns.appendleft(waiting)
+        waiting.calls.appendleft(call)
+        self._size += 1
+
+    def extendleft(self, calls) -> None:
+        for call in calls:
+            self.appendleft(call)
+
+    def head(self) -> Call | None:
+        """The call whose turn it is, left in place (None when none waits)."""
+        turns = self._turns
+        while turns:
+            waiting = turns[0]
+            calls = waiting.calls
+            while calls:
+                call = calls[0]
+                if call.state is _QUEUED:
+                    return call
+                calls.popleft()
+                waiting.gone -= 1
+            self._forget(turns.popleft())
+        return None
+
+    def popleft(self) -> Call:
+        """Take the call whose turn it is (IndexError when none waits); its client's turn ends."""
+        turns = self._turns
+        while turns:
+            waiting = turns[0]
+            calls = waiting.calls
+            while calls:
+                call = calls.popleft()
+                if call.state is _QUEUED:
+                    self._size -= 1
+                    if not calls:
+                        self._forget(turns.popleft())
+                    elif len(turns) > 1:
+                        turns.rotate(-1)
+                    return call
+                waiting.gone -= 1
+            self._forget(turns.popleft())
+        raise IndexError("pop from an empty CallQueue")
+
+    def _forget(self, waiting: _ClientCalls) -> None:
+        """``waiting`` has no entry left and has left the turns."""
+        del self._by_client[waiting.client]
+        if self._largest is waiting:
+            self._largest = None
 
     def discard(self, call: Call) -> None:
         """``call``, waiting here, was answered (its state is no longer QUEUED): count it out."""
-        self._gone += 1
-        calls = self._calls
-        if self._gone > 64 and 2 * self._gone > len(calls):
-            self._calls = collections.deque(c for c in calls if c.state is _QUEUED)
-            self._gone = 0
+        self._size -= 1
+        waiting = self._by_client[call.client]
+        waiting.gone += 1
+        calls = waiting.calls
+        if waiting.gone > 64 and 2 * waiting.gone > len(calls):
+            waiting.calls = collections.deque(c for c in calls if c.state is _QUEUED)
+            waiting.gone = 0
 
     def behind_head(self, depth: int):
-        """(position, call) of the waiting calls among the ``depth`` entries after the head."""
-        calls = self._calls
-        for index in range(1, min(len(calls), depth)):
-            call = calls[index]
-            if call.state is _QUEUED:
-                yield index, call
+        """(position, call) of the waiting calls among the ``depth`` entries that follow the
+        head in turn order: each client's first call, then each one's second, and so on."""
+        if self.head() is None:
+            return
+        clients = list(itertools.islice(self._turns, depth + 1))  # the head's client too
+        seen = 0
+        for index in range(depth):
+            any_left = False
+            for waiting in clients:
+                calls = waiting.calls
+                if index >= len(calls):
+                    continue
+                any_left = True
+                if index == 0 and waiting is clients[0]:
+                    continue  # the head
+                call = calls[index]
+                if call.state is _QUEUED:
+                    yield (waiting, index), call
+                seen += 1
+                if seen >= depth:
+                    return
+            if not any_left:
+                return
 
-    def take(self, index: int) -> Call:
-        """Take the call at ``index`` (a position ``behind_head`` gave, before any other change)."""
-        call = self._calls[index]
-        del self._calls[index]
-        return call
+    def take(self, position) -> Call:
+        """Take the call at ``position`` (one ``behind_head`` gave, before any other change)."""
+        waiting, index = position
+        call = waiting.calls[index]
+        del waiting.calls[index]
+        self._size -= 1
+        return call  # an emptied client's entry goes when its turn comes (head)
+
+    def push_out(self, client: bytes) -> Call | None:
+        """The queue is full and ``client`` sends a call: take the newest call of the client
+        with the most waiting, if that one has at least two more than ``client`` (so that
+        turns would serve ``client`` sooner); None when no client holds that many more."""
+        largest = self._largest
+        if largest is None or largest.waiting() * len(self._by_client) < self._size:
+            # Below the average: its calls went since (turns, cancels). One scan finds the most.
+            largest = self._largest = max(self._by_client.values(), key=_ClientCalls.waiting, default=None)
+        if largest is None or largest.client == client:
+            return None
+        mine = self._by_client.get(client)
+        if largest.waiting() < (mine.waiting() if mine is not None else 0) + 2:
+            return None
+        self._size -= 1
+        return largest.pop_newest()
+
+    def take_enqueued_by(self, cutoff: float) -> list[Call]:
+        """Take every waiting call that came in at or before ``cutoff``, oldest first."""
+        taken = []
+        for waiting in self._turns:
+            while (call := waiting.front()) is not None and call.enqueued_at <= cutoff:
+                taken.append(waiting.calls.popleft())
+        if taken:
+            self._size -= len(taken)
+            self._drop_empty()
+            taken.sort(key=_enqueued_at)
+        return taken
 
     def remove_if(self, condition) -> list[Call]:
-        """Take every waiting call for which ``condition(call)`` holds, in order (one pass)."""
-        taken, kept = [], collections.deque()
-        for call in self._calls:
-            if call.state is not _QUEUED:
-                continue
-            (taken if condition(call) else kept).append(call)
-        self._calls, self._gone = kept, 0
+        """Take every waiting call for which ``condition(call)`` holds (one pass)."""
+        taken = []
+        for waiting in self._turns:
+            kept = collections.deque()
+            for call in waiting.calls:
+                if call.state is _QUEUED:
+                    (taken if condition(call) else kept).append(call)
+            waiting.calls, waiting.gone = kept, 0
+        self._size -= len(taken)
+        self._drop_empty()
         return taken
+
+    def _drop_empty(self) -> None:
+        for waiting in [w for w in self._turns if not w.calls]:
+            self._forget(waiting)
+        self._turns = collections.deque(w for w in self._turns if w.calls)
+
+
+def _enqueued_at(call: Call) -> float:
+    return call.enqueued_at
 
 
 @dataclasses.dataclass(slots=True, eq=False)
