@@ -439,6 +439,21 @@ def test_a_full_queue_sheds_the_newest_call_of_the_client_holding_most_of_it():
     assert h.engine.calls_held == 0
 
 
+def test_a_pushed_out_call_that_ran_at_a_worker_that_died_is_not_said_to_be_unrun():
+    """Review: idempotent calls re-queued after their worker died may have run there; pushed
+    out of a full queue, one was still answered zrpc-retry: not-run."""
+    h = Harness(queue_size=2)
+    h.ready(b"w1", capacity=2)
+    h.call(b"a", idempotent=True)
+    h.call(b"a", idempotent=True)
+    h.take_requests()
+    h.backend(b"w1", p.disconnect_message("crash"))  # both waiting again, once sent
+    h.call(b"b")
+    [(client, reply, _)] = h.take_replies()
+    assert (client, reply.code) == (b"a", StatusCode.RESOURCE_EXHAUSTED) and "gave way" in reply.message
+    assert p.RETRY_DETAIL not in reply.details
+
+
 def test_a_call_given_back_goes_first_among_its_clients_and_turns_go_on():
     h = Harness()
     h.ready(b"old", capacity=1)

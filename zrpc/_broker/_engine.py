@@ -224,7 +224,7 @@ class BrokerEngine:
                 self._fail(pushed, StatusCode.RESOURCE_EXHAUSTED,
                            f"queue of service {service_name!r} is full ({self.config.queue_size} calls): this call, "
                            f"the newest of its client's (which holds the most of them), gave way to another client's",
-                           now, p.NOT_RUN)
+                           now, _not_run_if_never_sent(pushed))  # one given back by a worker that died may have run
             else:
                 return self._refuse_queue_full(client, request_id, header, service_name, now, reads_batches)
         call = Call(client, request_id, header, service_name, method, payload, timeout_ms,
