@@ -66,14 +66,14 @@ class Harness:
 
     # -- clients
     def call(self, client: bytes, service="svc.S", method="M", deadline_ms=10_000, idempotent=False,
-             payload=b"req", request_id=None, reads_batches=False) -> int:
+             payload=b"req", request_id=None, reads_batches=False, peer_key=None) -> int:
         if request_id is None:
             self._ids += 1
             request_id = self._ids
         header = p.RequestHeader(request_id=request_id, service=service, method=method,
                                  deadline_ms=deadline_ms, idempotent=idempotent,
                                  reads_batches=reads_batches).SerializeToString()
-        self.engine.on_frontend(client, p.request_message([(header, payload)]), self.now)
+        self.engine.on_frontend(client, p.request_message([(header, payload)]), self.now, peer_key)
         self.engine.flush()
         return request_id
 
@@ -437,6 +437,32 @@ def test_a_full_queue_sheds_the_newest_call_of_the_client_holding_most_of_it():
     assert answered == [(b"a", greedy[0]), (b"a", greedy[1]), (b"b", polite[0]), (b"a", greedy[2]),
                         (b"b", polite[1])]
     assert h.engine.calls_held == 0
+
+
+def test_with_keys_a_client_is_its_key_however_many_connections_it_opens():
+    """Under CURVE a client is its key: a key's calls over eight connections take one turn and
+    one share of a full queue, as one connection's would (a swarm of connections from one key
+    took a turn each, and pushed out other clients' calls)."""
+    h = Harness(queue_size=20)
+    h.ready(b"w", capacity=1)
+    swarm = [b"alice%d" % n for n in range(8)]
+    for n in range(16):
+        h.call(swarm[n % 8], peer_key="ALICE")  # one to w, 15 waiting
+    h.call(b"bob", peer_key="BOB")
+    for _ in range(3):
+        [(_, header, _)] = h.take_requests()
+        h.reply_from(b"w", header.request_id)
+    answered = [client for client, _, _ in h.take_replies()]
+    assert answered[2] == b"bob"  # after alice's running call and her one turn, not after eight
+    for n in range(7):  # 13 + 7 alice calls fill the queue; one more of hers is refused, not pushing
+        h.call(swarm[n], peer_key="ALICE")
+    refused = h.call(b"alice-new-connection", peer_key="ALICE")
+    [(client, reply, _)] = h.take_replies()
+    assert (client, reply.request_id) == (b"alice-new-connection", refused) and "gave way" not in reply.message
+    carol = h.call(b"carol", peer_key="CAROL")  # pushes out alice's newest
+    [(client, reply, _)] = h.take_replies()
+    assert client == b"alice6" and "gave way" in reply.message
+    assert any(call.client_request_id == carol for call in h.engine.services["svc.S"].queue)
 
 
 def test_a_pushed_out_call_that_ran_at_a_worker_that_died_is_not_said_to_be_unrun():

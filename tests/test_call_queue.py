@@ -8,7 +8,7 @@ from zrpc._broker._state import Call, CallQueue, CallState, _ClientCalls
 
 
 def _call(client: bytes, number: int, enqueued_at: float = 0.0) -> Call:
-    return Call(client, number, None, "svc.S", "M", b"", 1000, enqueued_at + 1.0, enqueued_at)
+    return Call(client, number, None, "svc.S", "M", b"", 1000, enqueued_at + 1.0, enqueued_at, tenant=client)
 
 
 def _queue(*spec: tuple[bytes, int]) -> tuple[CallQueue, dict]:

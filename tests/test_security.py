@@ -241,6 +241,48 @@ def test_async_client_calls_over_curve_and_is_refused_with_an_unknown_key(keys, 
     assert elapsed < 2.0
 
 
+def test_a_key_with_eight_connections_takes_one_turn_in_a_queue(keys, running):
+    """Under CURVE a client is its key (§12): alice's calls over eight connections wait as one
+    client's, so bob's one call, sent behind 40 of hers at a worker of capacity 1, waits for
+    her running call and one turn of hers, not a turn of each of her connections."""
+    broker = start_broker(running, keys.config(unavailable_wait=30.0))
+    running(Worker([Echo()], brokers=broker.backend_endpoint, concurrency=1, heartbeat_interval=0.1,
+                   curve_secret=keys.secret("w1"), broker_key=keys.broker_public).start())
+    wait_for(lambda: served(broker), 10, message="worker registered")
+    body = echo_pb2.SleepRequest(ms=20).SerializeToString()
+
+    def connect(name: str) -> AsyncClient:
+        return AsyncClient(broker.frontend_endpoint, timeout=30.0, curve_secret=keys.secret(name),
+                           broker_key=keys.broker_public)
+
+    async def scenario() -> list[str]:
+        alice, bob = [connect("alice") for _ in range(8)], connect("bob")
+        answered: list[str] = []
+
+        async def sleep(client: AsyncClient, name: str) -> None:
+            await client.call(SERVICE, "Sleep", body)
+            answered.append(name)
+
+        try:
+            batch = [asyncio.ensure_future(sleep(alice[n % 8], "alice")) for n in range(40)]
+            for _ in range(1000):  # until 35 of hers wait at the broker (bounded: 10 s)
+                if broker.engine.queue_depth() >= 35:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(broker.engine.services[SERVICE].queue._by_client) == 1  # one line: her key
+            await sleep(bob, "bob")
+            for task in batch:
+                task.cancel()
+            await asyncio.gather(*batch, return_exceptions=True)
+        finally:
+            for client_ in (*alice, bob):
+                await client_.close()
+        return answered
+
+    answered = asyncio.run(scenario())
+    assert "bob" in answered[:3], answered[:10]
+
+
 def test_unknown_client_key_gets_unauthenticated_fast_and_is_counted(keys, running):
     broker = start_broker(running, keys.config())
     stranger = security.KeyPair(*zmq.curve_keypair())

@@ -214,7 +214,8 @@ class BrokerEngine:
         queued = len(service.queue)
         if queued >= self.config.queue_size and (
                 len(service.definitions) > 1 or not self._has_free_worker(service)):
-            if (pushed := service.queue.push_out(client)) is not None:
+            tenant = client if peer_key is None else peer_key
+            if (pushed := service.queue.push_out(tenant)) is not None:
                 # A full queue sheds the client that holds the most of it, not every other one.
                 self.counters["queue_full_pushed_out"] += 1
                 self.bad_input_log.warn("queue_full_pushed_out", "queue of service %s is full (%d calls): the newest "
@@ -228,7 +229,8 @@ class BrokerEngine:
             else:
                 return self._refuse_queue_full(client, request_id, header, service_name, now, reads_batches)
         call = Call(client, request_id, header, service_name, method, payload, timeout_ms,
-                    now + timeout_ms / 1000.0, now, reads_batches=reads_batches)
+                    now + timeout_ms / 1000.0, now, reads_batches=reads_batches,
+                    tenant=client if peer_key is None else peer_key)
         if outstanding is None:
             outstanding = self.clients[client] = {}
         outstanding[request_id] = call

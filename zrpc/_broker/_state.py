@@ -38,6 +38,9 @@ class Call:
     worker: "WorkerState | None" = None
     attempt: int = 0
     reads_batches: bool = False  # its client reads REPLY_BATCH (spec §4c)
+    # Whose turn it waits for in its queue (§12): its client's CURVE key (z85) when the broker
+    # has keys, so that one key's many connections take one turn; else its connection.
+    tenant: bytes | str = b""
 
 
 class _ClientCalls:
@@ -45,8 +48,8 @@ class _ClientCalls:
 
     __slots__ = ("client", "calls", "gone")
 
-    def __init__(self, client: bytes) -> None:
-        self.client = client
+    def __init__(self, client: bytes | str) -> None:
+        self.client = client  # the calls' tenant
         self.calls: collections.deque[Call] = collections.deque()
         self.gone = 0  # entries of calls no longer waiting
 
@@ -75,7 +78,8 @@ class CallQueue:
 
     A plain FIFO let one client that queued 10,000 calls hold every other client's next call
     behind all of them; with turns, a client's call waits for at most one call of each client
-    ahead of it. A client is its connection (routing id).
+    ahead of it. A client is its CURVE key when the broker has keys, else its connection
+    (Call.tenant).
 
     A call answered while it waits (cancelled, expired) leaves in O(1): it is only counted out
     (``discard``), and its entry goes when it reaches its client's front, when none of its
@@ -153,7 +157,7 @@ class CallQueue:
         if 2 * self._size < self._kept_from:
             self._holders = None
 
-    def _new_client(self, client: bytes, first: bool) -> _ClientCalls:
+    def _new_client(self, client: bytes | str, first: bool) -> _ClientCalls:
         waiting = self._by_client[client] = _ClientCalls(client)
         if first:
             self._turns.appendleft(waiting)
@@ -168,7 +172,7 @@ class CallQueue:
     # -- in and out
 
     def append(self, call: Call) -> None:
-        waiting = self._by_client.get(call.client) or self._new_client(call.client, first=False)
+        waiting = self._by_client.get(call.tenant) or self._new_client(call.tenant, first=False)
         waiting.calls.append(call)
         self._size += 1
         if self._holders is not None:
@@ -177,7 +181,7 @@ class CallQueue:
     def appendleft(self, call: Call) -> None:
         """A call given back (its worker never ran it): first among its client's calls, and
         its client's turn next if it had none waiting."""
-        waiting = self._by_client.get(call.client) or self._new_client(call.client, first=True)
+        waiting = self._by_client.get(call.tenant) or self._new_client(call.tenant, first=True)
         waiting.calls.appendleft(call)
         self._size += 1
         if self._holders is not None:
@@ -228,7 +232,7 @@ class CallQueue:
     def discard(self, call: Call) -> None:
         """``call``, waiting here, was answered (its state is no longer QUEUED): count it out."""
         self._size -= 1
-        waiting = self._by_client[call.client]
+        waiting = self._by_client[call.tenant]
         waiting.gone += 1
         if self._holders is not None:
             self._shrank(waiting, waiting.waiting() + 1)
@@ -298,8 +302,8 @@ class CallQueue:
             self._line_emptied()
         return call
 
-    def push_out(self, client: bytes) -> Call | None:
-        """The queue is full and ``client`` sends a call: take the newest call of the client
+    def push_out(self, client: bytes | str) -> Call | None:
+        """The queue is full and ``client`` (a tenant) sends a call: take the newest call of the client
         with the most waiting, if that one has at least two more than ``client`` (so that
         turns would serve ``client`` sooner); None when no client holds that many more."""
         if self._holders is None:
