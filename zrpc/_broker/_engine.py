@@ -212,15 +212,15 @@ class BrokerEngine:
                                   f"service {service_name!r} has no method {method!r}; "
                                   f"it has: {', '.join(sorted(service.methods))}", now, reads_batches, p.NOT_RUN)
         queued = len(service.queue)
+        tenant = client if peer_key is None else peer_key  # whose turn it waits for (§12)
         if queued >= self.config.queue_size and (
                 len(service.definitions) > 1 or not self._has_free_worker(service)):
-            tenant = client if peer_key is None else peer_key
             if (pushed := service.queue.push_out(tenant)) is not None:
                 # A full queue sheds the client that holds the most of it, not every other one.
                 self.counters["queue_full_pushed_out"] += 1
                 self.bad_input_log.warn("queue_full_pushed_out", "queue of service %s is full (%d calls): the newest "
                                         "calls of client %s, which holds the most, give way to other clients'",
-                                        service_name, self.config.queue_size, pushed.client.hex(), burst=1,
+                                        service_name, self.config.queue_size, _tenant_name(pushed.tenant), burst=1,
                                         key=f"queue_full_pushed_out:{service_name}", service=service_name)
                 self._fail(pushed, StatusCode.RESOURCE_EXHAUSTED,
                            f"queue of service {service_name!r} is full ({self.config.queue_size} calls): this call, "
@@ -229,8 +229,7 @@ class BrokerEngine:
             else:
                 return self._refuse_queue_full(client, request_id, header, service_name, now, reads_batches)
         call = Call(client, request_id, header, service_name, method, payload, timeout_ms,
-                    now + timeout_ms / 1000.0, now, reads_batches=reads_batches,
-                    tenant=client if peer_key is None else peer_key)
+                    now + timeout_ms / 1000.0, now, reads_batches=reads_batches, tenant=tenant)
         if outstanding is None:
             outstanding = self.clients[client] = {}
         outstanding[request_id] = call
@@ -1262,6 +1261,11 @@ def _describing(service: ServiceState, newest: bytes) -> bytes:
         if definition.methods >= service.methods:
             return definition.descriptor_set
     return newest_definition.descriptor_set
+
+
+def _tenant_name(tenant: bytes | str) -> str:
+    """A CURVE key as it is written (z85), a connection's routing id in hex (logs only)."""
+    return tenant if isinstance(tenant, str) else tenant.hex()
 
 
 def _not_run_if_never_sent(call: Call) -> dict[str, str] | None:

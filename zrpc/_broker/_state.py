@@ -99,7 +99,7 @@ class CallQueue:
     __slots__ = ("_by_client", "_turns", "_size", "_gone", "_emptied", "_holders", "_most", "_kept_from")
 
     def __init__(self) -> None:
-        self._by_client: dict[bytes, _ClientCalls] = {}
+        self._by_client: dict[bytes | str, _ClientCalls] = {}  # by tenant
         self._turns: collections.deque[_ClientCalls] = collections.deque()  # whose turn first
         self._size = 0
         self._gone = 0  # entries of calls no longer waiting, in every client's line
@@ -303,9 +303,9 @@ class CallQueue:
         return call
 
     def push_out(self, client: bytes | str) -> Call | None:
-        """The queue is full and ``client`` (a tenant) sends a call: take the newest call of the client
-        with the most waiting, if that one has at least two more than ``client`` (so that
-        turns would serve ``client`` sooner); None when no client holds that many more."""
+        """The queue is full and ``client`` (a tenant) sends a call: take the newest call of
+        the client with the most waiting, if that one has at least two more than ``client``
+        (so that turns would serve ``client`` sooner); None when no client holds that many more."""
         if self._holders is None:
             self._count_holders()
         mine = self._by_client.get(client)
