@@ -24,7 +24,7 @@ class Call:
 
     client: bytes
     client_request_id: int
-    header: wire_pb2.RequestHeader
+    header: wire_pb2.RequestHeader | None  # None once answered, as payload is then b""
     # The header's names, read once: a protobuf attribute read costs more than a slot's.
     service: str
     method: str
