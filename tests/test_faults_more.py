@@ -712,7 +712,10 @@ def test_a_client_that_never_reads_gets_its_new_calls_refused_not_run(endpoints,
             # Every call of it read and answered (a CI run looked while some were still unread).
             wait_for(lambda: answered() >= first and engine.calls_held == 0, 30,
                      message="the non-reader's calls answered or refused")
-            assert engine.counters["refused_not_reading"] > 0
+            # Its queue at the broker filled. Whether some of these 3,000 calls were refused for
+            # it depends on when: a full-suite run had read all of them before the first answer
+            # did not fit (none refused), so the rule is checked by the second round.
+            assert engine._not_reading, "the broker never found its queue to the client full"
             ran, refused = engine.counters["code_OK"], engine.counters["refused_not_reading"]
             sent = send(500)  # still not reading: none of these runs
             wait_for(lambda: answered() >= ran + refused + sent and engine.calls_held == 0, 30,
