@@ -481,6 +481,24 @@ def test_a_pushed_out_call_that_ran_at_a_worker_that_died_is_not_said_to_be_unru
     assert p.RETRY_DETAIL not in reply.details
 
 
+def test_a_call_that_expired_at_its_turn_does_not_use_up_its_clients_turn():
+    h = Harness()
+    h.ready(b"w", capacity=1)
+    h.call(b"x")  # w is busy
+    h.call(b"a", deadline_ms=100)
+    second = h.call(b"a")
+    h.call(b"b")
+    [(_, header, _)] = h.take_requests()
+    h.now += 0.2  # a's first call's deadline passes before a tick looks
+    h.reply_from(b"w", header.request_id)  # the next turn is a's: its first call expired
+    [(_, sent, _)] = h.take_requests()
+    assert sent.request_id != header.request_id
+    replies = {r.request_id: r.code for _, r, _ in h.take_replies()}
+    assert StatusCode.DEADLINE_EXCEEDED in replies.values()
+    h.reply_from(b"w", sent.request_id)
+    assert [r.request_id for _, r, _ in h.take_replies()] == [second]
+
+
 def test_a_call_given_back_goes_first_among_its_clients_and_turns_go_on():
     h = Harness()
     h.ready(b"old", capacity=1)

@@ -843,8 +843,8 @@ class BrokerEngine:
         by_method = len(service.definitions) > 1
         while (call := queue.head()) is not None:
             if call.deadline <= now:  # §12: never dispatched once its deadline passed (a late round)
-                queue.popleft()
                 self._expire(call, now)
+                queue.discard(call)  # not popleft: its client got nothing, and keeps its turn
                 continue
             if not by_method:
                 best = self._best_worker(service)
