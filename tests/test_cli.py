@@ -1172,6 +1172,8 @@ def test_worker_run_at_a_brokers_frontend_exits_1_naming_the_backend_option(cli_
                     message="the worker's error line")
     assert last.startswith(f"error: worker stopped: {frontend} answers like a broker's frontend")
     assert "workers connect to its backend (`zrpc broker start --backend`" in last
+    # Said once: a new user saw the log line and then the same words as the error line.
+    assert sum("answers like a broker's frontend" in line for line in worker.errors) == 1, worker.errors
 
 
 def test_call_at_a_port_where_another_program_listens_says_no_handshake_came():

@@ -112,6 +112,7 @@ def _serve(worker_, drain_grace: float, ready: str) -> None:
     """
     from .._worker._runtime import STOP_MARGIN
 
+    worker_._owner_reports_errors = True  # a NotABrokerBackend is our error line, not a log line too
     with SignalWait() as signals:
         try:
             worker_.start()

@@ -178,6 +178,9 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._misdirected: NotABrokerBackend | None = None  # set when no link is a broker's backend
+        # Set by an owner that prints ``error`` itself when the thread ends (`zrpc worker run`):
+        # the log line would say it twice.
+        self._owner_reports_errors = False
 
     @property
     def error(self) -> BaseException | None:
@@ -216,7 +219,8 @@ class Worker:
             self.run()
         except BaseException as exc:  # reported by start(), or logged when it comes later
             if isinstance(exc, NotABrokerBackend):
-                log.error("worker stopped: %s", exc)
+                if not self._owner_reports_errors:
+                    log.error("worker stopped: %s", exc)
             elif self._started.is_set():
                 log.exception("worker stopped by an error")
             self._error = exc
