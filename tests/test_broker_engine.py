@@ -481,6 +481,29 @@ def test_a_pushed_out_call_that_ran_at_a_worker_that_died_is_not_said_to_be_unru
     assert p.RETRY_DETAIL not in reply.details
 
 
+def test_a_client_that_disconnects_during_a_rollout_has_each_call_answered_once():
+    """Review: client_disconnected walked a copy of the client's calls; taking a queued one out
+    during a rollout dispatches, which expired another of them first. That one was answered
+    twice (DEADLINE_EXCEEDED, then CANCELLED) and calls_held fell below zero."""
+    h = Harness()
+    h.ready(b"w1", fds=_svc_fds("M"))
+    h.ready(b"w2", fds=_svc_fds("M", "N"))
+    h.call(b"x")
+    h.call(b"x")
+    busy = h.take_requests()  # both workers busy
+    h.call(b"c", deadline_ms=10_000)
+    h.call(b"c", deadline_ms=100)
+    h.now += 0.2  # the second one's deadline passes before a tick looks
+    h.engine.client_disconnected(b"c", h.now)
+    h.engine.flush()
+    answers = [r.request_id for client, r, _ in h.take_replies() if client == b"c"]
+    assert len(answers) == len(set(answers)) == 2
+    assert h.engine.calls_held == 2 and h.engine.counters["client_disconnected"] == 1
+    for worker, header, _ in busy:
+        h.reply_from(worker, header.request_id)
+    assert h.engine.calls_held == 0 and not h.engine.clients
+
+
 def test_a_call_that_expired_at_its_turn_does_not_use_up_its_clients_turn():
     h = Harness()
     h.ready(b"w", capacity=1)

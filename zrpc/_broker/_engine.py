@@ -276,16 +276,19 @@ class BrokerEngine:
         outstanding = self.clients.get(client)
         if not outstanding:
             return
-        calls = list(outstanding.values())
-        self.counters["client_disconnected"] += len(calls)
-        # Cancelled by their client, as its CANCEL would have: a closing client's CANCEL may be
-        # read after its connection's close, and is then dropped unread.
-        self.counters["cancelled"] += len(calls)
-        for call in calls:
+        ended = 0
+        for call in list(outstanding.values()):
+            if call.state is CallState.DONE:
+                continue  # answered meanwhile: during a rollout, taking one out dispatches (review)
             queued = call.state is CallState.QUEUED
             self._fail(call, StatusCode.CANCELLED, "the client's connection to the broker closed", now)
             self._withdraw(call, queued, now)
-        log.info("client %s disconnected: %d call(s) it left were cancelled", client.hex(), len(calls))
+            ended += 1
+        self.counters["client_disconnected"] += ended
+        # Cancelled by their client, as its CANCEL would have: a closing client's CANCEL may be
+        # read after its connection's close, and is then dropped unread.
+        self.counters["cancelled"] += ended
+        log.info("client %s disconnected: %d call(s) it left were cancelled", client.hex(), ended)
 
     def _on_client_cancel(self, client: bytes, cancel, now: float) -> None:
         """§8: drop queued calls silently; cancel dispatched ones at their worker. Calls their
