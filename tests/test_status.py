@@ -56,18 +56,19 @@ def test_status_prints_one_table_when_not_watching(served):
     lines = result.output.splitlines()
     assert lines[0].startswith(f"broker {served.frontend_endpoint}: 1 service(s)")
     assert lines[0].endswith("p99 over the last minute, errors since the broker started")
-    assert lines[1].split() == ["SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99", "MS", "ERRORS"]
-    name, workers, busy, queue, in_flight, rate, p99, errors = lines[2].split()
+    assert lines[1].split() == ["SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "ERRORS/S", "P99", "MS",
+                                "ERRORS"]
+    name, workers, busy, queue, in_flight, rate, error_rate, p99, errors = lines[2].split()
     assert (name, workers, busy, queue, in_flight, errors) == ("echo.Echo", "1", "0", "0", "0", "0")
-    assert float(rate) == 0.0 and float(p99) > 0  # no calls between the two snapshots
+    assert float(rate) == float(error_rate) == 0.0 and float(p99) > 0  # no calls between the two snapshots
     assert "\x1b" not in result.output  # plain when piped
 
 
 def test_calls_per_second_is_the_difference_of_two_snapshots():
-    def snapshot(calls: int) -> pb.ListServicesReply:
+    def snapshot(calls: int, errors: int = 2) -> pb.ListServicesReply:
         reply = pb.ListServicesReply()
         service = reply.services.add(name="kv.KeyValue", live_workers=2, queue_depth=3, in_flight=4,
-                                     calls_total=calls, errors_total=2, p99_ms=12.5)
+                                     calls_total=calls, errors_total=errors, p99_ms=12.5)
         service.workers.add(name="a", capacity=2, in_flight=2)
         service.workers.add(name="b", capacity=2, in_flight=1)
         reply.services.add(name="zrpc.Broker")
@@ -75,11 +76,14 @@ def test_calls_per_second_is_the_difference_of_two_snapshots():
 
     text = format_status(snapshot(100), snapshot(150), 2.0, "tcp://b:5555")
     row = text.splitlines()[2].split()
-    assert row == ["kv.KeyValue", "2", "1", "3", "4", "25.0", "12.5", "2"]
+    assert row == ["kv.KeyValue", "2", "1", "3", "4", "25.0", "0.0", "12.5", "2"]
     assert "zrpc.Broker" not in text
+    # Overload: most calls answered are refusals (a new-user tester read 24,519 calls/s as busy).
+    overloaded = format_status(snapshot(100, errors=2), snapshot(5100, errors=4902), 2.0, "tcp://b:5555")
+    assert overloaded.splitlines()[2].split()[5:7] == ["2500.0", "2450.0"]
     quiet = snapshot(150)
     quiet.services[0].p99_ms = 0.0  # nothing answered in the last minute
-    assert format_status(quiet, quiet, 2.0, "tcp://b:5555").splitlines()[2].split()[6] == "-"
+    assert format_status(quiet, quiet, 2.0, "tcp://b:5555").splitlines()[2].split()[7] == "-"
     assert "no services" in format_status(pb.ListServicesReply(), pb.ListServicesReply(), 1.0, "x")
 
 

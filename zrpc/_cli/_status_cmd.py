@@ -20,7 +20,7 @@ from ._signals import SignalWait
 from . import _discovery
 
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: refresh in place on a terminal
-_COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99 MS", "ERRORS")
+_COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "ERRORS/S", "P99 MS", "ERRORS")
 
 
 @click.command(epilog=EXIT_CODES_HELP, short_help="Per service: workers, queue, calls/s, p99, errors.")
@@ -35,8 +35,10 @@ _COLUMNS = ("SERVICE", "WORKERS", "BUSY", "QUEUE", "IN-FLIGHT", "CALLS/S", "P99 
 def status(brokers: tuple[str, ...], timeout: float, watch: bool, interval: float) -> None:
     """Services, workers, queue depth, calls/s, p99 and errors of a broker.
 
-    CALLS/S is counted between two snapshots --interval apart, P99 MS over the last minute
-    ("-" when no call ended in it), ERRORS (calls not OK) since the broker started.
+    CALLS/S and ERRORS/S (calls answered, and those of them not OK) are counted between two
+    snapshots --interval apart: under overload most calls are refusals, answered at once. P99 MS
+    is over the last minute, of the calls the broker took ("-" when none ended in it), ERRORS
+    since the broker started.
 
     With several brokers, a table each. A broker that does not answer gets a line saying so
     instead (with --watch, until it answers again) and sets the exit status; --watch ends with
@@ -105,9 +107,11 @@ def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, sec
             continue
         earlier = previous.get(service.name)
         calls = service.calls_total - (earlier.calls_total if earlier is not None else 0)
+        errors = service.errors_total - (earlier.errors_total if earlier is not None else 0)
         busy = sum(1 for w in service.workers if w.capacity and w.in_flight >= w.capacity)
         rows.append((service.name, str(service.live_workers), str(busy), str(service.queue_depth),
                      in_flight_cell(service), f"{max(calls, 0) / seconds:.1f}" if seconds > 0 else "-",
+                     f"{max(errors, 0) / seconds:.1f}" if seconds > 0 else "-",
                      # No call answered in the last minute: no p99 (a real one is never 0).
                      f"{service.p99_ms:.1f}" if service.p99_ms > 0 else "-", str(service.errors_total)))
     widths = [max(len(row[i]) for row in (_COLUMNS, *rows)) for i in range(len(_COLUMNS))]
@@ -117,7 +121,7 @@ def format_status(before: pb.ListServicesReply, after: pb.ListServicesReply, sec
 
     # The columns count over different windows: say which (the tester read ERRORS as recent).
     header = (f"broker {broker}{' (DRAINING: shutting down)' if after.draining else ''}: {len(rows)} service(s), "
-              f"{time.strftime('%H:%M:%S')}; calls/s over the last {seconds:.1f}s, p99 over the last minute, "
+              f"{time.strftime('%H:%M:%S')}; calls/s and errors/s over the last {seconds:.1f}s, p99 over the last minute, "
               f"errors since the broker started")
     body = [line(_COLUMNS), *(line(row) for row in rows)] if rows else ["no services: start one with zrpc worker run MODULE:CLASS"]
     return "\n".join([header, *body])
