@@ -266,6 +266,7 @@ def in_repo(monkeypatch):
     ("no_such_module_zz:Echo", "cannot import 'no_such_module_zz': no such module"),
     ("workers.no_such_service:Echo", "cannot import 'workers.no_such_service': no such module"),
     ("workers.echo:NoSuchClass", "module 'workers.echo' has no attribute 'NoSuchClass'"),
+    ("workers.echo:Ech", "module 'workers.echo' has no attribute 'Ech' (did you mean workers.echo:Echo?)"),
     ("json:JSONDecoder", "json:JSONDecoder is not a zrpc Service subclass"),
 ])
 def test_worker_run_reports_a_bad_module_or_class_in_one_line(cli, in_repo, target, problem):

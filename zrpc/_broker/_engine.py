@@ -249,8 +249,9 @@ class BrokerEngine:
                                 service_name, self.config.queue_size, burst=1, key=f"queue_full:{service_name}",
                                 service=service_name)
         self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
-                       f"queue of service {service_name!r} is full ({self.config.queue_size} calls)", now, reads_batches,
-                       p.NOT_RUN)
+                       f"queue of service {service_name!r} is full ({self.config.queue_size} calls) and no client "
+                       f"holds two more of them than this one: it did not run; retry after a pause, or add "
+                       f"workers (or raise the broker's queue_size)", now, reads_batches, p.NOT_RUN)
 
     def client_not_reading(self, client: bytes, now: float) -> None:
         """An answer to ``client`` could not be queued: its queue at the broker is full (it does

@@ -41,8 +41,8 @@ EXIT_STATUS_BASE = 10  # a call failed with status code C: exit 10 + C (NOT_FOUN
 EXIT_CODES_HELP = (
     "Exit status: 0 success; 1 error (file, import, bind); 2 usage or bad JSON; "
     "4 `health` not serving; 10+code when a call fails with a status code "
-    "(DEADLINE_EXCEEDED 14, NOT_FOUND 15, UNIMPLEMENTED 22, UNAVAILABLE 24); 130 interrupted (Ctrl-C); "
-    "143 terminated (SIGTERM)."
+    "(DEADLINE_EXCEEDED 14, NOT_FOUND 15, RESOURCE_EXHAUSTED 18, UNIMPLEMENTED 22, UNAVAILABLE 24); "
+    "130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
 )
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command Ctrl-C ended
 EXIT_TERMINATED = 143  # 128 + SIGTERM

@@ -1,6 +1,7 @@
 """``zrpc worker run MODULE:CLASS ...``: serve services until SIGINT or SIGTERM, then drain."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -171,7 +172,11 @@ def load_service(target: str):
         raise CliError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise CliError(f"module {module_name!r} has no attribute {class_name!r}")
+        services = [name for name, value in vars(module).items()
+                    if isinstance(value, type) and issubclass(value, Service) and value is not Service]
+        close = difflib.get_close_matches(class_name, services, n=1) or (services if len(services) == 1 else [])
+        raise CliError(f"module {module_name!r} has no attribute {class_name!r}"
+                       + (f" (did you mean {module_name}:{close[0]}?)" if close else ""))
     if not (isinstance(cls, type) and issubclass(cls, Service)):
         raise CliError(f"{target} is not a zrpc Service subclass")
     if getattr(cls, "descriptor", None) is None:
