@@ -201,10 +201,11 @@ class BrokerEngine:
             if now - self.started_at >= self.config.unknown_service_grace:
                 return self._fail_new(client, request_id, header, StatusCode.NOT_FOUND,
                                       _not_found_message(service_name), now, reads_batches, p.NOT_RUN)
-            if not self._room_for_services([service_name]):
+            if (crowded := self._services_to_forget([service_name])) is None:
                 return self._fail_new(client, request_id, header, StatusCode.RESOURCE_EXHAUSTED,
                                       f"broker knows {len(self.services)} services (limit {self.config.max_services})", now,
                                       reads_batches, p.NOT_RUN)
+            self._forget_services(crowded, now)
             # §10: just after start, wait: workers re-register after a broker restart.
             service = self.services[service_name] = ServiceState(service_name, no_worker_since=now)
         elif service.offered and service.methods and method not in service.methods:
@@ -436,7 +437,7 @@ class BrokerEngine:
         new_names = [s for s in dict.fromkeys(ready.services) if s not in self.services]  # each once
         # Room is looked for here, and made only once the READY is taken (below): a refused one
         # must not end the waits of names no worker offered (review).
-        if not self._room_for_services(new_names, ready.services, now=now, make=False):
+        if (crowded := self._services_to_forget(new_names, ready.services, guessed_too=True)) is None:
             return self._bad_worker_input(identity, None, "too_many_services",
                                           f"broker knows {len(self.services)} services (limit "
                                           f"{self.config.max_services})", ready=ready)
@@ -456,7 +457,7 @@ class BrokerEngine:
                                               f"its definition of {name} cannot be read by the live workers': "
                                               f"{problem}; stop them first, or give this version another "
                                               f"service name", ready=ready)
-        self._room_for_services(new_names, ready.services, now=now)  # as found above: it fits
+        self._forget_services(crowded, now)
         descriptors = self._descriptor_sets.setdefault(ready.file_descriptor_set, descriptors)
         descriptors.users += 1
         heartbeat = ready.heartbeat_ms / 1000.0
@@ -577,45 +578,42 @@ class BrokerEngine:
                                        message=f"the worker's reply was refused: {message}")
                 self._on_worker_reply(worker, header, b"", now)
 
-    def _room_for_services(self, new: Sequence[str], keep: Sequence[str] = (), now: float | None = None,
-                           make: bool = True) -> bool:
-        """Whether the ``new`` services fit under max_services, after forgetting, if it must,
-        the services left with no worker and no call (none of ``keep``, which is about to be
-        offered), longest without one first. Without this the table only grew: services once
-        offered (versioned names, say) locked new ones out for the broker's life (review).
-        Forgotten ones are NOT_FOUND again (§10).
+    def _services_to_forget(self, new: Sequence[str], keep: Sequence[str] = (),
+                            guessed_too: bool = False) -> list[ServiceState] | None:
+        """What to forget so that the ``new`` services fit under max_services (nothing when they
+        fit as it is), or None when they cannot. Services left with no worker and no call go
+        first, longest without one first (none of ``keep``, about to be offered): without this
+        the table only grew, and services once offered (versioned names, say) locked new ones
+        out for the broker's life (review). Forgotten ones are NOT_FOUND again (§10).
 
-        For a worker's READY (``now`` given), the names no worker ever offered, whose calls wait
-        out the start-up grace, go too if they must, their calls answered NOT_FOUND now, as the
-        grace's end would: an adversarial tester's calls to 1,100 made-up names, just after a
-        broker started, filled its table and kept the real workers out past the grace.
-        ``make=False``: only say whether there would be room."""
-        limit = self.config.max_services
-        over = len(self.services) + len(new) - limit
+        ``guessed_too`` (a worker's READY): then names no worker ever offered, whose calls wait
+        out the start-up grace, may go too, their calls answered NOT_FOUND, as the grace's end
+        would: an adversarial tester's calls to 1,100 made-up names, just after a broker
+        started, filled its table and kept the real workers out past the grace."""
+        over = len(self.services) + len(new) - self.config.max_services
         if over <= 0:
-            return True
+            return []
         idle = sorted((service for service in self.services.values()
                        if not service.workers and not service.queue and not service.dispatched
                        and service.name not in keep),
                       key=lambda service: service.no_worker_since or 0.0)
-        guessed = [] if now is None else [service for service in self.services.values()
-                                          if not service.offered and service.queue and service.name not in keep]
+        guessed = [] if not guessed_too else [service for service in self.services.values()
+                                              if not service.offered and service.queue and service.name not in keep]
         if len(idle) + len(guessed) < over:
-            return False
-        if not make:
-            return True
-        gone = idle[:over]
-        for service in gone:
-            del self.services[service.name]
-        for service in guessed[:over - len(gone)]:
+            return None
+        return (idle + guessed)[:over]
+
+    def _forget_services(self, services: Sequence[ServiceState], now: float) -> None:
+        """Forget what _services_to_forget chose; calls still waiting for one are NOT_FOUND."""
+        if not services:
+            return
+        for service in services:
             while service.queue:
                 self._fail(service.queue.popleft(), StatusCode.NOT_FOUND, _not_found_message(service.name), now,
                            p.NOT_RUN)
             del self.services[service.name]
-            gone.append(service)
         log.info("forgot %d service(s) with no worker, to make room (max_services %d): %s",
-                 over, limit, ", ".join(service.name for service in gone))
-        return True
+                 len(services), self.config.max_services, ", ".join(service.name for service in services))
 
     def _unnamed(self) -> str:
         """A name for a worker whose READY gave none. Not its routing id: libzmq numbers the
