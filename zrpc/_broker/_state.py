@@ -193,6 +193,7 @@ class CallQueue:
 
     def head(self) -> Call | None:
         """The call whose turn it is, left in place (None when none waits)."""
+        # _ClientCalls.front() inlined here and in popleft: they run for every queued call.
         turns = self._turns
         while turns:
             waiting = turns[0]
